@@ -1,0 +1,135 @@
+"""``prefork [OPTIONS] [HANDLER]``: the daemon's command line. The only place that maps errors to exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, NoReturn
+
+from prefork import __version__, logs
+from prefork.config import (
+    DEFAULT_BIND,
+    DEFAULT_HANDLER,
+    LOG_LEVELS,
+    WORKER_CLASSES,
+    Config,
+    ConfigError,
+    build_config,
+)
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A command-line mistake; the message is one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line (no usage dump) and raises instead of exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="prefork",
+        description="Run a socketserver request handler in a supervised pool of preforked worker processes.",
+        epilog="Signals: TERM graceful stop, INT/QUIT fast stop, HUP reload, TTIN/TTOU one worker more/less, "
+        "USR1 reopen log files. Control it with preforkctl.",
+        argument_default=argparse.SUPPRESS,  # only what the user gave overrides the config file
+    )
+    p.add_argument("handler", nargs="?", metavar="HANDLER",
+                   help=f"request handler as module:Class (default {DEFAULT_HANDLER}, an echo server)")
+    p.add_argument("-b", "--bind", action="append", metavar="ADDR",
+                   help=f"HOST:PORT, [V6]:PORT or unix:PATH to listen on; repeatable (default {DEFAULT_BIND})")
+    p.add_argument("-w", "--workers", type=int, metavar="N", help="worker processes (default: CPU count)")
+    p.add_argument("-k", "--worker-class", choices=WORKER_CLASSES, metavar="CLASS",
+                   help="sync: one connection at a time per worker; thread (default): a bounded thread pool")
+    p.add_argument("--threads", type=int, metavar="N", help="threads per thread worker (default 32)")
+    p.add_argument("--timeout", type=float, metavar="SECS",
+                   help="kill and replace a worker whose serving loop stalls this long (default 30); "
+                        "with sync workers this bounds one connection's duration")
+    p.add_argument("--graceful-timeout", type=float, metavar="SECS",
+                   help="on stop and reload, how long open connections may take to finish (default 30)")
+    p.add_argument("--max-requests", type=int, metavar="N",
+                   help="recycle a worker after N connections (default 0: never)")
+    p.add_argument("--max-requests-jitter", type=int, metavar="N",
+                   help="add 0..N to --max-requests per worker so they do not recycle together")
+    p.add_argument("--backlog", type=int, metavar="N", help="listen backlog (default 2048)")
+    p.add_argument("--name", metavar="NAME", help="instance name for titles and the control socket (default prefork)")
+    p.add_argument("--control", metavar="PATH", help="control socket path (default RUNTIME_DIR/NAME.sock)")
+    p.add_argument("-c", "--config", metavar="FILE",
+                   help="TOML file with the long options as keys; the command line wins")
+    p.add_argument("--check-config", action="store_true", help="check the configuration and handler, then exit")
+    p.add_argument("--log-level", choices=LOG_LEVELS, metavar="LEVEL", help="debug, info (default), warning, error")
+    p.add_argument("--log-file", metavar="PATH", help="log to PATH instead of stderr (USR1 reopens it)")
+    p.add_argument("--version", action="version", version=f"prefork {__version__}")
+    return p
+
+
+_NOT_SETTINGS = ("config", "check_config")
+
+
+def parse_args(argv: list[str]) -> tuple[dict[str, Any], str | None, bool]:
+    """(settings given on the command line, config file, --check-config)."""
+    ns = vars(build_parser().parse_args(argv))
+    config_file = ns.pop("config", None)
+    check = bool(ns.pop("check_config", False))
+    return ns, config_file, check
+
+
+def check_config(config: Config) -> str:
+    """Load the handler in this process (we exit right after) and summarise the config."""
+    from prefork.worker import load_handler
+
+    handler = load_handler(config.handler)
+    return (f"configuration OK: {config.workers} {config.worker_class} worker(s) of "
+            f"{handler.__module__}.{handler.__qualname__} on {', '.join(config.binds)}")
+
+
+def serve(config: Config, overrides: dict[str, Any]) -> int:
+    from prefork.control import ControlServer
+    from prefork.listeners import bind_all
+    from prefork.master import Master
+
+    logs.setup(config.log_level, config.log_file)
+    listeners = bind_all(config.bind_specs, config.backlog)
+    try:
+        control = ControlServer(config.control_path)
+    except BaseException:
+        for listener in listeners:
+            listener.close()
+        raise
+    return Master(config, listeners, control, cli_overrides=overrides).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from prefork.control import ControlError
+    from prefork.listeners import BindError
+    from prefork.worker import HandlerLoadError
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        overrides, config_file, check = parse_args(argv)
+        config = build_config(overrides, config_file)
+        if check:
+            print(check_config(config))
+            return 0
+        return serve(config, overrides)
+    except (UsageError, ConfigError, HandlerLoadError) as exc:
+        print(f"prefork: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (BindError, ControlError) as exc:
+        print(f"prefork: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # e.g. the log file cannot be opened
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"prefork: error:{where} {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C before the master installed its handlers
+        return 130
+
+
+def run() -> NoReturn:
+    sys.exit(main())

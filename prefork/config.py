@@ -1,0 +1,231 @@
+"""Settings: a frozen dataclass and its loader.
+
+This is the only module that reads files and the environment for settings.
+Every value is checked here, so the rest of the daemon can trust a
+:class:`Config`; a bad one raises :class:`ConfigError` with a one-line message
+that names the culprit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_BIND = "127.0.0.1:20000"
+DEFAULT_HANDLER = "prefork.handlers.echo:EchoHandler"
+WORKER_CLASSES = ("sync", "thread")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+MAX_WORKERS = 1024  # the scoreboard is sized once, before the first fork
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_HANDLER_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names it and says why."""
+
+
+@dataclass(frozen=True)
+class BindSpec:
+    """One address to listen on: TCP (``host``, ``port``) or a Unix ``path``."""
+
+    text: str
+    host: str = ""
+    port: int = 0
+    path: str | None = None
+
+    @property
+    def is_unix(self) -> bool:
+        return self.path is not None
+
+
+def parse_bind(text: str) -> BindSpec:
+    """Parse ``HOST:PORT``, ``[V6]:PORT`` or ``unix:PATH``."""
+    text = text.strip()
+    if text.startswith("unix:"):
+        path = text[5:]
+        if not path:
+            raise ConfigError(f"bind {text!r}: unix: needs a path, e.g. unix:/run/prefork/app.sock")
+        return BindSpec(text=text, path=os.path.abspath(path))
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ConfigError(f"bind {text!r}: an IPv6 address needs the form [ADDR]:PORT")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ConfigError(f"bind {text!r}: expected HOST:PORT, [V6]:PORT or unix:PATH")
+        if ":" in host:
+            raise ConfigError(f"bind {text!r}: put an IPv6 address in brackets: [ADDR]:PORT")
+    if not port_text.isdigit():
+        raise ConfigError(f"bind {text!r}: port {port_text!r} is not a number")
+    port = int(port_text)
+    if port > 65535:
+        raise ConfigError(f"bind {text!r}: port {port} is out of range (0-65535)")
+    return BindSpec(text=text, host=host, port=port)
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) or 1
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the daemon is told; see ``prefork --help`` for each field."""
+
+    binds: tuple[str, ...] = (DEFAULT_BIND,)
+    handler: str = DEFAULT_HANDLER
+    workers: int = dataclasses.field(default_factory=default_workers)
+    worker_class: str = "thread"
+    threads: int = 32
+    timeout: float = 30.0
+    graceful_timeout: float = 30.0
+    max_requests: int = 0
+    max_requests_jitter: int = 0
+    backlog: int = 2048
+    name: str = "prefork"
+    control: str | None = None
+    log_level: str = "info"
+    log_file: str | None = None
+    config_file: str | None = None
+
+    @property
+    def bind_specs(self) -> tuple[BindSpec, ...]:
+        return tuple(parse_bind(b) for b in self.binds)
+
+    @property
+    def control_path(self) -> str:
+        return self.control or default_control_path(self.name)
+
+
+# key -> type the loader accepts for it (the TOML file and the command line use the same keys)
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "bind": (list, str),
+    "handler": (str,),
+    "workers": (int,),
+    "worker_class": (str,),
+    "threads": (int,),
+    "timeout": (int, float),
+    "graceful_timeout": (int, float),
+    "max_requests": (int,),
+    "max_requests_jitter": (int,),
+    "backlog": (int,),
+    "name": (str,),
+    "control": (str,),
+    "log_level": (str,),
+    "log_file": (str,),
+}
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """Read a TOML file into raw settings (keys may use - or _)."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: no such file") from None
+    except PermissionError:
+        raise ConfigError(f"config file {path}: permission denied") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path}: is a directory") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: invalid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path}: not UTF-8 text: {exc.reason}") from None
+    settings: dict[str, Any] = {}
+    for key, value in raw.items():
+        norm = key.replace("-", "_")
+        if norm not in _FIELD_TYPES:
+            raise ConfigError(f"config file {path}: unknown setting {key!r}")
+        settings[norm] = value
+    return settings
+
+
+def _check_type(key: str, value: Any, origin: str) -> None:
+    types = _FIELD_TYPES[key]
+    if isinstance(value, bool) or not isinstance(value, types):
+        want = " or ".join("a list of strings" if t is list else t.__name__ for t in types)
+        raise ConfigError(f"{origin}{key.replace('_', '-')}: expected {want}, got {value!r}")
+    if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{origin}{key.replace('_', '-')}: expected a list of strings, got {value!r}")
+
+
+def build_config(overrides: Mapping[str, Any], config_file: str | None = None) -> Config:
+    """Merge the config file (if any) under ``overrides`` (the command line) and check it all."""
+    file_settings = read_config_file(config_file) if config_file else {}
+    for key, value in file_settings.items():
+        _check_type(key, value, f"config file {config_file}: ")
+    merged: dict[str, Any] = {**file_settings, **{k: v for k, v in overrides.items() if v is not None}}
+    for key, value in merged.items():
+        if key not in _FIELD_TYPES:
+            raise ConfigError(f"unknown setting {key!r}")
+        _check_type(key, value, "")
+    binds = merged.pop("bind", None)
+    if isinstance(binds, str):
+        binds = [binds]
+    if binds is not None:
+        merged["binds"] = tuple(binds)
+    merged["config_file"] = os.path.abspath(config_file) if config_file else None
+    for key in ("timeout", "graceful_timeout"):
+        if key in merged:
+            merged[key] = float(merged[key])
+    if "log_level" in merged:
+        merged["log_level"] = merged["log_level"].lower()
+    config = Config(**merged)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Raise ConfigError for the first bad value."""
+    if not config.binds:
+        raise ConfigError("bind: at least one address is needed")
+    specs = config.bind_specs  # parses each one
+    if len({(s.host, s.port, s.path) for s in specs}) != len(specs):
+        raise ConfigError(f"bind: the same address is given twice: {', '.join(config.binds)}")
+    if not 1 <= config.workers <= MAX_WORKERS:
+        raise ConfigError(f"workers: {config.workers} is out of range (1-{MAX_WORKERS})")
+    if config.worker_class not in WORKER_CLASSES:
+        raise ConfigError(
+            f"worker-class: unknown class {config.worker_class!r} (choose from {', '.join(WORKER_CLASSES)})"
+        )
+    if not 1 <= config.threads <= 10000:
+        raise ConfigError(f"threads: {config.threads} is out of range (1-10000)")
+    if not 0 < config.timeout <= 86400:
+        raise ConfigError(f"timeout: {config.timeout:g} must be more than 0 seconds (at most a day)")
+    if not 0 <= config.graceful_timeout <= 86400:
+        raise ConfigError(f"graceful-timeout: {config.graceful_timeout:g} must be 0 to 86400 seconds")
+    if config.max_requests < 0:
+        raise ConfigError(f"max-requests: {config.max_requests} must be 0 (off) or more")
+    if config.max_requests_jitter < 0:
+        raise ConfigError(f"max-requests-jitter: {config.max_requests_jitter} must be 0 or more")
+    if not 1 <= config.backlog <= 65535:
+        raise ConfigError(f"backlog: {config.backlog} is out of range (1-65535)")
+    if not _NAME_RE.match(config.name):
+        raise ConfigError(
+            f"name: {config.name!r} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    if not _HANDLER_RE.match(config.handler):
+        raise ConfigError(f"handler: {config.handler!r} must look like module:Class (e.g. myapp.echo:Handler)")
+    if config.log_level not in LOG_LEVELS:
+        raise ConfigError(f"log-level: unknown level {config.log_level!r} (choose from {', '.join(LOG_LEVELS)})")
+
+
+def runtime_dir() -> str:
+    """Where control sockets live: systemd's RuntimeDirectory, else XDG_RUNTIME_DIR, else /tmp/prefork-UID."""
+    for var in ("RUNTIME_DIRECTORY", "XDG_RUNTIME_DIR"):
+        value = os.environ.get(var, "")
+        # RUNTIME_DIRECTORY lists every directory of RuntimeDirectory= separated by ':'
+        first = value.split(":")[0]
+        if first:
+            return first
+    return f"/tmp/prefork-{os.getuid()}"
+
+
+def default_control_path(name: str) -> str:
+    return os.path.join(runtime_dir(), f"{name}.sock")

@@ -1,0 +1,359 @@
+"""The control socket: wire codec, the master-side server, and the client.
+
+Wire format, both ways: a 4-byte big-endian length, then that many bytes of
+UTF-8 JSON holding one object. A request is ``{"command": NAME, ...}``; a
+reply is ``{"ok": true, ...}`` or ``{"ok": false, "error": "one line"}``.
+One request per connection.
+
+The server side runs inside the master's single-threaded selector loop: every
+client socket is non-blocking, every client has a deadline, and a frame over
+:data:`MAX_REQUEST` bytes is refused, so a silent, slow, garbage-sending or
+oversized client costs the master nothing but a few bytes of buffer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import selectors
+import socket
+import stat
+import struct
+import time
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+HEADER = struct.Struct(">I")
+MAX_REQUEST = 64 * 1024  # a request is a command and a few arguments
+MAX_REPLY = 16 * 1024 * 1024  # a status of a thousand workers fits with room to spare
+CLIENT_TIMEOUT = 5.0  # seconds a client may take to send its request or read its reply
+COMMANDS = ("status", "stats", "reload", "scale", "stop", "reopen")
+
+
+class ControlError(Exception):
+    """The control socket cannot be set up, or a reply is malformed."""
+
+
+class DaemonNotRunning(ControlError):
+    """Nothing answers on the control socket."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"no prefork daemon is answering on {path} ({reason})")
+        self.path = path
+
+
+class ProtocolError(ValueError):
+    """A frame is malformed; the message says how."""
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    body = json.dumps(message, separators=(",", ":")).encode()
+    return HEADER.pack(len(body)) + body
+
+
+def decode_body(body: bytes) -> dict[str, Any]:
+    try:
+        message = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"request is not UTF-8 JSON: {exc}") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("request must be a JSON object")
+    return message
+
+
+def frame_length(buf: bytes | bytearray, limit: int) -> int | None:
+    """The body length announced by ``buf``'s header, None if the header is incomplete."""
+    if len(buf) < HEADER.size:
+        return None
+    length: int = HEADER.unpack_from(buf)[0]
+    if length > limit:
+        raise ProtocolError(f"frame of {length} bytes is over the {limit}-byte limit")
+    return length
+
+
+# -- server side (in the master's loop) ---------------------------------------------------------------
+
+Reply = Callable[[dict[str, Any]], None]
+Dispatch = Callable[[dict[str, Any], "ControlConnection"], None]
+
+
+def prepare_directory(path: str) -> None:
+    """Make the socket's directory; a private one under /tmp must be ours and 0700."""
+    directory = os.path.dirname(path) or "."
+    shared_tmp = directory.startswith("/tmp/")
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        st = os.stat(directory)
+    except OSError as exc:
+        raise ControlError(f"cannot create control socket directory {directory}: {exc.strerror}") from exc
+    if shared_tmp and (st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077):
+        raise ControlError(
+            f"control socket directory {directory} must be owned by uid {os.getuid()} with mode 0700 "
+            "(someone else made it?); remove it or pass --control PATH"
+        )
+
+
+class ControlServer:
+    """The listening Unix socket, mode 0600, and its clients, all in one selector."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        prepare_directory(path)
+        self._take_over_stale(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)  # the socket file is born 0600: no window where others can connect
+        try:
+            sock.bind(path)
+        except OSError as exc:
+            sock.close()
+            raise ControlError(f"cannot bind control socket {path}: {exc.strerror}") from exc
+        finally:
+            os.umask(old_umask)
+        sock.listen(64)
+        sock.setblocking(False)
+        self.sock = sock
+        self._ino = os.stat(path).st_ino
+        self.connections: set[ControlConnection] = set()
+        self.selector: selectors.BaseSelector | None = None
+        self.dispatch: Dispatch | None = None
+
+    @staticmethod
+    def _take_over_stale(path: str) -> None:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ControlError(f"control socket path {path} exists and is not a socket; refusing to remove it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # nothing answers: left behind by a daemon that was killed
+            return
+        finally:
+            probe.close()
+        raise ControlError(
+            f"another prefork daemon answers on {path}; stop it first, or use another --name or --control"
+        )
+
+    def attach(self, selector: selectors.BaseSelector, dispatch: Dispatch) -> None:
+        self.selector = selector
+        self.dispatch = dispatch
+        selector.register(self.sock, selectors.EVENT_READ, self._on_accept)
+
+    def _on_accept(self, mask: int) -> None:
+        assert self.selector is not None
+        for _ in range(64):  # bounded: a flood of clients must not starve the rest of the loop
+            try:
+                conn, _ = self.sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                # EMFILE and friends: the client waits in the backlog, we try again on the next turn
+                log.warning("control socket: cannot accept: %s", exc.strerror)
+                return
+            conn.setblocking(False)
+            self.connections.add(ControlConnection(self, conn, time.monotonic() + CLIENT_TIMEOUT))
+
+    def next_deadline(self) -> float | None:
+        deadlines = [c.deadline for c in self.connections if c.deadline is not None]
+        return min(deadlines) if deadlines else None
+
+    def expire(self, now: float) -> None:
+        for conn in list(self.connections):
+            if conn.deadline is not None and now >= conn.deadline:
+                conn.close("timed out")
+
+    def close(self) -> None:
+        for conn in list(self.connections):
+            conn.close()
+        if self.selector is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(self.sock)
+        with contextlib.suppress(OSError):
+            if os.stat(self.path).st_ino == self._ino:  # never remove a successor's socket
+                os.unlink(self.path)
+        self.sock.close()
+
+    def close_in_child(self) -> None:
+        """After fork, in a worker: drop our copies without touching the socket file."""
+        for conn in list(self.connections):
+            conn.sock.close()
+        self.sock.close()
+
+
+class ControlConnection:
+    """One client: read one framed request, dispatch it, write the reply."""
+
+    def __init__(self, server: ControlServer, sock: socket.socket, deadline: float) -> None:
+        self.server = server
+        self.sock = sock
+        self.deadline: float | None = deadline
+        self._inbuf = bytearray()
+        self._outbuf = b""
+        self._close_after_write = True
+        self._closed = False
+        self._handled = False
+        assert server.selector is not None
+        server.selector.register(sock, selectors.EVENT_READ, self._on_event)
+
+    def _on_event(self, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self._flush()
+        if mask & selectors.EVENT_READ and not self._closed:
+            self._on_readable()
+
+    def _on_readable(self) -> None:
+        try:
+            data = self.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.close()
+            return
+        if not data:
+            self.close()  # the client hung up (after a reply, or before finishing its request)
+            return
+        if self._handled:
+            return  # one request per connection: anything after it is ignored
+        self._inbuf += data
+        try:
+            length = frame_length(self._inbuf, MAX_REQUEST)
+            if length is None or len(self._inbuf) < HEADER.size + length:
+                return
+            request = decode_body(bytes(self._inbuf[HEADER.size : HEADER.size + length]))
+        except ProtocolError as exc:
+            self._handled = True
+            log.warning("control socket: bad request: %s", exc)
+            self.reply({"ok": False, "error": f"bad request: {exc}"})
+            return
+        self._handled = True
+        self._inbuf.clear()
+        self.deadline = None  # the master may take its time (a reload); the client waits
+        assert self.server.dispatch is not None
+        try:
+            self.server.dispatch(request, self)
+        except Exception as exc:  # a bug in a command must not take the master down
+            log.exception("control command %r failed", request.get("command"))
+            self.reply({"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"})
+
+    def reply(self, message: dict[str, Any], *, keep_open: bool = False) -> None:
+        """Send ``message``; with ``keep_open`` the connection stays until the master exits."""
+        if self._closed:
+            return
+        self._close_after_write = not keep_open
+        self._outbuf += encode(message)
+        self.deadline = time.monotonic() + CLIENT_TIMEOUT
+        self._flush()
+
+    def _flush(self) -> None:
+        try:
+            while self._outbuf:
+                sent = self.sock.send(self._outbuf)
+                self._outbuf = self._outbuf[sent:]
+        except BlockingIOError:
+            assert self.server.selector is not None
+            self.server.selector.modify(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self._on_event)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EPIPE, errno.ECONNRESET):
+                log.debug("control socket: send failed: %s", exc)
+            self.close()
+            return
+        if self._close_after_write:
+            self.close()
+        else:
+            self.deadline = None
+            assert self.server.selector is not None
+            self.server.selector.modify(self.sock, selectors.EVENT_READ, self._on_event)
+
+    def close(self, why: str | None = None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if why:
+            log.info("control socket: client %s; closing it", why)
+        if self.server.selector is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self.server.selector.unregister(self.sock)
+        self.sock.close()
+        self.server.connections.discard(self)
+
+
+# -- client side (preforkctl) ---------------------------------------------------------------------------
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    chunks = bytearray()
+    while len(chunks) < n:
+        chunk = sock.recv(min(n - len(chunks), 1 << 20))
+        if not chunk:
+            raise ControlError("the daemon closed the connection before replying in full")
+        chunks += chunk
+    return bytes(chunks)
+
+
+def connect(path: str, timeout: float) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except FileNotFoundError:
+        sock.close()
+        raise DaemonNotRunning(path, "no such socket") from None
+    except ConnectionRefusedError:
+        sock.close()
+        raise DaemonNotRunning(path, "connection refused: a stale socket?") from None
+    except PermissionError:
+        sock.close()
+        raise ControlError(f"cannot connect to {path}: permission denied (run as the daemon's user)") from None
+    return sock
+
+
+def call(path: str, request: dict[str, Any], timeout: float = 10.0) -> tuple[dict[str, Any], socket.socket]:
+    """Send one request, return the reply and the still-open socket (for commands that wait for exit)."""
+    sock = connect(path, timeout)
+    try:
+        sock.sendall(encode(request))
+        (length,) = HEADER.unpack(_recv_exact(sock, HEADER.size))
+        if length > MAX_REPLY:
+            raise ControlError(f"reply of {length} bytes is over the {MAX_REPLY}-byte limit")
+        body = _recv_exact(sock, length)
+        try:
+            reply = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ControlError(f"the daemon's reply is not JSON: {exc}") from None
+        if not isinstance(reply, dict):
+            raise ControlError("the daemon's reply is not a JSON object")
+    except TimeoutError:
+        sock.close()
+        raise ControlError(f"no reply from {path} within {timeout:g}s") from None
+    except OSError as exc:
+        sock.close()
+        raise ControlError(f"talking to {path}: {exc.strerror or exc}") from None
+    except BaseException:
+        sock.close()
+        raise
+    return reply, sock
+
+
+def wait_closed(sock: socket.socket, timeout: float) -> bool:
+    """Wait until the daemon closes ``sock`` (it exited); False on timeout."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(4096):
+            pass
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+    finally:
+        sock.close()
+    return True

@@ -1,0 +1,177 @@
+"""``preforkctl``: talk to a running prefork daemon over its control socket.
+
+Exit status: 0 ok, 1 the command failed, 2 usage, 3 the daemon is not running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, NoReturn
+
+from prefork.config import ConfigError, default_control_path
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NOT_RUNNING = 3
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see preforkctl --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    p = _Parser(prog="preforkctl", description="Control a running prefork daemon.", parents=[common])
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--control", metavar="PATH", help="the daemon's control socket")
+    where.add_argument("--name", metavar="NAME", default="prefork",
+                       help="the daemon's --name (default prefork): finds its control socket")
+    p.add_argument("--timeout", type=float, metavar="SECS", help="how long to wait for the daemon")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    sub.add_parser("status", parents=[common], help="the master and its workers")
+    sub.add_parser("stats", parents=[common], help="counters: connections, errors, respawns, reloads")
+    sub.add_parser("reload", parents=[common], help="start a new generation; returns once it serves")
+    scale = sub.add_parser("scale", parents=[common], help="set the number of workers")
+    scale.add_argument("workers", type=int, metavar="N")
+    stop = sub.add_parser("stop", parents=[common], help="graceful stop; returns once the master has exited")
+    stop.add_argument("--fast", action="store_true", help="do not wait for open connections")
+    sub.add_parser("reopen", parents=[common], help="reopen log files")
+    return p
+
+
+def _human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def _human_age(seconds: float) -> str:
+    s = int(seconds)
+    if s < 120:
+        return f"{seconds:.1f}s" if seconds < 10 else f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 172800:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def format_status(s: dict[str, Any]) -> str:
+    out = [
+        f"{s['name']}: master pid {s['pid']}, {s['state']}, generation {s['generation']}, "
+        f"up {_human_age(s['uptime_s'])}",
+        f"{s['target_workers']} {s['worker_class']} worker(s) of {s['handler']}",
+        f"listening on {', '.join(s['listeners'])}",
+        "",
+    ]
+    rows = [
+        [str(w["slot"]), str(w["pid"]), str(w["generation"]), w["state"], str(w["requests"]), str(w["active"]),
+         _human_bytes(w["rss_bytes"]), f"{w['cpu_percent']:.1f}", _human_age(w["age_s"]),
+         f"{w['heartbeat_age_s']:.1f}s"]
+        for w in s["workers"]
+    ]
+    out.append(_table(["SLOT", "PID", "GEN", "STATE", "REQUESTS", "ACTIVE", "RSS", "CPU%", "AGE", "HEARTBEAT"],
+                      rows))
+    for b in s.get("backoff", []):
+        when = f"restart in {b['restart_in_s']:.1f}s" if b["restart_in_s"] is not None else "waiting"
+        out.append(f"slot {b['slot']}: {b['failures']} early exit(s) in a row, {when}")
+    return "\n".join(out)
+
+
+def format_stats(s: dict[str, Any]) -> str:
+    keys = ["requests", "active", "errors", "workers", "workers_spawned", "worker_exits", "worker_crashes",
+            "worker_timeouts", "reloads", "failed_reloads"]
+    out = [f"{s['name']}: master pid {s['pid']}, generation {s['generation']}, up {_human_age(s['uptime_s'])}"]
+    out += [f"{k.replace('_', ' ')}: {s[k]}" for k in keys]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from prefork.control import ControlError, DaemonNotRunning, call, wait_closed
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        print(f"preforkctl: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        path = args.control or default_control_path(args.name)
+    except ConfigError as exc:
+        print(f"preforkctl: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    as_json = bool(getattr(args, "json", False))
+    request: dict[str, Any] = {"command": args.command}
+    if args.command == "scale":
+        if args.workers < 1:
+            print(f"preforkctl: error: scale: N must be at least 1, got {args.workers}", file=sys.stderr)
+            return EXIT_USAGE
+        request["workers"] = args.workers
+    if args.command == "stop" and args.fast:
+        request["fast"] = True
+    timeout = args.timeout if args.timeout is not None else (600.0 if args.command == "reload" else 10.0)
+    try:
+        reply, sock = call(path, request, timeout=timeout)
+    except DaemonNotRunning as exc:
+        print(f"preforkctl: {exc}", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    except ControlError as exc:
+        print(f"preforkctl: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        if not reply.get("ok"):
+            if as_json:
+                print(json.dumps(reply, indent=2))
+            print(f"preforkctl: {args.command} failed: {reply.get('error', 'no reason given')}", file=sys.stderr)
+            return EXIT_FAILED
+        if args.command == "stop":
+            wait = args.timeout if args.timeout is not None else 3600.0
+            if not wait_closed(sock, wait):
+                print(f"preforkctl: the master (pid {reply.get('pid')}) did not exit within {wait:g}s",
+                      file=sys.stderr)
+                return EXIT_FAILED
+    finally:
+        sock.close()
+    if as_json:
+        print(json.dumps(reply, indent=2))
+    elif args.command == "status":
+        print(format_status(reply))
+    elif args.command == "stats":
+        print(format_stats(reply))
+    elif args.command == "reload":
+        print(f"reloaded: generation {reply['generation']} serving with {reply['workers']} worker(s)")
+    elif args.command == "scale":
+        print(f"scaled from {reply['previous']} to {reply['workers']} worker(s)")
+    elif args.command == "stop":
+        print(f"stopped (master pid {reply['pid']} has exited)")
+    elif args.command == "reopen":
+        print("log files reopened")
+    return EXIT_OK
+
+
+def run() -> NoReturn:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

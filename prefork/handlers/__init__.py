@@ -1,0 +1,1 @@
+"""Built-in request handlers: what runs per connection."""

@@ -1,0 +1,144 @@
+"""Bind (or adopt) the listening sockets. Raises; never exits."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import stat
+from dataclasses import dataclass
+
+from prefork.config import BindSpec
+
+log = logging.getLogger(__name__)
+
+
+class BindError(Exception):
+    """A listening socket could not be set up; the message says which and why."""
+
+
+@dataclass
+class Listener:
+    """A listening socket shared by the master and every worker."""
+
+    sock: socket.socket
+    spec: str  # what the user asked for
+    unix_path: str | None = None  # set when we created this Unix socket file and must remove it
+    _unix_ino: int | None = None
+
+    @property
+    def address(self) -> str:
+        return describe(self.sock)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        """Close the socket and remove the Unix socket file we made (if it is still ours)."""
+        if self.unix_path is not None and self._unix_ino is not None:
+            try:
+                if os.stat(self.unix_path).st_ino == self._unix_ino:
+                    os.unlink(self.unix_path)
+            except FileNotFoundError:
+                pass
+        self.sock.close()
+
+
+def describe(sock: socket.socket) -> str:
+    """``127.0.0.1:20000``, ``[::1]:20000`` or ``unix:/path``."""
+    try:
+        name = sock.getsockname()
+    except OSError:
+        return "?"
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{name.decode() if isinstance(name, bytes) else name}"
+    if sock.family == socket.AF_INET6:
+        return f"[{name[0]}]:{name[1]}"
+    return f"{name[0]}:{name[1]}"
+
+
+def _explain(exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return "address already in use (is another instance running?)"
+    if exc.errno == errno.EACCES:
+        return "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "address not available on this machine"
+    return exc.strerror or str(exc)
+
+
+def bind_tcp(spec: BindSpec, backlog: int) -> Listener:
+    host = spec.host or None
+    try:
+        infos = socket.getaddrinfo(host, spec.port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise BindError(f"cannot bind {spec.text}: cannot resolve host {spec.host!r} ({exc.strerror})") from exc
+    family, socktype, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, socktype, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # [::]:P must not also take the IPv4 port: bind 0.0.0.0:P separately for that
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise BindError(f"cannot bind {spec.text}: {_explain(exc)}") from exc
+    sock.setblocking(False)
+    return Listener(sock=sock, spec=spec.text)
+
+
+def bind_unix(spec: BindSpec, backlog: int) -> Listener:
+    assert spec.path is not None
+    path = spec.path
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise BindError(f"cannot bind {spec.text}: {path} exists and is not a socket; refusing to remove it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # nobody answers: a stale socket file left by a crash
+        else:
+            raise BindError(f"cannot bind {spec.text}: address already in use (is another instance running?)")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise BindError(f"cannot bind {spec.text}: {_explain(exc)}") from exc
+    sock.setblocking(False)
+    return Listener(sock=sock, spec=spec.text, unix_path=path, _unix_ino=os.stat(path).st_ino)
+
+
+def bind(spec: BindSpec, backlog: int) -> Listener:
+    """Bind and listen on one address; the socket is non-blocking (see worker.py for why)."""
+    return bind_unix(spec, backlog) if spec.is_unix else bind_tcp(spec, backlog)
+
+
+def bind_all(specs: tuple[BindSpec, ...], backlog: int) -> list[Listener]:
+    """Bind every address or none: on a failure the ones already bound are closed."""
+    listeners: list[Listener] = []
+    try:
+        for spec in specs:
+            listeners.append(bind(spec, backlog))
+    except BindError:
+        for listener in listeners:
+            listener.close()
+        raise
+    return listeners
+
+
+def adopt(sock: socket.socket, name: str) -> Listener:
+    """Use a socket inherited from systemd (already bound and listening)."""
+    sock.setblocking(False)
+    return Listener(sock=sock, spec=name)

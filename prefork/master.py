@@ -1,0 +1,735 @@
+"""The master: one loop, the worker table, generations. Binds nothing, parses no protocol.
+
+Everything happens in :meth:`Master.run`'s single-threaded selector loop:
+signals arrive as bytes on a wakeup socket (``signal.set_wakeup_fd``; the
+Python-level handlers do nothing), workers report ``ready`` / ``boot_error``
+/ ``retiring`` on an event pipe, control clients are served in the same
+selector, and the select timeout is the nearest deadline (a heartbeat going
+stale, a drain ending, a respawn backoff, a reload timing out, a silent
+control client). Nothing sleeps, nothing polls on a fixed tick.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import itertools
+import logging
+import os
+import random
+import selectors
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import psutil
+
+from prefork import __version__, logs
+from prefork.config import Config, ConfigError, build_config
+from prefork.control import ControlConnection, ControlServer
+from prefork.listeners import BindError, Listener, bind
+from prefork.scoreboard import Scoreboard
+from prefork.worker import WORKER_BOOT_ERROR, WorkerSpec, run_worker
+
+log = logging.getLogger(__name__)
+
+EARLY_DEATH = 10.0  # a worker that dies younger than this counts towards backoff
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 10.0
+ABORT_GRACE = 2.0  # after SIGABRT (stacks to the log), SIGKILL this much later
+DRAIN_MARGIN = 1.0  # the worker enforces the graceful timeout itself; the master kills this much later
+FAST_STOP_GRACE = 5.0
+EXIT_OK = 0
+EXIT_FATAL = 1
+
+
+class WorkerState(enum.Enum):
+    BOOTING = "booting"  # forked, loading the handler
+    READY = "ready"  # accepting connections
+    DRAINING = "draining"  # told to stop: finishing open connections
+    KILLING = "killing"  # hung or out of time: SIGABRT/SIGKILL sent
+
+
+@dataclass
+class Worker:
+    """The master's record of one child."""
+
+    pid: int
+    slot: int
+    generation: int
+    record: int
+    started: float
+    state: WorkerState = WorkerState.BOOTING
+    kill_at: float | None = None  # when SIGKILL is due (draining or killing)
+    boot_error: str | None = None
+    stop_reason: str = ""
+    proc: psutil.Process | None = None
+
+
+@dataclass
+class Backoff:
+    failures: int = 0
+    respawn_at: float | None = None
+
+
+@dataclass
+class Reload:
+    """A generation being started; the current one keeps serving until it is READY."""
+
+    generation: int
+    config: Config
+    listeners: list[Listener]
+    new_listeners: list[Listener]  # bound for this reload: closed if it fails
+    deadline: float
+    slots: dict[int, Worker] = field(default_factory=dict)
+    waiters: list[ControlConnection] = field(default_factory=list)
+
+
+@dataclass
+class Totals:
+    """Counters of workers that are gone (live ones are read from the scoreboard)."""
+
+    requests: int = 0
+    errors: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    spawned: int = 0
+    exits: int = 0
+    crashes: int = 0
+    timeouts: int = 0
+    reloads: int = 0
+    failed_reloads: int = 0
+
+
+def describe_exit(status: int) -> tuple[str, bool]:
+    """('exited with status 3', clean?) from a waitpid status, by meaning."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        if sig == signal.SIGKILL:
+            return "was killed by SIGKILL (out of memory?)", False
+        return f"was killed by {name}", False
+    code = os.waitstatus_to_exitcode(status)
+    if code == WORKER_BOOT_ERROR:
+        return "could not load its handler", False
+    return f"exited with status {code}", code == 0
+
+
+def backoff_delay(failures: int) -> float:
+    """0 for the first death, then 0.1 s doubling per early death, capped at BACKOFF_MAX."""
+    if failures <= 1:
+        return 0.0
+    return float(min(BACKOFF_FIRST * 2.0 ** (failures - 2), BACKOFF_MAX))
+
+
+def _noop(signum: int, frame: FrameType | None) -> None:
+    """Handlers only record: the wakeup fd brings the signal number to the loop."""
+
+
+class Master:
+    """Runs the pool. ``run()`` returns the process exit status."""
+
+    def __init__(
+        self,
+        config: Config,
+        listeners: list[Listener],
+        control: ControlServer,
+        *,
+        cli_overrides: dict[str, Any] | None = None,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.listeners = listeners
+        self.control = control
+        self.cli_overrides = dict(cli_overrides or {})
+        self.on_event = on_event  # lifecycle hook (ready, reloading, stopping) e.g. for sd_notify
+        self.pid = os.getpid()
+        self.started = time.monotonic()
+        self.started_wall = time.time()
+        self.generation = 1
+        self._generations = itertools.count(2)
+        self.target = config.workers
+        self.workers: dict[int, Worker] = {}  # pid -> worker, every live child
+        self.slots: dict[int, Worker] = {}  # slot -> worker of the current generation
+        self.backoff: dict[int, Backoff] = {}
+        self.reload: Reload | None = None
+        self.reload_again: list[ControlConnection] | None = None  # a reload asked for during a reload
+        self.serving = False  # the first generation is up
+        self.stopping: str | None = None  # None, "graceful" or "fast"
+        self.stop_waiters: list[ControlConnection] = []
+        self.exit_code = EXIT_OK
+        self.totals = Totals()
+        self.scoreboard = Scoreboard(capacity=1024 * 2 + 64)  # a full pool, a reload's second one, spares
+        self.selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._events_r, self._events_w = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(self._events_r, False)
+        self._events_buf = b""
+        self._signal_actions: dict[int, Callable[[], None]] = {
+            signal.SIGCHLD: self.reap_children,
+            signal.SIGTERM: lambda: self.begin_stop("graceful"),
+            signal.SIGINT: lambda: self.begin_stop("fast"),
+            signal.SIGQUIT: lambda: self.begin_stop("fast"),
+            signal.SIGHUP: self.begin_reload,
+            signal.SIGTTIN: lambda: self.scale(self.target + 1),
+            signal.SIGTTOU: lambda: self.scale(max(1, self.target - 1)),
+            signal.SIGUSR1: self.reopen_logs,
+        }
+        self._commands: dict[str, Callable[[dict[str, Any], ControlConnection], None]] = {
+            "status": lambda req, conn: conn.reply({"ok": True, **self.status()}),
+            "stats": lambda req, conn: conn.reply({"ok": True, **self.stats()}),
+            "reload": self._cmd_reload,
+            "scale": self._cmd_scale,
+            "stop": self._cmd_stop,
+            "reopen": self._cmd_reopen,
+        }
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self._install_signals()
+        self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_signals)
+        self.selector.register(self._events_r, selectors.EVENT_READ, self._on_worker_events)
+        self.control.attach(self.selector, self._dispatch)
+        logs.set_title("master", self.config.name)
+        log.info("prefork %s master (pid %d) [%s]: %d %s worker(s) of %s on %s; control socket %s",
+                 __version__, self.pid, self.config.name, self.target, self.config.worker_class,
+                 self.config.handler, ", ".join(li.address for li in self.listeners), self.control.path)
+        try:
+            for slot in range(self.target):
+                self.spawn_worker(slot)
+            while self.workers or (self.stopping is None):
+                now = time.monotonic()
+                deadline = self.next_deadline(now)
+                timeout = None if deadline is None else max(0.0, deadline - now)
+                for key, mask in self.selector.select(timeout):
+                    key.data(mask)
+                self.run_timers(time.monotonic())
+        finally:
+            self._shutdown()
+        return self.exit_code
+
+    def _install_signals(self) -> None:
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        for signum in self._signal_actions:
+            signal.signal(signum, _noop)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+
+    def _on_signals(self, mask: int) -> None:
+        try:
+            data = self._wake_r.recv(4096)
+        except BlockingIOError:
+            return
+        for signum in dict.fromkeys(data):  # once each, in arrival order
+            action = self._signal_actions.get(signum)
+            if action is not None:
+                if signum != signal.SIGCHLD:
+                    log.info("got %s", signal.Signals(signum).name)
+                action()
+
+    def next_deadline(self, now: float) -> float | None:
+        deadlines: list[float] = []
+        timeout = self.config.timeout
+        for worker in self.workers.values():
+            if worker.kill_at is not None:
+                deadlines.append(worker.kill_at)
+            elif worker.state in (WorkerState.BOOTING, WorkerState.READY):
+                deadlines.append(self.scoreboard[worker.record].heartbeat + timeout)
+        deadlines.extend(b.respawn_at for b in self.backoff.values() if b.respawn_at is not None)
+        if self.reload is not None:
+            deadlines.append(self.reload.deadline)
+        control = self.control.next_deadline()
+        if control is not None:
+            deadlines.append(control)
+        return min(deadlines) if deadlines else None
+
+    def run_timers(self, now: float) -> None:
+        self.control.expire(now)
+        timeout = self.config.timeout
+        for worker in list(self.workers.values()):
+            if worker.kill_at is not None:
+                if now >= worker.kill_at:
+                    if worker.state is WorkerState.DRAINING:
+                        log.warning("worker %d (pid %d) still busy after the graceful timeout; killing it",
+                                    worker.slot, worker.pid)
+                    self._kill(worker, signal.SIGKILL)
+                    worker.state = WorkerState.KILLING
+                    worker.kill_at = None
+                continue
+            if worker.state in (WorkerState.BOOTING, WorkerState.READY):
+                age = now - self.scoreboard[worker.record].heartbeat
+                if age > timeout:
+                    self.totals.timeouts += 1
+                    log.error("worker %d (pid %d) timed out: no heartbeat for %.1fs; "
+                              "dumping its stacks (SIGABRT), then killing it", worker.slot, worker.pid, age)
+                    self._kill(worker, signal.SIGABRT)
+                    worker.state = WorkerState.KILLING
+                    worker.kill_at = now + ABORT_GRACE
+        for slot, backoff in list(self.backoff.items()):
+            if backoff.respawn_at is not None and now >= backoff.respawn_at:
+                backoff.respawn_at = None
+                if self.stopping is None and slot < self.target and slot not in self.slots:
+                    self.spawn_worker(slot)
+        if self.reload is not None and now >= self.reload.deadline:
+            self.abort_reload(f"the new workers were not ready within {self.config.timeout:g}s")
+
+    # -- workers ------------------------------------------------------------------------------------
+
+    def spawn_worker(self, slot: int, reload: Reload | None = None) -> Worker:
+        """Fork a worker into ``slot`` of the current generation (or of ``reload``'s)."""
+        config = reload.config if reload else self.config
+        generation = reload.generation if reload else self.generation
+        listeners = reload.listeners if reload else self.listeners
+        now = time.monotonic()
+        index = self.scoreboard.allocate(0, generation, now)
+        max_requests = 0
+        if config.max_requests:
+            max_requests = config.max_requests + random.randint(0, config.max_requests_jitter)
+        spec = WorkerSpec(
+            slot=slot, generation=generation, record=index, master_pid=self.pid, config=config,
+            listeners=tuple(li.sock for li in listeners), notify_fd=self._events_w, max_requests=max_requests,
+        )
+        try:
+            pid = os.fork()
+        except OSError:
+            self.scoreboard.release(index)
+            raise
+        if pid == 0:  # the child: never returns
+            self._close_in_child(keep={li.fileno() for li in listeners})
+            run_worker(spec, self.scoreboard)
+        self.scoreboard[index].pid = pid
+        worker = Worker(pid=pid, slot=slot, generation=generation, record=index, started=now)
+        self.workers[pid] = worker
+        (reload.slots if reload else self.slots)[slot] = worker
+        self.totals.spawned += 1
+        log.info("worker %d (pid %d) started, generation %d", slot, pid, generation)
+        return worker
+
+    def _close_in_child(self, keep: set[int]) -> None:
+        signal.set_wakeup_fd(-1)
+        self.selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+        os.close(self._events_r)
+        self.control.close_in_child()
+        every = list(self.listeners) + (self.reload.listeners if self.reload else [])
+        for listener in every:
+            if listener.fileno() not in keep and listener.fileno() >= 0:
+                listener.sock.close()
+
+    def _kill(self, worker: Worker, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError):  # already gone: its SIGCHLD is on the way
+            os.kill(worker.pid, sig)
+
+    def drain(self, worker: Worker, reason: str) -> None:
+        """Tell a worker to stop accepting and finish its connections (SIGKILL after the graceful timeout)."""
+        if worker.state in (WorkerState.DRAINING, WorkerState.KILLING):
+            return
+        worker.state = WorkerState.DRAINING
+        worker.stop_reason = reason
+        worker.kill_at = time.monotonic() + self.config.graceful_timeout + DRAIN_MARGIN
+        self._kill(worker, signal.SIGTERM)
+
+    def reap_children(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = self.workers.pop(pid, None)
+            if worker is None:
+                continue
+            self._on_worker_exit(worker, status)
+
+    def _on_worker_exit(self, worker: Worker, status: int) -> None:
+        now = time.monotonic()
+        record = self.scoreboard[worker.record]
+        totals = self.totals
+        totals.requests += record.requests
+        totals.errors += record.errors
+        totals.bytes_in += record.bytes_in
+        totals.bytes_out += record.bytes_out
+        totals.exits += 1
+        self.scoreboard.release(worker.record)
+        how, clean = describe_exit(status)
+        expected = worker.state in (WorkerState.DRAINING, WorkerState.KILLING) or self.stopping is not None
+        in_slot = self.slots.get(worker.slot) is worker
+        in_reload = self.reload is not None and self.reload.slots.get(worker.slot) is worker
+        if in_slot:
+            del self.slots[worker.slot]
+        if in_reload:
+            assert self.reload is not None
+            del self.reload.slots[worker.slot]
+        if expected and clean:
+            log.info("worker %d (pid %d) %s (%s)", worker.slot, worker.pid, how, worker.stop_reason or "stopped")
+            return
+        if not clean:
+            totals.crashes += 1
+        if in_reload:
+            log.error("worker %d (pid %d) of generation %d %s while starting",
+                      worker.slot, worker.pid, worker.generation, how)
+            self.abort_reload(worker.boot_error or f"a new worker {how} while starting")
+            return
+        if worker.boot_error and not self.serving:
+            log.critical("%s", worker.boot_error)
+            log.critical("stopping: the handler cannot be loaded, so no worker can serve")
+            self.exit_code = EXIT_FATAL
+            self.begin_stop("fast")
+            return
+        if self.stopping is not None or not in_slot:
+            level = logging.INFO if clean else logging.WARNING
+            log.log(level, "worker %d (pid %d) %s", worker.slot, worker.pid, how)
+            return
+        if worker.boot_error:
+            log.error("%s", worker.boot_error)
+        backoff = self.backoff.setdefault(worker.slot, Backoff())
+        backoff.failures = backoff.failures + 1 if now - worker.started < EARLY_DEATH else 1
+        delay = backoff_delay(backoff.failures)
+        level = logging.WARNING if worker.state is not WorkerState.KILLING else logging.ERROR
+        log.log(level, "worker %d (pid %d) %s, restarting %s", worker.slot, worker.pid, how,
+                f"in {delay:.1f}s" if delay else "now")
+        if delay:
+            backoff.respawn_at = now + delay
+        elif worker.slot < self.target:
+            self.spawn_worker(worker.slot)
+
+    def _on_worker_events(self, mask: int) -> None:
+        try:
+            data = os.read(self._events_r, 65536)
+        except BlockingIOError:
+            return
+        lines = (self._events_buf + data).split(b"\n")
+        self._events_buf = lines.pop()
+        for line in lines:
+            pid_text, _, rest = line.decode("utf-8", "replace").partition(" ")
+            event, _, detail = rest.partition(" ")
+            worker = self.workers.get(int(pid_text)) if pid_text.isdigit() else None
+            if worker is not None:
+                self._on_worker_event(worker, event, detail)
+
+    def _on_worker_event(self, worker: Worker, event: str, detail: str) -> None:
+        if event == "ready":
+            if worker.state is WorkerState.BOOTING:
+                worker.state = WorkerState.READY
+            backoff = self.backoff.get(worker.slot)
+            if backoff is not None and self.slots.get(worker.slot) is worker:
+                backoff.respawn_at = None
+            self._check_generation_ready()
+        elif event == "boot_error":
+            worker.boot_error = detail
+        elif event == "retiring":
+            if self.slots.get(worker.slot) is worker and self.stopping is None:
+                del self.slots[worker.slot]
+                log.info("worker %d (pid %d) retiring: %s; starting its replacement",
+                         worker.slot, worker.pid, detail)
+                self.drain(worker, detail)
+                self.spawn_worker(worker.slot)
+            else:
+                self.drain(worker, detail)
+
+    def _check_generation_ready(self) -> None:
+        if not self.serving and self._all_ready(self.slots, self.target):
+            self.serving = True
+            log.info("serving: %d worker(s) ready", self.target)
+            self._emit("ready")
+        reload = self.reload
+        if reload is not None and self._all_ready(reload.slots, reload.config.workers):
+            self.commit_reload()
+
+    @staticmethod
+    def _all_ready(slots: dict[int, Worker], count: int) -> bool:
+        return len(slots) == count and all(w.state is WorkerState.READY for w in slots.values())
+
+    # -- reload, scale, stop ------------------------------------------------------------------------
+
+    def begin_reload(self, waiter: ControlConnection | None = None) -> None:
+        """Start a new generation from the re-read config; drain the old one once it serves."""
+        if self.stopping is not None:
+            if waiter:
+                waiter.reply({"ok": False, "error": "the daemon is stopping"})
+            return
+        if self.reload is not None:
+            # after the current one: it may not have the newest code
+            self.reload_again = (self.reload_again or []) + ([waiter] if waiter else [])
+            log.info("reload requested during a reload: will reload again after generation %d is up",
+                     self.reload.generation)
+            return
+        try:
+            config = self._reread_config()
+            listeners, new_listeners = self._listeners_for(config)
+        except (ConfigError, BindError) as exc:
+            self.totals.failed_reloads += 1
+            log.error("reload failed: %s; still serving generation %d", exc, self.generation)
+            if waiter:
+                waiter.reply({"ok": False, "error": f"reload failed: {exc}"})
+            return
+        generation = next(self._generations)
+        self.reload = Reload(generation=generation, config=config, listeners=listeners,
+                             new_listeners=new_listeners, deadline=time.monotonic() + config.timeout,
+                             waiters=[waiter] if waiter else [])
+        log.info("reloading: starting generation %d (%d %s worker(s) of %s)",
+                 generation, config.workers, config.worker_class, config.handler)
+        self._emit("reloading")
+        for slot in range(config.workers):
+            self.spawn_worker(slot, self.reload)
+
+    def _reread_config(self) -> Config:
+        if self.config.config_file is None:
+            return self.config
+        config = build_config(self.cli_overrides, self.config.config_file)
+        for key in ("name", "control"):
+            if getattr(config, key) != getattr(self.config, key):
+                raise ConfigError(f"{key.replace('_', '-')} cannot change on reload (restart the daemon)")
+        return config
+
+    def _listeners_for(self, config: Config) -> tuple[list[Listener], list[Listener]]:
+        """The listeners of ``config``: the ones we have, plus newly bound ones (raises BindError)."""
+        have = {li.spec: li for li in self.listeners}
+        listeners: list[Listener] = []
+        new: list[Listener] = []
+        try:
+            for spec in config.bind_specs:
+                if spec.text in have:
+                    listeners.append(have[spec.text])
+                else:
+                    listener = bind(spec, config.backlog)
+                    new.append(listener)
+                    listeners.append(listener)
+        except BindError:
+            for listener in new:
+                listener.close()
+            raise
+        return listeners, new
+
+    def commit_reload(self) -> None:
+        reload = self.reload
+        assert reload is not None
+        self.reload = None
+        old_slots = self.slots
+        self.slots = reload.slots
+        self.generation = reload.generation
+        old_config = self.config
+        self.config = reload.config
+        self.target = reload.config.workers
+        self.backoff.clear()
+        if old_config.log_level != self.config.log_level:
+            logs.set_level(self.config.log_level)
+        keep = {id(li) for li in reload.listeners}
+        for listener in self.listeners:
+            if id(listener) not in keep:
+                log.info("no longer listening on %s", listener.address)
+                listener.close()
+        self.listeners = reload.listeners
+        for worker in old_slots.values():
+            self.drain(worker, f"replaced by generation {self.generation}")
+        self.totals.reloads += 1
+        log.info("reloaded: generation %d serving with %d worker(s); draining the old one",
+                 self.generation, self.target)
+        self._emit("ready")
+        for waiter in reload.waiters:
+            waiter.reply({"ok": True, "generation": self.generation, "workers": self.target})
+        again, self.reload_again = self.reload_again, None
+        if again is not None:
+            self.begin_reload(again[0] if again else None)
+            for waiter in again[1:]:
+                if self.reload is not None:
+                    self.reload.waiters.append(waiter)
+
+    def abort_reload(self, why: str) -> None:
+        reload = self.reload
+        if reload is None:
+            return
+        self.reload = None
+        self.totals.failed_reloads += 1
+        log.error("reload failed: %s; still serving generation %d", why, self.generation)
+        for worker in reload.slots.values():
+            self.drain(worker, "reload aborted")
+        for listener in reload.new_listeners:
+            listener.close()
+        for waiter in reload.waiters + (self.reload_again or []):
+            waiter.reply({"ok": False, "error": f"reload failed: {why}"})
+        self.reload_again = None
+
+    def scale(self, count: int) -> None:
+        if self.stopping is not None or count == self.target:
+            return
+        log.info("scaling from %d to %d worker(s)", self.target, count)
+        old, self.target = self.target, count
+        for slot in range(old, count):
+            if slot not in self.slots:
+                self.spawn_worker(slot)
+        for slot in range(count, old):
+            self.backoff.pop(slot, None)
+            worker = self.slots.pop(slot, None)
+            if worker is not None:
+                self.drain(worker, "scaled down")
+
+    def begin_stop(self, how: str) -> None:
+        if self.stopping == "fast" or self.stopping == how:
+            return
+        self.stopping = how
+        log.info("stopping (%s): %d worker(s) to stop", how, len(self.workers))
+        self._emit("stopping")
+        if self.reload is not None:
+            self.abort_reload("the daemon is stopping")
+        for backoff in self.backoff.values():
+            backoff.respawn_at = None
+        now = time.monotonic()
+        for worker in self.workers.values():
+            if how == "fast":
+                worker.state = WorkerState.KILLING
+                worker.kill_at = now + FAST_STOP_GRACE
+                self._kill(worker, signal.SIGQUIT)
+            else:
+                self.drain(worker, "stopping")
+        self.slots.clear()
+
+    def reopen_logs(self) -> None:
+        logs.reopen()
+        for worker in self.workers.values():
+            self._kill(worker, signal.SIGUSR1)
+
+    def _emit(self, event: str) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(event, {"generation": self.generation, "workers": len(self.slots)})
+            except Exception:
+                log.exception("lifecycle hook failed on %r", event)
+
+    def _shutdown(self) -> None:
+        signal.set_wakeup_fd(-1)
+        if self.reload is not None:
+            self.abort_reload("the daemon stopped")
+        for listener in self.listeners:
+            listener.close()
+        self.control.close()  # stop waiters see the connection close when we exit
+        log.info("master (pid %d) exiting with status %d", self.pid, self.exit_code)
+
+    # -- control commands ---------------------------------------------------------------------------
+
+    def _dispatch(self, request: dict[str, Any], conn: ControlConnection) -> None:
+        command = request.get("command")
+        handler = self._commands.get(command) if isinstance(command, str) else None
+        if handler is None:
+            conn.reply({"ok": False, "error": f"unknown command {command!r} (known: {', '.join(self._commands)})"})
+            return
+        handler(request, conn)
+
+    def _cmd_reload(self, request: dict[str, Any], conn: ControlConnection) -> None:
+        self.begin_reload(conn)
+
+    def _cmd_scale(self, request: dict[str, Any], conn: ControlConnection) -> None:
+        count = request.get("workers")
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 1024:
+            conn.reply({"ok": False, "error": f"scale: workers must be a whole number from 1 to 1024, got {count!r}"})
+            return
+        if self.stopping is not None:
+            conn.reply({"ok": False, "error": "the daemon is stopping"})
+            return
+        if self.reload is not None:
+            conn.reply({"ok": False, "error": "a reload is in progress; scale again once it is done"})
+            return
+        previous = self.target
+        self.scale(count)
+        conn.reply({"ok": True, "workers": count, "previous": previous})
+
+    def _cmd_stop(self, request: dict[str, Any], conn: ControlConnection) -> None:
+        how = "fast" if request.get("fast") else "graceful"
+        conn.reply({"ok": True, "pid": self.pid, "stopping": how}, keep_open=True)
+        self.begin_stop(how)
+
+    def _cmd_reopen(self, request: dict[str, Any], conn: ControlConnection) -> None:
+        self.reopen_logs()
+        conn.reply({"ok": True})
+
+    # -- status -------------------------------------------------------------------------------------
+
+    def _worker_info(self, worker: Worker, now: float) -> dict[str, Any]:
+        record = self.scoreboard[worker.record]
+        rss = 0
+        cpu = 0.0
+        try:
+            if worker.proc is None:
+                worker.proc = psutil.Process(worker.pid)
+                times = worker.proc.cpu_times()
+                age = max(now - worker.started, 1e-3)
+                cpu = 100.0 * (times.user + times.system) / age  # lifetime average on the first look
+                worker.proc.cpu_percent(None)
+            else:
+                cpu = worker.proc.cpu_percent(None)  # since the previous look
+            rss = worker.proc.memory_info().rss
+        except psutil.Error:
+            pass
+        return {
+            "pid": worker.pid,
+            "slot": worker.slot,
+            "generation": worker.generation,
+            "state": worker.state.value,
+            "requests": int(record.requests),
+            "active": int(record.active),
+            "errors": int(record.errors),
+            "rss_bytes": rss,
+            "cpu_percent": round(cpu, 1),
+            "age_s": round(now - worker.started, 3),
+            "heartbeat_age_s": round(max(0.0, now - record.heartbeat), 3),
+        }
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        workers = sorted(self.workers.values(), key=lambda w: (w.generation, w.slot, w.pid))
+        backoff = [
+            {"slot": slot, "failures": b.failures,
+             "restart_in_s": round(max(0.0, b.respawn_at - now), 3) if b.respawn_at is not None else None}
+            for slot, b in sorted(self.backoff.items()) if b.failures > 1 or b.respawn_at is not None
+        ]
+        return {
+            "pid": self.pid,
+            "name": self.config.name,
+            "version": __version__,
+            "generation": self.generation,
+            "uptime_s": round(now - self.started, 3),
+            "state": "stopping" if self.stopping else ("reloading" if self.reload else
+                                                        ("serving" if self.serving else "starting")),
+            "worker_class": self.config.worker_class,
+            "handler": self.config.handler,
+            "target_workers": self.target,
+            "listeners": [li.address for li in self.listeners],
+            "control": self.control.path,
+            "workers": [self._worker_info(w, now) for w in workers],
+            "backoff": backoff,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        now = time.monotonic()
+        totals = self.totals
+        live = [self.scoreboard[w.record] for w in self.workers.values()]
+        return {
+            "pid": self.pid,
+            "name": self.config.name,
+            "generation": self.generation,
+            "uptime_s": round(now - self.started, 3),
+            "requests": totals.requests + sum(int(r.requests) for r in live),
+            "active": sum(int(r.active) for r in live),
+            "errors": totals.errors + sum(int(r.errors) for r in live),
+            "workers": len(self.workers),
+            "workers_spawned": totals.spawned,
+            "worker_exits": totals.exits,
+            "worker_crashes": totals.crashes,
+            "worker_timeouts": totals.timeouts,
+            "reloads": totals.reloads,
+            "failed_reloads": totals.failed_reloads,
+            "per_worker": [
+                {"pid": w.pid, "slot": w.slot, "generation": w.generation, "state": w.state.value,
+                 "requests": int(self.scoreboard[w.record].requests),
+                 "active": int(self.scoreboard[w.record].active),
+                 "errors": int(self.scoreboard[w.record].errors)}
+                for w in sorted(self.workers.values(), key=lambda w: (w.generation, w.slot, w.pid))
+            ],
+        }

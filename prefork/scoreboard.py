@@ -1,0 +1,57 @@
+"""Per-worker counters in shared memory, written by workers, read by the master.
+
+Like Apache prefork's scoreboard: an anonymous shared mapping made before the
+first fork, one fixed-size record per worker. A worker updates its own record
+with plain stores (no system call, no lock shared with other processes), so
+counting costs the hot path almost nothing; the master reads every record
+when asked for status. Each field is 8 bytes and naturally aligned, so a
+read never sees half of a store.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+
+
+class Record(ctypes.Structure):
+    """One worker's counters."""
+
+    _fields_ = [
+        ("pid", ctypes.c_int64),
+        ("generation", ctypes.c_int64),
+        ("heartbeat", ctypes.c_double),  # time.monotonic() when the serving loop last turned
+        ("requests", ctypes.c_uint64),  # connections handled to the end
+        ("active", ctypes.c_int64),  # connections open now
+        ("errors", ctypes.c_uint64),  # handler exceptions
+        ("bytes_in", ctypes.c_uint64),
+        ("bytes_out", ctypes.c_uint64),
+        ("serving", ctypes.c_int64),  # 1 once the worker accepts, 0 once it stopped accepting
+    ]
+
+
+class Scoreboard:
+    """``capacity`` records in one shared anonymous mapping; the master hands out indexes."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._mem = mmap.mmap(-1, ctypes.sizeof(Record) * capacity)  # MAP_SHARED | MAP_ANONYMOUS
+        self._records = (Record * capacity).from_buffer(self._mem)
+        self._free = list(range(capacity - 1, -1, -1))
+
+    def allocate(self, pid: int, generation: int, now: float) -> int:
+        """Take a free record, zeroed, for a worker about to be forked (raises IndexError when full)."""
+        index = self._free.pop()
+        ctypes.memset(ctypes.addressof(self._records[index]), 0, ctypes.sizeof(Record))
+        record = self._records[index]
+        record.pid = pid
+        record.generation = generation
+        record.heartbeat = now
+        return index
+
+    def release(self, index: int) -> None:
+        self._free.append(index)
+
+    def __getitem__(self, index: int) -> Record:
+        record: Record = self._records[index]
+        return record

@@ -1,0 +1,514 @@
+"""The worker's life: reset signals, load the handler, serve, always end in ``os._exit``.
+
+A worker serves the listening sockets the master bound, with a socketserver
+server whose ``serve_forever()`` is a selector loop (not socketserver's 0.5 s
+poll): the listeners are non-blocking and registered with ``EPOLLEXCLUSIVE``,
+so a new connection wakes one idle worker rather than all of them, and a
+worker that loses the accept race gets ``EAGAIN`` instead of blocking in
+``accept()``. Each turn of the loop stamps the worker's heartbeat in the
+scoreboard; the master kills a worker whose heartbeat goes stale.
+
+Two server classes run any ``socketserver.BaseRequestHandler`` subclass:
+
+* :class:`SyncServer` (``--worker-class sync``): ``TCPServer`` semantics, one
+  connection at a time, handled in the serving loop itself.
+* :class:`ThreadServer` (``--worker-class thread``): a bounded pool of
+  threads; when every thread is busy the worker stops accepting, so the
+  kernel hands new connections to its siblings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import faulthandler
+import importlib
+import logging
+import os
+import queue
+import select
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any, NoReturn
+
+from prefork import logs
+from prefork.config import Config
+from prefork.scoreboard import Record, Scoreboard
+
+log = logging.getLogger(__name__)
+
+# Exit statuses a worker uses to tell the master why it ended.
+WORKER_OK = 0
+WORKER_CRASHED = 1
+WORKER_BOOT_ERROR = 3  # the handler could not be loaded: respawning would only fail again
+
+_PR_SET_PDEATHSIG = 1
+_EPOLLEXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 1 << 28)
+_ACCEPT_PAUSE = 0.1  # seconds to stop accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM
+_ACCEPT_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+try:
+    _libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
+except OSError:  # pragma: no cover - every Linux libc loads; other systems fall back to the ppid check
+    _libc = None
+
+
+class FastExit(BaseException):
+    """Raised by SIGINT/SIGQUIT in a worker: leave now, skipping the drain.
+
+    A BaseException so socketserver's ``except Exception`` around a request
+    does not swallow it.
+    """
+
+
+class HandlerLoadError(Exception):
+    """The handler named in the config cannot be imported or is not usable."""
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What the master tells a worker it is about to fork."""
+
+    slot: int
+    generation: int
+    record: int  # scoreboard index
+    master_pid: int
+    config: Config
+    listeners: tuple[socket.socket, ...]
+    notify_fd: int  # write end of the master's event pipe
+    max_requests: int  # 0 = never recycle; jitter already applied
+
+
+def load_handler(spec: str) -> type[socketserver.BaseRequestHandler]:
+    """Import ``module:Class`` and check it is a socketserver request handler."""
+    module_name, _, attr_path = spec.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise HandlerLoadError(f"cannot load handler {spec!r}: no module named {exc.name!r}") from exc
+        raise HandlerLoadError(f"cannot load handler {spec!r}: {type(exc).__name__}: {exc}") from exc
+    except BaseException as exc:  # the module's own code failed; say how, in one line
+        where = ""
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if tb is not None:
+            where = f" ({tb.tb_frame.f_code.co_filename}:{tb.tb_lineno})"
+        raise HandlerLoadError(f"cannot load handler {spec!r}: {type(exc).__name__}: {exc}{where}") from exc
+    for part in attr_path.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise HandlerLoadError(
+                f"cannot load handler {spec!r}: {module_name} has no attribute {attr_path!r}"
+            ) from None
+    if not (isinstance(obj, type) and issubclass(obj, socketserver.BaseRequestHandler)):
+        raise HandlerLoadError(
+            f"cannot load handler {spec!r}: {obj!r} is not a socketserver.BaseRequestHandler subclass"
+        )
+    return obj
+
+
+class PreforkServer(socketserver.TCPServer):
+    """A ``TCPServer`` serving sockets the master already bound.
+
+    Keeps socketserver's hooks and their contracts (``verify_request``,
+    ``process_request``, ``finish_request``, ``shutdown_request``,
+    ``handle_error``), so a handler sees ``self.server`` and
+    ``self.client_address`` as it would under ``TCPServer``. Subclasses
+    override :meth:`process_request` and :meth:`busy`.
+    """
+
+    def __init__(
+        self,
+        listeners: Sequence[socket.socket],
+        handler_class: type[socketserver.BaseRequestHandler],
+        *,
+        record: Record,
+        max_requests: int = 0,
+        heartbeat_interval: float = 1.0,
+        graceful_timeout: float = 30.0,
+        master_pid: int | None = None,
+        on_retire: Callable[[str], None] | None = None,
+    ) -> None:
+        # TCPServer.__init__ would make a fresh socket; ours are bound already.
+        socketserver.BaseServer.__init__(self, listeners[0].getsockname(), handler_class)
+        self.socket = listeners[0]
+        self.address_family = self.socket.family
+        self.sockets = tuple(listeners)
+        self.record = record
+        self.max_requests = max_requests
+        self.heartbeat_interval = heartbeat_interval
+        self.graceful_timeout = graceful_timeout
+        self.master_pid = master_pid
+        self.on_retire = on_retire
+        self.stopping = False
+        self.stop_deadline = 0.0
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._epoll = select.epoll()
+        self._by_fd = {s.fileno(): s for s in self.sockets}
+        self._accepting = False
+        self._accept_paused_until = 0.0
+        self._signals: dict[int, Callable[[], None]] = {
+            signal.SIGTERM: self.begin_stop,
+            signal.SIGUSR1: logs.reopen,
+        }
+        # socketserver ignores these on a plain BaseRequestHandler; a user who sets them means them
+        is_stream = issubclass(handler_class, socketserver.StreamRequestHandler)
+        timeout = getattr(handler_class, "timeout", None)
+        self._extra_timeout: float | None = None if is_stream else timeout
+        self._extra_nodelay = not is_stream and bool(getattr(handler_class, "disable_nagle_algorithm", False))
+
+    # -- wiring -------------------------------------------------------------------------------------
+
+    @property
+    def wakeup_fd(self) -> int:
+        """The fd to pass to ``signal.set_wakeup_fd``: signal numbers arrive as bytes."""
+        return self._wake_w.fileno()
+
+    def wake(self) -> None:
+        """Make the serving loop turn (a 0 byte: no signal has number 0). Safe from any thread."""
+        with contextlib.suppress(BlockingIOError):
+            self._wake_w.send(b"\0")
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    def server_close(self) -> None:
+        self._epoll.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    def set_accepting(self, on: bool) -> None:
+        if on == self._accepting:
+            return
+        for fd in self._by_fd:
+            if on:
+                try:
+                    self._epoll.register(fd, select.EPOLLIN | _EPOLLEXCLUSIVE)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:  # EINVAL: a kernel without EPOLLEXCLUSIVE
+                        raise
+                    self._epoll.register(fd, select.EPOLLIN)
+            else:
+                self._epoll.unregister(fd)
+        self._accepting = on
+        self.record.serving = 1 if on else 0
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Serve until asked to stop and drained. ``poll_interval`` is ignored: nothing here polls."""
+        self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
+        self.set_accepting(True)
+        record = self.record
+        wake_fd = self._wake_r.fileno()
+        while True:
+            now = time.monotonic()
+            record.heartbeat = now
+            if self.stopping:
+                if not self.busy() or now >= self.stop_deadline:
+                    break
+                timeout = min(self.heartbeat_interval, self.stop_deadline - now)
+            else:
+                if not self._accepting and now >= self._accept_paused_until and not self.full():
+                    self.set_accepting(True)
+                timeout = self.heartbeat_interval
+                if self._accept_paused_until > now:
+                    timeout = min(timeout, self._accept_paused_until - now)
+            events = self._epoll.poll(timeout)
+            if not events:
+                self._check_master()
+            for fd, _ in events:
+                if fd == wake_fd:
+                    self._drain_wakeups()
+                elif self._accepting:
+                    self._accept(self._by_fd[fd])
+            self.service_actions()
+
+    def _check_master(self) -> None:
+        # PR_SET_PDEATHSIG covers most cases; this covers the rest (e.g. a master thread exiting)
+        if self.master_pid is not None and os.getppid() != self.master_pid and not self.stopping:
+            log.warning("master (pid %d) is gone; stopping", self.master_pid)
+            self.begin_stop()
+
+    def _drain_wakeups(self) -> None:
+        while True:
+            try:
+                data = self._wake_r.recv(512)
+            except BlockingIOError:
+                return
+            for signum in data:
+                action = self._signals.get(signum)
+                if action is not None:
+                    action()
+
+    def _accept(self, sock: socket.socket) -> None:
+        try:
+            request, client_address = sock.accept()
+        except BlockingIOError:
+            return  # a sibling took it
+        except OSError as exc:
+            if exc.errno in _ACCEPT_RESOURCE_ERRNOS:
+                # level-triggered readiness would spin: back off briefly, siblings may have room
+                log.warning("cannot accept on %s: %s; pausing accepts for %.1fs",
+                            self.describe(sock), exc.strerror, _ACCEPT_PAUSE)
+                self.set_accepting(False)
+                self._accept_paused_until = time.monotonic() + _ACCEPT_PAUSE
+            elif exc.errno != errno.ECONNABORTED:  # the client gave up before we accepted: nothing to do
+                log.warning("cannot accept on %s: %s", self.describe(sock), exc.strerror)
+            return
+        if self._extra_timeout is not None:
+            request.settimeout(self._extra_timeout)
+        if self._extra_nodelay and request.family != socket.AF_UNIX:
+            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # socketserver's _handle_request_noblock, with our accept in front of it
+        if self.verify_request(request, client_address):
+            try:
+                self.process_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+                self.shutdown_request(request)
+            except BaseException:
+                self.shutdown_request(request)
+                raise
+        else:
+            self.shutdown_request(request)
+
+    @staticmethod
+    def describe(sock: socket.socket) -> str:
+        from prefork.listeners import describe
+
+        return describe(sock)
+
+    # -- hooks for subclasses -----------------------------------------------------------------------
+
+    def busy(self) -> bool:
+        """True while connections are open (a draining worker waits for this to turn False)."""
+        return False
+
+    def full(self) -> bool:
+        """True while the worker cannot take another connection."""
+        return False
+
+    def begin_stop(self) -> None:
+        """Stop accepting; the loop ends once open connections are done or the graceful timeout passes."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.stop_deadline = time.monotonic() + self.graceful_timeout
+        self.set_accepting(False)
+
+    def count_request(self) -> bool:
+        """Count a finished connection; True once ``max_requests`` is reached."""
+        record = self.record
+        record.requests += 1
+        return self.max_requests > 0 and record.requests >= self.max_requests
+
+    def retire(self) -> None:
+        """Recycle this worker: tell the master (it starts a replacement at once), then drain."""
+        if self.stopping:
+            return
+        if self.on_retire is not None:
+            self.on_retire(f"max-requests ({self.max_requests}) reached")
+        self.begin_stop()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Log the handler's exception (socketserver would print it to stderr); this connection only."""
+        self.record.errors += 1
+        exc = sys.exc_info()[1]
+        if isinstance(exc, TimeoutError):
+            log.warning("connection from %s timed out", _peer(client_address))
+        elif isinstance(exc, ConnectionError):
+            log.info("connection from %s: %s", _peer(client_address), exc)
+        else:
+            log.exception("error handling connection from %s", _peer(client_address))
+
+
+def _peer(client_address: Any) -> str:
+    if isinstance(client_address, tuple) and len(client_address) >= 2:
+        host, port = client_address[0], client_address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(client_address) or "unix socket"
+
+
+class SyncServer(PreforkServer):
+    """One connection at a time, handled in the serving loop (socketserver ``TCPServer``)."""
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        record = self.record
+        record.active += 1
+        try:
+            self.finish_request(request, client_address)
+        finally:
+            record.active -= 1
+        self.shutdown_request(request)
+        if self.count_request():
+            self.retire()
+
+
+class ThreadServer(PreforkServer):
+    """A bounded pool of ``threads`` threads; at capacity the worker stops accepting.
+
+    Threads start on demand and stay for the worker's life, so a connection
+    flood never creates more than ``threads`` of them and a steady load
+    creates none.
+    """
+
+    def __init__(self, *args: Any, threads: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.threads = threads
+        self._queue: queue.SimpleQueue[tuple[Any, Any] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._open = 0  # connections handed to the pool and not yet finished
+        self._idle = 0  # pool threads waiting for work
+        self._pool: list[threading.Thread] = []
+        self._retire_due = False
+
+    def busy(self) -> bool:
+        return self._open > 0
+
+    def full(self) -> bool:
+        return self._open >= self.threads
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._lock:
+            self._open += 1
+            self.record.active += 1
+            start_thread = self._idle == 0
+            if not start_thread:
+                self._idle -= 1
+        if start_thread:
+            thread = threading.Thread(target=self._run, name=f"prefork-conn-{len(self._pool)}", daemon=True)
+            self._pool.append(thread)
+            thread.start()
+        self._queue.put((request, client_address))
+        if self._open >= self.threads:
+            self.set_accepting(False)  # siblings take new connections until a thread frees
+
+    def _run(self) -> None:
+        get = self._queue.get
+        while True:
+            item = get()
+            if item is None:
+                return
+            request, client_address = item
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
+            with self._lock:
+                self._open -= 1
+                self.record.active -= 1
+                self._idle += 1
+                turn_loop = self._open == self.threads - 1 or self.stopping
+                if self.count_request():
+                    self._retire_due = turn_loop = True
+            if turn_loop:
+                self.wake()  # the loop resumes accepting, retires, or notices the drain is over
+
+    def service_actions(self) -> None:
+        if self._retire_due:
+            self.retire()  # in the loop's thread: set_accepting is not for pool threads
+
+
+def _set_pdeathsig(signum: int) -> None:
+    if _libc is not None and _libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
+        log.debug("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
+
+
+def _raise_fast_exit(signum: int, frame: FrameType | None) -> None:
+    raise FastExit(signal.Signals(signum).name)
+
+
+def _noop(signum: int, frame: FrameType | None) -> None:
+    """Python-level handler that does nothing: the wakeup fd carries the signal to the loop."""
+
+
+def _notify(fd: int, event: str, detail: str = "") -> None:
+    """One line to the master's event pipe (atomic: well under PIPE_BUF)."""
+    line = f"{os.getpid()} {event} {detail}".replace("\n", " ")[:3000] + "\n"
+    with contextlib.suppress(OSError):  # the master is gone: nothing to tell
+        os.write(fd, line.encode("utf-8", "replace"))
+
+
+def run_worker(spec: WorkerSpec, scoreboard: Scoreboard) -> NoReturn:
+    """Serve as a worker in a freshly forked child; never returns."""
+    status = WORKER_CRASHED
+    try:
+        status = _serve(spec, scoreboard)
+    except FastExit:
+        status = WORKER_OK
+    except BaseException:
+        log.exception("worker %d (pid %d) crashed", spec.slot, os.getpid())
+    finally:
+        with contextlib.suppress(BaseException):
+            logging.shutdown()
+        os._exit(status)
+
+
+def _serve(spec: WorkerSpec, scoreboard: Scoreboard) -> int:
+    _set_pdeathsig(signal.SIGTERM)
+    if os.getppid() != spec.master_pid:  # the master died before prctl took effect
+        return WORKER_OK
+    for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, _raise_fast_exit)
+    signal.signal(signal.SIGQUIT, _raise_fast_exit)
+    signal.signal(signal.SIGTERM, _noop)
+    signal.signal(signal.SIGUSR1, _noop)
+    # SIGABRT from the master (a stale heartbeat), or a crash in C code: every thread's stack to the log
+    faulthandler.enable(file=logs.fault_stream(), all_threads=True)
+    logs.set_title(f"worker {spec.slot}", spec.config.name)
+
+    config = spec.config
+    try:
+        handler_class = load_handler(config.handler)
+    except HandlerLoadError as exc:
+        _notify(spec.notify_fd, "boot_error", str(exc))
+        return WORKER_BOOT_ERROR
+
+    record = scoreboard[spec.record]
+
+    def retire(reason: str) -> None:
+        _notify(spec.notify_fd, "retiring", reason)
+
+    common: dict[str, Any] = {
+        "record": record,
+        "max_requests": spec.max_requests,
+        "heartbeat_interval": heartbeat_interval(config.timeout),
+        "graceful_timeout": config.graceful_timeout,
+        "master_pid": spec.master_pid,
+        "on_retire": retire,
+    }
+    server: PreforkServer
+    if config.worker_class == "sync":
+        server = SyncServer(spec.listeners, handler_class, **common)
+    else:
+        server = ThreadServer(spec.listeners, handler_class, threads=config.threads, **common)
+    signal.set_wakeup_fd(server.wakeup_fd, warn_on_full_buffer=False)
+    _notify(spec.notify_fd, "ready")
+    server.serve_forever()
+    if server.busy():
+        log.warning("worker %d (pid %d): graceful timeout with %d connection(s) still open; closing them",
+                    spec.slot, os.getpid(), record.active)
+    return WORKER_OK
+
+
+def heartbeat_interval(timeout: float) -> float:
+    """How often an idle worker stamps its heartbeat: often enough that ``timeout`` means a hang."""
+    return max(0.05, min(timeout / 4, 5.0))
