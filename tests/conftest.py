@@ -1,0 +1,293 @@
+"""Test harness: real prefork daemons on loopback, every wait bounded.
+
+``daemon_factory(*args)`` starts ``python -m prefork`` in its own session with
+a private control socket and ``--bind 127.0.0.1:0`` (unless the test binds
+something else), waits until the first generation serves, and stops the
+whole process group at the end (TERM, then KILL), printing the daemon's log
+when the test failed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from prefork.control import call
+
+ROOT = Path(__file__).resolve().parents[1]
+APPS = Path(__file__).resolve().parent / "apps"
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
+    """Return predicate()'s first truthy value; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(APPS), str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Daemon:
+    """A running prefork master started by the test."""
+
+    proc: subprocess.Popen[bytes]
+    control: str
+    log_path: Path
+    args: list[str]
+    port: int = 0
+    _stopped: bool = field(default=False)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def call(self, command: str, timeout: float = 10.0, **kwargs: Any) -> dict[str, Any]:
+        reply, sock = call(self.control, {"command": command, **kwargs}, timeout=timeout)
+        sock.close()
+        return reply
+
+    def status(self) -> dict[str, Any]:
+        return self.call("status")
+
+    def try_status(self) -> dict[str, Any] | None:
+        try:
+            return self.status()
+        except Exception:
+            return None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def ready_workers(self, status: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        status = status or self.status()
+        return [w for w in status["workers"] if w["state"] == "ready" and w["generation"] == status["generation"]]
+
+    def wait_serving(self, workers: int | None = None, timeout: float = 20.0) -> dict[str, Any]:
+        """Wait until the master serves with ``workers`` ready workers of the current generation."""
+
+        def check() -> dict[str, Any] | None:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"prefork exited with {self.proc.returncode}:\n{self.log()}")
+            st = self.try_status()
+            if not st or st["state"] != "serving":
+                return None
+            want = st["target_workers"] if workers is None else workers
+            return st if len(self.ready_workers(st)) == want and st["target_workers"] == want else None
+
+        st: dict[str, Any] = wait_for(check, timeout, f"{workers or 'all'} ready workers")
+        return st
+
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    def connect(self, timeout: float = 5.0) -> socket.socket:
+        return socket.create_connection(self.address(), timeout=timeout)
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def wait_exit(self, timeout: float = 20.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"prefork did not exit within {timeout}s:\n{self.log()}") from None
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(wait)
+                # workers may outlive a master that was killed: make sure the group is gone
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                continue
+            break
+
+
+def start_daemon(tmp_path: Path, *args: str, name: str = "t", wait: bool = True, workers: int | None = 2,
+                 env: dict[str, str] | None = None, bind_default: bool = True) -> Daemon:
+    control = str(tmp_path / f"{name}.sock")
+    log_path = tmp_path / f"{name}.log"
+    argv = [sys.executable, "-m", "prefork", "--control", control]
+    if bind_default and not any(a in ("-b", "--bind") or a.startswith("--bind=") for a in args):
+        argv += ["--bind", "127.0.0.1:0"]
+    if workers is not None and not any(a in ("-w", "--workers") for a in args):
+        argv += ["--workers", str(workers)]
+    argv += list(args)
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=env or child_env(), cwd=str(tmp_path))
+    daemon = Daemon(proc=proc, control=control, log_path=log_path, args=argv)
+    if wait:
+        st = daemon.wait_serving()
+        for listener in st["listeners"]:
+            if listener.startswith("127.0.0.1:"):
+                daemon.port = int(listener.rsplit(":", 1)[1])
+                break
+    return daemon
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Daemon]]:
+    daemons: list[Daemon] = []
+
+    def factory(*args: str, **kwargs: Any) -> Daemon:
+        d = start_daemon(tmp_path, *args, name=kwargs.pop("name", f"d{len(daemons)}"), **kwargs)
+        daemons.append(d)
+        return d
+
+    yield factory
+    failed = getattr(request.node, "rep_call", None)
+    for d in daemons:
+        pids = [p.pid for p in _group(d.pid)]
+        d.stop()
+        if failed is not None and failed.failed:
+            print(f"--- log of {' '.join(d.args)} ---\n{d.log()}")
+        leftover = [p for p in pids if psutil.pid_exists(p) and _is_ours(p)]
+        assert not leftover, f"processes left behind: {leftover}"
+
+
+def _group(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _is_ours(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call":
+        item.rep_call = report  # type: ignore[attr-defined]
+
+
+def exchange(addr: tuple[str, int], payload: bytes, timeout: float = 5.0) -> bytes:
+    """Connect, send, read the same number of bytes back, close."""
+    with socket.create_connection(addr, timeout=timeout) as s:
+        s.sendall(payload)
+        return recv_exact(s, len(payload))
+
+
+def recv_exact(s: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    return bytes(buf)
+
+
+class Load:
+    """Client threads hammering an echo server until stopped (bounded in time and count).
+
+    ``mode="connect"``: each exchange on a new connection; ``"persistent"``: one
+    connection per client, reconnecting only if the server closed it
+    gracefully (a worker recycled), which is not a failure.
+    Every failure is recorded with its reason.
+    """
+
+    def __init__(self, addr: tuple[str, int], clients: int = 8, mode: str = "connect",
+                 max_seconds: float = 60.0, max_exchanges: int = 200_000) -> None:
+        self.addr = addr
+        self.mode = mode
+        self.max_seconds = max_seconds
+        self.max_exchanges = max_exchanges
+        self.ok = 0
+        self.failures: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(10)
+
+    def wait_ok(self, count: int, timeout: float = 20.0) -> None:
+        """Wait until at least ``count`` more exchanges succeeded."""
+        target = self.ok + count
+        wait_for(lambda: self.ok >= target or self.failures, timeout, f"{count} successful exchanges")
+
+    def _record(self, ok: bool, why: str = "") -> None:
+        with self._lock:
+            if ok:
+                self.ok += 1
+            else:
+                self.failures.append(why)
+
+    def _run(self, i: int) -> None:
+        deadline = time.monotonic() + self.max_seconds
+        n = 0
+        sock: socket.socket | None = None
+        while not self._stop.is_set() and time.monotonic() < deadline and self.ok < self.max_exchanges:
+            payload = f"client {i} exchange {n}\n".encode()
+            n += 1
+            try:
+                if self.mode == "connect":
+                    got = exchange(self.addr, payload)
+                    self._record(got == payload, f"mismatch: {got!r} != {payload!r}")
+                    continue
+                if sock is None:
+                    sock = socket.create_connection(self.addr, timeout=5)
+                sock.sendall(payload)
+                got = recv_exact(sock, len(payload))
+                if got == b"":
+                    sock.close()
+                    sock = None  # closed gracefully before our request was read: retry on a new connection
+                    continue
+                self._record(got == payload, f"mismatch: {got!r} != {payload!r}")
+            except OSError as exc:
+                self._record(False, f"{type(exc).__name__}: {exc}")
+                if sock is not None:
+                    sock.close()
+                    sock = None
+        if sock is not None:
+            sock.close()
