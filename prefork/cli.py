@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Any, NoReturn
 
@@ -89,19 +90,29 @@ def check_config(config: Config) -> str:
 
 
 def serve(config: Config, overrides: dict[str, Any]) -> int:
+    from prefork import systemd
     from prefork.control import ControlServer
-    from prefork.listeners import bind_all
+    from prefork.listeners import adopt, bind_all
     from prefork.master import Master
 
     logs.setup(config.log_level, config.log_file)
-    listeners = bind_all(config.bind_specs, config.backlog)
+    try:
+        inherited = systemd.listen_fds()  # socket activation: systemd bound them for us
+    except ValueError as exc:
+        raise ConfigError(f"socket activation: {exc}") from None
+    if inherited:
+        listeners = [adopt(s.sock, s.name) for s in inherited]
+        logging.getLogger("prefork").info(
+            "using %d socket(s) from systemd: %s", len(listeners), ", ".join(li.address for li in listeners))
+    else:
+        listeners = bind_all(config.bind_specs, config.backlog)
     try:
         control = ControlServer(config.control_path)
     except BaseException:
         for listener in listeners:
             listener.close()
         raise
-    return Master(config, listeners, control, cli_overrides=overrides).run()
+    return Master(config, listeners, control, cli_overrides=overrides, adopted=bool(inherited)).run()
 
 
 def main(argv: list[str] | None = None) -> int:

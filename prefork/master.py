@@ -33,6 +33,7 @@ from prefork.config import Config, ConfigError, build_config
 from prefork.control import ControlConnection, ControlServer
 from prefork.listeners import BindError, Listener, bind
 from prefork.scoreboard import Scoreboard
+from prefork.systemd import Notifier
 from prefork.worker import WORKER_BOOT_ERROR, WorkerSpec, run_worker
 
 log = logging.getLogger(__name__)
@@ -140,13 +141,21 @@ class Master:
         control: ControlServer,
         *,
         cli_overrides: dict[str, Any] | None = None,
-        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        adopted: bool = False,
+        notifier: Notifier | None = None,
     ) -> None:
         self.config = config
         self.listeners = listeners
         self.control = control
         self.cli_overrides = dict(cli_overrides or {})
-        self.on_event = on_event  # lifecycle hook (ready, reloading, stopping) e.g. for sd_notify
+        self.adopted = adopted  # listeners came from systemd: a reload keeps them whatever bind says
+        self.notifier = notifier or Notifier()
+        try:
+            self.watchdog_every = self.notifier.watchdog_interval()
+        except ValueError as exc:
+            log.warning("ignoring the systemd watchdog: %s", exc)
+            self.watchdog_every = None
+        self.watchdog_due = time.monotonic()
         self.pid = os.getpid()
         self.started = time.monotonic()
         self.started_wall = time.time()
@@ -246,6 +255,8 @@ class Master:
         control = self.control.next_deadline()
         if control is not None:
             deadlines.append(control)
+        if self.watchdog_every is not None:
+            deadlines.append(self.watchdog_due)
         return min(deadlines) if deadlines else None
 
     def run_timers(self, now: float) -> None:
@@ -277,6 +288,25 @@ class Master:
                     self.spawn_worker(slot)
         if self.reload is not None and now >= self.reload.deadline:
             self.abort_reload(f"the new workers were not ready within {self.config.timeout:g}s")
+        if self.watchdog_every is not None and now >= self.watchdog_due:
+            self.watchdog_due = now + self.watchdog_every
+            self._ping_watchdog(now)
+
+    def _ping_watchdog(self, now: float) -> None:
+        """WATCHDOG=1, but only while this loop turns and no worker's heartbeat is stale."""
+        stale = [w for w in self.workers.values() if w.state in (WorkerState.BOOTING, WorkerState.READY)
+                 and now - self.scoreboard[w.record].heartbeat > self.config.timeout]
+        if stale:
+            log.warning("not pinging the systemd watchdog: %d worker(s) with a stale heartbeat", len(stale))
+            return
+        self.notifier.watchdog()
+        self.notifier.status(self.status_line())
+
+    def status_line(self) -> str:
+        active = sum(int(self.scoreboard[w.record].active) for w in self.workers.values())
+        state = "stopping" if self.stopping else ("reloading" if self.reload else "serving")
+        return (f"{state}: {len(self.slots)}/{self.target} {self.config.worker_class} workers, "
+                f"generation {self.generation}, {active} open connection(s)")
 
     # -- workers ------------------------------------------------------------------------------------
 
@@ -294,14 +324,19 @@ class Master:
             slot=slot, generation=generation, record=index, master_pid=self.pid, config=config,
             listeners=tuple(li.sock for li in listeners), notify_fd=self._events_w, max_requests=max_requests,
         )
+        # Signals stay blocked across fork: one sent to a worker before it installed its own
+        # handlers waits (pending) instead of reaching the master's no-op handlers and being lost.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self._signal_actions)
         try:
             pid = os.fork()
+            if pid == 0:  # the child: never returns
+                self._close_in_child(keep={li.fileno() for li in listeners})
+                run_worker(spec, self.scoreboard)
         except OSError:
             self.scoreboard.release(index)
             raise
-        if pid == 0:  # the child: never returns
-            self._close_in_child(keep={li.fileno() for li in listeners})
-            run_worker(spec, self.scoreboard)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         self.scoreboard[index].pid = pid
         worker = Worker(pid=pid, slot=slot, generation=generation, record=index, started=now)
         self.workers[pid] = worker
@@ -491,6 +526,8 @@ class Master:
 
     def _listeners_for(self, config: Config) -> tuple[list[Listener], list[Listener]]:
         """The listeners of ``config``: the ones we have, plus newly bound ones (raises BindError)."""
+        if self.adopted:
+            return self.listeners, []  # systemd owns the sockets: bind= does not apply
         have = {li.spec: li for li in self.listeners}
         listeners: list[Listener] = []
         new: list[Listener] = []
@@ -597,11 +634,13 @@ class Master:
             self._kill(worker, signal.SIGUSR1)
 
     def _emit(self, event: str) -> None:
-        if self.on_event is not None:
-            try:
-                self.on_event(event, {"generation": self.generation, "workers": len(self.slots)})
-            except Exception:
-                log.exception("lifecycle hook failed on %r", event)
+        """Tell systemd (when it is listening) where the lifecycle stands."""
+        if event == "ready":
+            self.notifier.ready(self.status_line())
+        elif event == "reloading":
+            self.notifier.reloading()
+        elif event == "stopping":
+            self.notifier.stopping()
 
     def _shutdown(self) -> None:
         signal.set_wakeup_fd(-1)

@@ -501,6 +501,8 @@ def _serve(spec: WorkerSpec, scoreboard: Scoreboard) -> int:
     else:
         server = ThreadServer(spec.listeners, handler_class, threads=config.threads, **common)
     signal.set_wakeup_fd(server.wakeup_fd, warn_on_full_buffer=False)
+    # the master forked us with its signals blocked: what arrived meanwhile is delivered now
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
     _notify(spec.notify_fd, "ready")
     server.serve_forever()
     if server.busy():

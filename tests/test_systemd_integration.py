@@ -1,0 +1,102 @@
+"""The daemon under systemd's protocols: sd_notify lifecycle and socket activation, with the real tools."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from conftest import APPS, ROOT, Daemon, child_env, exchange, wait_for
+from prefork.control import call
+
+
+class NotifyReceiver:
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.messages: list[str] = []
+
+    def poll(self) -> list[str]:
+        while True:
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except BlockingIOError:
+                return self.messages
+
+    def wait(self, predicate: Callable[[str], bool], what: str, start: int = 0, timeout: float = 20.0) -> int:
+        """Index of the first message from ``start`` on that matches."""
+
+        def find() -> int | None:
+            for i, m in enumerate(self.poll()[start:], start):
+                if predicate(m):
+                    return i + 1  # +1 so index 0 is truthy
+            return None
+
+        return int(wait_for(find, timeout, what)) - 1
+
+
+def test_notify_lifecycle(daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    receiver = NotifyReceiver(tmp_path / "notify")
+    env = child_env(NOTIFY_SOCKET=str(tmp_path / "notify"), WATCHDOG_USEC="300000")
+    d = daemon_factory("--workers", "2", env=env)
+    ready = receiver.wait(lambda m: "READY=1" in m, "READY=1")
+    # READY means every first-generation worker accepts: a connection succeeds at once
+    assert exchange(d.address(), b"ping") == b"ping"
+    assert "STATUS=" in receiver.messages[ready]
+    watchdogs = receiver.wait(lambda m: m == "WATCHDOG=1", "WATCHDOG=1", start=ready)
+    assert watchdogs > ready
+
+    d.signal(signal.SIGHUP)
+    reloading = receiver.wait(lambda m: m.startswith("RELOADING=1"), "RELOADING=1", start=ready + 1)
+    assert "MONOTONIC_USEC=" in receiver.messages[reloading]
+    usec = int(receiver.messages[reloading].split("MONOTONIC_USEC=")[1].split()[0])
+    assert abs(usec / 1e6 - time.clock_gettime(time.CLOCK_MONOTONIC)) < 30
+    receiver.wait(lambda m: "READY=1" in m, "READY=1 after the reload", start=reloading + 1)
+    assert d.status()["generation"] == 2
+
+    d.signal(signal.SIGTERM)
+    receiver.wait(lambda m: m == "STOPPING=1", "STOPPING=1")
+    assert d.wait_exit() == 0
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="systemd-socket-activate not installed")
+def test_socket_activation_first_connection_served(tmp_path: Path) -> None:
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    control = str(tmp_path / "act.sock")
+    log = open(tmp_path / "act.log", "wb")  # noqa: SIM115 -- the child writes to it until the finally
+    cmd = ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "--fdname=echo",
+           "-E", f"PYTHONPATH={APPS}{os.pathsep}{ROOT}",
+           sys.executable, "-m", "prefork", "--workers", "2", "--control", control,
+           "--bind", "127.0.0.1:1"]  # ignored: the inherited socket wins
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=child_env())
+    try:
+        def listening() -> bool:
+            return "Listening on" in (tmp_path / "act.log").read_text()
+
+        wait_for(listening, 10, "systemd-socket-activate to listen")
+        # this first connection starts the daemon, and must be served
+        assert exchange(("127.0.0.1", port), b"first!", timeout=20) == b"first!"
+        reply, sock = call(control, {"command": "status"})
+        sock.close()
+        assert reply["listeners"] == [f"127.0.0.1:{port}"]
+        assert reply["pid"] == proc.pid  # systemd-socket-activate execs the daemon in place
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+        log.close()
