@@ -172,7 +172,8 @@ class Master:
         self.stop_waiters: list[ControlConnection] = []
         self.exit_code = EXIT_OK
         self.totals = Totals()
-        self.scoreboard = Scoreboard(capacity=1024 * 2 + 64)  # a full pool, a reload's second one, spares
+        # room for a full pool, a reload's second one, and workers still draining (72 bytes each)
+        self.scoreboard = Scoreboard(capacity=4096)
         self.selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._events_r, self._events_w = os.pipe2(os.O_CLOEXEC)
@@ -310,8 +311,27 @@ class Master:
 
     # -- workers ------------------------------------------------------------------------------------
 
-    def spawn_worker(self, slot: int, reload: Reload | None = None) -> Worker:
-        """Fork a worker into ``slot`` of the current generation (or of ``reload``'s)."""
+    def spawn_worker(self, slot: int, reload: Reload | None = None) -> Worker | None:
+        """Fork a worker into ``slot`` of the current generation (or of ``reload``'s).
+
+        When the fork fails (out of processes or memory), the failure is logged and
+        handled like an early death: a respawn with backoff, or an aborted reload.
+        """
+        try:
+            return self._fork_worker(slot, reload)
+        except (OSError, IndexError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "no free scoreboard record"
+            if reload is not None:
+                self.abort_reload(f"cannot fork a worker: {why}")
+                return None
+            backoff = self.backoff.setdefault(slot, Backoff())
+            backoff.failures += 1
+            delay = max(backoff_delay(backoff.failures), BACKOFF_FIRST)
+            backoff.respawn_at = time.monotonic() + delay
+            log.error("cannot fork worker %d: %s; retrying in %.1fs", slot, why, delay)
+            return None
+
+    def _fork_worker(self, slot: int, reload: Reload | None) -> Worker:
         config = reload.config if reload else self.config
         generation = reload.generation if reload else self.generation
         listeners = reload.listeners if reload else self.listeners
@@ -513,6 +533,8 @@ class Master:
                  generation, config.workers, config.worker_class, config.handler)
         self._emit("reloading")
         for slot in range(config.workers):
+            if self.reload is None:  # a failed fork aborted it
+                break
             self.spawn_worker(slot, self.reload)
 
     def _reread_config(self) -> Config:

@@ -406,7 +406,7 @@ class ThreadServer(PreforkServer):
             request, client_address = item
             try:
                 self.finish_request(request, client_address)
-            except Exception:
+            except BaseException:  # SystemExit too: it would end this pool thread and leak its place
                 self.handle_error(request, client_address)
             finally:
                 self.shutdown_request(request)
