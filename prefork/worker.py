@@ -52,6 +52,7 @@ WORKER_BOOT_ERROR = 3  # the handler could not be loaded: respawning would only 
 
 _PR_SET_PDEATHSIG = 1
 _EPOLLEXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 1 << 28)
+_ACCEPT_BATCH = 16  # connections accepted per readiness event before the loop polls again
 _ACCEPT_PAUSE = 0.1  # seconds to stop accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM
 _ACCEPT_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
@@ -234,7 +235,14 @@ class PreforkServer(socketserver.TCPServer):
                 if fd == wake_fd:
                     self._drain_wakeups()
                 elif self._accepting:
-                    self._accept(self._by_fd[fd])
+                    # under load the backlog rarely empties: take a few in a row before polling again
+                    sock = self._by_fd[fd]
+                    for _ in range(_ACCEPT_BATCH):
+                        if not self._accept(sock):
+                            break
+                        record.heartbeat = time.monotonic()
+                        if not self._accepting:
+                            break
             self.service_actions()
 
     def _check_master(self) -> None:
@@ -254,11 +262,12 @@ class PreforkServer(socketserver.TCPServer):
                 if action is not None:
                     action()
 
-    def _accept(self, sock: socket.socket) -> None:
+    def _accept(self, sock: socket.socket) -> bool:
+        """Accept and process one connection; False when there was none to take."""
         try:
             request, client_address = sock.accept()
         except BlockingIOError:
-            return  # a sibling took it
+            return False  # a sibling took it
         except OSError as exc:
             if exc.errno in _ACCEPT_RESOURCE_ERRNOS:
                 # level-triggered readiness would spin: back off briefly, siblings may have room
@@ -268,7 +277,7 @@ class PreforkServer(socketserver.TCPServer):
                 self._accept_paused_until = time.monotonic() + _ACCEPT_PAUSE
             elif exc.errno != errno.ECONNABORTED:  # the client gave up before we accepted: nothing to do
                 log.warning("cannot accept on %s: %s", self.describe(sock), exc.strerror)
-            return
+            return False
         if self._extra_timeout is not None:
             request.settimeout(self._extra_timeout)
         if self._extra_nodelay and request.family != socket.AF_UNIX:
@@ -285,6 +294,7 @@ class PreforkServer(socketserver.TCPServer):
                 raise
         else:
             self.shutdown_request(request)
+        return True
 
     @staticmethod
     def describe(sock: socket.socket) -> str:
