@@ -229,3 +229,18 @@ def runtime_dir() -> str:
 
 def default_control_path(name: str) -> str:
     return os.path.join(runtime_dir(), f"{name}.sock")
+
+
+def find_control_path(name: str) -> str:
+    """Where a client looks for daemon ``name``: the default place, else the shipped units' /run places.
+
+    An operator's shell has neither $RUNTIME_DIRECTORY nor the service user's
+    $XDG_RUNTIME_DIR, so ``preforkctl status`` also tries
+    /run/prefork/NAME.sock (prefork.service) and /run/prefork-NAME/NAME.sock
+    (prefork@NAME.service). Returns the default path when none exists.
+    """
+    default = default_control_path(name)
+    for path in (default, f"/run/prefork/{name}.sock", f"/run/prefork-{name}/{name}.sock"):
+        if os.path.exists(path):
+            return path
+    return default

@@ -10,7 +10,7 @@ import json
 import sys
 from typing import Any, NoReturn
 
-from prefork.config import ConfigError, default_control_path
+from prefork.config import ConfigError, find_control_path
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"preforkctl: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        path = args.control or default_control_path(args.name)
+        path = args.control or find_control_path(args.name)
     except ConfigError as exc:
         print(f"preforkctl: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
