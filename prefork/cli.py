@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-config", action="store_true", help="check the configuration and handler, then exit")
     p.add_argument("--log-level", choices=LOG_LEVELS, metavar="LEVEL", help="debug, info (default), warning, error")
     p.add_argument("--log-file", metavar="PATH", help="log to PATH instead of stderr (USR1 reopens it)")
+    p.add_argument("--proxy-protocol", action="store_true",
+                   help="expect a PROXY protocol v1/v2 header on every connection (from --proxy-allow peers)")
+    p.add_argument("--proxy-allow", metavar="CIDR,...",
+                   help="peers that send PROXY headers (default: all); others are served as they are")
+    p.add_argument("--proxy-timeout", type=float, metavar="SECS",
+                   help="how long a PROXY header may take to arrive (default 5)")
     p.add_argument("--version", action="version", version=f"prefork {__version__}")
     return p
 

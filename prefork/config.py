@@ -9,6 +9,7 @@ that names the culprit.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -92,6 +93,9 @@ class Config:
     control: str | None = None
     log_level: str = "info"
     log_file: str | None = None
+    proxy_protocol: bool = False
+    proxy_allow: tuple[str, ...] = ()  # CIDRs that must send a PROXY header; empty: every peer
+    proxy_timeout: float = 5.0
     config_file: str | None = None
 
     @property
@@ -119,6 +123,9 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "control": (str,),
     "log_level": (str,),
     "log_file": (str,),
+    "proxy_protocol": (bool,),
+    "proxy_allow": (list, str),
+    "proxy_timeout": (int, float),
 }
 
 
@@ -148,7 +155,7 @@ def read_config_file(path: str) -> dict[str, Any]:
 
 def _check_type(key: str, value: Any, origin: str) -> None:
     types = _FIELD_TYPES[key]
-    if isinstance(value, bool) or not isinstance(value, types):
+    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
         want = " or ".join("a list of strings" if t is list else t.__name__ for t in types)
         raise ConfigError(f"{origin}{key.replace('_', '-')}: expected {want}, got {value!r}")
     if isinstance(value, list) and not all(isinstance(v, str) for v in value):
@@ -171,9 +178,13 @@ def build_config(overrides: Mapping[str, Any], config_file: str | None = None) -
     if binds is not None:
         merged["binds"] = tuple(binds)
     merged["config_file"] = os.path.abspath(config_file) if config_file else None
-    for key in ("timeout", "graceful_timeout"):
+    for key in ("timeout", "graceful_timeout", "proxy_timeout"):
         if key in merged:
             merged[key] = float(merged[key])
+    allow = merged.get("proxy_allow")
+    if allow is not None:
+        items = allow.split(",") if isinstance(allow, str) else allow
+        merged["proxy_allow"] = tuple(i.strip() for i in items if i.strip())
     if "log_level" in merged:
         merged["log_level"] = merged["log_level"].lower()
     config = Config(**merged)
@@ -212,6 +223,13 @@ def validate(config: Config) -> None:
         )
     if not _HANDLER_RE.match(config.handler):
         raise ConfigError(f"handler: {config.handler!r} must look like module:Class (e.g. myapp.echo:Handler)")
+    for cidr in config.proxy_allow:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ConfigError(f"proxy-allow: {cidr!r} is not an IP network (e.g. 10.0.0.0/8 or 127.0.0.1)") from None
+    if not 0 < config.proxy_timeout <= 3600:
+        raise ConfigError(f"proxy-timeout: {config.proxy_timeout:g} must be more than 0 seconds (at most an hour)")
     if config.log_level not in LOG_LEVELS:
         raise ConfigError(f"log-level: unknown level {config.log_level!r} (choose from {', '.join(LOG_LEVELS)})")
 

@@ -24,6 +24,7 @@ import ctypes
 import errno
 import faulthandler
 import importlib
+import ipaddress
 import logging
 import os
 import queue
@@ -41,6 +42,7 @@ from typing import Any, NoReturn
 
 from prefork import logs
 from prefork.config import Config
+from prefork.proxy_protocol import ProxyProtocolError, read_header
 from prefork.scoreboard import Record, Scoreboard
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,31 @@ class FastExit(BaseException):
     A BaseException so socketserver's ``except Exception`` around a request
     does not swallow it.
     """
+
+
+@dataclass(frozen=True)
+class ProxyPolicy:
+    """Which peers must start with a PROXY protocol header, and how long it may take."""
+
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]  # empty: every peer
+    timeout: float
+
+    @classmethod
+    def from_config(cls, config: Config) -> ProxyPolicy | None:
+        if not config.proxy_protocol:
+            return None
+        networks = tuple(ipaddress.ip_network(c, strict=False) for c in config.proxy_allow)
+        return cls(networks=networks, timeout=config.proxy_timeout)
+
+    def applies(self, client_address: Any) -> bool:
+        if not self.networks:
+            return True
+        if not isinstance(client_address, tuple):
+            return False  # a Unix socket peer: not one of the listed networks
+        ip = ipaddress.ip_address(client_address[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.networks)
 
 
 class HandlerLoadError(Exception):
@@ -140,6 +167,7 @@ class PreforkServer(socketserver.TCPServer):
         graceful_timeout: float = 30.0,
         master_pid: int | None = None,
         on_retire: Callable[[str], None] | None = None,
+        proxy: ProxyPolicy | None = None,
     ) -> None:
         # TCPServer.__init__ would make a fresh socket; ours are bound already.
         socketserver.BaseServer.__init__(self, listeners[0].getsockname(), handler_class)
@@ -152,6 +180,7 @@ class PreforkServer(socketserver.TCPServer):
         self.graceful_timeout = graceful_timeout
         self.master_pid = master_pid
         self.on_retire = on_retire
+        self.proxy = proxy
         self.stopping = False
         self.stop_deadline = 0.0
         self._wake_r, self._wake_w = socket.socketpair()
@@ -301,6 +330,28 @@ class PreforkServer(socketserver.TCPServer):
         from prefork.listeners import describe
 
         return describe(sock)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """Read the PROXY header first when the policy asks for one, then run the handler.
+
+        The handler sees the original client as ``client_address``. A health
+        check (a ``LOCAL`` header) is served like any connection, unless the
+        master set this instance to drain for its load balancer: then it is
+        closed at once, so the balancer takes the instance out of its pool.
+        """
+        proxy = self.proxy
+        if proxy is not None and proxy.applies(client_address):
+            try:
+                header, _ = read_header(request, timeout=proxy.timeout)
+            except (ProxyProtocolError, TimeoutError) as exc:
+                self.record.proxy_errors += 1
+                log.warning("connection from %s: %s; closing it", _peer(client_address), exc)
+                return
+            if header.command == "LOCAL" and self.record.lb_drain:
+                return
+            if header.command == "PROXY" and header.source is not None:
+                client_address = header.source
+        super().finish_request(request, client_address)
 
     # -- hooks for subclasses -----------------------------------------------------------------------
 
@@ -504,6 +555,7 @@ def _serve(spec: WorkerSpec, scoreboard: Scoreboard) -> int:
         "graceful_timeout": config.graceful_timeout,
         "master_pid": spec.master_pid,
         "on_retire": retire,
+        "proxy": ProxyPolicy.from_config(config),
     }
     server: PreforkServer
     if config.worker_class == "sync":
