@@ -26,10 +26,10 @@ class Listener:
     spec: str  # what the user asked for
     unix_path: str | None = None  # set when we created this Unix socket file and must remove it
     _unix_ino: int | None = None
+    address: str = ""  # what it listens on, for logs and status (kept after close)
 
-    @property
-    def address(self) -> str:
-        return describe(self.sock)
+    def __post_init__(self) -> None:
+        self.address = describe(self.sock)
 
     def fileno(self) -> int:
         return self.sock.fileno()

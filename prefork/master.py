@@ -196,7 +196,9 @@ class Master:
             "scale": self._cmd_scale,
             "stop": self._cmd_stop,
             "reopen": self._cmd_reopen,
+            "drain": self._cmd_drain,
         }
+        self.lb_drain: str | None = None  # None, "health-checks" or "listeners-closed"
 
     # -- the loop -----------------------------------------------------------------------------------
 
@@ -316,7 +318,11 @@ class Master:
 
         When the fork fails (out of processes or memory), the failure is logged and
         handled like an early death: a respawn with backoff, or an aborted reload.
+        Nothing is forked once the listening sockets are closed (drained): there is
+        nothing left to serve.
         """
+        if self.lb_drain == "listeners-closed":
+            return None
         try:
             return self._fork_worker(slot, reload)
         except (OSError, IndexError) as exc:
@@ -358,6 +364,7 @@ class Master:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         self.scoreboard[index].pid = pid
+        self.scoreboard[index].lb_drain = 1 if self.lb_drain else 0
         worker = Worker(pid=pid, slot=slot, generation=generation, record=index, started=now)
         self.workers[pid] = worker
         (reload.slots if reload else self.slots)[slot] = worker
@@ -509,6 +516,10 @@ class Master:
         if self.stopping is not None:
             if waiter:
                 waiter.reply({"ok": False, "error": "the daemon is stopping"})
+            return
+        if self.lb_drain == "listeners-closed":
+            if waiter:
+                waiter.reply({"ok": False, "error": "drained: the listening sockets are closed"})
             return
         if self.reload is not None:
             # after the current one: it may not have the newest code
@@ -706,6 +717,40 @@ class Master:
         conn.reply({"ok": True, "pid": self.pid, "stopping": how}, keep_open=True)
         self.begin_stop(how)
 
+    def _cmd_drain(self, request: dict[str, Any], conn: ControlConnection) -> None:
+        """Take this instance out of a load balancer's pool without breaking a connection.
+
+        Behind PROXY protocol, health checks are the connections with a LOCAL
+        header: they are closed at once, while real clients are still served
+        (reversible with ``off``). Without it, every process closes its
+        listening sockets: new connections are refused, so a connect check
+        fails, and open connections finish. Either way, ``stop`` comes next.
+        """
+        if request.get("off"):
+            if self.lb_drain == "listeners-closed":
+                conn.reply({"ok": False, "error": "the listening sockets are closed; restart to serve again"})
+                return
+            self.lb_drain = None
+            for worker in self.workers.values():
+                self.scoreboard[worker.record].lb_drain = 0
+            log.info("drain off: answering health checks again")
+            conn.reply({"ok": True, "drain": None})
+            return
+        if self.lb_drain is None:
+            if self.config.proxy_protocol:
+                self.lb_drain = "health-checks"
+                for worker in self.workers.values():
+                    self.scoreboard[worker.record].lb_drain = 1
+                log.info("draining for the load balancer: failing its health checks (PROXY LOCAL)")
+            else:
+                self.lb_drain = "listeners-closed"
+                for worker in self.workers.values():
+                    self._kill(worker, signal.SIGUSR2)
+                for listener in self.listeners:
+                    listener.close()
+                log.info("draining for the load balancer: listening sockets closed, open connections finish")
+        conn.reply({"ok": True, "drain": self.lb_drain})
+
     def _cmd_reopen(self, request: dict[str, Any], conn: ControlConnection) -> None:
         self.reopen_logs()
         conn.reply({"ok": True})
@@ -758,6 +803,7 @@ class Master:
             "uptime_s": round(now - self.started, 3),
             "state": "stopping" if self.stopping else ("reloading" if self.reload else
                                                         ("serving" if self.serving else "starting")),
+            "drain": self.lb_drain,
             "worker_class": self.config.worker_class,
             "handler": self.config.handler,
             "target_workers": self.target,

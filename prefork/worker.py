@@ -181,6 +181,7 @@ class PreforkServer(socketserver.TCPServer):
         self.master_pid = master_pid
         self.on_retire = on_retire
         self.proxy = proxy
+        self.listeners_closed = False
         self.stopping = False
         self.stop_deadline = 0.0
         self._wake_r, self._wake_w = socket.socketpair()
@@ -193,6 +194,7 @@ class PreforkServer(socketserver.TCPServer):
         self._signals: dict[int, Callable[[], None]] = {
             signal.SIGTERM: self.begin_stop,
             signal.SIGUSR1: logs.reopen,
+            signal.SIGUSR2: self.close_listeners,
         }
         # socketserver ignores these on a plain BaseRequestHandler; a user who sets them means them
         is_stream = issubclass(handler_class, socketserver.StreamRequestHandler)
@@ -252,7 +254,8 @@ class PreforkServer(socketserver.TCPServer):
                     break
                 timeout = min(self.heartbeat_interval, self.stop_deadline - now)
             else:
-                if not self._accepting and now >= self._accept_paused_until and not self.full():
+                if (not self._accepting and now >= self._accept_paused_until and not self.full()
+                        and not self.listeners_closed):
                     self.set_accepting(True)
                 timeout = self.heartbeat_interval
                 if self._accept_paused_until > now:
@@ -362,6 +365,15 @@ class PreforkServer(socketserver.TCPServer):
     def full(self) -> bool:
         """True while the worker cannot take another connection."""
         return False
+
+    def close_listeners(self) -> None:
+        """SIGUSR2 (``preforkctl drain`` without PROXY protocol): close our copies of the listening
+        sockets, so once every process has, new connections are refused and a load balancer's
+        connect check sees the instance down; open connections carry on."""
+        self.set_accepting(False)
+        self.listeners_closed = True
+        for sock in self.sockets:
+            sock.close()
 
     def begin_stop(self) -> None:
         """Stop accepting; the loop ends once open connections are done or the graceful timeout passes."""
@@ -525,13 +537,14 @@ def _serve(spec: WorkerSpec, scoreboard: Scoreboard) -> int:
     _set_pdeathsig(signal.SIGTERM)
     if os.getppid() != spec.master_pid:  # the master died before prctl took effect
         return WORKER_OK
-    for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH, signal.SIGUSR2):
+    for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH):
         signal.signal(signum, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGINT, _raise_fast_exit)
     signal.signal(signal.SIGQUIT, _raise_fast_exit)
     signal.signal(signal.SIGTERM, _noop)
     signal.signal(signal.SIGUSR1, _noop)
+    signal.signal(signal.SIGUSR2, _noop)
     # SIGABRT from the master (a stale heartbeat), or a crash in C code: every thread's stack to the log
     faulthandler.enable(file=logs.fault_stream(), all_threads=True)
     logs.set_title(f"worker {spec.slot}", spec.config.name)

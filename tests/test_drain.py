@@ -1,0 +1,77 @@
+"""preforkctl drain: out of the load balancer's pool without breaking a connection."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+
+from conftest import Daemon, child_env, recv_exact, wait_for
+from prefork.proxy_protocol import build_v2
+
+
+def ctl(d: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "prefork.ctl", "--control", d.control, *args],
+                          capture_output=True, text=True, env=child_env(), timeout=20)
+
+
+def health_check(d: Daemon) -> bool:
+    """What HAProxy's tcp-check does: LOCAL header, PING, expect PING."""
+    with d.connect() as s:
+        s.sendall(build_v2(None, None, command="LOCAL") + b"PING\n")
+        return recv_exact(s, 5) == b"PING\n"
+
+
+def test_drain_behind_proxy_fails_health_checks_only(daemon_factory: Callable[..., Daemon]) -> None:
+    d = daemon_factory("--proxy-protocol")
+    assert health_check(d)
+    client = d.connect()
+    client.sendall(build_v2(("192.0.2.10", 1234), ("127.0.0.1", 80)) + b"before")
+    assert recv_exact(client, 6) == b"before"
+
+    r = ctl(d, "drain")
+    assert r.returncode == 0, r.stderr
+    assert "health checks" in r.stdout
+    assert not health_check(d)
+    assert d.status()["drain"] == "health-checks"
+    # open and new client connections are still served
+    client.sendall(b"during")
+    assert recv_exact(client, 6) == b"during"
+    with d.connect() as s:
+        s.sendall(build_v2(("192.0.2.11", 1), ("127.0.0.1", 80)) + b"new")
+        assert recv_exact(s, 3) == b"new"
+    # a worker started while draining drains too
+    assert ctl(d, "scale", "3").returncode == 0
+    d.wait_serving(3)
+    assert not any(health_check(d) for _ in range(6))
+
+    assert ctl(d, "drain", "--off").returncode == 0
+    assert health_check(d)
+    client.close()
+
+
+def test_drain_without_proxy_closes_listeners(daemon_factory: Callable[..., Daemon]) -> None:
+    d = daemon_factory()
+    held = d.connect()
+    held.sendall(b"x")
+    assert recv_exact(held, 1) == b"x"
+    r = ctl(d, "drain")
+    assert r.returncode == 0, r.stderr
+
+    def refused() -> bool:
+        try:
+            socket.create_connection(d.address(), timeout=2).close()
+        except ConnectionRefusedError:
+            return True
+        return False
+
+    wait_for(refused, 10, "new connections to be refused")
+    held.sendall(b"still here")
+    assert recv_exact(held, 10) == b"still here"
+    r = ctl(d, "drain", "--off")
+    assert r.returncode == 1 and "closed" in r.stderr
+    assert ctl(d, "reload").returncode == 1
+    held.close()
+    d.signal(15)
+    assert d.wait_exit() == 0
