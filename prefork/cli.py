@@ -71,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="peers that send PROXY headers (default: all); others are served as they are")
     p.add_argument("--proxy-timeout", type=float, metavar="SECS",
                    help="how long a PROXY header may take to arrive (default 5)")
+    p.add_argument("--relay", action="append", metavar="HOST:PORT",
+                   help="serve the built-in TCP relay to this upstream; repeatable: round-robin with failover")
+    p.add_argument("--relay-connect-timeout", type=float, metavar="SECS",
+                   help="how long connecting to an upstream may take before the next is tried (default 5)")
+    p.add_argument("--relay-idle-timeout", type=float, metavar="SECS",
+                   help="close a relayed connection idle this long both ways (default 300, 0: never)")
+    p.add_argument("--relay-send-proxy", action="store_true",
+                   help="announce each client to the upstream with a PROXY protocol v2 header")
     p.add_argument("--version", action="version", version=f"prefork {__version__}")
     return p
 
@@ -88,9 +96,9 @@ def parse_args(argv: list[str]) -> tuple[dict[str, Any], str | None, bool]:
 
 def check_config(config: Config) -> str:
     """Load the handler in this process (we exit right after) and summarise the config."""
-    from prefork.worker import load_handler
+    from prefork.worker import configure_handler, load_handler
 
-    handler = load_handler(config.handler)
+    handler = configure_handler(load_handler(config.handler), config)
     return (f"configuration OK: {config.workers} {config.worker_class} worker(s) of "
             f"{handler.__module__}.{handler.__qualname__} on {', '.join(config.binds)}")
 

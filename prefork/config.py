@@ -96,7 +96,15 @@ class Config:
     proxy_protocol: bool = False
     proxy_allow: tuple[str, ...] = ()  # CIDRs that must send a PROXY header; empty: every peer
     proxy_timeout: float = 5.0
+    relay: tuple[str, ...] = ()  # upstream HOST:PORTs: serve the built-in relay handler
+    relay_connect_timeout: float = 5.0
+    relay_idle_timeout: float = 300.0  # 0: none
+    relay_send_proxy: bool = False
     config_file: str | None = None
+
+    @property
+    def relay_upstreams(self) -> tuple[tuple[str, int], ...]:
+        return tuple((s.host, s.port) for s in (parse_bind(r) for r in self.relay))
 
     @property
     def bind_specs(self) -> tuple[BindSpec, ...]:
@@ -126,6 +134,10 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "proxy_protocol": (bool,),
     "proxy_allow": (list, str),
     "proxy_timeout": (int, float),
+    "relay": (list, str),
+    "relay_connect_timeout": (int, float),
+    "relay_idle_timeout": (int, float),
+    "relay_send_proxy": (bool,),
 }
 
 
@@ -178,7 +190,12 @@ def build_config(overrides: Mapping[str, Any], config_file: str | None = None) -
     if binds is not None:
         merged["binds"] = tuple(binds)
     merged["config_file"] = os.path.abspath(config_file) if config_file else None
-    for key in ("timeout", "graceful_timeout", "proxy_timeout"):
+    relays = merged.get("relay")
+    if isinstance(relays, str):
+        merged["relay"] = (relays,)
+    elif relays is not None:
+        merged["relay"] = tuple(relays)
+    for key in ("timeout", "graceful_timeout", "proxy_timeout", "relay_connect_timeout", "relay_idle_timeout"):
         if key in merged:
             merged[key] = float(merged[key])
     allow = merged.get("proxy_allow")
@@ -230,6 +247,16 @@ def validate(config: Config) -> None:
             raise ConfigError(f"proxy-allow: {cidr!r} is not an IP network (e.g. 10.0.0.0/8 or 127.0.0.1)") from None
     if not 0 < config.proxy_timeout <= 3600:
         raise ConfigError(f"proxy-timeout: {config.proxy_timeout:g} must be more than 0 seconds (at most an hour)")
+    for upstream in config.relay:
+        spec = parse_bind(upstream)
+        if spec.is_unix or not spec.host or spec.port == 0:
+            raise ConfigError(f"relay: {upstream!r} must be an upstream HOST:PORT (port 1-65535)")
+    if not 0 < config.relay_connect_timeout <= 3600:
+        raise ConfigError(f"relay-connect-timeout: {config.relay_connect_timeout:g} must be 0-3600 seconds (not 0)")
+    if not 0 <= config.relay_idle_timeout <= 86400 * 7:
+        raise ConfigError(f"relay-idle-timeout: {config.relay_idle_timeout:g} must be 0 (none) to 604800 seconds")
+    if config.relay_send_proxy and not config.relay:
+        raise ConfigError("relay-send-proxy: needs --relay HOST:PORT")
     if config.log_level not in LOG_LEVELS:
         raise ConfigError(f"log-level: unknown level {config.log_level!r} (choose from {', '.join(LOG_LEVELS)})")
 

@@ -167,6 +167,8 @@ class Master:
         self.backoff: dict[int, Backoff] = {}
         self.reload: Reload | None = None
         self.reload_again: list[ControlConnection] | None = None  # a reload asked for during a reload
+        # reload replies held until every old worker stopped accepting: (waiters, pids accepting, reply)
+        self.reload_replies: list[tuple[list[ControlConnection], set[int], dict[str, Any]]] = []
         self.serving = False  # the first generation is up
         self.stopping: str | None = None  # None, "graceful" or "fast"
         self.stop_waiters: list[ControlConnection] = []
@@ -408,6 +410,7 @@ class Master:
             worker = self.workers.pop(pid, None)
             if worker is None:
                 continue
+            self._stopped_accepting(pid)
             self._on_worker_exit(worker, status)
 
     def _on_worker_exit(self, worker: Worker, status: int) -> None:
@@ -486,6 +489,8 @@ class Master:
             self._check_generation_ready()
         elif event == "boot_error":
             worker.boot_error = detail
+        elif event == "stopped":
+            self._stopped_accepting(worker.pid)
         elif event == "retiring":
             if self.slots.get(worker.slot) is worker and self.stopping is None:
                 del self.slots[worker.slot]
@@ -603,14 +608,29 @@ class Master:
         log.info("reloaded: generation %d serving with %d worker(s); draining the old one",
                  self.generation, self.target)
         self._emit("ready")
-        for waiter in reload.waiters:
-            waiter.reply({"ok": True, "generation": self.generation, "workers": self.target})
+        # the reply waits until no old worker accepts: from then on, every new connection meets new code
+        still_accepting = {w.pid for w in old_slots.values() if w.pid in self.workers}
+        self.reload_replies.append((reload.waiters, still_accepting,
+                                    {"ok": True, "generation": self.generation, "workers": self.target}))
+        self._answer_reloads()
         again, self.reload_again = self.reload_again, None
         if again is not None:
             self.begin_reload(again[0] if again else None)
             for waiter in again[1:]:
                 if self.reload is not None:
                     self.reload.waiters.append(waiter)
+
+    def _stopped_accepting(self, pid: int) -> None:
+        for _, accepting, _ in self.reload_replies:
+            accepting.discard(pid)
+        self._answer_reloads()
+
+    def _answer_reloads(self) -> None:
+        done = [r for r in self.reload_replies if not r[1]]
+        self.reload_replies = [r for r in self.reload_replies if r[1]]
+        for waiters, _, message in done:
+            for waiter in waiters:
+                waiter.reply(message)
 
     def abort_reload(self, why: str) -> None:
         reload = self.reload

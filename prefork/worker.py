@@ -41,7 +41,7 @@ from types import FrameType
 from typing import Any, NoReturn
 
 from prefork import logs
-from prefork.config import Config
+from prefork.config import DEFAULT_HANDLER, Config
 from prefork.proxy_protocol import ProxyProtocolError, read_header
 from prefork.scoreboard import Record, Scoreboard
 
@@ -146,6 +146,30 @@ def load_handler(spec: str) -> type[socketserver.BaseRequestHandler]:
     return obj
 
 
+def configure_handler(handler_class: type[socketserver.BaseRequestHandler],
+                      config: Config) -> type[socketserver.BaseRequestHandler]:
+    """Apply the relay settings: ``--relay`` serves the built-in relay (or the user's RelayHandler subclass)."""
+    if not config.relay:
+        return handler_class
+    from prefork.handlers.relay import RelayHandler
+
+    if config.handler == DEFAULT_HANDLER:
+        base: type[RelayHandler] = RelayHandler
+    elif issubclass(handler_class, RelayHandler):
+        base = handler_class
+    else:
+        raise HandlerLoadError(
+            f"--relay needs the built-in relay or a RelayHandler subclass as the handler, not {config.handler!r}"
+        )
+    settings = {
+        "upstreams": config.relay_upstreams,
+        "connect_timeout": config.relay_connect_timeout,
+        "idle_timeout": config.relay_idle_timeout or None,
+        "send_proxy": config.relay_send_proxy,
+    }
+    return type(base.__name__, (base,), {"__module__": base.__module__, **settings})
+
+
 class PreforkServer(socketserver.TCPServer):
     """A ``TCPServer`` serving sockets the master already bound.
 
@@ -167,6 +191,7 @@ class PreforkServer(socketserver.TCPServer):
         graceful_timeout: float = 30.0,
         master_pid: int | None = None,
         on_retire: Callable[[str], None] | None = None,
+        on_stop: Callable[[], None] | None = None,
         proxy: ProxyPolicy | None = None,
     ) -> None:
         # TCPServer.__init__ would make a fresh socket; ours are bound already.
@@ -180,8 +205,10 @@ class PreforkServer(socketserver.TCPServer):
         self.graceful_timeout = graceful_timeout
         self.master_pid = master_pid
         self.on_retire = on_retire
+        self.on_stop = on_stop
         self.proxy = proxy
         self.listeners_closed = False
+        self.accepted = 0
         self.stopping = False
         self.stop_deadline = 0.0
         self._wake_r, self._wake_w = socket.socketpair()
@@ -263,19 +290,21 @@ class PreforkServer(socketserver.TCPServer):
             events = self._epoll.poll(timeout)
             if not events:
                 self._check_master()
+            # signals before connections: after a SIGTERM this worker must not take another one
+            if any(fd == wake_fd for fd, _ in events):
+                self._drain_wakeups()
+            self.service_actions()
             for fd, _ in events:
-                if fd == wake_fd:
-                    self._drain_wakeups()
-                elif self._accepting:
+                if fd != wake_fd and self._accepting:
                     # under load the backlog rarely empties: take a few in a row before polling again
                     sock = self._by_fd[fd]
                     for _ in range(_ACCEPT_BATCH):
                         if not self._accept(sock):
                             break
                         record.heartbeat = time.monotonic()
+                        self.service_actions()
                         if not self._accepting:
                             break
-            self.service_actions()
 
     def _check_master(self) -> None:
         # PR_SET_PDEATHSIG covers most cases; this covers the rest (e.g. a master thread exiting)
@@ -326,6 +355,10 @@ class PreforkServer(socketserver.TCPServer):
                 raise
         else:
             self.shutdown_request(request)
+        # max-requests counts accepted connections, so a worker never takes one more than its limit
+        self.accepted += 1
+        if self.max_requests and self.accepted >= self.max_requests:
+            self.retire()
         return True
 
     @staticmethod
@@ -382,12 +415,11 @@ class PreforkServer(socketserver.TCPServer):
         self.stopping = True
         self.stop_deadline = time.monotonic() + self.graceful_timeout
         self.set_accepting(False)
-
-    def count_request(self) -> bool:
-        """Count a finished connection; True once ``max_requests`` is reached."""
-        record = self.record
-        record.requests += 1
-        return self.max_requests > 0 and record.requests >= self.max_requests
+        if self.master_pid is not None and os.getppid() != self.master_pid:
+            # orphaned (the master was killed): free the address so a new master can bind it now
+            self.close_listeners()
+        if self.on_stop is not None:
+            self.on_stop()  # the master holds a reload's reply until no old worker accepts
 
     def retire(self) -> None:
         """Recycle this worker: tell the master (it starts a replacement at once), then drain."""
@@ -426,9 +458,8 @@ class SyncServer(PreforkServer):
             self.finish_request(request, client_address)
         finally:
             record.active -= 1
+            record.requests += 1
         self.shutdown_request(request)
-        if self.count_request():
-            self.retire()
 
 
 class ThreadServer(PreforkServer):
@@ -445,9 +476,10 @@ class ThreadServer(PreforkServer):
         self._queue: queue.SimpleQueue[tuple[Any, Any] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._open = 0  # connections handed to the pool and not yet finished
-        self._idle = 0  # pool threads waiting for work
+        # idle threads not yet promised a queued connection, less connections queued for no thread
+        # (negative while every thread is busy or closing a socket: the next free one takes the work)
+        self._spare = 0
         self._pool: list[threading.Thread] = []
-        self._retire_due = False
 
     def busy(self) -> bool:
         return self._open > 0
@@ -459,10 +491,10 @@ class ThreadServer(PreforkServer):
         with self._lock:
             self._open += 1
             self.record.active += 1
-            start_thread = self._idle == 0
+            start_thread = self._spare <= 0 and len(self._pool) < self.threads
             if not start_thread:
-                self._idle -= 1
-        if start_thread:
+                self._spare -= 1
+        if start_thread:  # born promised to this connection
             thread = threading.Thread(target=self._run, name=f"prefork-conn-{len(self._pool)}", daemon=True)
             self._pool.append(thread)
             thread.start()
@@ -481,21 +513,16 @@ class ThreadServer(PreforkServer):
                 self.finish_request(request, client_address)
             except BaseException:  # SystemExit too: it would end this pool thread and leak its place
                 self.handle_error(request, client_address)
-            finally:
-                self.shutdown_request(request)
             with self._lock:
                 self._open -= 1
                 self.record.active -= 1
-                self._idle += 1
+                self.record.requests += 1
                 turn_loop = self._open == self.threads - 1 or self.stopping
-                if self.count_request():
-                    self._retire_due = turn_loop = True
             if turn_loop:
-                self.wake()  # the loop resumes accepting, retires, or notices the drain is over
-
-    def service_actions(self) -> None:
-        if self._retire_due:
-            self.retire()  # in the loop's thread: set_accepting is not for pool threads
+                self.wake()  # the loop resumes accepting, or notices the drain is over
+            self.shutdown_request(request)
+            with self._lock:
+                self._spare += 1
 
 
 def _set_pdeathsig(signum: int) -> None:
@@ -551,7 +578,7 @@ def _serve(spec: WorkerSpec, scoreboard: Scoreboard) -> int:
 
     config = spec.config
     try:
-        handler_class = load_handler(config.handler)
+        handler_class = configure_handler(load_handler(config.handler), config)
     except HandlerLoadError as exc:
         _notify(spec.notify_fd, "boot_error", str(exc))
         return WORKER_BOOT_ERROR
@@ -568,6 +595,7 @@ def _serve(spec: WorkerSpec, scoreboard: Scoreboard) -> int:
         "graceful_timeout": config.graceful_timeout,
         "master_pid": spec.master_pid,
         "on_retire": retire,
+        "on_stop": lambda: _notify(spec.notify_fd, "stopped"),
         "proxy": ProxyPolicy.from_config(config),
     }
     server: PreforkServer
