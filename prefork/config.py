@@ -63,7 +63,7 @@ def parse_bind(text: str) -> BindSpec:
             raise ConfigError(f"bind {text!r}: expected HOST:PORT, [V6]:PORT or unix:PATH")
         if ":" in host:
             raise ConfigError(f"bind {text!r}: put an IPv6 address in brackets: [ADDR]:PORT")
-    if not port_text.isdigit():
+    if not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5):
         raise ConfigError(f"bind {text!r}: port {port_text!r} is not a number")
     port = int(port_text)
     if port > 65535:

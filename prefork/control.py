@@ -18,6 +18,7 @@ import errno
 import json
 import logging
 import os
+import select
 import selectors
 import socket
 import stat
@@ -61,6 +62,8 @@ def decode_body(body: bytes) -> dict[str, Any]:
         message = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(f"request is not UTF-8 JSON: {exc}") from None
+    except RecursionError:  # a legal-size frame of nested brackets
+        raise ProtocolError("request is nested too deeply") from None
     if not isinstance(message, dict):
         raise ProtocolError("request must be a JSON object")
     return message
@@ -89,6 +92,12 @@ def prepare_directory(path: str) -> None:
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
         st = os.stat(directory)
+    except FileExistsError:
+        raise ControlError(
+            f"cannot create control socket directory {directory}: it exists and is not a directory"
+        ) from None
+    except NotADirectoryError:
+        raise ControlError(f"cannot create control socket directory {directory}: a parent is not a directory") from None
     except OSError as exc:
         raise ControlError(f"cannot create control socket directory {directory}: {exc.strerror}") from exc
     if shared_tmp and (st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077):
@@ -114,7 +123,7 @@ class ControlServer:
             raise ControlError(f"cannot bind control socket {path}: {exc.strerror}") from exc
         finally:
             os.umask(old_umask)
-        sock.listen(64)
+        sock.listen(512)
         sock.setblocking(False)
         self.sock = sock
         self._ino = os.stat(path).st_ino
@@ -302,9 +311,16 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 def connect(path: str, timeout: float) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
+    # A Unix socket with a Python timeout is non-blocking, and its connect() fails with EAGAIN when
+    # the daemon's backlog is full; a blocking connect bounded by SO_SNDTIMEO waits for room instead.
+    seconds = int(timeout)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                    struct.pack("ll", seconds, int((timeout - seconds) * 1_000_000)))
     try:
         sock.connect(path)
+    except (BlockingIOError, TimeoutError):
+        sock.close()
+        raise ControlError(f"{path} did not accept the connection within {timeout:g}s (is the daemon stuck?)") from None
     except FileNotFoundError:
         sock.close()
         raise DaemonNotRunning(path, "no such socket") from None
@@ -314,6 +330,7 @@ def connect(path: str, timeout: float) -> socket.socket:
     except PermissionError:
         sock.close()
         raise ControlError(f"cannot connect to {path}: permission denied (run as the daemon's user)") from None
+    sock.settimeout(timeout)
     return sock
 
 
@@ -344,16 +361,32 @@ def call(path: str, request: dict[str, Any], timeout: float = 10.0) -> tuple[dic
     return reply, sock
 
 
-def wait_closed(sock: socket.socket, timeout: float) -> bool:
-    """Wait until the daemon closes ``sock`` (it exited); False on timeout."""
-    sock.settimeout(timeout)
+def wait_exited(sock: socket.socket, pid: int, timeout: float) -> bool:
+    """Wait until the daemon's process ``pid`` is gone; False on timeout.
+
+    The master closes ``sock`` only as it exits, and a pidfd turns readable
+    when the process has really ended (after the interpreter's own teardown),
+    so both are waited for, without polling.
+    """
+    deadline = time.monotonic() + timeout
     try:
-        while sock.recv(4096):
-            pass
-    except TimeoutError:
-        return False
-    except OSError:
+        pidfd = os.pidfd_open(pid)
+    except OSError:  # ProcessLookupError: already gone
+        pidfd = None
+    try:
+        sock.settimeout(timeout)
+        try:
+            while sock.recv(4096):
+                pass
+        except TimeoutError:
+            return False
+        except OSError:
+            pass  # a reset is a close too
+        if pidfd is not None:
+            readable, _, _ = select.select([pidfd], [], [], max(0.0, deadline - time.monotonic()))
+            return bool(readable)
         return True
     finally:
         sock.close()
-    return True
+        if pidfd is not None:
+            os.close(pidfd)

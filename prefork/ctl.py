@@ -110,7 +110,7 @@ def format_stats(s: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from prefork.control import ControlError, DaemonNotRunning, call, wait_closed
+    from prefork.control import ControlError, DaemonNotRunning, call, wait_exited
 
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_FAILED
         if args.command == "stop":
             wait = args.timeout if args.timeout is not None else 3600.0
-            if not wait_closed(sock, wait):
+            if not wait_exited(sock, int(reply.get("pid", 0)), wait):
                 print(f"preforkctl: the master (pid {reply.get('pid')}) did not exit within {wait:g}s",
                       file=sys.stderr)
                 return EXIT_FAILED

@@ -124,7 +124,7 @@ def backoff_delay(failures: int) -> float:
     """0 for the first death, then 0.1 s doubling per early death, capped at BACKOFF_MAX."""
     if failures <= 1:
         return 0.0
-    return float(min(BACKOFF_FIRST * 2.0 ** (failures - 2), BACKOFF_MAX))
+    return float(min(BACKOFF_FIRST * 2.0 ** min(failures - 2, 64), BACKOFF_MAX))
 
 
 def _noop(signum: int, frame: FrameType | None) -> None:
@@ -400,6 +400,8 @@ class Master:
         self._kill(worker, signal.SIGTERM)
 
     def reap_children(self) -> None:
+        # read what the workers said first: a boot error must be known before its exit is judged
+        self._on_worker_events(selectors.EVENT_READ)
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -442,7 +444,7 @@ class Master:
                       worker.slot, worker.pid, worker.generation, how)
             self.abort_reload(worker.boot_error or f"a new worker {how} while starting")
             return
-        if worker.boot_error and not self.serving:
+        if worker.boot_error and not self.serving and self.stopping is None:
             log.critical("%s", worker.boot_error)
             log.critical("stopping: the handler cannot be loaded, so no worker can serve")
             self.exit_code = EXIT_FATAL

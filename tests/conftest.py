@@ -173,8 +173,12 @@ def daemon_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[C
         d.stop()
         if failed is not None and failed.failed:
             print(f"--- log of {' '.join(d.args)} ---\n{d.log()}")
-        leftover = [p for p in pids if psutil.pid_exists(p) and _is_ours(p)]
-        assert not leftover, f"processes left behind: {leftover}"
+        # after the group's SIGKILL, exits are under way: wait (bounded) for them to finish
+        try:
+            wait_for(lambda pids=pids: not [p for p in pids if _is_ours(p)], 10, "the daemon's processes to exit")
+        except AssertionError:
+            leftover = [p for p in pids if _is_ours(p)]
+            raise AssertionError(f"processes left behind: {leftover}") from None
 
 
 def _group(pid: int) -> list[psutil.Process]:
@@ -195,7 +199,7 @@ def _is_ours(pid: int) -> bool:
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     outcome = yield
-    report = outcome.get_result()
+    report = outcome.get_result()  # type: ignore[attr-defined]
     if report.when == "call":
         item.rep_call = report  # type: ignore[attr-defined]
 

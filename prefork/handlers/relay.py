@@ -14,6 +14,7 @@ once the bytes before it are delivered (half-close propagated each way).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import selectors
@@ -264,7 +265,9 @@ class RelayHandler(socketserver.BaseRequestHandler):
         """
         for sock in (client, upstream):
             if sock.family in (socket.AF_INET, socket.AF_INET6):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                # Nagle only delays; a socket that fails here fails its next recv/send, with its side known
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.send_proxy:
             try:
                 upstream.sendall(self.proxy_header(client))  # still blocking, bounded by connect_timeout
