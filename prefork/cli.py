@@ -46,8 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"HOST:PORT, [V6]:PORT or unix:PATH to listen on; repeatable (default {DEFAULT_BIND})")
     p.add_argument("-w", "--workers", type=int, metavar="N", help="worker processes (default: CPU count)")
     p.add_argument("-k", "--worker-class", choices=WORKER_CLASSES, metavar="CLASS",
-                   help="sync: one connection at a time per worker; thread (default): a bounded thread pool")
+                   help="sync: one connection at a time per worker; thread (default): a bounded thread pool; "
+                        "async: an asyncio (uvloop) event loop for asyncio.Protocol or async def handlers")
     p.add_argument("--threads", type=int, metavar="N", help="threads per thread worker (default 32)")
+    p.add_argument("--max-connections", type=int, metavar="N",
+                   help="open connections per async worker before it stops accepting (default 0: no cap)")
     p.add_argument("--timeout", type=float, metavar="SECS",
                    help="kill and replace a worker whose serving loop stalls this long (default 30); "
                         "with sync workers this bounds one connection's duration")
@@ -96,9 +99,9 @@ def parse_args(argv: list[str]) -> tuple[dict[str, Any], str | None, bool]:
 
 def check_config(config: Config) -> str:
     """Load the handler in this process (we exit right after) and summarise the config."""
-    from prefork.worker import configure_handler, load_handler
+    from prefork.worker import handler_for
 
-    handler = configure_handler(load_handler(config.handler), config)
+    handler = handler_for(config)
     return (f"configuration OK: {config.workers} {config.worker_class} worker(s) of "
             f"{handler.__module__}.{handler.__qualname__} on {', '.join(config.binds)}")
 

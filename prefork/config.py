@@ -19,7 +19,9 @@ from typing import Any
 
 DEFAULT_BIND = "127.0.0.1:20000"
 DEFAULT_HANDLER = "prefork.handlers.echo:EchoHandler"
-WORKER_CLASSES = ("sync", "thread")
+WORKER_CLASSES = ("sync", "thread", "async")
+ASYNC_ECHO_HANDLER = "prefork.handlers.aio:EchoProtocol"
+RELAY_HANDLERS = ("prefork.handlers.relay:RelayHandler", "prefork.handlers.aio:RelayProtocol")  # [is async]
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 MAX_WORKERS = 1024  # the scoreboard is sized once, before the first fork
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -84,6 +86,7 @@ class Config:
     workers: int = dataclasses.field(default_factory=default_workers)
     worker_class: str = "thread"
     threads: int = 32
+    max_connections: int = 0  # per async worker; 0: no cap
     timeout: float = 30.0
     graceful_timeout: float = 30.0
     max_requests: int = 0
@@ -111,6 +114,15 @@ class Config:
         return tuple(parse_bind(b) for b in self.binds)
 
     @property
+    def effective_handler(self) -> str:
+        """What the workers run: --relay means the built-in relay; built-ins have asyncio forms."""
+        if self.handler != DEFAULT_HANDLER:
+            return self.handler
+        if self.relay:
+            return RELAY_HANDLERS[self.worker_class == "async"]
+        return ASYNC_ECHO_HANDLER if self.worker_class == "async" else self.handler
+
+    @property
     def control_path(self) -> str:
         return self.control or default_control_path(self.name)
 
@@ -122,6 +134,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "workers": (int,),
     "worker_class": (str,),
     "threads": (int,),
+    "max_connections": (int,),
     "timeout": (int, float),
     "graceful_timeout": (int, float),
     "max_requests": (int,),
@@ -224,6 +237,8 @@ def validate(config: Config) -> None:
         )
     if not 1 <= config.threads <= 10000:
         raise ConfigError(f"threads: {config.threads} is out of range (1-10000)")
+    if not 0 <= config.max_connections <= 1_000_000:
+        raise ConfigError(f"max-connections: {config.max_connections} is out of range (0 = no cap, up to 1000000)")
     if not 0 < config.timeout <= 86400:
         raise ConfigError(f"timeout: {config.timeout:g} must be more than 0 seconds (at most a day)")
     if not 0 <= config.graceful_timeout <= 86400:

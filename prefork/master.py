@@ -212,7 +212,7 @@ class Master:
         logs.set_title("master", self.config.name)
         log.info("prefork %s master (pid %d) [%s]: %d %s worker(s) of %s on %s; control socket %s",
                  __version__, self.pid, self.config.name, self.target, self.config.worker_class,
-                 self.config.handler, ", ".join(li.address for li in self.listeners), self.control.path)
+                 self.config.effective_handler, ", ".join(li.address for li in self.listeners), self.control.path)
         try:
             for slot in range(self.target):
                 self.spawn_worker(slot)
@@ -548,7 +548,7 @@ class Master:
                              new_listeners=new_listeners, deadline=time.monotonic() + config.timeout,
                              waiters=[waiter] if waiter else [])
         log.info("reloading: starting generation %d (%d %s worker(s) of %s)",
-                 generation, config.workers, config.worker_class, config.handler)
+                 generation, config.workers, config.worker_class, config.effective_handler)
         self._emit("reloading")
         for slot in range(config.workers):
             if self.reload is None:  # a failed fork aborted it
@@ -827,7 +827,7 @@ class Master:
                                                         ("serving" if self.serving else "starting")),
             "drain": self.lb_drain,
             "worker_class": self.config.worker_class,
-            "handler": self.config.handler,
+            "handler": self.config.effective_handler,
             "target_workers": self.target,
             "listeners": [li.address for li in self.listeners],
             "control": self.control.path,

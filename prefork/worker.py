@@ -41,7 +41,7 @@ from types import FrameType
 from typing import Any, NoReturn
 
 from prefork import logs
-from prefork.config import DEFAULT_HANDLER, Config
+from prefork.config import Config
 from prefork.proxy_protocol import ProxyProtocolError, read_header
 from prefork.scoreboard import Record, Scoreboard
 
@@ -115,8 +115,34 @@ class WorkerSpec:
     max_requests: int  # 0 = never recycle; jitter already applied
 
 
-def load_handler(spec: str) -> type[socketserver.BaseRequestHandler]:
-    """Import ``module:Class`` and check it is a socketserver request handler."""
+def load_handler(spec: str, worker_class: str = "thread") -> Any:
+    """Import ``module:name`` and check it is a handler ``worker_class`` can run.
+
+    ``sync`` and ``thread`` run ``socketserver.BaseRequestHandler`` subclasses;
+    ``async`` runs ``asyncio.Protocol`` subclasses and ``async def handle(reader, writer)``.
+    """
+    from prefork.aio import is_async_handler
+
+    obj = _import_object(spec)
+    is_socketserver = isinstance(obj, type) and issubclass(obj, socketserver.BaseRequestHandler)
+    if worker_class == "async":
+        if is_socketserver:
+            raise HandlerLoadError(f"cannot load handler {spec!r}: a socketserver handler runs under "
+                                   "--worker-class sync or thread, not async")
+        if not is_async_handler(obj):
+            raise HandlerLoadError(f"cannot load handler {spec!r}: {obj!r} is not an asyncio.Protocol subclass "
+                                   "or an async def handle(reader, writer) function")
+        return obj
+    if is_async_handler(obj):
+        raise HandlerLoadError(f"cannot load handler {spec!r}: an asyncio handler runs under --worker-class async")
+    if not is_socketserver:
+        raise HandlerLoadError(
+            f"cannot load handler {spec!r}: {obj!r} is not a socketserver.BaseRequestHandler subclass"
+        )
+    return obj
+
+
+def _import_object(spec: str) -> Any:
     module_name, _, attr_path = spec.partition(":")
     try:
         obj: Any = importlib.import_module(module_name)
@@ -139,35 +165,33 @@ def load_handler(spec: str) -> type[socketserver.BaseRequestHandler]:
             raise HandlerLoadError(
                 f"cannot load handler {spec!r}: {module_name} has no attribute {attr_path!r}"
             ) from None
-    if not (isinstance(obj, type) and issubclass(obj, socketserver.BaseRequestHandler)):
-        raise HandlerLoadError(
-            f"cannot load handler {spec!r}: {obj!r} is not a socketserver.BaseRequestHandler subclass"
-        )
     return obj
 
 
-def configure_handler(handler_class: type[socketserver.BaseRequestHandler],
-                      config: Config) -> type[socketserver.BaseRequestHandler]:
-    """Apply the relay settings: ``--relay`` serves the built-in relay (or the user's RelayHandler subclass)."""
+def handler_for(config: Config) -> Any:
+    """Load the configured handler for the configured worker class, with the relay settings applied.
+
+    The built-in echo has an asyncio form, used under ``async``; ``--relay``
+    serves the built-in relay (or the user's relay subclass) in the form the
+    worker class runs.
+    """
+    handler = load_handler(config.effective_handler, config.worker_class)
     if not config.relay:
-        return handler_class
+        return handler
+    from prefork.handlers.aio import RelayProtocol
     from prefork.handlers.relay import RelayHandler
 
-    if config.handler == DEFAULT_HANDLER:
-        base: type[RelayHandler] = RelayHandler
-    elif issubclass(handler_class, RelayHandler):
-        base = handler_class
-    else:
-        raise HandlerLoadError(
-            f"--relay needs the built-in relay or a RelayHandler subclass as the handler, not {config.handler!r}"
-        )
+    base: type[Any] = RelayProtocol if config.worker_class == "async" else RelayHandler
+    if not (isinstance(handler, type) and issubclass(handler, base)):
+        raise HandlerLoadError(f"--relay needs the built-in relay or a {base.__name__} subclass "
+                               f"as the handler, not {config.handler!r}")
     settings = {
         "upstreams": config.relay_upstreams,
         "connect_timeout": config.relay_connect_timeout,
         "idle_timeout": config.relay_idle_timeout or None,
         "send_proxy": config.relay_send_proxy,
     }
-    return type(base.__name__, (base,), {"__module__": base.__module__, **settings})
+    return type(handler.__name__, (handler,), {"__module__": handler.__module__, **settings})
 
 
 class PreforkServer(socketserver.TCPServer):
@@ -578,7 +602,7 @@ def _serve(spec: WorkerSpec, scoreboard: Scoreboard) -> int:
 
     config = spec.config
     try:
-        handler_class = configure_handler(load_handler(config.handler), config)
+        handler_class = handler_for(config)
     except HandlerLoadError as exc:
         _notify(spec.notify_fd, "boot_error", str(exc))
         return WORKER_BOOT_ERROR
@@ -598,6 +622,14 @@ def _serve(spec: WorkerSpec, scoreboard: Scoreboard) -> int:
         "on_stop": lambda: _notify(spec.notify_fd, "stopped"),
         "proxy": ProxyPolicy.from_config(config),
     }
+    if config.worker_class == "async":
+        from prefork import aio
+
+        aio.serve(spec.listeners, handler_class, config, record, max_requests=spec.max_requests,
+                  heartbeat_interval=heartbeat_interval(config.timeout), master_pid=spec.master_pid,
+                  on_retire=retire, on_stop=common["on_stop"], on_ready=lambda: _notify(spec.notify_fd, "ready"),
+                  proxy_networks=common["proxy"])
+        return WORKER_OK
     server: PreforkServer
     if config.worker_class == "sync":
         server = SyncServer(spec.listeners, handler_class, **common)

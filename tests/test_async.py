@@ -1,0 +1,163 @@
+"""The async worker class: both handler shapes, the daemon's contract, the connection cap."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+
+import pytest
+
+from conftest import Daemon, Load, child_env, exchange, recv_exact, wait_for
+from prefork.proxy_protocol import build_v2
+
+
+def read_line(s: socket.socket) -> bytes:
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = s.recv(1)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def test_builtin_echo_runs_as_a_protocol(daemon_factory: Callable[..., Daemon]) -> None:
+    d = daemon_factory("-k", "async")
+    assert d.status()["handler"] == "prefork.handlers.aio:EchoProtocol"
+    s = socket.create_connection(("localhost", d.port))
+    assert s.send(b"Hello") == 5
+    assert s.recv(8192) == b"Hello"
+    s.close()
+    assert exchange(d.address(), b"x" * 4 * 1024 * 1024, timeout=20) == b"x" * 4 * 1024 * 1024
+
+
+def test_protocol_handler(daemon_factory: Callable[..., Daemon]) -> None:
+    d = daemon_factory("-k", "async", "async_handlers:UpperProtocol")
+    assert exchange(d.address(), b"hello") == b"HELLO"
+    wait_for(lambda: sum(w["requests"] for w in d.status()["workers"]) == 1, 5, "the connection counted")
+
+
+def test_stream_handler_and_client_address(daemon_factory: Callable[..., Daemon]) -> None:
+    d = daemon_factory("-k", "async", "async_handlers:line_echo")
+    with d.connect() as s:
+        host, port, _ = read_line(s).split()
+        assert (host.decode(), int(port)) == s.getsockname()
+        for i in range(5):
+            s.sendall(b"line %d\n" % i)
+            assert read_line(s) == b"line %d\n" % i
+
+
+def test_handler_exception_is_logged_and_closes_that_connection(daemon_factory: Callable[..., Daemon]) -> None:
+    d = daemon_factory("-k", "async", "--workers", "1", "async_handlers:failing")
+    pid = d.status()["workers"][0]["pid"]
+    with d.connect() as s:
+        s.sendall(b"boom\n")
+        assert s.recv(10) == b""
+    wait_for(lambda: "handler failed on purpose" in d.log(), 5, "the traceback in the log")
+    assert "Traceback" in d.log()
+    st = d.status()
+    assert st["workers"][0]["pid"] == pid and st["workers"][0]["errors"] == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "culprit"),
+    [
+        (["-k", "async", "async_handlers:NotAsync"], "runs under --worker-class sync or thread"),
+        (["-k", "thread", "async_handlers:UpperProtocol"], "runs under --worker-class async"),
+        (["-k", "sync", "async_handlers:line_echo"], "runs under --worker-class async"),
+    ],
+)
+def test_handler_and_worker_class_must_match(args: list[str], culprit: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "prefork", "--check-config", *args], capture_output=True, text=True,
+                       env=child_env(), timeout=20)
+    assert r.returncode == 2
+    assert culprit in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_reload_and_stop_under_load_lose_nothing(daemon_factory: Callable[..., Daemon]) -> None:
+    d = daemon_factory("-k", "async")
+    with Load(d.address(), clients=6, mode="connect") as load:
+        load.wait_ok(100)
+        for generation in (2, 3):
+            assert d.call("reload", timeout=30)["generation"] == generation
+            load.wait_ok(100)
+    assert load.failures == [], load.failures[:5]
+    # a connection open while stopping is still served
+    s = d.connect()
+    s.sendall(b"a")
+    assert recv_exact(s, 1) == b"a"
+    d.signal(signal.SIGTERM)
+    wait_for(lambda: d.status()["state"] == "stopping", 5, "stopping")
+    s.sendall(b"still served")
+    assert recv_exact(s, 12) == b"still served"
+    s.close()
+    assert d.wait_exit() == 0
+
+
+def test_blocked_event_loop_is_replaced(daemon_factory: Callable[..., Daemon]) -> None:
+    d = daemon_factory("-k", "async", "--workers", "1", "--timeout", "1", "async_handlers:Blocking")
+    pid = d.status()["workers"][0]["pid"]
+    s = d.connect()
+    s.sendall(b"x")
+    wait_for(lambda: d.status()["workers"][0]["pid"] != pid, 10, "the blocked worker replaced")
+    assert "timed out" in d.log() and "async_handlers.py" in d.log()  # its stack was dumped
+    s.close()
+
+
+def test_max_requests_recycles(daemon_factory: Callable[..., Daemon]) -> None:
+    d = daemon_factory("-k", "async", "--workers", "1", "--max-requests", "3", "async_handlers:pid_once")
+    pids = []
+    for _ in range(7):
+        with d.connect() as s:
+            pids.append(int(read_line(s)))
+    runs = [pids.count(p) for p in dict.fromkeys(pids)]
+    assert runs == [3, 3, 1], pids
+
+
+def test_connection_cap_spreads_load(daemon_factory: Callable[..., Daemon]) -> None:
+    d = daemon_factory("-k", "async", "--workers", "2", "--max-connections", "2")
+    held = []
+    for i in range(4):
+        s = d.connect()
+        s.sendall(b"%d" % i)
+        assert recv_exact(s, 1) == b"%d" % i
+        held.append(s)
+    wait_for(lambda: sorted(w["active"] for w in d.status()["workers"]) == [2, 2], 5, "two connections each")
+    extra = d.connect(timeout=0.5)
+    extra.sendall(b"5")
+    with pytest.raises(TimeoutError):
+        extra.recv(1)  # accepted by the kernel, but no worker takes it while both are at the cap
+    held.pop().close()
+    extra.settimeout(5)
+    assert extra.recv(1) == b"5"
+    for s in [*held, extra]:
+        s.close()
+
+
+def test_proxy_protocol_under_async(daemon_factory: Callable[..., Daemon]) -> None:
+    d = daemon_factory("-k", "async", "--proxy-protocol", "async_handlers:line_echo")
+    with d.connect() as s:
+        s.sendall(build_v2(("203.0.113.5", 4242), ("127.0.0.1", 80)) + b"after\n")
+        host, port, _ = read_line(s).split()
+        assert (host, port) == (b"203.0.113.5", b"4242")
+        assert read_line(s) == b"after\n"
+    with d.connect() as s:
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        assert s.recv(10) == b""
+    assert "closing it" in d.log()
+
+
+def test_async_relay(daemon_factory: Callable[..., Daemon]) -> None:
+    upstream = daemon_factory("-k", "async", name="upstream")
+    relay = daemon_factory("-k", "async", "--relay", f"127.0.0.1:{upstream.port}", name="relay")
+    assert relay.status()["handler"] == "prefork.handlers.aio:RelayProtocol"
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    assert exchange(relay.address(), payload, timeout=20) == payload
+    with relay.connect() as s:  # half-close: everything sent comes back, then EOF
+        s.sendall(b"half")
+        s.shutdown(socket.SHUT_WR)
+        assert recv_exact(s, 4) == b"half"
+        assert s.recv(1) == b""
