@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recycle a worker after N connections (default 0: never)")
     p.add_argument("--max-requests-jitter", type=int, metavar="N",
                    help="add 0..N to --max-requests per worker so they do not recycle together")
+    p.add_argument("--max-worker-memory", type=int, metavar="MIB",
+                   help="recycle a worker whose RSS exceeds MIB (gracefully, one at a time; default 0: no limit)")
     p.add_argument("--backlog", type=int, metavar="N", help="listen backlog (default 2048)")
     p.add_argument("--name", metavar="NAME", help="instance name for titles and the control socket (default prefork)")
     p.add_argument("--control", metavar="PATH", help="control socket path (default RUNTIME_DIR/NAME.sock)")

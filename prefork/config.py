@@ -91,6 +91,7 @@ class Config:
     graceful_timeout: float = 30.0
     max_requests: int = 0
     max_requests_jitter: int = 0
+    max_worker_memory: int = 0  # MiB of RSS; 0: no limit
     backlog: int = 2048
     name: str = "prefork"
     control: str | None = None
@@ -139,6 +140,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "graceful_timeout": (int, float),
     "max_requests": (int,),
     "max_requests_jitter": (int,),
+    "max_worker_memory": (int,),
     "backlog": (int,),
     "name": (str,),
     "control": (str,),
@@ -247,6 +249,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"max-requests: {config.max_requests} must be 0 (off) or more")
     if config.max_requests_jitter < 0:
         raise ConfigError(f"max-requests-jitter: {config.max_requests_jitter} must be 0 or more")
+    if not 0 <= config.max_worker_memory <= 1024 * 1024:
+        raise ConfigError(f"max-worker-memory: {config.max_worker_memory} MiB is out of range (0 = no limit)")
     if not 1 <= config.backlog <= 65535:
         raise ConfigError(f"backlog: {config.backlog} is out of range (1-65535)")
     if not _NAME_RE.match(config.name):

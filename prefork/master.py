@@ -42,6 +42,7 @@ EARLY_DEATH = 10.0  # a worker that dies younger than this counts towards backof
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 10.0
 ABORT_GRACE = 2.0  # after SIGABRT (stacks to the log), SIGKILL this much later
+MEMORY_CHECK_INTERVAL = 5.0  # seconds between --max-worker-memory checks (jittered)
 DRAIN_MARGIN = 1.0  # the worker enforces the graceful timeout itself; the master kills this much later
 FAST_STOP_GRACE = 5.0
 EXIT_OK = 0
@@ -96,6 +97,7 @@ class Totals:
 
     requests: int = 0
     errors: int = 0
+    proxy_errors: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
     spawned: int = 0
@@ -104,6 +106,7 @@ class Totals:
     timeouts: int = 0
     reloads: int = 0
     failed_reloads: int = 0
+    memory_recycles: int = 0
 
 
 def describe_exit(status: int) -> tuple[str, bool]:
@@ -156,6 +159,7 @@ class Master:
             log.warning("ignoring the systemd watchdog: %s", exc)
             self.watchdog_every = None
         self.watchdog_due = time.monotonic()
+        self.memory_check_due = time.monotonic() + MEMORY_CHECK_INTERVAL
         self.pid = os.getpid()
         self.started = time.monotonic()
         self.started_wall = time.time()
@@ -262,6 +266,8 @@ class Master:
             deadlines.append(control)
         if self.watchdog_every is not None:
             deadlines.append(self.watchdog_due)
+        if self.config.max_worker_memory:
+            deadlines.append(self.memory_check_due)
         return min(deadlines) if deadlines else None
 
     def run_timers(self, now: float) -> None:
@@ -296,6 +302,34 @@ class Master:
         if self.watchdog_every is not None and now >= self.watchdog_due:
             self.watchdog_due = now + self.watchdog_every
             self._ping_watchdog(now)
+        if self.config.max_worker_memory and now >= self.memory_check_due:
+            # jittered, and one worker per check: replacements do not all start at once
+            self.memory_check_due = now + MEMORY_CHECK_INTERVAL * random.uniform(0.5, 1.5)
+            self._recycle_fattest(self.config.max_worker_memory * 1024 * 1024)
+
+    def _recycle_fattest(self, limit: int) -> None:
+        """Replace the current worker with the largest RSS over ``limit``, gracefully (it drains)."""
+        over: list[tuple[int, Worker]] = []
+        for worker in self.slots.values():
+            if worker.state is not WorkerState.READY:
+                continue
+            try:
+                if worker.proc is None:
+                    worker.proc = psutil.Process(worker.pid)
+                rss = worker.proc.memory_info().rss
+            except psutil.Error:
+                continue
+            if rss > limit:
+                over.append((rss, worker))
+        if not over or self.stopping is not None or self.reload is not None:
+            return
+        rss, worker = max(over, key=lambda item: item[0])
+        self.totals.memory_recycles += 1
+        log.warning("worker %d (pid %d) uses %.0f MiB, over --max-worker-memory %d MiB; replacing it",
+                    worker.slot, worker.pid, rss / 2**20, self.config.max_worker_memory)
+        del self.slots[worker.slot]
+        self.drain(worker, "over the memory limit")
+        self.spawn_worker(worker.slot)
 
     def _ping_watchdog(self, now: float) -> None:
         """WATCHDOG=1, but only while this loop turns and no worker's heartbeat is stale."""
@@ -421,6 +455,7 @@ class Master:
         totals = self.totals
         totals.requests += record.requests
         totals.errors += record.errors
+        totals.proxy_errors += record.proxy_errors
         totals.bytes_in += record.bytes_in
         totals.bytes_out += record.bytes_out
         totals.exits += 1
@@ -803,6 +838,9 @@ class Master:
             "requests": int(record.requests),
             "active": int(record.active),
             "errors": int(record.errors),
+            "proxy_errors": int(record.proxy_errors),
+            "bytes_in": int(record.bytes_in),
+            "bytes_out": int(record.bytes_out),
             "rss_bytes": rss,
             "cpu_percent": round(cpu, 1),
             "age_s": round(now - worker.started, 3),
@@ -847,6 +885,9 @@ class Master:
             "requests": totals.requests + sum(int(r.requests) for r in live),
             "active": sum(int(r.active) for r in live),
             "errors": totals.errors + sum(int(r.errors) for r in live),
+            "proxy_errors": totals.proxy_errors + sum(int(r.proxy_errors) for r in live),
+            "bytes_in": totals.bytes_in + sum(int(r.bytes_in) for r in live),
+            "bytes_out": totals.bytes_out + sum(int(r.bytes_out) for r in live),
             "workers": len(self.workers),
             "workers_spawned": totals.spawned,
             "worker_exits": totals.exits,
@@ -854,6 +895,7 @@ class Master:
             "worker_timeouts": totals.timeouts,
             "reloads": totals.reloads,
             "failed_reloads": totals.failed_reloads,
+            "memory_recycles": totals.memory_recycles,
             "per_worker": [
                 {"pid": w.pid, "slot": w.slot, "generation": w.generation, "state": w.state.value,
                  "requests": int(self.scoreboard[w.record].requests),
