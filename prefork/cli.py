@@ -16,6 +16,7 @@ from prefork.config import (
     Config,
     ConfigError,
     build_config,
+    default_control_path,
 )
 
 EXIT_USAGE = 2
@@ -70,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-config", action="store_true", help="check the configuration and handler, then exit")
     p.add_argument("--log-level", choices=LOG_LEVELS, metavar="LEVEL", help="debug, info (default), warning, error")
     p.add_argument("--log-file", metavar="PATH", help="log to PATH instead of stderr (USR1 reopens it)")
+    p.add_argument("--user", metavar="USER",
+                   help="after binding (as root), run the master and workers as USER (name or uid)")
+    p.add_argument("--group", metavar="GROUP", help="and as GROUP (default: USER's primary group)")
     p.add_argument("--proxy-protocol", action="store_true",
                    help="expect a PROXY protocol v1/v2 header on every connection (from --proxy-allow peers)")
     p.add_argument("--proxy-allow", metavar="CIDR,...",
@@ -108,13 +112,32 @@ def check_config(config: Config) -> str:
             f"{handler.__module__}.{handler.__qualname__} on {', '.join(config.binds)}")
 
 
+def preload_worker_code(config: Config) -> None:
+    """Import the workers' own code (never the user's handler) in the master, before any fork.
+
+    Every worker then shares those pages with the master instead of importing
+    them again, and after --user the workers need no read access to where
+    Python and prefork are installed for our part of the work.
+    """
+    import prefork.aio
+    import prefork.handlers.aio
+    import prefork.handlers.echo
+    import prefork.handlers.relay
+    import prefork.worker
+
+    if config.worker_class == "async":
+        prefork.aio.new_event_loop().close()  # imports uvloop when it is there
+
+
 def serve(config: Config, overrides: dict[str, Any]) -> int:
-    from prefork import systemd
+    from prefork import privileges, systemd
     from prefork.control import ControlServer
     from prefork.listeners import adopt, bind_all
     from prefork.master import Master
 
+    identity = privileges.resolve(config.user, config.group)
     logs.setup(config.log_level, config.log_file)
+    preload_worker_code(config)
     try:
         inherited = systemd.listen_fds()  # socket activation: systemd bound them for us
     except ValueError as exc:
@@ -126,7 +149,16 @@ def serve(config: Config, overrides: dict[str, Any]) -> int:
     else:
         listeners = bind_all(config.bind_specs, config.backlog)
     try:
-        control = ControlServer(config.control_path)
+        control_path = config.control or default_control_path(config.name, identity.uid if identity else None)
+        control = ControlServer(control_path, owner=identity)
+        if identity is not None:
+            # the control socket, our Unix listeners and the log file stay ours after the switch
+            for path in [li.unix_path for li in listeners if li.unix_path] + [config.log_file or ""]:
+                if path:
+                    privileges.give(path, identity)
+            privileges.drop(identity)
+            logging.getLogger("prefork").info("running as user %s (uid %d, gid %d)",
+                                              identity.user, identity.uid, identity.gid)
     except BaseException:
         for listener in listeners:
             listener.close()
@@ -137,6 +169,7 @@ def serve(config: Config, overrides: dict[str, Any]) -> int:
 def main(argv: list[str] | None = None) -> int:
     from prefork.control import ControlError
     from prefork.listeners import BindError
+    from prefork.privileges import PrivilegeError
     from prefork.worker import HandlerLoadError
 
     argv = sys.argv[1:] if argv is None else argv
@@ -150,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ConfigError, HandlerLoadError) as exc:
         print(f"prefork: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (BindError, ControlError) as exc:
+    except (BindError, ControlError, PrivilegeError) as exc:
         print(f"prefork: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # e.g. the log file cannot be opened

@@ -9,6 +9,7 @@ that names the culprit.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import ipaddress
 import os
 import re
@@ -97,6 +98,8 @@ class Config:
     control: str | None = None
     log_level: str = "info"
     log_file: str | None = None
+    user: str | None = None
+    group: str | None = None
     proxy_protocol: bool = False
     proxy_allow: tuple[str, ...] = ()  # CIDRs that must send a PROXY header; empty: every peer
     proxy_timeout: float = 5.0
@@ -146,6 +149,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "control": (str,),
     "log_level": (str,),
     "log_file": (str,),
+    "user": (str, int),
+    "group": (str, int),
     "proxy_protocol": (bool,),
     "proxy_allow": (list, str),
     "proxy_timeout": (int, float),
@@ -210,6 +215,9 @@ def build_config(overrides: Mapping[str, Any], config_file: str | None = None) -
         merged["relay"] = (relays,)
     elif relays is not None:
         merged["relay"] = tuple(relays)
+    for key in ("user", "group"):
+        if isinstance(merged.get(key), int):
+            merged[key] = str(merged[key])
     for key in ("timeout", "graceful_timeout", "proxy_timeout", "relay_connect_timeout", "relay_idle_timeout"):
         if key in merged:
             merged[key] = float(merged[key])
@@ -280,19 +288,22 @@ def validate(config: Config) -> None:
         raise ConfigError(f"log-level: unknown level {config.log_level!r} (choose from {', '.join(LOG_LEVELS)})")
 
 
-def runtime_dir() -> str:
-    """Where control sockets live: systemd's RuntimeDirectory, else XDG_RUNTIME_DIR, else /tmp/prefork-UID."""
+def runtime_dir(uid: int | None = None) -> str:
+    """Where control sockets live: systemd's RuntimeDirectory, else XDG_RUNTIME_DIR, else /tmp/prefork-UID.
+
+    ``uid`` is the user the daemon will run as (--user), when it is not us.
+    """
     for var in ("RUNTIME_DIRECTORY", "XDG_RUNTIME_DIR"):
         value = os.environ.get(var, "")
         # RUNTIME_DIRECTORY lists every directory of RuntimeDirectory= separated by ':'
         first = value.split(":")[0]
         if first:
             return first
-    return f"/tmp/prefork-{os.getuid()}"
+    return f"/tmp/prefork-{os.getuid() if uid is None else uid}"
 
 
-def default_control_path(name: str) -> str:
-    return os.path.join(runtime_dir(), f"{name}.sock")
+def default_control_path(name: str, uid: int | None = None) -> str:
+    return os.path.join(runtime_dir(uid), f"{name}.sock")
 
 
 def find_control_path(name: str) -> str:
@@ -307,4 +318,8 @@ def find_control_path(name: str) -> str:
     for path in (default, f"/run/prefork/{name}.sock", f"/run/prefork-{name}/{name}.sock"):
         if os.path.exists(path):
             return path
+    if os.geteuid() == 0:  # root looking for a daemon that switched to another user (--user)
+        found = glob.glob(f"/tmp/prefork-[0-9]*/{glob.escape(name)}.sock")
+        if len(found) == 1:
+            return found[0]
     return default

@@ -25,7 +25,10 @@ import stat
 import struct
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from prefork.privileges import Identity
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +88,11 @@ Reply = Callable[[dict[str, Any]], None]
 Dispatch = Callable[[dict[str, Any], "ControlConnection"], None]
 
 
-def prepare_directory(path: str) -> None:
-    """Make the socket's directory; a private one under /tmp must be ours and 0700."""
+def prepare_directory(path: str, owner: Identity | None = None) -> None:
+    """Make the socket's directory; a private one under /tmp must be ours (or ``owner``'s) and 0700."""
     directory = os.path.dirname(path) or "."
     shared_tmp = directory.startswith("/tmp/")
+    created = not os.path.exists(directory)
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
         st = os.stat(directory)
@@ -100,9 +104,13 @@ def prepare_directory(path: str) -> None:
         raise ControlError(f"cannot create control socket directory {directory}: a parent is not a directory") from None
     except OSError as exc:
         raise ControlError(f"cannot create control socket directory {directory}: {exc.strerror}") from exc
-    if shared_tmp and (st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077):
+    if created and owner is not None:
+        os.chown(directory, owner.uid, owner.gid)
+        st = os.stat(directory)
+    want_uid = owner.uid if owner is not None else os.getuid()
+    if shared_tmp and (st.st_uid != want_uid or stat.S_IMODE(st.st_mode) & 0o077):
         raise ControlError(
-            f"control socket directory {directory} must be owned by uid {os.getuid()} with mode 0700 "
+            f"control socket directory {directory} must be owned by uid {want_uid} with mode 0700 "
             "(someone else made it?); remove it or pass --control PATH"
         )
 
@@ -110,9 +118,9 @@ def prepare_directory(path: str) -> None:
 class ControlServer:
     """The listening Unix socket, mode 0600, and its clients, all in one selector."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, owner: Identity | None = None) -> None:
         self.path = path
-        prepare_directory(path)
+        prepare_directory(path, owner)
         self._take_over_stale(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)  # the socket file is born 0600: no window where others can connect
@@ -123,6 +131,8 @@ class ControlServer:
             raise ControlError(f"cannot bind control socket {path}: {exc.strerror}") from exc
         finally:
             os.umask(old_umask)
+        if owner is not None:
+            os.chown(path, owner.uid, owner.gid)  # mode 0600: that user, and root, may connect
         sock.listen(512)
         sock.setblocking(False)
         self.sock = sock

@@ -1,0 +1,64 @@
+"""--user / --group: bind as root, then run as an unprivileged user. Raises; never exits."""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+from dataclasses import dataclass
+
+
+class PrivilegeError(Exception):
+    """The user or group cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    user: str
+    uid: int
+    gid: int
+
+
+def resolve(user: str | None, group: str | None) -> Identity | None:
+    """The identity to switch to, or None when neither is given."""
+    if user is None and group is None:
+        return None
+    if user is None:
+        uid, name = os.getuid(), pwd.getpwuid(os.getuid()).pw_name
+        gid = None
+    else:
+        try:
+            entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+        except KeyError:
+            raise PrivilegeError(f"user: no such user {user!r}") from None
+        uid, name, gid = entry.pw_uid, entry.pw_name, entry.pw_gid
+    if group is not None:
+        try:
+            gid = grp.getgrgid(int(group)).gr_gid if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise PrivilegeError(f"group: no such group {group!r}") from None
+    assert gid is not None
+    if os.geteuid() != 0 and (uid != os.geteuid() or gid != os.getegid()):
+        raise PrivilegeError(f"user/group: switching to {name} (uid {uid}, gid {gid}) needs root")
+    return Identity(user=name, uid=uid, gid=gid)
+
+
+def give(path: str, who: Identity) -> None:
+    """Hand a file (a socket, a directory we made) to the identity we are about to become."""
+    os.chown(path, who.uid, who.gid)
+
+
+def drop(who: Identity) -> None:
+    """Become ``who`` for good: supplementary groups, then gid, then uid (in that order, or it fails)."""
+    if os.geteuid() != 0:
+        return  # already that user (resolve checked)
+    try:
+        os.initgroups(who.user, who.gid)
+        os.setgid(who.gid)
+        os.setuid(who.uid)
+    except OSError as exc:
+        raise PrivilegeError(
+            f"cannot switch to user {who.user} (uid {who.uid}, gid {who.gid}): {exc.strerror}"
+        ) from exc
+    if os.getuid() != who.uid or os.geteuid() != who.uid:
+        raise PrivilegeError(f"still running as uid {os.geteuid()} after switching to {who.user}")
