@@ -129,20 +129,25 @@ def preload_worker_code(config: Config) -> None:
         prefork.aio.new_event_loop().close()  # imports uvloop when it is there
 
 
-def serve(config: Config, overrides: dict[str, Any]) -> int:
-    from prefork import privileges, systemd
+def serve(config: Config, overrides: dict[str, Any], argv: list[str]) -> int:
+    from prefork import privileges, systemd, upgrade
     from prefork.control import ControlServer
-    from prefork.listeners import adopt, bind_all
+    from prefork.listeners import SYSTEMD_PREFIX, adopt, adopt_inherited, bind_all
     from prefork.master import Master
 
     identity = privileges.resolve(config.user, config.group)
     logs.setup(config.log_level, config.log_file)
     preload_worker_code(config)
     try:
-        inherited = systemd.listen_fds()  # socket activation: systemd bound them for us
-    except ValueError as exc:
-        raise ConfigError(f"socket activation: {exc}") from None
-    if inherited:
+        handed = upgrade.inherited()  # we replace a running master: its sockets are ours now
+        inherited = [] if handed else systemd.listen_fds()  # socket activation: systemd bound them for us
+    except (ValueError, upgrade.UpgradeError) as exc:
+        raise ConfigError(f"inherited sockets: {exc}") from None
+    if handed:
+        listeners = [adopt_inherited(sock, spec) for sock, spec in handed.listeners]
+        logging.getLogger("prefork").info("upgrade: serving the %d socket(s) of the master we replace",
+                                          len(listeners))
+    elif inherited:
         listeners = [adopt(s.sock, s.name) for s in inherited]
         logging.getLogger("prefork").info(
             "using %d socket(s) from systemd: %s", len(listeners), ", ".join(li.address for li in listeners))
@@ -150,7 +155,10 @@ def serve(config: Config, overrides: dict[str, Any]) -> int:
         listeners = bind_all(config.bind_specs, config.backlog)
     try:
         control_path = config.control or default_control_path(config.name, identity.uid if identity else None)
-        control = ControlServer(control_path, owner=identity)
+        if handed is not None and handed.control is not None:
+            control = ControlServer.adopt(control_path, handed.control)
+        else:
+            control = ControlServer(control_path, owner=identity)
         if identity is not None:
             # the control socket, our Unix listeners and the log file stay ours after the switch
             for path in [li.unix_path for li in listeners if li.unix_path] + [config.log_file or ""]:
@@ -163,7 +171,9 @@ def serve(config: Config, overrides: dict[str, Any]) -> int:
         for listener in listeners:
             listener.close()
         raise
-    return Master(config, listeners, control, cli_overrides=overrides, adopted=bool(inherited)).run()
+    adopted = any(li.spec.startswith(SYSTEMD_PREFIX) for li in listeners)
+    return Master(config, listeners, control, cli_overrides=overrides, adopted=adopted,
+                  argv=argv, upgrade_pipe=handed.pipe_fd if handed else None).run()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         if check:
             print(check_config(config))
             return 0
-        return serve(config, overrides)
+        return serve(config, overrides, argv)
     except (UsageError, ConfigError, HandlerLoadError) as exc:
         print(f"prefork: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

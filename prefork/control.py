@@ -141,6 +141,30 @@ class ControlServer:
         self.selector: selectors.BaseSelector | None = None
         self.dispatch: Dispatch | None = None
 
+    @classmethod
+    def adopt(cls, path: str, sock: socket.socket) -> ControlServer:
+        """Serve a control socket passed on by the master we replace (an upgrade)."""
+        self = cls.__new__(cls)
+        self.path = path
+        sock.setblocking(False)
+        self.sock = sock
+        try:
+            self._ino = os.stat(path).st_ino
+        except OSError:
+            self._ino = -1
+        self.connections = set()
+        self.selector = None
+        self.dispatch = None
+        return self
+
+    def hand_over(self) -> None:
+        """Stop accepting (a new master serves this socket now); clients already here get their replies."""
+        if self.selector is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(self.sock)
+        self._ino = -1  # the socket file is the new master's: never remove it
+        self.sock.close()
+
     @staticmethod
     def _take_over_stale(path: str) -> None:
         try:
@@ -199,13 +223,15 @@ class ControlServer:
         with contextlib.suppress(OSError):
             if os.stat(self.path).st_ino == self._ino:  # never remove a successor's socket
                 os.unlink(self.path)
-        self.sock.close()
+        if self.sock.fileno() >= 0:
+            self.sock.close()
 
     def close_in_child(self) -> None:
         """After fork, in a worker: drop our copies without touching the socket file."""
         for conn in list(self.connections):
             conn.sock.close()
-        self.sock.close()
+        if self.sock.fileno() >= 0:
+            self.sock.close()
 
 
 class ControlConnection:

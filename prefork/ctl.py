@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     stop = sub.add_parser("stop", parents=[common], help="graceful stop; returns once the master has exited")
     stop.add_argument("--fast", action="store_true", help="do not wait for open connections")
     sub.add_parser("reopen", parents=[common], help="reopen log files")
+    sub.add_parser("upgrade", parents=[common],
+                   help="start the prefork now installed as a new master on the same sockets; "
+                        "returns once it serves (the old one then drains)")
     drain = sub.add_parser("drain", parents=[common],
                            help="make load-balancer health checks fail while open connections finish")
     drain.add_argument("--off", action="store_true", help="answer health checks again (PROXY protocol only)")
@@ -134,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         request["fast"] = True
     if args.command == "drain" and args.off:
         request["off"] = True
-    timeout = args.timeout if args.timeout is not None else (600.0 if args.command == "reload" else 10.0)
+    timeout = args.timeout if args.timeout is not None else (
+        600.0 if args.command in ("reload", "upgrade") else 10.0)
     try:
         reply, sock = call(path, request, timeout=timeout)
     except DaemonNotRunning as exc:
@@ -171,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped (master pid {reply['pid']} has exited)")
     elif args.command == "reopen":
         print("log files reopened")
+    elif args.command == "upgrade":
+        print(f"upgraded: new master pid {reply['pid']} serves; pid {reply['previous_pid']} is draining")
     elif args.command == "drain":
         print({None: "not draining: health checks are answered",
                "health-checks": "draining: health checks (PROXY LOCAL) fail, clients are still served",

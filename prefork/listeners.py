@@ -34,6 +34,10 @@ class Listener:
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    def hand_over(self) -> None:
+        """A new master took this socket: closing our copy must leave its Unix socket file alone."""
+        self.unix_path = None
+
     def close(self) -> None:
         """Close the socket and remove the Unix socket file we made (if it is still ours)."""
         if self.unix_path is not None and self._unix_ino is not None:
@@ -141,9 +145,23 @@ def bind_all(specs: tuple[BindSpec, ...], backlog: int) -> list[Listener]:
     return listeners
 
 
+def adopt_inherited(sock: socket.socket, spec: str) -> Listener:
+    """Use a listener passed on by the master we replace (an upgrade); we now own its Unix socket file."""
+    sock.setblocking(False)
+    if sock.family == socket.AF_UNIX:
+        path = sock.getsockname()
+        path = path.decode() if isinstance(path, bytes) else path
+        if path:
+            return Listener(sock=sock, spec=spec, unix_path=path, _unix_ino=os.stat(path).st_ino)
+    return Listener(sock=sock, spec=spec)
+
+
 def adopt(sock: socket.socket, name: str) -> Listener:
     """Use a socket inherited from systemd (already bound and listening)."""
     sock.setblocking(False)
     if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # see bind_tcp
-    return Listener(sock=sock, spec=name)
+    return Listener(sock=sock, spec=f"{SYSTEMD_PREFIX}{name}")
+
+
+SYSTEMD_PREFIX = "systemd:"  # the spec of a socket systemd passed: bind= settings never replace it

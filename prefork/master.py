@@ -34,6 +34,7 @@ from prefork.control import ControlConnection, ControlServer
 from prefork.listeners import BindError, Listener, bind
 from prefork.scoreboard import Scoreboard
 from prefork.systemd import Notifier
+from prefork.upgrade import report_ready, spawn
 from prefork.worker import WORKER_BOOT_ERROR, WorkerSpec, run_worker
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ EARLY_DEATH = 10.0  # a worker that dies younger than this counts towards backof
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 10.0
 ABORT_GRACE = 2.0  # after SIGABRT (stacks to the log), SIGKILL this much later
+UPGRADE_TIMEOUT = 60.0  # how long a new master may take to serve before the upgrade is abandoned
 MEMORY_CHECK_INTERVAL = 5.0  # seconds between --max-worker-memory checks (jittered)
 DRAIN_MARGIN = 1.0  # the worker enforces the graceful timeout itself; the master kills this much later
 FAST_STOP_GRACE = 5.0
@@ -89,6 +91,17 @@ class Reload:
     deadline: float
     slots: dict[int, Worker] = field(default_factory=dict)
     waiters: list[ControlConnection] = field(default_factory=list)
+
+
+@dataclass
+class Upgrade:
+    """A new master program starting on our sockets; we keep serving until it says ready."""
+
+    pid: int
+    pipe_fd: int
+    deadline: float
+    waiters: list[ControlConnection] = field(default_factory=list)
+    buffer: bytes = b""
 
 
 @dataclass
@@ -146,12 +159,18 @@ class Master:
         cli_overrides: dict[str, Any] | None = None,
         adopted: bool = False,
         notifier: Notifier | None = None,
+        argv: list[str] | None = None,
+        upgrade_pipe: int | None = None,
     ) -> None:
         self.config = config
         self.listeners = listeners
         self.control = control
         self.cli_overrides = dict(cli_overrides or {})
         self.adopted = adopted  # listeners came from systemd: a reload keeps them whatever bind says
+        self.argv = list(argv or [])  # our command line, to start the new master on upgrade
+        self.upgrade_pipe = upgrade_pipe  # we are a new master: tell the old one when we serve
+        self.upgrade: Upgrade | None = None  # we are an old master starting our successor
+        self.handed_over = False
         self.notifier = notifier or Notifier()
         try:
             self.watchdog_every = self.notifier.watchdog_interval()
@@ -194,6 +213,7 @@ class Master:
             signal.SIGTTIN: lambda: self.scale(self.target + 1),
             signal.SIGTTOU: lambda: self.scale(max(1, self.target - 1)),
             signal.SIGUSR1: self.reopen_logs,
+            signal.SIGUSR2: self.begin_upgrade,
         }
         self._commands: dict[str, Callable[[dict[str, Any], ControlConnection], None]] = {
             "status": lambda req, conn: conn.reply({"ok": True, **self.status()}),
@@ -203,6 +223,7 @@ class Master:
             "stop": self._cmd_stop,
             "reopen": self._cmd_reopen,
             "drain": self._cmd_drain,
+            "upgrade": lambda req, conn: self.begin_upgrade(conn),
         }
         self.lb_drain: str | None = None  # None, "health-checks" or "listeners-closed"
 
@@ -268,6 +289,8 @@ class Master:
             deadlines.append(self.watchdog_due)
         if self.config.max_worker_memory:
             deadlines.append(self.memory_check_due)
+        if self.upgrade is not None:
+            deadlines.append(self.upgrade.deadline)
         return min(deadlines) if deadlines else None
 
     def run_timers(self, now: float) -> None:
@@ -302,6 +325,9 @@ class Master:
         if self.watchdog_every is not None and now >= self.watchdog_due:
             self.watchdog_due = now + self.watchdog_every
             self._ping_watchdog(now)
+        if self.upgrade is not None and now >= self.upgrade.deadline:
+            self._kill_pid(self.upgrade.pid, signal.SIGQUIT)  # it stops its own workers
+            self.fail_upgrade(f"the new master was not serving within {UPGRADE_TIMEOUT:g}s")
         if self.config.max_worker_memory and now >= self.memory_check_due:
             # jittered, and one worker per check: replacements do not all start at once
             self.memory_check_due = now + MEMORY_CHECK_INTERVAL * random.uniform(0.5, 1.5)
@@ -421,8 +447,12 @@ class Master:
                 listener.sock.close()
 
     def _kill(self, worker: Worker, sig: signal.Signals) -> None:
+        self._kill_pid(worker.pid, sig)
+
+    @staticmethod
+    def _kill_pid(pid: int, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError):  # already gone: its SIGCHLD is on the way
-            os.kill(worker.pid, sig)
+            os.kill(pid, sig)
 
     def drain(self, worker: Worker, reason: str) -> None:
         """Tell a worker to stop accepting and finish its connections (SIGKILL after the graceful timeout)."""
@@ -443,6 +473,11 @@ class Master:
                 return
             if pid == 0:
                 return
+            if self.upgrade is not None and pid == self.upgrade.pid:
+                how, _ = describe_exit(status)
+                self.fail_upgrade(f"the new master {how.replace('could not load its handler', 'exited with status 3')}"
+                                  " before it served")
+                continue
             worker = self.workers.pop(pid, None)
             if worker is None:
                 continue
@@ -543,6 +578,9 @@ class Master:
             self.serving = True
             log.info("serving: %d worker(s) ready", self.target)
             self._emit("ready")
+            if self.upgrade_pipe is not None:
+                report_ready(self.upgrade_pipe)  # the master we replace hands over and drains
+                self.upgrade_pipe = None
         reload = self.reload
         if reload is not None and self._all_ready(reload.slots, reload.config.workers):
             self.commit_reload()
@@ -718,6 +756,78 @@ class Master:
                 self.drain(worker, "stopping")
         self.slots.clear()
 
+    # -- upgrade (a new master program on the same sockets) -------------------------------------------
+
+    def begin_upgrade(self, waiter: ControlConnection | None = None) -> None:
+        """SIGUSR2 / preforkctl upgrade: start the prefork now installed as a new master on our sockets."""
+        why = ("the daemon is stopping" if self.stopping is not None else
+               "an upgrade is in progress" if self.upgrade is not None else
+               "a reload is in progress" if self.reload is not None else
+               "drained: the listening sockets are closed" if self.lb_drain == "listeners-closed" else None)
+        if why is None:
+            try:
+                pid, pipe_fd = spawn(self.argv, [(li.fileno(), li.spec) for li in self.listeners],
+                                     self.control.sock.fileno())
+            except OSError as exc:
+                why = f"cannot start the new master: {exc.strerror or exc}"
+        if why is not None:
+            log.error("upgrade refused: %s", why)
+            if waiter is not None:
+                waiter.reply({"ok": False, "error": f"upgrade failed: {why}"})
+            return
+        os.set_blocking(pipe_fd, False)
+        self.upgrade = Upgrade(pid=pid, pipe_fd=pipe_fd, deadline=time.monotonic() + UPGRADE_TIMEOUT,
+                               waiters=[waiter] if waiter else [])
+        self.selector.register(pipe_fd, selectors.EVENT_READ, self._on_upgrade_pipe)
+        log.info("upgrade: new master (pid %d) starting on our sockets; still serving until it is ready", pid)
+
+    def _on_upgrade_pipe(self, mask: int) -> None:
+        upgrade = self.upgrade
+        assert upgrade is not None
+        try:
+            data = os.read(upgrade.pipe_fd, 64)
+        except BlockingIOError:
+            return
+        upgrade.buffer += data
+        if b"ready\n" in upgrade.buffer:
+            self.hand_over()
+        elif not data:  # closed without a word: it is exiting; its SIGCHLD says how
+            self._close_upgrade_pipe()
+
+    def _close_upgrade_pipe(self) -> None:
+        upgrade = self.upgrade
+        if upgrade is not None and upgrade.pipe_fd >= 0:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(upgrade.pipe_fd)
+            os.close(upgrade.pipe_fd)
+            upgrade.pipe_fd = -1
+
+    def hand_over(self) -> None:
+        """The new master serves: give it the service (systemd's main pid, the control socket), then drain."""
+        upgrade = self.upgrade
+        assert upgrade is not None
+        self._close_upgrade_pipe()
+        self.upgrade = None
+        self.notifier.mainpid(upgrade.pid)
+        self.handed_over = True
+        self.control.hand_over()
+        for listener in self.listeners:
+            listener.hand_over()
+        log.info("upgrade: the new master (pid %d) serves; draining our workers", upgrade.pid)
+        for waiter in upgrade.waiters:
+            waiter.reply({"ok": True, "pid": upgrade.pid, "previous_pid": self.pid})
+        self.begin_stop("graceful")
+
+    def fail_upgrade(self, why: str) -> None:
+        upgrade = self.upgrade
+        if upgrade is None:
+            return
+        self._close_upgrade_pipe()
+        self.upgrade = None
+        log.error("upgrade failed: %s; still serving (pid %d)", why, self.pid)
+        for waiter in upgrade.waiters:
+            waiter.reply({"ok": False, "error": f"upgrade failed: {why}"})
+
     def reopen_logs(self) -> None:
         logs.reopen()
         for worker in self.workers.values():
@@ -725,6 +835,8 @@ class Master:
 
     def _emit(self, event: str) -> None:
         """Tell systemd (when it is listening) where the lifecycle stands."""
+        if self.handed_over:
+            return  # the new master speaks for the service now
         if event == "ready":
             self.notifier.ready(self.status_line())
         elif event == "reloading":
@@ -736,6 +848,9 @@ class Master:
         signal.set_wakeup_fd(-1)
         if self.reload is not None:
             self.abort_reload("the daemon stopped")
+        if self.upgrade is not None:
+            self._kill_pid(self.upgrade.pid, signal.SIGQUIT)
+            self.fail_upgrade("the daemon stopped")
         for listener in self.listeners:
             listener.close()
         self.control.close()  # stop waiters see the connection close when we exit

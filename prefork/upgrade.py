@@ -1,0 +1,115 @@
+"""Zero-downtime upgrade of the master itself: start a new master program on the same sockets.
+
+The old master forks and executes the prefork program again (whatever is
+installed now: new code, new virtual environment), passing it every
+listening socket and the control socket as inherited file descriptors,
+named in ``$PREFORK_INHERIT``, and the write end of a pipe in
+``$PREFORK_UPGRADE_PIPE``. The new master adopts them instead of binding,
+starts its workers, and writes ``ready`` on the pipe once they serve. Only
+then does the old master hand over (``MAINPID=`` to systemd, its copy of the
+control socket closed) and drain its own workers. The sockets never close,
+so no connection is refused; if the new master fails to start, the old one
+never stopped serving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+INHERIT_ENV = "PREFORK_INHERIT"
+PIPE_ENV = "PREFORK_UPGRADE_PIPE"
+
+
+class UpgradeError(Exception):
+    """An inherited descriptor is unusable; the message says which."""
+
+
+@dataclass(frozen=True)
+class Inherited:
+    """What a new master received from the one it replaces."""
+
+    listeners: list[tuple[socket.socket, str]]  # (socket, the bind spec it came from)
+    control: socket.socket | None
+    pipe_fd: int | None
+
+
+def program(argv: Sequence[str]) -> list[str]:
+    """The command line that runs the prefork now installed, with the same arguments."""
+    launcher = sys.argv[0]
+    if os.path.basename(launcher) != "__main__.py" and os.access(launcher, os.X_OK):
+        return [launcher, *argv]  # the console script: a new venv at the same path is picked up
+    return [sys.executable, "-m", "prefork", *argv]
+
+
+def spawn(argv: Sequence[str], listeners: Sequence[tuple[int, str]], control_fd: int) -> tuple[int, int]:
+    """Fork and exec the new master; returns (its pid, the read end of its ready pipe)."""
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    entries = [f"{fd}={spec}" for fd, spec in listeners] + [f"{control_fd}=control"]
+    env = dict(os.environ)
+    env[INHERIT_ENV] = "\n".join(entries)
+    env[PIPE_ENV] = str(write_fd)
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        env.pop(name, None)
+    command = program(argv)
+    pid = os.fork()
+    if pid == 0:  # the child: become the new master, or die trying
+        try:
+            signal.set_wakeup_fd(-1)
+            for signum in range(1, signal.NSIG):
+                if signum not in (signal.SIGKILL, signal.SIGSTOP):
+                    with contextlib.suppress(OSError, ValueError):
+                        signal.signal(signum, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, set())
+            for fd, _ in listeners:
+                os.set_inheritable(fd, True)
+            os.set_inheritable(control_fd, True)
+            os.set_inheritable(write_fd, True)
+            os.execvpe(command[0], command, env)
+        finally:
+            os._exit(127)
+    os.close(write_fd)
+    return pid, read_fd
+
+
+def inherited() -> Inherited | None:
+    """The descriptors an old master passed us, or None when we were started normally."""
+    value = os.environ.pop(INHERIT_ENV, None)
+    pipe_text = os.environ.pop(PIPE_ENV, None)
+    if value is None:
+        return None
+    listeners: list[tuple[socket.socket, str]] = []
+    control = None
+    for entry in value.split("\n"):
+        fd_text, sep, spec = entry.partition("=")
+        if not sep or not fd_text.isdigit():
+            raise UpgradeError(f"{INHERIT_ENV}: malformed entry {entry!r}")
+        fd = int(fd_text)
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            raise UpgradeError(f"{INHERIT_ENV}: fd {fd} ({spec}) is not a socket: {exc.strerror}") from None
+        os.set_inheritable(fd, False)
+        if spec == "control":
+            control = sock
+        else:
+            listeners.append((sock, spec))
+    pipe_fd = int(pipe_text) if pipe_text and pipe_text.isdigit() else None
+    if pipe_fd is not None:
+        os.set_inheritable(pipe_fd, False)
+    return Inherited(listeners=listeners, control=control, pipe_fd=pipe_fd)
+
+
+def report_ready(pipe_fd: int) -> None:
+    """Tell the old master we serve; it hands over and drains."""
+    try:
+        os.write(pipe_fd, b"ready\n")
+    except OSError:
+        pass  # the old master is gone already: nothing to tell
+    finally:
+        os.close(pipe_fd)
