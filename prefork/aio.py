@@ -31,6 +31,7 @@ from prefork import logs
 from prefork.config import Config
 from prefork.proxy_protocol import DEFAULT_MAX_LENGTH, ProxyProtocolError, parse
 from prefork.scoreboard import Record
+from prefork.worker import log_access
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,7 @@ class AsyncWorker:
         self.on_ready = on_ready
         self.proxy_policy = proxy_networks
         self.max_connections = config.max_connections
+        self.access_log = not logging.getLogger(logs.ACCESS_LOGGER).disabled
         self.open = 0
         self.accepted = 0
         self.stopping = False
@@ -197,6 +199,8 @@ class AsyncWorker:
             class Counted(proto_class):  # type: ignore[misc]
                 def connection_made(self, transport: asyncio.BaseTransport) -> None:
                     worker.opened()
+                    if worker.access_log:
+                        self._prefork_access = (transport, time.monotonic())
                     super().connection_made(transport)
 
                 def connection_lost(self, exc: Exception | None) -> None:
@@ -204,6 +208,10 @@ class AsyncWorker:
                         super().connection_lost(exc)
                     finally:
                         worker.closed()
+                        if worker.access_log:
+                            transport, started = self._prefork_access
+                            log_access(transport.get_extra_info("peername"), started,
+                                       transport.get_extra_info("socket"), "ok" if exc is None else "error")
 
             Counted.__name__ = Counted.__qualname__ = handler.__name__
             inner = Counted
@@ -212,14 +220,20 @@ class AsyncWorker:
 
             async def serve_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
                 worker.opened()
+                started = time.monotonic()
+                outcome = "error"
                 try:
                     await handle(reader, writer)
+                    outcome = "ok"
                 except (ConnectionError, TimeoutError) as exc:
                     log.info("connection from %s: %s", writer.get_extra_info("peername"), exc)
                 except Exception:
                     worker.record.errors += 1
                     log.exception("error handling connection from %s", writer.get_extra_info("peername"))
                 finally:
+                    if worker.access_log:
+                        log_access(writer.get_extra_info("peername"), started, writer.get_extra_info("socket"),
+                                   outcome)
                     writer.close()
                     worker.closed()
 

@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-config", action="store_true", help="check the configuration and handler, then exit")
     p.add_argument("--log-level", choices=LOG_LEVELS, metavar="LEVEL", help="debug, info (default), warning, error")
     p.add_argument("--log-file", metavar="PATH", help="log to PATH instead of stderr (USR1 reopens it)")
+    p.add_argument("--access-log", metavar="PATH|-",
+                   help="one line per connection (peer, duration, bytes in/out) to PATH or - for stdout")
     p.add_argument("--user", metavar="USER",
                    help="after binding (as root), run the master and workers as USER (name or uid)")
     p.add_argument("--group", metavar="GROUP", help="and as GROUP (default: USER's primary group)")
@@ -137,6 +139,7 @@ def serve(config: Config, overrides: dict[str, Any], argv: list[str]) -> int:
 
     identity = privileges.resolve(config.user, config.group)
     logs.setup(config.log_level, config.log_file)
+    logs.setup_access_log(config.access_log)
     preload_worker_code(config)
     try:
         handed = upgrade.inherited()  # we replace a running master: its sockets are ours now
@@ -161,7 +164,8 @@ def serve(config: Config, overrides: dict[str, Any], argv: list[str]) -> int:
             control = ControlServer(control_path, owner=identity)
         if identity is not None:
             # the control socket, our Unix listeners and the log file stay ours after the switch
-            for path in [li.unix_path for li in listeners if li.unix_path] + [config.log_file or ""]:
+            files = [config.log_file or "", config.access_log if config.access_log != "-" else ""]
+            for path in [li.unix_path for li in listeners if li.unix_path] + [f for f in files if f]:
                 if path:
                     privileges.give(path, identity)
             privileges.drop(identity)

@@ -98,6 +98,7 @@ class Config:
     control: str | None = None
     log_level: str = "info"
     log_file: str | None = None
+    access_log: str | None = None  # PATH, or "-" for standard output
     user: str | None = None
     group: str | None = None
     proxy_protocol: bool = False
@@ -149,6 +150,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "control": (str,),
     "log_level": (str,),
     "log_file": (str,),
+    "access_log": (str,),
     "user": (str, int),
     "group": (str, int),
     "proxy_protocol": (bool,),

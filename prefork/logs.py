@@ -62,11 +62,38 @@ def set_level(level: str) -> None:
     logging.getLogger().setLevel(level.upper())
 
 
+ACCESS_LOGGER = "prefork.access"
+
+
+def setup_access_log(target: str | None) -> None:
+    """``--access-log PATH|-``: one line per connection, to its own file or standard output."""
+    logger = logging.getLogger(ACCESS_LOGGER)
+    logger.propagate = False
+    for old in list(logger.handlers):
+        logger.removeHandler(old)
+        old.close()
+    if not target:
+        logger.disabled = True
+        return
+    logger.disabled = False
+    handler: logging.Handler
+    if target == "-":
+        handler = logging.StreamHandler(sys.stdout)
+        fmt = "%(message)s" if _stderr_is_journal() else "%(asctime)s %(message)s"
+    else:
+        handler = ReopenableFileHandler(target, encoding="utf-8")
+        fmt = "%(asctime)s %(message)s"
+    handler.setFormatter(logging.Formatter(fmt))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def reopen() -> None:
-    """USR1: reopen every log file (after logrotate moved it away)."""
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, ReopenableFileHandler):
-            handler.reopen()
+    """USR1: reopen every log file (after logrotate moved it away), the access log too."""
+    for logger in (logging.getLogger(), logging.getLogger(ACCESS_LOGGER)):
+        for handler in logger.handlers:
+            if isinstance(handler, ReopenableFileHandler):
+                handler.reopen()
 
 
 def fault_stream() -> IO[Any]:

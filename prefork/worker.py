@@ -32,6 +32,7 @@ import select
 import signal
 import socket
 import socketserver
+import struct
 import sys
 import threading
 import time
@@ -232,6 +233,7 @@ class PreforkServer(socketserver.TCPServer):
         self.on_stop = on_stop
         self.proxy = proxy
         self.listeners_closed = False
+        self.access_log = not logging.getLogger(logs.ACCESS_LOGGER).disabled
         self.accepted = 0
         self.stopping = False
         self.stop_deadline = 0.0
@@ -411,7 +413,16 @@ class PreforkServer(socketserver.TCPServer):
                 return
             if header.command == "PROXY" and header.source is not None:
                 client_address = header.source
-        super().finish_request(request, client_address)
+        if not self.access_log:
+            super().finish_request(request, client_address)
+            return
+        started = time.monotonic()
+        outcome = "error"
+        try:
+            super().finish_request(request, client_address)
+            outcome = "ok"
+        finally:
+            log_access(client_address, started, request, outcome)
 
     # -- hooks for subclasses -----------------------------------------------------------------------
 
@@ -463,6 +474,34 @@ class PreforkServer(socketserver.TCPServer):
             log.info("connection from %s: %s", _peer(client_address), exc)
         else:
             log.exception("error handling connection from %s", _peer(client_address))
+
+
+_TCP_INFO_BYTES = struct.Struct("=QQ")  # tcpi_bytes_acked, tcpi_bytes_received (Linux >= 4.1/4.6)
+_TCP_INFO_BYTES_OFFSET = 120
+_FIN_RECEIVED_STATES = frozenset({6, 8, 9, 11})  # TIME_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING (tcp_states.h)
+_access = logging.getLogger(logs.ACCESS_LOGGER)
+
+
+def tcp_bytes(sock: Any) -> tuple[int, int] | None:
+    """(bytes received, bytes sent and acknowledged) of a TCP connection, from the kernel's TCP_INFO."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 192)
+    except (OSError, AttributeError):
+        return None
+    if len(info) < _TCP_INFO_BYTES_OFFSET + _TCP_INFO_BYTES.size:
+        return None
+    acked, received = _TCP_INFO_BYTES.unpack_from(info, _TCP_INFO_BYTES_OFFSET)
+    if info[0] in _FIN_RECEIVED_STATES:
+        received -= 1  # the peer's FIN takes a sequence number, not a byte
+    return received, acked
+
+
+def log_access(client_address: Any, started: float, sock: Any, outcome: str) -> None:
+    """One access-log line: peer, duration, bytes in and out (from the kernel, so any handler is covered)."""
+    counts = tcp_bytes(sock) if getattr(sock, "family", None) != socket.AF_UNIX else None
+    received, sent = counts if counts is not None else ("-", "-")
+    _access.info("%s %.6fs in=%s out=%s %s", _peer(client_address), time.monotonic() - started,
+                 received, sent, outcome)
 
 
 def _peer(client_address: Any) -> str:
