@@ -1,0 +1,134 @@
+"""Run prefork and reference servers side by side and print one table (see scripts/bench).
+
+Drives the team's ``compare.py`` (``$BENCH_DIR``, default ``../shared/bench``):
+its C load generator (``echoload``), its reference servers (the recipe's
+``ThreadingTCPServer``, a hand-written fork-and-``serve_forever`` prefork,
+bare asyncio and uvloop servers, a C epoll server, HAProxy, socat) and its
+measurement of the server's whole process tree. Each scenario runs its
+servers interleaved, round after round, so drift on a shared machine hits
+all of them alike; ratios are the median of per-round ratios against the
+scenario's first server. The figure that matters is ops per server
+CPU-second: it holds even when the load generator is the bottleneck.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+COMMON = "--log-level warning --control /tmp/prefork-bench-{port}.sock"
+
+
+@dataclass(frozen=True)
+class Entry:
+    label: str
+    server: str  # a compare.py server name
+    prefork_cmd: str | None = None  # PREFORK_CMD / PREFORK_RELAY_CMD for the project's entries
+
+
+def prefork(label: str, args: str, n: int, relay: bool = False) -> Entry:
+    cmd = f"{BIN}/prefork --bind 127.0.0.1:{{port}} --workers {{n}} {args} {COMMON}"
+    if relay:
+        cmd += " --relay 127.0.0.1:{upstream}"
+    return Entry(label, f"{'prefork-relay' if relay else 'prefork'}:{n}", cmd)
+
+
+SCENARIOS: dict[str, tuple[str, int, list[Entry]]] = {
+    # name: (mode, connections, servers; the first is the baseline)
+    "ping": ("ping", 50, [
+        Entry("threading (recipe)", "threading"),
+        prefork("prefork thread w2", "-k thread", 2),
+        Entry("uvloop", "uvloop:1"),
+        prefork("prefork async w1", "-k async", 1),
+        Entry("asyncio", "asyncio:1"),
+        Entry("C epoll", "cecho:1"),
+    ]),
+    "connect": ("connect", 50, [
+        Entry("naive prefork w2", "naive:2"),
+        prefork("prefork sync w2", "-k sync", 2),
+        prefork("prefork async w1", "-k async", 1),
+        Entry("uvloop", "uvloop:1"),
+        Entry("C epoll", "cecho:1"),
+    ]),
+    "relay": ("ping", 50, [
+        Entry("haproxy", "haproxy:1"),
+        prefork("prefork relay async w1", "-k async", 1, relay=True),
+        prefork("prefork relay thread w1", "-k thread --threads 64", 1, relay=True),
+        Entry("socat", "socat"),
+    ]),
+}
+
+
+def load_compare(bench_dir: Path) -> ModuleType:
+    path = bench_dir / "compare.py"
+    if not path.exists():
+        raise SystemExit(f"scripts/bench: {path} not found (set BENCH_DIR to the folder holding compare.py)")
+    spec = importlib.util.spec_from_file_location("compare", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def failures(res: dict[str, str]) -> int:
+    if "error" in res:
+        return -1
+    return sum(int(res.get(k, 0)) for k in ("errors", "refused", "resets", "short", "starved"))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--secs", type=float, default=4.0)
+    ap.add_argument("--only", action="append", choices=sorted(SCENARIOS))
+    args = ap.parse_args()
+    compare = load_compare(Path(os.environ.get("BENCH_DIR", ROOT.parent / "shared" / "bench")))
+    compare.build_tools()
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')} UTC on {platform.node()}: {os.cpu_count()} CPUs, "
+          f"Python {platform.python_version()}, server on CPU 1, load generator on CPU 0, "
+          f"{args.rounds} interleaved rounds of {args.secs:g}s, 64-byte messages")
+    header = (f"{'scenario':<9}{'server':<26}{'ops/s':>10}{'srv_cpu_s':>11}{'ops/cpu_s':>11}"
+              f"{'x_ops_cpu':>11}{'rss_mb':>8}{'p99_us':>9}{'failures':>10}")
+    print(header)
+    for name in args.only or list(SCENARIOS):
+        mode, conns, entries = SCENARIOS[name]
+        ns = argparse.Namespace(mode=mode, c=conns, s=64, d=args.secs, t=1, server_cpus="1", load_cpus="0")
+        results: dict[str, list[dict[str, str]]] = {e.label: [] for e in entries}
+        for _ in range(args.rounds):
+            for entry in entries:
+                if entry.prefork_cmd:
+                    key = "PREFORK_RELAY_CMD" if entry.server.startswith("prefork-relay") else "PREFORK_CMD"
+                    os.environ[key] = entry.prefork_cmd
+                results[entry.label].append(compare.run_one(entry.server, ns))
+        base = results[entries[0].label]
+        for entry in entries:
+            rows = results[entry.label]
+            ok = [r for r in rows if "error" not in r]
+
+            def med(key: str, rows: list[dict[str, str]] = ok) -> float:
+                vals = [float(r[key]) for r in rows if r.get(key, "-") != "-"]
+                return statistics.median(vals) if vals else 0.0
+
+            ratios = [float(r["ops_per_cpu_s"]) / float(b["ops_per_cpu_s"]) for r, b in zip(rows, base, strict=True)
+                      if "error" not in r and "error" not in b and r.get("ops_per_cpu_s", "-") != "-"
+                      and b.get("ops_per_cpu_s", "-") != "-" and float(b["ops_per_cpu_s"])]
+            fails = [failures(r) for r in rows]
+            print(f"{name:<9}{entry.label:<26}{med('ops_per_s'):>10.0f}{med('srv_cpu_s'):>11.2f}"
+                  f"{med('ops_per_cpu_s'):>11.0f}{(statistics.median(ratios) if ratios else 0):>11.2f}"
+                  f"{med('rss_mb'):>8.0f}{med('p99_us'):>9.0f}"
+                  f"{('-' if -1 in fails else str(max(fails))):>10}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
