@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="prefork",
         description="Run a socketserver request handler in a supervised pool of preforked worker processes.",
         epilog="Signals: TERM graceful stop, INT/QUIT fast stop, HUP reload, TTIN/TTOU one worker more/less, "
-        "USR1 reopen log files. Control it with preforkctl.",
+        "USR1 reopen log files, USR2 upgrade the master program. Control it with preforkctl.",
         argument_default=argparse.SUPPRESS,  # only what the user gave overrides the config file
     )
     p.add_argument("handler", nargs="?", metavar="HANDLER",
