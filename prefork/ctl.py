@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Any, NoReturn
 
@@ -16,6 +17,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_NOT_RUNNING = 3
+
+FORMATS = ("text", "json", "prometheus")
 
 
 class UsageError(Exception):
@@ -29,7 +32,10 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="machine-readable output (the same as --format json)")
+    common.add_argument("--format", choices=FORMATS, default=argparse.SUPPRESS,
+                        help="output: text (default), json, or prometheus (stats only)")
     p = _Parser(prog="preforkctl", description="Control a running prefork daemon.", parents=[common])
     where = p.add_mutually_exclusive_group()
     where.add_argument("--control", metavar="PATH", help="the daemon's control socket")
@@ -40,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     sub.add_parser("status", parents=[common], help="the master and its workers")
     sub.add_parser("stats", parents=[common], help="counters: connections, errors, respawns, reloads")
+    top = sub.add_parser("top", parents=[common], help="a live table of the workers; q or Ctrl-C to quit")
+    top.add_argument("--interval", type=float, default=1.0, metavar="SECS",
+                     help="seconds between refreshes (default 1)")
     sub.add_parser("reload", parents=[common], help="start a new generation; returns once it serves")
     scale = sub.add_parser("scale", parents=[common], help="set the number of workers")
     scale.add_argument("workers", type=int, metavar="N")
@@ -55,16 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _human_bytes(n: int) -> str:
+def human_bytes(n: int) -> str:
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if value < 1024 or unit == "GiB":
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
-    return f"{n} B"
+    return f"{n} B"  # not reached: GiB takes everything left
 
 
-def _human_age(seconds: float) -> str:
+def human_age(seconds: float) -> str:
     s = int(seconds)
     if s < 120:
         return f"{seconds:.1f}s" if seconds < 10 else f"{s}s"
@@ -85,14 +94,14 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 def format_status(s: dict[str, Any]) -> str:
     out = [
         f"{s['name']}: master pid {s['pid']}, {s['state']}, generation {s['generation']}, "
-        f"up {_human_age(s['uptime_s'])}",
+        f"up {human_age(s['uptime_s'])}",
         f"{s['target_workers']} {s['worker_class']} worker(s) of {s['handler']}",
         f"listening on {', '.join(s['listeners'])}",
         "",
     ]
     rows = [
         [str(w["slot"]), str(w["pid"]), str(w["generation"]), w["state"], str(w["requests"]), str(w["active"]),
-         _human_bytes(w["rss_bytes"]), f"{w['cpu_percent']:.1f}", _human_age(w["age_s"]),
+         human_bytes(w["rss_bytes"]), f"{w['cpu_percent']:.1f}", human_age(w["age_s"]),
          f"{w['heartbeat_age_s']:.1f}s"]
         for w in s["workers"]
     ]
@@ -107,9 +116,74 @@ def format_status(s: dict[str, Any]) -> str:
 def format_stats(s: dict[str, Any]) -> str:
     keys = ["requests", "active", "errors", "workers", "workers_spawned", "worker_exits", "worker_crashes",
             "worker_timeouts", "reloads", "failed_reloads"]
-    out = [f"{s['name']}: master pid {s['pid']}, generation {s['generation']}, up {_human_age(s['uptime_s'])}"]
+    out = [f"{s['name']}: master pid {s['pid']}, generation {s['generation']}, up {human_age(s['uptime_s'])}"]
     out += [f"{k.replace('_', ' ')}: {s[k]}" for k in keys]
     return "\n".join(out)
+
+
+def output_format(args: argparse.Namespace) -> str:
+    """The output format the options ask for; raises :class:`UsageError` for a combination that makes no sense."""
+    fmt: str | None = getattr(args, "format", None)
+    if getattr(args, "json", False):
+        if fmt not in (None, "json"):
+            raise UsageError(f"--json and --format {fmt} disagree: give one of them")
+        fmt = "json"
+    fmt = fmt or "text"
+    if args.command == "top" and fmt != "text":
+        raise UsageError("top draws a table for people: for machines use stats or status with --format")
+    if fmt == "prometheus" and args.command != "stats":
+        raise UsageError(f"--format prometheus is for stats, not {args.command}")
+    if args.command == "top" and not (math.isfinite(args.interval) and args.interval > 0):
+        raise UsageError(f"top: --interval must be a positive number of seconds, got {args.interval:g}")
+    return fmt
+
+
+def ask(path: str, command: str, timeout: float) -> dict[str, Any]:
+    """One command's successful reply; raises ControlError (DaemonNotRunning if nothing answers) otherwise."""
+    from prefork.control import ControlError, call
+
+    reply, sock = call(path, {"command": command}, timeout=timeout)
+    sock.close()
+    if not reply.get("ok"):
+        raise ControlError(f"{command} failed: {reply.get('error', 'no reason given')}")
+    return reply
+
+
+def fetch_status_and_stats(path: str, timeout: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    return ask(path, "status", timeout), ask(path, "stats", timeout)
+
+
+def _top(path: str, interval: float, timeout: float) -> int:
+    from prefork import top
+    from prefork.control import ControlError, DaemonNotRunning
+
+    try:
+        top.run(path, interval=interval, timeout=timeout)
+    except KeyboardInterrupt:  # Ctrl-C before the loop took over: quitting is what was asked for
+        return EXIT_OK
+    except DaemonNotRunning:
+        print(f"preforkctl: daemon not answering on {path}", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    except ControlError as exc:
+        print(f"preforkctl: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _prometheus(path: str, timeout: float) -> int:
+    from prefork.control import ControlError, DaemonNotRunning
+    from prefork.metrics import render_prometheus
+
+    try:
+        status, stats = fetch_status_and_stats(path, timeout)
+    except DaemonNotRunning as exc:
+        print(f"preforkctl: {exc}", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    except ControlError as exc:
+        print(f"preforkctl: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    sys.stdout.write(render_prometheus(status, stats))
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = build_parser().parse_args(argv)
+        fmt = output_format(args)
     except UsageError as exc:
         print(f"preforkctl: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -126,7 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"preforkctl: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    as_json = bool(getattr(args, "json", False))
+    if args.command == "top":
+        return _top(path, args.interval, args.timeout if args.timeout is not None else 5.0)
+    if fmt == "prometheus":
+        return _prometheus(path, args.timeout if args.timeout is not None else 10.0)
+    as_json = fmt == "json"
     request: dict[str, Any] = {"command": args.command}
     if args.command == "scale":
         if args.workers < 1:

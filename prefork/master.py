@@ -120,6 +120,7 @@ class Totals:
     reloads: int = 0
     failed_reloads: int = 0
     memory_recycles: int = 0
+    respawns: int = 0  # replacements started for workers that exited unasked
 
 
 def describe_exit(status: int) -> tuple[str, bool]:
@@ -532,6 +533,7 @@ class Master:
         level = logging.WARNING if worker.state is not WorkerState.KILLING else logging.ERROR
         log.log(level, "worker %d (pid %d) %s, restarting %s", worker.slot, worker.pid, how,
                 f"in {delay:.1f}s" if delay else "now")
+        totals.respawns += 1
         if delay:
             backoff.respawn_at = now + delay
         elif worker.slot < self.target:
@@ -1011,6 +1013,7 @@ class Master:
             "reloads": totals.reloads,
             "failed_reloads": totals.failed_reloads,
             "memory_recycles": totals.memory_recycles,
+            "worker_respawns": totals.respawns,
             "per_worker": [
                 {"pid": w.pid, "slot": w.slot, "generation": w.generation, "state": w.state.value,
                  "requests": int(self.scoreboard[w.record].requests),

@@ -1,0 +1,167 @@
+"""Prometheus text exposition (format 0.0.4) of a daemon's ``status`` and ``stats`` replies.
+
+Pure functions of the two JSON replies, so ``preforkctl stats --format
+prometheus`` and any future ``/metrics`` endpoint render the same text.
+Totals come from ``stats`` (they include workers that have exited); per-worker
+series come from ``status`` and carry the labels ``slot``, ``pid`` and
+``generation``. A key missing from a reply (an older daemon) drops that
+series instead of failing; a family left without samples is not written.
+
+The format is small enough to write by hand, which keeps the daemon free of
+dependencies; the tests check it with ``prometheus_client``'s own parser.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+PREFIX = "prefork_"
+
+MetricType = Literal["counter", "gauge"]
+Labels = tuple[tuple[str, str], ...]
+
+
+@dataclass
+class Family:
+    """One metric: its HELP and TYPE lines and its samples."""
+
+    name: str
+    type: MetricType
+    help: str
+    samples: list[tuple[Labels, float]] = field(default_factory=list)
+
+    def add(self, value: object, labels: Labels = ()) -> None:
+        """Add a sample; a missing or non-numeric ``value`` is skipped."""
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return
+        self.samples.append((labels, value))
+
+
+def escape_label_value(value: str) -> str:
+    """Backslash, double quote and line feed are the three characters escaped in a label value."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def escape_help(text: str) -> str:
+    """HELP text escapes backslash and line feed (a double quote stays as it is)."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def format_value(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value)
+
+
+def format_family(family: Family) -> list[str]:
+    lines = [f"# HELP {family.name} {escape_help(family.help)}", f"# TYPE {family.name} {family.type}"]
+    for labels, value in family.samples:
+        if labels:
+            inner = ",".join(f'{key}="{escape_label_value(val)}"' for key, val in labels)
+            lines.append(f"{family.name}{{{inner}}} {format_value(value)}")
+        else:
+            lines.append(f"{family.name} {format_value(value)}")
+    return lines
+
+
+def render(families: Iterable[Family]) -> str:
+    """The exposition text of ``families``, skipping empty ones; ends with a line feed."""
+    lines: list[str] = []
+    for family in families:
+        if family.samples:
+            lines += format_family(family)
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def worker_labels(worker: Mapping[str, Any]) -> Labels:
+    return (("slot", str(worker.get("slot", ""))), ("pid", str(worker.get("pid", ""))),
+            ("generation", str(worker.get("generation", ""))))
+
+
+# (stats key, metric name without prefix, type, help): totals over the daemon's life, or gauges now
+_TOTALS: tuple[tuple[str, str, MetricType, str], ...] = (
+    ("requests", "connections_total", "counter", "Connections handled to the end, by all workers ever."),
+    ("active", "connections_open", "gauge", "Connections open now."),
+    ("errors", "errors_total", "counter", "Handler exceptions."),
+    ("proxy_errors", "proxy_errors_total", "counter", "Connections closed for a missing or bad PROXY header."),
+    ("bytes_in", "received_bytes_total", "counter", "Bytes received from clients."),
+    ("bytes_out", "sent_bytes_total", "counter", "Bytes sent to clients."),
+    ("workers", "workers", "gauge", "Worker processes alive now, of every generation."),
+    ("workers_spawned", "workers_spawned_total", "counter", "Worker processes started."),
+    ("worker_respawns", "worker_respawns_total", "counter", "Workers started to replace one that exited."),
+    ("worker_exits", "worker_exits_total", "counter", "Worker processes that exited, for any reason."),
+    ("worker_crashes", "worker_crashes_total", "counter",
+     "Worker processes that exited uncleanly (non-zero status or a signal)."),
+    ("worker_timeouts", "worker_timeouts_total", "counter", "Workers killed for a stale heartbeat."),
+    ("memory_recycles", "worker_memory_recycles_total", "counter", "Workers replaced for using too much memory."),
+    ("reloads", "reloads_total", "counter", "Reloads that completed (a new generation serves)."),
+    ("failed_reloads", "reloads_failed_total", "counter", "Reloads that failed (the old generation kept serving)."),
+    ("generation", "generation", "gauge", "The generation of workers the master serves with."),
+    ("uptime_s", "uptime_seconds", "gauge", "Seconds since the master started."),
+)
+
+# (status worker key, metric name without prefix, type, help)
+_PER_WORKER: tuple[tuple[str, str, MetricType, str], ...] = (
+    ("requests", "worker_connections_total", "counter", "Connections this worker handled to the end."),
+    ("active", "worker_connections_open", "gauge", "Connections this worker has open now."),
+    ("errors", "worker_errors_total", "counter", "Handler exceptions in this worker."),
+    ("bytes_in", "worker_received_bytes_total", "counter", "Bytes this worker received from clients."),
+    ("bytes_out", "worker_sent_bytes_total", "counter", "Bytes this worker sent to clients."),
+    ("rss_bytes", "worker_rss_bytes", "gauge", "Resident memory of this worker."),
+    ("cpu_percent", "worker_cpu_percent", "gauge",
+     "CPU use of this worker since the previous status request (its lifetime average on the first)."),
+    ("heartbeat_age_s", "worker_heartbeat_age_seconds", "gauge", "Seconds since this worker's last heartbeat."),
+    ("age_s", "worker_age_seconds", "gauge", "Seconds since this worker was started."),
+)
+
+
+def families(status: Mapping[str, Any], stats: Mapping[str, Any]) -> list[Family]:
+    """The metric families of a ``status`` and a ``stats`` reply taken at about the same time."""
+    out: list[Family] = []
+    info = Family(PREFIX + "info", "gauge", "Always 1; the labels describe the daemon.")
+    info.add(1, (("name", str(status.get("name", stats.get("name", "")))),
+                 ("version", str(status.get("version", ""))),
+                 ("worker_class", str(status.get("worker_class", ""))),
+                 ("handler", str(status.get("handler", "")))))
+    out.append(info)
+    master_pid = Family(PREFIX + "master_pid", "gauge", "Process id of the master.")
+    master_pid.add(stats.get("pid", status.get("pid")))
+    out.append(master_pid)
+    for key, name, kind, text in _TOTALS:
+        family = Family(PREFIX + name, kind, text)
+        family.add(stats.get(key))
+        out.append(family)
+    target = Family(PREFIX + "workers_target", "gauge", "Workers per generation the master keeps.")
+    target.add(status.get("target_workers"))
+    out.append(target)
+    state = Family(PREFIX + "state", "gauge", "1 for the master's current state, 0 for the others.")
+    if isinstance(status.get("state"), str):
+        current = status["state"]
+        for name in sorted({"starting", "serving", "reloading", "stopping", current}):
+            state.add(int(name == current), (("state", name),))
+    out.append(state)
+
+    workers = [w for w in status.get("workers", []) if isinstance(w, Mapping)]
+    worker_state = Family(PREFIX + "worker_state", "gauge", "Always 1; the state label is the worker's state.")
+    for w in workers:
+        worker_state.add(1, (*worker_labels(w), ("state", str(w.get("state", "")))))
+    out.append(worker_state)
+    for key, name, kind, text in _PER_WORKER:
+        family = Family(PREFIX + name, kind, text)
+        for w in workers:
+            family.add(w.get(key), worker_labels(w))
+        out.append(family)
+    return out
+
+
+def render_prometheus(status: Mapping[str, Any], stats: Mapping[str, Any]) -> str:
+    """The Prometheus text exposition (0.0.4) of a daemon's ``status`` and ``stats`` replies."""
+    return render(families(status, stats))
