@@ -17,6 +17,7 @@ from prefork.config import (
     ConfigError,
     build_config,
     default_control_path,
+    parse_bind,
 )
 
 EXIT_USAGE = 2
@@ -73,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-file", metavar="PATH", help="log to PATH instead of stderr (USR1 reopens it)")
     p.add_argument("--access-log", metavar="PATH|-",
                    help="one line per connection (peer, duration, bytes in/out) to PATH or - for stdout")
+    p.add_argument("--metrics-bind", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics from the master")
     p.add_argument("--user", metavar="USER",
                    help="after binding (as root), run the master and workers as USER (name or uid)")
     p.add_argument("--group", metavar="GROUP", help="and as GROUP (default: USER's primary group)")
@@ -134,7 +137,7 @@ def preload_worker_code(config: Config) -> None:
 def serve(config: Config, overrides: dict[str, Any], argv: list[str]) -> int:
     from prefork import privileges, systemd, upgrade
     from prefork.control import ControlServer
-    from prefork.listeners import SYSTEMD_PREFIX, adopt, adopt_inherited, bind_all
+    from prefork.listeners import SYSTEMD_PREFIX, adopt, adopt_inherited, bind, bind_all
     from prefork.master import Master
 
     identity = privileges.resolve(config.user, config.group)
@@ -156,7 +159,10 @@ def serve(config: Config, overrides: dict[str, Any], argv: list[str]) -> int:
             "using %d socket(s) from systemd: %s", len(listeners), ", ".join(li.address for li in listeners))
     else:
         listeners = bind_all(config.bind_specs, config.backlog)
+    metrics_sock = None
     try:
+        if config.metrics_bind:
+            metrics_sock = bind(parse_bind(config.metrics_bind), 64).sock
         control_path = config.control or default_control_path(config.name, identity.uid if identity else None)
         if handed is not None and handed.control is not None:
             control = ControlServer.adopt(control_path, handed.control)
@@ -174,10 +180,12 @@ def serve(config: Config, overrides: dict[str, Any], argv: list[str]) -> int:
     except BaseException:
         for listener in listeners:
             listener.close()
+        if metrics_sock is not None:
+            metrics_sock.close()
         raise
     adopted = any(li.spec.startswith(SYSTEMD_PREFIX) for li in listeners)
     return Master(config, listeners, control, cli_overrides=overrides, adopted=adopted,
-                  argv=argv, upgrade_pipe=handed.pipe_fd if handed else None).run()
+                  argv=argv, upgrade_pipe=handed.pipe_fd if handed else None, metrics_sock=metrics_sock).run()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -99,6 +99,7 @@ class Config:
     log_level: str = "info"
     log_file: str | None = None
     access_log: str | None = None  # PATH, or "-" for standard output
+    metrics_bind: str | None = None  # HOST:PORT serving GET /metrics
     user: str | None = None
     group: str | None = None
     proxy_protocol: bool = False
@@ -151,6 +152,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "log_level": (str,),
     "log_file": (str,),
     "access_log": (str,),
+    "metrics_bind": (str,),
     "user": (str, int),
     "group": (str, int),
     "proxy_protocol": (bool,),
@@ -269,6 +271,12 @@ def validate(config: Config) -> None:
         )
     if not _HANDLER_RE.match(config.handler):
         raise ConfigError(f"handler: {config.handler!r} must look like module:Class (e.g. myapp.echo:Handler)")
+    if config.metrics_bind is not None:
+        spec = parse_bind(config.metrics_bind)
+        if spec.is_unix:
+            raise ConfigError(f"metrics-bind: {config.metrics_bind!r} must be HOST:PORT")
+        if any((s.host, s.port) == (spec.host, spec.port) for s in specs if spec.port):
+            raise ConfigError(f"metrics-bind: {config.metrics_bind} is also a --bind address")
     for cidr in config.proxy_allow:
         try:
             ipaddress.ip_network(cidr, strict=False)

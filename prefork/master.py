@@ -31,7 +31,9 @@ import psutil
 from prefork import __version__, logs
 from prefork.config import Config, ConfigError, build_config
 from prefork.control import ControlConnection, ControlServer
+from prefork.httpmetrics import MetricsServer
 from prefork.listeners import BindError, Listener, bind
+from prefork.metrics import render_prometheus
 from prefork.scoreboard import Scoreboard
 from prefork.systemd import Notifier
 from prefork.upgrade import report_ready, spawn
@@ -162,6 +164,7 @@ class Master:
         notifier: Notifier | None = None,
         argv: list[str] | None = None,
         upgrade_pipe: int | None = None,
+        metrics_sock: socket.socket | None = None,
     ) -> None:
         self.config = config
         self.listeners = listeners
@@ -172,6 +175,8 @@ class Master:
         self.upgrade_pipe = upgrade_pipe  # we are a new master: tell the old one when we serve
         self.upgrade: Upgrade | None = None  # we are an old master starting our successor
         self.handed_over = False
+        self.metrics_sock = metrics_sock
+        self.metrics: MetricsServer | None = None
         self.notifier = notifier or Notifier()
         try:
             self.watchdog_every = self.notifier.watchdog_interval()
@@ -235,6 +240,9 @@ class Master:
         self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_signals)
         self.selector.register(self._events_r, selectors.EVENT_READ, self._on_worker_events)
         self.control.attach(self.selector, self._dispatch)
+        if self.metrics_sock is not None:
+            self.metrics = MetricsServer(self.metrics_sock, self.selector,
+                                         lambda: render_prometheus(self.status(), self.stats()))
         logs.set_title("master", self.config.name)
         log.info("prefork %s master (pid %d) [%s]: %d %s worker(s) of %s on %s; control socket %s",
                  __version__, self.pid, self.config.name, self.target, self.config.worker_class,
@@ -283,9 +291,10 @@ class Master:
         deadlines.extend(b.respawn_at for b in self.backoff.values() if b.respawn_at is not None)
         if self.reload is not None:
             deadlines.append(self.reload.deadline)
-        control = self.control.next_deadline()
-        if control is not None:
-            deadlines.append(control)
+        for server in (self.control, self.metrics):
+            deadline = server.next_deadline() if server is not None else None
+            if deadline is not None:
+                deadlines.append(deadline)
         if self.watchdog_every is not None:
             deadlines.append(self.watchdog_due)
         if self.config.max_worker_memory:
@@ -296,6 +305,8 @@ class Master:
 
     def run_timers(self, now: float) -> None:
         self.control.expire(now)
+        if self.metrics is not None:
+            self.metrics.expire(now)
         timeout = self.config.timeout
         for worker in list(self.workers.values()):
             if worker.kill_at is not None:
@@ -442,6 +453,8 @@ class Master:
         self._wake_w.close()
         os.close(self._events_r)
         self.control.close_in_child()
+        if self.metrics is not None:
+            self.metrics.close_in_child()
         every = list(self.listeners) + (self.reload.listeners if self.reload else [])
         for listener in every:
             if listener.fileno() not in keep and listener.fileno() >= 0:
@@ -856,6 +869,8 @@ class Master:
         for listener in self.listeners:
             listener.close()
         self.control.close()  # stop waiters see the connection close when we exit
+        if self.metrics is not None:
+            self.metrics.close()
         log.info("master (pid %d) exiting with status %d", self.pid, self.exit_code)
 
     # -- control commands ---------------------------------------------------------------------------

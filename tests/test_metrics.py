@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -259,3 +260,33 @@ def test_format_usage_errors(tmp_path: Path, args: list[str]) -> None:
     assert result.stdout == ""
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("preforkctl: error: "), result.stderr
+
+
+def test_metrics_endpoint_served_by_the_master(daemon_factory: Callable[..., Daemon]) -> None:
+    import socket as socketlib
+    import urllib.error
+    import urllib.request
+
+    probe = socketlib.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    d = daemon_factory("--metrics-bind", f"127.0.0.1:{port}", "--workers", "2")
+    for _ in range(3):
+        assert exchange(d.address(), b"m") == b"m"
+    wait_for(lambda: d.call("stats")["requests"] == 3, 5, "three connections counted")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = resp.read().decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["prefork_connections"].samples[0].value == 3
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/nope", timeout=5)
+    assert err.value.code == 404
+    # a silent client does not stall the master
+    silent = socketlib.create_connection(("127.0.0.1", port))
+    t0 = time.monotonic()
+    assert d.status()["state"] == "serving"
+    assert time.monotonic() - t0 < 1
+    silent.close()
