@@ -170,24 +170,31 @@ def _top(path: str, interval: float, timeout: float) -> int:
     return EXIT_OK
 
 
+def _report(exc: Exception) -> int:
+    """One line for a control-socket failure, and its exit status."""
+    from prefork.control import DaemonNotRunning
+
+    if isinstance(exc, DaemonNotRunning):
+        print(f"preforkctl: {exc}", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    print(f"preforkctl: error: {exc}", file=sys.stderr)
+    return EXIT_FAILED
+
+
 def _prometheus(path: str, timeout: float) -> int:
-    from prefork.control import ControlError, DaemonNotRunning
+    from prefork.control import ControlError
     from prefork.metrics import render_prometheus
 
     try:
         status, stats = fetch_status_and_stats(path, timeout)
-    except DaemonNotRunning as exc:
-        print(f"preforkctl: {exc}", file=sys.stderr)
-        return EXIT_NOT_RUNNING
     except ControlError as exc:
-        print(f"preforkctl: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return _report(exc)
     sys.stdout.write(render_prometheus(status, stats))
     return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
-    from prefork.control import ControlError, DaemonNotRunning, call, wait_exited
+    from prefork.control import ControlError, call, wait_exited
 
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -220,12 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         600.0 if args.command in ("reload", "upgrade") else 10.0)
     try:
         reply, sock = call(path, request, timeout=timeout)
-    except DaemonNotRunning as exc:
-        print(f"preforkctl: {exc}", file=sys.stderr)
-        return EXIT_NOT_RUNNING
     except ControlError as exc:
-        print(f"preforkctl: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return _report(exc)
     try:
         if not reply.get("ok"):
             if as_json:

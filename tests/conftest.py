@@ -9,6 +9,7 @@ when the test failed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -209,6 +210,27 @@ def exchange(addr: tuple[str, int], payload: bytes, timeout: float = 5.0) -> byt
     with socket.create_connection(addr, timeout=timeout) as s:
         s.sendall(payload)
         return recv_exact(s, len(payload))
+
+
+def read_line(s: socket.socket) -> bytes:
+    """Bytes up to and including the next newline (or what came before EOF)."""
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = s.recv(1)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes in process group ``pgid``."""
+    alive = []
+    for proc in psutil.process_iter(["status"]):
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                alive.append(proc.pid)
+    return alive
 
 
 def recv_exact(s: socket.socket, n: int) -> bytes:

@@ -10,18 +10,8 @@ from collections.abc import Callable
 
 import pytest
 
-from conftest import Daemon, Load, child_env, exchange, recv_exact, wait_for
+from conftest import Daemon, Load, child_env, exchange, read_line, recv_exact, wait_for
 from prefork.proxy_protocol import build_v2
-
-
-def read_line(s: socket.socket) -> bytes:
-    buf = b""
-    while not buf.endswith(b"\n"):
-        chunk = s.recv(1)
-        if not chunk:
-            break
-        buf += chunk
-    return buf
 
 
 def test_builtin_echo_runs_as_a_protocol(daemon_factory: Callable[..., Daemon]) -> None:

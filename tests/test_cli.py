@@ -17,10 +17,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pytest
 
-from conftest import Daemon, child_env, exchange, wait_for
+from conftest import Daemon, child_env, exchange, group_members, wait_for
 from prefork import __version__
 
 RUN_TIMEOUT = 20.0
@@ -38,15 +37,6 @@ class Result:
     def output(self) -> str:
         return self.stdout + self.stderr
 
-
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes in process group ``pgid``."""
-    alive = []
-    for proc in psutil.process_iter(["status"]):
-        with contextlib.suppress(psutil.Error, ProcessLookupError):
-            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
-                alive.append(proc.pid)
-    return alive
 
 
 def kill_group(pgid: int) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import psutil
 import pytest
 
-from conftest import Daemon, child_env, exchange, recv_exact, wait_for
+from conftest import Daemon, child_env, exchange, group_members, recv_exact, wait_for
 from prefork.control import CLIENT_TIMEOUT, HEADER, MAX_REQUEST, call, encode
 
 CTL_TIMEOUT = 20.0
@@ -285,15 +285,6 @@ def test_control_socket_mode(daemon_factory: Callable[..., Daemon]) -> None:
 
 # -- finding the socket without --control ----------------------------------------------------------------
 
-
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes in process group ``pgid``."""
-    alive = []
-    for proc in psutil.process_iter(["status"]):
-        with contextlib.suppress(psutil.Error, ProcessLookupError):
-            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
-                alive.append(proc.pid)
-    return alive
 
 
 @contextlib.contextmanager

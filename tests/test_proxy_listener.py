@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 
 import pytest
 
-from conftest import Daemon, recv_exact, wait_for
+from conftest import Daemon, read_line, recv_exact, wait_for
 from prefork.proxy_protocol import build_v1, build_v2
-
-
-def first_line(s: socket.socket) -> bytes:
-    buf = b""
-    while not buf.endswith(b"\n"):
-        chunk = s.recv(1)
-        if not chunk:
-            break
-        buf += chunk
-    return buf
 
 
 @pytest.mark.parametrize("worker_class", ["thread", "sync"])
@@ -35,7 +24,7 @@ def test_client_address_is_the_original_client(daemon_factory: Callable[..., Dae
     d = daemon_factory("--proxy-protocol", "-k", worker_class, "proxy_peer:PeerHandler")
     with d.connect() as s:
         s.sendall(header + b"payload")
-        assert first_line(s) == seen
+        assert read_line(s) == seen
         assert recv_exact(s, 7) == b"payload"  # bytes after the header were not swallowed
 
 
@@ -43,7 +32,7 @@ def test_local_header_is_served_with_the_real_peer(daemon_factory: Callable[...,
     d = daemon_factory("--proxy-protocol", "proxy_peer:PeerHandler")
     with d.connect() as s:
         s.sendall(build_v2(None, None, command="LOCAL") + b"PING\n")
-        assert first_line(s).startswith(b"127.0.0.1 ")
+        assert read_line(s).startswith(b"127.0.0.1 ")
         assert recv_exact(s, 5) == b"PING\n"
 
 
