@@ -31,7 +31,7 @@ from prefork import logs
 from prefork.config import Config
 from prefork.proxy_protocol import DEFAULT_MAX_LENGTH, ProxyProtocolError, parse
 from prefork.scoreboard import Record
-from prefork.worker import log_access
+from prefork.worker import account, log_access
 
 log = logging.getLogger(__name__)
 
@@ -210,8 +210,9 @@ class AsyncWorker:
                         worker.closed()
                         if worker.access_log:
                             transport, started = self._prefork_access
-                            log_access(transport.get_extra_info("peername"), started,
-                                       transport.get_extra_info("socket"), "ok" if exc is None else "error")
+                            counts = account(None, transport.get_extra_info("socket"))
+                            log_access(transport.get_extra_info("peername"), started, counts,
+                                       "ok" if exc is None else "error")
 
             Counted.__name__ = Counted.__qualname__ = handler.__name__
             inner = Counted
@@ -232,8 +233,8 @@ class AsyncWorker:
                     log.exception("error handling connection from %s", writer.get_extra_info("peername"))
                 finally:
                     if worker.access_log:
-                        log_access(writer.get_extra_info("peername"), started, writer.get_extra_info("socket"),
-                                   outcome)
+                        counts = account(None, writer.get_extra_info("socket"))
+                        log_access(writer.get_extra_info("peername"), started, counts, outcome)
                     writer.close()
                     worker.closed()
 

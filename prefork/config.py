@@ -120,6 +120,11 @@ class Config:
         return tuple(parse_bind(b) for b in self.binds)
 
     @property
+    def count_bytes(self) -> bool:
+        """Bytes per connection are counted (one TCP_INFO read each) when they are exported or logged."""
+        return bool(self.metrics_bind or self.access_log)
+
+    @property
     def effective_handler(self) -> str:
         """What the workers run: --relay means the built-in relay; built-ins have asyncio forms."""
         if self.handler != DEFAULT_HANDLER:

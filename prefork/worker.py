@@ -218,6 +218,7 @@ class PreforkServer(socketserver.TCPServer):
         on_retire: Callable[[str], None] | None = None,
         on_stop: Callable[[], None] | None = None,
         proxy: ProxyPolicy | None = None,
+        count_bytes: bool = False,
     ) -> None:
         # TCPServer.__init__ would make a fresh socket; ours are bound already.
         socketserver.BaseServer.__init__(self, listeners[0].getsockname(), handler_class)
@@ -234,6 +235,9 @@ class PreforkServer(socketserver.TCPServer):
         self.proxy = proxy
         self.listeners_closed = False
         self.access_log = not logging.getLogger(logs.ACCESS_LOGGER).disabled
+        # bytes per connection from the kernel, when someone looks at them (the relay counts its own)
+        self.count_bytes = count_bytes and not getattr(handler_class, "counts_bytes", False)
+        self.account = self.access_log or self.count_bytes
         self.accepted = 0
         self.stopping = False
         self.stop_deadline = 0.0
@@ -413,7 +417,7 @@ class PreforkServer(socketserver.TCPServer):
                 return
             if header.command == "PROXY" and header.source is not None:
                 client_address = header.source
-        if not self.access_log:
+        if not self.account:
             super().finish_request(request, client_address)
             return
         started = time.monotonic()
@@ -422,7 +426,9 @@ class PreforkServer(socketserver.TCPServer):
             super().finish_request(request, client_address)
             outcome = "ok"
         finally:
-            log_access(client_address, started, request, outcome)
+            counts = account(self.record if self.count_bytes else None, request)
+            if self.access_log:
+                log_access(client_address, started, counts, outcome)
 
     # -- hooks for subclasses -----------------------------------------------------------------------
 
@@ -496,9 +502,17 @@ def tcp_bytes(sock: Any) -> tuple[int, int] | None:
     return received, acked
 
 
-def log_access(client_address: Any, started: float, sock: Any, outcome: str) -> None:
-    """One access-log line: peer, duration, bytes in and out (from the kernel, so any handler is covered)."""
+def account(record: Record | None, sock: Any) -> tuple[int, int] | None:
+    """A finished connection's (bytes in, bytes out), added to ``record`` when given."""
     counts = tcp_bytes(sock) if getattr(sock, "family", None) != socket.AF_UNIX else None
+    if counts is not None and record is not None:
+        record.bytes_in += counts[0]
+        record.bytes_out += counts[1]
+    return counts
+
+
+def log_access(client_address: Any, started: float, counts: tuple[int, int] | None, outcome: str) -> None:
+    """One access-log line: peer, duration, bytes in and out (from the kernel, so any handler is covered)."""
     received, sent = counts if counts is not None else ("-", "-")
     _access.info("%s %.6fs in=%s out=%s %s", _peer(client_address), time.monotonic() - started,
                  received, sent, outcome)
@@ -660,6 +674,7 @@ def _serve(spec: WorkerSpec, scoreboard: Scoreboard) -> int:
         "on_retire": retire,
         "on_stop": lambda: _notify(spec.notify_fd, "stopped"),
         "proxy": ProxyPolicy.from_config(config),
+        "count_bytes": config.count_bytes,
     }
     if config.worker_class == "async":
         from prefork import aio

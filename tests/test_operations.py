@@ -55,3 +55,20 @@ def test_access_log_has_a_line_per_connection(daemon_factory: Callable[..., Daem
             assert f" in={size} out={size} ok" in line, line
     assert "access.log" not in d.log()  # access lines stay out of the daemon log
     assert not any("127.0.0.1:" in x and " in=" in x for x in d.log().splitlines())
+
+
+@pytest.mark.parametrize("worker_class", ["sync", "thread"])
+def test_bytes_counted_per_worker_when_exported(daemon_factory: Callable[..., Daemon], worker_class: str) -> None:
+    import socket as socketlib
+
+    probe = socketlib.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    d = daemon_factory("-k", worker_class, "--metrics-bind", f"127.0.0.1:{port}", "--workers", "1")
+    for size in (100, 30_000):
+        assert exchange(d.address(), b"b" * size) == b"b" * size
+    wait_for(lambda: (d.call("stats")["bytes_in"], d.call("stats")["bytes_out"]) == (30_100, 30_100), 10,
+             "bytes in and out counted")
+    worker = d.status()["workers"][0]
+    assert (worker["bytes_in"], worker["bytes_out"]) == (30_100, 30_100)
