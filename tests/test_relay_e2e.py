@@ -1,0 +1,158 @@
+"""The relay end to end through the daemon (--relay), under each worker class."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from conftest import Daemon, recv_exact, wait_for
+
+CLASSES = ["thread", "async", "sync"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def echo_upstream(daemon_factory: Callable[..., Daemon]) -> Daemon:
+    return daemon_factory("-k", "async", "--workers", "1", name="upstream")
+
+
+def relay(daemon_factory: Callable[..., Daemon], worker_class: str, *upstreams: int, extra: tuple[str, ...] = ()
+          ) -> Daemon:
+    args = ["-k", worker_class, "--workers", "2", *extra]
+    if worker_class == "sync":
+        args += ["--workers", "8"]  # one relayed connection per sync worker at a time
+    for port in upstreams:
+        args += ["--relay", f"127.0.0.1:{port}"]
+    return daemon_factory(*args, name="relay")
+
+
+@pytest.mark.parametrize("worker_class", CLASSES)
+def test_four_mebibytes_each_way_intact(daemon_factory: Callable[..., Daemon], echo_upstream: Daemon,
+                                        worker_class: str) -> None:
+    d = relay(daemon_factory, worker_class, echo_upstream.port)
+    payload = hashlib.sha256(b"seed").digest() * (4 * 1024 * 1024 // 32)
+    with d.connect(timeout=30) as s:
+        sender = threading.Thread(target=lambda: (s.sendall(payload), s.shutdown(socket.SHUT_WR)))
+        sender.start()
+        got = bytearray()
+        while chunk := s.recv(1 << 20):
+            got += chunk
+        sender.join(30)
+    assert hashlib.sha256(got).hexdigest() == hashlib.sha256(payload).hexdigest()
+
+
+@pytest.mark.parametrize("worker_class", ["thread", "async"])
+def test_fifty_concurrent_clients(daemon_factory: Callable[..., Daemon], echo_upstream: Daemon,
+                                  worker_class: str) -> None:
+    d = relay(daemon_factory, worker_class, echo_upstream.port)
+    clients = [d.connect() for _ in range(50)]
+    for round_ in range(3):
+        for i, s in enumerate(clients):
+            s.sendall(b"%02d:%d;" % (i, round_))
+        for i, s in enumerate(clients):
+            assert recv_exact(s, len(b"%02d:%d;" % (i, round_))) == b"%02d:%d;" % (i, round_)
+    for s in clients:
+        s.close()
+
+
+@pytest.mark.parametrize("worker_class", CLASSES)
+def test_half_close_both_ways(daemon_factory: Callable[..., Daemon], echo_upstream: Daemon,
+                              worker_class: str) -> None:
+    d = relay(daemon_factory, worker_class, echo_upstream.port)
+    with d.connect() as s:
+        s.sendall(b"last words")
+        s.shutdown(socket.SHUT_WR)  # the echo upstream sees EOF, answers, then closes its side
+        assert recv_exact(s, 10) == b"last words"
+        assert s.recv(10) == b""
+
+
+@pytest.mark.parametrize("worker_class", CLASSES)
+def test_upstream_refused_closes_the_client_cleanly(daemon_factory: Callable[..., Daemon],
+                                                    worker_class: str) -> None:
+    dead = free_port()
+    d = relay(daemon_factory, worker_class, dead)
+    pids = {w["pid"] for w in d.status()["workers"]}
+    with d.connect() as s:
+        s.sendall(b"anyone?")
+        s.settimeout(10)
+        assert s.recv(10) == b""
+    wait_for(lambda: f"127.0.0.1:{dead}" in d.log(), 5, "one log line naming the upstream")
+    assert "Traceback" not in d.log()
+    assert {w["pid"] for w in d.status()["workers"]} == pids  # the workers stay up
+
+
+@pytest.mark.parametrize("worker_class", ["thread", "async"])
+def test_failover_to_the_next_upstream(daemon_factory: Callable[..., Daemon], echo_upstream: Daemon,
+                                       worker_class: str) -> None:
+    d = relay(daemon_factory, worker_class, free_port(), echo_upstream.port)
+    for _ in range(4):  # round-robin starts at either; the dead one always fails over
+        with d.connect() as s:
+            s.sendall(b"ok?")
+            assert recv_exact(s, 3) == b"ok?"
+
+
+@pytest.fixture
+def resetting_upstream() -> Iterator[int]:
+    """Reads a little of each connection, then resets it (SO_LINGER 0)."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    srv.settimeout(0.2)
+    stop = threading.Event()
+
+    def run() -> None:
+        deadline = time.monotonic() + 60
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                conn, _ = srv.accept()
+            except TimeoutError:
+                continue
+            conn.settimeout(5)
+            with contextlib.suppress(OSError):
+                conn.recv(5)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    yield int(srv.getsockname()[1])
+    stop.set()
+    thread.join(5)
+    srv.close()
+
+
+@pytest.mark.parametrize("worker_class", CLASSES)
+def test_upstream_reset_mid_stream(daemon_factory: Callable[..., Daemon], resetting_upstream: int,
+                                   worker_class: str) -> None:
+    d = relay(daemon_factory, worker_class, resetting_upstream)
+    pids = {w["pid"] for w in d.status()["workers"]}
+    with d.connect(timeout=10) as s:
+        s.sendall(b"hello, then more")
+        try:
+            ending = s.recv(10)
+        except ConnectionResetError:
+            ending = b""  # a reset passed on is as clean an end as a close
+        assert ending == b""
+    assert {w["pid"] for w in d.status()["workers"]} == pids
+    assert "Traceback" not in d.log()
+
+
+@pytest.mark.parametrize("worker_class", CLASSES)
+def test_idle_timeout(daemon_factory: Callable[..., Daemon], echo_upstream: Daemon, worker_class: str) -> None:
+    d = relay(daemon_factory, worker_class, echo_upstream.port, extra=("--relay-idle-timeout", "0.5"))
+    with d.connect(timeout=10) as s:
+        s.sendall(b"x")
+        assert recv_exact(s, 1) == b"x"
+        started = time.monotonic()
+        assert s.recv(1) == b""  # closed by the relay, not by us
+        assert 0.3 < time.monotonic() - started < 5
