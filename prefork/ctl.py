@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     drain = sub.add_parser("drain", parents=[common],
                            help="make load-balancer health checks fail while open connections finish")
     drain.add_argument("--off", action="store_true", help="answer health checks again (PROXY protocol only)")
+    drain.add_argument("--close", action="store_true",
+                       help="close the listening sockets even behind PROXY protocol (for connect-only checks)")
     return p
 
 
@@ -223,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         request["fast"] = True
     if args.command == "drain" and args.off:
         request["off"] = True
+    if args.command == "drain" and args.close:
+        request["close"] = True
     timeout = args.timeout if args.timeout is not None else (
         600.0 if args.command in ("reload", "upgrade") else 10.0)
     try:

@@ -911,9 +911,11 @@ class Master:
 
         Behind PROXY protocol, health checks are the connections with a LOCAL
         header: they are closed at once, while real clients are still served
-        (reversible with ``off``). Without it, every process closes its
-        listening sockets: new connections are refused, so a connect check
-        fails, and open connections finish. Either way, ``stop`` comes next.
+        (reversible with ``off``); that needs a check that exchanges bytes, as
+        a bare connect completes in the kernel. Without PROXY protocol, or with
+        ``close``, every process closes its listening sockets: new connections
+        are refused, so even a connect-only check fails, and open connections
+        finish. Either way, ``stop`` comes next.
         """
         if request.get("off"):
             if self.lb_drain == "listeners-closed":
@@ -925,8 +927,8 @@ class Master:
             log.info("drain off: answering health checks again")
             conn.reply({"ok": True, "drain": None})
             return
-        if self.lb_drain is None:
-            if self.config.proxy_protocol:
+        if self.lb_drain is None or (request.get("close") and self.lb_drain == "health-checks"):
+            if self.config.proxy_protocol and not request.get("close"):
                 self.lb_drain = "health-checks"
                 for worker in self.workers.values():
                     self.scoreboard[worker.record].lb_drain = 1

@@ -413,7 +413,13 @@ class PreforkServer(socketserver.TCPServer):
                 self.record.proxy_errors += 1
                 log.warning("connection from %s: %s; closing it", _peer(client_address), exc)
                 return
-            if header.command == "LOCAL" and self.record.lb_drain:
+            if header.command == "LOCAL":  # a load balancer's health check
+                if self.record.lb_drain:
+                    return
+                try:
+                    super().finish_request(request, client_address)
+                except ConnectionError as exc:  # balancers end their checks with a reset (HAProxy does)
+                    log.debug("health check from %s: %s", _peer(client_address), exc)
                 return
             if header.command == "PROXY" and header.source is not None:
                 client_address = header.source

@@ -75,3 +75,21 @@ def test_drain_without_proxy_closes_listeners(daemon_factory: Callable[..., Daem
     held.close()
     d.signal(15)
     assert d.wait_exit() == 0
+
+
+def test_drain_close_behind_proxy_refuses_connections(daemon_factory: Callable[..., Daemon]) -> None:
+    d = daemon_factory("--proxy-protocol")
+    assert ctl(d, "drain").returncode == 0
+    assert d.status()["drain"] == "health-checks"
+    r = ctl(d, "drain", "--close")  # for balancers whose checks only connect
+    assert r.returncode == 0, r.stderr
+    assert d.status()["drain"] == "listeners-closed"
+
+    def refused() -> bool:
+        try:
+            socket.create_connection(d.address(), timeout=2).close()
+        except ConnectionRefusedError:
+            return True
+        return False
+
+    wait_for(refused, 10, "new connections to be refused")
