@@ -215,6 +215,8 @@ class AsyncWorker:
                                        "ok" if exc is None else "error")
 
             Counted.__name__ = Counted.__qualname__ = handler.__name__
+            if hasattr(handler, "record"):  # a handler that counts its own bytes (the relay)
+                Counted.record = self.record
             inner = Counted
         else:
             handle: StreamHandler = handler

@@ -163,7 +163,10 @@ def daemon_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[C
     daemons: list[Daemon] = []
 
     def factory(*args: str, **kwargs: Any) -> Daemon:
-        d = start_daemon(tmp_path, *args, name=kwargs.pop("name", f"d{len(daemons)}"), **kwargs)
+        name = kwargs.pop("name", f"d{len(daemons)}")
+        # a second daemon with the same name would share the first's control socket and log
+        assert name not in {Path(d.control).stem for d in daemons}, f"daemon name {name!r} used twice"
+        d = start_daemon(tmp_path, *args, name=name, **kwargs)
         daemons.append(d)
         return d
 

@@ -28,14 +28,14 @@ def echo_upstream(daemon_factory: Callable[..., Daemon]) -> Daemon:
     return daemon_factory("-k", "async", "--workers", "1", name="upstream")
 
 
-def relay(daemon_factory: Callable[..., Daemon], worker_class: str, *upstreams: int, extra: tuple[str, ...] = ()
-          ) -> Daemon:
+def relay(daemon_factory: Callable[..., Daemon], worker_class: str, *upstreams: int, extra: tuple[str, ...] = (),
+          name: str = "relay") -> Daemon:
     args = ["-k", worker_class, "--workers", "2", *extra]
     if worker_class == "sync":
         args += ["--workers", "8"]  # one relayed connection per sync worker at a time
     for port in upstreams:
         args += ["--relay", f"127.0.0.1:{port}"]
-    return daemon_factory(*args, name="relay")
+    return daemon_factory(*args, name=name)
 
 
 @pytest.mark.parametrize("worker_class", CLASSES)
@@ -156,3 +156,20 @@ def test_idle_timeout(daemon_factory: Callable[..., Daemon], echo_upstream: Daem
         started = time.monotonic()
         assert s.recv(1) == b""  # closed by the relay, not by us
         assert 0.3 < time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("worker_class", ["thread", "async"])
+def test_relayed_bytes_and_upstream_errors_counted(daemon_factory: Callable[..., Daemon], echo_upstream: Daemon,
+                                                   worker_class: str) -> None:
+    d = relay(daemon_factory, worker_class, echo_upstream.port, extra=("--access-log", "access.log"))
+    payload = b"c" * 50_000
+    with d.connect(timeout=10) as s:
+        s.sendall(payload)
+        assert recv_exact(s, len(payload)) == payload
+    wait_for(lambda: (d.call("stats")["bytes_in"], d.call("stats")["bytes_out"]) == (50_000, 50_000), 10,
+             "relayed bytes counted once")
+    dead = relay(daemon_factory, worker_class, free_port(), name="dead")
+    with dead.connect(timeout=10) as s:
+        s.sendall(b"x")
+        assert s.recv(1) == b""
+    wait_for(lambda: dead.call("stats")["errors"] == 1, 10, "the upstream error counted")

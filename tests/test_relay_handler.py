@@ -4,8 +4,14 @@ Covers issue 4 point 1 at the handler level: large transfers intact both
 ways, many concurrent clients, half-close each way, upstream refused,
 failover, round robin, a per-connection upstream choice, upstream and client
 resets, idle timeout, the PROXY v2 header, bounded buffering against a slow
-reader, no busy loop, the scoreboard counters and configuration errors. The
-daemon's ``--relay`` options end to end are tested elsewhere.
+reader, no busy loop, the scoreboard counters and configuration errors.
+
+Every relayed connection of a process is copied by one relay loop thread, so
+some tests are about sharing it: one thread for all connections, interleaved
+bulk and ping-pong traffic, a connection ending (or failing, or going idle)
+while others go on, timers of finished connections, cancel, and a forked
+child starting its own loop. Two end-to-end tests run the relay in a real
+daemon (``sync`` and ``thread`` workers) through a graceful stop.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import logging
 import os
 import queue
 import select
+import signal
 import socket
 import socketserver
 import struct
@@ -29,6 +36,8 @@ from typing import Any
 
 import pytest
 
+from conftest import Daemon, wait_for
+from prefork.handlers import relay as relay_module
 from prefork.handlers.echo import EchoHandler
 from prefork.handlers.relay import RelayHandler
 from prefork.proxy_protocol import parse
@@ -170,6 +179,17 @@ def blackhole() -> Iterator[tuple[str, int]]:
 
 def relay_lines(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == RELAY_LOG and r.levelno == level]
+
+
+def relay_loop_thread() -> threading.Thread:
+    """This process's relay loop thread (started now if no relay ran yet)."""
+    return relay_module._relay_loop().thread
+
+
+def thread_cpu(thread: threading.Thread) -> float:
+    """CPU seconds ``thread`` has used so far."""
+    assert thread.ident is not None
+    return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
 
 
 # -- test upstreams ----------------------------------------------------------------------------------------
@@ -470,6 +490,8 @@ def test_idle_timeout_closes_both(start: StartServer, caplog: pytest.LogCaptureF
 def test_no_busy_loop_while_waiting(start: StartServer, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger=RELAY_LOG)
     cpu: queue.SimpleQueue[float] = queue.SimpleQueue()
+    loop_thread = relay_loop_thread()
+    loop_began = thread_cpu(loop_thread)
 
     class Timed(RelayHandler):
         def handle(self) -> None:
@@ -486,7 +508,8 @@ def test_no_busy_loop_while_waiting(start: StartServer, caplog: pytest.LogCaptur
         s.sendall(b"x")
         s.shutdown(socket.SHUT_WR)
         assert s.recv(1) == b""  # the idle timeout ends it
-    assert cpu.get(timeout=3) < 0.15
+    assert cpu.get(timeout=3) < 0.15  # the handler's thread only waits
+    assert thread_cpu(loop_thread) - loop_began < 0.15  # and the loop sleeps until the deadline
     assert relay_lines(caplog, logging.WARNING) == []
     assert any("idle for 0.6s" in line for line in relay_lines(caplog, logging.INFO))
 
@@ -610,3 +633,303 @@ def test_slow_reader_slows_the_writer(start: StartServer) -> None:
         assert sink.received.get(timeout=5) == (accepted, digest.hexdigest())
         assert s.recv(1) == b""
     relay.wait_finished()
+
+
+# -- one relay loop per process ----------------------------------------------------------------------------
+
+
+def rebuilt(sock: socket.socket, cls: type[socket.socket]) -> socket.socket:
+    """The same connection as a ``cls`` object (``sock`` gives up its fd)."""
+    return cls(sock.family, sock.type, sock.proto, sock.detach())
+
+
+def relay_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("prefork-relay")]
+
+
+def test_one_loop_thread_relays_every_connection(start: StartServer) -> None:
+    readers: set[threading.Thread] = set()  # threads that read from an upstream
+    handlers: set[threading.Thread] = set()
+
+    class Traced(socket.socket):
+        def recv_into(self, *args: Any, **kwargs: Any) -> int:
+            readers.add(threading.current_thread())
+            return super().recv_into(*args, **kwargs)
+
+    class Observed(RelayHandler):
+        def connect_upstream(self) -> socket.socket | None:
+            handlers.add(threading.current_thread())
+            upstream = super().connect_upstream()
+            return None if upstream is None else rebuilt(upstream, Traced)
+
+    echo = start(EchoHandler)
+    relay = start(relay_class(echo.address, base=Observed))
+    clients = [connect(relay) for _ in range(10)]
+    try:
+        for i, s in enumerate(clients):
+            s.sendall(b"client %d" % i)
+        for i, s in enumerate(clients):
+            assert recv_exact(s, len(b"client %d" % i)) == b"client %d" % i
+    finally:
+        for s in clients:
+            s.close()
+    relay.wait_finished(10)
+    assert len(handlers) == 10  # ThreadingTCPServer: a thread per connection ...
+    assert readers == {relay_loop_thread()}  # ... and one thread copying for all of them
+    assert not readers & handlers
+    assert relay_threads() == [relay_loop_thread()]
+
+
+def test_interleaved_traffic_on_many_connections_stays_intact(start: StartServer) -> None:
+    """Bulk transfers and ping-pong clients at once, through the one loop: every byte to its own client."""
+    echo = start(EchoHandler)
+    relay = start(relay_class(echo.address), record=True)
+    failures: queue.SimpleQueue[str] = queue.SimpleQueue()
+
+    def bulk(index: int) -> None:
+        payload = os.urandom(200_000 + 997 * index)  # several buffer loads, a different size each
+        with connect(relay, timeout=10) as s:
+
+            def send() -> None:
+                view = memoryview(payload)
+                for at in range(0, len(payload), 7001 + index):  # odd-sized writes
+                    s.sendall(view[at:at + 7001 + index])
+                s.shutdown(socket.SHUT_WR)
+
+            sender = threading.Thread(target=send)
+            sender.start()
+            echoed = recv_all(s)
+            sender.join(10)
+        if hashlib.sha256(echoed).digest() != hashlib.sha256(payload).digest():
+            failures.put(f"bulk client {index}: {len(echoed)} bytes back of {len(payload)}, or not the same")
+
+    def ping(index: int) -> None:
+        with connect(relay, timeout=10) as s:
+            for turn in range(50):
+                message = b"client %d turn %d;" % (index, turn) * (1 + turn % 5)
+                s.sendall(message)
+                got = recv_exact(s, len(message))
+                if got != message:
+                    failures.put(f"ping client {index} turn {turn}: {got[:40]!r}")
+                    return
+
+    threads = [threading.Thread(target=bulk, args=(i,)) for i in range(20)]
+    threads += [threading.Thread(target=ping, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    errors = []
+    while not failures.empty():
+        errors.append(failures.get())
+    assert errors == []
+    relay.wait_finished(40, timeout=10)
+    expected = sum(200_000 + 997 * i for i in range(20))
+    expected += sum(len(b"client %d turn %d;" % (i, turn) * (1 + turn % 5)) for i in range(20) for turn in range(50))
+    record = relay.record  # type: ignore[attr-defined]
+    assert (record.bytes_in, record.bytes_out, record.errors) == (expected, expected, 0)
+
+
+def test_a_finished_connection_leaves_the_others_running(start: StartServer) -> None:
+    echo = start(EchoHandler)
+    relay = start(relay_class(echo.address))
+    clients = [connect(relay) for _ in range(5)]
+    try:
+        for i, s in enumerate(clients):
+            s.sendall(b"first %d" % i)
+            assert recv_exact(s, len(b"first %d" % i)) == b"first %d" % i
+        # one ends normally: EOF each way
+        done = clients.pop(2)
+        name = done.getsockname()
+        done.shutdown(socket.SHUT_WR)
+        assert done.recv(1) == b""
+        done.close()
+        assert relay.wait_finished() == [name]
+        # one resets
+        reset = clients.pop(0)
+        reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        reset.close()
+        relay.wait_finished()
+        # the rest go on, and a new connection joins them
+        clients.append(connect(relay))
+        for i, s in enumerate(clients):
+            s.sendall(b"again %d" % i)
+        for i, s in enumerate(clients):
+            assert recv_exact(s, len(b"again %d" % i)) == b"again %d" % i
+        assert relay.finished.empty()
+    finally:
+        for s in clients:
+            s.close()
+    relay.wait_finished(4)
+
+
+def test_the_loop_survives_an_exception_on_one_connection(start: StartServer) -> None:
+    class Faulty(socket.socket):
+        """Fails on reading ``boom`` from the upstream, as a bug in a user's socket class would."""
+
+        def recv_into(self, *args: Any, **kwargs: Any) -> int:
+            n = super().recv_into(*args, **kwargs)
+            if b"boom" in bytes(args[0][:n]):
+                raise RuntimeError("injected failure")
+            return n
+
+    class Fragile(RelayHandler):
+        def connect_upstream(self) -> socket.socket | None:
+            upstream = super().connect_upstream()
+            return None if upstream is None else rebuilt(upstream, Faulty)
+
+    echo = start(EchoHandler)
+    relay = start(relay_class(echo.address, base=Fragile), record=True)
+    loop_thread = relay_loop_thread()
+    with connect(relay) as steady, connect(relay) as doomed:
+        steady.sendall(b"before")
+        assert recv_exact(steady, 6) == b"before"
+        doomed.sendall(b"boom")
+        assert doomed.recv(10) == b""  # its connection is closed, nothing relayed
+        assert relay.wait_finished() == [doomed.getsockname()]
+        steady.sendall(b"after")
+        assert recv_exact(steady, 5) == b"after"
+        with connect(relay) as newcomer:
+            newcomer.sendall(b"new")
+            assert recv_exact(newcomer, 3) == b"new"
+    relay.wait_finished(2)
+    # the handler reported the failure (socketserver's handle_error) and the loop went on
+    [error] = relay.errors
+    relay.errors.clear()
+    assert "RuntimeError: injected failure" in error
+    assert "the relay loop failed on the connection from 127.0.0.1:" in error
+    assert relay_loop_thread() is loop_thread and loop_thread.is_alive()
+
+
+def test_idle_timeout_is_per_connection(start: StartServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=RELAY_LOG)
+    ended: queue.SimpleQueue[tuple[Any, float]] = queue.SimpleQueue()
+
+    class Timed(RelayHandler):
+        def handle(self) -> None:
+            try:
+                super().handle()
+            finally:
+                ended.put((self.client_address, time.monotonic()))
+
+    echo = start(EchoHandler)
+    relay = start(relay_class(echo.address, base=Timed, idle_timeout=0.4))
+    with connect(relay) as busy, connect(relay) as idle:
+        idle.sendall(b"once")
+        assert recv_exact(idle, 4) == b"once"
+        idle_since = time.monotonic()
+        # the busy one talks for three times the timeout, a message every 0.1 s (pacing, not a wait)
+        while time.monotonic() - idle_since < 1.2:
+            busy.sendall(b"ping")
+            assert recv_exact(busy, 4) == b"ping"
+            time.sleep(0.1)
+        assert idle.recv(1) == b""
+        [(address, at)] = [ended.get(timeout=1)]
+        assert address == idle.getsockname()
+        assert 0.35 <= at - idle_since < 1.0
+        busy.sendall(b"still here")
+        assert recv_exact(busy, 10) == b"still here"
+        assert ended.empty()
+    relay.wait_finished(2)
+    assert len([line for line in relay_lines(caplog, logging.INFO) if "idle for 0.4s" in line]) == 1
+
+
+def test_short_connections_do_not_pile_up_timers(start: StartServer) -> None:
+    echo = start(EchoHandler)
+    relay = start(relay_class(echo.address, idle_timeout=300.0))
+    with connect(relay) as keeper:  # open throughout: its timer, the first due, stays on top of the heap
+        keeper.sendall(b"k")
+        assert recv_exact(keeper, 1) == b"k"
+        for i in range(3 * relay_module._STALE_TIMERS):
+            with connect(relay) as s:
+                s.sendall(b"%d" % i)
+                assert recv_exact(s, len(b"%d" % i)) == b"%d" % i
+            relay.wait_finished()
+        # the other timers are of finished connections, due in 300 s: a heap holding them all would have 193
+        assert len(relay_module._relay_loop()._timers) <= relay_module._STALE_TIMERS + 2
+    relay.wait_finished()
+
+
+def test_cancel_lets_go_of_the_sockets() -> None:
+    """What an interrupted handle() does (FastExit in a sync worker): the loop drops the pair at once."""
+    client_far, client = socket.socketpair()
+    upstream, upstream_far = socket.socketpair()
+    with client_far, client, upstream, upstream_far:
+        for sock in (client, upstream):
+            sock.setblocking(False)
+        loop = relay_module._relay_loop()
+        connection = relay_module._Connection(client, upstream, loop.read_buffer(1024), None, None)
+        assert loop.submit(connection)
+        client_far.sendall(b"relayed")
+        upstream_far.settimeout(3)
+        assert upstream_far.recv(100) == b"relayed"
+        loop.cancel(connection)
+        assert connection.ended.wait(3)
+        assert (connection.error, connection.crash, connection.idle) == (None, None, False)
+        client_far.sendall(b"not relayed")
+        assert select.select([upstream_far], [], [], 0.2)[0] == []
+        assert client.recv(100) == b"not relayed"  # still queued on the socket the loop let go of
+
+
+def test_a_forked_child_starts_its_own_loop() -> None:
+    """The daemon forks workers: a loop object copied by fork has no thread and must not be used."""
+    parent_loop = relay_module._relay_loop()
+    report_r, report_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report in one line, never return into pytest
+        status = 1
+        try:
+            loop = relay_module._relay_loop()
+            client_far, client = socket.socketpair()
+            upstream, upstream_far = socket.socketpair()
+            for sock in (client, upstream):
+                sock.setblocking(False)
+            connection = relay_module._Connection(client, upstream, loop.read_buffer(1024), None, None)
+            loop.submit(connection)
+            client_far.sendall(b"from the child")
+            upstream_far.settimeout(3)
+            got = upstream_far.recv(100)
+            os.write(report_w, b"%d %d %d %s\n" % (loop.pid, loop is parent_loop, loop.thread.is_alive(), got))
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(report_w)
+    try:
+        assert select.select([report_r], [], [], 10)[0], "the child did not report"
+        report = os.read(report_r, 200)
+    finally:
+        os.close(report_r)
+        _, status = os.waitpid(pid, 0)
+    assert report == b"%d 0 1 from the child\n" % pid
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert parent_loop.thread.is_alive() and relay_module._relay_loop() is parent_loop
+
+
+# -- in the daemon -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("worker_class", ["sync", "thread"])
+def test_daemon_relays_a_connection_through_a_graceful_stop(start: StartServer, daemon_factory: Callable[..., Daemon],
+                                                           worker_class: str) -> None:
+    """The loop starts in the worker after the fork; the worker counts the relayed connection as open,
+    so a graceful stop waits for it while it goes on."""
+    echo = start(EchoHandler)
+    daemon = daemon_factory("--relay", f"127.0.0.1:{echo.address[1]}", "-k", worker_class,
+                            "--graceful-timeout", "20", workers=1)
+    with daemon.connect() as s:
+        s.sendall(b"before the stop")
+        assert recv_exact(s, 15) == b"before the stop"
+        wait_for(lambda: [w for w in daemon.ready_workers()
+                          if (w["active"], w["bytes_in"], w["bytes_out"]) == (1, 15, 15)],
+                 5, "the relayed connection counted as open, its bytes counted")
+        daemon.signal(signal.SIGTERM)
+        wait_for(lambda: (daemon.try_status() or {"state": "stopping"})["state"] == "stopping", 5,
+                 "the master to begin stopping")
+        s.sendall(b"during the drain")
+        assert recv_exact(s, 16) == b"during the drain"
+        assert daemon.proc.poll() is None  # waiting for this connection
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(1) == b""
+    assert daemon.wait_exit(10) == 0
+    assert "graceful timeout" not in daemon.log()

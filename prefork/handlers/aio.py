@@ -48,8 +48,11 @@ class _UpstreamSide(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        self.relay.activity += 1
-        self.relay.client.write(data)
+        relay = self.relay
+        relay.activity += 1
+        relay.client.write(data)
+        if relay.record is not None:
+            relay.record.bytes_out += len(data)
 
     def eof_received(self) -> bool:
         self.relay.half_close(from_client=False)
@@ -79,6 +82,7 @@ class RelayProtocol(asyncio.Protocol):
     connect_timeout: ClassVar[float] = 5.0
     idle_timeout: ClassVar[float | None] = 300.0
     send_proxy: ClassVar[bool] = False
+    record: ClassVar[Any] = None  # the worker's scoreboard record, set by the async worker
     _rotation: ClassVar[itertools.count[int]] = itertools.count()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -142,6 +146,8 @@ class RelayProtocol(asyncio.Protocol):
                 self._idle_handle = loop.call_later(self.idle_timeout, self._check_idle, self.activity)
             return
         log.warning("relay: no upstream for %s: %s", self._peer(), ", ".join(errors) or "none configured")
+        if self.record is not None:
+            self.record.errors += 1
         self.close()
 
     def proxy_header(self) -> bytes:
@@ -167,6 +173,8 @@ class RelayProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.activity += 1
+        if self.record is not None:
+            self.record.bytes_in += len(data)
         if self.upstream is None:  # bytes that came with the connection, before the upstream was there
             self._early.append(data)
             self.client.pause_reading()
@@ -199,6 +207,8 @@ class RelayProtocol(asyncio.Protocol):
     def upstream_lost(self, exc: Exception | None) -> None:
         if exc is not None and not self._closed:
             log.warning("relay: upstream of %s failed: %s", self._peer(), exc)
+            if self.record is not None:
+                self.record.errors += 1
         self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:

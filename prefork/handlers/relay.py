@@ -473,6 +473,7 @@ class RelayHandler(socketserver.BaseRequestHandler):
     idle_timeout: float | None = 300.0  # None: never
     send_proxy: bool = False  # announce the client with a PROXY protocol v2 header before any data
     buffer_size: int = 65536  # per direction
+    counts_bytes = True  # the worker need not count this handler's bytes from TCP_INFO as well
 
     upstream_address: tuple[str, int] | None = None  # set per connection by connect_upstream()
 
