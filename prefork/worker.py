@@ -517,6 +517,22 @@ def account(record: Record | None, sock: Any) -> tuple[int, int] | None:
     return counts
 
 
+_TCP_INFO_LAST_DATA_RECV = struct.Struct("=I")  # tcpi_last_data_recv, milliseconds
+_TCP_INFO_LAST_DATA_RECV_OFFSET = 52
+
+
+def tcp_last_data_recv_ms(sock: Any) -> int | None:
+    """Milliseconds since the connection last received data, from TCP_INFO (None if unknown)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 64)
+    except (OSError, AttributeError):
+        return None
+    if len(info) < _TCP_INFO_LAST_DATA_RECV_OFFSET + 4:
+        return None
+    ms: int = _TCP_INFO_LAST_DATA_RECV.unpack_from(info, _TCP_INFO_LAST_DATA_RECV_OFFSET)[0]
+    return ms
+
+
 def log_access(client_address: Any, started: float, counts: tuple[int, int] | None, outcome: str) -> None:
     """One access-log line: peer, duration, bytes in and out (from the kernel, so any handler is covered)."""
     received, sent = counts if counts is not None else ("-", "-")

@@ -14,6 +14,7 @@ import socket
 from typing import Any, ClassVar
 
 from prefork.proxy_protocol import build_v2
+from prefork.worker import tcp_bytes, tcp_last_data_recv_ms
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +49,7 @@ class _UpstreamSide(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        relay = self.relay
-        relay.activity += 1
-        relay.client.write(data)
-        if relay.record is not None:
-            relay.record.bytes_out += len(data)
+        self.relay.client.write(data)  # replaced by client.write itself once both sides are up
 
     def eof_received(self) -> bool:
         self.relay.half_close(from_client=False)
@@ -92,7 +89,6 @@ class RelayProtocol(asyncio.Protocol):
     def __init__(self) -> None:
         self.client: asyncio.Transport = None  # type: ignore[assignment]
         self.upstream: asyncio.Transport | None = None
-        self.activity = 0
         self._eof_from = set[bool]()
         self._closed = False
         self._idle_handle: asyncio.TimerHandle | None = None
@@ -138,12 +134,20 @@ class RelayProtocol(asyncio.Protocol):
             if self._early:
                 self.upstream.writelines(self._early)
                 self._early.clear()
+            # The hot path: each side's data_received becomes the other transport's own write, and the
+            # protocols are set again so a transport that caches the bound method (uvloop does) uses
+            # it. No Python runs per chunk; bytes are counted from the kernel (TCP_INFO) at the end,
+            # and idleness is read from it too.
+            self.data_received = self.upstream.write  # type: ignore[method-assign]
+            side.data_received = self.client.write  # type: ignore[method-assign]
+            self.client.set_protocol(self)
+            self.upstream.set_protocol(side)
             if self._early_eof:
                 self.half_close(from_client=True)
             else:
                 self.client.resume_reading()
             if self.idle_timeout:
-                self._idle_handle = loop.call_later(self.idle_timeout, self._check_idle, self.activity)
+                self._idle_handle = loop.call_later(self.idle_timeout, self._check_idle)
             return
         log.warning("relay: no upstream for %s: %s", self._peer(), ", ".join(errors) or "none configured")
         if self.record is not None:
@@ -161,20 +165,29 @@ class RelayProtocol(asyncio.Protocol):
         peer = self.client.get_extra_info("peername") if self.client else None
         return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "a unix client"
 
-    def _check_idle(self, seen: int) -> None:
+    def _idle_for(self) -> float:
+        """Seconds since either side last sent us data, from the kernel (0 when it cannot tell)."""
+        idle = []
+        for transport in (self.client, self.upstream):
+            sock = transport.get_extra_info("socket") if transport is not None else None
+            ms = tcp_last_data_recv_ms(sock)
+            if ms is None:
+                return 0.0
+            idle.append(ms / 1000)
+        return min(idle)
+
+    def _check_idle(self) -> None:
         if self._closed:
             return
-        if self.activity == seen:
+        assert self.idle_timeout is not None
+        idle = self._idle_for()
+        if idle >= self.idle_timeout:
             log.info("relay: %s idle for %gs; closing", self._peer(), self.idle_timeout)
             self.close()
             return
-        assert self.idle_timeout is not None
-        self._idle_handle = asyncio.get_running_loop().call_later(self.idle_timeout, self._check_idle, self.activity)
+        self._idle_handle = asyncio.get_running_loop().call_later(self.idle_timeout - idle, self._check_idle)
 
     def data_received(self, data: bytes) -> None:
-        self.activity += 1
-        if self.record is not None:
-            self.record.bytes_in += len(data)
         if self.upstream is None:  # bytes that came with the connection, before the upstream was there
             self._early.append(data)
             self.client.pause_reading()
@@ -220,6 +233,11 @@ class RelayProtocol(asyncio.Protocol):
         if self._closed:
             return
         self._closed = True
+        if self.record is not None and self.client is not None:
+            counts = tcp_bytes(self.client.get_extra_info("socket"))
+            if counts is not None:
+                self.record.bytes_in += counts[0]
+                self.record.bytes_out += counts[1]
         if self._idle_handle is not None:
             self._idle_handle.cancel()
         if self._task is not None and not self._task.done() and self._task is not asyncio.current_task():
