@@ -110,11 +110,18 @@ def adapt_unit(path: Path, edits: Sequence[tuple[str, str, str | None]], add: Se
     return "\n".join(lines) + "\n"
 
 
+NEEDED = {Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve(), ROOT.resolve()}  # interpreter, venv, source
+
+
 def hidden_by_protect_home() -> list[str]:
-    """Paths the service needs (interpreter, venv, source) that ProtectHome=yes would hide."""
-    needed = {Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve(), ROOT.resolve()}
-    return sorted(str(p) for p in needed if p.is_relative_to("/home") or p.is_relative_to("/root")
+    """Paths the service needs that ProtectHome=yes would hide."""
+    return sorted(str(p) for p in NEEDED if p.is_relative_to("/home") or p.is_relative_to("/root")
                   or p.is_relative_to("/run/user"))
+
+
+def hidden_by_private_tmp() -> list[str]:
+    """Paths the service needs that PrivateTmp=yes would hide (a checkout under /tmp, as CI may use)."""
+    return sorted(str(p) for p in NEEDED if p.is_relative_to("/tmp") or p.is_relative_to("/var/tmp"))
 
 
 def service_unit(config: Path, log: Path) -> str:
@@ -128,7 +135,8 @@ def service_unit(config: Path, log: Path) -> str:
     - StandardOutput/StandardError appended to a file: there is no journald;
     - ProtectHome=yes becomes ProtectHome=tmpfs plus BindReadOnlyPaths= of the
       Python installation, only when that lives under /root or /home (pyenv in
-      /root here): with =yes the interpreter is hidden and exec fails with 203/EXEC.
+      /root here): with =yes the interpreter is hidden and exec fails with 203/EXEC;
+      likewise a checkout under /tmp gets BindReadOnlyPaths= next to PrivateTmp=yes.
     Every other directive is kept as shipped and works under the user manager
     (tried one by one: NoNewPrivileges, ProtectSystem=strict, PrivateTmp,
     PrivateDevices, ProtectKernel*, ProtectControlGroups, ProtectClock,
@@ -150,6 +158,9 @@ def service_unit(config: Path, log: Path) -> str:
     hidden = hidden_by_protect_home()
     if hidden:
         edits.append(("ProtectHome", "yes", "tmpfs\nBindReadOnlyPaths=" + " ".join(hidden)))
+    in_tmp = hidden_by_private_tmp()
+    if in_tmp:  # the private /tmp gets the checkout bound in, read-only
+        edits.append(("PrivateTmp", "yes", "yes\nBindReadOnlyPaths=" + " ".join(in_tmp)))
     return adapt_unit(SHIPPED / "prefork.service", edits,
                       add=[f"StandardOutput=append:{log}", f"StandardError=append:{log}"])
 
