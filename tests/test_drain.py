@@ -16,6 +16,15 @@ def ctl(d: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, env=child_env(), timeout=20)
 
 
+def refused(d: Daemon) -> bool:
+    """A new connection is refused: no process of the instance listens any more."""
+    try:
+        socket.create_connection(d.address(), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
 def health_check(d: Daemon) -> bool:
     """What HAProxy's tcp-check does: LOCAL header, PING, expect PING."""
     with d.connect() as s:
@@ -59,14 +68,7 @@ def test_drain_without_proxy_closes_listeners(daemon_factory: Callable[..., Daem
     r = ctl(d, "drain")
     assert r.returncode == 0, r.stderr
 
-    def refused() -> bool:
-        try:
-            socket.create_connection(d.address(), timeout=2).close()
-        except ConnectionRefusedError:
-            return True
-        return False
-
-    wait_for(refused, 10, "new connections to be refused")
+    wait_for(lambda: refused(d), 10, "new connections to be refused")
     held.sendall(b"still here")
     assert recv_exact(held, 10) == b"still here"
     r = ctl(d, "drain", "--off")
@@ -85,11 +87,4 @@ def test_drain_close_behind_proxy_refuses_connections(daemon_factory: Callable[.
     assert r.returncode == 0, r.stderr
     assert d.status()["drain"] == "listeners-closed"
 
-    def refused() -> bool:
-        try:
-            socket.create_connection(d.address(), timeout=2).close()
-        except ConnectionRefusedError:
-            return True
-        return False
-
-    wait_for(refused, 10, "new connections to be refused")
+    wait_for(lambda: refused(d), 10, "new connections to be refused")
