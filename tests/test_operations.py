@@ -72,3 +72,21 @@ def test_bytes_counted_per_worker_when_exported(daemon_factory: Callable[..., Da
              "bytes in and out counted")
     worker = d.status()["workers"][0]
     assert (worker["bytes_in"], worker["bytes_out"]) == (30_100, 30_100)
+
+
+def test_journald_lines_carry_no_second_timestamp(daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    import os
+    import re
+
+    from conftest import child_env
+
+    log = tmp_path / "journal.log"  # stands in for the journal stream: the daemon's stderr is this file
+    log.touch()
+    st = os.stat(log)
+    d = daemon_factory(name="journal", env=child_env(JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}"))
+    assert d.log_path == log
+    lines = [line for line in d.log().splitlines() if "prefork.master" in line]
+    assert lines and all(line.startswith("[") for line in lines), lines[:3]
+    assert not any(re.match(r"\d{4}-\d\d-\d\d ", line) for line in lines)
+    other = daemon_factory(name="plain")  # without it, lines start with a timestamp
+    assert re.match(r"\d{4}-\d\d-\d\d ", other.log().splitlines()[0])
