@@ -417,6 +417,7 @@ class Master:
         listeners = reload.listeners if reload else self.listeners
         now = time.monotonic()
         index = self.scoreboard.allocate(0, generation, now)
+        self.scoreboard[index].lb_drain = 1 if self.lb_drain else 0  # before the worker can look
         max_requests = 0
         if config.max_requests:
             max_requests = config.max_requests + random.randint(0, config.max_requests_jitter)
@@ -438,7 +439,6 @@ class Master:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         self.scoreboard[index].pid = pid
-        self.scoreboard[index].lb_drain = 1 if self.lb_drain else 0
         worker = Worker(pid=pid, slot=slot, generation=generation, record=index, started=now)
         self.workers[pid] = worker
         (reload.slots if reload else self.slots)[slot] = worker
@@ -452,6 +452,9 @@ class Master:
         self._wake_r.close()
         self._wake_w.close()
         os.close(self._events_r)
+        for fd in (self.upgrade_pipe, self.upgrade.pipe_fd if self.upgrade else None):
+            if fd is not None and fd >= 0:
+                os.close(fd)  # the upgrade hand-over is between masters
         self.control.close_in_child()
         if self.metrics is not None:
             self.metrics.close_in_child()
