@@ -513,8 +513,10 @@ class Master:
         totals.exits += 1
         self.scoreboard.release(worker.record)
         how, clean = describe_exit(status)
-        expected = worker.state in (WorkerState.DRAINING, WorkerState.KILLING) or self.stopping is not None
         in_slot = self.slots.get(worker.slot) is worker
+        # a worker still holding its slot (killed for a stale heartbeat) is replaced however it ended
+        expected = ((worker.state in (WorkerState.DRAINING, WorkerState.KILLING) and not in_slot)
+                    or self.stopping is not None)
         in_reload = self.reload is not None and self.reload.slots.get(worker.slot) is worker
         if in_slot:
             del self.slots[worker.slot]
