@@ -12,7 +12,6 @@ control client). Nothing sleeps, nothing polls on a fixed tick.
 from __future__ import annotations
 
 import contextlib
-import enum
 import itertools
 import logging
 import os
@@ -22,28 +21,36 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
 import psutil
 
-from prefork import __version__, logs
+from prefork import __version__, logs, report
 from prefork.config import Config, ConfigError, build_config
 from prefork.control import ControlConnection, ControlServer
 from prefork.httpmetrics import MetricsServer
 from prefork.listeners import BindError, Listener, bind
 from prefork.metrics import render_prometheus
+from prefork.records import (
+    BACKOFF_FIRST,
+    EARLY_DEATH,
+    Backoff,
+    Reload,
+    Totals,
+    Upgrade,
+    Worker,
+    WorkerState,
+    backoff_delay,
+    describe_exit,
+)
 from prefork.scoreboard import Scoreboard
 from prefork.systemd import Notifier
 from prefork.upgrade import report_ready, spawn
-from prefork.worker import WORKER_BOOT_ERROR, WorkerSpec, run_worker
+from prefork.worker import WorkerSpec, run_worker
 
 log = logging.getLogger(__name__)
 
-EARLY_DEATH = 10.0  # a worker that dies younger than this counts towards backoff
-BACKOFF_FIRST = 0.1
-BACKOFF_MAX = 10.0
 ABORT_GRACE = 2.0  # after SIGABRT (stacks to the log), SIGKILL this much later
 UPGRADE_TIMEOUT = 60.0  # how long a new master may take to serve before the upgrade is abandoned
 MEMORY_CHECK_INTERVAL = 5.0  # seconds between --max-worker-memory checks (jittered)
@@ -51,99 +58,6 @@ DRAIN_MARGIN = 1.0  # the worker enforces the graceful timeout itself; the maste
 FAST_STOP_GRACE = 5.0
 EXIT_OK = 0
 EXIT_FATAL = 1
-
-
-class WorkerState(enum.Enum):
-    BOOTING = "booting"  # forked, loading the handler
-    READY = "ready"  # accepting connections
-    DRAINING = "draining"  # told to stop: finishing open connections
-    KILLING = "killing"  # hung or out of time: SIGABRT/SIGKILL sent
-
-
-@dataclass
-class Worker:
-    """The master's record of one child."""
-
-    pid: int
-    slot: int
-    generation: int
-    record: int
-    started: float
-    state: WorkerState = WorkerState.BOOTING
-    kill_at: float | None = None  # when SIGKILL is due (draining or killing)
-    boot_error: str | None = None
-    stop_reason: str = ""
-    proc: psutil.Process | None = None
-
-
-@dataclass
-class Backoff:
-    failures: int = 0
-    respawn_at: float | None = None
-
-
-@dataclass
-class Reload:
-    """A generation being started; the current one keeps serving until it is READY."""
-
-    generation: int
-    config: Config
-    listeners: list[Listener]
-    new_listeners: list[Listener]  # bound for this reload: closed if it fails
-    deadline: float
-    slots: dict[int, Worker] = field(default_factory=dict)
-    waiters: list[ControlConnection] = field(default_factory=list)
-
-
-@dataclass
-class Upgrade:
-    """A new master program starting on our sockets; we keep serving until it says ready."""
-
-    pid: int
-    pipe_fd: int
-    deadline: float
-    waiters: list[ControlConnection] = field(default_factory=list)
-    buffer: bytes = b""
-
-
-@dataclass
-class Totals:
-    """Counters of workers that are gone (live ones are read from the scoreboard)."""
-
-    requests: int = 0
-    errors: int = 0
-    proxy_errors: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    spawned: int = 0
-    exits: int = 0
-    crashes: int = 0
-    timeouts: int = 0
-    reloads: int = 0
-    failed_reloads: int = 0
-    memory_recycles: int = 0
-    respawns: int = 0  # replacements started for workers that exited unasked
-
-
-def describe_exit(status: int) -> tuple[str, bool]:
-    """('exited with status 3', clean?) from a waitpid status, by meaning."""
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
-        if sig == signal.SIGKILL:
-            return "was killed by SIGKILL (out of memory?)", False
-        return f"was killed by {name}", False
-    code = os.waitstatus_to_exitcode(status)
-    if code == WORKER_BOOT_ERROR:
-        return "could not load its handler", False
-    return f"exited with status {code}", code == 0
-
-
-def backoff_delay(failures: int) -> float:
-    """0 for the first death, then 0.1 s doubling per early death, capped at BACKOFF_MAX."""
-    if failures <= 1:
-        return 0.0
-    return float(min(BACKOFF_FIRST * 2.0 ** min(failures - 2, 64), BACKOFF_MAX))
 
 
 def _noop(signum: int, frame: FrameType | None) -> None:
@@ -952,95 +866,8 @@ class Master:
         conn.reply({"ok": True})
 
     # -- status -------------------------------------------------------------------------------------
-
-    def _worker_info(self, worker: Worker, now: float) -> dict[str, Any]:
-        record = self.scoreboard[worker.record]
-        rss = 0
-        cpu = 0.0
-        try:
-            if worker.proc is None:
-                worker.proc = psutil.Process(worker.pid)
-                times = worker.proc.cpu_times()
-                age = max(now - worker.started, 1e-3)
-                cpu = 100.0 * (times.user + times.system) / age  # lifetime average on the first look
-                worker.proc.cpu_percent(None)
-            else:
-                cpu = worker.proc.cpu_percent(None)  # since the previous look
-            rss = worker.proc.memory_info().rss
-        except psutil.Error:
-            pass
-        return {
-            "pid": worker.pid,
-            "slot": worker.slot,
-            "generation": worker.generation,
-            "state": worker.state.value,
-            "requests": int(record.requests),
-            "active": int(record.active),
-            "errors": int(record.errors),
-            "proxy_errors": int(record.proxy_errors),
-            "bytes_in": int(record.bytes_in),
-            "bytes_out": int(record.bytes_out),
-            "rss_bytes": rss,
-            "cpu_percent": round(cpu, 1),
-            "age_s": round(now - worker.started, 3),
-            "heartbeat_age_s": round(max(0.0, now - record.heartbeat), 3),
-        }
-
     def status(self) -> dict[str, Any]:
-        now = time.monotonic()
-        workers = sorted(self.workers.values(), key=lambda w: (w.generation, w.slot, w.pid))
-        backoff = [
-            {"slot": slot, "failures": b.failures,
-             "restart_in_s": round(max(0.0, b.respawn_at - now), 3) if b.respawn_at is not None else None}
-            for slot, b in sorted(self.backoff.items()) if b.failures > 1 or b.respawn_at is not None
-        ]
-        return {
-            "pid": self.pid,
-            "name": self.config.name,
-            "version": __version__,
-            "generation": self.generation,
-            "uptime_s": round(now - self.started, 3),
-            "state": "stopping" if self.stopping else ("reloading" if self.reload else
-                                                        ("serving" if self.serving else "starting")),
-            "drain": self.lb_drain,
-            "worker_class": self.config.worker_class,
-            "handler": self.config.effective_handler,
-            "target_workers": self.target,
-            "listeners": [li.address for li in self.listeners],
-            "control": self.control.path,
-            "workers": [self._worker_info(w, now) for w in workers],
-            "backoff": backoff,
-        }
+        return report.status(self)
 
     def stats(self) -> dict[str, Any]:
-        now = time.monotonic()
-        totals = self.totals
-        live = [self.scoreboard[w.record] for w in self.workers.values()]
-        return {
-            "pid": self.pid,
-            "name": self.config.name,
-            "generation": self.generation,
-            "uptime_s": round(now - self.started, 3),
-            "requests": totals.requests + sum(int(r.requests) for r in live),
-            "active": sum(int(r.active) for r in live),
-            "errors": totals.errors + sum(int(r.errors) for r in live),
-            "proxy_errors": totals.proxy_errors + sum(int(r.proxy_errors) for r in live),
-            "bytes_in": totals.bytes_in + sum(int(r.bytes_in) for r in live),
-            "bytes_out": totals.bytes_out + sum(int(r.bytes_out) for r in live),
-            "workers": len(self.workers),
-            "workers_spawned": totals.spawned,
-            "worker_exits": totals.exits,
-            "worker_crashes": totals.crashes,
-            "worker_timeouts": totals.timeouts,
-            "reloads": totals.reloads,
-            "failed_reloads": totals.failed_reloads,
-            "memory_recycles": totals.memory_recycles,
-            "worker_respawns": totals.respawns,
-            "per_worker": [
-                {"pid": w.pid, "slot": w.slot, "generation": w.generation, "state": w.state.value,
-                 "requests": int(self.scoreboard[w.record].requests),
-                 "active": int(self.scoreboard[w.record].active),
-                 "errors": int(self.scoreboard[w.record].errors)}
-                for w in sorted(self.workers.values(), key=lambda w: (w.generation, w.slot, w.pid))
-            ],
-        }
+        return report.stats(self)
