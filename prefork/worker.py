@@ -43,6 +43,7 @@ from typing import Any, NoReturn
 
 from prefork import logs
 from prefork.config import Config
+from prefork.listeners import describe
 from prefork.proxy_protocol import ProxyProtocolError, read_header
 from prefork.scoreboard import Record, Scoreboard
 
@@ -363,11 +364,11 @@ class PreforkServer(socketserver.TCPServer):
             if exc.errno in _ACCEPT_RESOURCE_ERRNOS:
                 # level-triggered readiness would spin: back off briefly, siblings may have room
                 log.warning("cannot accept on %s: %s; pausing accepts for %.1fs",
-                            self.describe(sock), exc.strerror, _ACCEPT_PAUSE)
+                            describe(sock), exc.strerror, _ACCEPT_PAUSE)
                 self.set_accepting(False)
                 self._accept_paused_until = time.monotonic() + _ACCEPT_PAUSE
             elif exc.errno != errno.ECONNABORTED:  # the client gave up before we accepted: nothing to do
-                log.warning("cannot accept on %s: %s", self.describe(sock), exc.strerror)
+                log.warning("cannot accept on %s: %s", describe(sock), exc.strerror)
             return False
         if self._extra_timeout is not None:
             request.settimeout(self._extra_timeout)
@@ -390,12 +391,6 @@ class PreforkServer(socketserver.TCPServer):
         if self.max_requests and self.accepted >= self.max_requests:
             self.retire()
         return True
-
-    @staticmethod
-    def describe(sock: socket.socket) -> str:
-        from prefork.listeners import describe
-
-        return describe(sock)
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         """Read the PROXY header first when the policy asks for one, then run the handler.
