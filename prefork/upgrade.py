@@ -70,6 +70,10 @@ def spawn(argv: Sequence[str], listeners: Sequence[tuple[int, str]], control_fd:
                 os.set_inheritable(fd, True)
             os.set_inheritable(control_fd, True)
             os.set_inheritable(write_fd, True)
+            if "WATCHDOG_USEC" in env:
+                # systemd names the one process that must ping the watchdog; exec keeps this pid, and
+                # this process is the main one once the old master has sent MAINPID=
+                env["WATCHDOG_PID"] = str(os.getpid())
             os.execvpe(command[0], command, env)
         finally:
             os._exit(127)

@@ -513,6 +513,37 @@ def test_killed_worker_is_respawned(manager: UserManager) -> None:
              WATCHDOG_SEC * 2, "a watchdog ping")
 
 
+def test_upgrade_keeps_systemd_tracking_the_main_pid(manager: UserManager) -> None:
+    props = manager.show()
+    old_pid = int(props["MainPID"])
+    manager.wait(lambda: manager.serving(old_pid), 10, "a serving status")
+    with Load(manager.addr, clients=6, mode="connect", max_seconds=40) as load:
+        load.wait_ok(50)
+        r = subprocess.run([str(PREFORKCTL), "--control", str(manager.control), "upgrade"], capture_output=True,
+                           text=True, timeout=90)
+        assert r.returncode == 0, r.stderr + manager.logs()
+        new_pid = int(r.stdout.split("new master pid ")[1].split()[0])
+        # the old master told systemd MAINPID= before draining: the service follows the new one
+        manager.wait(lambda: manager.show()["MainPID"] == str(new_pid), 15, "systemd tracking the new master")
+        manager.wait(lambda: not psutil.pid_exists(old_pid)
+                     or psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE, 30, "the old master gone")
+        load.wait_ok(100)
+    assert load.failures == [], load.failures[:5]
+    after = manager.show()
+    assert (after["ActiveState"], after["SubState"]) == ("active", "running"), after
+    assert after["NRestarts"] == props["NRestarts"]
+    assert manager.serving(new_pid) is not None
+    # the new master's WATCHDOG=1 is accepted from its pid (NotifyAccess=main, WATCHDOG_PID): two pings
+    # later the service is still the same one, not restarted by a watchdog timeout
+    for _ in range(2):
+        seen = manager.show()["WatchdogTimestampMonotonic"]
+        manager.wait(lambda seen=seen: manager.show()["WatchdogTimestampMonotonic"] != seen,
+                     WATCHDOG_SEC * 2, "a watchdog ping from the new master")
+    final = manager.show()
+    assert (final["MainPID"], final["NRestarts"], final["ActiveState"]) == (str(new_pid), props["NRestarts"],
+                                                                            "active"), final
+
+
 def test_killed_master_is_restarted(manager: UserManager) -> None:
     props = manager.show()
     main_pid = int(props["MainPID"])
