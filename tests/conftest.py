@@ -51,6 +51,13 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def preforkctl(*args: str, env: dict[str, str] | None = None,
+               timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m prefork.ctl ARGS`` (bounded), capturing its output."""
+    return subprocess.run([sys.executable, "-m", "prefork.ctl", *args], capture_output=True, text=True,
+                          env=env or child_env(), timeout=timeout)
+
+
 @dataclass
 class Daemon:
     """A running prefork master started by the test."""
@@ -73,6 +80,10 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         return self.call("status")
+
+    def ctl(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        """``preforkctl --control THIS ARGS``."""
+        return preforkctl("--control", self.control, *args, timeout=timeout)
 
     def try_status(self) -> dict[str, Any] | None:
         try:

@@ -19,15 +19,14 @@ from typing import Any
 import psutil
 import pytest
 
-from conftest import Daemon, child_env, exchange, group_members, recv_exact, wait_for
+from conftest import Daemon, child_env, exchange, group_members, preforkctl, recv_exact, wait_for
 from prefork.control import CLIENT_TIMEOUT, HEADER, MAX_REQUEST, call, encode
 
 CTL_TIMEOUT = 20.0
 
 
 def ctl(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "prefork.ctl", *args], capture_output=True, text=True,
-                          env=env or child_env(), timeout=CTL_TIMEOUT)
+    return preforkctl(*args, env=env, timeout=CTL_TIMEOUT)
 
 
 def ctl_json(d: Daemon, *args: str) -> dict[str, Any]:
@@ -215,9 +214,20 @@ def test_signal_to_fresh_worker_is_not_the_masters(tmp_path: Path, daemon_factor
         [],
         ["--name", "a", "--control", "/tmp/x.sock", "status"],
         ["status", "--bogus"],
+        ["status", "--format", "prometheus"],
+        ["stats", "--json", "--format", "prometheus"],
+        ["stats", "--format", "yaml"],
+        ["top", "--interval", "0"],
+        ["top", "--interval", "-1"],
+        ["top", "--interval", "nan"],
+        ["top", "--interval", "soon"],
+        ["top", "--json"],
+        ["top", "--format", "prometheus"],
     ],
     ids=["scale-0", "scale-negative", "scale-x", "scale-missing", "unknown-command", "no-command",
-         "name-and-control", "unknown-option"],
+         "name-and-control", "unknown-option", "prometheus-status", "json-and-prometheus", "format-yaml",
+         "top-interval-0", "top-interval-negative", "top-interval-nan", "top-interval-word", "top-json",
+         "top-prometheus"],
 )
 def test_usage_errors(tmp_path: Path, args: list[str]) -> None:
     result = ctl("--control", str(tmp_path / "none.sock"), *args) if "--control" not in args else ctl(*args)

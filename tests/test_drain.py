@@ -3,17 +3,10 @@
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 from collections.abc import Callable
 
-from conftest import Daemon, child_env, recv_exact, wait_for
+from conftest import Daemon, recv_exact, wait_for
 from prefork.proxy_protocol import build_v2
-
-
-def ctl(d: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "prefork.ctl", "--control", d.control, *args],
-                          capture_output=True, text=True, env=child_env(), timeout=20)
 
 
 def refused(d: Daemon) -> bool:
@@ -39,7 +32,7 @@ def test_drain_behind_proxy_fails_health_checks_only(daemon_factory: Callable[..
     client.sendall(build_v2(("192.0.2.10", 1234), ("127.0.0.1", 80)) + b"before")
     assert recv_exact(client, 6) == b"before"
 
-    r = ctl(d, "drain")
+    r = d.ctl("drain", timeout=20)
     assert r.returncode == 0, r.stderr
     assert "health checks" in r.stdout
     assert not health_check(d)
@@ -51,11 +44,11 @@ def test_drain_behind_proxy_fails_health_checks_only(daemon_factory: Callable[..
         s.sendall(build_v2(("192.0.2.11", 1), ("127.0.0.1", 80)) + b"new")
         assert recv_exact(s, 3) == b"new"
     # a worker started while draining drains too
-    assert ctl(d, "scale", "3").returncode == 0
+    assert d.ctl("scale", "3", timeout=20).returncode == 0
     d.wait_serving(3)
     assert not any(health_check(d) for _ in range(6))
 
-    assert ctl(d, "drain", "--off").returncode == 0
+    assert d.ctl("drain", "--off", timeout=20).returncode == 0
     assert health_check(d)
     client.close()
 
@@ -65,15 +58,15 @@ def test_drain_without_proxy_closes_listeners(daemon_factory: Callable[..., Daem
     held = d.connect()
     held.sendall(b"x")
     assert recv_exact(held, 1) == b"x"
-    r = ctl(d, "drain")
+    r = d.ctl("drain", timeout=20)
     assert r.returncode == 0, r.stderr
 
     wait_for(lambda: refused(d), 10, "new connections to be refused")
     held.sendall(b"still here")
     assert recv_exact(held, 10) == b"still here"
-    r = ctl(d, "drain", "--off")
+    r = d.ctl("drain", "--off", timeout=20)
     assert r.returncode == 1 and "closed" in r.stderr
-    assert ctl(d, "reload").returncode == 1
+    assert d.ctl("reload", timeout=20).returncode == 1
     held.close()
     d.signal(15)
     assert d.wait_exit() == 0
@@ -81,9 +74,9 @@ def test_drain_without_proxy_closes_listeners(daemon_factory: Callable[..., Daem
 
 def test_drain_close_behind_proxy_refuses_connections(daemon_factory: Callable[..., Daemon]) -> None:
     d = daemon_factory("--proxy-protocol")
-    assert ctl(d, "drain").returncode == 0
+    assert d.ctl("drain", timeout=20).returncode == 0
     assert d.status()["drain"] == "health-checks"
-    r = ctl(d, "drain", "--close")  # for balancers whose checks only connect
+    r = d.ctl("drain", "--close", timeout=20)  # for balancers whose checks only connect
     assert r.returncode == 0, r.stderr
     assert d.status()["drain"] == "listeners-closed"
 

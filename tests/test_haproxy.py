@@ -221,11 +221,6 @@ def pool(tmp_path: Path, daemon_factory: Callable[..., Daemon],
     return daemons, hap
 
 
-def ctl(d: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "prefork.ctl", "--control", d.control, *args],
-                          capture_output=True, text=True, env=child_env(), timeout=30)
-
-
 def requests(d: Daemon) -> int:
     return sum(w["requests"] for w in d.status()["workers"])
 
@@ -439,7 +434,7 @@ def test_drain_takes_an_instance_out_with_no_failure(
         assert set(served_by(load.ok())) == {victim.port, survivor.port}
         held_echo(b"before the drain\n")
 
-        r = ctl(victim, "drain")
+        r = victim.ctl("drain")
         assert r.returncode == 0, r.stderr
         assert "health checks" in r.stdout
         drained_at = time.monotonic()
@@ -455,7 +450,7 @@ def test_drain_takes_an_instance_out_with_no_failure(
         wait_for(lambda: active(victim) == 0, 10, "the drained instance's connections to finish")
         assert int(hap.stats()[victim_name]["scur"]) == 0
 
-        r = ctl(victim, "stop")
+        r = victim.ctl("stop")
         assert r.returncode == 0, r.stderr
         assert victim.wait_exit(5) == 0
         stopped_at = time.monotonic()
@@ -475,13 +470,13 @@ def test_drain_off_brings_the_instance_back(
     (victim, survivor), victim_name = daemons, server_names()[0]
     with IdentLoad(hap.address()) as load:
         load.wait_ok(100)
-        assert ctl(victim, "drain").returncode == 0
+        assert victim.ctl("drain").returncode == 0
         hap.wait_state(victim_name, DOWN)
         down_at = time.monotonic()
         load.wait_ok(100, since=down_at)
         assert set(served_by(load.ok(down_at))) == {survivor.port}
 
-        r = ctl(victim, "drain", "--off")
+        r = victim.ctl("drain", "--off")
         assert r.returncode == 0, r.stderr
         assert "health checks are answered" in r.stdout
         hap.wait_state(victim_name, UP)

@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -106,11 +104,6 @@ def write_module(path: Path, text: str) -> None:
     before = path.stat().st_size if path.exists() else None
     path.write_text(text)
     assert path.stat().st_size != before, "a rewritten module must change size or a stale .pyc may be used"
-
-
-def ctl(d: Daemon, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "prefork.ctl", "--control", d.control, *args],
-                          capture_output=True, text=True, timeout=timeout, env=child_env())
 
 
 def serving_generation(d: Daemon, generation: int) -> dict[str, Any] | None:
@@ -312,14 +305,14 @@ def test_ttin_ttou_and_scale_change_the_worker_count(daemon_factory: DaemonFacto
     st = d.wait_serving(4, timeout=10)
     assert st["target_workers"] == 4
 
-    done = ctl(d, "scale", "1")
+    done = d.ctl("scale", "1")
     assert done.returncode == 0, done.stderr
     assert "scaled from 4 to 1" in done.stdout
     wait_for(lambda: len(d.status()["workers"]) == 1, 10, "three workers gone after scale 1")
     removed = [w["pid"] for w in st["workers"] if w["slot"] > 0]
     wait_for(lambda: all_gone(removed), 5, "the scaled-down workers' processes gone")
 
-    done = ctl(d, "scale", "3")
+    done = d.ctl("scale", "3")
     assert done.returncode == 0, done.stderr
     st = d.wait_serving(3, timeout=10)
     assert exchange(d.address(), b"still serving") == b"still serving"

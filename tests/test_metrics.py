@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Daemon, child_env, exchange, wait_for
+from conftest import Daemon, exchange, wait_for
+from conftest import preforkctl as ctl
 from prefork.metrics import CONTENT_TYPE, escape_label_value, format_value, render_prometheus
 
 Families = dict[str, Any]
@@ -186,11 +185,6 @@ def test_format_value(number: float, text: str) -> None:
     assert format_value(number) == text
 
 
-def ctl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "prefork.ctl", *args], capture_output=True, text=True,
-                          env=child_env(), timeout=30)
-
-
 def test_real_daemon_exposition(daemon_factory: Callable[..., Daemon]) -> None:
     d = daemon_factory("--workers", "3")
     made = 5
@@ -247,19 +241,6 @@ def test_json_and_format_json_agree(daemon_factory: Callable[..., Daemon]) -> No
     by_format = json.loads(ctl("--control", d.control, "stats", "--format", "json").stdout)
     assert by_flag["pid"] == by_format["pid"] == d.pid
     assert set(by_flag) == set(by_format)
-
-
-@pytest.mark.parametrize("args", [
-    ["status", "--format", "prometheus"],
-    ["stats", "--json", "--format", "prometheus"],
-    ["stats", "--format", "yaml"],
-])
-def test_format_usage_errors(tmp_path: Path, args: list[str]) -> None:
-    result = ctl("--control", str(tmp_path / "none.sock"), *args)
-    assert result.returncode == 2
-    assert result.stdout == ""
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("preforkctl: error: "), result.stderr
 
 
 def test_metrics_endpoint_served_by_the_master(daemon_factory: Callable[..., Daemon]) -> None:

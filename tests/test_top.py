@@ -15,12 +15,8 @@ from typing import Any
 import pytest
 
 from conftest import Daemon, child_env, exchange, wait_for
+from conftest import preforkctl as ctl
 from prefork.top import HEADERS, Frame, Sample, build_frame, frame_lines, rate
-
-
-def ctl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "prefork.ctl", *args], capture_output=True, text=True,
-                          env=child_env(), timeout=30)
 
 
 @dataclass
@@ -191,22 +187,6 @@ def test_missing_socket(tmp_path: Path) -> None:
     assert result.returncode == 3
     assert result.stdout == ""
     assert result.stderr.splitlines() == [f"preforkctl: daemon not answering on {path}"]
-
-
-@pytest.mark.parametrize("args", [
-    ["top", "--interval", "0"],
-    ["top", "--interval", "-1"],
-    ["top", "--interval", "nan"],
-    ["top", "--interval", "soon"],
-    ["top", "--json"],
-    ["top", "--format", "prometheus"],
-])
-def test_usage_errors(tmp_path: Path, args: list[str]) -> None:
-    result = ctl("--control", str(tmp_path / "none.sock"), *args)
-    assert result.returncode == 2
-    assert result.stdout == ""
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("preforkctl: error: "), result.stderr
 
 
 # -- pure parts: rates and layout ---------------------------------------------------------------------------

@@ -5,19 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 
 from conftest import Daemon, Load, child_env, exchange, wait_for
-
-
-def ctl(d: Daemon, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "prefork.ctl", "--control", d.control, *args],
-                          capture_output=True, text=True, env=child_env(), timeout=timeout)
 
 
 def gone(pids: list[int]) -> bool:
@@ -30,7 +23,7 @@ def test_upgrade_under_load_refuses_nothing(daemon_factory: Callable[..., Daemon
     old_pids = [before["pid"]] + [w["pid"] for w in before["workers"]]
     with Load(d.address(), clients=6, mode="connect") as load:
         load.wait_ok(100)
-        r = ctl(d, "upgrade")
+        r = d.ctl("upgrade", timeout=60)
         assert r.returncode == 0, r.stderr
         assert "upgraded: new master pid" in r.stdout
         load.wait_ok(100)
@@ -53,7 +46,7 @@ def test_failed_upgrade_keeps_the_old_master(daemon_factory: Callable[..., Daemo
     d = daemon_factory("--config", str(config), workers=None)
     pid = d.status()["pid"]
     config.write_text("workers = [broken\n")  # the new master cannot start
-    r = ctl(d, "upgrade")
+    r = d.ctl("upgrade", timeout=60)
     assert r.returncode == 1
     assert "upgrade failed" in r.stderr and "exited with status 2" in r.stderr
     assert d.status()["pid"] == pid and d.status()["state"] == "serving"
@@ -66,7 +59,7 @@ def test_upgrade_tells_systemd_the_new_main_pid(daemon_factory: Callable[..., Da
     notify.bind(str(tmp_path / "notify"))
     notify.settimeout(20)
     d = daemon_factory(env=child_env(NOTIFY_SOCKET=str(tmp_path / "notify")))
-    r = ctl(d, "upgrade")
+    r = d.ctl("upgrade", timeout=60)
     assert r.returncode == 0, r.stderr
     new_pid = d.status()["pid"]
     messages = []
