@@ -24,7 +24,7 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -83,6 +83,27 @@ def frame_length(buf: bytes | bytearray, limit: int) -> int | None:
 
 
 # -- server side (in the master's loop) ---------------------------------------------------------------
+
+ACCEPT_BATCH = 64  # clients taken per wake-up: a flood must not starve the rest of the master's loop
+
+
+def accept_batch(sock: socket.socket, what: str) -> Iterator[socket.socket]:
+    """Non-blocking clients waiting on the listening ``sock``, at most ACCEPT_BATCH of them.
+
+    EMFILE and friends end the batch with one warning: the client waits in the
+    backlog and is tried again on the next turn of the loop.
+    """
+    for _ in range(ACCEPT_BATCH):
+        try:
+            conn, _ = sock.accept()
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            log.warning("%s: cannot accept: %s", what, exc.strerror)
+            return
+        conn.setblocking(False)
+        yield conn
+
 
 Reply = Callable[[dict[str, Any]], None]
 Dispatch = Callable[[dict[str, Any], "ControlConnection"], None]
@@ -193,16 +214,7 @@ class ControlServer:
 
     def _on_accept(self, mask: int) -> None:
         assert self.selector is not None
-        for _ in range(64):  # bounded: a flood of clients must not starve the rest of the loop
-            try:
-                conn, _ = self.sock.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                # EMFILE and friends: the client waits in the backlog, we try again on the next turn
-                log.warning("control socket: cannot accept: %s", exc.strerror)
-                return
-            conn.setblocking(False)
+        for conn in accept_batch(self.sock, "control socket"):
             self.connections.add(ControlConnection(self, conn, time.monotonic() + CLIENT_TIMEOUT))
 
     def next_deadline(self) -> float | None:

@@ -14,6 +14,8 @@ import socket
 import time
 from collections.abc import Callable
 
+from prefork.control import accept_batch
+
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 8192
@@ -39,15 +41,7 @@ class MetricsServer:
         selector.register(sock, selectors.EVENT_READ, self._on_accept)
 
     def _on_accept(self, mask: int) -> None:
-        for _ in range(64):
-            try:
-                conn, _ = self.sock.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                log.warning("metrics: cannot accept: %s", exc.strerror)
-                return
-            conn.setblocking(False)
+        for conn in accept_batch(self.sock, "metrics"):
             self.clients[conn] = (time.monotonic() + CLIENT_TIMEOUT, bytearray(), b"")
             self.selector.register(conn, selectors.EVENT_READ, lambda m, c=conn: self._on_client(c, m))
 
