@@ -226,15 +226,15 @@ def exchange(addr: tuple[str, int], payload: bytes, timeout: float = 5.0) -> byt
         return recv_exact(s, len(payload))
 
 
-def read_line(s: socket.socket) -> bytes:
-    """Bytes up to and including the next newline (or what came before EOF)."""
-    buf = b""
-    while not buf.endswith(b"\n"):
+def read_line(s: socket.socket, limit: int = 65536) -> bytes:
+    """Bytes up to and including the next newline (or what came before EOF, or ``limit`` bytes)."""
+    buf = bytearray()
+    while not buf.endswith(b"\n") and len(buf) < limit:
         chunk = s.recv(1)
         if not chunk:
             break
         buf += chunk
-    return buf
+    return bytes(buf)
 
 
 def group_members(pgid: int) -> list[int]:

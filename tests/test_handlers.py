@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import Daemon, Load, exchange, recv_exact, wait_for
+from conftest import Daemon, Load, exchange, read_line, recv_exact, wait_for
 
 DaemonFactory = Callable[..., Daemon]
 
@@ -33,23 +33,12 @@ CASES = "handlers_cases"
 # -- helpers ---------------------------------------------------------------------------------------------
 
 
-def recv_line(s: socket.socket, limit: int = 65536) -> bytes:
-    """Read up to and including the next newline (or EOF); the socket's timeout bounds each read."""
-    buf = bytearray()
-    while not buf.endswith(b"\n") and len(buf) < limit:
-        chunk = s.recv(1)
-        if not chunk:
-            break
-        buf += chunk
-    return bytes(buf)
-
-
 def ask(d: Daemon, payload: bytes = b"") -> bytes:
     """Connect, send ``payload`` (if any), return the first line the server sends."""
     with d.connect() as s:
         if payload:
             s.sendall(payload)
-        return recv_line(s)
+        return read_line(s)
 
 
 def echo_once(s: socket.socket, payload: bytes) -> None:
@@ -116,10 +105,10 @@ def test_recipe_stream_echo_handler(daemon_factory: DaemonFactory, worker_class:
         for i in range(5):
             line = f"line {i} of a line echo\n".encode()
             s.sendall(line)
-            assert recv_line(s) == line
+            assert read_line(s) == line
         # several lines in one segment come back as the same lines
         s.sendall(b"one\ntwo\nthree\n")
-        assert [recv_line(s) for _ in range(3)] == [b"one\n", b"two\n", b"three\n"]
+        assert [read_line(s) for _ in range(3)] == [b"one\n", b"two\n", b"three\n"]
         client = s.getsockname()
     wait_for(lambda: f"Got connection from {client!r}" in d.log(), 5, "the handler's print() in the log")
 
@@ -132,7 +121,7 @@ def test_server_and_client_address(daemon_factory: DaemonFactory, worker_class: 
     d = daemon_factory("-k", worker_class, f"{CASES}:WhoHandler")
     for _ in range(3):
         with d.connect() as s:
-            reply = recv_line(s)
+            reply = read_line(s)
             client = s.getsockname()
         client_address, server_address, is_tcp_server = ast.literal_eval(reply.decode())
         assert client_address == client
@@ -162,7 +151,7 @@ def test_stream_handler_timeout_closes_idle_connection(daemon_factory: DaemonFac
     d = daemon_factory("-k", worker_class, f"{CASES}:StreamTimeoutHandler")
     with d.connect() as s:
         s.sendall(b"ping\n")
-        assert recv_line(s) == b"ping\n"
+        assert read_line(s) == b"ping\n"
         assert_idle_timeout(d, s)
     assert exchange(d.address(), b"still serving\n") == b"still serving\n"
 
@@ -170,7 +159,7 @@ def test_stream_handler_timeout_closes_idle_connection(daemon_factory: DaemonFac
 def test_plain_handler_timeout_is_applied(daemon_factory: DaemonFactory) -> None:
     d = daemon_factory("-k", "thread", f"{CASES}:PlainTimeoutHandler")
     with d.connect() as s:
-        assert recv_line(s) == b"0.5\n"
+        assert read_line(s) == b"0.5\n"
         echo_once(s, b"ping")
         assert_idle_timeout(d, s)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Daemon, child_env, recv_exact, wait_for
+from conftest import ROOT, Daemon, child_env, read_line, recv_exact, wait_for
 
 DOC = ROOT / "docs" / "scale-out.md"
 UP, DOWN = 2, 0
@@ -232,17 +232,6 @@ def active(d: Daemon) -> int:
 # -- load through HAProxy --------------------------------------------------------------------------------
 
 
-def read_line(s: socket.socket) -> bytes:
-    """The handler's first line (ends with a newline unless the connection closed first)."""
-    line = bytearray()
-    while not line.endswith(b"\n") and len(line) < 100:
-        chunk = s.recv(1)
-        if not chunk:
-            break
-        line += chunk
-    return bytes(line)
-
-
 def ident_exchange(addr: tuple[str, int], payload: bytes) -> int:
     """One exchange with tests/apps/haproxy_ident.py through HAProxy; returns the serving instance's port.
 
@@ -250,7 +239,7 @@ def ident_exchange(addr: tuple[str, int], payload: bytes) -> int:
     """
     with socket.create_connection(addr, timeout=5) as s:
         me = s.getsockname()
-        line = read_line(s)
+        line = read_line(s, limit=100)  # the handler's first line
         if not line.endswith(b"\n"):
             raise ConnectionError(f"closed after {line!r}")
         server_port, host, port = line.decode().split()
@@ -423,7 +412,7 @@ def test_drain_takes_an_instance_out_with_no_failure(
     by_port = {d.port: (d, name) for d, name in zip(daemons, server_names(), strict=True)}
     # a connection held open through HAProxy: the instance it lands on is the one we drain
     with socket.create_connection(hap.address(), timeout=5) as held, IdentLoad(hap.address()) as load:
-        victim, victim_name = by_port[int(read_line(held).split()[0])]
+        victim, victim_name = by_port[int(read_line(held, limit=100).split()[0])]
         survivor = next(d for d in daemons if d is not victim)
 
         def held_echo(text: bytes) -> None:
