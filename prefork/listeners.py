@@ -50,16 +50,28 @@ class Listener:
 
 
 def describe(sock: socket.socket) -> str:
-    """``127.0.0.1:20000``, ``[::1]:20000`` or ``unix:/path``."""
+    """The socket's bound address for people: ``127.0.0.1:8000``, ``[::1]:8000``, ``unix:/path``.
+
+    An abstract Unix name shows as ``unix:@name``, as systemd writes it.
+    """
+    if sock.fileno() == -1:
+        return "closed socket"
     try:
-        name = sock.getsockname()
+        address = sock.getsockname()
     except OSError:
         return "?"
-    if sock.family == socket.AF_UNIX:
-        return f"unix:{name.decode() if isinstance(name, bytes) else name}"
+    if sock.family == socket.AF_INET:
+        return f"{address[0]}:{address[1]}"
     if sock.family == socket.AF_INET6:
-        return f"[{name[0]}]:{name[1]}"
-    return f"{name[0]}:{name[1]}"
+        return f"[{address[0]}]:{address[1]}"
+    if sock.family == socket.AF_UNIX:
+        path = os.fsdecode(address)
+        if not path:
+            return "unix:(unnamed)"
+        if path.startswith("\0"):
+            return "unix:@" + path[1:]
+        return "unix:" + path
+    return repr(address)
 
 
 def _explain(exc: OSError) -> str:

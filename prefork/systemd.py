@@ -2,7 +2,7 @@
 
 Everything here is a no-op outside systemd: ``notify`` returns False when
 ``$NOTIFY_SOCKET`` is unset, ``listen_fds`` returns ``[]`` when no sockets were
-passed. Only the standard library is used, following the protocols described
+passed. No dependency beyond the standard library and the package; the protocols are described
 in sd_notify(3), sd_listen_fds(3) and sd_watchdog_enabled(3).
 
 Notification failures are never fatal: a daemon must keep serving when the
@@ -18,6 +18,8 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+
+from prefork.listeners import describe
 
 __all__ = [
     "LISTEN_FDS_START",
@@ -289,28 +291,3 @@ def _fd_names(value: str | None, count: int) -> list[str]:
         # to which fd could serve a socket under the wrong role.
         raise ValueError(f"LISTEN_FDNAMES={value!r} has {len(names)} names for LISTEN_FDS={count}")
     return names
-
-
-# --- display -----------------------------------------------------------------
-
-
-def describe(sock: socket.socket) -> str:
-    """The socket's bound address for people: ``127.0.0.1:8000``, ``[::1]:8000``, ``unix:/path``.
-
-    An abstract Unix name shows as ``unix:@name``, as systemd writes it.
-    """
-    if sock.fileno() == -1:
-        return "closed socket"
-    address = sock.getsockname()
-    if sock.family == socket.AF_INET:
-        return f"{address[0]}:{address[1]}"
-    if sock.family == socket.AF_INET6:
-        return f"[{address[0]}]:{address[1]}"
-    if sock.family == socket.AF_UNIX:
-        path = os.fsdecode(address)
-        if not path:
-            return "unix:(unnamed)"
-        if path.startswith("\0"):
-            return "unix:@" + path[1:]
-        return "unix:" + path
-    return repr(address)
