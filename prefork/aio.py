@@ -31,7 +31,7 @@ from prefork import logs
 from prefork.config import Config
 from prefork.proxy_protocol import DEFAULT_MAX_LENGTH, ProxyProtocolError, parse
 from prefork.scoreboard import Record
-from prefork.worker import account, log_access
+from prefork.worker import ProxyPolicy, account, log_access
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class AsyncWorker:
     def __init__(self, listeners: tuple[socket.socket, ...], handler: Any, config: Config, record: Record, *,
                  max_requests: int, heartbeat_interval: float, master_pid: int,
                  on_retire: Callable[[str], None], on_stop: Callable[[], None], on_ready: Callable[[], None],
-                 proxy_networks: Any = None) -> None:
+                 proxy: ProxyPolicy | None = None) -> None:
         self.listeners = listeners
         self.config = config
         self.record = record
@@ -152,7 +152,7 @@ class AsyncWorker:
         self.on_retire = on_retire
         self.on_stop = on_stop
         self.on_ready = on_ready
-        self.proxy_policy = proxy_networks
+        self.proxy_policy = proxy
         self.max_connections = config.max_connections
         self.access_log = not logging.getLogger(logs.ACCESS_LOGGER).disabled
         self.open = 0

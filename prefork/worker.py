@@ -699,7 +699,7 @@ def _serve(spec: WorkerSpec, scoreboard: Scoreboard) -> int:
         aio.serve(spec.listeners, handler_class, config, record, max_requests=spec.max_requests,
                   heartbeat_interval=heartbeat_interval(config.timeout), master_pid=spec.master_pid,
                   on_retire=retire, on_stop=common["on_stop"], on_ready=lambda: _notify(spec.notify_fd, "ready"),
-                  proxy_networks=common["proxy"])
+                  proxy=common["proxy"])
         return WORKER_OK
     server: PreforkServer
     if config.worker_class == "sync":
