@@ -12,7 +12,10 @@ its siblings).
 
 Counting happens in ``connection_made`` / ``connection_lost`` of a subclass
 made once per worker: nothing is added per ``data_received``, so supervision
-costs the hot path nothing.
+costs the hot path nothing. Bytes come from the kernel (``TCP_INFO``) when a
+connection ends, when they are exported or logged (``--metrics-bind``,
+``--access-log``). The built-in echo runs on :mod:`prefork.fastecho` rather
+than on transports, unless a connection needs more than its bytes.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from typing import Any
 
 from prefork import logs
 from prefork.config import Config
+from prefork.fastecho import EchoEngine
+from prefork.handlers.aio import EchoProtocol
 from prefork.proxy_protocol import DEFAULT_MAX_LENGTH, ProxyProtocolError, parse
 from prefork.scoreboard import Record
 from prefork.worker import ProxyPolicy, account, log_access
@@ -164,6 +169,15 @@ class AsyncWorker:
         self.paused = False
         self.done: asyncio.Future[None] | None = None
         self.factory = self._make_factory(handler)
+        # the built-in echo needs no transports unless a connection needs more than its bytes
+        self.engine: EchoEngine | None = None
+        if handler is EchoProtocol and proxy is None and not self.access_log:
+            self.engine = EchoEngine(listeners, record, on_open=self.opened, on_close=self.closed,
+                                     can_accept=self.can_accept)
+        # bytes per connection from the kernel (one TCP_INFO read) when someone looks at them; the relay
+        # and the echo engine count their own as they pass
+        self.count_bytes = config.count_bytes and not hasattr(handler, "record") and self.engine is None
+        self.account = self.access_log or self.count_bytes
 
     # -- connection counting (per connection, never per byte) --------------------------------------
 
@@ -187,6 +201,9 @@ class AsyncWorker:
         elif self.paused and not self.listeners_closed and self.open < self.max_connections:
             self.resume_accepting()
 
+    def can_accept(self) -> bool:
+        return not (self.stopping or self.paused or self.listeners_closed)
+
     def proxy_applies(self, peer: Any) -> bool:
         return self.proxy_policy is not None and bool(self.proxy_policy.applies(peer))
 
@@ -199,8 +216,8 @@ class AsyncWorker:
             class Counted(proto_class):  # type: ignore[misc]
                 def connection_made(self, transport: asyncio.BaseTransport) -> None:
                     worker.opened()
-                    if worker.access_log:
-                        self._prefork_access = (transport, time.monotonic())
+                    if worker.account:
+                        self._prefork_account = (transport, time.monotonic())
                     super().connection_made(transport)
 
                 def connection_lost(self, exc: Exception | None) -> None:
@@ -208,11 +225,14 @@ class AsyncWorker:
                         super().connection_lost(exc)
                     finally:
                         worker.closed()
-                        if worker.access_log:
-                            transport, started = self._prefork_access
-                            counts = account(None, transport.get_extra_info("socket"))
-                            log_access(transport.get_extra_info("peername"), started, counts,
-                                       "ok" if exc is None else "error")
+                        if worker.account:
+                            # the socket is still open here, under asyncio and uvloop alike
+                            transport, started = self._prefork_account
+                            counts = account(worker.record if worker.count_bytes else None,
+                                             transport.get_extra_info("socket"))
+                            if worker.access_log:
+                                log_access(transport.get_extra_info("peername"), started, counts,
+                                           "ok" if exc is None else "error")
 
             Counted.__name__ = Counted.__qualname__ = handler.__name__
             if hasattr(handler, "record"):  # a handler that counts its own bytes (the relay)
@@ -234,9 +254,11 @@ class AsyncWorker:
                     worker.record.errors += 1
                     log.exception("error handling connection from %s", writer.get_extra_info("peername"))
                 finally:
-                    if worker.access_log:
-                        counts = account(None, writer.get_extra_info("socket"))
-                        log_access(writer.get_extra_info("peername"), started, counts, outcome)
+                    if worker.account:
+                        counts = account(worker.record if worker.count_bytes else None,
+                                         writer.get_extra_info("socket"))
+                        if worker.access_log:
+                            log_access(writer.get_extra_info("peername"), started, counts, outcome)
                     writer.close()
                     worker.closed()
 
@@ -250,6 +272,10 @@ class AsyncWorker:
     # -- accepting ----------------------------------------------------------------------------------
 
     async def start_serving(self) -> None:
+        if self.engine is not None:
+            self.engine.set_accepting(True)
+            self.record.serving = 1
+            return
         loop = asyncio.get_running_loop()
         for sock in self.listeners:
             # a duplicate per server: closing a server (to pause, or to drain) closes only the duplicate
@@ -260,6 +286,8 @@ class AsyncWorker:
         self.record.serving = 1
 
     def stop_serving(self) -> None:
+        if self.engine is not None:
+            self.engine.set_accepting(False)
         for server in self.servers:
             server.close()
         self.servers.clear()
@@ -271,6 +299,10 @@ class AsyncWorker:
 
     def resume_accepting(self) -> None:
         self.paused = False
+        if self.engine is not None:
+            self.engine.set_accepting(True)
+            self.record.serving = 1
+            return
         asyncio.get_running_loop().create_task(self.start_serving())
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -293,9 +325,7 @@ class AsyncWorker:
         self.stopping = True
         self.stop_serving()
         if os.getppid() != self.master_pid:
-            self.listeners_closed = True
-            for sock in self.listeners:
-                sock.close()
+            self.close_listeners()
         self.on_stop()
         loop = asyncio.get_running_loop()
         assert self.done is not None
@@ -314,6 +344,8 @@ class AsyncWorker:
         """SIGUSR2: drain for a load balancer by closing the listening sockets (see preforkctl drain)."""
         self.listeners_closed = True
         self.stop_serving()
+        if self.engine is not None:
+            self.engine.drop_listeners()
         for sock in self.listeners:
             sock.close()
 
@@ -330,6 +362,8 @@ class AsyncWorker:
                                (signal.SIGQUIT, self.fast_exit), (signal.SIGUSR1, logs.reopen),
                                (signal.SIGUSR2, self.close_listeners)):
             loop.add_signal_handler(signum, action)
+        if self.engine is not None:
+            self.engine.start(loop)
         await self.start_serving()
         # the master forked us with its signals blocked: now that handlers are in place, take them
         signal.pthread_sigmask(signal.SIG_SETMASK, set())

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import resource
+import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 
+import psutil
 import pytest
 
 from conftest import Daemon, Load, child_env, exchange, read_line, recv_exact, wait_for
@@ -151,3 +156,94 @@ def test_async_relay(daemon_factory: Callable[..., Daemon]) -> None:
         s.shutdown(socket.SHUT_WR)
         assert recv_exact(s, 4) == b"half"
         assert s.recv(1) == b""
+
+
+# -- the built-in echo on the async worker's echo engine (prefork/fastecho.py) -------------------------
+
+
+def test_builtin_echo_half_close_and_reset(daemon_factory: Callable[..., Daemon]) -> None:
+    d = daemon_factory("-k", "async", "--workers", "1")
+    pid = d.status()["workers"][0]["pid"]
+    with d.connect() as s:  # half-close: everything sent comes back, then end of file
+        s.sendall(b"half" * 1000)
+        s.shutdown(socket.SHUT_WR)
+        assert recv_exact(s, 4000) == b"half" * 1000
+        assert s.recv(1) == b""
+    s = d.connect()  # a client that resets its connection
+    s.sendall(b"x")
+    assert recv_exact(s, 1) == b"x"
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+    wait_for(lambda: d.status()["workers"][0]["requests"] == 2, 5, "both connections counted as done")
+    worker = d.status()["workers"][0]
+    assert (worker["pid"], worker["active"], worker["errors"]) == (pid, 0, 0)
+    assert (worker["bytes_in"], worker["bytes_out"]) == (4001, 4001)
+
+
+@pytest.mark.timeout(90)
+def test_builtin_echo_stops_reading_a_client_that_does_not_read(daemon_factory: Callable[..., Daemon]) -> None:
+    d = daemon_factory("-k", "async", "--workers", "1")
+    pattern = bytes(range(256)) * 512  # 128 KiB; the stream's byte at offset k is pattern[k % len(pattern)]
+    twice = pattern * 2
+    slow = d.connect()
+    slow.setblocking(False)
+    sent, stalled = 0, False
+    deadline = time.monotonic() + 30
+    while sent < 512 * 2**20 and time.monotonic() < deadline:
+        start = sent % len(pattern)
+        try:
+            sent += slow.send(twice[start:start + len(pattern)])
+        except BlockingIOError:
+            # no room for 2 s: the worker stopped reading this client (it cannot write the echo back)
+            _, writable, _ = select.select([], [slow], [], 2.0)
+            if not writable:
+                stalled = True
+                break
+    assert stalled, f"the worker kept reading a client that does not read ({sent} bytes sent)"
+    # the same (only) worker serves others meanwhile
+    assert exchange(d.address(), b"not blocked") == b"not blocked"
+    # and everything comes back, in order, once the client reads
+    slow.settimeout(20)
+    got = 0
+    while got < sent:
+        chunk = slow.recv(min(2**20, sent - got))
+        assert chunk, f"end of file after {got} of {sent} bytes"
+        start = got % len(pattern)
+        assert chunk == (pattern * (2 + len(chunk) // len(pattern)))[start:start + len(chunk)], f"at byte {got}"
+        got += len(chunk)
+    slow.close()
+
+
+def test_builtin_echo_max_requests_recycles(daemon_factory: Callable[..., Daemon]) -> None:
+    d = daemon_factory("-k", "async", "--workers", "1", "--max-requests", "3")
+    pid = d.status()["workers"][0]["pid"]
+    for i in range(3):
+        assert exchange(d.address(), b"%d" % i) == b"%d" % i
+    wait_for(lambda: [w["pid"] for w in d.ready_workers()] not in ([], [pid]), 10, "the worker replaced")
+    assert "max-requests (3) reached" in d.log()
+    assert exchange(d.address(), b"next") == b"next"
+
+
+@pytest.mark.parametrize("worker_class", ["async", "thread"])
+def test_out_of_file_descriptors_pauses_accepting(daemon_factory: Callable[..., Daemon], worker_class: str) -> None:
+    d = daemon_factory("-k", worker_class, "--workers", "1")
+    worker = psutil.Process(d.status()["workers"][0]["pid"])
+    limit = worker.num_fds() + 2  # room for two connections
+    _, hard = resource.prlimit(worker.pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(worker.pid, resource.RLIMIT_NOFILE, (limit, hard))
+    held = []
+    for i in range(2):
+        s = d.connect()
+        s.sendall(b"%d" % i)
+        assert recv_exact(s, 1) == b"%d" % i
+        held.append(s)
+    waiting = [d.connect() for _ in range(2)]  # queued in the kernel: the worker has no descriptor for them
+    for s in waiting:
+        s.sendall(b"w")
+    wait_for(lambda: "pausing accepts" in d.log(), 10, "the worker to notice it is out of descriptors")
+    for s in held:
+        s.close()
+    for s in waiting:  # served once descriptors are free again
+        assert recv_exact(s, 1) == b"w"
+        s.close()
+    assert d.status()["workers"][0]["pid"] == worker.pid

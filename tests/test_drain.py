@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 
+import pytest
+
 from conftest import Daemon, recv_exact, wait_for
 from prefork.proxy_protocol import build_v2
 
@@ -25,8 +27,9 @@ def health_check(d: Daemon) -> bool:
         return recv_exact(s, 5) == b"PING\n"
 
 
-def test_drain_behind_proxy_fails_health_checks_only(daemon_factory: Callable[..., Daemon]) -> None:
-    d = daemon_factory("--proxy-protocol")
+@pytest.mark.parametrize("worker_class", ["thread", "async"])
+def test_drain_behind_proxy_fails_health_checks_only(daemon_factory: Callable[..., Daemon], worker_class: str) -> None:
+    d = daemon_factory("-k", worker_class, "--proxy-protocol")
     assert health_check(d)
     client = d.connect()
     client.sendall(build_v2(("192.0.2.10", 1234), ("127.0.0.1", 80)) + b"before")
@@ -53,8 +56,9 @@ def test_drain_behind_proxy_fails_health_checks_only(daemon_factory: Callable[..
     client.close()
 
 
-def test_drain_without_proxy_closes_listeners(daemon_factory: Callable[..., Daemon]) -> None:
-    d = daemon_factory()
+@pytest.mark.parametrize("worker_class", ["thread", "async"])
+def test_drain_without_proxy_closes_listeners(daemon_factory: Callable[..., Daemon], worker_class: str) -> None:
+    d = daemon_factory("-k", worker_class)
     held = d.connect()
     held.sendall(b"x")
     assert recv_exact(held, 1) == b"x"

@@ -27,6 +27,13 @@ async def line_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) 
         await writer.drain()
 
 
+async def upper_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A stream handler: echoes upper-cased until end of file."""
+    while data := await reader.read(65536):
+        writer.write(data.upper())
+        await writer.drain()
+
+
 async def failing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     await reader.readline()
     raise RuntimeError("handler failed on purpose")

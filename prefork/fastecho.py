@@ -1,0 +1,195 @@
+"""The built-in echo under ``--worker-class async``, served straight from the event loop's readiness.
+
+An asyncio transport costs a connection more than the echo itself: uvloop
+makes a transport and a protocol, asks the kernel for both addresses and sets
+``TCP_NODELAY`` again, for every connection. For a service that opens a
+connection per exchange that is most of the user-space CPU it spends. The echo
+needs none of it, so the async worker serves its built-in echo with one
+``epoll`` object of its own, watched by the event loop: accept, read, write
+what was read, close at end of file. The loop still runs everything else (the
+heartbeat, signals, the drain), and the worker's contract is unchanged: the
+connection cap, ``--max-requests``, drain on stop and reload, counters in the
+scoreboard (bytes included, counted as they pass).
+
+Flow control: when the kernel takes only part of a write (the client is not
+reading), the rest waits here and the connection is watched for writability
+only, so nothing more is read from it until the client catches up. Memory per
+connection is bounded by one read (64 KiB).
+
+The worker falls back to the transport-based :class:`~prefork.handlers.aio.EchoProtocol`
+when a connection needs more than bytes: with ``--proxy-protocol`` (the header
+is parsed first) and with ``--access-log`` (a line per connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import select
+import socket
+from collections.abc import Callable, Iterable
+
+from prefork.listeners import describe
+from prefork.scoreboard import Record
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 65536  # one read; also the most a connection holds while its client is not reading
+_MAX_EVENTS = 512  # readiness events handled per turn of the event loop
+_ACCEPT_BATCH = 16  # connections accepted per listener event before other connections get a turn
+_ACCEPT_PAUSE = 0.1  # seconds to stop accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM
+_ACCEPT_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_EPOLLEXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 1 << 28)
+_EPOLLIN = select.EPOLLIN
+_EPOLLOUT = select.EPOLLOUT
+
+
+class EchoEngine:
+    """Echo on raw sockets from one epoll set the event loop watches.
+
+    ``on_open`` and ``on_close`` run once per connection (the worker counts
+    and caps there); ``can_accept`` says whether accepting may resume after a
+    pause for lack of file descriptors.
+    """
+
+    def __init__(self, listeners: Iterable[socket.socket], record: Record, *, on_open: Callable[[], None],
+                 on_close: Callable[[], None], can_accept: Callable[[], bool]) -> None:
+        self.listeners = {sock.fileno(): sock for sock in listeners}
+        self.record = record
+        self.on_open = on_open
+        self.on_close = on_close
+        self.can_accept = can_accept
+        self.epoll = select.epoll()
+        self.connections: set[int] = set()
+        self.pending: dict[int, memoryview] = {}  # output the kernel did not take yet, by fd
+        self.accepting = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        loop.add_reader(self.epoll.fileno(), self._on_ready)
+
+    # -- accepting ----------------------------------------------------------------------------------
+
+    def set_accepting(self, on: bool) -> None:
+        if on == self.accepting:
+            return
+        for fd in self.listeners:
+            if on:
+                try:
+                    self.epoll.register(fd, _EPOLLIN | _EPOLLEXCLUSIVE)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:  # EINVAL: a kernel without EPOLLEXCLUSIVE
+                        raise
+                    self.epoll.register(fd, _EPOLLIN)
+            else:
+                self.epoll.unregister(fd)
+        self.accepting = on
+
+    def drop_listeners(self) -> None:
+        """Stop accepting for good: the worker is about to close its listening sockets."""
+        self.set_accepting(False)
+        self.listeners = {}
+
+    def _accept(self, sock: socket.socket) -> None:
+        accept = sock._accept  # type: ignore[attr-defined]  # (fd, address): no socket object to build
+        register, add, set_blocking = self.epoll.register, self.connections.add, os.set_blocking
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                fd, _ = accept()
+            except BlockingIOError:
+                return  # a sibling took it
+            except OSError as exc:
+                self._accept_failed(sock, exc)
+                return
+            set_blocking(fd, False)
+            register(fd, _EPOLLIN)
+            add(fd)
+            self.on_open()  # may stop accepting: the connection cap, max-requests
+            if not self.accepting:
+                return
+
+    def _accept_failed(self, sock: socket.socket, exc: OSError) -> None:
+        if exc.errno in _ACCEPT_RESOURCE_ERRNOS:
+            # level-triggered readiness would spin: back off briefly, siblings may have room
+            log.warning("cannot accept on %s: %s; pausing accepts for %.1fs", describe(sock), exc.strerror,
+                        _ACCEPT_PAUSE)
+            self.set_accepting(False)
+            assert self.loop is not None
+            self.loop.call_later(_ACCEPT_PAUSE, self._resume_after_pause)
+        elif exc.errno != errno.ECONNABORTED:  # the client gave up before we accepted: nothing to do
+            log.warning("cannot accept on %s: %s", describe(sock), exc.strerror)
+
+    def _resume_after_pause(self) -> None:
+        if self.can_accept():
+            self.set_accepting(True)
+
+    # -- connections --------------------------------------------------------------------------------
+
+    def _on_ready(self) -> None:
+        try:
+            events = self.epoll.poll(0, _MAX_EVENTS)
+        except InterruptedError:
+            return
+        read, write = os.read, os.write
+        listeners, pending = self.listeners, self.pending
+        bytes_in = bytes_out = 0
+        for fd, _ in events:
+            if fd in listeners:
+                if self.accepting:
+                    self._accept(listeners[fd])
+                continue
+            if fd in pending:
+                bytes_out += self._flush(fd)
+                continue
+            try:
+                data = read(fd, READ_SIZE)
+            except BlockingIOError:
+                continue
+            except OSError:  # reset by the client
+                self._close(fd)
+                continue
+            if not data:  # end of file: everything read was written back already
+                self._close(fd)
+                continue
+            size = len(data)
+            bytes_in += size
+            try:
+                sent = write(fd, data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._close(fd)
+                continue
+            bytes_out += sent
+            if sent < size:  # the client is not reading: keep the rest, read nothing more until it is out
+                pending[fd] = memoryview(data)[sent:]
+                self.epoll.modify(fd, _EPOLLOUT)
+        if bytes_in or bytes_out:
+            record = self.record
+            record.bytes_in += bytes_in
+            record.bytes_out += bytes_out
+
+    def _flush(self, fd: int) -> int:
+        rest = self.pending[fd]
+        try:
+            sent = os.write(fd, rest)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            self._close(fd)
+            return 0
+        if sent < len(rest):
+            self.pending[fd] = rest[sent:]
+        else:
+            del self.pending[fd]
+            self.epoll.modify(fd, _EPOLLIN)
+        return sent
+
+    def _close(self, fd: int) -> None:
+        self.connections.discard(fd)
+        self.pending.pop(fd, None)
+        os.close(fd)  # leaves the epoll set with it: no other descriptor refers to this socket
+        self.on_close()
