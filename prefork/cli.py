@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any, NoReturn
 
@@ -217,4 +218,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> NoReturn:
+    # as under ``python -m prefork``: handler modules in the working directory import (gunicorn and
+    # uvicorn do the same); systemd's WorkingDirectory= says where that is
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     sys.exit(main())

@@ -338,3 +338,18 @@ def test_failed_reload_keeps_serving(tmp_path: Path, daemon_factory: Callable[..
     assert exchange(d.address(), b"still here") == b"still here"
     assert d.call("stats")["failed_reloads"] == 1
     assert "Traceback" not in d.log()
+
+
+def test_the_command_imports_handlers_from_its_working_directory(tmp_path: Path) -> None:
+    (tmp_path / "here_handlers.py").write_text(
+        "from socketserver import BaseRequestHandler\n\n"
+        "class Echo(BaseRequestHandler):\n"
+        "    def handle(self):\n"
+        "        self.request.sendall(self.request.recv(100))\n"
+    )
+    command = Path(sys.executable).parent / "prefork"  # the installed entry point, not python -m
+    env = {k: v for k, v in child_env().items() if k != "PYTHONPATH"}
+    result = subprocess.run([str(command), "--check-config", "here_handlers:Echo"], capture_output=True, text=True,
+                            cwd=tmp_path, env=env, timeout=20)
+    assert result.returncode == 0, result.stderr
+    assert "here_handlers.Echo" in result.stdout
