@@ -48,12 +48,12 @@ def is_async_handler(obj: Any) -> bool:
     return (isinstance(obj, type) and issubclass(obj, asyncio.BaseProtocol)) or inspect.iscoroutinefunction(obj)
 
 
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop when it is installed (``pip install prefork[fast]``), else asyncio's own loop."""
-    try:
-        import uvloop
-    except ImportError:
+def new_event_loop(kind: str | None = "uvloop") -> asyncio.AbstractEventLoop:
+    """``kind`` as ``Config.event_loop`` resolves it: uvloop (``pip install prefork[fast]``) or asyncio's own."""
+    if kind != "uvloop":
         return asyncio.new_event_loop()
+    import uvloop
+
     loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
     return loop
 
@@ -383,7 +383,7 @@ def serve(listeners: tuple[socket.socket, ...], handler: Any, config: Config, re
           **kwargs: Any) -> None:
     """Run an async worker until it has stopped; returns normally (the caller exits the process)."""
     worker = AsyncWorker(listeners, handler, config, record, **kwargs)
-    loop = new_event_loop()
+    loop = new_event_loop(config.event_loop)
     asyncio.set_event_loop(loop)
     try:
         loop.run_until_complete(worker.run())

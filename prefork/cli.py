@@ -13,6 +13,7 @@ from prefork.config import (
     DEFAULT_BIND,
     DEFAULT_HANDLER,
     LOG_LEVELS,
+    LOOPS,
     WORKER_CLASSES,
     Config,
     ConfigError,
@@ -52,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sync: one connection at a time per worker; thread (default): a bounded thread pool; "
                         "async: an asyncio (uvloop) event loop for asyncio.Protocol or async def handlers")
     p.add_argument("--threads", type=int, metavar="N", help="threads per thread worker (default 32)")
+    p.add_argument("--loop", choices=LOOPS, metavar="LOOP",
+                   help="the async workers' event loop: auto (default: uvloop when installed), asyncio or uvloop")
     p.add_argument("--max-connections", type=int, metavar="N",
                    help="open connections per async worker before it stops accepting (default 0: no cap)")
     p.add_argument("--timeout", type=float, metavar="SECS",
@@ -114,7 +117,8 @@ def check_config(config: Config) -> str:
     from prefork.worker import handler_for
 
     handler = handler_for(config)
-    return (f"configuration OK: {config.workers} {config.worker_class} worker(s) of "
+    loop = f" ({config.event_loop})" if config.event_loop else ""
+    return (f"configuration OK: {config.workers} {config.worker_class} worker(s){loop} of "
             f"{handler.__module__}.{handler.__qualname__} on {', '.join(config.binds)}")
 
 
@@ -132,7 +136,7 @@ def preload_worker_code(config: Config) -> None:
     import prefork.worker
 
     if config.worker_class == "async":
-        prefork.aio.new_event_loop().close()  # imports uvloop when it is there
+        prefork.aio.new_event_loop(config.event_loop).close()  # imports uvloop when the workers use it
 
 
 def serve(config: Config, overrides: dict[str, Any], argv: list[str]) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import importlib.util
 import ipaddress
 import os
 import re
@@ -21,6 +22,7 @@ from typing import Any
 DEFAULT_BIND = "127.0.0.1:20000"
 DEFAULT_HANDLER = "prefork.handlers.echo:EchoHandler"
 WORKER_CLASSES = ("sync", "thread", "async")
+LOOPS = ("auto", "asyncio", "uvloop")  # the async worker's event loop; auto: uvloop when installed
 ASYNC_ECHO_HANDLER = "prefork.handlers.aio:EchoProtocol"
 RELAY_HANDLERS = ("prefork.handlers.relay:RelayHandler", "prefork.handlers.aio:RelayProtocol")  # [is async]
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -88,6 +90,7 @@ class Config:
     worker_class: str = "thread"
     threads: int = 32
     max_connections: int = 0  # per async worker; 0: no cap
+    loop: str = "auto"  # the async worker's event loop: auto, asyncio or uvloop
     timeout: float = 30.0
     graceful_timeout: float = 30.0
     max_requests: int = 0
@@ -134,6 +137,15 @@ class Config:
         return ASYNC_ECHO_HANDLER if self.worker_class == "async" else self.handler
 
     @property
+    def event_loop(self) -> str | None:
+        """The event loop async workers run (None for the other classes)."""
+        if self.worker_class != "async":
+            return None
+        if self.loop == "auto":
+            return "uvloop" if uvloop_installed() else "asyncio"
+        return self.loop
+
+    @property
     def control_path(self) -> str:
         return self.control or default_control_path(self.name)
 
@@ -145,6 +157,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "workers": (int,),
     "worker_class": (str,),
     "threads": (int,),
+    "loop": (str,),
     "max_connections": (int,),
     "timeout": (int, float),
     "graceful_timeout": (int, float),
@@ -241,6 +254,10 @@ def build_config(overrides: Mapping[str, Any], config_file: str | None = None) -
     return config
 
 
+def uvloop_installed() -> bool:
+    return importlib.util.find_spec("uvloop") is not None
+
+
 def validate(config: Config) -> None:
     """Raise ConfigError for the first bad value."""
     if not config.binds:
@@ -254,6 +271,10 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"worker-class: unknown class {config.worker_class!r} (choose from {', '.join(WORKER_CLASSES)})"
         )
+    if config.loop not in LOOPS:
+        raise ConfigError(f"loop: unknown event loop {config.loop!r} (choose from {', '.join(LOOPS)})")
+    if config.loop == "uvloop" and not uvloop_installed():
+        raise ConfigError("loop: uvloop is not installed (pip install 'prefork[fast]'), or choose asyncio")
     if not 1 <= config.threads <= 10000:
         raise ConfigError(f"threads: {config.threads} is out of range (1-10000)")
     if not 0 <= config.max_connections <= 1_000_000:

@@ -97,7 +97,8 @@ def format_status(s: dict[str, Any]) -> str:
     out = [
         f"{s['name']}: master pid {s['pid']}, {s['state']}, generation {s['generation']}, "
         f"up {human_age(s['uptime_s'])}",
-        f"{s['target_workers']} {s['worker_class']} worker(s) of {s['handler']}",
+        f"{s['target_workers']} {s['worker_class']} worker(s)"
+        f"{' (' + s['event_loop'] + ')' if s.get('event_loop') else ''} of {s['handler']}",
         f"listening on {', '.join(s['listeners'])}",
         "",
     ]

@@ -65,6 +65,7 @@ def status(master: Master) -> dict[str, Any]:
                                                     ("serving" if master.serving else "starting")),
         "drain": master.lb_drain,
         "worker_class": master.config.worker_class,
+        "event_loop": master.config.event_loop,
         "handler": master.config.effective_handler,
         "target_workers": master.target,
         "listeners": [li.address for li in master.listeners],

@@ -18,10 +18,14 @@ import pytest
 from conftest import Daemon, Load, child_env, exchange, read_line, recv_exact, wait_for
 from prefork.proxy_protocol import build_v2
 
+LOOPS = ["uvloop", "asyncio"]  # uvloop is installed here (prefork[fast]); asyncio is what runs without it
 
-def test_builtin_echo_runs_as_a_protocol(daemon_factory: Callable[..., Daemon]) -> None:
-    d = daemon_factory("-k", "async")
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_builtin_echo_runs_as_a_protocol(daemon_factory: Callable[..., Daemon], loop: str) -> None:
+    d = daemon_factory("-k", "async", "--loop", loop)
     assert d.status()["handler"] == "prefork.handlers.aio:EchoProtocol"
+    assert d.status()["event_loop"] == loop
     s = socket.create_connection(("localhost", d.port))
     assert s.send(b"Hello") == 5
     assert s.recv(8192) == b"Hello"
@@ -29,14 +33,16 @@ def test_builtin_echo_runs_as_a_protocol(daemon_factory: Callable[..., Daemon]) 
     assert exchange(d.address(), b"x" * 4 * 1024 * 1024, timeout=20) == b"x" * 4 * 1024 * 1024
 
 
-def test_protocol_handler(daemon_factory: Callable[..., Daemon]) -> None:
-    d = daemon_factory("-k", "async", "async_handlers:UpperProtocol")
+@pytest.mark.parametrize("loop", LOOPS)
+def test_protocol_handler(daemon_factory: Callable[..., Daemon], loop: str) -> None:
+    d = daemon_factory("-k", "async", "--loop", loop, "async_handlers:UpperProtocol")
     assert exchange(d.address(), b"hello") == b"HELLO"
     wait_for(lambda: sum(w["requests"] for w in d.status()["workers"]) == 1, 5, "the connection counted")
 
 
-def test_stream_handler_and_client_address(daemon_factory: Callable[..., Daemon]) -> None:
-    d = daemon_factory("-k", "async", "async_handlers:line_echo")
+@pytest.mark.parametrize("loop", LOOPS)
+def test_stream_handler_and_client_address(daemon_factory: Callable[..., Daemon], loop: str) -> None:
+    d = daemon_factory("-k", "async", "--loop", loop, "async_handlers:line_echo")
     with d.connect() as s:
         host, port, _ = read_line(s).split()
         assert (host.decode(), int(port)) == s.getsockname()
@@ -72,8 +78,9 @@ def test_handler_and_worker_class_must_match(args: list[str], culprit: str) -> N
     assert culprit in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
 
 
-def test_reload_and_stop_under_load_lose_nothing(daemon_factory: Callable[..., Daemon]) -> None:
-    d = daemon_factory("-k", "async")
+@pytest.mark.parametrize("loop", LOOPS)
+def test_reload_and_stop_under_load_lose_nothing(daemon_factory: Callable[..., Daemon], loop: str) -> None:
+    d = daemon_factory("-k", "async", "--loop", loop)
     with Load(d.address(), clients=6, mode="connect") as load:
         load.wait_ok(100)
         for generation in (2, 3):
@@ -112,8 +119,9 @@ def test_max_requests_recycles(daemon_factory: Callable[..., Daemon]) -> None:
     assert runs == [3, 3, 1], pids
 
 
-def test_connection_cap_spreads_load(daemon_factory: Callable[..., Daemon]) -> None:
-    d = daemon_factory("-k", "async", "--workers", "2", "--max-connections", "2")
+@pytest.mark.parametrize("loop", LOOPS)
+def test_connection_cap_spreads_load(daemon_factory: Callable[..., Daemon], loop: str) -> None:
+    d = daemon_factory("-k", "async", "--loop", loop, "--workers", "2", "--max-connections", "2")
     held = []
     for i in range(4):
         s = d.connect()
@@ -145,9 +153,10 @@ def test_proxy_protocol_under_async(daemon_factory: Callable[..., Daemon]) -> No
     assert "closing it" in d.log()
 
 
-def test_async_relay(daemon_factory: Callable[..., Daemon]) -> None:
-    upstream = daemon_factory("-k", "async", name="upstream")
-    relay = daemon_factory("-k", "async", "--relay", f"127.0.0.1:{upstream.port}", name="relay")
+@pytest.mark.parametrize("loop", LOOPS)
+def test_async_relay(daemon_factory: Callable[..., Daemon], loop: str) -> None:
+    upstream = daemon_factory("-k", "async", "--loop", loop, name="upstream")
+    relay = daemon_factory("-k", "async", "--loop", loop, "--relay", f"127.0.0.1:{upstream.port}", name="relay")
     assert relay.status()["handler"] == "prefork.handlers.aio:RelayProtocol"
     payload = bytes(range(256)) * 4096  # 1 MiB
     assert exchange(relay.address(), payload, timeout=20) == payload
@@ -161,8 +170,9 @@ def test_async_relay(daemon_factory: Callable[..., Daemon]) -> None:
 # -- the built-in echo on the async worker's echo engine (prefork/fastecho.py) -------------------------
 
 
-def test_builtin_echo_half_close_and_reset(daemon_factory: Callable[..., Daemon]) -> None:
-    d = daemon_factory("-k", "async", "--workers", "1")
+@pytest.mark.parametrize("loop", LOOPS)
+def test_builtin_echo_half_close_and_reset(daemon_factory: Callable[..., Daemon], loop: str) -> None:
+    d = daemon_factory("-k", "async", "--loop", loop, "--workers", "1")
     pid = d.status()["workers"][0]["pid"]
     with d.connect() as s:  # half-close: everything sent comes back, then end of file
         s.sendall(b"half" * 1000)
@@ -180,9 +190,11 @@ def test_builtin_echo_half_close_and_reset(daemon_factory: Callable[..., Daemon]
     assert (worker["bytes_in"], worker["bytes_out"]) == (4001, 4001)
 
 
+@pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.timeout(90)
-def test_builtin_echo_stops_reading_a_client_that_does_not_read(daemon_factory: Callable[..., Daemon]) -> None:
-    d = daemon_factory("-k", "async", "--workers", "1")
+def test_builtin_echo_stops_reading_a_client_that_does_not_read(daemon_factory: Callable[..., Daemon],
+                                                                loop: str) -> None:
+    d = daemon_factory("-k", "async", "--loop", loop, "--workers", "1")
     pattern = bytes(range(256)) * 512  # 128 KiB; the stream's byte at offset k is pattern[k % len(pattern)]
     twice = pattern * 2
     slow = d.connect()

@@ -102,6 +102,7 @@ EARLY_ERRORS = [
     ("duplicate-bind", ["--bind", "127.0.0.1:{busy}", "--bind", "127.0.0.1:{busy}"], "given twice"),
     ("unix-bind-over-file", ["--bind", "unix:{tmp}/regular"], "{tmp}/regular exists and is not a socket"),
     ("worker-class", ["--worker-class", "nope"], "'nope'"),
+    ("loop", ["--loop", "trio"], "'trio'"),
     ("log-level", ["--log-level", "loud"], "'loud'"),
     ("bad-name", ["--name", "a/b"], "'a/b'"),
     ("handler-format", ["no_colon_here"], "'no_colon_here'"),
@@ -183,7 +184,7 @@ def test_help(tmp_path: Path) -> None:
     result = run_prefork(tmp_path, "--help")
     assert result.returncode == 0
     assert result.stdout.startswith("usage: prefork")
-    for option in ("--bind", "--workers", "--worker-class", "--threads", "--timeout", "--graceful-timeout",
+    for option in ("--bind", "--workers", "--worker-class", "--loop", "--threads", "--timeout", "--graceful-timeout",
                    "--max-requests", "--max-requests-jitter", "--backlog", "--name", "--control", "--config",
                    "--check-config", "--log-level", "--version", "HANDLER"):
         assert option in result.stdout
@@ -353,3 +354,26 @@ def test_the_command_imports_handlers_from_its_working_directory(tmp_path: Path)
                             cwd=tmp_path, env=env, timeout=20)
     assert result.returncode == 0, result.stderr
     assert "here_handlers.Echo" in result.stdout
+
+
+def test_event_loop_without_uvloop(tmp_path: Path) -> None:
+    """Where uvloop is not installed, auto means asyncio and asking for uvloop is a one-line error."""
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['uvloop'] = None  # as if not installed\n")
+    env = child_env()
+    env["PYTHONPATH"] = f"{hide}{os.pathsep}{env['PYTHONPATH']}"
+
+    def check(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "prefork", "--check-config", "-k", "async", *args],
+                              capture_output=True, text=True, env=env, cwd=tmp_path, timeout=20)
+
+    auto = check()
+    assert auto.returncode == 0, auto.stderr
+    assert "async worker(s) (asyncio)" in auto.stdout
+    wanted = check("--loop", "uvloop")
+    assert wanted.returncode == 2
+    assert "loop: uvloop is not installed" in wanted.stderr and wanted.stderr.count("\n") == 1
+    assert "async worker(s) (uvloop)" in subprocess.run(
+        [sys.executable, "-m", "prefork", "--check-config", "-k", "async"], capture_output=True, text=True,
+        env=child_env(), cwd=tmp_path, timeout=20).stdout  # and here, where it is, auto picks it

@@ -340,6 +340,7 @@ def test_not_utf8_file(tmp_path: Path) -> None:
         ({"backlog": 0}, "backlog: 0 is out of range"),
         ({"backlog": 65536}, "backlog: 65536 is out of range"),
         ({"worker_class": "gevent"}, "worker-class: unknown class 'gevent'"),
+        ({"loop": "trio"}, "loop: unknown event loop 'trio'"),
         ({"log_level": "loud"}, "log-level: unknown level 'loud'"),
         ({"name": ""}, "name: ''"),
         ({"name": "-x"}, "name: '-x'"),
