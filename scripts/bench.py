@@ -43,6 +43,8 @@ def prefork(label: str, args: str, n: int, relay: bool = False) -> Entry:
     return Entry(label, f"{'prefork-relay' if relay else 'prefork'}:{n}", cmd)
 
 
+USER_ECHO = "bench_handlers:Echo"  # scripts/bench_handlers.py: a user's Protocol, not the built-in echo
+
 SCENARIOS: dict[str, tuple[str, int, list[Entry]]] = {
     # name: (mode, connections, servers; the first is the baseline)
     "ping": ("ping", 50, [
@@ -50,6 +52,7 @@ SCENARIOS: dict[str, tuple[str, int, list[Entry]]] = {
         prefork("prefork thread w2", "-k thread", 2),
         Entry("uvloop", "uvloop:1"),
         prefork("prefork async w1", "-k async", 1),
+        prefork("prefork async w1 user", f"-k async {USER_ECHO}", 1),
         Entry("asyncio", "asyncio:1"),
         Entry("C epoll", "cecho:1"),
     ]),
@@ -57,6 +60,7 @@ SCENARIOS: dict[str, tuple[str, int, list[Entry]]] = {
         Entry("naive prefork w2", "naive:2"),
         prefork("prefork sync w2", "-k sync", 2),
         prefork("prefork async w1", "-k async", 1),
+        prefork("prefork async w1 user", f"-k async {USER_ECHO}", 1),
         Entry("uvloop", "uvloop:1"),
         Entry("C epoll", "cecho:1"),
     ]),
@@ -67,6 +71,19 @@ SCENARIOS: dict[str, tuple[str, int, list[Entry]]] = {
         Entry("socat", "socat"),
     ]),
 }
+
+# (scenario, server, against, at least): the targets the project set itself, checked after the table
+TARGETS: list[tuple[str, str, str, float]] = [
+    ("ping", "prefork thread w2", "threading (recipe)", 1.1),
+    ("ping", "prefork async w1", "uvloop", 1.0),
+    ("ping", "prefork async w1 user", "uvloop", 1.0),
+    ("ping", "prefork async w1", "C epoll", 0.8),
+    ("connect", "prefork sync w2", "naive prefork w2", 0.97),
+    ("connect", "prefork async w1", "C epoll", 0.9),
+    ("connect", "prefork async w1 user", "uvloop", 1.0),
+    ("relay", "prefork relay async w1", "haproxy", 1.0),
+    ("relay", "prefork relay async w1", "socat", 2.0),
+]
 
 
 def load_compare(bench_dir: Path) -> ModuleType:
@@ -86,6 +103,14 @@ def failures(res: dict[str, str]) -> int:
     return sum(int(res.get(k, 0)) for k in ("errors", "refused", "resets", "short", "starved"))
 
 
+def median_ratio(rows: list[dict[str, str]], base: list[dict[str, str]]) -> float | None:
+    """The median of per-round ratios of ops per server CPU-second (each round's pair ran back to back)."""
+    ratios = [float(r["ops_per_cpu_s"]) / float(b["ops_per_cpu_s"]) for r, b in zip(rows, base, strict=True)
+              if "error" not in r and "error" not in b and r.get("ops_per_cpu_s", "-") != "-"
+              and b.get("ops_per_cpu_s", "-") != "-" and float(b["ops_per_cpu_s"])]
+    return statistics.median(ratios) if ratios else None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -93,6 +118,8 @@ def main() -> int:
     ap.add_argument("--only", action="append", choices=sorted(SCENARIOS))
     args = ap.parse_args()
     compare = load_compare(Path(os.environ.get("BENCH_DIR", ROOT.parent / "shared" / "bench")))
+    # the project's servers import scripts/bench_handlers.py
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "scripts"), os.environ.get("PYTHONPATH")) if p)
     compare.build_tools()
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} UTC on {platform.node()}: {os.cpu_count()} CPUs, "
           f"Python {platform.python_version()}, server on CPU 1, load generator on CPU 0, "
@@ -100,6 +127,7 @@ def main() -> int:
     header = (f"{'scenario':<9}{'server':<26}{'ops/s':>10}{'srv_cpu_s':>11}{'ops/cpu_s':>11}"
               f"{'x_ops_cpu':>11}{'rss_mb':>8}{'p99_us':>9}{'failures':>10}")
     print(header)
+    measured: dict[str, dict[str, list[dict[str, str]]]] = {}
     for name in args.only or list(SCENARIOS):
         mode, conns, entries = SCENARIOS[name]
         ns = argparse.Namespace(mode=mode, c=conns, s=64, d=args.secs, t=1, server_cpus="1", load_cpus="0")
@@ -110,6 +138,7 @@ def main() -> int:
                     key = "PREFORK_RELAY_CMD" if entry.server.startswith("prefork-relay") else "PREFORK_CMD"
                     os.environ[key] = entry.prefork_cmd
                 results[entry.label].append(compare.run_one(entry.server, ns))
+        measured[name] = results
         base = results[entries[0].label]
         for entry in entries:
             rows = results[entry.label]
@@ -119,14 +148,20 @@ def main() -> int:
                 vals = [float(r[key]) for r in rows if r.get(key, "-") != "-"]
                 return statistics.median(vals) if vals else 0.0
 
-            ratios = [float(r["ops_per_cpu_s"]) / float(b["ops_per_cpu_s"]) for r, b in zip(rows, base, strict=True)
-                      if "error" not in r and "error" not in b and r.get("ops_per_cpu_s", "-") != "-"
-                      and b.get("ops_per_cpu_s", "-") != "-" and float(b["ops_per_cpu_s"])]
+            ratio = median_ratio(rows, base)
             fails = [failures(r) for r in rows]
             print(f"{name:<9}{entry.label:<26}{med('ops_per_s'):>10.0f}{med('srv_cpu_s'):>11.2f}"
-                  f"{med('ops_per_cpu_s'):>11.0f}{(statistics.median(ratios) if ratios else 0):>11.2f}"
+                  f"{med('ops_per_cpu_s'):>11.0f}{(ratio or 0):>11.2f}"
                   f"{med('rss_mb'):>8.0f}{med('p99_us'):>9.0f}"
                   f"{('-' if -1 in fails else str(max(fails))):>10}", flush=True)
+    print("\ntargets (ops per server CPU-second; median of per-round ratios)")
+    for scenario, server, against, least in TARGETS:
+        if scenario not in measured:
+            continue
+        ratio = median_ratio(measured[scenario][server], measured[scenario][against])
+        verdict = "no data" if ratio is None else ("met" if ratio >= least else "NOT met")
+        shown = "-" if ratio is None else f"{ratio:.2f}"
+        print(f"  {scenario:<9}{server:<26}vs {against:<20}{shown:>6}  (>= {least:g}) {verdict}")
     return 0
 
 
