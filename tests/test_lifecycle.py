@@ -140,7 +140,7 @@ def test_kill9_worker_under_load_is_replaced_without_refusals(daemon_factory: Da
 # -- 2. three reloads under load ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("worker_class", ["thread", "sync"])
+@pytest.mark.parametrize("worker_class", ["thread", "sync", "async"])
 def test_three_reloads_under_load_lose_nothing(daemon_factory: DaemonFactory, worker_class: str) -> None:
     d = daemon_factory("-k", worker_class)
     first = d.status()
@@ -213,7 +213,7 @@ def test_reload_with_broken_handler_keeps_the_old_generation(daemon_factory: Dae
 # -- 5. to 8. stopping ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("worker_class", ["thread", "sync"])
+@pytest.mark.parametrize("worker_class", ["thread", "sync", "async"])
 def test_sigterm_serves_the_open_connection_then_exits(daemon_factory: DaemonFactory, worker_class: str) -> None:
     d = daemon_factory("-k", worker_class)
     pids = group_pids(d)
@@ -264,8 +264,9 @@ def test_fast_stop_does_not_wait_for_connections(daemon_factory: DaemonFactory, 
     assert all_gone(workers)
 
 
-def test_master_sigkill_leaves_no_worker_behind(daemon_factory: DaemonFactory) -> None:
-    d = daemon_factory("-w", "3")
+@pytest.mark.parametrize("worker_class", ["thread", "async"])
+def test_master_sigkill_leaves_no_worker_behind(daemon_factory: DaemonFactory, worker_class: str) -> None:
+    d = daemon_factory("-w", "3", "-k", worker_class)
     with d.connect() as conn:
         conn.sendall(b"x")
         assert recv_exact(conn, 1) == b"x"
