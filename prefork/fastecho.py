@@ -24,14 +24,13 @@ is parsed first) and with ``--access-log`` (a line per connection).
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import select
 import socket
 from collections.abc import Callable, Iterable
 
-from prefork.listeners import describe
+from prefork.listeners import ACCEPT_PAUSE, accept_failed, watch
 from prefork.scoreboard import Record
 
 log = logging.getLogger(__name__)
@@ -39,9 +38,6 @@ log = logging.getLogger(__name__)
 READ_SIZE = 65536  # one read; also the most a connection holds while its client is not reading
 _MAX_EVENTS = 512  # readiness events handled per turn of the event loop
 _ACCEPT_BATCH = 16  # connections accepted per listener event before other connections get a turn
-_ACCEPT_PAUSE = 0.1  # seconds to stop accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM
-_ACCEPT_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-_EPOLLEXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 1 << 28)
 _EPOLLIN = select.EPOLLIN
 _EPOLLOUT = select.EPOLLOUT
 
@@ -78,12 +74,7 @@ class EchoEngine:
             return
         for fd in self.listeners:
             if on:
-                try:
-                    self.epoll.register(fd, _EPOLLIN | _EPOLLEXCLUSIVE)
-                except OSError as exc:
-                    if exc.errno != errno.EINVAL:  # EINVAL: a kernel without EPOLLEXCLUSIVE
-                        raise
-                    self.epoll.register(fd, _EPOLLIN)
+                watch(self.epoll, fd)
             else:
                 self.epoll.unregister(fd)
         self.accepting = on
@@ -102,7 +93,10 @@ class EchoEngine:
             except BlockingIOError:
                 return  # a sibling took it
             except OSError as exc:
-                self._accept_failed(sock, exc)
+                if accept_failed(sock, exc):
+                    self.set_accepting(False)
+                    assert self.loop is not None
+                    self.loop.call_later(ACCEPT_PAUSE, self._resume_after_pause)
                 return
             set_blocking(fd, False)
             register(fd, _EPOLLIN)
@@ -110,17 +104,6 @@ class EchoEngine:
             self.on_open()  # may stop accepting: the connection cap, max-requests
             if not self.accepting:
                 return
-
-    def _accept_failed(self, sock: socket.socket, exc: OSError) -> None:
-        if exc.errno in _ACCEPT_RESOURCE_ERRNOS:
-            # level-triggered readiness would spin: back off briefly, siblings may have room
-            log.warning("cannot accept on %s: %s; pausing accepts for %.1fs", describe(sock), exc.strerror,
-                        _ACCEPT_PAUSE)
-            self.set_accepting(False)
-            assert self.loop is not None
-            self.loop.call_later(_ACCEPT_PAUSE, self._resume_after_pause)
-        elif exc.errno != errno.ECONNABORTED:  # the client gave up before we accepted: nothing to do
-            log.warning("cannot accept on %s: %s", describe(sock), exc.strerror)
 
     def _resume_after_pause(self) -> None:
         if self.can_accept():

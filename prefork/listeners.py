@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import socket
 import stat
 from dataclasses import dataclass
@@ -177,3 +178,35 @@ def adopt(sock: socket.socket, name: str) -> Listener:
 
 
 SYSTEMD_PREFIX = "systemd:"  # the spec of a socket systemd passed: bind= settings never replace it
+
+
+# -- accepting, for the workers' loops ------------------------------------------------------------
+
+ACCEPT_PAUSE = 0.1  # seconds a worker stops accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM
+_ACCEPT_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_EPOLLEXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 1 << 28)
+
+
+def watch(epoll: select.epoll, fd: int) -> None:
+    """Register a listening socket with ``EPOLLEXCLUSIVE``: a new connection wakes one idle worker, not all."""
+    try:
+        epoll.register(fd, select.EPOLLIN | _EPOLLEXCLUSIVE)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # EINVAL: a kernel without EPOLLEXCLUSIVE
+            raise
+        epoll.register(fd, select.EPOLLIN)
+
+
+def accept_failed(sock: socket.socket, exc: OSError) -> bool:
+    """Log a failed ``accept()``; True when it failed for lack of resources and accepting should pause.
+
+    Readiness is level-triggered, so a worker out of descriptors that kept
+    accepting would spin; it pauses for ``ACCEPT_PAUSE`` instead (siblings may
+    have room). A client that gave up before the accept is not worth a line.
+    """
+    if exc.errno in _ACCEPT_RESOURCE_ERRNOS:
+        log.warning("cannot accept on %s: %s; pausing accepts for %.1fs", describe(sock), exc.strerror, ACCEPT_PAUSE)
+        return True
+    if exc.errno != errno.ECONNABORTED:
+        log.warning("cannot accept on %s: %s", describe(sock), exc.strerror)
+    return False

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import faulthandler
 import importlib
 import ipaddress
@@ -43,7 +42,7 @@ from typing import Any, NoReturn
 
 from prefork import logs
 from prefork.config import Config
-from prefork.listeners import describe
+from prefork.listeners import ACCEPT_PAUSE, accept_failed, watch
 from prefork.proxy_protocol import ProxyProtocolError, read_header
 from prefork.scoreboard import Record, Scoreboard
 
@@ -55,10 +54,7 @@ WORKER_CRASHED = 1
 WORKER_BOOT_ERROR = 3  # the handler could not be loaded: respawning would only fail again
 
 _PR_SET_PDEATHSIG = 1
-_EPOLLEXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 1 << 28)
 _ACCEPT_BATCH = 16  # connections accepted per readiness event before the loop polls again
-_ACCEPT_PAUSE = 0.1  # seconds to stop accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM
-_ACCEPT_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 try:
     _libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
@@ -287,12 +283,7 @@ class PreforkServer(socketserver.TCPServer):
             return
         for fd in self._by_fd:
             if on:
-                try:
-                    self._epoll.register(fd, select.EPOLLIN | _EPOLLEXCLUSIVE)
-                except OSError as exc:
-                    if exc.errno != errno.EINVAL:  # EINVAL: a kernel without EPOLLEXCLUSIVE
-                        raise
-                    self._epoll.register(fd, select.EPOLLIN)
+                watch(self._epoll, fd)
             else:
                 self._epoll.unregister(fd)
         self._accepting = on
@@ -361,14 +352,9 @@ class PreforkServer(socketserver.TCPServer):
         except BlockingIOError:
             return False  # a sibling took it
         except OSError as exc:
-            if exc.errno in _ACCEPT_RESOURCE_ERRNOS:
-                # level-triggered readiness would spin: back off briefly, siblings may have room
-                log.warning("cannot accept on %s: %s; pausing accepts for %.1fs",
-                            describe(sock), exc.strerror, _ACCEPT_PAUSE)
+            if accept_failed(sock, exc):
                 self.set_accepting(False)
-                self._accept_paused_until = time.monotonic() + _ACCEPT_PAUSE
-            elif exc.errno != errno.ECONNABORTED:  # the client gave up before we accepted: nothing to do
-                log.warning("cannot accept on %s: %s", describe(sock), exc.strerror)
+                self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE
             return False
         if self._extra_timeout is not None:
             request.settimeout(self._extra_timeout)

@@ -21,6 +21,17 @@ from prefork.proxy_protocol import build_v2
 LOOPS = ["uvloop", "asyncio"]  # uvloop is installed here (prefork[fast]); asyncio is what runs without it
 
 
+def echoed_connections(d: Daemon, n: int) -> list[socket.socket]:
+    """``n`` open connections, each known to be served (one byte echoed)."""
+    held = []
+    for i in range(n):
+        s = d.connect()
+        s.sendall(b"%d" % i)
+        assert recv_exact(s, 1) == b"%d" % i
+        held.append(s)
+    return held
+
+
 @pytest.mark.parametrize("loop", LOOPS)
 def test_builtin_echo_runs_as_a_protocol(daemon_factory: Callable[..., Daemon], loop: str) -> None:
     d = daemon_factory("-k", "async", "--loop", loop)
@@ -122,12 +133,7 @@ def test_max_requests_recycles(daemon_factory: Callable[..., Daemon]) -> None:
 @pytest.mark.parametrize("loop", LOOPS)
 def test_connection_cap_spreads_load(daemon_factory: Callable[..., Daemon], loop: str) -> None:
     d = daemon_factory("-k", "async", "--loop", loop, "--workers", "2", "--max-connections", "2")
-    held = []
-    for i in range(4):
-        s = d.connect()
-        s.sendall(b"%d" % i)
-        assert recv_exact(s, 1) == b"%d" % i
-        held.append(s)
+    held = echoed_connections(d, 4)
     wait_for(lambda: sorted(w["active"] for w in d.status()["workers"]) == [2, 2], 5, "two connections each")
     extra = d.connect(timeout=0.5)
     extra.sendall(b"5")
@@ -243,12 +249,7 @@ def test_out_of_file_descriptors_pauses_accepting(daemon_factory: Callable[..., 
     limit = worker.num_fds() + 2  # room for two connections
     _, hard = resource.prlimit(worker.pid, resource.RLIMIT_NOFILE)
     resource.prlimit(worker.pid, resource.RLIMIT_NOFILE, (limit, hard))
-    held = []
-    for i in range(2):
-        s = d.connect()
-        s.sendall(b"%d" % i)
-        assert recv_exact(s, 1) == b"%d" % i
-        held.append(s)
+    held = echoed_connections(d, 2)
     waiting = [d.connect() for _ in range(2)]  # queued in the kernel: the worker has no descriptor for them
     for s in waiting:
         s.sendall(b"w")
