@@ -130,6 +130,7 @@ def families(status: Mapping[str, Any], stats: Mapping[str, Any]) -> list[Family
     info.add(1, (("name", str(status.get("name", stats.get("name", "")))),
                  ("version", str(status.get("version", ""))),
                  ("worker_class", str(status.get("worker_class", ""))),
+                 ("event_loop", str(status.get("event_loop") or "")),
                  ("handler", str(status.get("handler", "")))))
     out.append(info)
     master_pid = Family(PREFIX + "master_pid", "gauge", "Process id of the master.")

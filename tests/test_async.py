@@ -37,6 +37,7 @@ def test_builtin_echo_runs_as_a_protocol(daemon_factory: Callable[..., Daemon], 
     d = daemon_factory("-k", "async", "--loop", loop)
     assert d.status()["handler"] == "prefork.handlers.aio:EchoProtocol"
     assert d.status()["event_loop"] == loop
+    assert f"async worker(s) ({loop}) of prefork.handlers.aio:EchoProtocol" in d.ctl("status").stdout
     s = socket.create_connection(("localhost", d.port))
     assert s.send(b"Hello") == 5
     assert s.recv(8192) == b"Hello"

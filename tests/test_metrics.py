@@ -45,7 +45,7 @@ def worker(slot: int, pid: int, **extra: Any) -> dict[str, Any]:
 
 STATUS: dict[str, Any] = {
     "ok": True, "pid": 4000, "name": "web", "version": "0.1.0", "generation": 3, "uptime_s": 3600.5,
-    "state": "serving", "worker_class": "thread", "handler": "prefork.handlers.echo:EchoHandler",
+    "state": "serving", "worker_class": "thread", "event_loop": None, "handler": "prefork.handlers.echo:EchoHandler",
     "target_workers": 2, "listeners": ["127.0.0.1:8000"], "workers": [worker(0, 4711), worker(1, 4712)],
     "backoff": [],
 }
@@ -82,8 +82,11 @@ def test_hand_built_families_types_and_values() -> None:
     assert {name: value(families, name) for name in totals} == totals
     assert value(families, "prefork_state", state="serving") == 1
     assert value(families, "prefork_state", state="reloading") == 0
-    assert value(families, "prefork_info", name="web", version="0.1.0", worker_class="thread",
+    assert value(families, "prefork_info", name="web", version="0.1.0", worker_class="thread", event_loop="",
                  handler="prefork.handlers.echo:EchoHandler") == 1
+    async_status = {**STATUS, "worker_class": "async", "event_loop": "uvloop"}
+    assert value(parse(render_prometheus(async_status, STATS)), "prefork_info", name="web", version="0.1.0",
+                 worker_class="async", event_loop="uvloop", handler="prefork.handlers.echo:EchoHandler") == 1
 
 
 def test_hand_built_per_worker_samples() -> None:
