@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import psutil
 import pytest
@@ -261,3 +262,15 @@ def test_out_of_file_descriptors_pauses_accepting(daemon_factory: Callable[..., 
         assert recv_exact(s, 1) == b"w"
         s.close()
     assert d.status()["workers"][0]["pid"] == worker.pid
+
+
+def test_builtin_echo_on_tcp_and_unix_listeners(daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    path = tmp_path / "echo.sock"
+    d = daemon_factory("-k", "async", "--bind", "127.0.0.1:0", "--bind", f"unix:{path}")
+    assert exchange(d.address(), b"over tcp") == b"over tcp"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(str(path))
+        s.sendall(b"over unix")
+        assert recv_exact(s, 9) == b"over unix"
+    wait_for(lambda: d.call("stats")["requests"] == 2, 5, "both connections counted")
