@@ -24,6 +24,7 @@ import asyncio
 import inspect
 import logging
 import os
+import resource
 import signal
 import socket
 import time
@@ -39,6 +40,8 @@ from prefork.scoreboard import Record
 from prefork.worker import ProxyPolicy, account, log_access
 
 log = logging.getLogger(__name__)
+
+_FD_RESERVE = 32  # descriptors kept free for what a worker opens besides connections (logs, upstream retries)
 
 StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -176,7 +179,8 @@ class AsyncWorker:
                                      can_accept=self.can_accept)
         # bytes per connection from the kernel (one TCP_INFO read) when someone looks at them; the relay
         # and the echo engine count their own as they pass
-        self.count_bytes = config.count_bytes and not hasattr(handler, "record") and self.engine is None
+        self.counts_own_bytes = hasattr(handler, "record")
+        self.count_bytes = config.count_bytes and not self.counts_own_bytes and self.engine is None
         self.account = self.access_log or self.count_bytes
 
     # -- connection counting (per connection, never per byte) --------------------------------------
@@ -354,6 +358,27 @@ class AsyncWorker:
         if self.done is not None and not self.done.done():
             self.done.set_result(None)
 
+    def cap_within_fd_limit(self) -> None:
+        """Stop accepting before the file-descriptor limit rather than at it, as HAProxy derives maxconn.
+
+        At the limit uvloop's accept (libuv's) takes the waiting connections
+        and closes them, resetting their clients; a worker at its cap leaves
+        them queued for a sibling instead. The echo engine pauses at EMFILE
+        itself, so it needs no cap.
+        """
+        if self.engine is not None:
+            return
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            return
+        in_use = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0
+        per_connection = 2 if self.counts_own_bytes else 1  # the relay holds the upstream too
+        room = max(1, (soft - in_use - _FD_RESERVE) // per_connection)
+        if not self.max_connections or room < self.max_connections:
+            log.info("worker (pid %d): %d open files allowed (RLIMIT_NOFILE): at most %d connections at once",
+                     os.getpid(), soft, room)
+            self.max_connections = room
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self.done = loop.create_future()
@@ -365,6 +390,7 @@ class AsyncWorker:
         if self.engine is not None:
             self.engine.start(loop)
         await self.start_serving()
+        self.cap_within_fd_limit()
         # the master forked us with its signals blocked: now that handlers are in place, take them
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         self.heartbeat()

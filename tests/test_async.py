@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import resource
 import select
 import signal
@@ -274,3 +275,33 @@ def test_builtin_echo_on_tcp_and_unix_listeners(daemon_factory: Callable[..., Da
         s.sendall(b"over unix")
         assert recv_exact(s, 9) == b"over unix"
     wait_for(lambda: d.call("stats")["requests"] == 2, 5, "both connections counted")
+
+
+def test_user_protocol_stops_accepting_below_the_file_limit(daemon_factory: Callable[..., Daemon]) -> None:
+    """At the descriptor limit uvloop would accept and close waiting clients; the worker caps itself first."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 128), hard))  # the daemon inherits it
+    try:
+        d = daemon_factory("-k", "async", "--workers", "1", "async_handlers:UpperProtocol")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    found = re.search(r"at most (\d+) connections", d.log())
+    assert found, d.log()
+    room = int(found.group(1))
+    assert 10 <= room < 128
+    held = []
+    for _ in range(room):
+        s = d.connect()
+        s.sendall(b"a")
+        assert recv_exact(s, 1) == b"A"
+        held.append(s)
+    wait_for(lambda: d.status()["workers"][0]["active"] == room, 5, "the worker full")
+    extra = d.connect(timeout=0.5)
+    extra.sendall(b"w")
+    with pytest.raises(TimeoutError):
+        extra.recv(1)  # queued, not reset
+    held.pop().close()
+    extra.settimeout(5)
+    assert extra.recv(1) == b"W"
+    for s in [*held, extra]:
+        s.close()
