@@ -171,6 +171,7 @@ class AsyncWorker:
         self.servers: list[asyncio.base_events.Server] = []
         self.paused = False
         self.done: asyncio.Future[None] | None = None
+        self.counts_own_bytes = hasattr(handler, "record")  # the relay
         self.factory = self._make_factory(handler)
         # the built-in echo needs no transports unless a connection needs more than its bytes
         self.engine: EchoEngine | None = None
@@ -179,7 +180,6 @@ class AsyncWorker:
                                      can_accept=self.can_accept)
         # bytes per connection from the kernel (one TCP_INFO read) when someone looks at them; the relay
         # and the echo engine count their own as they pass
-        self.counts_own_bytes = hasattr(handler, "record")
         self.count_bytes = config.count_bytes and not self.counts_own_bytes and self.engine is None
         self.account = self.access_log or self.count_bytes
 
@@ -239,7 +239,7 @@ class AsyncWorker:
                                            "ok" if exc is None else "error")
 
             Counted.__name__ = Counted.__qualname__ = handler.__name__
-            if hasattr(handler, "record"):  # a handler that counts its own bytes (the relay)
+            if self.counts_own_bytes:
                 Counted.record = self.record
             inner = Counted
         else:

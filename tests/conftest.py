@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import psutil
 import pytest
@@ -257,7 +257,32 @@ def recv_exact(s: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-class Load:
+class ClientThreads:
+    """``clients`` daemon threads, each running ``self._run(index)`` from ``with`` entry until ``stop()``."""
+
+    def __init__(self, clients: int) -> None:
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
+
+    def _run(self, index: int) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(10)
+        assert not any(t.is_alive() for t in self._threads), "a load thread is stuck"
+
+
+class Load(ClientThreads):
     """Client threads hammering an echo server until stopped (bounded in time and count).
 
     ``mode="connect"``: each exchange on a new connection; ``"persistent"``: one
@@ -275,21 +300,7 @@ class Load:
         self.ok = 0
         self.failures: list[str] = []
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
-
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(10)
+        super().__init__(clients)
 
     def wait_ok(self, count: int, timeout: float = 20.0) -> None:
         """Wait until at least ``count`` more exchanges succeeded."""

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Daemon, child_env, read_line, recv_exact, wait_for
+from conftest import ROOT, ClientThreads, Daemon, child_env, read_line, recv_exact, wait_for
 
 DOC = ROOT / "docs" / "scale-out.md"
 UP, DOWN = 2, 0
@@ -261,7 +261,7 @@ class Exchange:
 
 
 @dataclass
-class IdentLoad:
+class IdentLoad(ClientThreads):
     """Client threads, each doing exchanges on new connections until stopped (bounded in time and count)."""
 
     addr: tuple[str, int]
@@ -270,23 +270,9 @@ class IdentLoad:
     max_exchanges: int = 100_000
     log: list[Exchange] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _threads: list[threading.Thread] = field(default_factory=list)
 
-    def __enter__(self) -> IdentLoad:
-        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(self.clients)]
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(10)
-        assert not any(t.is_alive() for t in self._threads), "a load thread is stuck"
+    def __post_init__(self) -> None:
+        super().__init__(self.clients)
 
     def ok(self, since: float = 0.0) -> list[Exchange]:
         with self._lock:
