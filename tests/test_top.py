@@ -16,7 +16,7 @@ import pytest
 
 from conftest import Daemon, child_env, exchange, wait_for
 from conftest import preforkctl as ctl
-from prefork.top import HEADERS, Frame, Sample, build_frame, frame_lines, rate
+from prefork.ctl.top import HEADERS, Frame, Sample, build_frame, frame_lines, rate
 
 
 @dataclass

@@ -18,7 +18,9 @@ Errors (the daemon went away) are raised, after the terminal is restored, for
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import math
 import os
 import select
 import shutil
@@ -31,11 +33,14 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from prefork.control import ControlError, DaemonNotRunning
-from prefork.ctl import fetch_status_and_stats, human_age, human_bytes
+from prefork.ctl.client import Call, Reply, Request, fetch_status_and_stats, snapshot
+from prefork.ctl.errors import NotAnswering, UsageError
+from prefork.ctl.render import human_age, human_bytes, table
 
 Fetch = Callable[[], tuple[dict[str, Any], dict[str, Any]]]
 
 HEADERS = ["SLOT", "PID", "GEN", "STATE", "CONNS", "REQ/S", "REQUESTS", "RSS", "CPU%", "HEARTBEAT"]
+RIGHT = frozenset({"PID", "GEN", "CONNS", "REQ/S", "REQUESTS", "RSS", "CPU%", "HEARTBEAT"})  # numbers
 QUIT_KEYS = frozenset(b"qQ")
 
 # ANSI control sequences (ECMA-48 plus the xterm alternate screen that every terminal emulator has)
@@ -110,21 +115,9 @@ def build_frame(status: Mapping[str, Any], stats: Mapping[str, Any], previous: S
     return Frame(header=header, rows=rows, sample=sample)
 
 
-def table(headers: list[str], rows: list[list[str]]) -> list[str]:
-    """Columns left-aligned, except numbers, which read better aligned right."""
-    right = {"PID", "GEN", "CONNS", "REQ/S", "REQUESTS", "RSS", "CPU%", "HEARTBEAT"}
-    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.rjust(w) if h in right else c.ljust(w)
-                         for c, w, h in zip(cells, widths, headers, strict=True)).rstrip()
-
-    return [line(headers), *(line(r) for r in rows)]
-
-
 def frame_lines(frame: Frame, height: int | None = None, width: int | None = None) -> list[str]:
     """The frame as text lines, cut to ``height`` lines of ``width`` columns when given."""
-    lines = [frame.header, "", *table(HEADERS, frame.rows)]
+    lines = [frame.header, "", *table(HEADERS, frame.rows, right=RIGHT)]  # numbers read better aligned right
     if height is not None:
         height = max(height, 2)  # a tiny window still gets the header and the notice
     if height is not None and len(lines) > height:
@@ -133,13 +126,6 @@ def frame_lines(frame: Frame, height: int | None = None, width: int | None = Non
     if width is not None:
         lines = [line[:width] for line in lines]
     return lines
-
-
-def print_once(fetch: Fetch, out: TextIO) -> None:
-    """One frame, plain text (no rates: they need two looks), for scripts and pipes."""
-    status, stats = fetch()
-    out.write("\n".join(frame_lines(build_frame(status, stats, None))) + "\n")
-    out.flush()
 
 
 @contextlib.contextmanager
@@ -210,14 +196,39 @@ def run_live(fetch: Fetch, interval: float, out: TextIO, stdin_fd: int | None) -
 
 
 def run(path: str, interval: float = 1.0, timeout: float = 5.0, out: TextIO | None = None) -> None:
-    """``preforkctl top``: live on a terminal, one plain frame otherwise. Raises ``ControlError``."""
+    """The live table on the terminal ``out`` (default stdout). Raises ``ControlError``."""
     out = out if out is not None else sys.stdout
 
     def fetch() -> tuple[dict[str, Any], dict[str, Any]]:
         return fetch_status_and_stats(path, timeout)
 
-    if not out.isatty():
-        print_once(fetch, out)
-        return
     stdin_fd = sys.stdin.fileno() if sys.stdin is not None and sys.stdin.isatty() else None
     run_live(fetch, interval, out, stdin_fd)
+
+
+# -- the top command in preforkctl's command table -----------------------------------------------------------
+
+
+def top_request(args: argparse.Namespace) -> Request:
+    """What top needs: its refresh interval (top sends no request of its own: it asks status and stats)."""
+    if not (math.isfinite(args.interval) and args.interval > 0):
+        raise UsageError(f"top: --interval must be a positive number of seconds, got {args.interval:g}")
+    return {"interval": args.interval}
+
+
+def show_top(c: Call) -> Reply | None:
+    """The live table on a terminal (None: nothing is left to print); else one snapshot for :func:`top_text`."""
+    try:
+        if not sys.stdout.isatty():
+            return snapshot(c)
+        run(c.path, interval=float(c.request["interval"]), timeout=c.timeout)
+    except KeyboardInterrupt:  # Ctrl-C before the loop took over: quitting is what was asked for
+        return None
+    except DaemonNotRunning:
+        raise NotAnswering(f"daemon not answering on {c.path}") from None
+    return None
+
+
+def top_text(reply: Reply) -> str:
+    """One frame, plain text (no rates: they need two looks), for scripts and pipes; ``reply`` is a snapshot."""
+    return "\n".join(frame_lines(build_frame(reply["status"], reply["stats"], None)))

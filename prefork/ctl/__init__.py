@@ -1,0 +1,62 @@
+"""``preforkctl``: talk to a running prefork daemon over its control socket.
+
+Exit status: 0 ok, 1 the command failed, 2 usage, 3 the daemon is not running.
+
+The package, one job per module: :mod:`~prefork.ctl.parser` (the command
+line), :mod:`~prefork.ctl.commands` (the command table: each command's request
+and text), :mod:`~prefork.ctl.client` (carrying a command out over the control
+socket), :mod:`~prefork.ctl.render` (the table and human units),
+:mod:`~prefork.ctl.top` (the live table). Only :func:`main` turns errors into
+exit statuses.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import NoReturn
+
+from prefork.config import ConfigError, find_control_path
+from prefork.control import ControlError, DaemonNotRunning
+from prefork.ctl.commands import COMMANDS, output
+from prefork.ctl.errors import CommandFailed, NotAnswering, UsageError
+from prefork.ctl.parser import build_parser, output_format
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NOT_RUNNING = 3
+
+
+def complain(line: str, status: int) -> int:
+    print(f"preforkctl: {line}", file=sys.stderr)
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``preforkctl ARGV``; the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = build_parser().parse_args(argv)
+        fmt = output_format(args)
+        command = COMMANDS[args.command]
+        request = command.request(args)
+        path = args.control or find_control_path(args.name)
+    except (UsageError, ConfigError) as exc:
+        return complain(f"error: {exc}", EXIT_USAGE)
+    try:
+        reply = command.carry_out(path, request, args.timeout, fmt)
+    except (DaemonNotRunning, NotAnswering) as exc:
+        return complain(str(exc), EXIT_NOT_RUNNING)
+    except ControlError as exc:
+        return complain(f"error: {exc}", EXIT_FAILED)
+    except CommandFailed as exc:
+        if exc.reply is not None and fmt == "json":
+            sys.stdout.write(output(command, exc.reply, fmt))
+        return complain(str(exc), EXIT_FAILED)
+    if reply is not None:
+        sys.stdout.write(output(command, reply, fmt))
+    return EXIT_OK
+
+
+def run() -> NoReturn:
+    sys.exit(main())

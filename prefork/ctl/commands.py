@@ -1,0 +1,160 @@
+"""``preforkctl``'s command table: for each command, the request it sends and how its reply reads.
+
+A request builder turns the parsed command line into the request (raising
+:class:`UsageError` for values that make no sense); a text formatter turns a
+successful reply into what people read. Both are pure functions. How a
+command is carried out (one exchange, a wait for the master's exit, the live
+``top`` table) is the entry's ``run``, from :mod:`prefork.ctl.client` or
+:mod:`prefork.ctl.top`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from prefork.ctl.client import Call, Reply, Request, exchange, exchange_until_exit, snapshot
+from prefork.ctl.errors import UsageError
+from prefork.ctl.render import human_age, human_bytes, table
+from prefork.ctl.top import show_top, top_request, top_text
+from prefork.metrics import render_prometheus
+
+REPLY_TIMEOUT = 10.0  # seconds to wait for a reply when --timeout is not given
+GENERATION_TIMEOUT = 600.0  # reload and upgrade reply once the new generation serves
+TOP_TIMEOUT = 5.0  # each refresh of top
+
+STATUS_HEADERS = ["SLOT", "PID", "GEN", "STATE", "REQUESTS", "ACTIVE", "RSS", "CPU%", "AGE", "HEARTBEAT"]
+STATS_KEYS = ["requests", "active", "errors", "workers", "workers_spawned", "worker_exits", "worker_crashes",
+              "worker_timeouts", "reloads", "failed_reloads"]
+DRAIN_STATES: Mapping[str | None, str] = {
+    None: "not draining: health checks are answered",
+    "health-checks": "draining: health checks (PROXY LOCAL) fail, clients are still served",
+    "listeners-closed": "draining: listening sockets closed, open connections finish",
+}
+
+RequestBuilder = Callable[[argparse.Namespace], Request]
+Formatter = Callable[[Reply], str]
+Runner = Callable[[Call], Reply | None]  # None: the command has shown its output itself (live top)
+
+
+@dataclass(frozen=True)
+class Command:
+    """One ``preforkctl`` command: its request builder, its text formatter, and how it is carried out."""
+
+    request: RequestBuilder
+    text: Formatter
+    timeout: float = REPLY_TIMEOUT  # for each reply, when --timeout is not given
+    run: Runner = exchange
+
+    def carry_out(self, path: str, request: Request, timeout: float | None, fmt: str) -> Reply | None:
+        """The reply to show in ``fmt`` (None: nothing left to show); ``timeout`` is --timeout, if given."""
+        c = Call(path, request, self.timeout if timeout is None else timeout, timeout)
+        return snapshot(c) if fmt == "prometheus" else self.run(c)
+
+
+# -- request builders: the parsed command line -> the request ------------------------------------------------
+
+
+def plain_request(args: argparse.Namespace) -> Request:
+    return {"command": args.command}
+
+
+def scale_request(args: argparse.Namespace) -> Request:
+    if args.workers < 1:
+        raise UsageError(f"scale: N must be at least 1, got {args.workers}")
+    return {"command": "scale", "workers": args.workers}
+
+
+def stop_request(args: argparse.Namespace) -> Request:
+    request: Request = {"command": "stop"}
+    if args.fast:
+        request["fast"] = True
+    return request
+
+
+def drain_request(args: argparse.Namespace) -> Request:
+    request: Request = {"command": "drain"}
+    if args.off:
+        request["off"] = True
+    if args.close:
+        request["close"] = True
+    return request
+
+
+# -- text formatters: a successful reply -> what people read -------------------------------------------------
+
+
+def format_status(s: Reply) -> str:
+    out = [
+        f"{s['name']}: master pid {s['pid']}, {s['state']}, generation {s['generation']}, "
+        f"up {human_age(s['uptime_s'])}",
+        f"{s['target_workers']} {s['worker_class']} worker(s)"
+        f"{' (' + s['event_loop'] + ')' if s.get('event_loop') else ''} of {s['handler']}",
+        f"listening on {', '.join(s['listeners'])}",
+        "",
+    ]
+    rows = [
+        [str(w["slot"]), str(w["pid"]), str(w["generation"]), w["state"], str(w["requests"]), str(w["active"]),
+         human_bytes(w["rss_bytes"]), f"{w['cpu_percent']:.1f}", human_age(w["age_s"]),
+         f"{w['heartbeat_age_s']:.1f}s"]
+        for w in s["workers"]
+    ]
+    out += table(STATUS_HEADERS, rows)
+    for b in s.get("backoff", []):
+        when = f"restart in {b['restart_in_s']:.1f}s" if b["restart_in_s"] is not None else "waiting"
+        out.append(f"slot {b['slot']}: {b['failures']} early exit(s) in a row, {when}")
+    return "\n".join(out)
+
+
+def format_stats(s: Reply) -> str:
+    out = [f"{s['name']}: master pid {s['pid']}, generation {s['generation']}, up {human_age(s['uptime_s'])}"]
+    out += [f"{k.replace('_', ' ')}: {s[k]}" for k in STATS_KEYS]
+    return "\n".join(out)
+
+
+def format_reload(reply: Reply) -> str:
+    return f"reloaded: generation {reply['generation']} serving with {reply['workers']} worker(s)"
+
+
+def format_scale(reply: Reply) -> str:
+    return f"scaled from {reply['previous']} to {reply['workers']} worker(s)"
+
+
+def format_stop(reply: Reply) -> str:
+    return f"stopped (master pid {reply['pid']} has exited)"
+
+
+def format_reopen(reply: Reply) -> str:
+    return "log files reopened"
+
+
+def format_upgrade(reply: Reply) -> str:
+    return f"upgraded: new master pid {reply['pid']} serves; pid {reply['previous_pid']} is draining"
+
+
+def format_drain(reply: Reply) -> str:
+    return DRAIN_STATES.get(reply.get("drain"), str(reply.get("drain")))
+
+
+COMMANDS: Mapping[str, Command] = {
+    "status": Command(plain_request, format_status),
+    "stats": Command(plain_request, format_stats),
+    "top": Command(top_request, top_text, timeout=TOP_TIMEOUT, run=show_top),
+    "reload": Command(plain_request, format_reload, timeout=GENERATION_TIMEOUT),
+    "scale": Command(scale_request, format_scale),
+    "stop": Command(stop_request, format_stop, run=exchange_until_exit),
+    "reopen": Command(plain_request, format_reopen),
+    "upgrade": Command(plain_request, format_upgrade, timeout=GENERATION_TIMEOUT),
+    "drain": Command(drain_request, format_drain),
+}
+
+
+def output(command: Command, reply: Reply, fmt: str) -> str:
+    """A reply as the text to write in output format ``fmt``, final newline included."""
+    if fmt == "json":
+        return json.dumps(reply, indent=2) + "\n"
+    if fmt == "prometheus":  # a snapshot: status and stats (see Command.carry_out)
+        return render_prometheus(reply["status"], reply["stats"])
+    return command.text(reply) + "\n"
