@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import signal
 import socket
 import struct
 import threading
@@ -89,6 +90,9 @@ def test_upstream_refused_closes_the_client_cleanly(daemon_factory: Callable[...
         s.settimeout(10)
         assert s.recv(10) == b""
     wait_for(lambda: f"127.0.0.1:{dead}" in d.log(), 5, "one log line naming the upstream")
+    # the same words under every worker class: both relay forms take them from relay_core
+    assert f": cannot connect upstream: 127.0.0.1:{dead} (connection refused); closing the client connection" \
+        in d.log()
     assert "Traceback" not in d.log()
     assert {w["pid"] for w in d.status()["workers"]} == pids  # the workers stay up
 
@@ -173,3 +177,28 @@ def test_relayed_bytes_and_upstream_errors_counted(daemon_factory: Callable[...,
         s.sendall(b"x")
         assert s.recv(1) == b""
     wait_for(lambda: dead.call("stats")["errors"] == 1, 10, "the upstream error counted")
+
+
+@pytest.mark.parametrize("worker_class", ["sync", "thread"])
+def test_daemon_relays_a_connection_through_a_graceful_stop(daemon_factory: Callable[..., Daemon],
+                                                           echo_upstream: Daemon, worker_class: str) -> None:
+    """The loop starts in the worker after the fork; the worker counts the relayed connection as open,
+    so a graceful stop waits for it while it goes on."""
+    daemon = daemon_factory("--relay", f"127.0.0.1:{echo_upstream.port}", "-k", worker_class,
+                            "--graceful-timeout", "20", workers=1)
+    with daemon.connect() as s:
+        s.sendall(b"before the stop")
+        assert recv_exact(s, 15) == b"before the stop"
+        wait_for(lambda: [w for w in daemon.ready_workers()
+                          if (w["active"], w["bytes_in"], w["bytes_out"]) == (1, 15, 15)],
+                 5, "the relayed connection counted as open, its bytes counted")
+        daemon.signal(signal.SIGTERM)
+        wait_for(lambda: (daemon.try_status() or {"state": "stopping"})["state"] == "stopping", 5,
+                 "the master to begin stopping")
+        s.sendall(b"during the drain")
+        assert recv_exact(s, 16) == b"during the drain"
+        assert daemon.proc.poll() is None  # waiting for this connection
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(1) == b""
+    assert daemon.wait_exit(10) == 0
+    assert "graceful timeout" not in daemon.log()

@@ -10,8 +10,9 @@ Every relayed connection of a process is copied by one relay loop thread, so
 some tests are about sharing it: one thread for all connections, interleaved
 bulk and ping-pong traffic, a connection ending (or failing, or going idle)
 while others go on, timers of finished connections, cancel, and a forked
-child starting its own loop. Two end-to-end tests run the relay in a real
-daemon (``sync`` and ``thread`` workers) through a graceful stop.
+child starting its own loop. The relay in a real daemon is tested in
+``test_relay_e2e.py``; the decisions it shares with the asyncio form in
+``test_relay_core.py``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import logging
 import os
 import queue
 import select
-import signal
 import socket
 import socketserver
 import struct
@@ -36,7 +36,6 @@ from typing import Any
 
 import pytest
 
-from conftest import Daemon, wait_for
 from prefork.handlers import relay as relay_module
 from prefork.handlers.echo import EchoHandler
 from prefork.handlers.relay import RelayHandler
@@ -904,32 +903,3 @@ def test_a_forked_child_starts_its_own_loop() -> None:
     assert report == b"%d 0 1 from the child\n" % pid
     assert os.waitstatus_to_exitcode(status) == 0
     assert parent_loop.thread.is_alive() and relay_module._relay_loop() is parent_loop
-
-
-# -- in the daemon -----------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("worker_class", ["sync", "thread"])
-def test_daemon_relays_a_connection_through_a_graceful_stop(start: StartServer, daemon_factory: Callable[..., Daemon],
-                                                           worker_class: str) -> None:
-    """The loop starts in the worker after the fork; the worker counts the relayed connection as open,
-    so a graceful stop waits for it while it goes on."""
-    echo = start(EchoHandler)
-    daemon = daemon_factory("--relay", f"127.0.0.1:{echo.address[1]}", "-k", worker_class,
-                            "--graceful-timeout", "20", workers=1)
-    with daemon.connect() as s:
-        s.sendall(b"before the stop")
-        assert recv_exact(s, 15) == b"before the stop"
-        wait_for(lambda: [w for w in daemon.ready_workers()
-                          if (w["active"], w["bytes_in"], w["bytes_out"]) == (1, 15, 15)],
-                 5, "the relayed connection counted as open, its bytes counted")
-        daemon.signal(signal.SIGTERM)
-        wait_for(lambda: (daemon.try_status() or {"state": "stopping"})["state"] == "stopping", 5,
-                 "the master to begin stopping")
-        s.sendall(b"during the drain")
-        assert recv_exact(s, 16) == b"during the drain"
-        assert daemon.proc.poll() is None  # waiting for this connection
-        s.shutdown(socket.SHUT_WR)
-        assert s.recv(1) == b""
-    assert daemon.wait_exit(10) == 0
-    assert "graceful timeout" not in daemon.log()

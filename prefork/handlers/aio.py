@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import socket
-from typing import Any, ClassVar
+from typing import Any
 
-from prefork.proxy_protocol import build_v2
-from prefork.worker import tcp_bytes, tcp_last_data_recv_ms
+from prefork.handlers import relay_core
+from prefork.handlers.relay_core import RelaySettings, Upstream
+from prefork.workers.connection import account, tcp_last_data_recv_ms
 
 log = logging.getLogger(__name__)
 
@@ -65,30 +65,34 @@ class _UpstreamSide(asyncio.Protocol):
         self.relay.upstream_lost(exc)
 
 
-class RelayProtocol(asyncio.Protocol):
+class RelayProtocol(RelaySettings, asyncio.Protocol):
     """Forward each client connection to an upstream, bytes both ways, half-close propagated.
 
-    Configure by subclassing (the daemon does it for ``--relay``): ``upstreams``,
-    ``connect_timeout``, ``idle_timeout`` (None: never), ``send_proxy``. Override
-    :meth:`upstream_candidates` to choose the upstream per connection. Flow
-    control keeps memory flat: when one side's transport buffers past its high
-    water mark, reading from the other side pauses.
+    The asyncio form of :class:`prefork.handlers.relay.RelayHandler`, configured
+    the same way, by subclassing (the daemon does it for ``--relay``):
+    ``upstreams``, ``connect_timeout``, ``idle_timeout`` (None: never),
+    ``send_proxy``, checked when the subclass is made. Connections take the
+    upstreams in turn, failing over to the next; override
+    :meth:`upstream_candidates` to choose per connection. Which upstream, the
+    PROXY header, the log lines and what counts as an error are
+    :mod:`prefork.handlers.relay_core`'s, shared with the socketserver form.
+
+    Flow control keeps memory flat: when one side's transport buffers past its
+    high water mark, reading from the other side pauses. The client's bytes
+    are added to ``record`` from the kernel (``TCP_INFO``) when the connection
+    ends.
     """
 
-    upstreams: ClassVar[tuple[tuple[str, int], ...]] = ()
-    connect_timeout: ClassVar[float] = 5.0
-    idle_timeout: ClassVar[float | None] = 300.0
-    send_proxy: ClassVar[bool] = False
-    record: ClassVar[Any] = None  # the worker's scoreboard record, set by the async worker
-    _rotation: ClassVar[itertools.count[int]] = itertools.count()
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        cls._rotation = itertools.count()  # each configured relay rotates over its own upstreams
+    counts_bytes = True  # adds its client's bytes to record at close: the worker need not count them too
+    # The worker's scoreboard record, or None (nothing counted). The async worker sets it on each
+    # protocol before connection_made; a class-level value (what it once set) is seen as well.
+    record: Any = None
 
     def __init__(self) -> None:
         self.client: asyncio.Transport = None  # type: ignore[assignment]
+        self.client_address: Any = None  # the client's peername, set by connection_made
         self.upstream: asyncio.Transport | None = None
+        self.upstream_address: Upstream | None = None  # set once an upstream accepted
         self._eof_from = set[bool]()
         self._closed = False
         self._idle_handle: asyncio.TimerHandle | None = None
@@ -96,74 +100,85 @@ class RelayProtocol(asyncio.Protocol):
         self._early: list[bytes] = []
         self._early_eof = False
 
-    def upstream_candidates(self) -> list[tuple[str, int]]:
-        """Upstreams to try in order: round-robin start, the others as failover."""
-        ups = list(self.upstreams)
-        if not ups:
-            return []
-        start = next(self._rotation) % len(ups)
-        return ups[start:] + ups[:start]
+    # -- hooks --------------------------------------------------------------------------------------
+
+    def upstream_candidates(self) -> list[Upstream]:
+        """The upstreams to try for this connection, in order; the first that accepts is used.
+
+        May be overridden (``self.client_address`` is set). The default rotates
+        over :attr:`upstreams` (round robin per class and process), the rest
+        following as failover. Returning an empty list closes the client's
+        connection (logged as no upstream).
+        """
+        return self._rotation.candidates(self.upstreams)
+
+    def proxy_header(self) -> bytes:
+        """The PROXY v2 header announcing this connection: the client and the address it connected to.
+
+        A LOCAL header when they are not IP addresses (a Unix socket listener).
+        May be overridden.
+        """
+        return relay_core.proxy_header(self.client_address, self.client.get_extra_info("sockname"))
+
+    # -- connecting ---------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.client = transport  # type: ignore[assignment]
+        self.client_address = transport.get_extra_info("peername")
         self.client.pause_reading()  # until the upstream is there
         self._task = asyncio.get_running_loop().create_task(self._connect())
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
-        errors = []
-        for host, port in self.upstream_candidates():
+        failures: list[str] = []
+        for address in self.upstream_candidates():
+            host, port = address
             try:
                 _, side = await asyncio.wait_for(
                     loop.create_connection(lambda: _UpstreamSide(self), host, port), self.connect_timeout)
-            except (TimeoutError, OSError) as exc:
-                why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
-                errors.append(f"{host}:{port} ({why})")
+            except OSError as exc:  # wait_for's TimeoutError is one too
+                failures.append(relay_core.attempt_failed(address, exc, self.connect_timeout))
                 continue
             if self._closed:  # the client went away while we connected
                 if side.transport is not None:
                     side.transport.close()
                 return
-            self.upstream = side.transport
-            assert self.upstream is not None
-            sock = self.upstream.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.send_proxy:
-                self.upstream.write(self.proxy_header())
-            if self._early:
-                self.upstream.writelines(self._early)
-                self._early.clear()
-            # The hot path: each side's data_received becomes the other transport's own write, and the
-            # protocols are set again so a transport that caches the bound method (uvloop does) uses
-            # it. No Python runs per chunk; bytes are counted from the kernel (TCP_INFO) at the end,
-            # and idleness is read from it too.
-            self.data_received = self.upstream.write  # type: ignore[method-assign]
-            side.data_received = self.client.write  # type: ignore[method-assign]
-            self.client.set_protocol(self)
-            self.upstream.set_protocol(side)
-            if self._early_eof:
-                self.half_close(from_client=True)
-            else:
-                self.client.resume_reading()
-            if self.idle_timeout:
-                self._idle_handle = loop.call_later(self.idle_timeout, self._check_idle)
+            if failures:
+                self._report(relay_core.failed_over(self.client_address, failures, address))
+            self.upstream_address = address
+            self._start(side)
             return
-        log.warning("relay: no upstream for %s: %s", self._peer(), ", ".join(errors) or "none configured")
-        if self.record is not None:
-            self.record.errors += 1
+        self._report(relay_core.no_upstream(self.client_address, failures))
         self.close()
 
-    def proxy_header(self) -> bytes:
-        peer = self.client.get_extra_info("peername")
-        local = self.client.get_extra_info("sockname")
-        if isinstance(peer, tuple) and isinstance(local, tuple):
-            return build_v2(peer[:2], local[:2])
-        return build_v2(None, None, command="LOCAL")
+    def _start(self, side: _UpstreamSide) -> None:
+        """Both sides are up: send the PROXY header and early bytes, then let bytes flow."""
+        self.upstream = side.transport
+        assert self.upstream is not None
+        sock = self.upstream.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.send_proxy:
+            self.upstream.write(self.proxy_header())
+        if self._early:
+            self.upstream.writelines(self._early)
+            self._early.clear()
+        # The hot path: each side's data_received becomes the other transport's own write, and the
+        # protocols are set again so a transport that caches the bound method (uvloop does) uses
+        # it. No Python runs per chunk; bytes are counted from the kernel (TCP_INFO) at the end,
+        # and idleness is read from it too.
+        self.data_received = self.upstream.write  # type: ignore[method-assign]
+        side.data_received = self.client.write  # type: ignore[method-assign]
+        self.client.set_protocol(self)
+        self.upstream.set_protocol(side)
+        if self._early_eof:
+            self.half_close(from_client=True)
+        else:
+            self.client.resume_reading()
+        if self.idle_timeout:
+            self._idle_handle = asyncio.get_running_loop().call_later(self.idle_timeout, self._check_idle)
 
-    def _peer(self) -> str:
-        peer = self.client.get_extra_info("peername") if self.client else None
-        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "a unix client"
+    # -- relaying -----------------------------------------------------------------------------------
 
     def _idle_for(self) -> float:
         """Seconds since either side last sent us data, from the kernel (0 when it cannot tell)."""
@@ -182,7 +197,7 @@ class RelayProtocol(asyncio.Protocol):
         assert self.idle_timeout is not None
         idle = self._idle_for()
         if idle >= self.idle_timeout:
-            log.info("relay: %s idle for %gs; closing", self._peer(), self.idle_timeout)
+            self._report(relay_core.idle(self.client_address, self.upstream_address, self.idle_timeout))
             self.close()
             return
         self._idle_handle = asyncio.get_running_loop().call_later(self.idle_timeout - idle, self._check_idle)
@@ -217,16 +232,16 @@ class RelayProtocol(asyncio.Protocol):
         if self.upstream is not None:
             self.upstream.resume_reading()
 
+    # -- the end ------------------------------------------------------------------------------------
+
     def upstream_lost(self, exc: Exception | None) -> None:
         if exc is not None and not self._closed:
-            log.warning("relay: upstream of %s failed: %s", self._peer(), exc)
-            if self.record is not None:
-                self.record.errors += 1
+            self._report(relay_core.upstream_failed(self.client_address, self.upstream_address, exc))
         self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None and not self._closed:
-            log.info("relay: client %s: %s", self._peer(), exc)
+            self._report(relay_core.client_failed(self.client_address, self.upstream_address, exc))
         self.close()
 
     def close(self) -> None:
@@ -234,10 +249,7 @@ class RelayProtocol(asyncio.Protocol):
             return
         self._closed = True
         if self.record is not None and self.client is not None:
-            counts = tcp_bytes(self.client.get_extra_info("socket"))
-            if counts is not None:
-                self.record.bytes_in += counts[0]
-                self.record.bytes_out += counts[1]
+            account(self.record, self.client.get_extra_info("socket"))  # the socket is still open here
         if self._idle_handle is not None:
             self._idle_handle.cancel()
         if self._task is not None and not self._task.done() and self._task is not asyncio.current_task():
@@ -246,3 +258,9 @@ class RelayProtocol(asyncio.Protocol):
             if transport is not None:
                 with contextlib.suppress(Exception):
                     transport.close()
+
+    def _report(self, event: relay_core.Event) -> None:
+        """Log ``event``; count it in the worker's record when it is an error."""
+        log.log(event.level, event.message, *event.args)
+        if event.error and self.record is not None:
+            self.record.errors += 1

@@ -39,10 +39,11 @@ import socketserver
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
-from prefork.proxy_protocol import build_v2
+from prefork.handlers import relay_core
+from prefork.handlers.relay_core import RelaySettings, Upstream
+from prefork.workers.connection import format_peer
 
 __all__ = ["RelayHandler"]
 
@@ -432,7 +433,7 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class RelayHandler(socketserver.BaseRequestHandler):
+class RelayHandler(RelaySettings, socketserver.BaseRequestHandler):
     """Forward the connection to an upstream and copy bytes both ways until both sides are done.
 
     Configure by subclassing (the daemon's ``--relay`` options make such a
@@ -442,9 +443,13 @@ class RelayHandler(socketserver.BaseRequestHandler):
             upstreams = (("10.0.0.1", 7000), ("10.0.0.2", 7000))
             idle_timeout = 60.0
 
-    Connections take the upstreams in turn; when one refuses or times out the
-    next is tried. To pick the upstream per connection, override
-    :meth:`upstream_candidates`.
+    The settings (``upstreams``, ``connect_timeout``, ``idle_timeout``,
+    ``send_proxy``, and ``buffer_size`` here) are checked when the subclass is
+    made: a mistake raises there, once. Connections take the upstreams in turn;
+    when one refuses or times out the next is tried. To pick the upstream per
+    connection, override :meth:`upstream_candidates`. These decisions, the
+    PROXY header and the log lines are :mod:`prefork.handlers.relay_core`'s,
+    shared with the asyncio form (:class:`prefork.handlers.aio.RelayProtocol`).
 
     How a connection ends:
 
@@ -468,37 +473,18 @@ class RelayHandler(socketserver.BaseRequestHandler):
     used by the loop's thread only.
     """
 
-    upstreams: tuple[tuple[str, int], ...] = ()
-    connect_timeout: float = 5.0  # seconds per upstream address tried
-    idle_timeout: float | None = 300.0  # None: never
-    send_proxy: bool = False  # announce the client with a PROXY protocol v2 header before any data
     buffer_size: int = 65536  # per direction
-    counts_bytes = True  # the worker need not count this handler's bytes from TCP_INFO as well
+    counts_bytes = True  # into self.server.record as they move: the worker need not read TCP_INFO too
 
-    upstream_address: tuple[str, int] | None = None  # set per connection by connect_upstream()
-
-    # The one piece of class-level state: the round-robin position must outlive a handler
-    # instance (one connection). Each subclass gets its own counter (__init_subclass__), so two
-    # configured relays in one process do not share a rotation. next() on it is atomic under the GIL.
-    _turns: ClassVar[itertools.count[int]] = itertools.count()
+    upstream_address: Upstream | None = None  # set per connection by connect_upstream()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls._turns = itertools.count()
-        # a mistake in the configuration fails here, once, rather than on every connection
-        cls.upstreams = _check_upstreams(cls.__name__, cls.upstreams)
-        if not (isinstance(cls.buffer_size, int) and cls.buffer_size > 0):
-            raise ValueError(f"{cls.__name__}.buffer_size must be a positive number of bytes, "
-                             f"not {cls.buffer_size!r}")
-        if not (isinstance(cls.connect_timeout, (int, float)) and cls.connect_timeout > 0):
-            raise ValueError(f"{cls.__name__}.connect_timeout must be positive seconds, not {cls.connect_timeout!r}")
-        if cls.idle_timeout is not None and not (isinstance(cls.idle_timeout, (int, float)) and cls.idle_timeout > 0):
-            raise ValueError(f"{cls.__name__}.idle_timeout must be positive seconds or None (never), "
-                             f"not {cls.idle_timeout!r}")
+        cls.buffer_size = relay_core.check_buffer_size(cls.__name__, cls.buffer_size)
 
     # -- hooks --------------------------------------------------------------------------------------
 
-    def upstream_candidates(self) -> list[tuple[str, int]]:
+    def upstream_candidates(self) -> list[Upstream]:
         """The upstreams to try for this connection, in order; the first that accepts is used.
 
         May be overridden. The default rotates over :attr:`upstreams` (round
@@ -515,11 +501,7 @@ class RelayHandler(socketserver.BaseRequestHandler):
 
         Returning an empty list closes the client's connection (logged as no upstream).
         """
-        upstreams = self.upstreams
-        if len(upstreams) < 2:
-            return list(upstreams)
-        first = next(self._turns) % len(upstreams)
-        return [*upstreams[first:], *upstreams[:first]]
+        return self._rotation.candidates(self.upstreams)
 
     def connect_upstream(self) -> socket.socket | None:
         """Connect to the first reachable candidate; None (logged, counted) when none is.
@@ -527,24 +509,28 @@ class RelayHandler(socketserver.BaseRequestHandler):
         May be extended (for example to wrap the socket in TLS); the result
         must be a connected stream socket, and ``self.upstream_address`` names it in log lines.
         """
-        candidates = self.upstream_candidates()
         failures: list[str] = []
-        for address in candidates:
+        for address in self.upstream_candidates():
             try:
                 upstream = socket.create_connection(address, timeout=self.connect_timeout)
             except OSError as exc:
-                failures.append(f"{_format_address(address)} ({_reason(exc, self.connect_timeout)})")
+                failures.append(relay_core.attempt_failed(address, exc, self.connect_timeout))
                 continue
             if failures:
-                log.info("relay for client %s: upstream %s unavailable, connected to %s instead",
-                         _format_address(self.client_address), ", ".join(failures), _format_address(address))
+                self._report(relay_core.failed_over(self.client_address, failures, address))
             self.upstream_address = address
             return upstream
-        why = ", ".join(failures) if failures else "no upstream configured"
-        log.warning("relay for client %s: cannot connect upstream: %s; closing the client connection",
-                    _format_address(self.client_address), why)
-        self._count_error()
+        self._report(relay_core.no_upstream(self.client_address, failures))
         return None
+
+    def proxy_header(self, client: socket.socket) -> bytes:
+        """The PROXY v2 header announcing this connection: the client and the address it connected to.
+
+        A LOCAL header (the receiver uses the connection's own addresses) when
+        they are not IP addresses, e.g. on a Unix socket listener. May be
+        overridden (to add TLVs, say).
+        """
+        return relay_core.proxy_header(self.client_address, client.getsockname())
 
     # -- the connection -----------------------------------------------------------------------------
 
@@ -557,14 +543,9 @@ class RelayHandler(socketserver.BaseRequestHandler):
             self._relay(client, upstream)
         except _PeerError as exc:
             if exc.side == "upstream":
-                log.warning("relay for client %s: upstream %s failed: %s; closing the client connection",
-                            _format_address(self.client_address), _format_address(self.upstream_address),
-                            _reason(exc.error))
-                self._count_error()
+                self._report(relay_core.upstream_failed(self.client_address, self.upstream_address, exc.error))
             else:
-                log.info("relay for client %s: client connection failed: %s; closing upstream %s",
-                         _format_address(self.client_address), _reason(exc.error),
-                         _format_address(self.upstream_address))
+                self._report(relay_core.client_failed(self.client_address, self.upstream_address, exc.error))
         finally:
             upstream.close()
 
@@ -603,71 +584,16 @@ class RelayHandler(socketserver.BaseRequestHandler):
             raise
         if connection.crash is not None:
             raise RuntimeError(f"the relay loop failed on the connection from "
-                               f"{_format_address(self.client_address)}") from connection.crash
+                               f"{format_peer(self.client_address)}") from connection.crash
         if connection.error is not None:
             raise connection.error
         if connection.idle:
-            log.info("relay for client %s: idle for %gs, closing it and upstream %s",
-                     _format_address(self.client_address), self.idle_timeout,
-                     _format_address(self.upstream_address))
+            assert self.idle_timeout is not None  # a connection without one is never idle
+            self._report(relay_core.idle(self.client_address, self.upstream_address, self.idle_timeout))
 
-    def proxy_header(self, client: socket.socket) -> bytes:
-        """The PROXY v2 header announcing this connection: the client and the address it connected to.
-
-        A LOCAL header (the receiver uses the connection's own addresses) when
-        they are not IP addresses, e.g. on a Unix socket listener.
-        """
-        try:
-            source = _ip_pair(self.client_address)
-            destination = _ip_pair(client.getsockname())
-        except ValueError:
-            return build_v2(None, None)
-        if ":" in source[0] and ":" not in destination[0]:  # a PROXY header has one family for both
-            destination = ("::ffff:" + destination[0], destination[1])
-        elif ":" in destination[0] and ":" not in source[0]:
-            source = ("::ffff:" + source[0], source[1])
-        try:
-            return build_v2(source, destination)
-        except ValueError:
-            return build_v2(None, None)
-
-    def _count_error(self) -> None:
+    def _report(self, event: relay_core.Event) -> None:
+        """Log ``event``; count it in the worker's record when it is an error."""
+        log.log(event.level, event.message, *event.args)
         record = getattr(self.server, "record", None)
-        if record is not None:
+        if event.error and record is not None:
             record.errors += 1
-
-
-
-def _check_upstreams(owner: str, upstreams: Any) -> tuple[tuple[str, int], ...]:
-    if isinstance(upstreams, (str, bytes)) or not isinstance(upstreams, Sequence):
-        raise TypeError(f"{owner}.upstreams must be a tuple of (host, port) pairs, not {upstreams!r}")
-    checked: list[tuple[str, int]] = []
-    for item in upstreams:
-        if not (isinstance(item, Sequence) and len(item) == 2 and isinstance(item[0], str)
-                and isinstance(item[1], int) and not isinstance(item[1], bool) and 0 < item[1] < 65536):
-            raise TypeError(f"{owner}.upstreams: {item!r} is not a (host, port) pair with a port in 1-65535")
-        checked.append((item[0], item[1]))
-    return tuple(checked)
-
-
-def _ip_pair(address: Any) -> tuple[str, int]:
-    if isinstance(address, tuple) and len(address) >= 2 and isinstance(address[0], str):
-        return address[0], int(address[1])
-    raise ValueError(f"not an IP address: {address!r}")
-
-
-def _format_address(address: Any) -> str:
-    if address is None:
-        return "(unknown)"
-    if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(address) or "unix socket"
-
-
-def _reason(exc: OSError, timeout: float | None = None) -> str:
-    """Why a socket call failed, in words that fit mid-sentence: "connection refused"."""
-    if isinstance(exc, TimeoutError) and not exc.errno and timeout is not None:
-        return f"timed out after {timeout:g}s"
-    text = exc.strerror or str(exc) or type(exc).__name__
-    return text[:1].lower() + text[1:]

@@ -1,0 +1,118 @@
+"""Per-connection helpers shared by every worker class and the built-in handlers.
+
+Who must send a PROXY header (:class:`ProxyPolicy`), a connection's byte
+counts from the kernel (``TCP_INFO``), the access-log line, and the one way
+a peer address is written for people.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from prefork import logs
+from prefork.config import Config
+
+_access = logging.getLogger(logs.ACCESS_LOGGER)
+
+
+@dataclass(frozen=True)
+class ProxyPolicy:
+    """Which peers must start with a PROXY protocol header, and how long it may take."""
+
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]  # empty: every peer
+    timeout: float
+
+    @classmethod
+    def from_config(cls, config: Config) -> ProxyPolicy | None:
+        if not config.proxy_protocol:
+            return None
+        networks = tuple(ipaddress.ip_network(c, strict=False) for c in config.proxy_allow)
+        return cls(networks=networks, timeout=config.proxy_timeout)
+
+    def applies(self, client_address: Any) -> bool:
+        if not self.networks:
+            return True
+        if not isinstance(client_address, tuple):
+            return False  # a Unix socket peer: not one of the listed networks
+        ip = ipaddress.ip_address(client_address[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.networks)
+
+
+def format_peer(address: Any) -> str:
+    """A peer for log lines: ``1.2.3.4:80``, ``[::1]:80``, the Unix socket path, or ``unix socket``."""
+    if address is None:
+        return "(unknown)"
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(address) or "unix socket"
+
+
+def counts_own_bytes(handler: Any) -> bool:
+    """True for a handler that adds its bytes to the worker's record itself (the relays, as they pass).
+
+    Declared with the class attribute ``counts_bytes = True``; the worker then
+    does not read ``TCP_INFO`` for it as well.
+    """
+    return bool(getattr(handler, "counts_bytes", False))
+
+
+_TCP_INFO_BYTES = struct.Struct("=QQ")  # tcpi_bytes_acked, tcpi_bytes_received (Linux >= 4.1/4.6)
+_TCP_INFO_BYTES_OFFSET = 120
+_FIN_RECEIVED_STATES = frozenset({6, 8, 9, 11})  # TIME_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING (tcp_states.h)
+_TCP_INFO_LAST_DATA_RECV = struct.Struct("=I")  # tcpi_last_data_recv, milliseconds
+_TCP_INFO_LAST_DATA_RECV_OFFSET = 52
+
+
+def tcp_bytes(sock: Any) -> tuple[int, int] | None:
+    """(bytes received, bytes sent and acknowledged) of a TCP connection, from the kernel's TCP_INFO."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 192)
+    except (OSError, AttributeError):
+        return None
+    if len(info) < _TCP_INFO_BYTES_OFFSET + _TCP_INFO_BYTES.size:
+        return None
+    acked, received = _TCP_INFO_BYTES.unpack_from(info, _TCP_INFO_BYTES_OFFSET)
+    if info[0] in _FIN_RECEIVED_STATES:
+        received -= 1  # the peer's FIN takes a sequence number, not a byte
+    return received, acked
+
+
+def account(record: Any, sock: Any) -> tuple[int, int] | None:
+    """A finished connection's (bytes in, bytes out) from the kernel, added to ``record`` when given.
+
+    The one place a connection's bytes are read from ``TCP_INFO``: every
+    worker class and the asyncio relay call it as a connection ends.
+    """
+    counts = tcp_bytes(sock) if getattr(sock, "family", None) != socket.AF_UNIX else None
+    if counts is not None and record is not None:
+        record.bytes_in += counts[0]
+        record.bytes_out += counts[1]
+    return counts
+
+
+def tcp_last_data_recv_ms(sock: Any) -> int | None:
+    """Milliseconds since the connection last received data, from TCP_INFO (None if unknown)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 64)
+    except (OSError, AttributeError):
+        return None
+    if len(info) < _TCP_INFO_LAST_DATA_RECV_OFFSET + 4:
+        return None
+    ms: int = _TCP_INFO_LAST_DATA_RECV.unpack_from(info, _TCP_INFO_LAST_DATA_RECV_OFFSET)[0]
+    return ms
+
+
+def log_access(client_address: Any, started: float, counts: tuple[int, int] | None, outcome: str) -> None:
+    """One access-log line: peer, duration, bytes in and out (from the kernel, so any handler is covered)."""
+    received, sent = counts if counts is not None else ("-", "-")
+    _access.info("%s %.6fs in=%s out=%s %s", format_peer(client_address), time.monotonic() - started,
+                 received, sent, outcome)
