@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from prefork import __version__, logs
 from prefork.config import (
@@ -21,6 +21,10 @@ from prefork.config import (
     default_control_path,
     parse_bind,
 )
+
+if TYPE_CHECKING:
+    from prefork.listeners import Listener
+    from prefork.upgrade import Inherited
 
 EXIT_USAGE = 2
 
@@ -114,7 +118,7 @@ def parse_args(argv: list[str]) -> tuple[dict[str, Any], str | None, bool]:
 
 def check_config(config: Config) -> str:
     """Load the handler in this process (we exit right after) and summarise the config."""
-    from prefork.worker import handler_for
+    from prefork.workers.loading import handler_for
 
     handler = handler_for(config)
     loop = f" ({config.event_loop})" if config.event_loop else ""
@@ -129,26 +133,21 @@ def preload_worker_code(config: Config) -> None:
     them again, and after --user the workers need no read access to where
     Python and prefork are installed for our part of the work.
     """
-    import prefork.aio
     import prefork.handlers.aio
     import prefork.handlers.echo
     import prefork.handlers.relay
-    import prefork.worker
+    import prefork.workers.async_worker
+    import prefork.workers.entry
 
     if config.worker_class == "async":
-        prefork.aio.new_event_loop(config.event_loop).close()  # imports uvloop when the workers use it
+        prefork.workers.async_worker.new_event_loop(config.event_loop).close()  # imports uvloop when the workers use it
 
 
-def serve(config: Config, overrides: dict[str, Any], argv: list[str]) -> int:
-    from prefork import privileges, systemd, upgrade
-    from prefork.control import ControlServer
-    from prefork.listeners import SYSTEMD_PREFIX, adopt, adopt_inherited, bind, bind_all
-    from prefork.master import Master
+def take_listeners(config: Config) -> tuple[list[Listener], Inherited | None]:
+    """The listening sockets: a replaced master's (upgrade), systemd's (socket activation), or bound now."""
+    from prefork import systemd, upgrade
+    from prefork.listeners import adopt, adopt_inherited, bind_all
 
-    identity = privileges.resolve(config.user, config.group)
-    logs.setup(config.log_level, config.log_file)
-    logs.setup_access_log(config.access_log)
-    preload_worker_code(config)
     try:
         handed = upgrade.inherited()  # we replace a running master: its sockets are ours now
         inherited = [] if handed else systemd.listen_fds()  # socket activation: systemd bound them for us
@@ -164,6 +163,20 @@ def serve(config: Config, overrides: dict[str, Any], argv: list[str]) -> int:
             "using %d socket(s) from systemd: %s", len(listeners), ", ".join(li.address for li in listeners))
     else:
         listeners = bind_all(config.bind_specs, config.backlog)
+    return listeners, handed
+
+
+def serve(config: Config, overrides: dict[str, Any], argv: list[str]) -> int:
+    from prefork import privileges
+    from prefork.control import ControlServer
+    from prefork.listeners import SYSTEMD_PREFIX, bind
+    from prefork.master.loop import Master
+
+    identity = privileges.resolve(config.user, config.group)
+    logs.setup(config.log_level, config.log_file)
+    logs.setup_access_log(config.access_log)
+    preload_worker_code(config)
+    listeners, handed = take_listeners(config)
     metrics_sock = None
     try:
         if config.metrics_bind:
@@ -197,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     from prefork.control import ControlError
     from prefork.listeners import BindError
     from prefork.privileges import PrivilegeError
-    from prefork.worker import HandlerLoadError
+    from prefork.workers.loading import HandlerLoadError
 
     argv = sys.argv[1:] if argv is None else argv
     try:

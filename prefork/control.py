@@ -36,7 +36,6 @@ HEADER = struct.Struct(">I")
 MAX_REQUEST = 64 * 1024  # a request is a command and a few arguments
 MAX_REPLY = 16 * 1024 * 1024  # a status of a thousand workers fits with room to spare
 CLIENT_TIMEOUT = 5.0  # seconds a client may take to send its request or read its reply
-COMMANDS = ("status", "stats", "reload", "scale", "stop", "reopen")
 
 
 class ControlError(Exception):

@@ -141,7 +141,7 @@ def bind_unix(spec: BindSpec, backlog: int) -> Listener:
 
 
 def bind(spec: BindSpec, backlog: int) -> Listener:
-    """Bind and listen on one address; the socket is non-blocking (see worker.py for why)."""
+    """Bind and listen on one address; the socket is non-blocking (see prefork/workers/servers.py for why)."""
     return bind_unix(spec, backlog) if spec.is_unix else bind_tcp(spec, backlog)
 
 

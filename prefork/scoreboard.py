@@ -26,7 +26,6 @@ class Record(ctypes.Structure):
         ("errors", ctypes.c_uint64),  # handler exceptions
         ("bytes_in", ctypes.c_uint64),
         ("bytes_out", ctypes.c_uint64),
-        ("serving", ctypes.c_int64),  # 1 once the worker accepts, 0 once it stopped accepting
         ("lb_drain", ctypes.c_int64),  # set by the master: fail load-balancer health checks
         ("proxy_errors", ctypes.c_uint64),  # connections closed for a missing or bad PROXY header
     ]

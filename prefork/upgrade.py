@@ -10,20 +10,30 @@ then does the old master hand over (``MAINPID=`` to systemd, its copy of the
 control socket closed) and drain its own workers. The sockets never close,
 so no connection is refused; if the new master fails to start, the old one
 never stopped serving.
+
+Both sides live here: :func:`spawn` and :class:`Upgrader` for the old
+master, :func:`inherited` and :func:`report_ready` for the new one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import selectors
 import signal
 import socket
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
 
 INHERIT_ENV = "PREFORK_INHERIT"
 PIPE_ENV = "PREFORK_UPGRADE_PIPE"
+UPGRADE_TIMEOUT = 60.0  # how long a new master may take to serve before the upgrade is abandoned
 
 
 class UpgradeError(Exception):
@@ -117,3 +127,90 @@ def report_ready(pipe_fd: int) -> None:
         pass  # the old master is gone already: nothing to tell
     finally:
         os.close(pipe_fd)
+
+
+# -- the old master's side ----------------------------------------------------------------------------
+
+
+class Waiter(Protocol):
+    def reply(self, message: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class Upgrade:
+    """A new master program starting on our sockets; we keep serving until it says ready."""
+
+    pid: int
+    pipe_fd: int
+    deadline: float
+    waiters: list[Waiter] = field(default_factory=list)
+    buffer: bytes = b""
+
+
+class Upgrader:
+    """Starts the successor and watches its ready pipe in the master's selector.
+
+    ``on_ready`` runs once the new master serves (the caller hands the service
+    over, then drains); the waiters are answered on every path: ready, failed,
+    timed out, or the daemon stopping.
+    """
+
+    def __init__(self, selector: selectors.BaseSelector, on_ready: Callable[[Upgrade], None]) -> None:
+        self.selector = selector
+        self.on_ready = on_ready
+        self.current: Upgrade | None = None
+
+    def begin(self, argv: Sequence[str], listeners: Sequence[tuple[int, str]], control_fd: int,
+              waiter: Waiter | None) -> Upgrade:
+        """Fork and exec the new master (raises OSError); its ``deadline`` is the caller's to watch."""
+        pid, pipe_fd = spawn(argv, listeners, control_fd)
+        os.set_blocking(pipe_fd, False)
+        self.current = Upgrade(pid=pid, pipe_fd=pipe_fd, deadline=time.monotonic() + UPGRADE_TIMEOUT,
+                               waiters=[waiter] if waiter else [])
+        self.selector.register(pipe_fd, selectors.EVENT_READ, self._on_pipe)
+        log.info("upgrade: new master (pid %d) starting on our sockets; still serving until it is ready", pid)
+        return self.current
+
+    def _on_pipe(self, mask: int) -> None:
+        upgrade = self.current
+        assert upgrade is not None
+        try:
+            data = os.read(upgrade.pipe_fd, 64)
+        except BlockingIOError:
+            return
+        upgrade.buffer += data
+        if b"ready\n" in upgrade.buffer:
+            self._close_pipe()
+            self.current = None
+            self.on_ready(upgrade)
+            for waiter in upgrade.waiters:
+                waiter.reply({"ok": True, "pid": upgrade.pid, "previous_pid": os.getpid()})
+        elif not data:  # closed without a word: it is exiting; its SIGCHLD says how
+            self._close_pipe()
+
+    def fail(self, why: str, *, kill: bool = False) -> None:
+        """Give up on the upgrade in progress (telling the new master to quit when ``kill``)."""
+        upgrade = self.current
+        if upgrade is None:
+            return
+        if kill:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(upgrade.pid, signal.SIGQUIT)  # it stops its own workers
+        self._close_pipe()
+        self.current = None
+        log.error("upgrade failed: %s; still serving (pid %d)", why, os.getpid())
+        for waiter in upgrade.waiters:
+            waiter.reply({"ok": False, "error": f"upgrade failed: {why}"})
+
+    def _close_pipe(self) -> None:
+        upgrade = self.current
+        if upgrade is not None and upgrade.pipe_fd >= 0:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(upgrade.pipe_fd)
+            os.close(upgrade.pipe_fd)
+            upgrade.pipe_fd = -1
+
+    def close_in_child(self) -> None:
+        """In a forked worker: the hand-over pipe is between masters."""
+        if self.current is not None and self.current.pipe_fd >= 0:
+            os.close(self.current.pipe_fd)

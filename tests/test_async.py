@@ -176,7 +176,7 @@ def test_async_relay(daemon_factory: Callable[..., Daemon], loop: str) -> None:
         assert s.recv(1) == b""
 
 
-# -- the built-in echo on the async worker's echo engine (prefork/fastecho.py) -------------------------
+# -- the built-in echo on the async worker's echo engine (prefork/workers/echo_engine.py) -------------------------
 
 
 @pytest.mark.parametrize("loop", LOOPS)

@@ -377,3 +377,28 @@ def test_event_loop_without_uvloop(tmp_path: Path) -> None:
     assert "async worker(s) (uvloop)" in subprocess.run(
         [sys.executable, "-m", "prefork", "--check-config", "-k", "async"], capture_output=True, text=True,
         env=child_env(), cwd=tmp_path, timeout=20).stdout  # and here, where it is, auto picks it
+
+
+def test_reloads_queued_behind_a_reload_are_all_answered_when_the_follow_up_fails(
+        tmp_path: Path, daemon_factory: Callable[..., Daemon]) -> None:
+    """Three concurrent ``preforkctl reload``; the config file breaks after the first started: all three answer."""
+    config = tmp_path / "prefork.toml"
+    config.write_text('workers = 1\nhandler = "slow_import:Echo"\n')  # a generation takes ~2 s to be ready
+    d = daemon_factory("--config", str(config), workers=None)
+
+    def reload() -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-m", "prefork.ctl", "--control", d.control, "reload"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+
+    first = reload()
+    wait_for(lambda: d.status()["state"] == "reloading", 10, "the first reload to start")
+    config.write_text("workers = [\n")  # broken: the follow-up reload cannot start
+    queued = [reload(), reload()]
+    wait_for(lambda: d.log().count("reload requested during a reload") == 2, 10, "both reloads to be queued")
+    outcomes = [(*p.communicate(timeout=20), p.returncode) for p in [first, *queued]]
+    assert outcomes[0][2] == 0, outcomes[0]
+    assert "reloaded: generation 2" in outcomes[0][0]
+    for out, err, code in outcomes[1:]:
+        assert code == 1 and "reload failed" in err and "invalid TOML" in err, (out, err)
+    assert d.status()["generation"] == 2
+    assert exchange(d.address(), b"still here") == b"still here"

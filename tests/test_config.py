@@ -27,8 +27,8 @@ from prefork.config import (
     parse_bind,
 )
 from prefork.control import HEADER, MAX_REQUEST, ProtocolError, decode_body, encode, frame_length
-from prefork.records import BACKOFF_FIRST, BACKOFF_MAX, backoff_delay, describe_exit
-from prefork.worker import WORKER_BOOT_ERROR
+from prefork.master.exits import BACKOFF_FIRST, BACKOFF_MAX, backoff_delay, describe_exit
+from prefork.workers.entry import WORKER_BOOT_ERROR
 
 PROPERTY = settings(max_examples=300, deadline=None)
 

@@ -1,4 +1,4 @@
-"""Handlers for tests/test_handlers.py: each reports what socketserver gave it, or misbehaves on request."""
+"""Handlers for tests/test_worker_classes.py: each reports what socketserver gave it, or misbehaves on request."""
 
 from __future__ import annotations
 

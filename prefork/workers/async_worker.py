@@ -1,54 +1,49 @@
 """The ``async`` worker class: an asyncio event loop (uvloop when installed) per worker.
 
 Handlers are an ``asyncio.Protocol`` subclass or an ``async def handle(reader,
-writer)`` coroutine function. The worker keeps the daemon's contract: the
-heartbeat is a timer on the loop (a blocked loop goes stale and the master
-replaces the worker), SIGTERM stops accepting and lets open connections
-finish up to the graceful timeout, ``--max-requests`` recycles, the
-scoreboard counts connections, PROXY headers are read before the handler
-sees a byte, and ``--max-connections`` caps open connections per worker (at
-the cap the worker stops accepting, so the kernel hands new connections to
-its siblings).
+writer)`` coroutine function. The lifecycle is
+:class:`~prefork.workers.base.WorkerLifecycle`'s; this module supplies its I/O
+on the loop: the heartbeat is a timer on the loop (a blocked loop goes stale
+and the master replaces the worker), signals arrive through
+``loop.add_signal_handler``, accepting is an asyncio server per listener
+(closed to pause), and ``--max-connections`` caps open connections per worker
+(at the cap the worker stops accepting, so the kernel hands new connections
+to its siblings).
 
 Counting happens in ``connection_made`` / ``connection_lost`` of a subclass
 made once per worker: nothing is added per ``data_received``, so supervision
 costs the hot path nothing. Bytes come from the kernel (``TCP_INFO``) when a
 connection ends, when they are exported or logged (``--metrics-bind``,
-``--access-log``). The built-in echo runs on :mod:`prefork.fastecho` rather
-than on transports, unless a connection needs more than its bytes.
+``--access-log``). The built-in echo runs on
+:mod:`prefork.workers.echo_engine` rather than on transports, unless a
+connection needs more than its bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import os
 import resource
-import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from prefork import logs
 from prefork.config import Config
-from prefork.fastecho import EchoEngine
 from prefork.handlers.aio import EchoProtocol
 from prefork.proxy_protocol import DEFAULT_MAX_LENGTH, ProxyProtocolError, parse
 from prefork.scoreboard import Record
-from prefork.worker import ProxyPolicy, account, log_access
+from prefork.workers.base import FastExit, WorkerLifecycle, WorkerOptions
+from prefork.workers.connection import account, counts_own_bytes, log_access
+from prefork.workers.echo_engine import EchoEngine
 
 log = logging.getLogger(__name__)
 
 _FD_RESERVE = 32  # descriptors kept free for what a worker opens besides connections (logs, upstream retries)
 
 StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-def is_async_handler(obj: Any) -> bool:
-    """An asyncio Protocol subclass or a coroutine function."""
-    return (isinstance(obj, type) and issubclass(obj, asyncio.BaseProtocol)) or inspect.iscoroutinefunction(obj)
 
 
 def new_event_loop(kind: str | None = "uvloop") -> asyncio.AbstractEventLoop:
@@ -91,24 +86,23 @@ class _ProxyHeaderReader(asyncio.Protocol):
         self.buffer = b""
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.timeout = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        peer = transport.get_extra_info("peername")
-        if not self.worker.proxy_applies(peer):
+        proxy = self.worker.proxy_for(transport.get_extra_info("peername"))
+        if proxy is None:
             self._hand_over(transport, b"")  # not a peer that sends headers: serve it as it is
             return
-        loop = asyncio.get_running_loop()
-        self.timer = loop.call_later(self.worker.config.proxy_timeout, self._timed_out)
+        self.timeout = proxy.timeout
+        self.timer = asyncio.get_running_loop().call_later(proxy.timeout, self._timed_out)
 
     def _timed_out(self) -> None:
-        self._reject(f"no complete PROXY header within {self.worker.config.proxy_timeout:g}s")
+        self._reject(f"no complete PROXY header within {self.timeout:g}s")
 
     def _reject(self, why: str) -> None:
         assert self.transport is not None
-        self.worker.record.proxy_errors += 1
-        peer = self.transport.get_extra_info("peername")
-        log.warning("connection from %s: %s; closing it", peer, why)
+        self.worker.proxy_header_failed(self.transport.get_extra_info("peername"), why)
         self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
@@ -123,8 +117,8 @@ class _ProxyHeaderReader(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
         assert self.transport is not None
-        if header.command == "LOCAL" and self.worker.record.lb_drain:
-            self.transport.abort()  # a health check while draining for the load balancer
+        if self.worker.closes_health_check(header):
+            self.transport.abort()
             return
         transport: Any = self.transport
         if header.command == "PROXY" and header.source is not None:
@@ -144,39 +138,27 @@ class _ProxyHeaderReader(asyncio.Protocol):
             self.timer.cancel()
 
 
-class AsyncWorker:
-    """One worker's event loop: servers on the shared listeners, counters, drain."""
 
-    def __init__(self, listeners: tuple[socket.socket, ...], handler: Any, config: Config, record: Record, *,
-                 max_requests: int, heartbeat_interval: float, master_pid: int,
-                 on_retire: Callable[[str], None], on_stop: Callable[[], None], on_ready: Callable[[], None],
-                 proxy: ProxyPolicy | None = None) -> None:
-        self.listeners = listeners
+class AsyncWorker(WorkerLifecycle):
+    """One worker's event loop: servers on the shared listeners, counters, the connection cap."""
+
+    def __init__(self, listeners: Sequence[socket.socket], handler: Any, config: Config, record: Record,
+                 options: WorkerOptions) -> None:
+        super().__init__(listeners, record, options)
         self.config = config
-        self.record = record
-        self.max_requests = max_requests
-        self.heartbeat_interval = heartbeat_interval
-        self.master_pid = master_pid
-        self.on_retire = on_retire
-        self.on_stop = on_stop
-        self.on_ready = on_ready
-        self.proxy_policy = proxy
         self.max_connections = config.max_connections
         self.access_log = not logging.getLogger(logs.ACCESS_LOGGER).disabled
         self.open = 0
-        self.accepted = 0
-        self.stopping = False
         self.fast = False
-        self.listeners_closed = False
         self.servers: list[asyncio.base_events.Server] = []
         self.paused = False
         self.done: asyncio.Future[None] | None = None
-        self.counts_own_bytes = hasattr(handler, "record")  # the relay
+        self.counts_own_bytes = counts_own_bytes(handler)  # the relay
         self.factory = self._make_factory(handler)
         # the built-in echo needs no transports unless a connection needs more than its bytes
         self.engine: EchoEngine | None = None
-        if handler is EchoProtocol and proxy is None and not self.access_log:
-            self.engine = EchoEngine(listeners, record, on_open=self.opened, on_close=self.closed,
+        if handler is EchoProtocol and self.proxy is None and not self.access_log:
+            self.engine = EchoEngine(self.listeners, record, on_open=self.opened, on_close=self.closed,
                                      can_accept=self.can_accept)
         # bytes per connection from the kernel (one TCP_INFO read) when someone looks at them; the relay
         # and the echo engine count their own as they pass
@@ -187,11 +169,10 @@ class AsyncWorker:
 
     def opened(self) -> None:
         self.open += 1
-        self.accepted += 1
         self.record.active += 1
-        if self.max_requests and self.accepted >= self.max_requests:
-            self.retire()
-        elif self.max_connections and self.open >= self.max_connections and not self.paused:
+        self.count_accepted()
+        if (not self.stopping and self.max_connections and self.open >= self.max_connections
+                and not self.paused):
             self.pause_accepting()
 
     def closed(self) -> None:
@@ -208,77 +189,85 @@ class AsyncWorker:
     def can_accept(self) -> bool:
         return not (self.stopping or self.paused or self.listeners_closed)
 
-    def proxy_applies(self, peer: Any) -> bool:
-        return self.proxy_policy is not None and bool(self.proxy_policy.applies(peer))
-
     def _make_factory(self, handler: Any) -> Callable[[], asyncio.BaseProtocol]:
-        worker = self
         inner: Callable[[], asyncio.BaseProtocol]
         if isinstance(handler, type) and issubclass(handler, asyncio.BaseProtocol):
-            proto_class: type[Any] = handler
-
-            class Counted(proto_class):  # type: ignore[misc]
-                def connection_made(self, transport: asyncio.BaseTransport) -> None:
-                    worker.opened()
-                    if worker.account:
-                        self._prefork_account = (transport, time.monotonic())
-                    super().connection_made(transport)
-
-                def connection_lost(self, exc: Exception | None) -> None:
-                    try:
-                        super().connection_lost(exc)
-                    finally:
-                        worker.closed()
-                        if worker.account:
-                            # the socket is still open here, under asyncio and uvloop alike
-                            transport, started = self._prefork_account
-                            counts = account(worker.record if worker.count_bytes else None,
-                                             transport.get_extra_info("socket"))
-                            if worker.access_log:
-                                log_access(transport.get_extra_info("peername"), started, counts,
-                                           "ok" if exc is None else "error")
-
-            Counted.__name__ = Counted.__qualname__ = handler.__name__
-            if self.counts_own_bytes:
-                Counted.record = self.record
-            inner = Counted
+            inner = self._counted(handler)
         else:
-            handle: StreamHandler = handler
-
-            async def serve_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-                worker.opened()
-                started = time.monotonic()
-                outcome = "error"
-                try:
-                    await handle(reader, writer)
-                    outcome = "ok"
-                except (ConnectionError, TimeoutError) as exc:
-                    log.info("connection from %s: %s", writer.get_extra_info("peername"), exc)
-                except Exception:
-                    worker.record.errors += 1
-                    log.exception("error handling connection from %s", writer.get_extra_info("peername"))
-                finally:
-                    if worker.account:
-                        counts = account(worker.record if worker.count_bytes else None,
-                                         writer.get_extra_info("socket"))
-                        if worker.access_log:
-                            log_access(writer.get_extra_info("peername"), started, counts, outcome)
-                    writer.close()
-                    worker.closed()
-
-            def inner() -> asyncio.BaseProtocol:
-                return asyncio.StreamReaderProtocol(asyncio.StreamReader(), serve_stream)
-
-        if self.proxy_policy is None:
+            inner = self._streamed(handler)
+        if self.proxy is None:
             return inner
-        return lambda: _ProxyHeaderReader(worker, inner)
+        return lambda: _ProxyHeaderReader(self, inner)
+
+    def _counted(self, handler: type[asyncio.BaseProtocol]) -> type[asyncio.BaseProtocol]:
+        """``handler`` counted in the scoreboard (and in the access log) as connections open and close."""
+        worker = self
+        proto_class: type[Any] = handler
+        counts_own = self.counts_own_bytes
+
+        class Counted(proto_class):  # type: ignore[misc]
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                worker.opened()
+                if counts_own:  # a protocol that counts its bytes counts them in this worker's record
+                    self.record = worker.record
+                if worker.account:
+                    self._prefork_account = (transport, time.monotonic())
+                super().connection_made(transport)
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                try:
+                    super().connection_lost(exc)
+                finally:
+                    worker.closed()
+                    if worker.account:
+                        # the socket is still open here, under asyncio and uvloop alike
+                        transport, started = self._prefork_account
+                        worker.connection_ended(transport.get_extra_info("socket"),
+                                                transport.get_extra_info("peername"), started,
+                                                "ok" if exc is None else "error")
+
+        Counted.__name__ = Counted.__qualname__ = handler.__name__
+        return Counted
+
+    def _streamed(self, handle: StreamHandler) -> Callable[[], asyncio.BaseProtocol]:
+        """An ``async def handle(reader, writer)`` as a protocol factory, counted like a protocol."""
+        worker = self
+
+        async def serve_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            worker.opened()
+            started = time.monotonic()
+            outcome = "error"
+            try:
+                await handle(reader, writer)
+                outcome = "ok"
+            except (ConnectionError, TimeoutError) as exc:
+                log.info("connection from %s: %s", writer.get_extra_info("peername"), exc)
+            except Exception:
+                worker.record.errors += 1
+                log.exception("error handling connection from %s", writer.get_extra_info("peername"))
+            finally:
+                if worker.account:
+                    worker.connection_ended(writer.get_extra_info("socket"), writer.get_extra_info("peername"),
+                                            started, outcome)
+                writer.close()
+                worker.closed()
+
+        def protocol() -> asyncio.BaseProtocol:
+            return asyncio.StreamReaderProtocol(asyncio.StreamReader(), serve_stream)
+
+        return protocol
+
+    def connection_ended(self, sock: Any, peer: Any, started: float, outcome: str) -> None:
+        """A connection's bytes from the kernel, into the record and the access log as configured."""
+        counts = account(self.record if self.count_bytes else None, sock)
+        if self.access_log:
+            log_access(peer, started, counts, outcome)
 
     # -- accepting ----------------------------------------------------------------------------------
 
     async def start_serving(self) -> None:
         if self.engine is not None:
             self.engine.set_accepting(True)
-            self.record.serving = 1
             return
         loop = asyncio.get_running_loop()
         for sock in self.listeners:
@@ -287,76 +276,55 @@ class AsyncWorker:
             dup.setblocking(False)
             server = await loop.create_server(self.factory, sock=dup, backlog=self.config.backlog)
             self.servers.append(server)
-        self.record.serving = 1
 
-    def stop_serving(self) -> None:
+    def stop_accepting(self) -> None:
         if self.engine is not None:
             self.engine.set_accepting(False)
         for server in self.servers:
             server.close()
         self.servers.clear()
-        self.record.serving = 0
 
     def pause_accepting(self) -> None:
         self.paused = True
-        self.stop_serving()
+        self.stop_accepting()
 
     def resume_accepting(self) -> None:
         self.paused = False
         if self.engine is not None:
             self.engine.set_accepting(True)
-            self.record.serving = 1
             return
         asyncio.get_running_loop().create_task(self.start_serving())
 
-    # -- lifecycle ----------------------------------------------------------------------------------
+    def forget_listeners(self) -> None:
+        if self.engine is not None:
+            self.engine.drop_listeners()
 
-    def heartbeat(self) -> None:
-        self.record.heartbeat = time.monotonic()
-        if os.getppid() != self.master_pid and not self.stopping:
-            log.warning("master (pid %d) is gone; stopping", self.master_pid)
-            self.begin_stop()
-        asyncio.get_running_loop().call_later(self.heartbeat_interval, self.heartbeat)
+    # -- the lifecycle's I/O ------------------------------------------------------------------------
 
-    def retire(self) -> None:
-        if not self.stopping:
-            self.on_retire(f"max-requests ({self.max_requests}) reached")
-            self.begin_stop()
+    def open_connections(self) -> int:
+        return max(self.open, 0)
 
-    def begin_stop(self) -> None:
-        if self.stopping:
-            return
-        self.stopping = True
-        self.stop_serving()
-        if os.getppid() != self.master_pid:
-            self.close_listeners()
-        self.on_stop()
-        loop = asyncio.get_running_loop()
+    def on_stopping(self) -> None:
         assert self.done is not None
         if self.open <= 0:
             self.done.set_result(None)
         else:
-            loop.call_later(self.config.graceful_timeout, self._deadline)
+            asyncio.get_running_loop().call_later(self.graceful_timeout, self._deadline)
 
     def _deadline(self) -> None:
         if self.done is not None and not self.done.done():
-            log.warning("worker (pid %d): graceful timeout with %d connection(s) still open; closing them",
-                        os.getpid(), self.open)
-            self.done.set_result(None)
-
-    def close_listeners(self) -> None:
-        """SIGUSR2: drain for a load balancer by closing the listening sockets (see preforkctl drain)."""
-        self.listeners_closed = True
-        self.stop_serving()
-        if self.engine is not None:
-            self.engine.drop_listeners()
-        for sock in self.listeners:
-            sock.close()
+            self.done.set_result(None)  # run() says how many connections this cuts short
 
     def fast_exit(self) -> None:
         self.fast = True
         if self.done is not None and not self.done.done():
             self.done.set_result(None)
+
+    def beat(self) -> None:
+        """The heartbeat timer: stamp, check the master is still there, and come back."""
+        self.heartbeat()
+        self.check_master()
+        asyncio.get_running_loop().call_later(self.heartbeat_interval, self.beat)
 
     def cap_within_fd_limit(self) -> None:
         """Stop accepting before the file-descriptor limit rather than at it, as HAProxy derives maxconn.
@@ -379,22 +347,27 @@ class AsyncWorker:
                      os.getpid(), soft, room)
             self.max_connections = room
 
-    async def run(self) -> None:
+    def serve(self) -> None:
+        """Run the event loop until the worker has stopped; raises FastExit after SIGINT/SIGQUIT."""
+        loop = new_event_loop(self.config.event_loop)
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(self._main())
+        if self.fast:
+            raise FastExit("fast exit")
+        log.debug("async worker (pid %d) stopped", os.getpid())
+
+    async def _main(self) -> None:
         loop = asyncio.get_running_loop()
         self.done = loop.create_future()
         loop.set_exception_handler(self._on_loop_error)
-        for signum, action in ((signal.SIGTERM, self.begin_stop), (signal.SIGINT, self.fast_exit),
-                               (signal.SIGQUIT, self.fast_exit), (signal.SIGUSR1, logs.reopen),
-                               (signal.SIGUSR2, self.close_listeners)):
+        for signum, action in self.signal_actions().items():
             loop.add_signal_handler(signum, action)
         if self.engine is not None:
             self.engine.start(loop)
         await self.start_serving()
         self.cap_within_fd_limit()
-        # the master forked us with its signals blocked: now that handlers are in place, take them
-        signal.pthread_sigmask(signal.SIG_SETMASK, set())
-        self.heartbeat()
-        self.on_ready()
+        self.announce_ready()
+        self.beat()
         await self.done
 
     def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -403,16 +376,3 @@ class AsyncWorker:
         exc = context.get("exception")
         log.error("%s", context.get("message", "error in the event loop"),
                   exc_info=(type(exc), exc, exc.__traceback__) if exc is not None else None)
-
-
-def serve(listeners: tuple[socket.socket, ...], handler: Any, config: Config, record: Record,
-          **kwargs: Any) -> None:
-    """Run an async worker until it has stopped; returns normally (the caller exits the process)."""
-    worker = AsyncWorker(listeners, handler, config, record, **kwargs)
-    loop = new_event_loop(config.event_loop)
-    asyncio.set_event_loop(loop)
-    try:
-        loop.run_until_complete(worker.run())
-    finally:
-        if not worker.fast:
-            log.debug("async worker (pid %d) stopped", os.getpid())

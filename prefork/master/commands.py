@@ -1,0 +1,135 @@
+"""The control socket's commands: a table from command name to handler.
+
+Each handler checks its request's arguments, asks the master to act, and
+replies; what the master can be asked is the :class:`Daemon` protocol, so
+this module knows nothing of the loop. A command that waits (reload,
+upgrade, stop) keeps the connection and is answered later by the master.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from prefork.config import MAX_WORKERS
+from prefork.control import ControlConnection
+from prefork.master import report
+from prefork.master.report import Snapshot
+from prefork.master.state import LbDrain, StopMode
+
+
+class Daemon(Protocol):
+    """What the commands may ask of the master."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def state(self) -> str: ...
+
+    @property
+    def target(self) -> int: ...
+
+    def snapshot(self, *, processes: bool = True) -> Snapshot: ...
+
+    def begin_reload(self, waiters: list[ControlConnection]) -> None: ...
+
+    def scale(self, count: int) -> None: ...
+
+    def begin_stop(self, mode: StopMode) -> None: ...
+
+    def reopen_logs(self) -> None: ...
+
+    def begin_upgrade(self, waiter: ControlConnection | None = None) -> None: ...
+
+    def drain_for_balancer(self, *, close: bool) -> LbDrain | None: ...
+
+    def undrain(self) -> str | None: ...
+
+
+Handler = Callable[[Daemon, dict[str, Any], ControlConnection], None]
+
+
+def _status(daemon: Daemon, request: dict[str, Any], conn: ControlConnection) -> None:
+    conn.reply({"ok": True, **report.status(daemon.snapshot())})
+
+
+def _stats(daemon: Daemon, request: dict[str, Any], conn: ControlConnection) -> None:
+    conn.reply({"ok": True, **report.stats(daemon.snapshot(processes=False))})
+
+
+def _reload(daemon: Daemon, request: dict[str, Any], conn: ControlConnection) -> None:
+    daemon.begin_reload([conn])  # answered once the new generation serves, or when it failed
+
+
+def _scale(daemon: Daemon, request: dict[str, Any], conn: ControlConnection) -> None:
+    count = request.get("workers")
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_WORKERS:
+        conn.reply({"ok": False,
+                    "error": f"scale: workers must be a whole number from 1 to {MAX_WORKERS}, got {count!r}"})
+        return
+    if daemon.state == "stopping":
+        conn.reply({"ok": False, "error": "the daemon is stopping"})
+        return
+    if daemon.state == "reloading":
+        conn.reply({"ok": False, "error": "a reload is in progress; scale again once it is done"})
+        return
+    previous = daemon.target
+    daemon.scale(count)
+    conn.reply({"ok": True, "workers": count, "previous": previous})
+
+
+def _stop(daemon: Daemon, request: dict[str, Any], conn: ControlConnection) -> None:
+    mode = StopMode.FAST if request.get("fast") else StopMode.GRACEFUL
+    conn.reply({"ok": True, "pid": daemon.pid, "stopping": mode.value}, keep_open=True)  # closed as we exit
+    daemon.begin_stop(mode)
+
+
+def _reopen(daemon: Daemon, request: dict[str, Any], conn: ControlConnection) -> None:
+    daemon.reopen_logs()
+    conn.reply({"ok": True})
+
+
+def _upgrade(daemon: Daemon, request: dict[str, Any], conn: ControlConnection) -> None:
+    daemon.begin_upgrade(conn)
+
+
+def _drain(daemon: Daemon, request: dict[str, Any], conn: ControlConnection) -> None:
+    """Take this instance out of a load balancer's pool without breaking a connection.
+
+    Behind PROXY protocol, health checks are the connections with a LOCAL
+    header: they are closed at once, while real clients are still served
+    (reversible with ``off``); that needs a check that exchanges bytes, as
+    a bare connect completes in the kernel. Without PROXY protocol, or with
+    ``close``, every process closes its listening sockets: new connections
+    are refused, so even a connect-only check fails, and open connections
+    finish. Either way, ``stop`` comes next.
+    """
+    if request.get("off"):
+        error = daemon.undrain()
+        conn.reply({"ok": False, "error": error} if error else {"ok": True, "drain": None})
+        return
+    drain = daemon.drain_for_balancer(close=bool(request.get("close")))
+    conn.reply({"ok": True, "drain": drain.value if drain else None})
+
+
+COMMANDS: dict[str, Handler] = {
+    "status": _status,
+    "stats": _stats,
+    "reload": _reload,
+    "scale": _scale,
+    "stop": _stop,
+    "reopen": _reopen,
+    "drain": _drain,
+    "upgrade": _upgrade,
+}
+
+
+def dispatch(daemon: Daemon, request: dict[str, Any], conn: ControlConnection) -> None:
+    """Run the request's command; an unknown one gets the list of those there are."""
+    command = request.get("command")
+    handler = COMMANDS.get(command) if isinstance(command, str) else None
+    if handler is None:
+        conn.reply({"ok": False, "error": f"unknown command {command!r} (known: {', '.join(COMMANDS)})"})
+        return
+    handler(daemon, request, conn)

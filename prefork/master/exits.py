@@ -1,0 +1,84 @@
+"""How a worker's exit reads, and what the master does about it: pure functions, tested without forking."""
+
+from __future__ import annotations
+
+import enum
+import os
+import signal
+from dataclasses import dataclass
+
+from prefork.master.state import WorkerState
+from prefork.workers.entry import WORKER_BOOT_ERROR
+
+EARLY_DEATH = 10.0  # a worker that dies younger than this counts towards backoff
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 10.0
+
+
+def describe_exit(status: int) -> tuple[str, bool]:
+    """('exited with status 3', clean?) from a waitpid status, by meaning."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        if sig == signal.SIGKILL:
+            return "was killed by SIGKILL (out of memory?)", False
+        return f"was killed by {name}", False
+    code = os.waitstatus_to_exitcode(status)
+    if code == WORKER_BOOT_ERROR:
+        return "could not load its handler", False
+    return f"exited with status {code}", code == 0
+
+
+def backoff_delay(failures: int) -> float:
+    """0 for the first death, then 0.1 s doubling per early death, capped at BACKOFF_MAX."""
+    if failures <= 1:
+        return 0.0
+    return float(min(BACKOFF_FIRST * 2.0 ** min(failures - 2, 64), BACKOFF_MAX))
+
+
+def failures_after(previous: int, lifetime: float) -> int:
+    """The slot's early deaths in a row once a worker that lived ``lifetime`` seconds died."""
+    return previous + 1 if lifetime < EARLY_DEATH else 1
+
+
+class ExitAction(enum.Enum):
+    """What the master does when a worker is gone."""
+
+    EXPECTED = "expected"  # it was told to go and went cleanly: one info line
+    RELOAD_FAILED = "reload failed"  # a worker of the generation being started died: abort the reload
+    FATAL = "fatal"  # the handler cannot be loaded and nothing serves yet: stop the daemon
+    GONE = "gone"  # not in a slot (draining, scaled away) or the daemon stops: log it, replace nothing
+    RESPAWN = "respawn"  # it held a slot of the serving generation: replace it (after backoff)
+
+
+@dataclass(frozen=True)
+class ExitFacts:
+    """What the master knows of a worker when it has exited."""
+
+    clean: bool  # exit status 0
+    state: WorkerState
+    in_slot: bool  # it still held its slot in the serving generation
+    in_reload: bool  # it held a slot of the generation being started
+    boot_error: bool  # it said its handler cannot be loaded
+    stopping: bool  # the daemon is stopping
+    serving: bool  # the first generation has been up
+
+
+def classify_exit(facts: ExitFacts) -> ExitAction:
+    """The decision, in order of precedence.
+
+    A worker still holding its slot (killed for a stale heartbeat, or one that
+    died unasked) is replaced however it ended; one that was told to go and
+    went cleanly is expected; a boot error before anything served means no
+    worker ever can, so the daemon stops rather than fork-loop.
+    """
+    told_to_go = facts.state in (WorkerState.DRAINING, WorkerState.KILLING) and not facts.in_slot
+    if (told_to_go or facts.stopping) and facts.clean:
+        return ExitAction.EXPECTED
+    if facts.in_reload:
+        return ExitAction.RELOAD_FAILED
+    if facts.boot_error and not facts.serving and not facts.stopping:
+        return ExitAction.FATAL
+    if facts.stopping or not facts.in_slot:
+        return ExitAction.GONE
+    return ExitAction.RESPAWN

@@ -1,0 +1,322 @@
+"""The generations: the serving one's slots, the one a reload is starting, and what each exit means.
+
+A generation is a set of workers started from one configuration, one per
+slot. :class:`Generations` starts the first, replaces workers that die
+(with backoff for early deaths), starts a new generation on reload and
+drains the old one once the new one serves, and grows or shrinks the
+serving one on scale. The processes themselves are the pool's
+(:mod:`prefork.master.pool`); the daemon-wide state it needs (stopping,
+drained for a load balancer, systemd) is the :class:`Host`'s, the master.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from prefork.channel import Event, Message
+from prefork.config import Config, ConfigError
+from prefork.listeners import BindError, Listener
+from prefork.master.exits import ExitAction, ExitFacts, backoff_delay, classify_exit, describe_exit, failures_after
+from prefork.master.pool import WorkerPool
+from prefork.master.reload import Reload, Reloads, Waiter, fail, listeners_for, reread_config
+from prefork.master.state import Backoff, LbDrain, StopMode, Worker, WorkerState
+from prefork.master.timers import Timers
+
+log = logging.getLogger(__name__)
+
+BACKOFF_FIRST = 0.1  # a fork that failed is retried no sooner than this
+MEMORY_CHECK_INTERVAL = 5.0  # seconds between --max-worker-memory checks (jittered)
+
+
+class Host(Protocol):
+    """The daemon-wide state and actions the generations need from the master."""
+
+    @property
+    def stopping(self) -> StopMode | None: ...
+
+    @property
+    def lb_drain(self) -> LbDrain | None: ...
+
+    def notify_systemd(self, event: str) -> None: ...
+
+    def on_serving(self) -> None: ...
+
+    def on_config(self, old: Config) -> None: ...
+
+    def fatal(self, why: str) -> None: ...
+
+
+class Generations:
+    """The serving generation by slot, the reload in flight, and the backoff of each slot."""
+
+    def __init__(self, host: Host, pool: WorkerPool, timers: Timers, config: Config, listeners: list[Listener], *,
+                 cli_overrides: dict[str, Any], adopted: bool) -> None:
+        self.host = host
+        self.pool = pool
+        self.timers = timers
+        self.config = config
+        self.listeners = listeners
+        self.cli_overrides = cli_overrides
+        self.adopted = adopted  # listeners came from systemd: a reload keeps them whatever bind says
+        self.generation = 1
+        self._generations = itertools.count(2)
+        self.target = config.workers
+        self.slots: dict[int, Worker] = {}  # slot -> worker of the serving generation
+        self.backoff: dict[int, Backoff] = {}
+        self.reloads = Reloads()
+        self.serving = False  # the first generation is up
+
+    def start(self) -> None:
+        for slot in range(self.target):
+            self.spawn_worker(slot)
+
+    # -- workers ------------------------------------------------------------------------------------
+
+    def spawn_worker(self, slot: int, reload: Reload | None = None) -> Worker | None:
+        """Fork a worker into ``slot`` of the serving generation (or of ``reload``'s).
+
+        When the fork fails (out of processes or memory), the failure is logged and
+        handled like an early death: a respawn with backoff, or an aborted reload.
+        Nothing is forked once the listening sockets are closed (drained): there is
+        nothing left to serve.
+        """
+        if self.host.lb_drain is LbDrain.LISTENERS_CLOSED:
+            return None
+        config = reload.config if reload else self.config
+        listeners = reload.listeners if reload else self.listeners
+        max_requests = config.max_requests + random.randint(0, config.max_requests_jitter) if config.max_requests else 0
+        try:
+            worker = self.pool.fork(slot, reload.generation if reload else self.generation, config,
+                                    [li.sock for li in listeners], max_requests=max_requests,
+                                    lb_drain=self.host.lb_drain is not None)
+        except (OSError, IndexError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "no free scoreboard record"
+            if reload is not None:
+                self.abort_reload(f"cannot fork a worker: {why}")
+                return None
+            backoff = self.backoff.setdefault(slot, Backoff())
+            backoff.failures += 1
+            delay = max(backoff_delay(backoff.failures), BACKOFF_FIRST)
+            self._respawn_later(slot, delay)
+            log.error("cannot fork worker %d: %s; retrying in %.1fs", slot, why, delay)
+            return None
+        (reload.slots if reload else self.slots)[slot] = worker
+        return worker
+
+    def _respawn_later(self, slot: int, delay: float) -> None:
+        def respawn() -> None:
+            if self.host.stopping is None and slot < self.target and slot not in self.slots:
+                self.spawn_worker(slot)
+
+        self.timers.set(("respawn", slot), time.monotonic() + delay, respawn)
+
+    def on_exit(self, worker: Worker, status: int) -> None:
+        """A worker of ours is gone (the pool reaped it): log what it means, and act on it."""
+        how, clean = describe_exit(status)
+        reload = self.reloads.in_flight
+        in_slot = self.slots.get(worker.slot) is worker
+        in_reload = reload is not None and reload.slots.get(worker.slot) is worker
+        if in_slot:
+            del self.slots[worker.slot]
+        if in_reload:
+            assert reload is not None
+            del reload.slots[worker.slot]
+        action = classify_exit(ExitFacts(clean=clean, state=worker.state, in_slot=in_slot, in_reload=in_reload,
+                                         boot_error=worker.boot_error is not None,
+                                         stopping=self.host.stopping is not None, serving=self.serving))
+        if not clean:
+            self.pool.totals.crashes += 1
+        if action is ExitAction.EXPECTED:
+            log.info("worker %d (pid %d) %s (%s)", worker.slot, worker.pid, how, worker.stop_reason or "stopped")
+        elif action is ExitAction.RELOAD_FAILED:
+            log.error("worker %d (pid %d) of generation %d %s while starting",
+                      worker.slot, worker.pid, worker.generation, how)
+            self.abort_reload(worker.boot_error or f"a new worker {how} while starting")
+        elif action is ExitAction.FATAL:
+            log.critical("%s", worker.boot_error)
+            self.host.fatal("the handler cannot be loaded, so no worker can serve")
+        elif action is ExitAction.GONE:
+            log.log(logging.INFO if clean else logging.WARNING, "worker %d (pid %d) %s", worker.slot, worker.pid, how)
+        else:
+            self._respawn(worker, how)
+
+    def _respawn(self, worker: Worker, how: str) -> None:
+        if worker.boot_error:
+            log.error("%s", worker.boot_error)
+        backoff = self.backoff.setdefault(worker.slot, Backoff())
+        backoff.failures = failures_after(backoff.failures, time.monotonic() - worker.started)
+        delay = backoff_delay(backoff.failures)
+        level = logging.WARNING if worker.state is not WorkerState.KILLING else logging.ERROR
+        log.log(level, "worker %d (pid %d) %s, restarting %s", worker.slot, worker.pid, how,
+                f"in {delay:.1f}s" if delay else "now")
+        self.pool.totals.respawns += 1
+        if delay:
+            self._respawn_later(worker.slot, delay)
+        elif worker.slot < self.target:
+            self.spawn_worker(worker.slot)
+
+    def on_message(self, worker: Worker, message: Message) -> None:
+        if message.event is Event.READY:
+            if worker.state is WorkerState.BOOTING:
+                worker.state = WorkerState.READY
+            if self.slots.get(worker.slot) is worker:
+                self.timers.cancel(("respawn", worker.slot))
+            self._check_generation_ready()
+        elif message.event is Event.BOOT_ERROR:
+            worker.boot_error = message.detail
+        elif message.event is Event.STOPPED:
+            self.reloads.stopped_accepting(worker.pid)
+        elif message.event is Event.RETIRING:
+            if self.slots.get(worker.slot) is worker and self.host.stopping is None:
+                del self.slots[worker.slot]
+                log.info("worker %d (pid %d) retiring: %s; starting its replacement",
+                         worker.slot, worker.pid, message.detail)
+                self.pool.drain(worker, message.detail, self.config.graceful_timeout)
+                self.spawn_worker(worker.slot)
+            else:
+                self.pool.drain(worker, message.detail, self.config.graceful_timeout)
+
+    def _check_generation_ready(self) -> None:
+        if not self.serving and _all_ready(self.slots, self.target):
+            self.serving = True
+            log.info("serving: %d worker(s) ready", self.target)
+            self.host.on_serving()
+        reload = self.reloads.in_flight
+        if reload is not None and _all_ready(reload.slots, reload.config.workers):
+            self.commit_reload()
+
+    # -- reload -------------------------------------------------------------------------------------
+
+    def begin_reload(self, waiters: Sequence[Waiter]) -> None:
+        """Start a new generation from the re-read config; drain the old one once it serves.
+
+        Everyone in ``waiters`` is answered on every path: when the generation
+        serves, or when the reload is refused, fails or is aborted.
+        """
+        asked: list[Waiter] = list(waiters)
+        why = ("the daemon is stopping" if self.host.stopping is not None else
+               "drained: the listening sockets are closed" if self.host.lb_drain is LbDrain.LISTENERS_CLOSED else None)
+        if why is not None:
+            for waiter in asked:
+                waiter.reply({"ok": False, "error": why})
+            return
+        if self.reloads.in_flight is not None:
+            # after the current one: it may not have the newest code
+            self.reloads.queue(asked)
+            log.info("reload requested during a reload: will reload again after generation %d is up",
+                     self.reloads.in_flight.generation)
+            return
+        try:
+            config = reread_config(self.config, self.cli_overrides)
+            listeners, new_listeners = listeners_for(config, self.listeners, adopted=self.adopted)
+        except (ConfigError, BindError) as exc:
+            self.pool.totals.failed_reloads += 1
+            log.error("reload failed: %s; still serving generation %d", exc, self.generation)
+            fail(asked, str(exc))
+            return
+        reload = Reload(generation=next(self._generations), config=config, listeners=listeners,
+                        new_listeners=new_listeners, deadline=time.monotonic() + config.timeout, waiters=asked)
+        self.reloads.start(reload)
+        self.timers.set("reload", reload.deadline,
+                        lambda: self.abort_reload(f"the new workers were not ready within {self.config.timeout:g}s"))
+        log.info("reloading: starting generation %d (%d %s worker(s) of %s)",
+                 reload.generation, config.workers, config.worker_class, config.effective_handler)
+        self.host.notify_systemd("reloading")
+        for slot in range(config.workers):
+            if self.reloads.in_flight is not reload:  # a failed fork aborted it
+                break
+            self.spawn_worker(slot, reload)
+
+    def commit_reload(self) -> None:
+        """Every new worker is ready: the new generation serves, the old one drains."""
+        self.timers.cancel("reload")
+        old_slots, old_config = self.slots, self.config
+        reload = self.reloads.in_flight
+        assert reload is not None
+        self.slots, self.generation, self.config = reload.slots, reload.generation, reload.config
+        self.target = reload.config.workers
+        self.pool.timeout = self.config.timeout
+        self.backoff.clear()
+        for slot in range(max(old_config.workers, self.target) + 1):
+            self.timers.cancel(("respawn", slot))
+        self.host.on_config(old_config)
+        keep = {id(li) for li in reload.listeners}
+        for listener in self.listeners:
+            if id(listener) not in keep:
+                log.info("no longer listening on %s", listener.address)
+                listener.close()
+        self.listeners = reload.listeners
+        for worker in old_slots.values():
+            self.pool.drain(worker, f"replaced by generation {self.generation}", self.config.graceful_timeout)
+        self.pool.totals.reloads += 1
+        log.info("reloaded: generation %d serving with %d worker(s); draining the old one",
+                 self.generation, self.target)
+        self.host.notify_systemd("ready")
+        # the reply waits until no old worker accepts: from then on, every new connection meets new code
+        self.reloads.commit({"ok": True, "generation": self.generation, "workers": self.target},
+                            accepting={w.pid for w in old_slots.values() if w.pid in self.pool.workers})
+        queued = self.reloads.take_queued()
+        if queued is not None:
+            self.begin_reload(queued)
+
+    def abort_reload(self, why: str) -> None:
+        """The generation being started failed: drain what started of it; the serving one goes on."""
+        reload = self.reloads.abort(why)
+        if reload is None:
+            return
+        self.timers.cancel("reload")
+        self.pool.totals.failed_reloads += 1
+        log.error("reload failed: %s; still serving generation %d", why, self.generation)
+        for worker in reload.slots.values():
+            self.pool.drain(worker, "reload aborted", self.config.graceful_timeout)
+        for listener in reload.new_listeners:
+            listener.close()
+
+    def scale(self, count: int) -> None:
+        if self.host.stopping is not None or count == self.target:
+            return
+        log.info("scaling from %d to %d worker(s)", self.target, count)
+        old, self.target = self.target, count
+        for slot in range(old, count):
+            if slot not in self.slots:
+                self.spawn_worker(slot)
+        for slot in range(count, old):
+            self.backoff.pop(slot, None)
+            self.timers.cancel(("respawn", slot))
+            worker = self.slots.pop(slot, None)
+            if worker is not None:
+                self.pool.drain(worker, "scaled down", self.config.graceful_timeout)
+
+
+    def replace(self, worker: Worker, reason: str) -> None:
+        """Start a successor in the worker's slot now, and drain it (a worker over its memory limit)."""
+        if self.slots.get(worker.slot) is worker:
+            del self.slots[worker.slot]
+        self.pool.drain(worker, reason, self.config.graceful_timeout)
+        self.spawn_worker(worker.slot)
+
+    def stop_workers(self, mode: StopMode) -> None:
+        """The daemon stops: no respawn, no reload; every worker drains (or quits at once when fast)."""
+        if self.reloads.in_flight is not None:
+            self.abort_reload("the daemon is stopping")
+        for slot in self.backoff:
+            self.timers.cancel(("respawn", slot))
+        for worker in list(self.pool.workers.values()):
+            if mode is StopMode.FAST:
+                self.pool.quit(worker)
+            else:
+                self.pool.drain(worker, "stopping", self.config.graceful_timeout)
+        self.slots.clear()
+
+    def active(self) -> int:
+        """Connections open in every live worker."""
+        return sum(int(self.pool.record(w).active) for w in self.pool.workers.values())
+
+
+def _all_ready(slots: dict[int, Worker], count: int) -> bool:
+    return len(slots) == count and all(w.state is WorkerState.READY for w in slots.values())

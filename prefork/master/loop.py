@@ -1,0 +1,396 @@
+"""The master's loop and lifecycle: start, reload, scale, stop, drain for a load balancer, upgrade.
+
+Everything happens in :meth:`Master.run`'s single-threaded selector loop:
+signals arrive as bytes on a wakeup socket (``signal.set_wakeup_fd``; the
+Python-level handlers do nothing), workers report on a typed event channel
+(:mod:`prefork.channel`), control clients are served in the same selector,
+and the select timeout is the nearest deadline (:mod:`prefork.master.timers`:
+a heartbeat going stale, a drain ending, a respawn backoff, a reload timing
+out, a silent control client). Nothing sleeps, nothing polls on a fixed tick.
+The master binds sockets only when a reload adds a listener (through
+:mod:`prefork.listeners`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import selectors
+import signal
+import socket
+import time
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import Any
+
+from prefork import __version__, logs
+from prefork.channel import Decoder
+from prefork.config import Config
+from prefork.control import ControlConnection, ControlServer
+from prefork.httpmetrics import MetricsServer
+from prefork.listeners import Listener
+from prefork.master import commands, report
+from prefork.master.exits import describe_exit
+from prefork.master.generations import Generations
+from prefork.master.pool import WorkerPool
+from prefork.master.reload import Waiter
+from prefork.master.state import LbDrain, StopMode, WorkerState
+from prefork.master.timers import Timers
+from prefork.metrics import render_prometheus
+from prefork.systemd import Notifier
+from prefork.upgrade import UPGRADE_TIMEOUT, Upgrade, Upgrader, report_ready
+
+log = logging.getLogger(__name__)
+
+MEMORY_CHECK_INTERVAL = 5.0  # seconds between --max-worker-memory checks (jittered)
+BACKOFF_FIRST = 0.1  # a fork that failed is retried no sooner than this
+EXIT_OK = 0
+EXIT_FATAL = 1
+
+
+def _noop(signum: int, frame: FrameType | None) -> None:
+    """Handlers only record: the wakeup fd brings the signal number to the loop."""
+
+
+class Master:
+    """Runs the daemon. ``run()`` returns the process exit status."""
+
+    def __init__(self, config: Config, listeners: list[Listener], control: ControlServer, *,
+                 cli_overrides: dict[str, Any] | None = None, adopted: bool = False,
+                 notifier: Notifier | None = None, argv: list[str] | None = None,
+                 upgrade_pipe: int | None = None, metrics_sock: socket.socket | None = None) -> None:
+        self.control = control
+        self.argv = list(argv or [])  # our command line, to start the new master on upgrade
+        self.upgrade_pipe = upgrade_pipe  # we are a new master: tell the old one when we serve
+        self.handed_over = False
+        self.metrics_sock = metrics_sock
+        self.metrics: MetricsServer | None = None
+        self.notifier = notifier or Notifier()
+        self.pid = os.getpid()
+        self.started = time.monotonic()
+        self.stopping: StopMode | None = None
+        self.lb_drain: LbDrain | None = None
+        self.exit_code = EXIT_OK
+        self.timers = Timers()
+        self.selector = selectors.DefaultSelector()
+        self.upgrader = Upgrader(self.selector, self._hand_over)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._events_r, self._events_w = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(self._events_r, False)
+        self._events = Decoder()
+        self._signal_actions: dict[int, Callable[[], None]] = {
+            signal.SIGCHLD: self.reap_children,
+            signal.SIGTERM: lambda: self.begin_stop(StopMode.GRACEFUL),
+            signal.SIGINT: lambda: self.begin_stop(StopMode.FAST),
+            signal.SIGQUIT: lambda: self.begin_stop(StopMode.FAST),
+            signal.SIGHUP: lambda: self.begin_reload([]),
+            signal.SIGTTIN: lambda: self.scale(self.target + 1),
+            signal.SIGTTOU: lambda: self.scale(max(1, self.target - 1)),
+            signal.SIGUSR1: self.reopen_logs,
+            signal.SIGUSR2: self.begin_upgrade,
+        }
+        self.pool = WorkerPool(master_pid=self.pid, channel_fd=self._events_w, timers=self.timers,
+                               timeout=config.timeout, close_in_child=self._close_in_child,
+                               blocked=self._signal_actions)
+        self.gens = Generations(self, self.pool, self.timers, config, listeners,
+                                cli_overrides=dict(cli_overrides or {}), adopted=adopted)
+
+    @property
+    def config(self) -> Config:
+        return self.gens.config
+
+    @property
+    def listeners(self) -> list[Listener]:
+        return self.gens.listeners
+
+    @property
+    def target(self) -> int:
+        return self.gens.target
+
+    @property
+    def state(self) -> str:
+        """starting, serving, reloading or stopping: the one place this is decided."""
+        if self.stopping is not None:
+            return "stopping"
+        if self.gens.reloads.in_flight is not None:
+            return "reloading"
+        return "serving" if self.gens.serving else "starting"
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self._install_signals()
+        self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_signals)
+        self.selector.register(self._events_r, selectors.EVENT_READ, self._on_worker_events)
+        self.control.attach(self.selector, lambda request, conn: commands.dispatch(self, request, conn))
+        self.timers.watch(self.control)
+        if self.metrics_sock is not None:
+            self.metrics = MetricsServer(self.metrics_sock, self.selector, self._render_metrics)
+            self.timers.watch(self.metrics)
+        self._start_periodic_checks()
+        logs.set_title("master", self.config.name)
+        log.info("prefork %s master (pid %d) [%s]: %d %s worker(s) of %s on %s; control socket %s",
+                 __version__, self.pid, self.config.name, self.target, self.config.worker_class,
+                 self.config.effective_handler, ", ".join(li.address for li in self.listeners), self.control.path)
+        try:
+            self.gens.start()
+            while self.pool.workers or self.stopping is None:
+                deadline = self.timers.next_deadline()
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                for key, mask in self.selector.select(timeout):
+                    key.data(mask)
+                self.timers.run_due(time.monotonic())
+        finally:
+            self._shutdown()
+        return self.exit_code
+
+    def _install_signals(self) -> None:
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        for signum in self._signal_actions:
+            signal.signal(signum, _noop)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+
+    def _on_signals(self, mask: int) -> None:
+        try:
+            data = self._wake_r.recv(4096)
+        except BlockingIOError:
+            return
+        for signum in dict.fromkeys(data):  # once each, in arrival order
+            action = self._signal_actions.get(signum)
+            if action is not None:
+                if signum != signal.SIGCHLD:
+                    log.info("got %s", signal.Signals(signum).name)
+                action()
+
+    def _on_worker_events(self, mask: int) -> None:
+        try:
+            data = os.read(self._events_r, 65536)
+        except BlockingIOError:
+            return
+        for message in self._events.feed(data):
+            worker = self.pool.workers.get(message.pid)
+            if worker is not None:
+                self.gens.on_message(worker, message)
+
+    def reap_children(self) -> None:
+        # read what the workers said first: a boot error must be known before its exit is judged
+        self._on_worker_events(selectors.EVENT_READ)
+        for pid, status, worker in self.pool.reap():
+            upgrade = self.upgrader.current
+            if upgrade is not None and pid == upgrade.pid:
+                how, _ = describe_exit(status)
+                self.timers.cancel("upgrade")
+                self.upgrader.fail(f"the new master {how.replace('could not load its handler', 'exited with status 3')}"
+                                   " before it served")
+            elif worker is not None:
+                self.gens.reloads.stopped_accepting(pid)
+                self.gens.on_exit(worker, status)
+
+    def _close_in_child(self, keep: set[int]) -> None:
+        """In a new worker, before it serves: close the master's descriptors but its listeners."""
+        signal.set_wakeup_fd(-1)
+        self.selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+        os.close(self._events_r)
+        if self.upgrade_pipe is not None and self.upgrade_pipe >= 0:
+            os.close(self.upgrade_pipe)  # the upgrade hand-over is between masters
+        self.upgrader.close_in_child()
+        self.control.close_in_child()
+        if self.metrics is not None:
+            self.metrics.close_in_child()
+        reload = self.gens.reloads.in_flight
+        for listener in list(self.listeners) + (reload.listeners if reload else []):
+            if listener.fileno() not in keep and listener.fileno() >= 0:
+                listener.sock.close()
+
+    def _render_metrics(self) -> str:
+        return render_prometheus(report.status(self.snapshot()), report.stats(self.snapshot(processes=False)))
+
+    # -- what the generations ask of the daemon ------------------------------------------------------
+
+    def on_serving(self) -> None:
+        """The first generation serves."""
+        self.notify_systemd("ready")
+        if self.upgrade_pipe is not None:
+            report_ready(self.upgrade_pipe)  # the master we replace hands over and drains
+            self.upgrade_pipe = None
+
+    def on_config(self, old: Config) -> None:
+        """A reload took over with a new configuration."""
+        self.pool.timeout = self.config.timeout
+        if old.log_level != self.config.log_level:
+            logs.set_level(self.config.log_level)
+        if self.config.max_worker_memory and "memory" not in self.timers:
+            self.timers.every("memory", MEMORY_CHECK_INTERVAL, self._recycle_fattest, jitter=0.5)
+
+    def fatal(self, why: str) -> None:
+        log.critical("stopping: %s", why)
+        self.exit_code = EXIT_FATAL
+        self.begin_stop(StopMode.FAST)
+
+    def begin_reload(self, waiters: Sequence[Waiter]) -> None:
+        self.gens.begin_reload(waiters)
+
+    def scale(self, count: int) -> None:
+        if self.stopping is None:
+            self.gens.scale(count)
+
+    # -- periodic checks ----------------------------------------------------------------------------
+
+    def _start_periodic_checks(self) -> None:
+        try:
+            watchdog_every = self.notifier.watchdog_interval()
+        except ValueError as exc:
+            log.warning("ignoring the systemd watchdog: %s", exc)
+            watchdog_every = None
+        if watchdog_every is not None:
+            self.timers.every("watchdog", watchdog_every, self._ping_watchdog, first=0.0)
+        if self.config.max_worker_memory:
+            # jittered, and one worker per check: replacements do not all start at once
+            self.timers.every("memory", MEMORY_CHECK_INTERVAL, self._recycle_fattest, jitter=0.5)
+
+    def _ping_watchdog(self) -> None:
+        """WATCHDOG=1, but only while this loop turns and no worker's heartbeat is stale."""
+        stale = self.pool.stale(time.monotonic())
+        if stale:
+            log.warning("not pinging the systemd watchdog: %d worker(s) with a stale heartbeat", len(stale))
+            return
+        self.notifier.watchdog()
+        self.notifier.status(self.status_line())
+
+    def _recycle_fattest(self) -> None:
+        """Replace the current worker with the largest RSS over --max-worker-memory, gracefully (it drains)."""
+        if not self.config.max_worker_memory:
+            return  # a reload turned it off
+        limit = self.config.max_worker_memory * 1024 * 1024
+        over = [(rss, w) for w in self.gens.slots.values() if w.state is WorkerState.READY
+                and (rss := self.pool.rss(w) or 0) > limit]
+        if not over or self.stopping is not None or self.gens.reloads.in_flight is not None:
+            return
+        rss, worker = max(over, key=lambda item: item[0])
+        self.pool.totals.memory_recycles += 1
+        log.warning("worker %d (pid %d) uses %.0f MiB, over --max-worker-memory %d MiB; replacing it",
+                    worker.slot, worker.pid, rss / 2**20, self.config.max_worker_memory)
+        self.gens.replace(worker, "over the memory limit")
+
+    def status_line(self) -> str:
+        return (f"{self.state}: {len(self.gens.slots)}/{self.target} {self.config.worker_class} workers, "
+                f"generation {self.gens.generation}, {self.gens.active()} open connection(s)")
+
+    # -- scale, stop, drain -------------------------------------------------------------------------
+
+    def begin_stop(self, mode: StopMode) -> None:
+        if self.stopping is StopMode.FAST or self.stopping is mode:
+            return
+        self.stopping = mode
+        log.info("stopping (%s): %d worker(s) to stop", mode.value, len(self.pool.workers))
+        self.notify_systemd("stopping")
+        self.gens.stop_workers(mode)
+
+    def drain_for_balancer(self, *, close: bool) -> LbDrain | None:
+        """``preforkctl drain``: fail LOCAL health checks behind PROXY protocol, else close the listeners."""
+        if self.lb_drain is None or (close and self.lb_drain is LbDrain.HEALTH_CHECKS):
+            if self.config.proxy_protocol and not close:
+                self.lb_drain = LbDrain.HEALTH_CHECKS
+                self.pool.set_lb_drain(True)
+                log.info("draining for the load balancer: failing its health checks (PROXY LOCAL)")
+            else:
+                self.lb_drain = LbDrain.LISTENERS_CLOSED
+                self.pool.signal_all(signal.SIGUSR2)
+                for listener in self.listeners:
+                    listener.close()
+                log.info("draining for the load balancer: listening sockets closed, open connections finish")
+        return self.lb_drain
+
+    def undrain(self) -> str | None:
+        """``preforkctl drain --off``; the reason it cannot be undone, if it cannot."""
+        if self.lb_drain is LbDrain.LISTENERS_CLOSED:
+            return "the listening sockets are closed; restart to serve again"
+        self.lb_drain = None
+        self.pool.set_lb_drain(False)
+        log.info("drain off: answering health checks again")
+        return None
+
+    def reopen_logs(self) -> None:
+        logs.reopen()
+        self.pool.signal_all(signal.SIGUSR1)
+
+    # -- upgrade (a new master program on the same sockets) -------------------------------------------
+
+    def begin_upgrade(self, waiter: ControlConnection | None = None) -> None:
+        """SIGUSR2 / preforkctl upgrade: start the prefork now installed as a new master on our sockets."""
+        why = ("the daemon is stopping" if self.stopping is not None else
+               "an upgrade is in progress" if self.upgrader.current is not None else
+               "a reload is in progress" if self.gens.reloads.in_flight is not None else
+               "drained: the listening sockets are closed" if self.lb_drain is LbDrain.LISTENERS_CLOSED else None)
+        if why is None:
+            try:
+                upgrade = self.upgrader.begin(self.argv, [(li.fileno(), li.spec) for li in self.listeners],
+                                              self.control.sock.fileno(), waiter)
+            except OSError as exc:
+                why = f"cannot start the new master: {exc.strerror or exc}"
+            else:
+                self.timers.set("upgrade", upgrade.deadline, lambda: self.upgrader.fail(
+                    f"the new master was not serving within {UPGRADE_TIMEOUT:g}s", kill=True))
+                return
+        log.error("upgrade refused: %s", why)
+        if waiter is not None:
+            waiter.reply({"ok": False, "error": f"upgrade failed: {why}"})
+
+    def _hand_over(self, upgrade: Upgrade) -> None:
+        """The new master serves: give it the service (systemd's main pid, the control socket), then drain."""
+        self.timers.cancel("upgrade")
+        self.notifier.mainpid(upgrade.pid)
+        self.handed_over = True
+        self.control.hand_over()
+        for listener in self.listeners:
+            listener.hand_over()
+        log.info("upgrade: the new master (pid %d) serves; draining our workers", upgrade.pid)
+        self.begin_stop(StopMode.GRACEFUL)
+
+    # -- the end ------------------------------------------------------------------------------------
+
+    def notify_systemd(self, event: str) -> None:
+        """Tell systemd (when it is listening) where the lifecycle stands."""
+        if self.handed_over:
+            return  # the new master speaks for the service now
+        if event == "ready":
+            self.notifier.ready(self.status_line())
+        elif event == "reloading":
+            self.notifier.reloading()
+        elif event == "stopping":
+            self.notifier.stopping()
+
+    def _shutdown(self) -> None:
+        signal.set_wakeup_fd(-1)
+        self.gens.abort_reload("the daemon stopped")
+        self.upgrader.fail("the daemon stopped", kill=True)
+        for listener in self.listeners:
+            listener.close()
+        self.control.close()  # stop waiters see the connection close when we exit
+        if self.metrics is not None:
+            self.metrics.close()
+        log.info("master (pid %d) exiting with status %d", self.pid, self.exit_code)
+
+    # -- what status and stats report ---------------------------------------------------------------
+
+    def snapshot(self, *, processes: bool = True) -> report.Snapshot:
+        """The master's state as plain values; ``processes`` adds each worker's RSS and CPU (psutil)."""
+        now = time.monotonic()
+        workers = sorted(self.pool.workers.values(), key=lambda w: (w.generation, w.slot, w.pid))
+        backoff = []
+        for slot, b in sorted(self.gens.backoff.items()):
+            due = self.timers.when(("respawn", slot))
+            if b.failures > 1 or due is not None:
+                backoff.append(report.BackoffSample(slot, b.failures, None if due is None else due - now))
+        return report.Snapshot(
+            pid=self.pid, name=self.config.name, generation=self.gens.generation, uptime_s=now - self.started,
+            state=self.state, drain=self.lb_drain.value if self.lb_drain else None,
+            worker_class=self.config.worker_class, event_loop=self.config.event_loop,
+            handler=self.config.effective_handler, target_workers=self.target,
+            listeners=[li.address for li in self.listeners], control=self.control.path,
+            workers=[self.pool.sample(w, now, processes=processes) for w in workers], backoff=backoff,
+            totals=dataclasses.replace(self.pool.totals))

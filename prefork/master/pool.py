@@ -1,0 +1,222 @@
+"""The worker table: every live child by pid, how it is forked, told to drain, killed, watched and reaped.
+
+The pool owns what is per worker: its scoreboard record, its deadlines (a
+heartbeat that must stay fresh while it serves, a kill due when a drain or an
+abort runs out of time) and the counters of workers that are gone. What a
+worker's exit *means* for the daemon (respawn, abort a reload, stop) is the
+master's decision (:mod:`prefork.master.exits`); the pool only reports exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Collection, Iterable
+
+import psutil
+
+from prefork.config import Config
+from prefork.master.report import WorkerSample
+from prefork.master.state import Totals, Worker, WorkerState
+from prefork.master.timers import Timers
+from prefork.scoreboard import Record, Scoreboard
+from prefork.workers.entry import WorkerSpec, run_worker
+
+log = logging.getLogger(__name__)
+
+ABORT_GRACE = 2.0  # after SIGABRT (stacks to the log), SIGKILL this much later
+DRAIN_MARGIN = 1.0  # the worker enforces the graceful timeout itself; the master kills this much later
+FAST_STOP_GRACE = 5.0
+SCOREBOARD_CAPACITY = 4096  # a full pool, a reload's second one, and workers still draining (72 bytes each)
+
+
+def kill_pid(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):  # already gone: its SIGCHLD is on the way
+        os.kill(pid, sig)
+
+
+class WorkerPool:
+    """Live children by pid, with their records and deadlines.
+
+    ``close_in_child`` runs in each new child before it becomes a worker, to
+    close the master's own descriptors except those in the set it is given
+    (the worker's listeners). ``blocked`` are the signals the master handles:
+    they stay blocked across ``fork`` so none sent to a new worker before it
+    installed its own handlers is lost.
+    """
+
+    def __init__(self, *, master_pid: int, channel_fd: int, timers: Timers, timeout: float,
+                 close_in_child: Callable[[set[int]], None], blocked: Iterable[int]) -> None:
+        self.master_pid = master_pid
+        self.channel_fd = channel_fd
+        self.timers = timers
+        self.timeout = timeout  # seconds a heartbeat may age before the worker counts as hung
+        self.close_in_child = close_in_child
+        self.blocked = set(blocked)
+        self.scoreboard = Scoreboard(capacity=SCOREBOARD_CAPACITY)
+        self.workers: dict[int, Worker] = {}
+        self.totals = Totals()
+
+    def record(self, worker: Worker) -> Record:
+        return self.scoreboard[worker.record_index]
+
+    # -- starting ---------------------------------------------------------------------------------
+
+    def fork(self, slot: int, generation: int, config: Config, listeners: Collection[socket.socket], *,
+             max_requests: int, lb_drain: bool) -> Worker:
+        """Fork a worker; raises OSError (no process) or IndexError (no free scoreboard record)."""
+        now = time.monotonic()
+        index = self.scoreboard.allocate(0, generation, now)
+        self.scoreboard[index].lb_drain = 1 if lb_drain else 0  # before the worker can look
+        spec = WorkerSpec(slot=slot, generation=generation, record_index=index, master_pid=self.master_pid,
+                          config=config, listeners=tuple(listeners), channel_fd=self.channel_fd,
+                          max_requests=max_requests)
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.blocked)
+        try:
+            pid = os.fork()
+            if pid == 0:  # the child: never returns
+                self.close_in_child({sock.fileno() for sock in listeners})
+                run_worker(spec, self.scoreboard)
+        except OSError:
+            self.scoreboard.release(index)
+            raise
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        self.scoreboard[index].pid = pid
+        worker = Worker(pid=pid, slot=slot, generation=generation, record_index=index, started=now)
+        self.workers[pid] = worker
+        self.totals.spawned += 1
+        self._watch_heartbeat(worker, now + self.timeout)
+        log.info("worker %d (pid %d) started, generation %d", slot, pid, generation)
+        return worker
+
+    # -- telling workers to go --------------------------------------------------------------------
+
+    def drain(self, worker: Worker, reason: str, graceful_timeout: float) -> None:
+        """Stop accepting and finish open connections (SIGTERM); SIGKILL once the graceful timeout passed."""
+        if worker.state in (WorkerState.DRAINING, WorkerState.KILLING):
+            return
+        worker.state = WorkerState.DRAINING
+        worker.stop_reason = reason
+        self._kill_at(worker, time.monotonic() + graceful_timeout + DRAIN_MARGIN)
+        kill_pid(worker.pid, signal.SIGTERM)
+
+    def quit(self, worker: Worker) -> None:
+        """Leave at once (SIGQUIT), SIGKILL if still there after FAST_STOP_GRACE."""
+        worker.state = WorkerState.KILLING
+        self._kill_at(worker, time.monotonic() + FAST_STOP_GRACE)
+        kill_pid(worker.pid, signal.SIGQUIT)
+
+    def signal_all(self, sig: signal.Signals) -> None:
+        for worker in self.workers.values():
+            kill_pid(worker.pid, sig)
+
+    def set_lb_drain(self, on: bool) -> None:
+        """Every live worker fails (or again answers) load-balancer health checks."""
+        for worker in self.workers.values():
+            self.record(worker).lb_drain = 1 if on else 0
+
+    def _kill_at(self, worker: Worker, when: float) -> None:
+        self.timers.cancel(("heartbeat", worker.pid))  # no longer expected to serve
+        self.timers.set(("kill", worker.pid), when, lambda: self._kill_now(worker))
+
+    def _kill_now(self, worker: Worker) -> None:
+        if worker.state is WorkerState.DRAINING:
+            log.warning("worker %d (pid %d) still busy after the graceful timeout; killing it",
+                        worker.slot, worker.pid)
+        worker.state = WorkerState.KILLING
+        kill_pid(worker.pid, signal.SIGKILL)
+
+    # -- heartbeats -------------------------------------------------------------------------------
+
+    def _watch_heartbeat(self, worker: Worker, when: float) -> None:
+        self.timers.set(("heartbeat", worker.pid), when, lambda: self._check_heartbeat(worker))
+
+    def _check_heartbeat(self, worker: Worker) -> None:
+        now = time.monotonic()
+        beat = self.record(worker).heartbeat
+        age = now - beat
+        if age <= self.timeout:
+            self._watch_heartbeat(worker, beat + self.timeout + 1e-3)
+            return
+        self.totals.timeouts += 1
+        log.error("worker %d (pid %d) timed out: no heartbeat for %.1fs; "
+                  "dumping its stacks (SIGABRT), then killing it", worker.slot, worker.pid, age)
+        kill_pid(worker.pid, signal.SIGABRT)
+        worker.state = WorkerState.KILLING
+        self._kill_at(worker, now + ABORT_GRACE)
+
+    def stale(self, now: float) -> list[Worker]:
+        """Workers expected to serve whose heartbeat is older than the timeout."""
+        return [w for w in self.workers.values() if w.state in (WorkerState.BOOTING, WorkerState.READY)
+                and now - self.record(w).heartbeat > self.timeout]
+
+    # -- reaping ----------------------------------------------------------------------------------
+
+    def reap(self) -> list[tuple[int, int, Worker | None]]:
+        """Every child that exited: (pid, wait status, its worker or None for a child that is not one)."""
+        exited: list[tuple[int, int, Worker | None]] = []
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            worker = self.workers.pop(pid, None)
+            if worker is not None:
+                self._forget(worker)
+            exited.append((pid, status, worker))
+        return exited
+
+    def _forget(self, worker: Worker) -> None:
+        """Fold a gone worker's counters into the totals and free its record and deadlines."""
+        record = self.record(worker)
+        totals = self.totals
+        totals.requests += record.requests
+        totals.errors += record.errors
+        totals.proxy_errors += record.proxy_errors
+        totals.bytes_in += record.bytes_in
+        totals.bytes_out += record.bytes_out
+        totals.exits += 1
+        self.scoreboard.release(worker.record_index)
+        self.timers.cancel(("heartbeat", worker.pid))
+        self.timers.cancel(("kill", worker.pid))
+
+    # -- looking at workers -----------------------------------------------------------------------
+
+    def rss(self, worker: Worker) -> int | None:
+        try:
+            if worker.proc is None:
+                worker.proc = psutil.Process(worker.pid)
+            rss: int = worker.proc.memory_info().rss
+        except psutil.Error:
+            return None
+        return rss
+
+    def cpu_percent(self, worker: Worker, now: float) -> float:
+        """CPU use since the previous look (the lifetime average on the first look)."""
+        try:
+            if worker.proc is None:
+                worker.proc = psutil.Process(worker.pid)
+                times = worker.proc.cpu_times()
+                worker.proc.cpu_percent(None)
+                return 100.0 * (times.user + times.system) / max(now - worker.started, 1e-3)
+            return float(worker.proc.cpu_percent(None))
+        except psutil.Error:
+            return 0.0
+
+    def sample(self, worker: Worker, now: float, *, processes: bool) -> WorkerSample:
+        """The worker's counters as of now; ``processes`` adds its RSS and CPU (psutil)."""
+        record = self.record(worker)
+        cpu = self.cpu_percent(worker, now) if processes else 0.0
+        rss = (self.rss(worker) or 0) if processes else 0
+        return WorkerSample(
+            pid=worker.pid, slot=worker.slot, generation=worker.generation, state=worker.state.value,
+            requests=int(record.requests), active=int(record.active), errors=int(record.errors),
+            proxy_errors=int(record.proxy_errors), bytes_in=int(record.bytes_in), bytes_out=int(record.bytes_out),
+            rss_bytes=rss, cpu_percent=cpu, age_s=now - worker.started, heartbeat_age_s=now - record.heartbeat)

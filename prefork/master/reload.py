@@ -1,0 +1,144 @@
+"""Reload bookkeeping: the generation being started, reloads asked for meanwhile, and the held replies.
+
+A reload starts a new generation from the re-read configuration and, once
+every new worker is ready, drains the old one. Its reply is held until no
+old worker accepts any more, so a client that got "reloaded" knows that
+every new connection meets the new code. A reload asked for while one is in
+flight runs after it (the one in flight may predate the newest code), and
+everyone who asked meanwhile is answered by that follow-up, whatever becomes
+of it. :class:`Reloads` keeps these promises; the master does the forking.
+Nothing here touches a process, so tests drive it step by step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from prefork.config import Config, ConfigError, build_config
+from prefork.listeners import BindError, Listener, bind
+from prefork.master.state import Worker
+
+
+class Waiter(Protocol):
+    """Someone waiting for an answer: a control client."""
+
+    def reply(self, message: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class Reload:
+    """A generation being started; the current one keeps serving until this one is READY."""
+
+    generation: int
+    config: Config
+    listeners: list[Listener]
+    new_listeners: list[Listener]  # bound for this reload: closed if it fails
+    deadline: float
+    slots: dict[int, Worker] = field(default_factory=dict)
+    waiters: list[Waiter] = field(default_factory=list)
+
+
+@dataclass
+class HeldReply:
+    """A committed reload's answer, sent once none of ``accepting`` (old workers' pids) accepts any more."""
+
+    waiters: list[Waiter]
+    accepting: set[int]
+    message: dict[str, Any]
+
+
+class Reloads:
+    """The reload in flight, the follow-up queued behind it, and the replies held after a commit."""
+
+    def __init__(self) -> None:
+        self.in_flight: Reload | None = None
+        self.queued: list[Waiter] | None = None  # None: no follow-up; [] a follow-up nobody waits for (SIGHUP)
+        self.held: list[HeldReply] = []
+
+    def queue(self, waiters: list[Waiter]) -> None:
+        """Reload again once the one in flight is done; ``waiters`` are answered by that follow-up."""
+        self.queued = (self.queued or []) + waiters
+
+    def take_queued(self) -> list[Waiter] | None:
+        """The follow-up's waiters (None: there is no follow-up), now the caller's to answer."""
+        queued, self.queued = self.queued, None
+        return queued
+
+    def start(self, reload: Reload) -> None:
+        assert self.in_flight is None, "one reload at a time"
+        self.in_flight = reload
+
+    def commit(self, message: dict[str, Any], accepting: set[int]) -> Reload:
+        """The reload in flight took over: hold its reply until the old workers in ``accepting`` stop."""
+        reload = self.in_flight
+        assert reload is not None
+        self.in_flight = None
+        self.held.append(HeldReply(reload.waiters, set(accepting), message))
+        self._answer_held()
+        return reload
+
+    def abort(self, why: str) -> Reload | None:
+        """The reload in flight failed: it and every queued follow-up get ``why``; returns what was in flight."""
+        reload, self.in_flight = self.in_flight, None
+        waiters = (reload.waiters if reload is not None else []) + (self.take_queued() or [])
+        fail(waiters, why)
+        return reload
+
+    def stopped_accepting(self, pid: int) -> None:
+        for held in self.held:
+            held.accepting.discard(pid)
+        self._answer_held()
+
+    def _answer_held(self) -> None:
+        done = [h for h in self.held if not h.accepting]
+        self.held = [h for h in self.held if h.accepting]
+        for held in done:
+            for waiter in held.waiters:
+                waiter.reply(held.message)
+
+
+def fail(waiters: list[Waiter], why: str) -> None:
+    """Tell everyone in ``waiters`` that the reload failed, and why."""
+    for waiter in waiters:
+        waiter.reply({"ok": False, "error": f"reload failed: {why}"})
+
+
+def reread_config(current: Config, cli_overrides: dict[str, Any]) -> Config:
+    """The configuration a reload starts from: the config file read again under the same command line.
+
+    Raises ConfigError when it is broken, or changes what only a restart can.
+    """
+    if current.config_file is None:
+        return current
+    config = build_config(cli_overrides, current.config_file)
+    for key in ("name", "control"):
+        if getattr(config, key) != getattr(current, key):
+            raise ConfigError(f"{key.replace('_', '-')} cannot change on reload (restart the daemon)")
+    return config
+
+
+def listeners_for(config: Config, have: list[Listener], *, adopted: bool) -> tuple[list[Listener], list[Listener]]:
+    """(every listener of ``config``, those of them newly bound): the ones we ``have`` are kept.
+
+    Raises BindError, having closed what it bound. With ``adopted`` sockets
+    (systemd owns them) ``bind`` does not apply: the ones we have stay.
+    """
+    if adopted:
+        return have, []
+    by_spec = {li.spec: li for li in have}
+    listeners: list[Listener] = []
+    new: list[Listener] = []
+    try:
+        for spec in config.bind_specs:
+            if spec.text in by_spec:
+                listeners.append(by_spec[spec.text])
+            else:
+                listener = bind(spec, config.backlog)
+                new.append(listener)
+                listeners.append(listener)
+    except BindError:
+        for listener in new:
+            listener.close()
+        raise
+    return listeners, new

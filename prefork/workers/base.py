@@ -1,0 +1,238 @@
+"""The one lifecycle every worker class obeys, whatever its I/O.
+
+A worker class (``sync``, ``thread``, ``async``) subclasses
+:class:`WorkerLifecycle` and supplies only how it serves: how signals reach
+its loop, how it stops accepting, its serving loop and its count of open
+connections. The rules a worker keeps towards its master are written here
+once:
+
+* the signal table: SIGTERM begins a graceful stop, SIGUSR1 reopens the log
+  files, SIGUSR2 closes the listening sockets (``preforkctl drain`` without
+  PROXY protocol), SIGINT and SIGQUIT leave at once (:class:`FastExit`);
+* a graceful stop: stop accepting, free the address when orphaned, tell the
+  master (``STOPPED``: a reload's reply waits for every old worker's), let
+  open connections finish until the graceful deadline, then warn about the
+  ones cut short;
+* ``--max-requests``: count accepted connections, and at the limit tell the
+  master (``RETIRING``: it starts the replacement at once) and stop;
+* the orphan check (the master's pid is no longer our parent);
+* the PROXY protocol decisions: which peers must send a header, what a
+  missing or malformed one costs, and when a load balancer's health check
+  (a ``LOCAL`` header) is closed at once;
+* the heartbeat in the scoreboard and ``READY`` on the channel.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from prefork import logs
+from prefork.channel import Channel, Event
+from prefork.proxy_protocol import ProxyHeader
+from prefork.scoreboard import Record
+from prefork.workers.connection import ProxyPolicy, format_peer
+
+log = logging.getLogger(__name__)
+
+# Signals that end a worker at once, skipping the drain.
+FAST_EXIT_SIGNALS = frozenset({signal.SIGINT, signal.SIGQUIT})
+
+
+class FastExit(BaseException):
+    """Raised by SIGINT/SIGQUIT in a worker: leave now, skipping the drain.
+
+    A BaseException so socketserver's ``except Exception`` around a request
+    does not swallow it.
+    """
+
+
+def heartbeat_interval(timeout: float) -> float:
+    """How often an idle worker stamps its heartbeat: often enough that ``timeout`` means a hang."""
+    return max(0.05, min(timeout / 4, 5.0))
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """What every worker class needs to keep the lifecycle, from the master's spec and the config."""
+
+    slot: int
+    master_pid: int
+    channel: Channel  # to the master
+    max_requests: int = 0  # 0: never recycle; jitter already applied
+    graceful_timeout: float = 30.0
+    heartbeat_interval: float = 1.0
+    proxy: ProxyPolicy | None = None  # None: no peer sends a PROXY header
+
+
+class WorkerLifecycle:
+    """A worker's life between loading its handler and exiting; subclasses supply the I/O.
+
+    A subclass implements :meth:`serve` (install signal delivery for
+    :meth:`signal_actions`, start accepting, call :meth:`announce_ready`,
+    stamp :meth:`heartbeat` and call :meth:`check_master` as its loop turns,
+    and return once :attr:`stopping` and drained or past
+    :attr:`stop_deadline`; raise :class:`FastExit` on a fast exit),
+    :meth:`stop_accepting`, :meth:`open_connections` and :meth:`fast_exit`.
+    It may extend :meth:`on_stopping` and :meth:`forget_listeners`. It calls
+    :meth:`count_accepted` for each connection it takes.
+    """
+
+    def __init__(self, listeners: Sequence[socket.socket], record: Record, options: WorkerOptions) -> None:
+        self.listeners = tuple(listeners)
+        self.record = record
+        self.slot = options.slot
+        self.master_pid = options.master_pid
+        self.channel = options.channel
+        self.max_requests = options.max_requests
+        self.graceful_timeout = options.graceful_timeout
+        self.heartbeat_interval = options.heartbeat_interval
+        self.proxy = options.proxy
+        self.accepted = 0  # connections taken, for --max-requests
+        self.stopping = False
+        self.stop_deadline = 0.0  # time.monotonic() after which open connections are cut
+        self.listeners_closed = False
+
+    # -- what each worker class supplies ------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Serve until stopped and drained or past the deadline (see the class docstring). Must be overridden."""
+        raise NotImplementedError
+
+    def stop_accepting(self) -> None:
+        """Take no new connection; the listening sockets stay open. Must be overridden."""
+        raise NotImplementedError
+
+    def open_connections(self) -> int:
+        """Connections open now (a stopping worker waits for none). Must be overridden."""
+        raise NotImplementedError
+
+    def fast_exit(self) -> None:
+        """SIGINT/SIGQUIT: leave now, skipping the drain (``serve`` ends in :class:`FastExit`). Must be overridden."""
+        raise NotImplementedError
+
+    def on_stopping(self) -> None:
+        """The last step of :meth:`begin_stop`, after :attr:`stop_deadline` is set. May be extended."""
+
+    def forget_listeners(self) -> None:
+        """Drop every reference to the listening descriptors, about to close (their numbers get reused).
+
+        May be extended.
+        """
+
+    # -- the lifecycle ------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """The worker's life once its handler is loaded: serve, then say what a graceful timeout cut short.
+
+        Raises :class:`FastExit` on SIGINT/SIGQUIT; the caller exits the process.
+        """
+        self.serve()
+        still_open = self.open_connections()
+        if still_open:
+            log.warning("worker %d (pid %d): graceful timeout with %d connection(s) still open; closing them",
+                        self.slot, os.getpid(), still_open)
+
+    def signal_actions(self) -> dict[signal.Signals, Callable[[], None]]:
+        """The signal table of every worker class (how each signal reaches its loop is the class's I/O)."""
+        return {
+            signal.SIGTERM: self.begin_stop,
+            signal.SIGUSR1: logs.reopen,
+            signal.SIGUSR2: self.close_listeners,
+            signal.SIGINT: self.fast_exit,
+            signal.SIGQUIT: self.fast_exit,
+        }
+
+    def announce_ready(self) -> None:
+        """Take the signals held back since the fork, stamp the heartbeat, and tell the master we accept."""
+        # the master forked us with its signals blocked: now that their delivery is in place, take them
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        self.heartbeat()
+        self.channel.send(Event.READY)
+
+    def heartbeat(self) -> float:
+        """Stamp the heartbeat the master watches (a stale one means a hung worker); returns the stamp."""
+        now = time.monotonic()
+        self.record.heartbeat = now
+        return now
+
+    def orphaned(self) -> bool:
+        """True once the master is no longer our parent (it was killed, or exited without stopping us)."""
+        return os.getppid() != self.master_pid
+
+    def check_master(self) -> None:
+        """Stop when orphaned: PR_SET_PDEATHSIG covers most cases, this the rest (a master thread exiting)."""
+        if not self.stopping and self.orphaned():
+            log.warning("master (pid %d) is gone; stopping", self.master_pid)
+            self.begin_stop()
+
+    def count_accepted(self) -> None:
+        """One more connection taken; at ``--max-requests`` the worker retires.
+
+        Counting accepted (not finished) connections means a worker never
+        takes one more than its limit.
+        """
+        self.accepted += 1
+        if self.max_requests and self.accepted >= self.max_requests:
+            self.retire(f"max-requests ({self.max_requests}) reached")
+
+    def retire(self, reason: str) -> None:
+        """Recycle this worker: tell the master (it starts a replacement at once), then stop."""
+        if self.stopping:
+            return
+        self.channel.send(Event.RETIRING, reason)
+        self.begin_stop()
+
+    def begin_stop(self) -> None:
+        """Stop accepting and tell the master; open connections finish until the graceful deadline."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.stop_deadline = time.monotonic() + self.graceful_timeout
+        self.stop_accepting()
+        if self.orphaned():
+            self.close_listeners()  # the master was killed: free the address so a new one can bind it now
+        self.channel.send(Event.STOPPED)  # the master holds a reload's reply until no old worker accepts
+        self.on_stopping()
+
+    def close_listeners(self) -> None:
+        """SIGUSR2 (``preforkctl drain`` without PROXY protocol): close our copies of the listening sockets.
+
+        Once every process has, new connections are refused and a load
+        balancer's connect check sees the instance down; open connections
+        carry on.
+        """
+        if self.listeners_closed:
+            return
+        self.listeners_closed = True
+        self.stop_accepting()
+        self.forget_listeners()
+        for sock in self.listeners:
+            sock.close()
+
+    # -- PROXY protocol decisions -------------------------------------------------------------------
+
+    def proxy_for(self, peer: Any) -> ProxyPolicy | None:
+        """The policy when ``peer`` must start with a PROXY header; None when it sends none."""
+        proxy = self.proxy
+        return proxy if proxy is not None and proxy.applies(peer) else None
+
+    def proxy_header_failed(self, peer: Any, why: object) -> None:
+        """A missing or malformed header: counted and logged once; the caller closes the connection."""
+        self.record.proxy_errors += 1
+        log.warning("connection from %s: %s; closing it", format_peer(peer), why)
+
+    def closes_health_check(self, header: ProxyHeader) -> bool:
+        """True for a load balancer's health check (a ``LOCAL`` header) while the master drains us for it.
+
+        Closed at once, the check fails and the balancer takes the instance
+        out of its pool; otherwise a health check is served like any
+        connection.
+        """
+        return header.command == "LOCAL" and bool(self.record.lb_drain)

@@ -1,0 +1,121 @@
+"""The child's entry point after ``fork``: reset the process, load the handler, serve, always ``os._exit``.
+
+:func:`run_worker` is all the master calls in the child. It makes the
+process a worker (signal dispositions every class shares, death with the
+master, fault dumps, the process title), loads the handler (a failure is
+``BOOT_ERROR`` on the channel and :data:`WORKER_BOOT_ERROR`, so the master
+halts instead of fork-looping), builds the worker of the configured class
+and runs its lifecycle. The exit status tells the master how it ended.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import faulthandler
+import logging
+import os
+import signal
+import socket
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from prefork import logs
+from prefork.channel import Channel, Event
+from prefork.config import Config
+from prefork.scoreboard import Record, Scoreboard
+from prefork.workers.async_worker import AsyncWorker
+from prefork.workers.base import FastExit, WorkerLifecycle, WorkerOptions, heartbeat_interval
+from prefork.workers.connection import ProxyPolicy
+from prefork.workers.loading import HandlerLoadError, handler_for
+from prefork.workers.servers import SyncServer, ThreadServer
+
+log = logging.getLogger(__name__)
+
+# Exit statuses a worker uses to tell the master why it ended.
+WORKER_OK = 0
+WORKER_CRASHED = 1
+WORKER_BOOT_ERROR = 3  # the handler could not be loaded: respawning would only fail again
+
+_PR_SET_PDEATHSIG = 1
+
+try:
+    _libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
+except OSError:  # pragma: no cover - every Linux libc loads; other systems fall back to the ppid check
+    _libc = None
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What the master tells a worker it is about to fork."""
+
+    slot: int
+    generation: int
+    record_index: int  # the worker's record in the scoreboard
+    master_pid: int
+    config: Config
+    listeners: tuple[socket.socket, ...]
+    channel_fd: int  # write end of the master's event pipe (see prefork.channel)
+    max_requests: int  # 0 = never recycle; jitter already applied
+
+
+def run_worker(spec: WorkerSpec, scoreboard: Scoreboard) -> NoReturn:
+    """Serve as a worker in a freshly forked child; never returns."""
+    status = WORKER_CRASHED
+    try:
+        status = _serve(spec, scoreboard)
+    except FastExit:
+        status = WORKER_OK
+    except BaseException:
+        log.exception("worker %d (pid %d) crashed", spec.slot, os.getpid())
+    finally:
+        with contextlib.suppress(BaseException):
+            logging.shutdown()
+        os._exit(status)
+
+
+def _serve(spec: WorkerSpec, scoreboard: Scoreboard) -> int:
+    _set_pdeathsig(signal.SIGTERM)
+    if os.getppid() != spec.master_pid:  # the master died before prctl took effect
+        return WORKER_OK
+    # the master's signals that mean nothing to a worker; the worker's own are its class's (base.py)
+    for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH):
+        signal.signal(signum, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    # SIGABRT from the master (a stale heartbeat), or a crash in C code: every thread's stack to the log
+    faulthandler.enable(file=logs.fault_stream(), all_threads=True)
+    logs.set_title(f"worker {spec.slot}", spec.config.name)
+
+    channel = Channel(spec.channel_fd)
+    try:
+        handler = handler_for(spec.config)
+    except HandlerLoadError as exc:
+        channel.send(Event.BOOT_ERROR, str(exc))
+        return WORKER_BOOT_ERROR
+    build_worker(spec, handler, scoreboard[spec.record_index], channel).run()
+    return WORKER_OK
+
+
+def build_worker(spec: WorkerSpec, handler: Any, record: Record, channel: Channel) -> WorkerLifecycle:
+    """The worker of the configured class, serving ``handler`` on the spec's listeners."""
+    config = spec.config
+    options = WorkerOptions(
+        slot=spec.slot,
+        master_pid=spec.master_pid,
+        channel=channel,
+        max_requests=spec.max_requests,
+        graceful_timeout=config.graceful_timeout,
+        heartbeat_interval=heartbeat_interval(config.timeout),
+        proxy=ProxyPolicy.from_config(config),
+    )
+    if config.worker_class == "async":
+        return AsyncWorker(spec.listeners, handler, config, record, options)
+    if config.worker_class == "sync":
+        return SyncServer(spec.listeners, handler, record, options, count_bytes=config.count_bytes)
+    return ThreadServer(spec.listeners, handler, record, options, threads=config.threads,
+                        count_bytes=config.count_bytes)
+
+
+def _set_pdeathsig(signum: int) -> None:
+    if _libc is not None and _libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
+        log.debug("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))

@@ -1,0 +1,101 @@
+"""Importing the user's handler and checking that the configured worker class can run it.
+
+Runs in every worker before it serves, and in the master for
+``--check-config``; a problem is a :class:`HandlerLoadError` with a
+one-line message (the worker reports it to the master as ``BOOT_ERROR``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import socketserver
+from typing import Any
+
+from prefork.config import Config
+from prefork.handlers.aio import RelayProtocol
+from prefork.handlers.relay import RelayHandler
+
+
+class HandlerLoadError(Exception):
+    """The handler named in the config cannot be imported or is not usable."""
+
+
+def is_async_handler(obj: Any) -> bool:
+    """An asyncio Protocol subclass or a coroutine function."""
+    return (isinstance(obj, type) and issubclass(obj, asyncio.BaseProtocol)) or inspect.iscoroutinefunction(obj)
+
+
+def load_handler(spec: str, worker_class: str = "thread") -> Any:
+    """Import ``module:name`` and check it is a handler ``worker_class`` can run.
+
+    ``sync`` and ``thread`` run ``socketserver.BaseRequestHandler`` subclasses;
+    ``async`` runs ``asyncio.Protocol`` subclasses and ``async def handle(reader, writer)``.
+    """
+    obj = _import_object(spec)
+    is_socketserver = isinstance(obj, type) and issubclass(obj, socketserver.BaseRequestHandler)
+    if worker_class == "async":
+        if is_socketserver:
+            raise HandlerLoadError(f"cannot load handler {spec!r}: a socketserver handler runs under "
+                                   "--worker-class sync or thread, not async")
+        if not is_async_handler(obj):
+            raise HandlerLoadError(f"cannot load handler {spec!r}: {obj!r} is not an asyncio.Protocol subclass "
+                                   "or an async def handle(reader, writer) function")
+        return obj
+    if is_async_handler(obj):
+        raise HandlerLoadError(f"cannot load handler {spec!r}: an asyncio handler runs under --worker-class async")
+    if not is_socketserver:
+        raise HandlerLoadError(
+            f"cannot load handler {spec!r}: {obj!r} is not a socketserver.BaseRequestHandler subclass"
+        )
+    return obj
+
+
+def _import_object(spec: str) -> Any:
+    module_name, _, attr_path = spec.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise HandlerLoadError(f"cannot load handler {spec!r}: no module named {exc.name!r}") from exc
+        raise HandlerLoadError(f"cannot load handler {spec!r}: {type(exc).__name__}: {exc}") from exc
+    except BaseException as exc:  # the module's own code failed; say how, in one line
+        where = ""
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if tb is not None:
+            where = f" ({tb.tb_frame.f_code.co_filename}:{tb.tb_lineno})"
+        raise HandlerLoadError(f"cannot load handler {spec!r}: {type(exc).__name__}: {exc}{where}") from exc
+    for part in attr_path.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise HandlerLoadError(
+                f"cannot load handler {spec!r}: {module_name} has no attribute {attr_path!r}"
+            ) from None
+    return obj
+
+
+def handler_for(config: Config) -> Any:
+    """Load the configured handler for the configured worker class, with the relay settings applied.
+
+    The built-in echo has an asyncio form, used under ``async``; ``--relay``
+    serves the built-in relay (or the user's relay subclass) in the form the
+    worker class runs.
+    """
+    handler = load_handler(config.effective_handler, config.worker_class)
+    if not config.relay:
+        return handler
+    base: type[Any] = RelayProtocol if config.worker_class == "async" else RelayHandler
+    if not (isinstance(handler, type) and issubclass(handler, base)):
+        raise HandlerLoadError(f"--relay needs the built-in relay or a {base.__name__} subclass "
+                               f"as the handler, not {config.handler!r}")
+    settings = {
+        "upstreams": config.relay_upstreams,
+        "connect_timeout": config.relay_connect_timeout,
+        "idle_timeout": config.relay_idle_timeout or None,
+        "send_proxy": config.relay_send_proxy,
+    }
+    return type(handler.__name__, (handler,), {"__module__": handler.__module__, **settings})

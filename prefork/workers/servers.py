@@ -1,0 +1,377 @@
+"""The ``sync`` and ``thread`` worker classes: socketserver servers on the listeners the master bound.
+
+A worker serves with a socketserver server whose ``serve_forever()`` is a
+selector loop (not socketserver's 0.5 s poll): the listeners are non-blocking
+and registered with ``EPOLLEXCLUSIVE``, so a new connection wakes one idle
+worker rather than all of them, and a worker that loses the accept race gets
+``EAGAIN`` instead of blocking in ``accept()``. Each turn of the loop stamps
+the worker's heartbeat in the scoreboard; the master kills a worker whose
+heartbeat goes stale. The lifecycle (signals, stop, retire, orphan check,
+PROXY decisions) is :class:`~prefork.workers.base.WorkerLifecycle`'s; this
+module supplies the I/O.
+
+Two server classes run any ``socketserver.BaseRequestHandler`` subclass:
+
+* :class:`SyncServer` (``--worker-class sync``): ``TCPServer`` semantics, one
+  connection at a time, handled in the serving loop itself.
+* :class:`ThreadServer` (``--worker-class thread``): a bounded pool of
+  threads; when every thread is busy the worker stops accepting, so the
+  kernel hands new connections to its siblings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import select
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import Any
+
+from prefork import logs
+from prefork.listeners import ACCEPT_PAUSE, accept_failed, watch
+from prefork.proxy_protocol import ProxyProtocolError, read_header
+from prefork.scoreboard import Record
+from prefork.workers.base import FAST_EXIT_SIGNALS, FastExit, WorkerLifecycle, WorkerOptions
+from prefork.workers.connection import account, counts_own_bytes, format_peer, log_access
+
+log = logging.getLogger(__name__)
+
+_ACCEPT_BATCH = 16  # connections accepted per readiness event before the loop polls again
+
+
+class PreforkServer(socketserver.TCPServer, WorkerLifecycle):
+    """A ``TCPServer`` serving sockets the master already bound, under the worker lifecycle.
+
+    Keeps socketserver's hooks and their contracts (``verify_request``,
+    ``process_request``, ``finish_request``, ``shutdown_request``,
+    ``handle_error``), so a handler sees ``self.server`` and
+    ``self.client_address`` as it would under ``TCPServer`` (and
+    ``self.server.record``, the worker's scoreboard record). Subclasses
+    override :meth:`process_request`, :meth:`open_connections` and :meth:`full`.
+    """
+
+    def __init__(
+        self,
+        listeners: Sequence[socket.socket],
+        handler_class: type[socketserver.BaseRequestHandler],
+        record: Record,
+        options: WorkerOptions,
+        *,
+        count_bytes: bool = False,
+    ) -> None:
+        # TCPServer.__init__ would make a fresh socket; ours are bound already.
+        socketserver.BaseServer.__init__(self, listeners[0].getsockname(), handler_class)
+        WorkerLifecycle.__init__(self, listeners, record, options)
+        self.socket = listeners[0]
+        self.address_family = self.socket.family
+        self.access_log = not logging.getLogger(logs.ACCESS_LOGGER).disabled
+        # bytes per connection from the kernel, when someone looks at them (the relay counts its own)
+        self.count_bytes = count_bytes and not counts_own_bytes(handler_class)
+        self.account = self.access_log or self.count_bytes
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._epoll = select.epoll()
+        self._by_fd = {s.fileno(): s for s in self.listeners}
+        self._accepting = False
+        self._accept_paused_until = 0.0
+        self._signals: dict[int, Callable[[], None]] = {}  # by number, as they arrive on the wakeup socket
+        # socketserver ignores these on a plain BaseRequestHandler; a user who sets them means them
+        is_stream = issubclass(handler_class, socketserver.StreamRequestHandler)
+        timeout = getattr(handler_class, "timeout", None)
+        self._extra_timeout: float | None = None if is_stream else timeout
+        self._extra_nodelay = not is_stream and bool(getattr(handler_class, "disable_nagle_algorithm", False))
+
+    # -- wiring -------------------------------------------------------------------------------------
+
+    @property
+    def wakeup_fd(self) -> int:
+        """The fd to pass to ``signal.set_wakeup_fd``: signal numbers arrive as bytes."""
+        return self._wake_w.fileno()
+
+    def wake(self) -> None:
+        """Make the serving loop turn (a 0 byte: no signal has number 0). Safe from any thread."""
+        with contextlib.suppress(BlockingIOError):
+            self._wake_w.send(b"\0")
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    def server_close(self) -> None:
+        self._epoll.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def install_signals(self) -> None:
+        """Signal numbers arrive as bytes on the wakeup socket and the loop runs their actions.
+
+        The Python-level handlers do nothing, except SIGINT's and SIGQUIT's:
+        they raise :class:`FastExit` in the main thread wherever it is, so a
+        ``handle()`` blocked on a socket is interrupted too.
+        """
+        self._signals = {int(signum): action for signum, action in self.signal_actions().items()}
+        for signum in self._signals:
+            signal.signal(signum, _raise_fast_exit if signum in FAST_EXIT_SIGNALS else _noop)
+        signal.set_wakeup_fd(self.wakeup_fd, warn_on_full_buffer=False)
+
+    # -- the lifecycle's I/O ------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        self.install_signals()
+        self.announce_ready()
+        self.serve_forever()
+
+    def stop_accepting(self) -> None:
+        self.set_accepting(False)
+
+    def fast_exit(self) -> None:
+        raise FastExit("fast exit")
+
+    def open_connections(self) -> int:
+        return 0
+
+    def full(self) -> bool:
+        """True while the worker cannot take another connection."""
+        return False
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    def set_accepting(self, on: bool) -> None:
+        if on == self._accepting:
+            return
+        for fd in self._by_fd:
+            if on:
+                watch(self._epoll, fd)
+            else:
+                self._epoll.unregister(fd)
+        self._accepting = on
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Serve until asked to stop and drained. ``poll_interval`` is ignored: nothing here polls."""
+        self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
+        self.set_accepting(True)
+        wake_fd = self._wake_r.fileno()
+        while True:
+            timeout = self._next_timeout(self.heartbeat())
+            if timeout is None:
+                break
+            events = self._epoll.poll(timeout)
+            if not events:
+                self.check_master()
+            # signals before connections: after a SIGTERM this worker must not take another one
+            if any(fd == wake_fd for fd, _ in events):
+                self._drain_wakeups()
+            self.service_actions()
+            for fd, _ in events:
+                if fd != wake_fd and self._accepting:
+                    self._accept_batch(self._by_fd[fd])
+
+    def _next_timeout(self, now: float) -> float | None:
+        """How long the loop may wait for an event; None once a stopping worker is drained or out of time."""
+        if self.stopping:
+            if not self.open_connections() or now >= self.stop_deadline:
+                return None
+            return min(self.heartbeat_interval, self.stop_deadline - now)
+        if (not self._accepting and now >= self._accept_paused_until and not self.full()
+                and not self.listeners_closed):
+            self.set_accepting(True)
+        timeout = self.heartbeat_interval
+        if self._accept_paused_until > now:
+            timeout = min(timeout, self._accept_paused_until - now)
+        return timeout
+
+    def _drain_wakeups(self) -> None:
+        while True:
+            try:
+                data = self._wake_r.recv(512)
+            except BlockingIOError:
+                return
+            for signum in data:
+                action = self._signals.get(signum)
+                if action is not None:
+                    action()
+
+    def _accept_batch(self, sock: socket.socket) -> None:
+        # under load the backlog rarely empties: take a few in a row before polling again
+        for _ in range(_ACCEPT_BATCH):
+            if not self._accept(sock):
+                return
+            self.heartbeat()
+            self.service_actions()
+            if not self._accepting:
+                return
+
+    def _accept(self, sock: socket.socket) -> bool:
+        """Accept and process one connection; False when there was none to take."""
+        try:
+            request, client_address = sock.accept()
+        except BlockingIOError:
+            return False  # a sibling took it
+        except OSError as exc:
+            if accept_failed(sock, exc):
+                self.set_accepting(False)
+                self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE
+            return False
+        if self._extra_timeout is not None:
+            request.settimeout(self._extra_timeout)
+        if self._extra_nodelay and request.family != socket.AF_UNIX:
+            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # socketserver's _handle_request_noblock, with our accept in front of it
+        if self.verify_request(request, client_address):
+            try:
+                self.process_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+                self.shutdown_request(request)
+            except BaseException:
+                self.shutdown_request(request)
+                raise
+        else:
+            self.shutdown_request(request)
+        self.count_accepted()
+        return True
+
+    # -- socketserver's hooks -----------------------------------------------------------------------
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """Read the PROXY header first when the policy asks for one, then run the handler.
+
+        The handler sees the original client as ``client_address``. A health
+        check (a ``LOCAL`` header) is served like any connection, unless the
+        master set this instance to drain for its load balancer: then it is
+        closed at once, so the balancer takes the instance out of its pool.
+        """
+        proxy = self.proxy_for(client_address)
+        if proxy is not None:
+            try:
+                header, _ = read_header(request, timeout=proxy.timeout)
+            except (ProxyProtocolError, TimeoutError) as exc:
+                self.proxy_header_failed(client_address, exc)
+                return
+            if self.closes_health_check(header):
+                return
+            if header.command == "LOCAL":  # a load balancer's health check
+                try:
+                    super().finish_request(request, client_address)
+                except ConnectionError as exc:  # balancers end their checks with a reset (HAProxy does)
+                    log.debug("health check from %s: %s", format_peer(client_address), exc)
+                return
+            if header.command == "PROXY" and header.source is not None:
+                client_address = header.source
+        if not self.account:
+            super().finish_request(request, client_address)
+            return
+        started = time.monotonic()
+        outcome = "error"
+        try:
+            super().finish_request(request, client_address)
+            outcome = "ok"
+        finally:
+            counts = account(self.record if self.count_bytes else None, request)
+            if self.access_log:
+                log_access(client_address, started, counts, outcome)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Log the handler's exception (socketserver would print it to stderr); this connection only."""
+        self.record.errors += 1
+        exc = sys.exc_info()[1]
+        if isinstance(exc, TimeoutError):
+            log.warning("connection from %s timed out", format_peer(client_address))
+        elif isinstance(exc, ConnectionError):
+            log.info("connection from %s: %s", format_peer(client_address), exc)
+        else:
+            log.exception("error handling connection from %s", format_peer(client_address))
+
+
+class SyncServer(PreforkServer):
+    """One connection at a time, handled in the serving loop (socketserver ``TCPServer``)."""
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        record = self.record
+        record.active += 1
+        try:
+            self.finish_request(request, client_address)
+        finally:
+            record.active -= 1
+            record.requests += 1
+        self.shutdown_request(request)
+
+
+class ThreadServer(PreforkServer):
+    """A bounded pool of ``threads`` threads; at capacity the worker stops accepting.
+
+    Threads start on demand and stay for the worker's life, so a connection
+    flood never creates more than ``threads`` of them and a steady load
+    creates none.
+    """
+
+    def __init__(self, listeners: Sequence[socket.socket], handler_class: type[socketserver.BaseRequestHandler],
+                 record: Record, options: WorkerOptions, *, threads: int, count_bytes: bool = False) -> None:
+        super().__init__(listeners, handler_class, record, options, count_bytes=count_bytes)
+        self.threads = threads
+        self._queue: queue.SimpleQueue[tuple[Any, Any] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._open = 0  # connections handed to the pool and not yet finished
+        # idle threads not yet promised a queued connection, less connections queued for no thread
+        # (negative while every thread is busy or closing a socket: the next free one takes the work)
+        self._spare = 0
+        self._pool: list[threading.Thread] = []
+
+    def open_connections(self) -> int:
+        return self._open
+
+    def full(self) -> bool:
+        return self._open >= self.threads
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._lock:
+            self._open += 1
+            self.record.active += 1
+            start_thread = self._spare <= 0 and len(self._pool) < self.threads
+            if not start_thread:
+                self._spare -= 1
+        if start_thread:  # born promised to this connection
+            thread = threading.Thread(target=self._run, name=f"prefork-conn-{len(self._pool)}", daemon=True)
+            self._pool.append(thread)
+            thread.start()
+        self._queue.put((request, client_address))
+        if self._open >= self.threads:
+            self.set_accepting(False)  # siblings take new connections until a thread frees
+
+    def _run(self) -> None:
+        get = self._queue.get
+        while True:
+            item = get()
+            if item is None:
+                return
+            request, client_address = item
+            try:
+                self.finish_request(request, client_address)
+            except BaseException:  # SystemExit too: it would end this pool thread and leak its place
+                self.handle_error(request, client_address)
+            with self._lock:
+                self._open -= 1
+                self.record.active -= 1
+                self.record.requests += 1
+                turn_loop = self._open == self.threads - 1 or self.stopping
+            if turn_loop:
+                self.wake()  # the loop resumes accepting, or notices the drain is over
+            self.shutdown_request(request)
+            with self._lock:
+                self._spare += 1
+
+
+def _raise_fast_exit(signum: int, frame: FrameType | None) -> None:
+    raise FastExit(signal.Signals(signum).name)
+
+
+def _noop(signum: int, frame: FrameType | None) -> None:
+    """Python-level handler that does nothing: the wakeup fd carries the signal to the loop."""
