@@ -541,3 +541,30 @@ def test_command_table(request_: dict[str, Any], state: str, reply: dict[str, An
 
 def test_every_command_the_client_knows_is_in_the_table() -> None:
     assert set(commands.COMMANDS) == {"status", "stats", "reload", "scale", "stop", "reopen", "drain", "upgrade"}
+
+
+def test_a_retirement_read_after_the_worker_was_reaped_is_not_a_crash() -> None:
+    """The master reaps first, then reads what the reaped workers wrote, then judges their exits."""
+    gens, pool, _, timers = stepper(workers=1)
+    ready(gens, pool)
+    old = gens.slots[0]
+    pool.exit(old)  # reaped before its RETIRING line was read
+    gens.on_message(old, Message(old.pid, Event.RETIRING, "max-requests (50) reached"))
+    gens.on_exit(old, 0)
+    assert gens.slots[0] is not old and len(pool.workers) == 1
+    assert pool.totals.crashes == 0 and pool.totals.respawns == 0
+    assert 0 not in gens.backoff and ("respawn", 0) not in timers
+
+
+def test_backoff_is_forgotten_once_a_worker_outlives_an_early_death() -> None:
+    gens, pool, _, timers = stepper(workers=1)
+    ready(gens, pool)
+    exit_of(gens, pool, gens.slots[0], 1 << 8)
+    exit_of(gens, pool, gens.slots[0], 1 << 8)
+    timers.run_due(timers.when(("respawn", 0)) or 0.0)
+    ready(gens, pool)
+    assert gens.backoff[0].failures == 2  # READY alone does not end it: a worker dying per connection backs off
+    settled = timers.when(("settled", 0))
+    assert settled is not None and settled == pytest.approx(gens.slots[0].started + EARLY_DEATH)
+    timers.run_due(settled)
+    assert 0 not in gens.backoff

@@ -31,7 +31,7 @@ from prefork.workers import async_worker
 from prefork.workers.async_worker import AsyncWorker
 from prefork.workers.base import FAST_EXIT_SIGNALS, FastExit, WorkerLifecycle, WorkerOptions, heartbeat_interval
 from prefork.workers.connection import ProxyPolicy
-from prefork.workers.servers import PreforkServer, SyncServer, ThreadServer
+from prefork.workers.servers import SyncServer, ThreadServer, WorkerServer
 
 LOG = "prefork.workers.base"
 
@@ -307,7 +307,7 @@ def test_heartbeat_interval(timeout: float, interval: float) -> None:
 def test_every_class_is_a_lifecycle() -> None:
     for cls in (SyncServer, ThreadServer, AsyncWorker):
         assert issubclass(cls, WorkerLifecycle)
-    assert issubclass(PreforkServer, socketserver.TCPServer)
+    assert issubclass(WorkerServer, socketserver.TCPServer)
 
 
 class Echo(socketserver.StreamRequestHandler):

@@ -21,7 +21,15 @@ from typing import Any, Protocol
 from prefork.channel import Event, Message
 from prefork.config import Config, ConfigError
 from prefork.listeners import BindError, Listener
-from prefork.master.exits import ExitAction, ExitFacts, backoff_delay, classify_exit, describe_exit, failures_after
+from prefork.master.exits import (
+    EARLY_DEATH,
+    ExitAction,
+    ExitFacts,
+    backoff_delay,
+    classify_exit,
+    describe_exit,
+    failures_after,
+)
 from prefork.master.pool import WorkerPool
 from prefork.master.reload import Reload, Reloads, Waiter, fail, listeners_for, reread_config
 from prefork.master.state import Backoff, LbDrain, StopMode, Worker, WorkerState
@@ -166,6 +174,8 @@ class Generations:
                 worker.state = WorkerState.READY
             if self.slots.get(worker.slot) is worker:
                 self.timers.cancel(("respawn", worker.slot))
+                if worker.slot in self.backoff:
+                    self._forget_backoff_once_settled(worker)
             self._check_generation_ready()
         elif message.event is Event.BOOT_ERROR:
             worker.boot_error = message.detail
@@ -180,6 +190,18 @@ class Generations:
                 self.spawn_worker(worker.slot)
             else:
                 self.pool.drain(worker, message.detail, self.config.graceful_timeout)
+
+    def _forget_backoff_once_settled(self, worker: Worker) -> None:
+        """A worker that serves past EARLY_DEATH ends its slot's run of early deaths, and status stops showing it.
+
+        Not at READY itself: a handler that kills its worker on every
+        connection must still back off.
+        """
+        def settled() -> None:
+            if self.slots.get(worker.slot) is worker and worker.pid in self.pool.workers:
+                self.backoff.pop(worker.slot, None)
+
+        self.timers.set(("settled", worker.slot), worker.started + EARLY_DEATH, settled)
 
     def _check_generation_ready(self) -> None:
         if not self.serving and _all_ready(self.slots, self.target):

@@ -35,7 +35,7 @@ from prefork.master.exits import describe_exit
 from prefork.master.generations import Generations
 from prefork.master.pool import WorkerPool
 from prefork.master.reload import Waiter
-from prefork.master.state import LbDrain, StopMode, WorkerState
+from prefork.master.state import LbDrain, StopMode, Worker, WorkerState
 from prefork.master.timers import Timers
 from prefork.metrics import render_prometheus
 from prefork.systemd import Notifier
@@ -165,19 +165,28 @@ class Master:
                 action()
 
     def _on_worker_events(self, mask: int) -> None:
-        try:
-            data = os.read(self._events_r, 65536)
-        except BlockingIOError:
-            return
-        for message in self._events.feed(data):
-            worker = self.pool.workers.get(message.pid)
-            if worker is not None:
-                self.gens.on_message(worker, message)
+        self._read_events({})
+
+    def _read_events(self, reaped: dict[int, Worker]) -> None:
+        """Everything the workers wrote so far, to the generations; ``reaped`` are workers just gone."""
+        while True:
+            try:
+                data = os.read(self._events_r, 65536)
+            except BlockingIOError:
+                return
+            for message in self._events.feed(data):
+                worker = self.pool.workers.get(message.pid) or reaped.get(message.pid)
+                if worker is not None:
+                    self.gens.on_message(worker, message)
+            if not data:
+                return
 
     def reap_children(self) -> None:
-        # read what the workers said first: a boot error must be known before its exit is judged
-        self._on_worker_events(selectors.EVENT_READ)
-        for pid, status, worker in self.pool.reap():
+        exited = self.pool.reap()
+        # A worker writes its last words (retiring, a boot error) before it exits, so once it is reaped
+        # they are all in the pipe: read them first, and judge each exit knowing what the worker said.
+        self._read_events({w.pid: w for _, _, w in exited if w is not None})
+        for pid, status, worker in exited:
             upgrade = self.upgrader.current
             if upgrade is not None and pid == upgrade.pid:
                 how, _ = describe_exit(status)

@@ -102,12 +102,16 @@ class WorkerPool:
             return
         worker.state = WorkerState.DRAINING
         worker.stop_reason = reason
+        if worker.pid not in self.workers:
+            return  # already reaped (its last words are read after its exit): nothing to signal
         self._kill_at(worker, time.monotonic() + graceful_timeout + DRAIN_MARGIN)
         kill_pid(worker.pid, signal.SIGTERM)
 
     def quit(self, worker: Worker) -> None:
         """Leave at once (SIGQUIT), SIGKILL if still there after FAST_STOP_GRACE."""
         worker.state = WorkerState.KILLING
+        if worker.pid not in self.workers:
+            return  # already reaped
         self._kill_at(worker, time.monotonic() + FAST_STOP_GRACE)
         kill_pid(worker.pid, signal.SIGQUIT)
 

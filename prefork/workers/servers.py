@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 _ACCEPT_BATCH = 16  # connections accepted per readiness event before the loop polls again
 
 
-class PreforkServer(socketserver.TCPServer, WorkerLifecycle):
+class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
     """A ``TCPServer`` serving sockets the master already bound, under the worker lifecycle.
 
     Keeps socketserver's hooks and their contracts (``verify_request``,
@@ -291,7 +291,7 @@ class PreforkServer(socketserver.TCPServer, WorkerLifecycle):
             log.exception("error handling connection from %s", format_peer(client_address))
 
 
-class SyncServer(PreforkServer):
+class SyncServer(WorkerServer):
     """One connection at a time, handled in the serving loop (socketserver ``TCPServer``)."""
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -305,7 +305,7 @@ class SyncServer(PreforkServer):
         self.shutdown_request(request)
 
 
-class ThreadServer(PreforkServer):
+class ThreadServer(WorkerServer):
     """A bounded pool of ``threads`` threads; at capacity the worker stops accepting.
 
     Threads start on demand and stay for the worker's life, so a connection
