@@ -144,25 +144,28 @@ def preload_worker_code(config: Config) -> None:
 
 
 def take_listeners(config: Config) -> tuple[list[Listener], Inherited | None]:
-    """The listening sockets: a replaced master's (upgrade), systemd's (socket activation), or bound now."""
-    from prefork import systemd, upgrade
-    from prefork.listeners import adopt, adopt_inherited, bind_all
+    """The listening sockets: a replaced master's (upgrade), systemd's (socket activation, or its
+    file-descriptor store after a restart), or bound now (and then stored, under systemd)."""
+    from prefork import fdstore, systemd, upgrade
+    from prefork.listeners import adopt, adopt_inherited
 
     try:
         handed = upgrade.inherited()  # we replace a running master: its sockets are ours now
         inherited = [] if handed else systemd.listen_fds()  # socket activation: systemd bound them for us
     except (ValueError, upgrade.UpgradeError) as exc:
         raise ConfigError(f"inherited sockets: {exc}") from None
+    stored, activated = fdstore.split(inherited)  # a previous master's listeners, kept by systemd
     if handed:
         listeners = [adopt_inherited(sock, spec) for sock, spec in handed.listeners]
         logging.getLogger("prefork").info("upgrade: serving the %d socket(s) of the master we replace",
                                           len(listeners))
-    elif inherited:
-        listeners = [adopt(s.sock, s.name) for s in inherited]
+    elif activated:
+        listeners = [adopt(s.sock, s.name) for s in activated]
         logging.getLogger("prefork").info(
             "using %d socket(s) from systemd: %s", len(listeners), ", ".join(li.address for li in listeners))
+        fdstore.drop(systemd.Notifier(), stored)  # socket activation owns the addresses now
     else:
-        listeners = bind_all(config.bind_specs, config.backlog)
+        listeners = fdstore.reconcile(config.bind_specs, stored, config.backlog, systemd.Notifier())
     return listeners, handed
 
 

@@ -13,6 +13,7 @@ started wrongly, raise ``ValueError`` naming the variable.
 
 from __future__ import annotations
 
+import array
 import logging
 import os
 import socket
@@ -85,8 +86,8 @@ def _payload(states: tuple[str, ...]) -> bytes:
     return "\n".join(states).encode("utf-8")
 
 
-def _send(address: bytes, payload: bytes) -> bool:
-    """Send one datagram to ``address``; log and return False on failure."""
+def _send(address: bytes, payload: bytes, fds: tuple[int, ...] = ()) -> bool:
+    """Send one datagram to ``address`` (with ``fds`` attached); log and return False on failure."""
     try:
         # One socket per call: nothing cached survives into a forked worker.
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
@@ -95,7 +96,10 @@ def _send(address: bytes, payload: bytes) -> bool:
             # the kernel reports the receiver's queue in poll(), so a full
             # queue waits (bounded) instead of busy-looping until the timeout.
             sock.connect(address)
-            sock.send(payload)
+            if fds:
+                sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+            else:
+                sock.send(payload)
     except OSError as exc:
         # The manager may be gone (ENOENT, ECONNREFUSED) or stuck (timeout):
         # never fatal for the daemon, see the module docstring.
@@ -197,6 +201,21 @@ class Notifier:
     def mainpid(self, pid: int) -> bool:
         """Tell the manager that ``pid`` is now the service's main process."""
         return self.send(f"MAINPID={pid}")
+
+    def store_fd(self, name: str, fd: int) -> bool:
+        """Hand ``fd`` to the service's file-descriptor store under ``name`` (``FDSTORE=1``).
+
+        The manager keeps it across a restart of the service and passes it back
+        in ``$LISTEN_FDS`` with the name in ``$LISTEN_FDNAMES``; it is refused
+        (logged by the manager) unless the unit sets ``FileDescriptorStoreMax=``.
+        """
+        if self.address is None:
+            return False
+        return _send(self.address, _payload(("FDSTORE=1", f"FDNAME={name}")), (fd,))
+
+    def remove_fd(self, name: str) -> bool:
+        """Drop the stored descriptors named ``name`` (``FDSTOREREMOVE=1``)."""
+        return self.send("FDSTOREREMOVE=1", f"FDNAME={name}")
 
     def watchdog(self) -> bool:
         """Keep-alive ping (``WATCHDOG=1``); see ``watchdog_interval``."""

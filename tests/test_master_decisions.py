@@ -290,6 +290,9 @@ class FakeHost:
     def on_config(self, old: Any) -> None:
         self.events.append("config")
 
+    def on_listeners(self, *, added: list[Any], removed: list[Any]) -> None:
+        self.events.append(f"listeners +{len(added)} -{len(removed)}")
+
     def fatal(self, why: str) -> None:
         self.events.append(f"fatal: {why}")
         self.stopping = StopMode.FAST
@@ -300,7 +303,7 @@ def stepper(workers: int = 2, **settings: Any) -> tuple[Generations, FakePool, F
     pool = FakePool(timers)
     host = FakeHost()
     gens = Generations(host, pool, timers, build_config({"workers": workers, **settings}), [],  # type: ignore[arg-type]
-                       cli_overrides={}, adopted=False)
+                       cli_overrides={}, adopted=True)  # adopted: a reload binds nothing
     gens.start()
     return gens, pool, host, timers
 
@@ -386,7 +389,7 @@ def test_reload_commits_when_every_new_worker_is_ready_and_answers_after_the_old
     for worker in old.values():
         gens.reloads.stopped_accepting(worker.pid)
     assert waiter.replies == [{"ok": True, "generation": 2, "workers": 2}]
-    assert host.events[-2:] == ["config", "ready"]
+    assert host.events[-3:] == ["config", "listeners +0 -0", "ready"]
 
 
 def test_a_new_worker_dying_aborts_the_reload_and_the_old_generation_serves_on() -> None:
@@ -412,7 +415,7 @@ def test_queued_reloads_are_all_answered_when_the_follow_up_cannot_start(tmp_pat
     pool = FakePool(timers)
     host = FakeHost()
     gens = Generations(host, pool, timers, build_config({}, str(config_file)), [],  # type: ignore[arg-type]
-                       cli_overrides={}, adopted=False)
+                       cli_overrides={}, adopted=True)  # adopted: a reload binds nothing
     gens.start()
     ready(gens, pool)
     first, second, third = FakeWaiter(), FakeWaiter(), FakeWaiter()

@@ -56,6 +56,8 @@ class Host(Protocol):
 
     def on_config(self, old: Config) -> None: ...
 
+    def on_listeners(self, *, added: list[Listener], removed: list[Listener]) -> None: ...
+
     def fatal(self, why: str) -> None: ...
 
 
@@ -268,11 +270,12 @@ class Generations:
             self.timers.cancel(("respawn", slot))
         self.host.on_config(old_config)
         keep = {id(li) for li in reload.listeners}
-        for listener in self.listeners:
-            if id(listener) not in keep:
-                log.info("no longer listening on %s", listener.address)
-                listener.close()
+        removed = [li for li in self.listeners if id(li) not in keep]
+        for listener in removed:
+            log.info("no longer listening on %s", listener.address)
+            listener.close()
         self.listeners = reload.listeners
+        self.host.on_listeners(added=reload.new_listeners, removed=removed)
         for worker in old_slots.values():
             self.pool.drain(worker, f"replaced by generation {self.generation}", self.config.graceful_timeout)
         self.pool.totals.reloads += 1

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
-from prefork import __version__, logs
+from prefork import __version__, fdstore, logs
 from prefork.channel import Decoder
 from prefork.config import Config
 from prefork.control import ControlConnection, ControlServer
@@ -235,6 +235,11 @@ class Master:
         if self.config.max_worker_memory and "memory" not in self.timers:
             self.timers.every("memory", MEMORY_CHECK_INTERVAL, self._recycle_fattest, jitter=0.5)
 
+    def on_listeners(self, *, added: list[Listener], removed: list[Listener]) -> None:
+        """A reload bound new listeners and closed others: systemd's store follows (when there is one)."""
+        fdstore.forget(self.notifier, removed)
+        fdstore.keep(self.notifier, added)
+
     def fatal(self, why: str) -> None:
         log.critical("stopping: %s", why)
         self.exit_code = EXIT_FATAL
@@ -309,6 +314,7 @@ class Master:
             else:
                 self.lb_drain = LbDrain.LISTENERS_CLOSED
                 self.pool.signal_all(signal.SIGUSR2)
+                fdstore.forget(self.notifier, self.listeners)  # or systemd's copies would keep them open
                 for listener in self.listeners:
                     listener.close()
                 log.info("draining for the load balancer: listening sockets closed, open connections finish")
@@ -377,6 +383,10 @@ class Master:
         signal.set_wakeup_fd(-1)
         self.gens.abort_reload("the daemon stopped")
         self.upgrader.fail("the daemon stopped", kill=True)
+        if self.exit_code == EXIT_OK and not self.handed_over:
+            # a clean stop: systemd's copies must not keep taking connections nobody will serve
+            # (a crash keeps them: the next master serves what queued meanwhile)
+            fdstore.forget(self.notifier, self.listeners)
         for listener in self.listeners:
             listener.close()
         self.control.close()  # stop waiters see the connection close when we exit
