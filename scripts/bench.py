@@ -1,7 +1,7 @@
 """Run prefork and reference servers side by side and print one table (see scripts/bench).
 
-Drives the team's ``compare.py`` (``$BENCH_DIR``, default ``../shared/bench``):
-its C load generator (``echoload``), its reference servers (the recipe's
+Drives the repository's ``bench/compare.py``: its C load generator
+(``bench/echoload.c``), its reference servers (the recipe's
 ``ThreadingTCPServer``, a hand-written fork-and-``serve_forever`` prefork,
 bare asyncio and uvloop servers, a C epoll server, HAProxy, socat) and its
 measurement of the server's whole process tree. Each scenario runs its
@@ -9,12 +9,16 @@ servers interleaved, round after round, so drift on a shared machine hits
 all of them alike; ratios are the median of per-round ratios against the
 scenario's first server. The figure that matters is ops per server
 CPU-second: it holds even when the load generator is the bottleneck.
+
+``--timeline`` runs ``bench/timeline.py`` instead (its options follow): latency
+and throughput per 100 ms through a reload, an upgrade and a worker kill,
+written as a CSV and a PNG.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import os
 import platform
 import statistics
@@ -22,9 +26,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))  # the benchmark's tools ship in the repository, beside this folder
+# by name: bench/ is type-checked on its own, and `mypy scripts/*.py` alone then needs no search path
+compare = importlib.import_module("compare")
 BIN = Path(sys.executable).parent
 COMMON = "--log-level warning --control /tmp/prefork-bench-{port}.sock"
 
@@ -86,17 +92,6 @@ TARGETS: list[tuple[str, str, str, float]] = [
 ]
 
 
-def load_compare(bench_dir: Path) -> ModuleType:
-    path = bench_dir / "compare.py"
-    if not path.exists():
-        raise SystemExit(f"scripts/bench: {path} not found (set BENCH_DIR to the folder holding compare.py)")
-    spec = importlib.util.spec_from_file_location("compare", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def failures(res: dict[str, str]) -> int:
     if "error" in res:
         return -1
@@ -111,17 +106,30 @@ def median_ratio(rows: list[dict[str, str]], base: list[dict[str, str]]) -> floa
     return statistics.median(ratios) if ratios else None
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--secs", type=float, default=4.0)
-    ap.add_argument("--only", action="append", choices=sorted(SCENARIOS))
-    args = ap.parse_args()
-    compare = load_compare(Path(os.environ.get("BENCH_DIR", ROOT.parent / "shared" / "bench")))
-    # the project's servers import scripts/bench_handlers.py
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "scripts"), os.environ.get("PYTHONPATH")) if p)
-    compare.build_tools()
-    print(f"# {time.strftime('%Y-%m-%d %H:%M')} UTC on {platform.node()}: {os.cpu_count()} CPUs, "
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--timeline" in argv:
+        code: int = importlib.import_module("timeline").main([a for a in argv if a != "--timeline"],
+                                                             prog="scripts/bench --timeline")
+        return code
+    ap = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.splitlines()[0],
+                                 epilog="scripts/bench --timeline --help: the reload/upgrade timeline's options")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    ap.add_argument("--secs", type=float, default=4.0, help="seconds of load per server and round (default 4)")
+    ap.add_argument("--only", action="append", choices=sorted(SCENARIOS), help="one scenario (repeatable)")
+    args = ap.parse_args(argv)
+    if args.rounds < 1 or args.secs <= 0:
+        ap.error("--rounds must be at least 1 and --secs above 0")
+    # the project's servers: the checkout's prefork (ahead of whatever the virtual environment was installed
+    # from), importing scripts/bench_handlers.py
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(ROOT), str(ROOT / "scripts"), os.environ.get("PYTHONPATH")) if p)
+    try:
+        compare.build_tools()
+    except compare.BuildError as exc:
+        print(f"scripts/bench: {exc}", file=sys.stderr)
+        return 1
+    print(f"# {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC on {platform.node()}: {os.cpu_count()} CPUs, "
           f"Python {platform.python_version()}, server on CPU 1, load generator on CPU 0, "
           f"{args.rounds} interleaved rounds of {args.secs:g}s, 64-byte messages")
     header = (f"{'scenario':<9}{'server':<26}{'ops/s':>10}{'srv_cpu_s':>11}{'ops/cpu_s':>11}"
