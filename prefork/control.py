@@ -18,14 +18,17 @@ import errno
 import json
 import logging
 import os
+import reprlib
 import select
 import selectors
 import socket
 import stat
 import struct
 import time
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from prefork.listeners import ACCEPT_PAUSE, accept_failed
 
 if TYPE_CHECKING:
     from prefork.privileges import Identity
@@ -60,15 +63,37 @@ def encode(message: dict[str, Any]) -> bytes:
 
 
 def decode_body(body: bytes) -> dict[str, Any]:
+    """One request's JSON object; any failure to decode it, whatever its type, is a ProtocolError.
+
+    The frame is the client's and may hold anything that fits in it: bad UTF-8,
+    brackets nested deeper than the parser recurses, an integer longer than
+    CPython converts (``ValueError``), a lone surrogate. None of it may escape
+    as anything but a reply saying the request is bad.
+    """
     try:
         message = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(f"request is not UTF-8 JSON: {exc}") from None
     except RecursionError:  # a legal-size frame of nested brackets
         raise ProtocolError("request is nested too deeply") from None
+    except Exception as exc:  # e.g. ValueError: an integer of more digits than int() converts
+        raise ProtocolError(f"request cannot be decoded: {type(exc).__name__}: {str(exc)[:200]}") from None
     if not isinstance(message, dict):
         raise ProtocolError("request must be a JSON object")
     return message
+
+
+_PREVIEW = reprlib.Repr()
+_PREVIEW.maxstring = _PREVIEW.maxother = 60
+_PREVIEW.maxlevel = 3
+
+
+def preview(value: object) -> str:
+    """A client's value for a log line or a reply: its repr, cut short (it may be 64 KiB deep or long)."""
+    try:
+        return _PREVIEW.repr(value)[:200]
+    except Exception:  # an integer too long for repr(), say
+        return f"<{type(value).__name__}>"
 
 
 def frame_length(buf: bytes | bytearray, limit: int) -> int | None:
@@ -84,38 +109,156 @@ def frame_length(buf: bytes | bytearray, limit: int) -> int | None:
 # -- server side (in the master's loop) ---------------------------------------------------------------
 
 ACCEPT_BATCH = 64  # clients taken per wake-up: a flood must not starve the rest of the master's loop
+MAX_CLIENTS = 64  # control clients held at once; the master lowers it to fit its descriptor limit
+EVICTION_LOG_INTERVAL = 10.0  # seconds between two log lines about clients closed to make room
+# accept() on a descriptor that is no longer a listening socket: closed under us, or its number reused
+LISTENER_GONE_ERRNOS = frozenset({errno.EBADF, errno.ENOTSOCK, errno.EINVAL})
 
 
-def accept_batch(sock: socket.socket, what: str) -> Iterator[socket.socket]:
-    """Non-blocking clients waiting on the listening ``sock``, at most ACCEPT_BATCH of them.
+class Clients(Protocol):
+    """The clients a :class:`ClientGate` admits, as its server keeps them."""
 
-    EMFILE and friends end the batch with one warning: the client waits in the
-    backlog and is tried again on the next turn of the loop.
+    def client_count(self) -> int: ...
+
+    def has_idle(self) -> bool:
+        """True when a client has not sent a complete request yet."""
+        ...
+
+    def evict_idle(self) -> None:
+        """Close the oldest client that has not sent a complete request."""
+        ...
+
+
+class ClientGate:
+    """A listening socket in the master's selector, guarded against floods and descriptor exhaustion.
+
+    * At most :data:`ACCEPT_BATCH` clients per wake-up.
+    * At most ``max_clients`` held at once: a newcomer past the cap closes the
+      oldest client still silent (connected, request incomplete), so idle
+      connections cannot take the master's descriptors while a real client,
+      who sends its request at once, gets in; when every held client is busy,
+      the listener is not watched until one leaves.
+    * Out of descriptors (``EMFILE``, ``ENFILE``, ...): the listener is not
+      watched for :data:`~prefork.listeners.ACCEPT_PAUSE` seconds, one log line
+      per pause, exactly as a worker pauses. Readiness is level-triggered: a
+      listener left watched would wake the loop again at once, for ever.
+
+    The gate is a timer source (:mod:`prefork.master.timers`): a pause ends at
+    its deadline.
     """
-    for _ in range(ACCEPT_BATCH):
-        try:
-            conn, _ = sock.accept()
-        except BlockingIOError:
+
+    def __init__(self, sock: socket.socket, selector: selectors.BaseSelector, what: str, clients: Clients,
+                 on_client: Callable[[socket.socket], None], max_clients: int = MAX_CLIENTS) -> None:
+        self.sock = sock
+        self.selector = selector
+        self.what = what
+        self.clients = clients
+        self.on_client = on_client
+        self.max_clients = max(1, max_clients)
+        self.paused_until: float | None = None  # out of descriptors: watched again at this time
+        self.evictions = 0
+        self._evictions_logged_at = -EVICTION_LOG_INTERVAL
+        self._watching = False
+        self._closed = False
+
+    @property
+    def watching(self) -> bool:
+        return self._watching
+
+    def start(self) -> None:
+        self._watch(True)
+
+    def _watch(self, on: bool) -> None:
+        if on == self._watching or (on and self._closed):
             return
-        except OSError as exc:
-            log.warning("%s: cannot accept: %s", what, exc.strerror)
-            return
-        conn.setblocking(False)
-        yield conn
+        if on:
+            self.selector.register(self.sock, selectors.EVENT_READ, self._on_readable)
+        else:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(self.sock)
+        self._watching = on
+
+    def _on_readable(self, mask: int) -> None:
+        for _ in range(ACCEPT_BATCH):
+            full = self.clients.client_count() >= self.max_clients
+            if full and not self.clients.has_idle():
+                self._watch(False)  # every client is busy: watched again when one leaves
+                return
+            try:
+                conn, _ = self.sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in LISTENER_GONE_ERRNOS:
+                    log.error("%s: the listening socket is gone (%s); no longer accepting", self.what, exc.strerror)
+                    self.close()
+                    return
+                if accept_failed(self.sock, exc):
+                    self._watch(False)
+                    self.paused_until = time.monotonic() + ACCEPT_PAUSE
+                    return
+                continue  # the client gave up before we took it
+            if full:
+                self._make_room()
+            conn.setblocking(False)
+            self.on_client(conn)
+
+    def _make_room(self) -> None:
+        self.clients.evict_idle()
+        self.evictions += 1
+        now = time.monotonic()
+        if now - self._evictions_logged_at >= EVICTION_LOG_INTERVAL:
+            self._evictions_logged_at = now
+            log.warning("%s: %d clients open, the most it holds; closing the oldest silent one for each "
+                        "newcomer (%d so far)", self.what, self.max_clients, self.evictions)
+
+    def client_left(self) -> None:
+        """A client closed: a gate that stopped watching at the cap watches again."""
+        if self.paused_until is None and self.clients.client_count() < self.max_clients:
+            self._watch(True)
+
+    def next_deadline(self) -> float | None:
+        return self.paused_until
+
+    def expire(self, now: float) -> None:
+        if self.paused_until is not None and now >= self.paused_until:
+            self.paused_until = None
+            self._watch(True)
+
+    def close(self) -> None:
+        """Stop watching for good (the socket itself is the caller's)."""
+        self._watch(False)
+        self._closed = True
+        self.paused_until = None
 
 
 Reply = Callable[[dict[str, Any]], None]
 Dispatch = Callable[[dict[str, Any], "ControlConnection"], None]
 
 
+def _others_may_write(directory: str) -> bool:
+    """True for a directory where other users can make entries (``/tmp``, ``/var/tmp``, ``/dev/shm``)."""
+    try:
+        mode = os.stat(directory).st_mode
+    except OSError:
+        return False
+    return bool(mode & (stat.S_IWOTH | stat.S_ISVTX))
+
+
 def prepare_directory(path: str, owner: Identity | None = None) -> None:
-    """Make the socket's directory; a private one under /tmp must be ours (or ``owner``'s) and 0700."""
+    """Make the socket's directory safely.
+
+    In a directory others can write to (the default ``/tmp/prefork-UID``), the
+    socket's directory must be a real directory, not a symbolic link (checked
+    with ``lstat``: ``stat`` would accept a link someone planted to a directory
+    of ours), owned by us (or ``owner``) with mode 0700.
+    """
     directory = os.path.dirname(path) or "."
-    shared_tmp = directory.startswith("/tmp/")
-    created = not os.path.exists(directory)
+    shared = _others_may_write(os.path.dirname(os.path.abspath(directory)))
+    created = not os.path.lexists(directory)
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        st = os.stat(directory)
+        st = os.lstat(directory)
     except FileExistsError:
         raise ControlError(
             f"cannot create control socket directory {directory}: it exists and is not a directory"
@@ -124,11 +267,18 @@ def prepare_directory(path: str, owner: Identity | None = None) -> None:
         raise ControlError(f"cannot create control socket directory {directory}: a parent is not a directory") from None
     except OSError as exc:
         raise ControlError(f"cannot create control socket directory {directory}: {exc.strerror}") from exc
+    if stat.S_ISLNK(st.st_mode):
+        if shared:
+            raise ControlError(f"control socket directory {directory} is a symbolic link in a directory others "
+                               "can write to (someone else made it?); remove it or pass --control PATH")
+        st = os.stat(directory)  # a link the administrator made, somewhere only they can write
+    if not stat.S_ISDIR(st.st_mode):
+        raise ControlError(f"cannot create control socket directory {directory}: it exists and is not a directory")
     if created and owner is not None:
-        os.chown(directory, owner.uid, owner.gid)
-        st = os.stat(directory)
+        os.chown(directory, owner.uid, owner.gid, follow_symlinks=False)
+        st = os.lstat(directory)
     want_uid = owner.uid if owner is not None else os.getuid()
-    if shared_tmp and (st.st_uid != want_uid or stat.S_IMODE(st.st_mode) & 0o077):
+    if shared and (st.st_uid != want_uid or stat.S_IMODE(st.st_mode) & 0o077):
         raise ControlError(
             f"control socket directory {directory} must be owned by uid {want_uid} with mode 0700 "
             "(someone else made it?); remove it or pass --control PATH"
@@ -152,14 +302,15 @@ class ControlServer:
         finally:
             os.umask(old_umask)
         if owner is not None:
-            os.chown(path, owner.uid, owner.gid)  # mode 0600: that user, and root, may connect
+            os.chown(path, owner.uid, owner.gid, follow_symlinks=False)  # mode 0600: that user, and root, may connect
         sock.listen(512)
         sock.setblocking(False)
         self.sock = sock
         self._ino = os.stat(path).st_ino
-        self.connections: set[ControlConnection] = set()
+        self.connections: dict[ControlConnection, None] = {}  # oldest first
         self.selector: selectors.BaseSelector | None = None
         self.dispatch: Dispatch | None = None
+        self.gate: ClientGate | None = None
 
     @classmethod
     def adopt(cls, path: str, sock: socket.socket) -> ControlServer:
@@ -172,16 +323,16 @@ class ControlServer:
             self._ino = os.stat(path).st_ino
         except OSError:
             self._ino = -1
-        self.connections = set()
+        self.connections = {}
         self.selector = None
         self.dispatch = None
+        self.gate = None
         return self
 
     def hand_over(self) -> None:
         """Stop accepting (a new master serves this socket now); clients already here get their replies."""
-        if self.selector is not None:
-            with contextlib.suppress(KeyError, ValueError):
-                self.selector.unregister(self.sock)
+        if self.gate is not None:
+            self.gate.close()
         self._ino = -1  # the socket file is the new master's: never remove it
         self.sock.close()
 
@@ -206,31 +357,59 @@ class ControlServer:
             f"another prefork daemon answers on {path}; stop it first, or use another --name or --control"
         )
 
-    def attach(self, selector: selectors.BaseSelector, dispatch: Dispatch) -> None:
+    def attach(self, selector: selectors.BaseSelector, dispatch: Dispatch, max_clients: int = MAX_CLIENTS) -> None:
         self.selector = selector
         self.dispatch = dispatch
-        selector.register(self.sock, selectors.EVENT_READ, self._on_accept)
+        self.gate = ClientGate(self.sock, selector, "control socket", self, self._on_client, max_clients)
+        self.gate.start()
 
-    def _on_accept(self, mask: int) -> None:
-        assert self.selector is not None
-        for conn in accept_batch(self.sock, "control socket"):
-            self.connections.add(ControlConnection(self, conn, time.monotonic() + CLIENT_TIMEOUT))
+    def _on_client(self, sock: socket.socket) -> None:
+        self.connections[ControlConnection(self, sock, time.monotonic() + CLIENT_TIMEOUT)] = None
+
+    def client_count(self) -> int:
+        return len(self.connections)
+
+    def has_idle(self) -> bool:
+        return any(not conn.handled for conn in self.connections)
+
+    def evict_idle(self) -> None:
+        for conn in self.connections:
+            if not conn.handled:
+                conn.close()
+                return
+
+    def left(self, conn: ControlConnection) -> None:
+        """``conn`` closed."""
+        self.connections.pop(conn, None)
+        if self.gate is not None:
+            self.gate.client_left()
+
+    def drop(self, sock: object) -> bool:
+        """Close the client on ``sock`` (a callback of it failed); False when it is not one of ours."""
+        for conn in self.connections:
+            if conn.sock is sock:
+                conn.close("dropped after an internal error")
+                return True
+        return False
 
     def next_deadline(self) -> float | None:
         deadlines = [c.deadline for c in self.connections if c.deadline is not None]
+        if self.gate is not None and self.gate.paused_until is not None:
+            deadlines.append(self.gate.paused_until)
         return min(deadlines) if deadlines else None
 
     def expire(self, now: float) -> None:
         for conn in list(self.connections):
             if conn.deadline is not None and now >= conn.deadline:
                 conn.close("timed out")
+        if self.gate is not None:
+            self.gate.expire(now)
 
     def close(self) -> None:
         for conn in list(self.connections):
             conn.close()
-        if self.selector is not None:
-            with contextlib.suppress(KeyError, ValueError):
-                self.selector.unregister(self.sock)
+        if self.gate is not None:
+            self.gate.close()
         with contextlib.suppress(OSError):
             if os.stat(self.path).st_ino == self._ino:  # never remove a successor's socket
                 os.unlink(self.path)
@@ -256,11 +435,13 @@ class ControlConnection:
         self._outbuf = b""
         self._close_after_write = True
         self._closed = False
-        self._handled = False
+        self.handled = False  # its request is in (a silent client is the one closed to make room)
         assert server.selector is not None
         server.selector.register(sock, selectors.EVENT_READ, self._on_event)
 
     def _on_event(self, mask: int) -> None:
+        if self._closed:
+            return  # closed earlier in this turn of the loop (to make room for a newcomer)
         if mask & selectors.EVENT_WRITE:
             self._flush()
         if mask & selectors.EVENT_READ and not self._closed:
@@ -277,7 +458,7 @@ class ControlConnection:
         if not data:
             self.close()  # the client hung up (after a reply, or before finishing its request)
             return
-        if self._handled:
+        if self.handled:
             return  # one request per connection: anything after it is ignored
         self._inbuf += data
         try:
@@ -286,19 +467,19 @@ class ControlConnection:
                 return
             request = decode_body(bytes(self._inbuf[HEADER.size : HEADER.size + length]))
         except ProtocolError as exc:
-            self._handled = True
+            self.handled = True
             log.warning("control socket: bad request: %s", exc)
             self.reply({"ok": False, "error": f"bad request: {exc}"})
             return
-        self._handled = True
+        self.handled = True
         self._inbuf.clear()
         self.deadline = None  # the master may take its time (a reload); the client waits
         assert self.server.dispatch is not None
         try:
             self.server.dispatch(request, self)
         except Exception as exc:  # a bug in a command must not take the master down
-            log.exception("control command %r failed", request.get("command"))
-            self.reply({"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"})
+            log.exception("control command %s failed", preview(request.get("command")))
+            self.reply({"ok": False, "error": f"internal error: {type(exc).__name__}: {str(exc)[:200]}"})
 
     def reply(self, message: dict[str, Any], *, keep_open: bool = False) -> None:
         """Send ``message``; with ``keep_open`` the connection stays until the master exits."""
@@ -340,7 +521,7 @@ class ControlConnection:
             with contextlib.suppress(KeyError, ValueError):
                 self.server.selector.unregister(self.sock)
         self.sock.close()
-        self.server.connections.discard(self)
+        self.server.left(self)
 
 
 # -- client side (preforkctl) ---------------------------------------------------------------------------

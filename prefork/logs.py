@@ -1,10 +1,23 @@
-"""Logging set-up, log-file reopening (USR1) and process titles."""
+"""Logging set-up, log-file reopening (USR1) and process titles.
+
+Logging never takes the process down: a line that cannot be written (a full
+disk, a removed file, a closed pipe) is dropped and counted
+(:func:`dropped_lines`; the master's count is in ``stats``), and a reopen
+that fails keeps writing to the old file and says so there. A log file in a
+directory others can write to (``/tmp``) is opened with ``O_NOFOLLOW``, so a
+symbolic link planted in its place is refused instead of followed.
+"""
 
 from __future__ import annotations
 
+import errno
+import faulthandler
+import io
 import logging
 import os
+import stat
 import sys
+import threading
 from typing import IO, Any
 
 from setproctitle import setproctitle as _setproctitle
@@ -13,18 +26,111 @@ _FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
 # journald stamps each line itself: a second timestamp would only be noise
 _JOURNAL_FORMAT = "[%(process)d] %(levelname)s %(name)s: %(message)s"
 
+log = logging.getLogger(__name__)
+
+_dropped = 0
+_dropped_lock = threading.Lock()
+_warned: set[str] = set()  # files whose first failed write was reported on stderr
+
+
+def dropped_lines() -> int:
+    """Log lines this process could not write and dropped."""
+    return _dropped
+
+
+def _drop(where: str, exc: BaseException | None) -> None:
+    """Count a line that could not be written; the first failure per file gets one line on stderr."""
+    global _dropped
+    with _dropped_lock:
+        _dropped += 1
+        first = where not in _warned
+        _warned.add(where)
+    if first and where != "<stderr>" and isinstance(exc, OSError):
+        try:
+            sys.stderr.write(f"prefork: cannot write to log file {where}: {exc.strerror or exc}; "
+                             "dropping lines that cannot be written (counted in stats)\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def _others_may_write(directory: str) -> bool:
+    try:
+        return bool(os.stat(directory).st_mode & (stat.S_IWOTH | stat.S_ISVTX))
+    except OSError:
+        return False
+
+
+def open_log_file(path: str, flags: int, mode: int = 0o666) -> int:
+    """``open()``'s opener for log files: ``O_NOFOLLOW`` in a directory others can write to.
+
+    There, a symbolic link at the log's path was planted by someone else
+    (root would append to whatever it points at); the open fails with a
+    message that says so. Elsewhere a link is the administrator's and is followed.
+    """
+    if _others_may_write(os.path.dirname(os.path.abspath(path))):
+        try:
+            return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        except OSError:
+            if os.path.islink(path):  # ELOOP, or EACCES for another user's link with O_CREAT
+                raise OSError(errno.ELOOP, "is a symbolic link in a directory others can write to; "
+                              "refusing to follow it", path) from None
+            raise
+    return os.open(path, flags | os.O_CLOEXEC, mode)
+
+
+class DroppingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A StreamHandler whose failed writes are dropped and counted, never raised or dumped to stderr."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError | ValueError):  # ValueError: the stream is closed
+            _drop("<stderr>", exc)
+            return
+        super().handleError(record)  # a bad format string in someone's log call: say so
+
 
 class ReopenableFileHandler(logging.FileHandler):
-    """A FileHandler that ``reopen()`` points at a fresh file after log rotation moved the old one."""
+    """A FileHandler that ``reopen()`` points at a fresh file after log rotation moved the old one.
 
-    def reopen(self) -> None:
+    A write that fails is dropped and counted; a reopen that fails keeps the old file.
+    """
+
+    def _open(self) -> io.TextIOWrapper:
+        stream = open(self.baseFilename, self.mode, encoding=self.encoding,  # noqa: SIM115
+                      errors=self.errors, opener=open_log_file)
+        assert isinstance(stream, io.TextIOWrapper)
+        return stream
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError | ValueError):  # a full disk, a file gone; ValueError: closed stream
+            _drop(self.baseFilename, exc)
+            return
+        super().handleError(record)
+
+    def reopen(self) -> str | None:
+        """Open the file at its path again and swap to it; on failure keep the old one and return why.
+
+        The new file is opened first: only a stream that exists replaces the
+        one that works. Closing the old one may fail too (its last buffered
+        lines hit a full disk): those lines are counted as dropped.
+        """
+        try:
+            new = self._open()
+        except OSError as exc:
+            return exc.strerror or str(exc)
         self.acquire()
         try:
-            if self.stream is not None:
-                self.stream.close()
-            self.stream = self._open()
+            old, self.stream = self.stream, new
         finally:
             self.release()
+        if old is not None:
+            try:
+                old.close()
+            except (OSError, ValueError) as exc:
+                _drop(self.baseFilename, exc)
+        return None
 
 
 def _stderr_is_journal() -> bool:
@@ -47,7 +153,7 @@ def setup(level: str, log_file: str | None = None) -> None:
         handler = ReopenableFileHandler(log_file, encoding="utf-8")
         fmt = _FORMAT
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = DroppingStreamHandler(sys.stderr)
         fmt = _JOURNAL_FORMAT if _stderr_is_journal() else _FORMAT
     handler.setFormatter(logging.Formatter(fmt))
     root = logging.getLogger()
@@ -78,7 +184,7 @@ def setup_access_log(target: str | None) -> None:
     logger.disabled = False
     handler: logging.Handler
     if target == "-":
-        handler = logging.StreamHandler(sys.stdout)
+        handler = DroppingStreamHandler(sys.stdout)
         fmt = "%(message)s" if _stderr_is_journal() else "%(asctime)s %(message)s"
     else:
         handler = ReopenableFileHandler(target, encoding="utf-8")
@@ -89,11 +195,22 @@ def setup_access_log(target: str | None) -> None:
 
 
 def reopen() -> None:
-    """USR1: reopen every log file (after logrotate moved it away), the access log too."""
+    """USR1: reopen every log file (after logrotate moved it away), the access log too. Never raises.
+
+    A file that cannot be opened again (its directory is gone or not ours, the
+    disk is full) keeps its old stream, and a warning goes to the log.
+    """
+    failed: list[tuple[str, str]] = []
     for logger in (logging.getLogger(), logging.getLogger(ACCESS_LOGGER)):
         for handler in logger.handlers:
             if isinstance(handler, ReopenableFileHandler):
-                handler.reopen()
+                why = handler.reopen()
+                if why is not None:
+                    failed.append((handler.baseFilename, why))
+    if faulthandler.is_enabled():  # it writes to the log's descriptor, which the reopen just closed
+        faulthandler.enable(file=fault_stream(), all_threads=True)
+    for path, why in failed:
+        log.warning("cannot reopen log file %s: %s; still writing to the file open before", path, why)
 
 
 def fault_stream() -> IO[Any]:

@@ -104,6 +104,10 @@ _TOTALS: tuple[tuple[str, str, MetricType, str], ...] = (
     ("memory_recycles", "worker_memory_recycles_total", "counter", "Workers replaced for using too much memory."),
     ("reloads", "reloads_total", "counter", "Reloads that completed (a new generation serves)."),
     ("failed_reloads", "reloads_failed_total", "counter", "Reloads that failed (the old generation kept serving)."),
+    ("master_errors", "master_errors_total", "counter",
+     "Internal errors the master logged and survived (an exception escaped one of its loop's callbacks)."),
+    ("log_lines_dropped", "master_log_lines_dropped_total", "counter",
+     "Log lines the master could not write (a full disk, a removed file) and dropped."),
     ("generation", "generation", "gauge", "The generation of workers the master serves with."),
     ("uptime_s", "uptime_seconds", "gauge", "Seconds since the master started."),
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import stat
 from dataclasses import dataclass
 
 
@@ -44,8 +45,35 @@ def resolve(user: str | None, group: str | None) -> Identity | None:
 
 
 def give(path: str, who: Identity) -> None:
-    """Hand a file (a socket, a directory we made) to the identity we are about to become."""
-    os.chown(path, who.uid, who.gid)
+    """Hand a file (a log file, a socket, a directory we made) to the identity we are about to become.
+
+    Never through a symbolic link: one planted at the path (in ``/tmp``, say)
+    would hand its target (``/etc/shadow``) to the user. A regular file is
+    opened with ``O_NOFOLLOW`` and changed by descriptor, so what is changed is
+    what was opened; a socket or a directory is changed without following a
+    link (``lchown``); anything else (a device such as ``/dev/null``) is not
+    ours to give and is left alone. Raises PrivilegeError.
+    """
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise PrivilegeError(f"cannot hand {path} to user {who.user}: {exc.strerror}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise PrivilegeError(f"refusing to hand {path} to user {who.user}: it is a symbolic link "
+                             "(name the file it points to)")
+    try:
+        if stat.S_ISREG(st.st_mode):
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise PrivilegeError(f"refusing to hand {path} to user {who.user}: it changed under us")
+                os.fchown(fd, who.uid, who.gid)
+            finally:
+                os.close(fd)
+        elif stat.S_ISSOCK(st.st_mode) or stat.S_ISDIR(st.st_mode):
+            os.chown(path, who.uid, who.gid, follow_symlinks=False)
+    except OSError as exc:
+        raise PrivilegeError(f"cannot hand {path} to user {who.user}: {exc.strerror}") from None
 
 
 def drop(who: Identity) -> None:

@@ -1,6 +1,7 @@
 """``preforkctl``: talk to a running prefork daemon over its control socket.
 
-Exit status: 0 ok, 1 the command failed, 2 usage, 3 the daemon is not running.
+Exit status: 0 ok, 1 the command failed, 2 usage, 3 the daemon is not running, 141 the reader of its
+output went away (as for ``cat`` ended by SIGPIPE).
 
 The package, one job per module: :mod:`~prefork.ctl.parser` (the command
 line), :mod:`~prefork.ctl.commands` (the command table: each command's request
@@ -12,6 +13,8 @@ exit statuses.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from typing import NoReturn
 
@@ -25,6 +28,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_NOT_RUNNING = 3
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # the reader of our output went away
 
 
 def complain(line: str, status: int) -> int:
@@ -33,7 +37,31 @@ def complain(line: str, status: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``preforkctl ARGV``; the exit status."""
+    """Run ``preforkctl ARGV``; the exit status.
+
+    A reader that goes away (``preforkctl status | head -1``) ends it quietly,
+    with the status a shell reports for a tool SIGPIPE ended (141), as ``cat``.
+    """
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # here, not at exit, so a closed pipe is seen while it can be handled
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    return status
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush of what is left cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = build_parser().parse_args(argv)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import os
 import signal
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from prefork.master.state import WorkerState
@@ -15,11 +16,20 @@ BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 10.0
 
 
-def describe_exit(status: int) -> tuple[str, bool]:
-    """('exited with status 3', clean?) from a waitpid status, by meaning."""
+def describe_exit(status: int, sent: Mapping[int, str] | None = None) -> tuple[str, bool]:
+    """('exited with status 3', clean?) from a waitpid status, by meaning.
+
+    ``sent`` maps the signals the master sent this process to why it sent
+    them: a worker the master killed (a stale heartbeat, the graceful timeout)
+    reads as that, and only a SIGKILL the master did not send is blamed on
+    the kernel's out-of-memory killer, its usual sender.
+    """
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        why = (sent or {}).get(sig)
+        if why:
+            return f"was killed by {name} (sent by the master: {why})", False
         if sig == signal.SIGKILL:
             return "was killed by SIGKILL (out of memory?)", False
         return f"was killed by {name}", False

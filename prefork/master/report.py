@@ -117,6 +117,8 @@ def stats(snap: Snapshot) -> dict[str, Any]:
         "failed_reloads": totals.failed_reloads,
         "memory_recycles": totals.memory_recycles,
         "worker_respawns": totals.respawns,
+        "master_errors": totals.master_errors,
+        "log_lines_dropped": totals.log_lines_dropped,
         "per_worker": [
             {"pid": w.pid, "slot": w.slot, "generation": w.generation, "state": w.state,
              "requests": w.requests, "active": w.active, "errors": w.errors}

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import psutil
 
@@ -40,6 +41,7 @@ class Worker:
     boot_error: str | None = None
     stop_reason: str = ""
     proc: psutil.Process | None = None  # made on the first look at its memory or CPU
+    signals_sent: dict[int, str] = field(default_factory=dict)  # a signal that ends a worker -> why we sent it
 
 
 @dataclass
@@ -66,3 +68,33 @@ class Totals:
     failed_reloads: int = 0
     memory_recycles: int = 0
     respawns: int = 0  # replacements started for workers that exited unasked
+    master_errors: int = 0  # exceptions that escaped a callback of the master's loop (logged, survived)
+    log_lines_dropped: int = 0  # the master's log lines that could not be written (copied in at a snapshot)
+
+
+@dataclass
+class ErrorBudget:
+    """How many of the master's internal errors get a traceback in the log.
+
+    The first ``per_window`` in each ``window`` seconds are logged in full;
+    the rest are counted and reported in one line when the next window opens,
+    so a callback failing on every turn cannot fill the disk.
+    """
+
+    per_window: int = 10
+    window: float = 60.0
+    started: float = -math.inf
+    logged: int = 0
+    left_out: int = 0
+
+    def admit(self, now: float) -> tuple[bool, int]:
+        """(log this error's traceback?, errors left out of the log in the window that just closed)."""
+        closed = 0
+        if now - self.started >= self.window:
+            closed, self.left_out = self.left_out, 0
+            self.started, self.logged = now, 0
+        if self.logged < self.per_window:
+            self.logged += 1
+            return True, closed
+        self.left_out += 1
+        return False, closed

@@ -22,6 +22,7 @@ connection needs more than its bytes.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import resource
@@ -33,9 +34,10 @@ from typing import Any
 from prefork import logs
 from prefork.config import Config
 from prefork.handlers.aio import EchoProtocol
+from prefork.listeners import describe
 from prefork.proxy_protocol import DEFAULT_MAX_LENGTH, ProxyProtocolError, parse
 from prefork.scoreboard import Record
-from prefork.workers.base import FastExit, WorkerLifecycle, WorkerOptions
+from prefork.workers.base import LISTENER_GONE_ERRNOS, FastExit, WorkerLifecycle, WorkerOptions
 from prefork.workers.connection import account, counts_own_bytes, log_access
 from prefork.workers.echo_engine import EchoEngine
 
@@ -159,7 +161,12 @@ class AsyncWorker(WorkerLifecycle):
         self.engine: EchoEngine | None = None
         if handler is EchoProtocol and self.proxy is None and not self.access_log:
             self.engine = EchoEngine(self.listeners, record, on_open=self.opened, on_close=self.closed,
-                                     can_accept=self.can_accept)
+                                     can_accept=self.can_accept, on_listener_gone=self.listener_gone)
+        # every listening descriptor of ours (the listeners, each server's duplicate) -> (its inode, address),
+        # to notice one closed under us (the heartbeat looks)
+        self.listening: dict[int, tuple[int, str]] = {}
+        self.server_fds: dict[asyncio.base_events.Server, int] = {}  # each server's duplicate of its listener
+        self.abandoned: list[asyncio.base_events.Server] = []  # servers on a lost descriptor, never closed
         # bytes per connection from the kernel (one TCP_INFO read) when someone looks at them; the relay
         # and the echo engine count their own as they pass
         self.count_bytes = config.count_bytes and not self.counts_own_bytes and self.engine is None
@@ -242,7 +249,7 @@ class AsyncWorker(WorkerLifecycle):
                 outcome = "ok"
             except (ConnectionError, TimeoutError) as exc:
                 log.info("connection from %s: %s", writer.get_extra_info("peername"), exc)
-            except Exception:
+            except (Exception, SystemExit, KeyboardInterrupt):  # sys.exit() in handle(): this connection only
                 worker.record.errors += 1
                 log.exception("error handling connection from %s", writer.get_extra_info("peername"))
             finally:
@@ -271,18 +278,55 @@ class AsyncWorker(WorkerLifecycle):
             return
         loop = asyncio.get_running_loop()
         for sock in self.listeners:
+            if sock.fileno() < 0 or self.listener_lost:
+                continue
             # a duplicate per server: closing a server (to pause, or to drain) closes only the duplicate
             dup = socket.socket(fileno=os.dup(sock.fileno()))
             dup.setblocking(False)
+            fd = dup.fileno()
+            self.listening[fd] = (os.fstat(fd).st_ino, describe(dup))
             server = await loop.create_server(self.factory, sock=dup, backlog=self.config.backlog)
             self.servers.append(server)
+            self.server_fds[server] = fd
 
     def stop_accepting(self) -> None:
         if self.engine is not None:
             self.engine.set_accepting(False)
         for server in self.servers:
+            self.listening.pop(self.server_fds.pop(server, -1), None)
             server.close()
         self.servers.clear()
+
+    def check_listeners(self) -> None:
+        """Each listening descriptor still the socket it was; one closed under us means that listener is gone.
+
+        asyncio and uvloop keep waking for a descriptor closed behind their
+        back (its registration outlives it) without saying so, so the
+        heartbeat looks: a couple of ``fstat`` calls a second.
+        """
+        for fd, (ino, address) in list(self.listening.items()):
+            try:
+                if os.fstat(fd).st_ino == ino:
+                    continue
+                error = OSError(errno.ENOTSOCK, "the descriptor is now another file")
+            except OSError as exc:
+                error = exc
+            self._lose_listener(fd, address, error)
+            return
+
+    def _lose_listener(self, fd: int, address: str, exc: OSError) -> None:
+        """A listening descriptor closed under us: abandon what serves it (never closing that number
+        again: it may be a connection now), and retire."""
+        self.listening.pop(fd, None)
+        for server in list(self.servers):
+            if self.server_fds.get(server) == fd:
+                del self.server_fds[server]
+                self.servers.remove(server)
+                self.abandoned.append(server)
+        for sock in self.listeners:
+            if sock.fileno() == fd:
+                sock.detach()
+        self.listener_gone(address, exc)
 
     def pause_accepting(self) -> None:
         self.paused = True
@@ -296,6 +340,7 @@ class AsyncWorker(WorkerLifecycle):
         asyncio.get_running_loop().create_task(self.start_serving())
 
     def forget_listeners(self) -> None:
+        self.listening.clear()
         if self.engine is not None:
             self.engine.drop_listeners()
 
@@ -321,10 +366,12 @@ class AsyncWorker(WorkerLifecycle):
             self.done.set_result(None)
 
     def beat(self) -> None:
-        """The heartbeat timer: stamp, check the master is still there, and come back."""
+        """The heartbeat timer: stamp, check the master and the listeners are still there, and come back."""
+        asyncio.get_running_loop().call_later(self.heartbeat_interval, self.beat)  # first: whatever follows
         self.heartbeat()
         self.check_master()
-        asyncio.get_running_loop().call_later(self.heartbeat_interval, self.beat)
+        if not self.stopping:
+            self.check_listeners()
 
     def cap_within_fd_limit(self) -> None:
         """Stop accepting before the file-descriptor limit rather than at it, as HAProxy derives maxconn.
@@ -364,6 +411,8 @@ class AsyncWorker(WorkerLifecycle):
             loop.add_signal_handler(signum, action)
         if self.engine is not None:
             self.engine.start(loop)
+        for sock in self.listeners:
+            self.listening[sock.fileno()] = (os.fstat(sock.fileno()).st_ino, describe(sock))
         await self.start_serving()
         self.cap_within_fd_limit()
         self.announce_ready()
@@ -371,8 +420,17 @@ class AsyncWorker(WorkerLifecycle):
         await self.done
 
     def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        """An exception in a protocol callback: logged with its traceback, that connection only."""
-        self.record.errors += 1
+        """An exception in a protocol callback: logged with its traceback, that connection only.
+
+        asyncio's own accept failing on a descriptor closed under it is not a
+        handler's error: it is a listener gone (once), and silence after that.
+        """
         exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in LISTENER_GONE_ERRNOS and "_accept_connection" in str(
+                context.get("message", "")):
+            if not self.listener_lost:
+                self.check_listeners()
+            return
+        self.record.errors += 1
         log.error("%s", context.get("message", "error in the event loop"),
                   exc_info=(type(exc), exc, exc.__traceback__) if exc is not None else None)

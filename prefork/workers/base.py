@@ -15,6 +15,11 @@ once:
   ones cut short;
 * ``--max-requests``: count accepted connections, and at the limit tell the
   master (``RETIRING``: it starts the replacement at once) and stop;
+* a listening socket gone under the worker (a handler closed
+  ``self.server.socket``, or a descriptor of it was closed and its number
+  reused): ``accept()`` fails with ``EBADF``, ``ENOTSOCK`` or ``EINVAL``
+  for ever, so the worker logs it once and retires the same way, rather
+  than spin;
 * the orphan check (the master's pid is no longer our parent);
 * the PROXY protocol decisions: which peers must send a header, what a
   missing or malformed one costs, and when a load balancer's health check
@@ -24,6 +29,7 @@ once:
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -43,6 +49,8 @@ log = logging.getLogger(__name__)
 
 # Signals that end a worker at once, skipping the drain.
 FAST_EXIT_SIGNALS = frozenset({signal.SIGINT, signal.SIGQUIT})
+# accept() on a descriptor that is no longer our listening socket: closed, or its number reused
+LISTENER_GONE_ERRNOS = frozenset({errno.EBADF, errno.ENOTSOCK, errno.EINVAL})
 
 
 class FastExit(BaseException):
@@ -98,6 +106,7 @@ class WorkerLifecycle:
         self.stopping = False
         self.stop_deadline = 0.0  # time.monotonic() after which open connections are cut
         self.listeners_closed = False
+        self.listener_lost = False  # a listening socket went away under us: retiring
 
     # -- what each worker class supplies ------------------------------------------------------------
 
@@ -181,6 +190,21 @@ class WorkerLifecycle:
         self.accepted += 1
         if self.max_requests and self.accepted >= self.max_requests:
             self.retire(f"max-requests ({self.max_requests}) reached")
+
+    def listener_gone(self, address: str, exc: OSError) -> None:
+        """``accept()`` on ``address`` failed with one of LISTENER_GONE_ERRNOS: log once, retire.
+
+        The caller has already stopped watching that descriptor. The master
+        starts a replacement (its listening sockets are intact), and this
+        worker finishes its open connections.
+        """
+        if self.listener_lost:
+            return
+        self.listener_lost = True
+        log.error("worker %d (pid %d): listening socket %s is gone (%s: %s; did a handler close "
+                  "self.server.socket?); retiring", self.slot, os.getpid(), address,
+                  errno.errorcode.get(exc.errno or 0, exc.errno), exc.strerror)
+        self.retire(f"its listening socket {address} is gone")
 
     def retire(self, reason: str) -> None:
         """Recycle this worker: tell the master (it starts a replacement at once), then stop."""

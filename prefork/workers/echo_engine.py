@@ -30,8 +30,9 @@ import select
 import socket
 from collections.abc import Callable, Iterable
 
-from prefork.listeners import ACCEPT_PAUSE, accept_failed, watch
+from prefork.listeners import ACCEPT_PAUSE, accept_failed, describe, watch
 from prefork.scoreboard import Record
+from prefork.workers.base import LISTENER_GONE_ERRNOS
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +48,21 @@ class EchoEngine:
 
     ``on_open`` and ``on_close`` run once per connection (the worker counts
     and caps there); ``can_accept`` says whether accepting may resume after a
-    pause for lack of file descriptors.
+    pause for lack of file descriptors; ``on_listener_gone`` is told when a
+    listening socket no longer accepts (closed under us), once the engine
+    has stopped watching it.
     """
 
     def __init__(self, listeners: Iterable[socket.socket], record: Record, *, on_open: Callable[[], None],
-                 on_close: Callable[[], None], can_accept: Callable[[], bool]) -> None:
+                 on_close: Callable[[], None], can_accept: Callable[[], bool],
+                 on_listener_gone: Callable[[str, OSError], None] | None = None) -> None:
         self.listeners = {sock.fileno(): sock for sock in listeners}
+        self.addresses = {fd: describe(sock) for fd, sock in self.listeners.items()}
         self.record = record
         self.on_open = on_open
         self.on_close = on_close
         self.can_accept = can_accept
+        self.on_listener_gone = on_listener_gone
         self.epoll = select.epoll()
         self.connections: set[int] = set()
         self.pending: dict[int, memoryview] = {}  # output the kernel did not take yet, by fd
@@ -93,7 +99,9 @@ class EchoEngine:
             except BlockingIOError:
                 return  # a sibling took it
             except OSError as exc:
-                if accept_failed(sock, exc):
+                if exc.errno in LISTENER_GONE_ERRNOS:
+                    self._lose_listener(sock, exc)
+                elif accept_failed(sock, exc):
                     self.set_accepting(False)
                     assert self.loop is not None
                     self.loop.call_later(ACCEPT_PAUSE, self._resume_after_pause)
@@ -104,6 +112,27 @@ class EchoEngine:
             self.on_open()  # may stop accepting: the connection cap, max-requests
             if not self.accepting:
                 return
+
+    def _lose_listener(self, sock: socket.socket, exc: OSError) -> None:
+        """A listener closed under us: its registration cannot be removed, so the epoll set is made afresh."""
+        fd = next((fd for fd, s in self.listeners.items() if s is sock), None)
+        if fd is None:
+            return
+        del self.listeners[fd]
+        if sock.fileno() != -1:
+            sock.detach()  # its number may be someone else's descriptor now: never close it
+        old, self.epoll = self.epoll, select.epoll()
+        for conn in self.connections:
+            self.epoll.register(conn, _EPOLLOUT if conn in self.pending else _EPOLLIN)
+        if self.accepting:
+            for other in self.listeners:
+                watch(self.epoll, other)
+        if self.loop is not None:
+            self.loop.remove_reader(old.fileno())
+            self.loop.add_reader(self.epoll.fileno(), self._on_ready)
+        old.close()
+        if self.on_listener_gone is not None:
+            self.on_listener_gone(self.addresses.get(fd, f"fd {fd}"), exc)
 
     def _resume_after_pause(self) -> None:
         if self.can_accept():

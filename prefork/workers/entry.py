@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any, NoReturn
 
 from prefork import logs
@@ -59,6 +60,11 @@ class WorkerSpec:
     max_requests: int  # 0 = never recycle; jitter already applied
 
 
+# Every signal whose disposition a worker changes; a process a handler forks gets them back at default.
+_WORKER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
+                   signal.SIGHUP, signal.SIGWINCH, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
+
+
 def run_worker(spec: WorkerSpec, scoreboard: Scoreboard) -> NoReturn:
     """Serve as a worker in a freshly forked child; never returns."""
     status = WORKER_CRASHED
@@ -69,6 +75,8 @@ def run_worker(spec: WorkerSpec, scoreboard: Scoreboard) -> NoReturn:
     except BaseException:
         log.exception("worker %d (pid %d) crashed", spec.slot, os.getpid())
     finally:
+        if os.getppid() != spec.master_pid:
+            _end_own_group()  # the master is gone: nobody else will end what our handlers started
         with contextlib.suppress(BaseException):
             logging.shutdown()
         os._exit(status)
@@ -78,10 +86,16 @@ def _serve(spec: WorkerSpec, scoreboard: Scoreboard) -> int:
     _set_pdeathsig(signal.SIGTERM)
     if os.getppid() != spec.master_pid:  # the master died before prctl took effect
         return WORKER_OK
-    # the master's signals that mean nothing to a worker; the worker's own are its class's (base.py)
-    for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH):
+    # The master's signals that mean nothing to a worker; the worker's own are its class's (base.py).
+    # Caught by a no-op rather than ignored: a program a handler runs gets them back at default on exec.
+    for signum in (signal.SIGHUP, signal.SIGWINCH):
+        signal.signal(signum, _noop)
+    # Ignored: a worker leads its own process group, in the background of any terminal, and
+    # terminal I/O there must neither stop it nor loop on a caught SIGTTOU.
+    for signum in (signal.SIGTTIN, signal.SIGTTOU):
         signal.signal(signum, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    os.register_at_fork(after_in_child=_as_a_handler_child)
     # SIGABRT from the master (a stale heartbeat), or a crash in C code: every thread's stack to the log
     faulthandler.enable(file=logs.fault_stream(), all_threads=True)
     logs.set_title(f"worker {spec.slot}", spec.config.name)
@@ -114,6 +128,35 @@ def build_worker(spec: WorkerSpec, handler: Any, record: Record, channel: Channe
         return SyncServer(spec.listeners, handler, record, options, count_bytes=config.count_bytes)
     return ThreadServer(spec.listeners, handler, record, options, threads=config.threads,
                         count_bytes=config.count_bytes)
+
+
+def _noop(signum: int, frame: FrameType | None) -> None:
+    """A signal that means nothing to a worker."""
+
+
+def _as_a_handler_child() -> None:
+    """In a process a handler forks: the default signal dispositions and mask, not the worker's.
+
+    Inherited, the worker's no-op handlers would make it ignore SIGTERM (it
+    would outlive the daemon holding the port), and the worker's wakeup fd
+    would carry the signals meant for the child to the worker's loop.
+    """
+    with contextlib.suppress(ValueError, OSError):
+        signal.set_wakeup_fd(-1)
+    for signum in _WORKER_SIGNALS:
+        with contextlib.suppress(ValueError, OSError):
+            signal.signal(signum, signal.SIG_DFL)
+    with contextlib.suppress(ValueError, OSError):
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
+def _end_own_group() -> None:
+    """SIGTERM to what this worker's handlers left in its process group (the master would have)."""
+    if os.getpgrp() != os.getpid():
+        return  # not a group of our own: that would be the daemon's
+    with contextlib.suppress(OSError, ValueError):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # we are leaving anyway
+        os.killpg(os.getpid(), signal.SIGTERM)
 
 
 def _set_pdeathsig(signum: int) -> None:

@@ -22,7 +22,9 @@ Two server classes run any ``socketserver.BaseRequestHandler`` subclass:
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import os
 import queue
 import select
 import signal
@@ -36,10 +38,16 @@ from types import FrameType
 from typing import Any
 
 from prefork import logs
-from prefork.listeners import ACCEPT_PAUSE, accept_failed, watch
+from prefork.listeners import ACCEPT_PAUSE, accept_failed, describe, watch
 from prefork.proxy_protocol import ProxyProtocolError, read_header
 from prefork.scoreboard import Record
-from prefork.workers.base import FAST_EXIT_SIGNALS, FastExit, WorkerLifecycle, WorkerOptions
+from prefork.workers.base import (
+    FAST_EXIT_SIGNALS,
+    LISTENER_GONE_ERRNOS,
+    FastExit,
+    WorkerLifecycle,
+    WorkerOptions,
+)
 from prefork.workers.connection import account, counts_own_bytes, format_peer, log_access
 
 log = logging.getLogger(__name__)
@@ -81,6 +89,7 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
         self._wake_w.setblocking(False)
         self._epoll = select.epoll()
         self._by_fd = {s.fileno(): s for s in self.listeners}
+        self._addresses = {fd: describe(s) for fd, s in self._by_fd.items()}  # for the log, once one is gone
         self._accepting = False
         self._accept_paused_until = 0.0
         self._signals: dict[int, Callable[[], None]] = {}  # by number, as they arrive on the wakeup socket
@@ -147,12 +156,47 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
     def set_accepting(self, on: bool) -> None:
         if on == self._accepting:
             return
+        gone: list[tuple[int, OSError]] = []
         for fd in self._by_fd:
-            if on:
-                watch(self._epoll, fd)
-            else:
-                self._epoll.unregister(fd)
+            try:
+                if on:
+                    watch(self._epoll, fd)
+                else:
+                    self._epoll.unregister(fd)
+            except OSError as exc:
+                if exc.errno not in (*LISTENER_GONE_ERRNOS, errno.ENOENT):
+                    raise
+                gone.append((fd, exc))
         self._accepting = on
+        for fd, error in gone:
+            self._lose_listener(fd, error)
+
+    def _check_listeners(self) -> None:
+        """On an idle turn: a listener a handler closed (``self.server.socket.close()``) is gone."""
+        for fd, sock in list(self._by_fd.items()):
+            if sock.fileno() == -1:
+                self._lose_listener(fd, OSError(errno.EBADF, os.strerror(errno.EBADF)))
+
+    def _lose_listener(self, fd: int, exc: OSError) -> None:
+        """The listening socket on ``fd`` is gone under us: forget it, and retire.
+
+        Its epoll registration cannot be removed any more (``epoll_ctl``
+        needs the descriptor, and the registration lives on while the master
+        and siblings hold the socket open), so it would report readiness for
+        ever: the epoll set is made afresh without it.
+        """
+        sock = self._by_fd.pop(fd, None)
+        if sock is None:
+            return
+        if sock.fileno() != -1:
+            sock.detach()  # its number may be someone else's descriptor now: never close it
+        old, self._epoll = self._epoll, select.epoll()
+        old.close()
+        self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
+        if self._accepting:
+            for other in self._by_fd:
+                watch(self._epoll, other)
+        self.listener_gone(self._addresses.get(fd, f"fd {fd}"), exc)
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         """Serve until asked to stop and drained. ``poll_interval`` is ignored: nothing here polls."""
@@ -166,13 +210,14 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
             events = self._epoll.poll(timeout)
             if not events:
                 self.check_master()
+                self._check_listeners()
             # signals before connections: after a SIGTERM this worker must not take another one
             if any(fd == wake_fd for fd, _ in events):
                 self._drain_wakeups()
             self.service_actions()
             for fd, _ in events:
-                if fd != wake_fd and self._accepting:
-                    self._accept_batch(self._by_fd[fd])
+                if fd != wake_fd and self._accepting and (sock := self._by_fd.get(fd)) is not None:
+                    self._accept_batch(sock)
 
     def _next_timeout(self, now: float) -> float | None:
         """How long the loop may wait for an event; None once a stopping worker is drained or out of time."""
@@ -216,7 +261,9 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
         except BlockingIOError:
             return False  # a sibling took it
         except OSError as exc:
-            if accept_failed(sock, exc):
+            if exc.errno in LISTENER_GONE_ERRNOS:
+                self._lose_listener(next((fd for fd, s in self._by_fd.items() if s is sock), -1), exc)
+            elif accept_failed(sock, exc):
                 self.set_accepting(False)
                 self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE
             return False
@@ -228,10 +275,11 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
         if self.verify_request(request, client_address):
             try:
                 self.process_request(request, client_address)
-            except Exception:
+            except (Exception, SystemExit, KeyboardInterrupt):
+                # the handler's (sys.exit() in handle(), say): that connection only, as under thread
                 self.handle_error(request, client_address)
                 self.shutdown_request(request)
-            except BaseException:
+            except BaseException:  # FastExit: SIGINT/SIGQUIT
                 self.shutdown_request(request)
                 raise
         else:
