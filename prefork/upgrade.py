@@ -57,8 +57,8 @@ def program(argv: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "prefork", *argv]
 
 
-def spawn(argv: Sequence[str], listeners: Sequence[tuple[int, str]], control_fd: int) -> tuple[int, int]:
-    """Fork and exec the new master; returns (its pid, the read end of its ready pipe)."""
+def spawn(command: list[str], listeners: Sequence[tuple[int, str]], control_fd: int) -> tuple[int, int]:
+    """Fork and exec ``command`` as the new master; returns (its pid, the read end of its ready pipe)."""
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     entries = [f"{fd}={spec}" for fd, spec in listeners] + [f"{control_fd}=control"]
     env = dict(os.environ)
@@ -66,7 +66,6 @@ def spawn(argv: Sequence[str], listeners: Sequence[tuple[int, str]], control_fd:
     env[PIPE_ENV] = str(write_fd)
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         env.pop(name, None)
-    command = program(argv)
     pid = os.fork()
     if pid == 0:  # the child: become the new master, or die trying
         try:
@@ -159,11 +158,13 @@ class Upgrader:
         self.selector = selector
         self.on_ready = on_ready
         self.current: Upgrade | None = None
+        # our arguments -> the new master's command line; a program serving through prefork.api runs itself again
+        self.command: Callable[[Sequence[str]], list[str]] = program
 
     def begin(self, argv: Sequence[str], listeners: Sequence[tuple[int, str]], control_fd: int,
               waiter: Waiter | None) -> Upgrade:
         """Fork and exec the new master (raises OSError); its ``deadline`` is the caller's to watch."""
-        pid, pipe_fd = spawn(argv, listeners, control_fd)
+        pid, pipe_fd = spawn(self.command(argv), listeners, control_fd)
         os.set_blocking(pipe_fd, False)
         self.current = Upgrade(pid=pid, pipe_fd=pipe_fd, deadline=time.monotonic() + UPGRADE_TIMEOUT,
                                waiters=[waiter] if waiter else [])

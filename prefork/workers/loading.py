@@ -33,7 +33,11 @@ def load_handler(spec: str, worker_class: str = "thread") -> Any:
     ``sync`` and ``thread`` run ``socketserver.BaseRequestHandler`` subclasses;
     ``async`` runs ``asyncio.Protocol`` subclasses and ``async def handle(reader, writer)``.
     """
-    obj = _import_object(spec)
+    return check_handler(_import_object(spec), spec, worker_class)
+
+
+def check_handler(obj: Any, spec: str, worker_class: str) -> Any:
+    """``obj`` itself when ``worker_class`` can run it; ``spec`` names it in the error."""
     is_socketserver = isinstance(obj, type) and issubclass(obj, socketserver.BaseRequestHandler)
     if worker_class == "async":
         if is_socketserver:
@@ -85,7 +89,10 @@ def handler_for(config: Config) -> Any:
     serves the built-in relay (or the user's relay subclass) in the form the
     worker class runs.
     """
-    handler = load_handler(config.effective_handler, config.worker_class)
+    if config.handler_object is not None:  # given by the program that forked us (prefork.api): no import
+        handler = check_handler(config.handler_object, config.handler, config.worker_class)
+    else:
+        handler = load_handler(config.effective_handler, config.worker_class)
     if not config.relay:
         return handler
     base: type[Any] = RelayProtocol if config.worker_class == "async" else RelayHandler
