@@ -1,8 +1,17 @@
-"""``--metrics-bind HOST:PORT``: ``GET /metrics`` over HTTP, served inside the master's loop.
+"""``--metrics-bind HOST:PORT``: ``GET /metrics``, ``/healthz`` and ``/readyz`` over HTTP, inside the master's loop.
 
 No thread and no HTTP framework: a non-blocking listener and clients in the
 master's selector, each with a deadline, a request of at most 8 KiB, one
-response, then close. Enough for Prometheus to scrape; nothing else.
+response, then close. Enough for Prometheus to scrape and for HTTP-only
+health checkers (Kubernetes probes, HAProxy's ``option httpchk``, cloud
+balancers): ``/healthz`` is 200 whenever it is answered, since it is answered
+by the master's loop itself; ``/readyz`` is 200 while the daemon takes new
+connections and 503 otherwise, with a one-line body saying why (see
+:func:`prefork.agent.readiness`). Nothing else. The port
+is unauthenticated, so the listener sits behind a
+:class:`~prefork.control.ClientGate`: a bounded number of clients, the oldest
+silent one closed to make room, and a pause when the master is out of
+descriptors.
 """
 
 from __future__ import annotations
@@ -14,38 +23,69 @@ import socket
 import time
 from collections.abc import Callable
 
-from prefork.control import accept_batch
+from prefork.control import ClientGate
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 8192
 CLIENT_TIMEOUT = 5.0
+MAX_CLIENTS = 32  # scrapers held at once; the master lowers it to fit its descriptor limit
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+TEXT = "text/plain; charset=utf-8"
+PATHS = b"GET /metrics, /healthz or /readyz\n"
 
 
-def _response(status: str, body: bytes, content_type: str = "text/plain; charset=utf-8") -> bytes:
+def _response(status: str, body: bytes, content_type: str = TEXT) -> bytes:
     head = (f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
             "Connection: close\r\n\r\n")
     return head.encode() + body
 
 
 class MetricsServer:
-    """Serves ``render()`` at /metrics on ``sock`` (already bound and listening)."""
+    """Serves ``render()`` at /metrics, and ``ready()`` at /readyz, on ``sock`` (already bound and listening).
 
-    def __init__(self, sock: socket.socket, selector: selectors.BaseSelector, render: Callable[[], str]) -> None:
+    ``ready`` returns (ready?, why); without it /readyz answers as /healthz.
+    """
+
+    def __init__(self, sock: socket.socket, selector: selectors.BaseSelector, render: Callable[[], str],
+                 max_clients: int = MAX_CLIENTS, ready: Callable[[], tuple[bool, str]] | None = None) -> None:
         self.sock = sock
         self.selector = selector
         self.render = render
-        self.clients: dict[socket.socket, tuple[float, bytearray, bytes]] = {}  # sock -> (deadline, in, out)
+        self.ready = ready
+        # sock -> (deadline, in, out), oldest first
+        self.clients: dict[socket.socket, tuple[float, bytearray, bytes]] = {}
         sock.setblocking(False)
-        selector.register(sock, selectors.EVENT_READ, self._on_accept)
+        self.gate = ClientGate(sock, selector, "metrics", self, self._on_accepted, max_clients)
+        self.gate.start()
 
-    def _on_accept(self, mask: int) -> None:
-        for conn in accept_batch(self.sock, "metrics"):
-            self.clients[conn] = (time.monotonic() + CLIENT_TIMEOUT, bytearray(), b"")
-            self.selector.register(conn, selectors.EVENT_READ, lambda m, c=conn: self._on_client(c, m))
+    def _on_accepted(self, conn: socket.socket) -> None:
+        self.clients[conn] = (time.monotonic() + CLIENT_TIMEOUT, bytearray(), b"")
+        self.selector.register(conn, selectors.EVENT_READ, lambda m, c=conn: self._on_client(c, m))
+
+    def client_count(self) -> int:
+        return len(self.clients)
+
+    def has_idle(self) -> bool:
+        return any(not outbuf for _, _, outbuf in self.clients.values())
+
+    def evict_idle(self) -> None:
+        """Close the oldest client not answered yet (a scraper sends its request at once)."""
+        for conn, (_, _, outbuf) in self.clients.items():
+            if not outbuf:
+                self._close(conn)
+                return
+
+    def drop(self, sock: object) -> bool:
+        """Close the client on ``sock`` (a callback of it failed); False when it is not one of ours."""
+        if isinstance(sock, socket.socket) and sock in self.clients:
+            self._close(sock)
+            return True
+        return False
 
     def _on_client(self, conn: socket.socket, mask: int) -> None:
+        if conn not in self.clients:
+            return  # closed earlier in this turn of the loop (to make room for a newcomer)
         _, inbuf, outbuf = self.clients[conn]
         if mask & selectors.EVENT_READ and not outbuf:
             try:
@@ -74,15 +114,22 @@ class MetricsServer:
             return _response("400 Bad Request", b"bad request\n")
         method, path = line[0], line[1].split("?", 1)[0]
         if method not in ("GET", "HEAD"):
-            return _response("405 Method Not Allowed", b"GET /metrics\n")
-        if path != "/metrics":
-            return _response("404 Not Found", b"GET /metrics\n")
+            return _response("405 Method Not Allowed", PATHS)
         try:
-            body = self.render().encode()
+            if path == "/metrics":
+                status, body, content_type = "200 OK", self.render().encode(), CONTENT_TYPE
+            elif path == "/healthz":
+                status, body, content_type = "200 OK", b"alive\n", TEXT  # we are answering: the loop turns
+            elif path == "/readyz":
+                ready, why = self.ready() if self.ready is not None else (True, "ready")
+                status = "200 OK" if ready else "503 Service Unavailable"
+                body, content_type = f"{why}\n".encode(), TEXT
+            else:
+                return _response("404 Not Found", PATHS)
         except Exception:  # a bug in rendering must not take the master down
-            log.exception("metrics: rendering failed")
+            log.exception("metrics: answering %s failed", path)
             return _response("500 Internal Server Error", b"rendering failed\n")
-        response = _response("200 OK", body, CONTENT_TYPE)
+        response = _response(status, body, content_type)
         return response[: len(response) - len(body)] if method == "HEAD" else response
 
     def _respond(self, conn: socket.socket, response: bytes) -> None:
@@ -107,24 +154,29 @@ class MetricsServer:
         self.selector.modify(conn, selectors.EVENT_WRITE, lambda m, c=conn: self._on_client(c, m))
 
     def _close(self, conn: socket.socket) -> None:
-        self.clients.pop(conn, None)
+        if self.clients.pop(conn, None) is None:
+            return
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(conn)
         conn.close()
+        self.gate.client_left()
 
     def next_deadline(self) -> float | None:
-        return min((d for d, _, _ in self.clients.values()), default=None)
+        deadlines = [d for d, _, _ in self.clients.values()]
+        if self.gate.paused_until is not None:
+            deadlines.append(self.gate.paused_until)
+        return min(deadlines, default=None)
 
     def expire(self, now: float) -> None:
         for conn, (deadline, _, _) in list(self.clients.items()):
             if now >= deadline:
                 self._close(conn)
+        self.gate.expire(now)
 
     def close(self) -> None:
         for conn in list(self.clients):
             self._close(conn)
-        with contextlib.suppress(KeyError, ValueError):
-            self.selector.unregister(self.sock)
+        self.gate.close()
         self.sock.close()
 
     def close_in_child(self) -> None:
