@@ -6,7 +6,9 @@ import argparse
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING, Any, NoReturn
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from prefork import __version__, logs
 from prefork.config import (
@@ -23,10 +25,15 @@ from prefork.config import (
 )
 
 if TYPE_CHECKING:
+    import socket
+
+    from prefork.control import ControlServer
     from prefork.listeners import Listener
+    from prefork.master.loop import Master
     from prefork.upgrade import Inherited
 
 EXIT_USAGE = 2
+AnyMaster = TypeVar("AnyMaster", bound="Master")
 
 
 class UsageError(Exception):
@@ -72,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add 0..N to --max-requests per worker so they do not recycle together")
     p.add_argument("--max-worker-memory", type=int, metavar="MIB",
                    help="recycle a worker whose RSS exceeds MIB (gracefully, one at a time; default 0: no limit)")
+    p.add_argument("--reload-batch", type=int, metavar="N",
+                   help="on reload, replace N workers at a time, each batch serving before the old ones it "
+                        "replaces drain (default 0: the whole generation at once)")
     p.add_argument("--backlog", type=int, metavar="N", help="listen backlog (default 2048)")
     p.add_argument("--name", metavar="NAME", help="instance name for titles and the control socket (default prefork)")
     p.add_argument("--control", metavar="PATH", help="control socket path (default RUNTIME_DIR/NAME.sock)")
@@ -83,7 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--access-log", metavar="PATH|-",
                    help="one line per connection (peer, duration, bytes in/out) to PATH or - for stdout")
     p.add_argument("--metrics-bind", metavar="HOST:PORT",
-                   help="serve Prometheus metrics at http://HOST:PORT/metrics from the master")
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (and /healthz, /readyz) "
+                        "from the master")
+    p.add_argument("--agent-bind", metavar="HOST:PORT",
+                   help="answer HAProxy's agent-check on HOST:PORT: up with a weight from the free capacity, "
+                        "drain, or maint")
     p.add_argument("--user", metavar="USER",
                    help="after binding (as root), run the master and workers as USER (name or uid)")
     p.add_argument("--group", metavar="GROUP", help="and as GROUP (default: USER's primary group)")
@@ -169,21 +183,54 @@ def take_listeners(config: Config) -> tuple[list[Listener], Inherited | None]:
     return listeners, handed
 
 
-def serve(config: Config, overrides: dict[str, Any], argv: list[str]) -> int:
+@dataclass
+class MasterSetup:
+    """What a master starts with, set up by :func:`prepare_master`: its sockets, bound, inherited or adopted."""
+
+    config: Config
+    listeners: list[Listener]
+    control: ControlServer
+    metrics_sock: socket.socket | None
+    agent_sock: socket.socket | None
+    handed: Inherited | None  # from the master we replace (an upgrade)
+
+    def close(self) -> None:
+        """The master never started: close everything, the socket files we made too."""
+        for listener in self.listeners:
+            listener.close()
+        self.control.close()
+        self._close_side_ports()
+
+    def forget(self) -> None:
+        """In a process that forked the master and serves nothing: close our copies, leave its socket files."""
+        for listener in self.listeners:
+            listener.sock.close()
+        self.control.close_in_child()
+        self._close_side_ports()
+
+    def _close_side_ports(self) -> None:
+        for sock in (self.metrics_sock, self.agent_sock):
+            if sock is not None:
+                sock.close()
+
+
+def prepare_master(config: Config) -> MasterSetup:
+    """Everything before the master's loop: logging, listeners, metrics and control sockets, --user. Raises."""
     from prefork import privileges
     from prefork.control import ControlServer
-    from prefork.listeners import SYSTEMD_PREFIX, bind
-    from prefork.master.loop import Master
+    from prefork.listeners import bind
 
     identity = privileges.resolve(config.user, config.group)
     logs.setup(config.log_level, config.log_file)
     logs.setup_access_log(config.access_log)
     preload_worker_code(config)
     listeners, handed = take_listeners(config)
-    metrics_sock = None
+    metrics_sock = agent_sock = None
     try:
         if config.metrics_bind:
             metrics_sock = bind(parse_bind(config.metrics_bind), 64).sock
+        if config.agent_bind:
+            agent_sock = bind(parse_bind(config.agent_bind), 64).sock
         control_path = config.control or default_control_path(config.name, identity.uid if identity else None)
         if handed is not None and handed.control is not None:
             control = ControlServer.adopt(control_path, handed.control)
@@ -201,12 +248,29 @@ def serve(config: Config, overrides: dict[str, Any], argv: list[str]) -> int:
     except BaseException:
         for listener in listeners:
             listener.close()
-        if metrics_sock is not None:
-            metrics_sock.close()
+        for sock in (metrics_sock, agent_sock):
+            if sock is not None:
+                sock.close()
         raise
-    adopted = any(li.spec.startswith(SYSTEMD_PREFIX) for li in listeners)
-    return Master(config, listeners, control, cli_overrides=overrides, adopted=adopted,
-                  argv=argv, upgrade_pipe=handed.pipe_fd if handed else None, metrics_sock=metrics_sock).run()
+    return MasterSetup(config, listeners, control, metrics_sock, agent_sock, handed)
+
+
+def build_master(setup: MasterSetup, overrides: dict[str, Any], argv: list[str],
+                 master_class: Callable[..., AnyMaster]) -> AnyMaster:
+    """The master over ``setup``'s sockets (``master_class``: Master, or prefork.api's subclass); ``run()`` it."""
+    from prefork.listeners import SYSTEMD_PREFIX
+
+    adopted = any(li.spec.startswith(SYSTEMD_PREFIX) for li in setup.listeners)
+    handed = setup.handed
+    return master_class(setup.config, setup.listeners, setup.control, cli_overrides=overrides, adopted=adopted,
+                        argv=argv, upgrade_pipe=handed.pipe_fd if handed else None, metrics_sock=setup.metrics_sock,
+                        agent_sock=setup.agent_sock)
+
+
+def serve(config: Config, overrides: dict[str, Any], argv: list[str]) -> int:
+    from prefork.master.loop import Master
+
+    return build_master(prepare_master(config), overrides, argv, Master).run()
 
 
 def main(argv: list[str] | None = None) -> int:

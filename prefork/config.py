@@ -14,6 +14,8 @@ import importlib.util
 import ipaddress
 import os
 import re
+import reprlib
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,12 +29,40 @@ ASYNC_ECHO_HANDLER = "prefork.handlers.aio:EchoProtocol"
 RELAY_HANDLERS = ("prefork.handlers.relay:RelayHandler", "prefork.handlers.aio:RelayProtocol")  # [is async]
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 MAX_WORKERS = 1024  # the scoreboard is sized once, before the first fork
+MAX_CONFIG_BYTES = 2 * 1024 * 1024  # a configuration is a few hundred bytes; 2 MiB is plenty
+MAX_LIST = 1024  # entries in a list setting (bind, relay, proxy-allow)
+QUOTE_LIMIT = 100  # characters of a value an error message quotes
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _HANDLER_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
 class ConfigError(ValueError):
     """A setting is invalid; the message names it and says why."""
+
+
+class _Quote(reprlib.Repr):
+    def repr_int(self, x: int, level: int) -> str:
+        try:
+            return super().repr_int(x, level)
+        except ValueError:  # more digits than int-to-str converts
+            return f"<an integer of {x.bit_length()} bits>"
+
+
+_QUOTE = _Quote()
+_QUOTE.maxstring = _QUOTE.maxother = 80
+_QUOTE.maxlist = _QUOTE.maxdict = 6
+_QUOTE.maxlevel = 3
+
+
+def cut(text: str) -> str:
+    """``text`` for an error message: at most QUOTE_LIMIT characters, on one line."""
+    text = " ".join(text.split("\n"))
+    return text if len(text) <= QUOTE_LIMIT else text[: QUOTE_LIMIT - 3] + "..."
+
+
+def quote(value: object) -> str:
+    """``repr(value)`` for an error message, cut to QUOTE_LIMIT characters (a setting may be 8 MB long)."""
+    return cut(_QUOTE.repr(value))
 
 
 @dataclass(frozen=True)
@@ -55,24 +85,24 @@ def parse_bind(text: str) -> BindSpec:
     if text.startswith("unix:"):
         path = text[5:]
         if not path:
-            raise ConfigError(f"bind {text!r}: unix: needs a path, e.g. unix:/run/prefork/app.sock")
+            raise ConfigError(f"bind {quote(text)}: unix: needs a path, e.g. unix:/run/prefork/app.sock")
         return BindSpec(text=text, path=os.path.abspath(path))
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
         if not sep or not rest.startswith(":"):
-            raise ConfigError(f"bind {text!r}: an IPv6 address needs the form [ADDR]:PORT")
+            raise ConfigError(f"bind {quote(text)}: an IPv6 address needs the form [ADDR]:PORT")
         port_text = rest[1:]
     else:
         host, sep, port_text = text.rpartition(":")
         if not sep:
-            raise ConfigError(f"bind {text!r}: expected HOST:PORT, [V6]:PORT or unix:PATH")
+            raise ConfigError(f"bind {quote(text)}: expected HOST:PORT, [V6]:PORT or unix:PATH")
         if ":" in host:
-            raise ConfigError(f"bind {text!r}: put an IPv6 address in brackets: [ADDR]:PORT")
+            raise ConfigError(f"bind {quote(text)}: put an IPv6 address in brackets: [ADDR]:PORT")
     if not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5):
-        raise ConfigError(f"bind {text!r}: port {port_text!r} is not a number")
+        raise ConfigError(f"bind {quote(text)}: port {quote(port_text)} is not a number")
     port = int(port_text)
     if port > 65535:
-        raise ConfigError(f"bind {text!r}: port {port} is out of range (0-65535)")
+        raise ConfigError(f"bind {quote(text)}: port {port} is out of range (0-65535)")
     return BindSpec(text=text, host=host, port=port)
 
 
@@ -86,6 +116,9 @@ class Config:
 
     binds: tuple[str, ...] = (DEFAULT_BIND,)
     handler: str = DEFAULT_HANDLER
+    # The handler itself, given by a program (prefork.api) rather than named: forked workers use this object, and
+    # ``handler`` is only its name for status and logs ("__main__:EchoHandler"). Never read from a file.
+    handler_object: Any = dataclasses.field(default=None, repr=False)
     workers: int = dataclasses.field(default_factory=default_workers)
     worker_class: str = "thread"
     threads: int = 32
@@ -96,13 +129,15 @@ class Config:
     max_requests: int = 0
     max_requests_jitter: int = 0
     max_worker_memory: int = 0  # MiB of RSS; 0: no limit
+    reload_batch: int = 0  # workers replaced at a time on reload; 0: the whole generation at once
     backlog: int = 2048
     name: str = "prefork"
     control: str | None = None
     log_level: str = "info"
     log_file: str | None = None
     access_log: str | None = None  # PATH, or "-" for standard output
-    metrics_bind: str | None = None  # HOST:PORT serving GET /metrics
+    metrics_bind: str | None = None  # HOST:PORT serving GET /metrics, /healthz, /readyz
+    agent_bind: str | None = None  # HOST:PORT answering HAProxy's agent-check
     user: str | None = None
     group: str | None = None
     proxy_protocol: bool = False
@@ -164,6 +199,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "max_requests": (int,),
     "max_requests_jitter": (int,),
     "max_worker_memory": (int,),
+    "reload_batch": (int,),
     "backlog": (int,),
     "name": (str,),
     "control": (str,),
@@ -171,6 +207,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "log_file": (str,),
     "access_log": (str,),
     "metrics_bind": (str,),
+    "agent_bind": (str,),
     "user": (str, int),
     "group": (str, int),
     "proxy_protocol": (bool,),
@@ -182,27 +219,63 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "relay_send_proxy": (bool,),
 }
 
+SETTINGS = tuple(_FIELD_TYPES)  # every setting's name: the TOML keys, the long options, prefork.api's keywords
 
-def read_config_file(path: str) -> dict[str, Any]:
-    """Read a TOML file into raw settings (keys may use - or _)."""
+
+def _read_bounded(path: str) -> bytes:
+    """A regular file's bytes, at most MAX_CONFIG_BYTES of them.
+
+    ``/dev/zero`` or a FIFO must not make the master (which reads the file
+    again on every reload) read for ever, or wait for a writer.
+    """
     try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ConfigError(f"config file {path}: no such file") from None
     except PermissionError:
         raise ConfigError(f"config file {path}: permission denied") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config file {path}: is a directory") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path}: invalid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ConfigError(f"config file {path}: is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"config file {path}: not a regular file")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_CONFIG_BYTES and (chunk := os.read(fd, MAX_CONFIG_BYTES + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+        data = b"".join(chunks)
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot read it: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path}: larger than {MAX_CONFIG_BYTES // 1024 // 1024} MiB; "
+                          "is it the right file?")
+    return data
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """Read a TOML file into raw settings (keys may use - or _); every failure is one line."""
+    data = _read_bounded(path)
+    try:
+        raw = tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config file {path}: not UTF-8 text: {exc.reason}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: invalid TOML: {cut(str(exc))}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path}: invalid TOML: arrays or tables nested too deeply") from None
+    except Exception as exc:  # e.g. ValueError: an integer of more digits than int() converts
+        raise ConfigError(f"config file {path}: invalid TOML: {type(exc).__name__}: {cut(str(exc))}") from None
     settings: dict[str, Any] = {}
     for key, value in raw.items():
         norm = key.replace("-", "_")
         if norm not in _FIELD_TYPES:
-            raise ConfigError(f"config file {path}: unknown setting {key!r}")
+            raise ConfigError(f"config file {path}: unknown setting {quote(key)}")
         settings[norm] = value
     return settings
 
@@ -211,9 +284,11 @@ def _check_type(key: str, value: Any, origin: str) -> None:
     types = _FIELD_TYPES[key]
     if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
         want = " or ".join("a list of strings" if t is list else t.__name__ for t in types)
-        raise ConfigError(f"{origin}{key.replace('_', '-')}: expected {want}, got {value!r}")
+        raise ConfigError(f"{origin}{key.replace('_', '-')}: expected {want}, got {quote(value)}")
     if isinstance(value, list) and not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{origin}{key.replace('_', '-')}: expected a list of strings, got {value!r}")
+        raise ConfigError(f"{origin}{key.replace('_', '-')}: expected a list of strings, got {quote(value)}")
+    if isinstance(value, list) and len(value) > MAX_LIST:
+        raise ConfigError(f"{origin}{key.replace('_', '-')}: {len(value)} entries, more than the {MAX_LIST} allowed")
 
 
 def build_config(overrides: Mapping[str, Any], config_file: str | None = None) -> Config:
@@ -224,7 +299,7 @@ def build_config(overrides: Mapping[str, Any], config_file: str | None = None) -
     merged: dict[str, Any] = {**file_settings, **{k: v for k, v in overrides.items() if v is not None}}
     for key, value in merged.items():
         if key not in _FIELD_TYPES:
-            raise ConfigError(f"unknown setting {key!r}")
+            raise ConfigError(f"unknown setting {quote(key)}")
         _check_type(key, value, "")
     binds = merged.pop("bind", None)
     if isinstance(binds, str):
@@ -247,6 +322,8 @@ def build_config(overrides: Mapping[str, Any], config_file: str | None = None) -
     if allow is not None:
         items = allow.split(",") if isinstance(allow, str) else allow
         merged["proxy_allow"] = tuple(i.strip() for i in items if i.strip())
+        if len(merged["proxy_allow"]) > MAX_LIST:
+            raise ConfigError(f"proxy-allow: {len(merged['proxy_allow'])} entries, more than the {MAX_LIST} allowed")
     if "log_level" in merged:
         merged["log_level"] = merged["log_level"].lower()
     config = Config(**merged)
@@ -258,21 +335,32 @@ def uvloop_installed() -> bool:
     return importlib.util.find_spec("uvloop") is not None
 
 
+def _check_side_port(option: str, value: str | None, specs: tuple[BindSpec, ...]) -> None:
+    """--metrics-bind and --agent-bind: a TCP HOST:PORT of the master's own, not one of the --bind addresses."""
+    if value is None:
+        return
+    spec = parse_bind(value)
+    if spec.is_unix:
+        raise ConfigError(f"{option}: {quote(value)} must be HOST:PORT")
+    if any((s.host, s.port) == (spec.host, spec.port) for s in specs if spec.port):
+        raise ConfigError(f"{option}: {value} is also a --bind address")
+
+
 def validate(config: Config) -> None:
     """Raise ConfigError for the first bad value."""
     if not config.binds:
         raise ConfigError("bind: at least one address is needed")
     specs = config.bind_specs  # parses each one
     if len({(s.host, s.port, s.path) for s in specs}) != len(specs):
-        raise ConfigError(f"bind: the same address is given twice: {', '.join(config.binds)}")
+        raise ConfigError(f"bind: the same address is given twice: {cut(', '.join(config.binds))}")
     if not 1 <= config.workers <= MAX_WORKERS:
         raise ConfigError(f"workers: {config.workers} is out of range (1-{MAX_WORKERS})")
     if config.worker_class not in WORKER_CLASSES:
         raise ConfigError(
-            f"worker-class: unknown class {config.worker_class!r} (choose from {', '.join(WORKER_CLASSES)})"
+            f"worker-class: unknown class {quote(config.worker_class)} (choose from {', '.join(WORKER_CLASSES)})"
         )
     if config.loop not in LOOPS:
-        raise ConfigError(f"loop: unknown event loop {config.loop!r} (choose from {', '.join(LOOPS)})")
+        raise ConfigError(f"loop: unknown event loop {quote(config.loop)} (choose from {', '.join(LOOPS)})")
     if config.loop == "uvloop" and not uvloop_installed():
         raise ConfigError("loop: uvloop is not installed (pip install 'prefork[fast]'), or choose asyncio")
     if not 1 <= config.threads <= 10000:
@@ -287,33 +375,37 @@ def validate(config: Config) -> None:
         raise ConfigError(f"max-requests: {config.max_requests} must be 0 (off) or more")
     if config.max_requests_jitter < 0:
         raise ConfigError(f"max-requests-jitter: {config.max_requests_jitter} must be 0 or more")
+    if not 0 <= config.reload_batch <= MAX_WORKERS:
+        raise ConfigError(f"reload-batch: {config.reload_batch} is out of range (0 = the whole generation, "
+                          f"up to {MAX_WORKERS})")
     if not 0 <= config.max_worker_memory <= 1024 * 1024:
         raise ConfigError(f"max-worker-memory: {config.max_worker_memory} MiB is out of range (0 = no limit)")
     if not 1 <= config.backlog <= 65535:
         raise ConfigError(f"backlog: {config.backlog} is out of range (1-65535)")
     if not _NAME_RE.match(config.name):
         raise ConfigError(
-            f"name: {config.name!r} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            f"name: {quote(config.name)} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
     if not _HANDLER_RE.match(config.handler):
-        raise ConfigError(f"handler: {config.handler!r} must look like module:Class (e.g. myapp.echo:Handler)")
-    if config.metrics_bind is not None:
-        spec = parse_bind(config.metrics_bind)
-        if spec.is_unix:
-            raise ConfigError(f"metrics-bind: {config.metrics_bind!r} must be HOST:PORT")
-        if any((s.host, s.port) == (spec.host, spec.port) for s in specs if spec.port):
-            raise ConfigError(f"metrics-bind: {config.metrics_bind} is also a --bind address")
+        raise ConfigError(f"handler: {quote(config.handler)} must look like module:Class (e.g. myapp.echo:Handler)")
+    _check_side_port("metrics-bind", config.metrics_bind, specs)
+    _check_side_port("agent-bind", config.agent_bind, specs)
+    if config.agent_bind is not None and config.metrics_bind is not None:
+        agent, metrics = parse_bind(config.agent_bind), parse_bind(config.metrics_bind)
+        if agent.port and (agent.host, agent.port) == (metrics.host, metrics.port):
+            raise ConfigError(f"agent-bind: {config.agent_bind} is also the --metrics-bind address")
     for cidr in config.proxy_allow:
         try:
             ipaddress.ip_network(cidr, strict=False)
         except ValueError:
-            raise ConfigError(f"proxy-allow: {cidr!r} is not an IP network (e.g. 10.0.0.0/8 or 127.0.0.1)") from None
+            raise ConfigError(f"proxy-allow: {quote(cidr)} is not an IP network "
+                              "(e.g. 10.0.0.0/8 or 127.0.0.1)") from None
     if not 0 < config.proxy_timeout <= 3600:
         raise ConfigError(f"proxy-timeout: {config.proxy_timeout:g} must be more than 0 seconds (at most an hour)")
     for upstream in config.relay:
         spec = parse_bind(upstream)
         if spec.is_unix or not spec.host or spec.port == 0:
-            raise ConfigError(f"relay: {upstream!r} must be an upstream HOST:PORT (port 1-65535)")
+            raise ConfigError(f"relay: {quote(upstream)} must be an upstream HOST:PORT (port 1-65535)")
     if not 0 < config.relay_connect_timeout <= 3600:
         raise ConfigError(f"relay-connect-timeout: {config.relay_connect_timeout:g} must be 0-3600 seconds (not 0)")
     if not 0 <= config.relay_idle_timeout <= 86400 * 7:
@@ -321,7 +413,7 @@ def validate(config: Config) -> None:
     if config.relay_send_proxy and not config.relay:
         raise ConfigError("relay-send-proxy: needs --relay HOST:PORT")
     if config.log_level not in LOG_LEVELS:
-        raise ConfigError(f"log-level: unknown level {config.log_level!r} (choose from {', '.join(LOG_LEVELS)})")
+        raise ConfigError(f"log-level: unknown level {quote(config.log_level)} (choose from {', '.join(LOG_LEVELS)})")
 
 
 def runtime_dir(uid: int | None = None) -> str:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
 import select
 import socket
 import stat
+import struct
 from dataclasses import dataclass
 
 from prefork.config import BindSpec
@@ -210,3 +212,80 @@ def accept_failed(sock: socket.socket, exc: OSError) -> bool:
     if exc.errno != errno.ECONNABORTED:
         log.warning("cannot accept on %s: %s", describe(sock), exc.strerror)
     return False
+
+
+# -- closing a listener without resetting its queue ------------------------------------------------
+
+# A classic BPF socket filter that drops a TCP segment with SYN set and ACK clear (a new connection
+# request) and keeps everything else (the ACK that completes a handshake already under way, data).
+# A socket filter sees the packet from its TCP header on: the flags are byte 13.
+_SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
+_SO_GET_FILTER = _SO_ATTACH_FILTER  # the same option number, read with getsockopt
+_REFUSE_NEW = (
+    (0x30, 0, 0, 13),  # ldb [13]: the TCP flags
+    (0x54, 0, 0, 0x12),  # and #(SYN|ACK)
+    (0x15, 0, 1, 0x02),  # jeq #SYN: a new connection request
+    (0x06, 0, 0, 0),  # ret #0: drop it
+    (0x06, 0, 0, 0xFFFFFFFF),  # ret #-1: keep the rest
+)
+_PROGRAM = b"".join(struct.pack("HBBI", code, jt, jf, k) for code, jt, jf, k in _REFUSE_NEW)
+
+
+def refuse_new(sock: socket.socket) -> bool:
+    """Stop the kernel from taking new connections on a TCP listener; those already queued stay.
+
+    Closing a listening socket resets every connection in its accept queue
+    (the kernel completed their handshakes; nobody accepted them). With this
+    filter attached, new connection requests are dropped, so the queue only
+    drains: serve it, then close the socket, and a client whose request was
+    dropped is refused when its SYN is sent again (one second later) rather
+    than accepted into a queue that is then reset. The filter belongs to the
+    socket, so every process holding it sees it (see :func:`refusing_new`).
+    False where it does not apply (a Unix socket, a closed socket).
+    """
+    if sock.fileno() < 0 or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    program = ctypes.create_string_buffer(_PROGRAM)
+    fprog = struct.pack("HL", len(_REFUSE_NEW), ctypes.addressof(program))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+    except OSError as exc:
+        log.warning("cannot stop new connections on %s before closing it: %s", describe(sock), exc.strerror)
+        return False
+    return True
+
+
+def refusing_new(sock: socket.socket) -> bool:
+    """True when :func:`refuse_new` was applied to this listener (by any process)."""
+    if sock.fileno() < 0 or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        attached = sock.getsockopt(socket.SOL_SOCKET, _SO_GET_FILTER, 8 * len(_REFUSE_NEW))
+    except OSError:
+        return False
+    # the kernel reports the length in instructions, so only that many bytes come back
+    return isinstance(attached, bytes) and len(attached) == len(_REFUSE_NEW) and _PROGRAM.startswith(attached)
+
+
+_TCP_INFO_STATE_LISTEN = 10  # tcp_states.h
+_TCP_INFO_UNACKED = struct.Struct("=I")  # tcpi_unacked: for a listener, the connections in its accept queue
+_TCP_INFO_UNACKED_OFFSET = 24
+
+
+def queued(sock: socket.socket) -> int | None:
+    """Connections waiting in a TCP listener's accept queue (handshake done, not yet accepted).
+
+    From ``TCP_INFO``, which reports the accept queue's length as
+    ``tcpi_unacked`` for a listening socket; None where the kernel cannot
+    tell (a Unix socket, a closed socket).
+    """
+    if sock.fileno() < 0 or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    except OSError:
+        return None
+    if len(info) < _TCP_INFO_UNACKED_OFFSET + 4 or info[0] != _TCP_INFO_STATE_LISTEN:
+        return None
+    count: int = _TCP_INFO_UNACKED.unpack_from(info, _TCP_INFO_UNACKED_OFFSET)[0]
+    return count

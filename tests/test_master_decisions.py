@@ -250,6 +250,10 @@ class FakePool:
         self.drained: list[tuple[int, str]] = []
         self.quitted: list[int] = []
         self.pids = itertools.count(1000)
+        self.peak = 0
+
+    def mark_peak(self) -> None:
+        self.peak = len(self.workers)
 
     def fork(self, slot: int, generation: int, config: Any, listeners: Any, *, max_requests: int,
              lb_drain: bool) -> Worker:
@@ -257,6 +261,7 @@ class FakePool:
         index = self.scoreboard.allocate(pid, generation, time.monotonic())
         worker = Worker(pid=pid, slot=slot, generation=generation, record_index=index, started=time.monotonic())
         self.workers[pid] = worker
+        self.peak = max(self.peak, len(self.workers))
         self.totals.spawned += 1
         return worker
 
@@ -388,7 +393,11 @@ def test_reload_commits_when_every_new_worker_is_ready_and_answers_after_the_old
     assert waiter.replies == []  # the old workers still accept until they say STOPPED
     for worker in old.values():
         gens.reloads.stopped_accepting(worker.pid)
-    assert waiter.replies == [{"ok": True, "generation": 2, "workers": 2}]
+    assert len(waiter.replies) == 1
+    reply = waiter.replies[0]
+    assert {k: reply[k] for k in ("ok", "generation", "workers", "peak_workers")} == {
+        "ok": True, "generation": 2, "workers": 2, "peak_workers": 4}
+    assert 0 <= reply["serve_s"] < 5 and reply["listen_overflows"] >= 0 and reply["listen_drops"] >= 0
     assert host.events[-3:] == ["config", "listeners +0 -0", "ready"]
 
 
@@ -571,3 +580,93 @@ def test_backoff_is_forgotten_once_a_worker_outlives_an_early_death() -> None:
     assert settled is not None and settled == pytest.approx(gens.slots[0].started + EARLY_DEATH)
     timers.run_due(settled)
     assert 0 not in gens.backoff
+
+
+def test_rolling_reload_replaces_a_batch_at_a_time_and_never_holds_more_than_w_plus_n() -> None:
+    gens, pool, _, _ = stepper(workers=5, reload_batch=2)
+    ready(gens, pool)
+    old = {w.pid for w in gens.slots.values()}
+    waiter = FakeWaiter()
+    peak = len(pool.workers)
+    gens.begin_reload([waiter])
+    reload = gens.reloads.in_flight
+    assert reload is not None
+    steps = 0
+    while gens.reloads.in_flight is reload:
+        steps += 1
+        assert steps < 10
+        peak = max(peak, len(pool.workers))
+        assert sorted(reload.slots) == list(range(reload.started))
+        ready(gens, pool)  # the batch serves: the old workers it replaces drain
+        peak = max(peak, len(pool.workers))
+        for pid in sorted(reload.retiring):  # ... and exit; then the next batch starts
+            worker = pool.workers[pid]
+            pool.exit(worker)
+            gens.on_exit(worker, 0)
+    assert steps == 3  # 2 + 2 + 1
+    assert peak <= 5 + 2
+    assert gens.generation == 2 and sorted(gens.slots) == [0, 1, 2, 3, 4]
+    assert not {w.pid for w in gens.slots.values()} & old
+    for pid in old:
+        gens.reloads.stopped_accepting(pid)
+    assert len(waiter.replies) == 1
+    assert waiter.replies[0]["generation"] == 2 and waiter.replies[0]["peak_workers"] == peak == 7
+
+
+def test_an_aborted_rolling_reload_refills_the_slots_it_emptied() -> None:
+    gens, pool, _, _ = stepper(workers=4, reload_batch=2)
+    ready(gens, pool)
+    gens.begin_reload([FakeWaiter()])
+    reload = gens.reloads.in_flight
+    assert reload is not None
+    ready(gens, pool)  # the first batch serves; two old workers drain
+    for pid in sorted(reload.retiring):
+        worker = pool.workers[pid]
+        pool.exit(worker)
+        gens.on_exit(worker, 0)
+    assert reload.started == 4
+    dying = reload.slots[3]
+    exit_of(gens, pool, dying, 1 << 8)  # a worker of the second batch dies while starting
+    assert gens.reloads.in_flight is None and gens.generation == 1
+    assert sorted(gens.slots) == [0, 1, 2, 3]
+    assert all(w.generation == 1 for w in gens.slots.values())
+
+
+# -- hardening: exit reasons, the error budget, the client caps --------------------------------------------------
+
+
+@pytest.mark.parametrize(("status", "sent", "text"), [
+    (signal.SIGKILL, {}, "was killed by SIGKILL (out of memory?)"),  # not ours: the kernel's OOM killer, usually
+    (signal.SIGKILL, {signal.SIGKILL: "still busy 30s after it was told to stop (--graceful-timeout)"},
+     "was killed by SIGKILL (sent by the master: still busy 30s after it was told to stop (--graceful-timeout))"),
+    (signal.SIGABRT, {signal.SIGABRT: "no heartbeat for 31.0s, over --timeout; its stacks are in the log"},
+     "was killed by SIGABRT (sent by the master: no heartbeat for 31.0s, over --timeout; its stacks are in the log)"),
+    # we sent SIGABRT, but something else sent the SIGKILL that ended it
+    (signal.SIGKILL, {signal.SIGABRT: "no heartbeat"}, "was killed by SIGKILL (out of memory?)"),
+    (7 << 8, {signal.SIGKILL: "x"}, "exited with status 7"),
+])
+def test_describe_exit_says_when_the_master_sent_the_signal(status: int, sent: dict[int, str], text: str) -> None:
+    assert describe_exit(status, sent) == (text, False)
+
+
+def test_the_error_budget_logs_a_burst_then_counts_what_it_left_out() -> None:
+    from prefork.master.state import ErrorBudget
+
+    budget = ErrorBudget(per_window=3, window=60.0)
+    assert [budget.admit(100.0 + i) for i in range(5)] == [(True, 0)] * 3 + [(False, 0)] * 2
+    assert budget.admit(159.9) == (False, 0)
+    assert budget.admit(160.0) == (True, 3)  # a new window: the three left out are reported once
+    assert budget.admit(161.0) == (True, 0)
+
+
+@pytest.mark.parametrize(("limit", "in_use", "caps"), [
+    (-1, 20, (64, 32)),  # no limit
+    (1024, 20, (64, 32)),
+    (65536, 40, (64, 32)),
+    (64, 20, (6, 6)),  # prlimit --nofile=64: what is left after the reserve, halved
+    (40, 30, (1, 1)),  # never none
+])
+def test_client_caps_fit_the_descriptor_limit(limit: int, in_use: int, caps: tuple[int, int]) -> None:
+    from prefork.master.loop import client_caps
+
+    assert client_caps(limit, in_use) == caps

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from prefork.channel import Event, Message
 from prefork.config import Config, ConfigError
+from prefork.kernelstats import listen_counters
 from prefork.listeners import BindError, Listener
 from prefork.master.exits import (
     EARLY_DEATH,
@@ -31,7 +32,7 @@ from prefork.master.exits import (
     failures_after,
 )
 from prefork.master.pool import WorkerPool
-from prefork.master.reload import Reload, Reloads, Waiter, fail, listeners_for, reread_config
+from prefork.master.reload import Reload, Reloads, Waiter, fail, listeners_for, reload_report, reread_config
 from prefork.master.state import Backoff, LbDrain, StopMode, Worker, WorkerState
 from prefork.master.timers import Timers
 
@@ -127,7 +128,15 @@ class Generations:
 
     def on_exit(self, worker: Worker, status: int) -> None:
         """A worker of ours is gone (the pool reaped it): log what it means, and act on it."""
-        how, clean = describe_exit(status)
+        self._judge_exit(worker, status)
+        reload = self.reloads.in_flight
+        if reload is not None and worker.pid in reload.retiring:
+            reload.retiring.discard(worker.pid)
+            if not reload.retiring:  # the old workers of the last batch are gone: the next one starts
+                self._start_batch(reload)
+
+    def _judge_exit(self, worker: Worker, status: int) -> None:
+        how, clean = describe_exit(status, worker.signals_sent)
         reload = self.reloads.in_flight
         in_slot = self.slots.get(worker.slot) is worker
         in_reload = reload is not None and reload.slots.get(worker.slot) is worker
@@ -211,8 +220,12 @@ class Generations:
             log.info("serving: %d worker(s) ready", self.target)
             self.host.on_serving()
         reload = self.reloads.in_flight
-        if reload is not None and _all_ready(reload.slots, reload.config.workers):
+        if reload is None or reload.retiring or not _all_ready(reload.slots, reload.started):
+            return
+        if reload.started >= reload.config.workers:
             self.commit_reload()
+        else:
+            self._retire_batch(reload)
 
     # -- reload -------------------------------------------------------------------------------------
 
@@ -244,17 +257,39 @@ class Generations:
             fail(asked, str(exc))
             return
         reload = Reload(generation=next(self._generations), config=config, listeners=listeners,
-                        new_listeners=new_listeners, deadline=time.monotonic() + config.timeout, waiters=asked)
+                        new_listeners=new_listeners, deadline=time.monotonic() + config.timeout, waiters=asked,
+                        batch=config.reload_batch if config.reload_batch < config.workers else 0,
+                        began=time.monotonic(), counters=listen_counters())
+        self.pool.mark_peak()
         self.reloads.start(reload)
-        self.timers.set("reload", reload.deadline,
-                        lambda: self.abort_reload(f"the new workers were not ready within {self.config.timeout:g}s"))
-        log.info("reloading: starting generation %d (%d %s worker(s) of %s)",
-                 reload.generation, config.workers, config.worker_class, config.effective_handler)
+        log.info("reloading: starting generation %d (%d %s worker(s) of %s%s)",
+                 reload.generation, config.workers, config.worker_class, config.effective_handler,
+                 f", {reload.batch} at a time" if reload.batch else "")
         self.host.notify_systemd("reloading")
-        for slot in range(config.workers):
-            if self.reloads.in_flight is not reload:  # a failed fork aborted it
-                break
-            self.spawn_worker(slot, reload)
+        self._start_batch(reload)
+
+    def _start_batch(self, reload: Reload) -> None:
+        """Start the next batch of new workers; the reload fails if they are not all ready in time."""
+        self.timers.set("reload", time.monotonic() + reload.config.timeout,
+                        lambda: self.abort_reload(f"the new workers were not ready within {reload.config.timeout:g}s"))
+        for slot in reload.next_batch():
+            reload.started = slot + 1
+            if self.reloads.in_flight is not reload or self.spawn_worker(slot, reload) is None:
+                return  # a failed fork aborted it
+
+    def _retire_batch(self, reload: Reload) -> None:
+        """A batch of new workers serves: the old ones it replaces drain, and the next batch starts
+        once they are gone (so the pool never holds more than --reload-batch extra workers)."""
+        batch = reload.batch or reload.config.workers
+        old = sorted(self.slots.values(), key=lambda w: w.slot)[:batch]
+        for worker in old:
+            del self.slots[worker.slot]
+            self.pool.drain(worker, f"replaced by generation {reload.generation}", self.config.graceful_timeout)
+        reload.retiring = {w.pid for w in old if w.pid in self.pool.workers}
+        log.info("reloading: %d of %d new worker(s) serving; %d old one(s) draining",
+                 reload.started, reload.config.workers, len(old))
+        if not reload.retiring:
+            self._start_batch(reload)
 
     def commit_reload(self) -> None:
         """Every new worker is ready: the new generation serves, the old one drains."""
@@ -283,7 +318,8 @@ class Generations:
                  self.generation, self.target)
         self.host.notify_systemd("ready")
         # the reply waits until no old worker accepts: from then on, every new connection meets new code
-        self.reloads.commit({"ok": True, "generation": self.generation, "workers": self.target},
+        self.reloads.commit({"ok": True, "generation": self.generation, "workers": self.target,
+                             **reload_report(reload, self.pool.peak)},
                             accepting={w.pid for w in old_slots.values() if w.pid in self.pool.workers})
         queued = self.reloads.take_queued()
         if queued is not None:
@@ -297,6 +333,10 @@ class Generations:
         self.timers.cancel("reload")
         self.pool.totals.failed_reloads += 1
         log.error("reload failed: %s; still serving generation %d", why, self.generation)
+        if self.host.stopping is None:  # a rolling reload drained old workers: their slots get new ones
+            for slot in range(self.target):
+                if slot not in self.slots:
+                    self.spawn_worker(slot)
         for worker in reload.slots.values():
             self.pool.drain(worker, "reload aborted", self.config.graceful_timeout)
         for listener in reload.new_listeners:

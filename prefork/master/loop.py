@@ -9,6 +9,12 @@ a heartbeat going stale, a drain ending, a respawn backoff, a reload timing
 out, a silent control client). Nothing sleeps, nothing polls on a fixed tick.
 The master binds sockets only when a reload adds a listener (through
 :mod:`prefork.listeners`).
+
+Every callback the loop runs (control and metrics clients, signals, worker
+events, timers) is validated at its own boundary; behind that, the loop is
+the last resort: an exception that escapes a callback is logged with its
+traceback, counted (``master_errors``), the client it came from is closed,
+and the loop goes on. Nothing a client sends can end the master.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -27,17 +34,17 @@ from typing import Any
 from prefork import __version__, fdstore, logs
 from prefork.channel import Decoder
 from prefork.config import Config
-from prefork.control import ControlConnection, ControlServer
-from prefork.httpmetrics import MetricsServer
+from prefork.control import MAX_CLIENTS, ControlConnection, ControlServer
+from prefork.httpmetrics import MAX_CLIENTS as METRICS_MAX_CLIENTS
 from prefork.listeners import Listener
 from prefork.master import commands, report
+from prefork.master.endpoints import Endpoints
 from prefork.master.exits import describe_exit
 from prefork.master.generations import Generations
 from prefork.master.pool import WorkerPool
 from prefork.master.reload import Waiter
-from prefork.master.state import LbDrain, StopMode, Worker, WorkerState
+from prefork.master.state import ErrorBudget, LbDrain, StopMode, Totals, Worker, WorkerState
 from prefork.master.timers import Timers
-from prefork.metrics import render_prometheus
 from prefork.systemd import Notifier
 from prefork.upgrade import UPGRADE_TIMEOUT, Upgrade, Upgrader, report_ready
 
@@ -45,12 +52,76 @@ log = logging.getLogger(__name__)
 
 MEMORY_CHECK_INTERVAL = 5.0  # seconds between --max-worker-memory checks (jittered)
 BACKOFF_FIRST = 0.1  # a fork that failed is retried no sooner than this
+FD_RESERVE = 32  # descriptors kept free for what the master opens besides clients (see client_caps)
 EXIT_OK = 0
 EXIT_FATAL = 1
+# Master.fatal's one cause is a handler that cannot be loaded: a configuration error, 2 as --check-config
+# says, which the systemd unit's RestartPreventExitStatus=2 does not restart.
+EXIT_CONFIG = 2
 
 
 def _noop(signum: int, frame: FrameType | None) -> None:
     """Handlers only record: the wakeup fd brings the signal number to the loop."""
+
+
+def client_caps(limit: int, in_use: int) -> tuple[int, int]:
+    """(control clients, metrics and agent clients) the master holds at once under a descriptor ``limit``.
+
+    Each client is one descriptor. ``FD_RESERVE`` stay free for what the
+    master opens besides (a reload's new listeners, ``/proc`` reads for
+    status, a log file reopened, the upgrade's pipe) and the rest is halved,
+    so a flood on one port never takes the descriptors the other needs.
+    ``limit`` < 0 is no limit.
+    """
+    if limit < 0:
+        return MAX_CLIENTS, METRICS_MAX_CLIENTS
+    share = max(1, (limit - in_use - FD_RESERVE) // 2)
+    return min(MAX_CLIENTS, share), min(METRICS_MAX_CLIENTS, share)
+
+
+def _descriptor_limit() -> tuple[int, int]:
+    """(RLIMIT_NOFILE's soft limit, -1 for none; descriptors open now)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        in_use = 64
+    return (-1 if soft == resource.RLIM_INFINITY else soft), in_use
+
+
+class Guard:
+    """The last resort behind every callback of the master's loop (see the module docstring)."""
+
+    def __init__(self, totals: Totals, drop_client: Callable[[object], bool]) -> None:
+        self.totals = totals
+        self.drop_client = drop_client  # closes the control or metrics client on a socket; False if none
+        self.budget = ErrorBudget()
+
+    def turn(self, selector: selectors.BaseSelector, timers: Timers) -> None:
+        """One turn of the loop: wait until the nearest deadline, run what is ready, then what is due."""
+        deadline = timers.next_deadline()
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        for key, mask in selector.select(timeout):
+            try:
+                key.data(mask)
+            except Exception:
+                self.failed(key.data, key.fileobj)
+        try:
+            timers.run_due(time.monotonic())
+        except Exception:  # the actions still due run on the next turn: their deadlines have passed
+            self.failed(timers.run_due, None)
+
+    def failed(self, callback: object, fileobj: object) -> None:
+        """A callback raised: log it (within a budget), count it, close its client, and carry on."""
+        self.totals.master_errors += 1
+        dropped = fileobj is not None and self.drop_client(fileobj)
+        log_it, left_out = self.budget.admit(time.monotonic())
+        if left_out:
+            log.error("%d more internal error(s) in the master were not logged", left_out)
+        if log_it:
+            name = getattr(callback, "__qualname__", type(callback).__name__)
+            log.exception("internal error in %s%s; the master carries on", name,
+                          " (its client is closed)" if dropped else "")
 
 
 class Master:
@@ -59,13 +130,13 @@ class Master:
     def __init__(self, config: Config, listeners: list[Listener], control: ControlServer, *,
                  cli_overrides: dict[str, Any] | None = None, adopted: bool = False,
                  notifier: Notifier | None = None, argv: list[str] | None = None,
-                 upgrade_pipe: int | None = None, metrics_sock: socket.socket | None = None) -> None:
+                 upgrade_pipe: int | None = None, metrics_sock: socket.socket | None = None,
+                 agent_sock: socket.socket | None = None) -> None:
         self.control = control
         self.argv = list(argv or [])  # our command line, to start the new master on upgrade
         self.upgrade_pipe = upgrade_pipe  # we are a new master: tell the old one when we serve
         self.handed_over = False
-        self.metrics_sock = metrics_sock
-        self.metrics: MetricsServer | None = None
+        self.endpoints = Endpoints(self, metrics_sock, agent_sock)  # --metrics-bind, --agent-bind
         self.notifier = notifier or Notifier()
         self.pid = os.getpid()
         self.started = time.monotonic()
@@ -93,6 +164,7 @@ class Master:
         self.pool = WorkerPool(master_pid=self.pid, channel_fd=self._events_w, timers=self.timers,
                                timeout=config.timeout, close_in_child=self._close_in_child,
                                blocked=self._signal_actions)
+        self.guard = Guard(self.pool.totals, lambda sock: self.control.drop(sock) or self.endpoints.drop(sock))
         self.gens = Generations(self, self.pool, self.timers, config, listeners,
                                 cli_overrides=dict(cli_overrides or {}), adopted=adopted)
 
@@ -123,11 +195,10 @@ class Master:
         self._install_signals()
         self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_signals)
         self.selector.register(self._events_r, selectors.EVENT_READ, self._on_worker_events)
-        self.control.attach(self.selector, lambda request, conn: commands.dispatch(self, request, conn))
+        caps = client_caps(*_descriptor_limit())  # idle clients cannot take the master's descriptors
+        self.control.attach(self.selector, lambda request, conn: commands.dispatch(self, request, conn), caps[0])
         self.timers.watch(self.control)
-        if self.metrics_sock is not None:
-            self.metrics = MetricsServer(self.metrics_sock, self.selector, self._render_metrics)
-            self.timers.watch(self.metrics)
+        self.endpoints.start(self.selector, self.timers, caps[1])
         self._start_periodic_checks()
         logs.set_title("master", self.config.name)
         log.info("prefork %s master (pid %d) [%s]: %d %s worker(s) of %s on %s; control socket %s",
@@ -135,12 +206,11 @@ class Master:
                  self.config.effective_handler, ", ".join(li.address for li in self.listeners), self.control.path)
         try:
             self.gens.start()
-            while self.pool.workers or self.stopping is None:
-                deadline = self.timers.next_deadline()
-                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                for key, mask in self.selector.select(timeout):
-                    key.data(mask)
-                self.timers.run_due(time.monotonic())
+            while self.pool.workers or self.pool.groups or self.stopping is None:  # groups: see pool.py
+                self.guard.turn(self.selector, self.timers)
+        except BaseException:
+            self.exit_code = EXIT_FATAL  # never "exiting with status 0" after a crash
+            raise
         finally:
             self._shutdown()
         return self.exit_code
@@ -208,15 +278,11 @@ class Master:
             os.close(self.upgrade_pipe)  # the upgrade hand-over is between masters
         self.upgrader.close_in_child()
         self.control.close_in_child()
-        if self.metrics is not None:
-            self.metrics.close_in_child()
+        self.endpoints.close_in_child()
         reload = self.gens.reloads.in_flight
         for listener in list(self.listeners) + (reload.listeners if reload else []):
             if listener.fileno() not in keep and listener.fileno() >= 0:
                 listener.sock.close()
-
-    def _render_metrics(self) -> str:
-        return render_prometheus(report.status(self.snapshot()), report.stats(self.snapshot(processes=False)))
 
     # -- what the generations ask of the daemon ------------------------------------------------------
 
@@ -242,7 +308,7 @@ class Master:
 
     def fatal(self, why: str) -> None:
         log.critical("stopping: %s", why)
-        self.exit_code = EXIT_FATAL
+        self.exit_code = EXIT_CONFIG
         self.begin_stop(StopMode.FAST)
 
     def begin_reload(self, waiters: Sequence[Waiter]) -> None:
@@ -381,6 +447,7 @@ class Master:
 
     def _shutdown(self) -> None:
         signal.set_wakeup_fd(-1)
+        self.pool.end_groups_now()
         self.gens.abort_reload("the daemon stopped")
         self.upgrader.fail("the daemon stopped", kill=True)
         if self.exit_code == EXIT_OK and not self.handed_over:
@@ -390,26 +457,30 @@ class Master:
         for listener in self.listeners:
             listener.close()
         self.control.close()  # stop waiters see the connection close when we exit
-        if self.metrics is not None:
-            self.metrics.close()
+        self.endpoints.close()
         log.info("master (pid %d) exiting with status %d", self.pid, self.exit_code)
 
     # -- what status and stats report ---------------------------------------------------------------
 
     def snapshot(self, *, processes: bool = True) -> report.Snapshot:
         """The master's state as plain values; ``processes`` adds each worker's RSS and CPU (psutil)."""
-        now = time.monotonic()
-        workers = sorted(self.pool.workers.values(), key=lambda w: (w.generation, w.slot, w.pid))
-        backoff = []
-        for slot, b in sorted(self.gens.backoff.items()):
-            due = self.timers.when(("respawn", slot))
-            if b.failures > 1 or due is not None:
-                backoff.append(report.BackoffSample(slot, b.failures, None if due is None else due - now))
-        return report.Snapshot(
-            pid=self.pid, name=self.config.name, generation=self.gens.generation, uptime_s=now - self.started,
-            state=self.state, drain=self.lb_drain.value if self.lb_drain else None,
-            worker_class=self.config.worker_class, event_loop=self.config.event_loop,
-            handler=self.config.effective_handler, target_workers=self.target,
-            listeners=[li.address for li in self.listeners], control=self.control.path,
-            workers=[self.pool.sample(w, now, processes=processes) for w in workers], backoff=backoff,
-            totals=dataclasses.replace(self.pool.totals))
+        return _snapshot(self, processes)
+
+
+def _snapshot(master: Master, processes: bool) -> report.Snapshot:
+    now = time.monotonic()
+    pool, gens = master.pool, master.gens
+    workers = sorted(pool.workers.values(), key=lambda w: (w.generation, w.slot, w.pid))
+    backoff = []
+    for slot, b in sorted(gens.backoff.items()):
+        due = master.timers.when(("respawn", slot))
+        if b.failures > 1 or due is not None:
+            backoff.append(report.BackoffSample(slot, b.failures, None if due is None else due - now))
+    return report.Snapshot(
+        pid=master.pid, name=master.config.name, generation=gens.generation, uptime_s=now - master.started,
+        state=master.state, drain=master.lb_drain.value if master.lb_drain else None,
+        worker_class=master.config.worker_class, event_loop=master.config.event_loop,
+        handler=master.config.effective_handler, target_workers=master.target,
+        listeners=[li.address for li in master.listeners], control=master.control.path,
+        workers=[pool.sample(w, now, processes=processes) for w in workers], backoff=backoff,
+        totals=dataclasses.replace(pool.totals, log_lines_dropped=logs.dropped_lines()))

@@ -5,6 +5,14 @@ heartbeat that must stay fresh while it serves, a kill due when a drain or an
 abort runs out of time) and the counters of workers that are gone. What a
 worker's exit *means* for the daemon (respawn, abort a reload, stop) is the
 master's decision (:mod:`prefork.master.exits`); the pool only reports exits.
+
+Each worker leads a process group of its own, so whatever its handler starts
+(a forked child, a subprocess) is in that group: when the worker ends, however
+it ends, the group gets SIGTERM, then SIGKILL :data:`GROUP_GRACE` later, and
+the master exits only once that is done. Nothing a handler started outlives
+its worker and holds the port. The master signals the worker alone otherwise
+(a drain must not disturb what a handler runs); a worker whose master died
+ends its group itself (:mod:`prefork.workers.entry`).
 """
 
 from __future__ import annotations
@@ -31,7 +39,14 @@ log = logging.getLogger(__name__)
 ABORT_GRACE = 2.0  # after SIGABRT (stacks to the log), SIGKILL this much later
 DRAIN_MARGIN = 1.0  # the worker enforces the graceful timeout itself; the master kills this much later
 FAST_STOP_GRACE = 5.0
+GROUP_GRACE = 0.5  # what a worker left in its process group gets SIGTERM, then SIGKILL this much later
 SCOREBOARD_CAPACITY = 4096  # a full pool, a reload's second one, and workers still draining (72 bytes each)
+
+
+def _lead_own_group(pid: int) -> None:
+    """Make ``pid`` (0: this process) the leader of a new process group."""
+    with contextlib.suppress(OSError):  # ESRCH, EACCES: the child is gone or already on its way
+        os.setpgid(pid, 0)
 
 
 def kill_pid(pid: int, sig: signal.Signals) -> None:
@@ -59,7 +74,13 @@ class WorkerPool:
         self.blocked = set(blocked)
         self.scoreboard = Scoreboard(capacity=SCOREBOARD_CAPACITY)
         self.workers: dict[int, Worker] = {}
+        self.peak = 0  # the most workers alive at once since the last mark_peak()
+        self.groups: set[int] = set()  # process groups of gone workers, with members, due for SIGKILL
         self.totals = Totals()
+
+    def mark_peak(self) -> None:
+        """Start counting the peak number of live workers from now (a reload reports it)."""
+        self.peak = len(self.workers)
 
     def record(self, worker: Worker) -> Record:
         return self.scoreboard[worker.record_index]
@@ -79,6 +100,7 @@ class WorkerPool:
         try:
             pid = os.fork()
             if pid == 0:  # the child: never returns
+                _lead_own_group(0)
                 self.close_in_child({sock.fileno() for sock in listeners})
                 run_worker(spec, self.scoreboard)
         except OSError:
@@ -86,9 +108,11 @@ class WorkerPool:
             raise
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        _lead_own_group(pid)  # both sides, so no killpg of ours can come before the group exists
         self.scoreboard[index].pid = pid
         worker = Worker(pid=pid, slot=slot, generation=generation, record_index=index, started=now)
         self.workers[pid] = worker
+        self.peak = max(self.peak, len(self.workers))
         self.totals.spawned += 1
         self._watch_heartbeat(worker, now + self.timeout)
         log.info("worker %d (pid %d) started, generation %d", slot, pid, generation)
@@ -104,7 +128,8 @@ class WorkerPool:
         worker.stop_reason = reason
         if worker.pid not in self.workers:
             return  # already reaped (its last words are read after its exit): nothing to signal
-        self._kill_at(worker, time.monotonic() + graceful_timeout + DRAIN_MARGIN)
+        self._kill_at(worker, time.monotonic() + graceful_timeout + DRAIN_MARGIN,
+                      f"still busy {graceful_timeout:g}s after it was told to stop (--graceful-timeout)")
         kill_pid(worker.pid, signal.SIGTERM)
 
     def quit(self, worker: Worker) -> None:
@@ -112,7 +137,7 @@ class WorkerPool:
         worker.state = WorkerState.KILLING
         if worker.pid not in self.workers:
             return  # already reaped
-        self._kill_at(worker, time.monotonic() + FAST_STOP_GRACE)
+        self._kill_at(worker, time.monotonic() + FAST_STOP_GRACE, f"still there {FAST_STOP_GRACE:g}s after SIGQUIT")
         kill_pid(worker.pid, signal.SIGQUIT)
 
     def signal_all(self, sig: signal.Signals) -> None:
@@ -124,15 +149,16 @@ class WorkerPool:
         for worker in self.workers.values():
             self.record(worker).lb_drain = 1 if on else 0
 
-    def _kill_at(self, worker: Worker, when: float) -> None:
+    def _kill_at(self, worker: Worker, when: float, why: str) -> None:
         self.timers.cancel(("heartbeat", worker.pid))  # no longer expected to serve
-        self.timers.set(("kill", worker.pid), when, lambda: self._kill_now(worker))
+        self.timers.set(("kill", worker.pid), when, lambda: self._kill_now(worker, why))
 
-    def _kill_now(self, worker: Worker) -> None:
+    def _kill_now(self, worker: Worker, why: str) -> None:
         if worker.state is WorkerState.DRAINING:
             log.warning("worker %d (pid %d) still busy after the graceful timeout; killing it",
                         worker.slot, worker.pid)
         worker.state = WorkerState.KILLING
+        worker.signals_sent[signal.SIGKILL] = why
         kill_pid(worker.pid, signal.SIGKILL)
 
     # -- heartbeats -------------------------------------------------------------------------------
@@ -150,9 +176,10 @@ class WorkerPool:
         self.totals.timeouts += 1
         log.error("worker %d (pid %d) timed out: no heartbeat for %.1fs; "
                   "dumping its stacks (SIGABRT), then killing it", worker.slot, worker.pid, age)
+        worker.signals_sent[signal.SIGABRT] = f"no heartbeat for {age:.1f}s, over --timeout; its stacks are in the log"
         kill_pid(worker.pid, signal.SIGABRT)
         worker.state = WorkerState.KILLING
-        self._kill_at(worker, now + ABORT_GRACE)
+        self._kill_at(worker, now + ABORT_GRACE, f"no heartbeat for {age:.1f}s, and SIGABRT did not end it")
 
     def stale(self, now: float) -> list[Worker]:
         """Workers expected to serve whose heartbeat is older than the timeout."""
@@ -174,8 +201,36 @@ class WorkerPool:
             worker = self.workers.pop(pid, None)
             if worker is not None:
                 self._forget(worker)
+                self._end_group(worker)
             exited.append((pid, status, worker))
         return exited
+
+    # -- what a worker leaves behind ----------------------------------------------------------------
+
+    def _end_group(self, worker: Worker) -> None:
+        """SIGTERM to what the gone worker left in its process group; SIGKILL after GROUP_GRACE."""
+        pgid = worker.pid
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            return  # the usual case: nothing of it is left
+        log.warning("worker %d (pid %d) left processes behind in its process group: SIGTERM now, "
+                    "SIGKILL in %.1fs", worker.slot, pgid, GROUP_GRACE)
+        self.groups.add(pgid)
+        self.timers.set(("group", pgid), time.monotonic() + GROUP_GRACE, lambda: self._kill_group(pgid))
+
+    def _kill_group(self, pgid: int) -> None:
+        self.groups.discard(pgid)
+        self.timers.cancel(("group", pgid))
+        if pgid in self.workers:
+            return  # the group emptied and its number went to a new worker of ours: not its to end
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+
+    def end_groups_now(self) -> None:
+        """The master exits: no grace left for what gone workers left behind."""
+        for pgid in list(self.groups):
+            self._kill_group(pgid)
 
     def _forget(self, worker: Worker) -> None:
         """Fold a gone worker's counters into the totals and free its record and deadlines."""

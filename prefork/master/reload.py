@@ -12,10 +12,12 @@ Nothing here touches a process, so tests drive it step by step.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from prefork.config import Config, ConfigError, build_config
+from prefork.kernelstats import ListenCounters, listen_counters
 from prefork.listeners import BindError, Listener, bind
 from prefork.master.state import Worker
 
@@ -35,8 +37,18 @@ class Reload:
     listeners: list[Listener]
     new_listeners: list[Listener]  # bound for this reload: closed if it fails
     deadline: float
+    began: float = 0.0  # time.monotonic() when it started
+    counters: ListenCounters | None = None  # the kernel's listen-queue counters then
     slots: dict[int, Worker] = field(default_factory=dict)
     waiters: list[Waiter] = field(default_factory=list)
+    batch: int = 0  # new workers started at a time (--reload-batch); 0: all at once
+    started: int = 0  # new slots started so far: 0..started-1
+    retiring: set[int] = field(default_factory=set)  # old workers of the last batch, until they exit
+
+    def next_batch(self) -> range:
+        """The new slots to start next (empty once every one is started)."""
+        size = self.batch or self.config.workers
+        return range(self.started, min(self.started + size, self.config.workers))
 
 
 @dataclass
@@ -142,3 +154,13 @@ def listeners_for(config: Config, have: list[Listener], *, adopted: bool) -> tup
             listener.close()
         raise
     return listeners, new
+
+
+def reload_report(reload: Reload, peak_workers: int) -> dict[str, Any]:
+    """What a reload's reply tells about it: how long until the new generation served, the most
+    workers alive at once meanwhile, and what the kernel turned away on this machine meanwhile."""
+    report: dict[str, Any] = {"serve_s": round(time.monotonic() - reload.began, 3), "peak_workers": peak_workers}
+    now = listen_counters()
+    if reload.counters is not None and now is not None:
+        report.update(now.since(reload.counters))
+    return report

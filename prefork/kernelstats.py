@@ -1,0 +1,46 @@
+"""The kernel's counters of connections it could not queue, from ``/proc/net/netstat``.
+
+``ListenOverflows`` counts handshakes completed while a listener's accept
+queue was full, ``ListenDrops`` every connection request a listener dropped
+(overflows included). They are per network namespace, not per socket: a
+difference over a reload or a stop says whether anything on this machine was
+turned away meanwhile, which is what an operator checking "lost nothing"
+wants to see. Outside Linux, or without ``/proc``, there is nothing to read.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+NETSTAT = "/proc/net/netstat"
+
+
+@dataclass(frozen=True)
+class ListenCounters:
+    overflows: int
+    drops: int
+
+    def since(self, before: ListenCounters) -> dict[str, int]:
+        return {"listen_overflows": self.overflows - before.overflows, "listen_drops": self.drops - before.drops}
+
+
+def parse_netstat(text: str) -> ListenCounters | None:
+    """The TcpExt counters from the text of ``/proc/net/netstat`` (a header line, then a value line)."""
+    lines = [line.split() for line in text.splitlines()]
+    for names, values in itertools.pairwise(lines):
+        if names[:1] == ["TcpExt:"] and values[:1] == ["TcpExt:"] and len(names) == len(values):
+            table = dict(zip(names[1:], values[1:], strict=True))
+            try:
+                return ListenCounters(int(table.get("ListenOverflows", 0)), int(table.get("ListenDrops", 0)))
+            except ValueError:
+                return None
+    return None
+
+
+def listen_counters(path: str = NETSTAT) -> ListenCounters | None:
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return parse_netstat(f.read(1 << 20))
+    except OSError:
+        return None
