@@ -14,8 +14,9 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from prefork.channel import Event, Message
@@ -31,7 +32,7 @@ from prefork.master.exits import (
     describe_exit,
     failures_after,
 )
-from prefork.master.pool import WorkerPool
+from prefork.master.pool import WorkerPool, kill_pid
 from prefork.master.reload import Reload, Reloads, Waiter, fail, listeners_for, reload_report, reread_config
 from prefork.master.state import Backoff, LbDrain, StopMode, Worker, WorkerState
 from prefork.master.timers import Timers
@@ -60,6 +61,8 @@ class Host(Protocol):
     def on_listeners(self, *, added: list[Listener], removed: list[Listener]) -> None: ...
 
     def fatal(self, why: str) -> None: ...
+
+    def close_after_queue(self, listeners: list[Listener], then: Callable[[], None]) -> None: ...
 
 
 class Generations:
@@ -306,13 +309,24 @@ class Generations:
         self.host.on_config(old_config)
         keep = {id(li) for li in reload.listeners}
         removed = [li for li in self.listeners if id(li) not in keep]
-        for listener in removed:
-            log.info("no longer listening on %s", listener.address)
-            listener.close()
         self.listeners = reload.listeners
         self.host.on_listeners(added=reload.new_listeners, removed=removed)
-        for worker in old_slots.values():
-            self.pool.drain(worker, f"replaced by generation {self.generation}", self.config.graceful_timeout)
+
+        def replace_old() -> None:
+            for listener in removed:
+                log.info("no longer listening on %s", listener.address)
+                listener.close()
+            for worker in list(self.pool.workers.values()):
+                if worker.generation < self.generation and removed:
+                    kill_pid(worker.pid, signal.SIGUSR2)  # every copy of a dropped listener closes now
+            for worker in old_slots.values():
+                self.pool.drain(worker, f"replaced by generation {self.generation}", self.config.graceful_timeout)
+
+        if removed:
+            # the old generation goes on serving a dropped listener until its queue is served
+            self.host.close_after_queue(removed, replace_old)
+        else:
+            replace_old()
         self.pool.totals.reloads += 1
         log.info("reloaded: generation %d serving with %d worker(s); draining the old one",
                  self.generation, self.target)
@@ -365,12 +379,16 @@ class Generations:
         self.pool.drain(worker, reason, self.config.graceful_timeout)
         self.spawn_worker(worker.slot)
 
-    def stop_workers(self, mode: StopMode) -> None:
-        """The daemon stops: no respawn, no reload; every worker drains (or quits at once when fast)."""
+    def prepare_stop(self) -> None:
+        """The daemon stops: no reload goes on, no worker is respawned."""
         if self.reloads.in_flight is not None:
             self.abort_reload("the daemon is stopping")
         for slot in self.backoff:
             self.timers.cancel(("respawn", slot))
+
+    def stop_workers(self, mode: StopMode) -> None:
+        """Every worker drains (or quits at once when fast)."""
+        self.prepare_stop()
         for worker in list(self.pool.workers.values()):
             if mode is StopMode.FAST:
                 self.pool.quit(worker)

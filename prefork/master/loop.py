@@ -38,19 +38,20 @@ from prefork.control import MAX_CLIENTS, ControlConnection, ControlServer
 from prefork.httpmetrics import MAX_CLIENTS as METRICS_MAX_CLIENTS
 from prefork.listeners import Listener
 from prefork.master import commands, report
+from prefork.master.checks import PeriodicChecks
+from prefork.master.closing import Closer, Closing
 from prefork.master.endpoints import Endpoints
 from prefork.master.exits import describe_exit
 from prefork.master.generations import Generations
 from prefork.master.pool import WorkerPool
 from prefork.master.reload import Waiter
-from prefork.master.state import ErrorBudget, LbDrain, StopMode, Totals, Worker, WorkerState
+from prefork.master.state import ErrorBudget, LbDrain, StopMode, Totals, Worker
 from prefork.master.timers import Timers
 from prefork.systemd import Notifier
 from prefork.upgrade import UPGRADE_TIMEOUT, Upgrade, Upgrader, report_ready
 
 log = logging.getLogger(__name__)
 
-MEMORY_CHECK_INTERVAL = 5.0  # seconds between --max-worker-memory checks (jittered)
 BACKOFF_FIRST = 0.1  # a fork that failed is retried no sooner than this
 FD_RESERVE = 32  # descriptors kept free for what the master opens besides clients (see client_caps)
 EXIT_OK = 0
@@ -167,6 +168,9 @@ class Master:
         self.guard = Guard(self.pool.totals, lambda sock: self.control.drop(sock) or self.endpoints.drop(sock))
         self.gens = Generations(self, self.pool, self.timers, config, listeners,
                                 cli_overrides=dict(cli_overrides or {}), adopted=adopted)
+        self.checks = PeriodicChecks(self, self.gens, self.pool, self.timers, self.notifier)
+        self.closer = Closer(self.timers)
+        self.stop_report: dict[str, Any] = {}  # what the stop did, for the clients that asked for it
 
     @property
     def config(self) -> Config:
@@ -199,7 +203,7 @@ class Master:
         self.control.attach(self.selector, lambda request, conn: commands.dispatch(self, request, conn), caps[0])
         self.timers.watch(self.control)
         self.endpoints.start(self.selector, self.timers, caps[1])
-        self._start_periodic_checks()
+        self.checks.start()
         logs.set_title("master", self.config.name)
         log.info("prefork %s master (pid %d) [%s]: %d %s worker(s) of %s on %s; control socket %s",
                  __version__, self.pid, self.config.name, self.target, self.config.worker_class,
@@ -298,8 +302,7 @@ class Master:
         self.pool.timeout = self.config.timeout
         if old.log_level != self.config.log_level:
             logs.set_level(self.config.log_level)
-        if self.config.max_worker_memory and "memory" not in self.timers:
-            self.timers.every("memory", MEMORY_CHECK_INTERVAL, self._recycle_fattest, jitter=0.5)
+        self.checks.watch_memory()
 
     def on_listeners(self, *, added: list[Listener], removed: list[Listener]) -> None:
         """A reload bound new listeners and closed others: systemd's store follows (when there is one)."""
@@ -318,44 +321,6 @@ class Master:
         if self.stopping is None:
             self.gens.scale(count)
 
-    # -- periodic checks ----------------------------------------------------------------------------
-
-    def _start_periodic_checks(self) -> None:
-        try:
-            watchdog_every = self.notifier.watchdog_interval()
-        except ValueError as exc:
-            log.warning("ignoring the systemd watchdog: %s", exc)
-            watchdog_every = None
-        if watchdog_every is not None:
-            self.timers.every("watchdog", watchdog_every, self._ping_watchdog, first=0.0)
-        if self.config.max_worker_memory:
-            # jittered, and one worker per check: replacements do not all start at once
-            self.timers.every("memory", MEMORY_CHECK_INTERVAL, self._recycle_fattest, jitter=0.5)
-
-    def _ping_watchdog(self) -> None:
-        """WATCHDOG=1, but only while this loop turns and no worker's heartbeat is stale."""
-        stale = self.pool.stale(time.monotonic())
-        if stale:
-            log.warning("not pinging the systemd watchdog: %d worker(s) with a stale heartbeat", len(stale))
-            return
-        self.notifier.watchdog()
-        self.notifier.status(self.status_line())
-
-    def _recycle_fattest(self) -> None:
-        """Replace the current worker with the largest RSS over --max-worker-memory, gracefully (it drains)."""
-        if not self.config.max_worker_memory:
-            return  # a reload turned it off
-        limit = self.config.max_worker_memory * 1024 * 1024
-        over = [(rss, w) for w in self.gens.slots.values() if w.state is WorkerState.READY
-                and (rss := self.pool.rss(w) or 0) > limit]
-        if not over or self.stopping is not None or self.gens.reloads.in_flight is not None:
-            return
-        rss, worker = max(over, key=lambda item: item[0])
-        self.pool.totals.memory_recycles += 1
-        log.warning("worker %d (pid %d) uses %.0f MiB, over --max-worker-memory %d MiB; replacing it",
-                    worker.slot, worker.pid, rss / 2**20, self.config.max_worker_memory)
-        self.gens.replace(worker, "over the memory limit")
-
     def status_line(self) -> str:
         return (f"{self.state}: {len(self.gens.slots)}/{self.target} {self.config.worker_class} workers, "
                 f"generation {self.gens.generation}, {self.gens.active()} open connection(s)")
@@ -363,15 +328,43 @@ class Master:
     # -- scale, stop, drain -------------------------------------------------------------------------
 
     def begin_stop(self, mode: StopMode) -> None:
+        """Stop the daemon. Graceful: the connections queued on the listeners are served first (new ones
+        are refused meanwhile), then every process closes the listeners and open connections finish."""
         if self.stopping is StopMode.FAST or self.stopping is mode:
             return
         self.stopping = mode
         log.info("stopping (%s): %d worker(s) to stop", mode.value, len(self.pool.workers))
         self.notify_systemd("stopping")
-        self.gens.stop_workers(mode)
+        self.gens.prepare_stop()
+        if not self.handed_over:
+            fdstore.forget(self.notifier, self.listeners)  # systemd's copies must not keep them open
+        if (mode is StopMode.GRACEFUL and not self.handed_over and self.pool.workers
+                and self.lb_drain is not LbDrain.LISTENERS_CLOSED):
+            self.closer.close_after_queue(self.listeners, time.monotonic() + self.config.graceful_timeout,
+                                          self._stop_workers)
+        else:
+            self.closer.finish_now()
+            self._stop_workers(None)
+
+    def _stop_workers(self, closing: Closing | None) -> None:
+        """The queue is served (or there is none to serve): every process closes its listeners, workers drain."""
+        if closing is not None:
+            self.stop_report.update(queued_at_stop=closing.queued_at_start, served_from_queue=closing.served,
+                                    reset_in_queue=closing.left_at_close,
+                                    queue_s=round(time.monotonic() - closing.began, 3))
+        self.pool.signal_all(signal.SIGUSR2)
+        self.gens.stop_workers(self.stopping or StopMode.GRACEFUL)
+        for listener in self.listeners:
+            listener.close()
+
+    def close_after_queue(self, listeners: list[Listener], then: Callable[[], None]) -> None:
+        """Close ``listeners`` everywhere once their queues are served (a reload dropped them)."""
+        self.closer.close_after_queue(listeners, time.monotonic() + self.config.graceful_timeout,
+                                      lambda closing: then())
 
     def drain_for_balancer(self, *, close: bool) -> LbDrain | None:
-        """``preforkctl drain``: fail LOCAL health checks behind PROXY protocol, else close the listeners."""
+        """``preforkctl drain``: fail LOCAL health checks behind PROXY protocol, else close the listeners
+        (what is queued on them is served first)."""
         if self.lb_drain is None or (close and self.lb_drain is LbDrain.HEALTH_CHECKS):
             if self.config.proxy_protocol and not close:
                 self.lb_drain = LbDrain.HEALTH_CHECKS
@@ -379,12 +372,17 @@ class Master:
                 log.info("draining for the load balancer: failing its health checks (PROXY LOCAL)")
             else:
                 self.lb_drain = LbDrain.LISTENERS_CLOSED
-                self.pool.signal_all(signal.SIGUSR2)
                 fdstore.forget(self.notifier, self.listeners)  # or systemd's copies would keep them open
-                for listener in self.listeners:
-                    listener.close()
-                log.info("draining for the load balancer: listening sockets closed, open connections finish")
+                self.closer.close_after_queue(self.listeners, time.monotonic() + self.config.graceful_timeout,
+                                              lambda closing: self._close_listeners())
+                log.info("draining for the load balancer: new connections refused, listening sockets close "
+                         "once the queued ones are served; open connections finish")
         return self.lb_drain
+
+    def _close_listeners(self) -> None:
+        self.pool.signal_all(signal.SIGUSR2)
+        for listener in self.listeners:
+            listener.close()
 
     def undrain(self) -> str | None:
         """``preforkctl drain --off``; the reason it cannot be undone, if it cannot."""
@@ -450,10 +448,6 @@ class Master:
         self.pool.end_groups_now()
         self.gens.abort_reload("the daemon stopped")
         self.upgrader.fail("the daemon stopped", kill=True)
-        if self.exit_code == EXIT_OK and not self.handed_over:
-            # a clean stop: systemd's copies must not keep taking connections nobody will serve
-            # (a crash keeps them: the next master serves what queued meanwhile)
-            fdstore.forget(self.notifier, self.listeners)
         for listener in self.listeners:
             listener.close()
         self.control.close()  # stop waiters see the connection close when we exit

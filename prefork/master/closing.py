@@ -1,0 +1,94 @@
+"""Closing listening sockets without resetting the connections queued on them.
+
+Closing a listener resets every connection in its accept queue: the kernel
+completed those handshakes and nobody accepted them. So the master closes a
+listener (the daemon stops, ``preforkctl drain --close``, a reload drops a
+``bind`` entry) in three steps spread over its loop:
+
+1. :func:`prefork.listeners.refuse_new` attaches a socket filter that drops
+   new connection requests (SYNs): from then on the queue only drains;
+2. the workers go on accepting until the queue is empty (the kernel reports
+   its length, :func:`prefork.listeners.queued`), or until a deadline;
+3. the caller closes its copies everywhere (the master's own, the workers'
+   on SIGUSR2): a client whose request was dropped is refused when it sends
+   it again, rather than accepted into a queue that is then reset.
+
+A Unix listener has neither the filter nor a reported queue; it goes to step
+3 at once. The kernel does not say when a queue empties, so step 2 looks
+every ``QUEUE_CHECK`` seconds, and only while something is queued.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from prefork.listeners import Listener, queued, refuse_new
+from prefork.master.timers import Timers
+
+log = logging.getLogger(__name__)
+
+QUEUE_CHECK = 0.02  # seconds between looks at a draining queue
+
+
+@dataclass
+class Closing:
+    """One set of listeners being closed: what was queued when it began, and what was left at the end."""
+
+    listeners: list[Listener]
+    began: float
+    queued_at_start: int
+    left_at_close: int = 0
+    done: bool = False
+
+    @property
+    def served(self) -> int:
+        """Connections accepted from the queue after new ones were refused."""
+        return max(0, self.queued_at_start - self.left_at_close)
+
+
+class Closer:
+    """Runs the three steps for the master; ``then`` does step 3."""
+
+    def __init__(self, timers: Timers) -> None:
+        self.timers = timers
+        self._keys = itertools.count()
+        self.pending: dict[int, Closing] = {}
+
+    def close_after_queue(self, listeners: Sequence[Listener], deadline: float,
+                          then: Callable[[Closing], None]) -> Closing:
+        """Refuse new connections on ``listeners``; call ``then`` once their queues are served (or at ``deadline``)."""
+        filtered = [li for li in listeners if refuse_new(li.sock)]
+        closing = Closing(list(listeners), time.monotonic(), _waiting(filtered))
+        key = next(self._keys)
+        self.pending[key] = closing
+
+        def check() -> None:
+            left = _waiting(filtered)
+            if left and time.monotonic() < deadline:
+                self.timers.set(("queue", key), time.monotonic() + QUEUE_CHECK, check)
+                return
+            if left:
+                log.warning("%d queued connection(s) not accepted before the graceful timeout; closing anyway", left)
+            closing.left_at_close = left
+            closing.done = True
+            del self.pending[key]
+            then(closing)
+
+        check()
+        return closing
+
+    def finish_now(self) -> None:
+        """A fast stop: every pending close happens now, served or not."""
+        for key in list(self.pending):
+            self.timers.cancel(("queue", key))
+        for key, closing in list(self.pending.items()):
+            del self.pending[key]
+            closing.done = True
+
+
+def _waiting(listeners: Sequence[Listener]) -> int:
+    return sum(queued(li.sock) or 0 for li in listeners if li.fileno() >= 0)
