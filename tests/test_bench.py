@@ -171,8 +171,7 @@ def test_timeline_runs_reload_upgrade_and_kill_with_no_failed_connection(tmp_pat
 
 
 def test_timeline_picture_is_a_png(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib", reason="the bench extra draws the picture")
-    import plot_timeline
+    import plot_timeline  # needs matplotlib: the bench extra, which scripts/setup installs
 
     tl = timeline.Timeline(interval_ms=100, setup={"mode": "connect", "prefork": "prefork -w 2"})
     for k in range(1, 31):
