@@ -405,6 +405,12 @@ class ControlServer:
         if self.gate is not None:
             self.gate.expire(now)
 
+    def final_word(self, message: dict[str, Any]) -> None:
+        """One last message to the clients waiting for the master to exit (what the stop did)."""
+        for conn in list(self.connections):
+            if conn.kept_open:
+                conn.reply(message, keep_open=True)
+
     def close(self) -> None:
         for conn in list(self.connections):
             conn.close()
@@ -434,6 +440,7 @@ class ControlConnection:
         self._inbuf = bytearray()
         self._outbuf = b""
         self._close_after_write = True
+        self.kept_open = False  # a client waiting for the master to exit (stop)
         self._closed = False
         self.handled = False  # its request is in (a silent client is the one closed to make room)
         assert server.selector is not None
@@ -486,6 +493,7 @@ class ControlConnection:
         if self._closed:
             return
         self._close_after_write = not keep_open
+        self.kept_open = self.kept_open or keep_open
         self._outbuf += encode(message)
         self.deadline = time.monotonic() + CLIENT_TIMEOUT
         self._flush()
@@ -589,13 +597,15 @@ def call(path: str, request: dict[str, Any], timeout: float = 10.0) -> tuple[dic
     return reply, sock
 
 
-def wait_exited(sock: socket.socket, pid: int, timeout: float) -> bool:
+def wait_exited(sock: socket.socket, pid: int, timeout: float, said: list[dict[str, Any]] | None = None) -> bool:
     """Wait until the daemon's process ``pid`` is gone; False on timeout.
 
     The master closes ``sock`` only as it exits, and a pidfd turns readable
     when the process has really ended (after the interpreter's own teardown),
-    so both are waited for, without polling.
+    so both are waited for, without polling. What the master said meanwhile
+    (its report of the stop) is appended to ``said``.
     """
+    received = bytearray()
     deadline = time.monotonic() + timeout
     try:
         pidfd = os.pidfd_open(pid)
@@ -604,12 +614,15 @@ def wait_exited(sock: socket.socket, pid: int, timeout: float) -> bool:
     try:
         sock.settimeout(timeout)
         try:
-            while sock.recv(4096):
-                pass
+            while chunk := sock.recv(65536):
+                if len(received) < MAX_REPLY:
+                    received += chunk
         except TimeoutError:
             return False
         except OSError:
             pass  # a reset is a close too
+        if said is not None:
+            said.extend(_frames(bytes(received)))
         if pidfd is not None:
             readable, _, _ = select.select([pidfd], [], [], max(0.0, deadline - time.monotonic()))
             return bool(readable)
@@ -618,3 +631,22 @@ def wait_exited(sock: socket.socket, pid: int, timeout: float) -> bool:
         sock.close()
         if pidfd is not None:
             os.close(pidfd)
+
+
+def _frames(data: bytes) -> list[dict[str, Any]]:
+    """The complete JSON-object frames in ``data``; anything malformed ends the list."""
+    frames: list[dict[str, Any]] = []
+    while len(data) >= HEADER.size:
+        (length,) = HEADER.unpack_from(data)
+        body = data[HEADER.size:HEADER.size + length]
+        if len(body) < length:
+            break
+        try:
+            frame = json.loads(body)
+        except ValueError:
+            break
+        if not isinstance(frame, dict):
+            break
+        frames.append(frame)
+        data = data[HEADER.size + length:]
+    return frames

@@ -29,6 +29,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from prefork.kernelstats import ListenCounters, listen_counters
+
 log = logging.getLogger(__name__)
 
 INHERIT_ENV = "PREFORK_INHERIT"
@@ -144,6 +146,16 @@ class Upgrade:
     deadline: float
     waiters: list[Waiter] = field(default_factory=list)
     buffer: bytes = b""
+    began: float = field(default_factory=time.monotonic)
+    counters: ListenCounters | None = field(default_factory=listen_counters)
+
+    def report(self) -> dict[str, Any]:
+        """How long the new master took to serve, and what the kernel turned away on this machine meanwhile."""
+        out: dict[str, Any] = {"serve_s": round(time.monotonic() - self.began, 3)}
+        now = listen_counters()
+        if self.counters is not None and now is not None:
+            out.update(now.since(self.counters))
+        return out
 
 
 class Upgrader:
@@ -185,7 +197,7 @@ class Upgrader:
             self.current = None
             self.on_ready(upgrade)
             for waiter in upgrade.waiters:
-                waiter.reply({"ok": True, "pid": upgrade.pid, "previous_pid": os.getpid()})
+                waiter.reply({"ok": True, "pid": upgrade.pid, "previous_pid": os.getpid(), **upgrade.report()})
         elif not data:  # closed without a word: it is exiting; its SIGCHLD says how
             self._close_pipe()
 

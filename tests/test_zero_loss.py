@@ -93,3 +93,27 @@ def test_a_listener_dropped_by_reload_is_closed_everywhere(daemon_factory: Calla
         assert time.monotonic() - t0 < 2
     assert exchange(("127.0.0.1", a), b"on a") == b"on a"
     assert exchange(("127.0.0.1", c), b"on c") == b"on c"
+
+
+def test_upgrade_and_stop_replies_say_what_happened(daemon_factory: Callable[..., Daemon]) -> None:
+    d = daemon_factory("-k", "sync", "zero_loss_handlers:SlowEcho", workers=1)
+    up = d.ctl("upgrade", "--json", timeout=60)
+    assert up.returncode == 0, up.stderr
+    upgraded = json.loads(up.stdout)
+    assert 0 < upgraded["serve_s"] < 30 and upgraded["listen_overflows"] >= 0 and upgraded["listen_drops"] >= 0
+    wait_for(lambda: d.status()["pid"] == upgraded["pid"], 10, "the new master answering")
+    clients = []
+    for i in range(20):
+        s = socket.create_connection(d.address(), timeout=30)
+        s.sendall(f"client {i}\n".encode())
+        clients.append(s)
+    stop = d.ctl("stop", "--json", timeout=60)
+    assert stop.returncode == 0, stop.stderr
+    report = json.loads(stop.stdout)["report"]
+    assert report["exit_status"] == 0 and report["reset_in_queue"] == 0
+    assert report["queued_at_stop"] >= 10 and report["served_from_queue"] == report["queued_at_stop"]
+    assert 0 < report["queue_s"] <= report["stop_s"] < 30
+    assert report["listen_overflows"] >= 0 and report["listen_drops"] >= 0
+    for i, s in enumerate(clients):
+        with s:
+            assert read_line(s) == f"client {i}\n".encode()

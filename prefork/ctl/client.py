@@ -43,8 +43,12 @@ def exchange_until_exit(c: Call) -> Reply:
     try:
         check(c.request, reply)
         wait = c.given_timeout if c.given_timeout is not None else EXIT_TIMEOUT
-        if not wait_exited(sock, int(reply.get("pid", 0)), wait):
+        said: list[Reply] = []
+        if not wait_exited(sock, int(reply.get("pid", 0)), wait, said):
             raise CommandFailed(f"the master (pid {reply.get('pid')}) did not exit within {wait:g}s")
+        reports = [m["stopped"] for m in said if isinstance(m.get("stopped"), dict)]
+        if reports:
+            reply = {**reply, "report": reports[-1]}  # what the stop did, as the master saw it
     finally:
         sock.close()
     return reply

@@ -36,6 +36,7 @@ from prefork.channel import Decoder
 from prefork.config import Config
 from prefork.control import MAX_CLIENTS, ControlConnection, ControlServer
 from prefork.httpmetrics import MAX_CLIENTS as METRICS_MAX_CLIENTS
+from prefork.kernelstats import listen_counters
 from prefork.listeners import Listener
 from prefork.master import commands, report
 from prefork.master.checks import PeriodicChecks
@@ -171,6 +172,7 @@ class Master:
         self.checks = PeriodicChecks(self, self.gens, self.pool, self.timers, self.notifier)
         self.closer = Closer(self.timers)
         self.stop_report: dict[str, Any] = {}  # what the stop did, for the clients that asked for it
+        self.stop_began, self.stop_counters = 0.0, listen_counters()
 
     @property
     def config(self) -> Config:
@@ -333,6 +335,7 @@ class Master:
         if self.stopping is StopMode.FAST or self.stopping is mode:
             return
         self.stopping = mode
+        self.stop_began, self.stop_counters = time.monotonic(), listen_counters()
         log.info("stopping (%s): %d worker(s) to stop", mode.value, len(self.pool.workers))
         self.notify_systemd("stopping")
         self.gens.prepare_stop()
@@ -356,6 +359,16 @@ class Master:
         self.gens.stop_workers(self.stopping or StopMode.GRACEFUL)
         for listener in self.listeners:
             listener.close()
+
+    def _stop_summary(self) -> dict[str, Any]:
+        """What the stop did: how long it took, what was queued and served, what the kernel turned away."""
+        summary: dict[str, Any] = {"exit_status": self.exit_code, **self.stop_report}
+        if self.stop_began:
+            summary["stop_s"] = round(time.monotonic() - self.stop_began, 3)
+        now = listen_counters()
+        if self.stop_counters is not None and now is not None:
+            summary.update(now.since(self.stop_counters))
+        return summary
 
     def close_after_queue(self, listeners: list[Listener], then: Callable[[], None]) -> None:
         """Close ``listeners`` everywhere once their queues are served (a reload dropped them)."""
@@ -450,6 +463,7 @@ class Master:
         self.upgrader.fail("the daemon stopped", kill=True)
         for listener in self.listeners:
             listener.close()
+        self.control.final_word({"ok": self.exit_code == EXIT_OK, "stopped": self._stop_summary()})
         self.control.close()  # stop waiters see the connection close when we exit
         self.endpoints.close()
         log.info("master (pid %d) exiting with status %d", self.pid, self.exit_code)
