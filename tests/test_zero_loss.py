@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from test_cli import free_port
 
-from conftest import Daemon, exchange, read_line, wait_for
+from conftest import Daemon, Load, exchange, read_line, wait_for
 
 CLIENTS = 80
 
@@ -117,3 +117,18 @@ def test_upgrade_and_stop_replies_say_what_happened(daemon_factory: Callable[...
     for i, s in enumerate(clients):
         with s:
             assert read_line(s) == f"client {i}\n".encode()
+
+
+def test_recycling_under_load_is_never_read_as_a_crash(daemon_factory: Callable[..., Daemon]) -> None:
+    d = daemon_factory("-w", "2", "--max-requests", "50", "--max-requests-jitter", "10", workers=None)
+    with Load(d.address(), clients=6, mode="connect", max_seconds=40) as load:
+        deadline = time.monotonic() + 20  # recycling every ~50 connections for 20 s
+        while time.monotonic() < deadline and not load.failures:
+            load.wait_ok(100, timeout=15)
+    log = d.log()
+    assert load.failures == [], load.failures[:5]
+    assert log.count("retiring") >= 20, log[-2000:]
+    assert "restarting in" not in log and "restarting now" not in log
+    st = d.wait_serving(2)
+    assert st["backoff"] == []
+    assert d.call("stats")["worker_crashes"] == 0
