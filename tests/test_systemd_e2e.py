@@ -633,6 +633,26 @@ def test_a_killed_master_restarts_on_the_same_sockets_from_the_fd_store(manager:
     assert text.count("taking back 1 listening socket(s) from systemd's store") == logged + 1, text[-3000:]
 
 
+def test_restart_under_load_refuses_while_down_and_resets_nothing(manager: UserManager) -> None:
+    """systemctl restart is a stop and a start: the stop serves what is queued and takes the sockets out of
+    the store (a stopped service must not take connections), so while no master runs clients are refused
+    rather than accepted and reset. (To change code without closing a socket: reload or upgrade.)"""
+    props = manager.show()
+    assert props["ActiveState"] == "active", props
+    with Load(manager.addr, clients=6, mode="connect", max_seconds=60) as load:
+        load.wait_ok(200)
+        manager.systemctl("restart", "prefork.service", timeout=60)
+        after = manager.wait(lambda: (p := manager.show())["ActiveState"] == "active" and p, 20, "active again")
+        manager.wait(lambda: manager.serving(int(after["MainPID"])), 15, "the new master serving")
+        load.wait_ok(200)
+    refused = [f for f in load.failures if f.startswith("ConnectionRefusedError")]
+    other = [f for f in load.failures if not f.startswith("ConnectionRefusedError")]
+    print(f"systemctl restart under load: {load.ok} served, {len(refused)} refused while down, {len(other)} other")
+    # a handshake the kernel completes in the instant between the queue's last look and the close can
+    # still be reset: at most one per client, measured 0-5 here
+    assert len(other) <= 6, other
+
+
 def test_a_clean_stop_takes_the_sockets_out_of_the_store(manager: UserManager) -> None:
     """After a clean stop the port refuses at once: systemd's copy does not keep taking connections."""
     props = manager.show()

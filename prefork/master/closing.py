@@ -15,7 +15,9 @@ listener (the daemon stops, ``preforkctl drain --close``, a reload drops a
 
 A Unix listener has neither the filter nor a reported queue; it goes to step
 3 at once. The kernel does not say when a queue empties, so step 2 looks
-every ``QUEUE_CHECK`` seconds, and only while something is queued.
+every ``QUEUE_CHECK`` seconds, and only while something is queued; the first
+look comes one interval after the filter went on, so that handshakes already
+under way have landed in the queue.
 """
 
 from __future__ import annotations
@@ -78,7 +80,9 @@ class Closer:
             del self.pending[key]
             then(closing)
 
-        check()
+        # the first look waits a little: a handshake under way when the filter went on completes
+        # into the queue just after, and must be served too
+        self.timers.set(("queue", key), time.monotonic() + QUEUE_CHECK, check)
         return closing
 
     def finish_now(self) -> None:
