@@ -90,6 +90,8 @@ def worker_labels(worker: Mapping[str, Any]) -> Labels:
 _TOTALS: tuple[tuple[str, str, MetricType, str], ...] = (
     ("requests", "connections_total", "counter", "Connections handled to the end, by all workers ever."),
     ("active", "connections_open", "gauge", "Connections open now."),
+    ("active_max_mean", "connections_imbalance", "gauge",
+     "Open connections of the busiest worker over the mean, across the serving generation (1 when even or idle)."),
     ("errors", "errors_total", "counter", "Handler exceptions."),
     ("proxy_errors", "proxy_errors_total", "counter", "Connections closed for a missing or bad PROXY header."),
     ("bytes_in", "received_bytes_total", "counter", "Bytes received from clients."),
@@ -116,6 +118,8 @@ _TOTALS: tuple[tuple[str, str, MetricType, str], ...] = (
 _PER_WORKER: tuple[tuple[str, str, MetricType, str], ...] = (
     ("requests", "worker_connections_total", "counter", "Connections this worker handled to the end."),
     ("active", "worker_connections_open", "gauge", "Connections this worker has open now."),
+    ("share", "worker_connections_share", "gauge",
+     "This worker's fraction of its generation's open connections (0 when they have none)."),
     ("errors", "worker_errors_total", "counter", "Handler exceptions in this worker."),
     ("bytes_in", "worker_received_bytes_total", "counter", "Bytes this worker received from clients."),
     ("bytes_out", "worker_sent_bytes_total", "counter", "Bytes this worker sent to clients."),

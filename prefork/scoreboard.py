@@ -28,6 +28,15 @@ class Record(ctypes.Structure):
         ("bytes_out", ctypes.c_uint64),
         ("lb_drain", ctypes.c_int64),  # set by the master: fail load-balancer health checks
         ("proxy_errors", ctypes.c_uint64),  # connections closed for a missing or bad PROXY header
+        ("accepting", ctypes.c_int64),  # 1 while the worker takes new connections (siblings balance on it)
+    ]
+
+
+class Header(ctypes.Structure):
+    """What the whole board shares, ahead of the records."""
+
+    _fields_ = [
+        ("used", ctypes.c_int64),  # records ever handed out: every live worker's index is below it
     ]
 
 
@@ -36,9 +45,11 @@ class Scoreboard:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._mem = mmap.mmap(-1, ctypes.sizeof(Record) * capacity)  # MAP_SHARED | MAP_ANONYMOUS
-        self._records = (Record * capacity).from_buffer(self._mem)
-        self._free = list(range(capacity - 1, -1, -1))
+        size = ctypes.sizeof(Header) + ctypes.sizeof(Record) * capacity
+        self._mem = mmap.mmap(-1, size)  # MAP_SHARED | MAP_ANONYMOUS
+        self._header = Header.from_buffer(self._mem)
+        self._records = (Record * capacity).from_buffer(self._mem, ctypes.sizeof(Header))
+        self._free = list(range(capacity - 1, -1, -1))  # lowest first, so live records stay below a low ``used``
 
     def allocate(self, pid: int, generation: int, now: float) -> int:
         """Take a free record, zeroed, for a worker about to be forked (raises IndexError when full)."""
@@ -48,10 +59,19 @@ class Scoreboard:
         record.pid = pid
         record.generation = generation
         record.heartbeat = now
+        self._header.used = max(self._header.used, index + 1)
         return index
 
     def release(self, index: int) -> None:
+        """Free a gone worker's record (its counters already read): it is nobody's sibling any more."""
+        record = self._records[index]
+        record.pid = record.generation = record.active = record.accepting = 0
         self._free.append(index)
+
+    @property
+    def used(self) -> int:
+        """How many records from the first may be live (a worker scans only these for its siblings)."""
+        return int(self._header.used)
 
     def __getitem__(self, index: int) -> Record:
         record: Record = self._records[index]

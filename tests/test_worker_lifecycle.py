@@ -263,7 +263,8 @@ def test_bad_proxy_header_is_counted_and_logged_once(make_worker: MakeWorker,
 def test_one_signal_table(make_worker: MakeWorker, master: Master) -> None:
     worker = make_worker()
     actions = worker.signal_actions()
-    assert set(actions) == {signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT, signal.SIGQUIT}
+    assert set(actions) == {signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT, signal.SIGQUIT,
+                            signal.SIGWINCH}  # WINCH: a sibling asks a stepped-back worker to look again (--balance)
     assert {signal.SIGINT, signal.SIGQUIT} == FAST_EXIT_SIGNALS
     assert actions[signal.SIGUSR1] is logs.reopen
     for signum in FAST_EXIT_SIGNALS:

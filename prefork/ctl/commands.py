@@ -25,7 +25,7 @@ REPLY_TIMEOUT = 10.0  # seconds to wait for a reply when --timeout is not given
 GENERATION_TIMEOUT = 600.0  # reload and upgrade reply once the new generation serves
 TOP_TIMEOUT = 5.0  # each refresh of top
 
-STATUS_HEADERS = ["SLOT", "PID", "GEN", "STATE", "REQUESTS", "ACTIVE", "RSS", "CPU%", "AGE", "HEARTBEAT"]
+STATUS_HEADERS = ["SLOT", "PID", "GEN", "STATE", "REQUESTS", "ACTIVE", "SHARE", "RSS", "CPU%", "AGE", "HEARTBEAT"]
 STATS_KEYS = ["requests", "active", "errors", "workers", "workers_spawned", "worker_exits", "worker_crashes",
               "worker_timeouts", "reloads", "failed_reloads"]
 DRAIN_STATES: Mapping[str | None, str] = {
@@ -86,6 +86,11 @@ def drain_request(args: argparse.Namespace) -> Request:
 # -- text formatters: a successful reply -> what people read -------------------------------------------------
 
 
+def format_share(share: object) -> str:
+    """A worker's share of its generation's open connections, in percent ("-" from a daemon without it)."""
+    return f"{100 * share:.1f}%" if isinstance(share, int | float) and not isinstance(share, bool) else "-"
+
+
 def format_status(s: Reply) -> str:
     out = [
         f"{s['name']}: master pid {s['pid']}, {s['state']}, generation {s['generation']}, "
@@ -97,8 +102,8 @@ def format_status(s: Reply) -> str:
     ]
     rows = [
         [str(w["slot"]), str(w["pid"]), str(w["generation"]), w["state"], str(w["requests"]), str(w["active"]),
-         human_bytes(w["rss_bytes"]), f"{w['cpu_percent']:.1f}", human_age(w["age_s"]),
-         f"{w['heartbeat_age_s']:.1f}s"]
+         format_share(w.get("share")), human_bytes(w["rss_bytes"]), f"{w['cpu_percent']:.1f}",
+         human_age(w["age_s"]), f"{w['heartbeat_age_s']:.1f}s"]
         for w in s["workers"]
     ]
     out += table(STATUS_HEADERS, rows)

@@ -60,10 +60,32 @@ class Snapshot:
     totals: Totals
 
 
-def worker_info(w: WorkerSample) -> dict[str, Any]:
+def open_by_generation(workers: list[WorkerSample]) -> dict[int, int]:
+    """Connections open now in each generation."""
+    totals: dict[int, int] = {}
+    for w in workers:
+        totals[w.generation] = totals.get(w.generation, 0) + max(w.active, 0)
+    return totals
+
+
+def share(w: WorkerSample, generation_open: int) -> float:
+    """The worker's fraction of its generation's open connections (0 when the generation has none)."""
+    return round(max(w.active, 0) / generation_open, 3) if generation_open > 0 else 0.0
+
+
+def imbalance(actives: list[int]) -> float:
+    """Max over mean of open connections per worker: 1.0 when even or idle, up to the number of workers."""
+    total = sum(max(a, 0) for a in actives)
+    if not actives or total == 0:
+        return 1.0
+    return round(max(actives) * len(actives) / total, 3)
+
+
+def worker_info(w: WorkerSample, generation_open: int = 0) -> dict[str, Any]:
     return {
         "pid": w.pid, "slot": w.slot, "generation": w.generation, "state": w.state,
-        "requests": w.requests, "active": w.active, "errors": w.errors, "proxy_errors": w.proxy_errors,
+        "requests": w.requests, "active": w.active, "share": share(w, generation_open),
+        "errors": w.errors, "proxy_errors": w.proxy_errors,
         "bytes_in": w.bytes_in, "bytes_out": w.bytes_out, "rss_bytes": w.rss_bytes,
         "cpu_percent": round(w.cpu_percent, 1), "age_s": round(w.age_s, 3),
         "heartbeat_age_s": round(max(0.0, w.heartbeat_age_s), 3),
@@ -71,6 +93,7 @@ def worker_info(w: WorkerSample) -> dict[str, Any]:
 
 
 def status(snap: Snapshot) -> dict[str, Any]:
+    by_generation = open_by_generation(snap.workers)
     return {
         "pid": snap.pid,
         "name": snap.name,
@@ -85,7 +108,7 @@ def status(snap: Snapshot) -> dict[str, Any]:
         "target_workers": snap.target_workers,
         "listeners": list(snap.listeners),
         "control": snap.control,
-        "workers": [worker_info(w) for w in snap.workers],
+        "workers": [worker_info(w, by_generation.get(w.generation, 0)) for w in snap.workers],
         "backoff": [
             {"slot": b.slot, "failures": b.failures,
              "restart_in_s": round(max(0.0, b.restart_in_s), 3) if b.restart_in_s is not None else None}
@@ -104,6 +127,9 @@ def stats(snap: Snapshot) -> dict[str, Any]:
         "uptime_s": round(snap.uptime_s, 3),
         "requests": totals.requests + sum(w.requests for w in live),
         "active": sum(w.active for w in live),
+        # how unevenly the serving generation's workers hold connections: alert when well over 1
+        "active_max_mean": imbalance([w.active for w in live if w.generation == snap.generation
+                                      and w.state != "draining"]),
         "errors": totals.errors + sum(w.errors for w in live),
         "proxy_errors": totals.proxy_errors + sum(w.proxy_errors for w in live),
         "bytes_in": totals.bytes_in + sum(w.bytes_in for w in live),

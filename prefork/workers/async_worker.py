@@ -37,6 +37,7 @@ from prefork.handlers.aio import EchoProtocol
 from prefork.listeners import describe
 from prefork.proxy_protocol import DEFAULT_MAX_LENGTH, ProxyProtocolError, parse
 from prefork.scoreboard import Record
+from prefork.workers.balance import RECHECK
 from prefork.workers.base import LISTENER_GONE_ERRNOS, FastExit, WorkerLifecycle, WorkerOptions
 from prefork.workers.connection import account, counts_own_bytes, log_access
 from prefork.workers.echo_engine import EchoEngine
@@ -154,6 +155,7 @@ class AsyncWorker(WorkerLifecycle):
         self.fast = False
         self.servers: list[asyncio.base_events.Server] = []
         self.paused = False
+        self.recheck: asyncio.TimerHandle | None = None  # the next look while stepped back (--balance)
         self.done: asyncio.Future[None] | None = None
         self.counts_own_bytes = counts_own_bytes(handler)  # the relay
         self.factory = self._make_factory(handler)
@@ -161,7 +163,8 @@ class AsyncWorker(WorkerLifecycle):
         self.engine: EchoEngine | None = None
         if handler is EchoProtocol and self.proxy is None and not self.access_log:
             self.engine = EchoEngine(self.listeners, record, on_open=self.opened, on_close=self.closed,
-                                     can_accept=self.can_accept, on_listener_gone=self.listener_gone)
+                                     can_accept=self.can_accept, on_listener_gone=self.listener_gone,
+                                     on_accepting=self.mark_accepting)
         # every listening descriptor of ours (the listeners, each server's duplicate) -> (its inode, address),
         # to notice one closed under us (the heartbeat looks)
         self.listening: dict[int, tuple[int, str]] = {}
@@ -178,9 +181,14 @@ class AsyncWorker(WorkerLifecycle):
         self.open += 1
         self.record.active += 1
         self.count_accepted()
-        if (not self.stopping and self.max_connections and self.open >= self.max_connections
-                and not self.paused):
+        if self.stopping or self.paused:
+            return
+        if self.max_connections and self.open >= self.max_connections:
             self.pause_accepting()
+        elif self.over_share():
+            self.pause_accepting()  # the kernel wakes a sibling for the next one
+            if self.recheck is None:
+                self.recheck = asyncio.get_running_loop().call_later(RECHECK, self._recheck_share)
 
     def closed(self) -> None:
         self.open -= 1
@@ -190,8 +198,33 @@ class AsyncWorker(WorkerLifecycle):
         if self.stopping:
             if self.open <= 0 and self.done is not None and not self.done.done():
                 self.done.set_result(None)
-        elif self.paused and not self.listeners_closed and self.open < self.max_connections:
-            self.resume_accepting()
+        elif self.paused:
+            self._resume_if_free()
+
+    def _resume_if_free(self) -> None:
+        """Paused (at the cap, or stepped back for balance): accept again once neither holds."""
+        if self.listeners_closed or self.stopping:
+            return
+        if self.max_connections and self.open >= self.max_connections:
+            return
+        if self.still_over_share():
+            return
+        self.resume_accepting()
+
+    def rebalance(self) -> None:
+        """A sibling holding more than its share woke us: accept again unless still over ours."""
+        if self.stepped_back and self.paused:
+            self._resume_if_free()
+
+    def _recheck_share(self) -> None:
+        """While stepped back, look again: siblings' counts change without waking this worker."""
+        self.recheck = None
+        if not self.stepped_back:
+            return
+        if self.paused:
+            self._resume_if_free()
+        if self.stepped_back:
+            self.recheck = asyncio.get_running_loop().call_later(RECHECK, self._recheck_share)
 
     def can_accept(self) -> bool:
         return not (self.stopping or self.paused or self.listeners_closed)
@@ -276,6 +309,8 @@ class AsyncWorker(WorkerLifecycle):
         if self.engine is not None:
             self.engine.set_accepting(True)
             return
+        if self.servers:
+            return  # serving already: a resume raced another
         loop = asyncio.get_running_loop()
         for sock in self.listeners:
             if sock.fileno() < 0 or self.listener_lost:
@@ -288,6 +323,10 @@ class AsyncWorker(WorkerLifecycle):
             server = await loop.create_server(self.factory, sock=dup, backlog=self.config.backlog)
             self.servers.append(server)
             self.server_fds[server] = fd
+        if self.paused or self.stopping or self.listeners_closed:
+            self.stop_accepting()  # paused again, or told to stop, while the servers were being made
+            return
+        self.mark_accepting(bool(self.servers))
 
     def stop_accepting(self) -> None:
         if self.engine is not None:
@@ -296,6 +335,8 @@ class AsyncWorker(WorkerLifecycle):
             self.listening.pop(self.server_fds.pop(server, -1), None)
             server.close()
         self.servers.clear()
+        if self.engine is None:
+            self.mark_accepting(False)
 
     def check_listeners(self) -> None:
         """Each listening descriptor still the socket it was; one closed under us means that listener is gone.

@@ -24,7 +24,10 @@ once:
 * the PROXY protocol decisions: which peers must send a header, what a
   missing or malformed one costs, and when a load balancer's health check
   (a ``LOCAL`` header) is closed at once;
-* the heartbeat in the scoreboard and ``READY`` on the channel.
+* the heartbeat in the scoreboard and ``READY`` on the channel;
+* ``--balance``: when a worker holding more than its share of its
+  generation's connections steps back from accepting, and when it comes
+  back (:mod:`prefork.workers.balance` decides).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from prefork import logs
 from prefork.channel import Channel, Event
 from prefork.proxy_protocol import ProxyHeader
 from prefork.scoreboard import Record
+from prefork.workers.balance import ACCEPTING, NOT_ACCEPTING, STEPPED_BACK, WAKE_SIGNAL, Balance
 from prefork.workers.connection import ProxyPolicy, format_peer
 
 log = logging.getLogger(__name__)
@@ -77,6 +81,7 @@ class WorkerOptions:
     graceful_timeout: float = 30.0
     heartbeat_interval: float = 1.0
     proxy: ProxyPolicy | None = None  # None: no peer sends a PROXY header
+    balance: Balance | None = None  # None: --balance off
 
 
 class WorkerLifecycle:
@@ -89,7 +94,13 @@ class WorkerLifecycle:
     :attr:`stop_deadline`; raise :class:`FastExit` on a fast exit),
     :meth:`stop_accepting`, :meth:`open_connections` and :meth:`fast_exit`.
     It may extend :meth:`on_stopping` and :meth:`forget_listeners`. It calls
-    :meth:`count_accepted` for each connection it takes.
+    :meth:`count_accepted` for each connection it takes, and
+    :meth:`mark_accepting` each time it starts or stops accepting. With
+    ``--balance on`` it asks :meth:`over_share` after each connection it
+    takes (stepping back when true, :attr:`stepped_back`) and, while stepped
+    back, asks :meth:`still_over_share` when one of its connections ends,
+    every :data:`~prefork.workers.balance.RECHECK` seconds and on
+    :meth:`rebalance`.
     """
 
     def __init__(self, listeners: Sequence[socket.socket], record: Record, options: WorkerOptions) -> None:
@@ -102,6 +113,8 @@ class WorkerLifecycle:
         self.graceful_timeout = options.graceful_timeout
         self.heartbeat_interval = options.heartbeat_interval
         self.proxy = options.proxy
+        self.balance = options.balance
+        self.stepped_back = False  # not accepting while it holds more than its share (--balance)
         self.accepted = 0  # connections taken, for --max-requests
         self.stopping = False
         self.stop_deadline = 0.0  # time.monotonic() after which open connections are cut
@@ -128,6 +141,13 @@ class WorkerLifecycle:
 
     def on_stopping(self) -> None:
         """The last step of :meth:`begin_stop`, after :attr:`stop_deadline` is set. May be extended."""
+
+    def rebalance(self) -> None:
+        """A sibling asks a stepped-back worker to look again (:data:`~prefork.workers.balance.WAKE_SIGNAL`).
+
+        The base does nothing: a class whose loop turns on every signal looks
+        then. May be extended.
+        """
 
     def forget_listeners(self) -> None:
         """Drop every reference to the listening descriptors, about to close (their numbers get reused).
@@ -156,6 +176,7 @@ class WorkerLifecycle:
             signal.SIGUSR2: self.close_listeners,
             signal.SIGINT: self.fast_exit,
             signal.SIGQUIT: self.fast_exit,
+            WAKE_SIGNAL: self.rebalance,
         }
 
     def announce_ready(self) -> None:
@@ -190,6 +211,33 @@ class WorkerLifecycle:
         self.accepted += 1
         if self.max_requests and self.accepted >= self.max_requests:
             self.retire(f"max-requests ({self.max_requests}) reached")
+
+    def mark_accepting(self, on: bool) -> None:
+        """Say in the scoreboard whether this worker takes new connections (its siblings balance on it)."""
+        self.record.accepting = ACCEPTING if on else STEPPED_BACK if self.stepped_back else NOT_ACCEPTING
+
+    def over_share(self) -> bool:
+        """After taking a connection: True when this worker should step back, and it is now stepped back.
+
+        The caller stops accepting. Never true for a stopping worker, nor
+        with ``--balance off``.
+        """
+        if self.balance is None or self.stopping or self.stepped_back:
+            return False
+        if self.balance.steps_back(int(self.record.active)):
+            self.stepped_back = True
+            self.record.accepting = STEPPED_BACK
+        return self.stepped_back
+
+    def still_over_share(self) -> bool:
+        """While stepped back: True while this worker should stay back; once False, it may accept again."""
+        if self.stepped_back and self.balance is not None and not self.stopping:
+            self.stepped_back = self.balance.steps_back(int(self.record.active))
+        else:
+            self.stepped_back = False
+        if not self.stepped_back and self.record.accepting == STEPPED_BACK:
+            self.record.accepting = NOT_ACCEPTING  # until the class accepts again (a full pool may hold it)
+        return self.stepped_back
 
     def listener_gone(self, address: str, exc: OSError) -> None:
         """``accept()`` on ``address`` failed with one of LISTENER_GONE_ERRNOS: log once, retire.

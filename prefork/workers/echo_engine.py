@@ -50,12 +50,13 @@ class EchoEngine:
     and caps there); ``can_accept`` says whether accepting may resume after a
     pause for lack of file descriptors; ``on_listener_gone`` is told when a
     listening socket no longer accepts (closed under us), once the engine
-    has stopped watching it.
+    has stopped watching it; ``on_accepting`` each time accepting starts or stops.
     """
 
     def __init__(self, listeners: Iterable[socket.socket], record: Record, *, on_open: Callable[[], None],
                  on_close: Callable[[], None], can_accept: Callable[[], bool],
-                 on_listener_gone: Callable[[str, OSError], None] | None = None) -> None:
+                 on_listener_gone: Callable[[str, OSError], None] | None = None,
+                 on_accepting: Callable[[bool], None] | None = None) -> None:
         self.listeners = {sock.fileno(): sock for sock in listeners}
         self.addresses = {fd: describe(sock) for fd, sock in self.listeners.items()}
         self.record = record
@@ -63,6 +64,7 @@ class EchoEngine:
         self.on_close = on_close
         self.can_accept = can_accept
         self.on_listener_gone = on_listener_gone
+        self.on_accepting = on_accepting
         self.epoll = select.epoll()
         self.connections: set[int] = set()
         self.pending: dict[int, memoryview] = {}  # output the kernel did not take yet, by fd
@@ -84,6 +86,8 @@ class EchoEngine:
             else:
                 self.epoll.unregister(fd)
         self.accepting = on
+        if self.on_accepting is not None:
+            self.on_accepting(on)
 
     def drop_listeners(self) -> None:
         """Stop accepting for good: the worker is about to close its listening sockets."""

@@ -24,8 +24,9 @@ from typing import Any, NoReturn
 from prefork import logs
 from prefork.channel import Channel, Event
 from prefork.config import Config
-from prefork.scoreboard import Record, Scoreboard
+from prefork.scoreboard import Scoreboard
 from prefork.workers.async_worker import AsyncWorker
+from prefork.workers.balance import Balance
 from prefork.workers.base import FastExit, WorkerLifecycle, WorkerOptions, heartbeat_interval
 from prefork.workers.connection import ProxyPolicy
 from prefork.workers.loading import HandlerLoadError, handler_for
@@ -106,13 +107,15 @@ def _serve(spec: WorkerSpec, scoreboard: Scoreboard) -> int:
     except HandlerLoadError as exc:
         channel.send(Event.BOOT_ERROR, str(exc))
         return WORKER_BOOT_ERROR
-    build_worker(spec, handler, scoreboard[spec.record_index], channel).run()
+    build_worker(spec, handler, scoreboard, channel).run()
     return WORKER_OK
 
 
-def build_worker(spec: WorkerSpec, handler: Any, record: Record, channel: Channel) -> WorkerLifecycle:
+def build_worker(spec: WorkerSpec, handler: Any, scoreboard: Scoreboard, channel: Channel) -> WorkerLifecycle:
     """The worker of the configured class, serving ``handler`` on the spec's listeners."""
     config = spec.config
+    record = scoreboard[spec.record_index]
+    balance = Balance(scoreboard, spec.record_index, spec.generation) if config.balance == "on" else None
     options = WorkerOptions(
         slot=spec.slot,
         master_pid=spec.master_pid,
@@ -121,6 +124,7 @@ def build_worker(spec: WorkerSpec, handler: Any, record: Record, channel: Channe
         graceful_timeout=config.graceful_timeout,
         heartbeat_interval=heartbeat_interval(config.timeout),
         proxy=ProxyPolicy.from_config(config),
+        balance=balance,
     )
     if config.worker_class == "async":
         return AsyncWorker(spec.listeners, handler, config, record, options)

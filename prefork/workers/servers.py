@@ -41,6 +41,7 @@ from prefork import logs
 from prefork.listeners import ACCEPT_PAUSE, accept_failed, describe, watch
 from prefork.proxy_protocol import ProxyProtocolError, read_header
 from prefork.scoreboard import Record
+from prefork.workers.balance import RECHECK
 from prefork.workers.base import (
     FAST_EXIT_SIGNALS,
     LISTENER_GONE_ERRNOS,
@@ -168,6 +169,7 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
                     raise
                 gone.append((fd, exc))
         self._accepting = on
+        self.mark_accepting(on)
         for fd, error in gone:
             self._lose_listener(fd, error)
 
@@ -225,10 +227,12 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
             if not self.open_connections() or now >= self.stop_deadline:
                 return None
             return min(self.heartbeat_interval, self.stop_deadline - now)
+        if self.stepped_back:
+            self.still_over_share()  # siblings' counts change without waking us: look on every turn
         if (not self._accepting and now >= self._accept_paused_until and not self.full()
-                and not self.listeners_closed):
+                and not self.listeners_closed and not self.stepped_back):
             self.set_accepting(True)
-        timeout = self.heartbeat_interval
+        timeout = RECHECK if self.stepped_back else self.heartbeat_interval
         if self._accept_paused_until > now:
             timeout = min(timeout, self._accept_paused_until - now)
         return timeout
@@ -248,6 +252,9 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
         # under load the backlog rarely empties: take a few in a row before polling again
         for _ in range(_ACCEPT_BATCH):
             if not self._accept(sock):
+                return
+            if self.over_share():
+                self.set_accepting(False)  # the kernel wakes a sibling for the next one
                 return
             self.heartbeat()
             self.service_actions()
@@ -409,9 +416,9 @@ class ThreadServer(WorkerServer):
                 self._open -= 1
                 self.record.active -= 1
                 self.record.requests += 1
-                turn_loop = self._open == self.threads - 1 or self.stopping
+                turn_loop = self._open == self.threads - 1 or self.stopping or self.stepped_back
             if turn_loop:
-                self.wake()  # the loop resumes accepting, or notices the drain is over
+                self.wake()  # the loop resumes accepting (a thread free, or back to its share), or ends the drain
             self.shutdown_request(request)
             with self._lock:
                 self._spare += 1
