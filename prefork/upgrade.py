@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 INHERIT_ENV = "PREFORK_INHERIT"
 PIPE_ENV = "PREFORK_UPGRADE_PIPE"
 UPGRADE_TIMEOUT = 60.0  # how long a new master may take to serve before the upgrade is abandoned
+MAX_WHY = 1000  # the longest reason a new master gives for failing
 
 
 class UpgradeError(Exception):
@@ -130,6 +131,17 @@ def report_ready(pipe_fd: int) -> None:
         os.close(pipe_fd)
 
 
+def report_failure(pipe_fd: int, why: str) -> None:
+    """Tell the old master why we cannot serve (one line); its upgrade fails with these words."""
+    line = " ".join(why.split())[:MAX_WHY]
+    try:
+        os.write(pipe_fd, f"error: {line}\n".encode())
+    except OSError:
+        pass  # the old master is gone already: nothing to tell
+    finally:
+        os.close(pipe_fd)
+
+
 # -- the old master's side ----------------------------------------------------------------------------
 
 
@@ -209,11 +221,32 @@ class Upgrader:
         if kill:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(upgrade.pid, signal.SIGQUIT)  # it stops its own workers
+        said = self._last_words(upgrade)
+        if said:
+            why = f"{why}: {said}"
         self._close_pipe()
         self.current = None
         log.error("upgrade failed: %s; still serving (pid %d)", why, os.getpid())
         for waiter in upgrade.waiters:
             waiter.reply({"ok": False, "error": f"upgrade failed: {why}"})
+
+    def _last_words(self, upgrade: Upgrade) -> str:
+        """Why the new master said it failed (:func:`report_failure`), or ''.
+
+        It writes before it exits, so once it is reaped the words are in the pipe.
+        """
+        while upgrade.pipe_fd >= 0 and len(upgrade.buffer) <= MAX_WHY + 16:
+            try:
+                data = os.read(upgrade.pipe_fd, 4096)
+            except OSError:  # nothing more now (it may still be running: a timeout), or the pipe is gone
+                break
+            if not data:
+                break
+            upgrade.buffer += data
+        for line in upgrade.buffer.decode("utf-8", "replace").splitlines():
+            if line.startswith("error: "):
+                return line[len("error: "):]
+        return ""
 
     def _close_pipe(self) -> None:
         upgrade = self.current
