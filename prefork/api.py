@@ -57,14 +57,12 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import FrameType, TracebackType
 from typing import Any, Literal, NoReturn, TypedDict, Unpack
 
-import psutil
-
 from prefork.cli import MasterSetup, build_master, prepare_master
 from prefork.config import DEFAULT_BIND, SETTINGS, Config, ConfigError, build_config
-from prefork.control import ControlConnection, ControlError
+from prefork.control import ControlError
 from prefork.listeners import BindError
-from prefork.master.loop import Master
-from prefork.master.reload import HeldReply, Waiter
+from prefork.master.rerun import RerunMaster
+from prefork.preload import preload
 from prefork.privileges import PrivilegeError
 from prefork.systemd import Notifier
 from prefork.upgrade import INHERIT_ENV
@@ -75,7 +73,6 @@ __all__ = ["OptionError", "PreforkServer", "ServerError", "ServerOptions", "serv
 log = logging.getLogger(__name__)
 
 STANDIN_ENV = "PREFORK_STANDIN_FD"  # the masters' end of the stand-in's socket
-GENERATION_ENV = "PREFORK_GENERATION"  # the generation a re-executed program starts at
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
              signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
@@ -96,6 +93,7 @@ class ServerOptions(TypedDict, total=False):
     worker_class: Literal["sync", "thread", "async"]
     threads: int
     loop: Literal["auto", "asyncio", "uvloop"]
+    balance: Literal["on", "off"]
     max_connections: int
     timeout: float
     graceful_timeout: float
@@ -120,6 +118,7 @@ class ServerOptions(TypedDict, total=False):
     relay_connect_timeout: float
     relay_idle_timeout: float
     relay_send_proxy: bool
+    preload: bool
 
 
 KEYWORDS = (*(k for k in SETTINGS if k not in ("handler", "bind")), "config")
@@ -290,7 +289,7 @@ class Reporter:
 # -- the master of a program ---------------------------------------------------------------------------------
 
 
-class ProgramMaster(Master):
+class ProgramMaster(RerunMaster):
     """The master of a program serving through this module: a reload runs the program again, from disk."""
 
     def __init__(self, *args: Any, reporter: Reporter, **kwargs: Any) -> None:
@@ -298,9 +297,6 @@ class ProgramMaster(Master):
         self.reporter = reporter
         self.fatal_reason = ""
         self.upgrader.command = lambda argv: this_program()
-        generation = os.environ.pop(GENERATION_ENV, "")
-        if generation.isdigit():  # we are the program run again: the reload's generation number goes on
-            self.gens.generation = int(generation)
 
     def on_serving(self) -> None:
         super().on_serving()
@@ -310,80 +306,20 @@ class ProgramMaster(Master):
         self.fatal_reason = why
         super().fatal(why)
 
-    def begin_reload(self, waiters: Sequence[Waiter]) -> None:
-        """HUP / ``preforkctl reload``: run the program again on our sockets; answer once it alone accepts."""
-        why = self.cannot_rerun()
-        if why is None:
-            log.info("reload: starting the program again, so that it runs the code on disk now")
-            self.begin_upgrade(None)
-            upgrade = self.upgrader.current
-            if upgrade is not None:
-                if waiters:
-                    upgrade.waiters.append(ReloadReply(self, list(waiters), self.gens.generation + 1))
-                return
-            why = "the program could not be started again (see the log)"
-        else:
-            log.error("reload refused: %s", why)
-        for waiter in waiters:
-            waiter.reply({"ok": False, "error": f"reload failed: {why}"})
-
-    def begin_upgrade(self, waiter: ControlConnection | None = None) -> None:
-        why = self.cannot_rerun()
-        if why is not None:
-            log.error("upgrade refused: %s", why)
-            if waiter is not None:
-                waiter.reply({"ok": False, "error": f"upgrade failed: {why}"})
-            return
-        os.environ[GENERATION_ENV] = str(self.gens.generation + 1)  # for the program we start
-        super().begin_upgrade(waiter)
-
     def cannot_rerun(self) -> str | None:
-        if self.stopping is not None:
-            return "the daemon is stopping"
-        if self.upgrader.current is not None:
-            return "the program is being started again already; try again once that is done"
-        try:
-            this_program()
-        except CannotRerun as exc:
-            return str(exc)
-        return None
-
-
-class ReloadReply:
-    """Answers a reload done by running the program again, in the words of a reload.
-
-    As for any reload, the answer waits until none of the old workers
-    accepts, so every connection made after it meets the new code.
-    """
-
-    def __init__(self, master: Master, waiters: list[Waiter], generation: int) -> None:
-        self.master = master
-        self.waiters = waiters
-        self.generation = generation
-
-    def reply(self, message: dict[str, Any]) -> None:
-        if not message.get("ok"):
-            error = str(message.get("error", "")).replace("upgrade failed", "reload failed", 1)
-            for waiter in self.waiters:
-                waiter.reply({"ok": False, "error": error})
-            return
-        pid = int(message["pid"])
-        try:
-            workers = len(psutil.Process(pid).children())  # it serves: its children are its ready workers
-        except psutil.Error:
-            workers = 0
-        answer = {"ok": True, "generation": self.generation, "workers": workers, "pid": pid,
-                  "previous_pid": message.get("previous_pid")}
-        accepting = set(self.master.pool.workers)  # ours, told to drain just now
-        if accepting:
-            self.master.gens.reloads.held.append(HeldReply(self.waiters, accepting, answer))
-        else:
-            for waiter in self.waiters:
-                waiter.reply(answer)
+        why = super().cannot_rerun()
+        if why is None:
+            try:
+                this_program()
+            except CannotRerun as exc:
+                return str(exc)
+        return why
 
 
 def run_master(setup: MasterSetup, reporter: Reporter) -> int:
     """Run the master over ``setup`` in this process; tell the stand-in how it ended."""
+    if setup.config.preload:  # the handler is in memory already: this freezes the collector over it
+        preload(setup)
     master = build_master(setup, {}, [], master_class=functools.partial(ProgramMaster, reporter=reporter))
     status = master.run()
     reporter.send(Event.EXIT, status, master.fatal_reason)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from prefork import __version__, logs
 from prefork.config import (
+    BALANCE_MODES,
     DEFAULT_BIND,
     DEFAULT_HANDLER,
     LOG_LEVELS,
@@ -66,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, metavar="N", help="threads per thread worker (default 32)")
     p.add_argument("--loop", choices=LOOPS, metavar="LOOP",
                    help="the async workers' event loop: auto (default: uvloop when installed), asyncio or uvloop")
+    p.add_argument("--balance", choices=BALANCE_MODES, metavar="on|off",
+                   help="on (default): a worker holding clearly more than its share of open connections "
+                        "stops accepting until its siblings catch up; off: the kernel alone decides")
     p.add_argument("--max-connections", type=int, metavar="N",
                    help="open connections per async worker before it stops accepting (default 0: no cap)")
     p.add_argument("--timeout", type=float, metavar="SECS",
@@ -115,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="close a relayed connection idle this long both ways (default 300, 0: never)")
     p.add_argument("--relay-send-proxy", action="store_true",
                    help="announce each client to the upstream with a PROXY protocol v2 header")
+    p.add_argument("--preload", action="store_true",
+                   help="import the handler in the master before forking, so workers share its memory; "
+                        "a reload then starts a new master program on the same sockets (an upgrade)")
     p.add_argument("--version", action="version", version=f"prefork {__version__}")
     return p
 
@@ -270,7 +277,14 @@ def build_master(setup: MasterSetup, overrides: dict[str, Any], argv: list[str],
 def serve(config: Config, overrides: dict[str, Any], argv: list[str]) -> int:
     from prefork.master.loop import Master
 
-    return build_master(prepare_master(config), overrides, argv, Master).run()
+    setup = prepare_master(config)
+    if not config.preload:
+        return build_master(setup, overrides, argv, Master).run()
+    from prefork.master.rerun import RerunMaster
+    from prefork.preload import preload
+
+    preload(setup)  # the master holds the handler's code now: its reload starts the program again
+    return build_master(setup, overrides, argv, RerunMaster).run()
 
 
 def main(argv: list[str] | None = None) -> int:

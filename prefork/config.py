@@ -25,6 +25,7 @@ DEFAULT_BIND = "127.0.0.1:20000"
 DEFAULT_HANDLER = "prefork.handlers.echo:EchoHandler"
 WORKER_CLASSES = ("sync", "thread", "async")
 LOOPS = ("auto", "asyncio", "uvloop")  # the async worker's event loop; auto: uvloop when installed
+BALANCE_MODES = ("on", "off")  # on: a worker holding more than its share of connections steps back
 ASYNC_ECHO_HANDLER = "prefork.handlers.aio:EchoProtocol"
 RELAY_HANDLERS = ("prefork.handlers.relay:RelayHandler", "prefork.handlers.aio:RelayProtocol")  # [is async]
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -124,6 +125,7 @@ class Config:
     threads: int = 32
     max_connections: int = 0  # per async worker; 0: no cap
     loop: str = "auto"  # the async worker's event loop: auto, asyncio or uvloop
+    balance: str = "on"  # on: workers even out their open connections (prefork.workers.balance)
     timeout: float = 30.0
     graceful_timeout: float = 30.0
     max_requests: int = 0
@@ -147,6 +149,7 @@ class Config:
     relay_connect_timeout: float = 5.0
     relay_idle_timeout: float = 300.0  # 0: none
     relay_send_proxy: bool = False
+    preload: bool = False  # import the handler in the master before forking; a reload is then an upgrade
     config_file: str | None = None
 
     @property
@@ -193,6 +196,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "worker_class": (str,),
     "threads": (int,),
     "loop": (str,),
+    "balance": (str,),
     "max_connections": (int,),
     "timeout": (int, float),
     "graceful_timeout": (int, float),
@@ -217,6 +221,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "relay_connect_timeout": (int, float),
     "relay_idle_timeout": (int, float),
     "relay_send_proxy": (bool,),
+    "preload": (bool,),
 }
 
 SETTINGS = tuple(_FIELD_TYPES)  # every setting's name: the TOML keys, the long options, prefork.api's keywords
@@ -361,6 +366,8 @@ def validate(config: Config) -> None:
         )
     if config.loop not in LOOPS:
         raise ConfigError(f"loop: unknown event loop {quote(config.loop)} (choose from {', '.join(LOOPS)})")
+    if config.balance not in BALANCE_MODES:
+        raise ConfigError(f"balance: {quote(config.balance)} is neither on nor off")
     if config.loop == "uvloop" and not uvloop_installed():
         raise ConfigError("loop: uvloop is not installed (pip install 'prefork[fast]'), or choose asyncio")
     if not 1 <= config.threads <= 10000:

@@ -56,7 +56,9 @@ def exchange_until_exit(c: Call) -> Reply:
 
 def check(request: Request, reply: Reply) -> None:
     if not reply.get("ok"):
-        raise CommandFailed(f"{request['command']} failed: {reply.get('error', 'no reason given')}", reply)
+        error = str(reply.get("error", "no reason given"))
+        prefix = f"{request['command']} failed: "
+        raise CommandFailed(error if error.startswith(prefix) else prefix + error, reply)
 
 
 def ask(path: str, command: str, timeout: float) -> Reply:
