@@ -39,8 +39,11 @@ def parse_netstat(text: str) -> ListenCounters | None:
 
 
 def listen_counters(path: str = NETSTAT) -> ListenCounters | None:
+    """The counters now; None when they cannot be read. Never raises: a report is not worth a failure."""
     try:
-        with open(path, encoding="ascii", errors="replace") as f:
-            return parse_netstat(f.read(1 << 20))
+        with open(path, "rb") as f:
+            data = f.read(1 << 20)
     except OSError:
         return None
+    # bytes.decode("ascii") needs no codec lookup: after --user the master may not be able to import one
+    return parse_netstat(data.decode("ascii", "replace"))
