@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 from prefork.scoreboard import Record, Scoreboard
 
-SLACK = 1  # connections over the even share a worker may hold before it steps back
+SLACK = 1  # connections over the even share a worker may hold before it steps back (at least; a tenth of it)
 RECHECK = 0.05  # seconds between looks while stepped back
 WAKE_INTERVAL = 0.002  # the least time between two wakes of one sibling (it takes about that long to look)
 WAKE_SIGNAL = signal.SIGWINCH  # "look again": sent by a sibling holding more than its share
@@ -75,7 +75,9 @@ def decide(own: int, siblings: Sequence[tuple[int, int]], slack: int = SLACK) ->
     """
     total = max(own, 0) + sum(max(active, 0) for active, _ in siblings)
     share = -(-total // (len(siblings) + 1))
-    limit = share + slack
+    # the band over the share grows with it (a tenth): a burst of thousands of connections is handed
+    # from worker to worker a few dozen times, not once per connection or two
+    limit = share + max(slack, share // 10)
     if not siblings or own < limit:
         return Decision(False, limit=limit if siblings else NO_LIMIT)
     takers = [i for i, (active, state) in enumerate(siblings)
