@@ -153,7 +153,8 @@ def test_segments_count_each_failure_once() -> None:
 
 
 def test_timeline_runs_reload_upgrade_and_kill_with_no_failed_connection(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "timeline.py"), "--secs", "4", "--no-plot",
+    # 8 s: events at 2, 4 and 6 s, room for an upgrade that takes a few seconds on a loaded machine
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "timeline.py"), "--secs", "8", "--no-plot",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
     with open(tmp_path / "timeline-events.csv") as f:
