@@ -18,7 +18,7 @@ import socket
 from collections.abc import Iterable
 
 from prefork.config import BindSpec
-from prefork.listeners import Listener, adopt_inherited, bind
+from prefork.listeners import Listener, adopt_inherited, reuse_or_bind
 from prefork.systemd import InheritedSocket, Notifier
 
 log = logging.getLogger(__name__)
@@ -78,25 +78,12 @@ def reconcile(specs: Iterable[BindSpec], stored: dict[str, socket.socket], backl
     Stored sockets no longer wanted are closed and dropped from the store.
     Raises BindError (having closed what it bound) when an address cannot be bound.
     """
-    listeners: list[Listener] = []
-    bound: list[Listener] = []
-    left = dict(stored)
-    try:
-        for spec in specs:
-            sock = left.pop(spec.text, None)
-            if sock is not None:
-                listeners.append(adopt_inherited(sock, spec.text))
-            else:
-                listener = bind(spec, backlog)
-                bound.append(listener)
-                listeners.append(listener)
-    except BaseException:
-        for listener in bound:
-            listener.close()
-        raise
+    adopted = {spec: adopt_inherited(sock, spec) for spec, sock in stored.items()}
+    listeners, bound = reuse_or_bind(specs, adopted, backlog)
     if stored:
-        log.info("taking back %d listening socket(s) from systemd's store: %s", len(stored) - len(left),
+        log.info("taking back %d listening socket(s) from systemd's store: %s", len(listeners) - len(bound),
                  ", ".join(li.address for li in listeners if li not in bound) or "none")
+    left = {spec: li.sock for spec, li in adopted.items() if li not in listeners}
     drop(notifier, left)
     keep(notifier, bound)
     return listeners

@@ -10,6 +10,7 @@ import select
 import socket
 import stat
 import struct
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from prefork.config import BindSpec
@@ -160,6 +161,28 @@ def bind_all(specs: tuple[BindSpec, ...], backlog: int) -> list[Listener]:
     return listeners
 
 
+def reuse_or_bind(specs: Iterable[BindSpec], have: Mapping[str, Listener],
+                  backlog: int) -> tuple[list[Listener], list[Listener]]:
+    """(the listeners for ``specs``, those of them bound now): one in ``have`` (keyed by spec) is reused.
+
+    Raises BindError, having closed what it bound.
+    """
+    listeners: list[Listener] = []
+    bound: list[Listener] = []
+    try:
+        for spec in specs:
+            listener = have.get(spec.text)
+            if listener is None:
+                listener = bind(spec, backlog)
+                bound.append(listener)
+            listeners.append(listener)
+    except BindError:
+        for listener in bound:
+            listener.close()
+        raise
+    return listeners, bound
+
+
 def adopt_inherited(sock: socket.socket, spec: str) -> Listener:
     """Use a listener passed on by the master we replace (an upgrade); we now own its Unix socket file."""
     sock.setblocking(False)
@@ -167,7 +190,10 @@ def adopt_inherited(sock: socket.socket, spec: str) -> Listener:
         path = sock.getsockname()
         path = path.decode() if isinstance(path, bytes) else path
         if path:
-            return Listener(sock=sock, spec=spec, unix_path=path, _unix_ino=os.stat(path).st_ino)
+            try:
+                return Listener(sock=sock, spec=spec, unix_path=path, _unix_ino=os.stat(path).st_ino)
+            except FileNotFoundError:
+                pass  # its file was removed: serve the socket, there is nothing to clean up
     return Listener(sock=sock, spec=spec)
 
 

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from prefork.config import Config, ConfigError, build_config
 from prefork.kernelstats import ListenCounters, listen_counters
-from prefork.listeners import BindError, Listener, bind
+from prefork.listeners import Listener, reuse_or_bind
 from prefork.master.state import Worker
 
 
@@ -138,22 +138,7 @@ def listeners_for(config: Config, have: list[Listener], *, adopted: bool) -> tup
     """
     if adopted:
         return have, []
-    by_spec = {li.spec: li for li in have}
-    listeners: list[Listener] = []
-    new: list[Listener] = []
-    try:
-        for spec in config.bind_specs:
-            if spec.text in by_spec:
-                listeners.append(by_spec[spec.text])
-            else:
-                listener = bind(spec, config.backlog)
-                new.append(listener)
-                listeners.append(listener)
-    except BindError:
-        for listener in new:
-            listener.close()
-        raise
-    return listeners, new
+    return reuse_or_bind(config.bind_specs, {li.spec: li for li in have}, config.backlog)
 
 
 def reload_report(reload: Reload, peak_workers: int) -> dict[str, Any]:
