@@ -312,15 +312,17 @@ class Generations:
         self.listeners = reload.listeners
         self.host.on_listeners(added=reload.new_listeners, removed=removed)
 
+        generation = self.generation  # a later reload may commit before this runs
+
         def replace_old() -> None:
             for listener in removed:
                 log.info("no longer listening on %s", listener.address)
                 listener.close()
             for worker in list(self.pool.workers.values()):
-                if worker.generation < self.generation and removed:
+                if worker.generation < generation and removed:
                     kill_pid(worker.pid, signal.SIGUSR2)  # every copy of a dropped listener closes now
             for worker in old_slots.values():
-                self.pool.drain(worker, f"replaced by generation {self.generation}", self.config.graceful_timeout)
+                self.pool.drain(worker, f"replaced by generation {generation}", self.config.graceful_timeout)
 
         if removed:
             # the old generation goes on serving a dropped listener until its queue is served
