@@ -234,10 +234,13 @@ def prepare_master(config: Config) -> MasterSetup:
     listeners, handed = take_listeners(config)
     metrics_sock = agent_sock = None
     try:
+        side = dict(handed.side) if handed is not None else {}  # an upgrade: the old master's are ours
         if config.metrics_bind:
-            metrics_sock = bind(parse_bind(config.metrics_bind), 64).sock
+            metrics_sock = side.pop("metrics", None) or bind(parse_bind(config.metrics_bind), 64).sock
         if config.agent_bind:
-            agent_sock = bind(parse_bind(config.agent_bind), 64).sock
+            agent_sock = side.pop("agent", None) or bind(parse_bind(config.agent_bind), 64).sock
+        for unwanted in side.values():
+            unwanted.close()  # the new configuration has no such port
         control_path = config.control or default_control_path(config.name, identity.uid if identity else None)
         if handed is not None and handed.control is not None:
             control = ControlServer.adopt(control_path, handed.control)

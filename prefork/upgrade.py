@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 INHERIT_ENV = "PREFORK_INHERIT"
 PIPE_ENV = "PREFORK_UPGRADE_PIPE"
+SIDE_ROLES = ("metrics", "agent")  # the master's own listeners a new master takes over
 UPGRADE_TIMEOUT = 60.0  # how long a new master may take to serve before the upgrade is abandoned
 MAX_WHY = 1000  # the longest reason a new master gives for failing
 
@@ -48,6 +49,7 @@ class Inherited:
     """What a new master received from the one it replaces."""
 
     listeners: list[tuple[socket.socket, str]]  # (socket, the bind spec it came from)
+    side: dict[str, socket.socket]  # the master's own listeners by role: "metrics", "agent"
     control: socket.socket | None
     pipe_fd: int | None
 
@@ -60,10 +62,15 @@ def program(argv: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "prefork", *argv]
 
 
-def spawn(command: list[str], listeners: Sequence[tuple[int, str]], control_fd: int) -> tuple[int, int]:
-    """Fork and exec ``command`` as the new master; returns (its pid, the read end of its ready pipe)."""
+def spawn(command: list[str], listeners: Sequence[tuple[int, str]], control_fd: int,
+          side: Sequence[tuple[int, str]] = ()) -> tuple[int, int]:
+    """Fork and exec ``command`` as the new master; returns (its pid, the read end of its ready pipe).
+
+    ``side`` are the master's own listeners (``/metrics``, the agent check) by role: the new master
+    serves them too, rather than failing to bind an address the old one still holds.
+    """
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-    entries = [f"{fd}={spec}" for fd, spec in listeners] + [f"{control_fd}=control"]
+    entries = [f"{fd}={spec}" for fd, spec in [*listeners, *side]] + [f"{control_fd}=control"]
     env = dict(os.environ)
     env[INHERIT_ENV] = "\n".join(entries)
     env[PIPE_ENV] = str(write_fd)
@@ -81,6 +88,8 @@ def spawn(command: list[str], listeners: Sequence[tuple[int, str]], control_fd: 
             for fd, _ in listeners:
                 os.set_inheritable(fd, True)
             os.set_inheritable(control_fd, True)
+            for fd, _ in side:
+                os.set_inheritable(fd, True)
             os.set_inheritable(write_fd, True)
             if "WATCHDOG_USEC" in env:
                 # systemd names the one process that must ping the watchdog; exec keeps this pid, and
@@ -100,6 +109,7 @@ def inherited() -> Inherited | None:
     if value is None:
         return None
     listeners: list[tuple[socket.socket, str]] = []
+    side: dict[str, socket.socket] = {}
     control = None
     for entry in value.split("\n"):
         fd_text, sep, spec = entry.partition("=")
@@ -113,12 +123,14 @@ def inherited() -> Inherited | None:
         os.set_inheritable(fd, False)
         if spec == "control":
             control = sock
+        elif spec in SIDE_ROLES:
+            side[spec] = sock
         else:
             listeners.append((sock, spec))
     pipe_fd = int(pipe_text) if pipe_text and pipe_text.isdigit() else None
     if pipe_fd is not None:
         os.set_inheritable(pipe_fd, False)
-    return Inherited(listeners=listeners, control=control, pipe_fd=pipe_fd)
+    return Inherited(listeners=listeners, side=side, control=control, pipe_fd=pipe_fd)
 
 
 def report_ready(pipe_fd: int) -> None:
@@ -186,9 +198,9 @@ class Upgrader:
         self.command: Callable[[Sequence[str]], list[str]] = program
 
     def begin(self, argv: Sequence[str], listeners: Sequence[tuple[int, str]], control_fd: int,
-              waiter: Waiter | None) -> Upgrade:
+              waiter: Waiter | None, side: Sequence[tuple[int, str]] = ()) -> Upgrade:
         """Fork and exec the new master (raises OSError); its ``deadline`` is the caller's to watch."""
-        pid, pipe_fd = spawn(self.command(argv), listeners, control_fd)
+        pid, pipe_fd = spawn(self.command(argv), listeners, control_fd, side)
         os.set_blocking(pipe_fd, False)
         self.current = Upgrade(pid=pid, pipe_fd=pipe_fd, deadline=time.monotonic() + UPGRADE_TIMEOUT,
                                waiters=[waiter] if waiter else [])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -66,3 +67,26 @@ def test_upgrade_tells_systemd_the_new_main_pid(daemon_factory: Callable[..., Da
     while f"MAINPID={new_pid}" not in messages:
         messages.append(notify.recv(4096).decode())  # bounded by the socket timeout
     notify.close()
+
+
+def test_upgrade_hands_over_the_metrics_and_agent_ports(daemon_factory: Callable[..., Daemon]) -> None:
+    """The new master serves /metrics and the agent check on the same ports; it used to fail to bind them."""
+    from test_cli import free_port
+
+    metrics, agent = free_port(), free_port()
+    d = daemon_factory("--metrics-bind", f"127.0.0.1:{metrics}", "--agent-bind", f"127.0.0.1:{agent}")
+    old = d.pid
+    up = d.ctl("upgrade", "--json", timeout=60)
+    assert up.returncode == 0, up.stderr
+    new = int(json.loads(up.stdout)["pid"])
+    assert new != old
+
+    def scrape() -> str:
+        with socket.create_connection(("127.0.0.1", metrics), timeout=5) as s:
+            s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            return b"".join(iter(lambda: s.recv(65536), b"")).decode()
+
+    wait_for(lambda: f"prefork_master_pid {new}" in scrape(), 10, "the new master answering /metrics")
+    with socket.create_connection(("127.0.0.1", agent), timeout=5) as s:
+        assert s.recv(100).startswith(b"ready up ")
+    assert d.ctl("stop").returncode == 0

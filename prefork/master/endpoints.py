@@ -75,6 +75,11 @@ class Endpoints:
             self.agent = AgentServer(self.agent_sock, selector, self.load, max_clients)
             timers.watch(self.agent)
 
+    def side_sockets(self) -> list[tuple[int, str]]:
+        """(fd, role) of the listeners served here, for a new master to take over on upgrade."""
+        return [(sock.fileno(), role) for sock, role in ((self.metrics_sock, "metrics"), (self.agent_sock, "agent"))
+                if sock is not None and sock.fileno() >= 0]
+
     def render_metrics(self) -> str:
         return render_prometheus(status(self.source.snapshot()), stats(self.source.snapshot(processes=False)))
 
@@ -101,8 +106,10 @@ class Endpoints:
                 sock.close()
 
     def close(self) -> None:
+        """Stop serving (idempotent): at exit, or at an upgrade's hand-over, when the new master serves them."""
         for server in self._servers():
             server.close()
+        self.metrics = self.agent = None
         for sock in (self.metrics_sock, self.agent_sock):
             if sock is not None:
                 sock.close()

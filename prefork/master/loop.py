@@ -421,7 +421,7 @@ class Master:
         if why is None:
             try:
                 upgrade = self.upgrader.begin(self.argv, [(li.fileno(), li.spec) for li in self.listeners],
-                                              self.control.sock.fileno(), waiter)
+                                              self.control.sock.fileno(), waiter, self.endpoints.side_sockets())
             except OSError as exc:
                 why = f"cannot start the new master: {exc.strerror or exc}"
             else:
@@ -440,6 +440,7 @@ class Master:
         self.control.hand_over()
         for listener in self.listeners:
             listener.hand_over()
+        self.endpoints.close()  # the new master answers /metrics and the agent check now
         log.info("upgrade: the new master (pid %d) serves; draining our workers", upgrade.pid)
         self.begin_stop(StopMode.GRACEFUL)
 
