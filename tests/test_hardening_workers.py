@@ -232,4 +232,4 @@ def test_a_worker_whose_master_died_ends_its_group(daemon_factory: DaemonFactory
     child = fork_child(d)
     d.signal(signal.SIGKILL)  # the master: nobody is left to end the worker's group but the worker
     wait_for(lambda: not alive(worker), 10, "the orphaned worker to stop")
-    wait_for(lambda: not alive(child), 2, "what it started to be ended")
+    wait_for(lambda: not alive(child), 10, "what it started to be ended")
