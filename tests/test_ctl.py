@@ -163,9 +163,9 @@ def test_top_text_is_one_plain_frame() -> None:
     text = COMMANDS["top"].text(snapshot)
     assert text == "\n".join(frame_lines(build_frame(STATUS, STATS, None)))
     assert text.split("\n")[2:] == [
-        "SLOT   PID  GEN  STATE     CONNS  REQ/S  REQUESTS      RSS  CPU%  HEARTBEAT",
-        "0     4711    2  ready         1      -     12345  3.0 MiB   1.2       0.4s",
-        "1       99    1  stopping      0      -         0    512 B   0.0      12.0s",
+        "SLOT   PID  GEN  STATE     CONNS   SHARE  REQ/S  REQUESTS      RSS  CPU%  HEARTBEAT",
+        "0     4711    2  ready         1  100.0%      -     12345  3.0 MiB   1.2       0.4s",
+        "1       99    1  stopping      0       -      -         0    512 B   0.0      12.0s",
     ]
 
 
@@ -336,3 +336,9 @@ def test_main_usage(fake: FakeDaemon, capsys: pytest.CaptureFixture[str], argv: 
     assert out == ""
     assert err.startswith("preforkctl: error: ") and err.count("\n") == 1
     assert fake.calls == []  # nothing was asked
+
+
+def test_stats_text_shows_the_imbalance_when_the_daemon_reports_it() -> None:
+    text = COMMANDS["stats"].text({**STATS, "active_max_mean": 1.04})
+    assert text.splitlines()[-1] == "busiest worker's open connections over the mean: 1.04"
+    assert "over the mean" not in COMMANDS["stats"].text({k: v for k, v in STATS.items() if k != "active_max_mean"})

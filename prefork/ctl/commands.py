@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from prefork.ctl.client import Call, Reply, Request, exchange, exchange_until_exit, snapshot
 from prefork.ctl.errors import UsageError
-from prefork.ctl.render import human_age, human_bytes, table
+from prefork.ctl.render import format_share, human_age, human_bytes, table
 from prefork.ctl.top import show_top, top_request, top_text
 from prefork.metrics import render_prometheus
 
@@ -86,11 +86,6 @@ def drain_request(args: argparse.Namespace) -> Request:
 # -- text formatters: a successful reply -> what people read -------------------------------------------------
 
 
-def format_share(share: object) -> str:
-    """A worker's share of its generation's open connections, in percent ("-" from a daemon without it)."""
-    return f"{100 * share:.1f}%" if isinstance(share, int | float) and not isinstance(share, bool) else "-"
-
-
 def format_status(s: Reply) -> str:
     out = [
         f"{s['name']}: master pid {s['pid']}, {s['state']}, generation {s['generation']}, "
@@ -116,6 +111,8 @@ def format_status(s: Reply) -> str:
 def format_stats(s: Reply) -> str:
     out = [f"{s['name']}: master pid {s['pid']}, generation {s['generation']}, up {human_age(s['uptime_s'])}"]
     out += [f"{k.replace('_', ' ')}: {s[k]}" for k in STATS_KEYS]
+    if isinstance(s.get("active_max_mean"), int | float):
+        out.append(f"busiest worker's open connections over the mean: {s['active_max_mean']:.2f}")
     return "\n".join(out)
 
 

@@ -44,3 +44,8 @@ def human_age(seconds: float) -> str:
     if s < 172800:
         return f"{s // 3600}h{s % 3600 // 60:02d}m"
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def format_share(share: object) -> str:
+    """A worker's share of its generation's open connections, in percent ("-" from a daemon without it)."""
+    return f"{100 * share:.1f}%" if isinstance(share, int | float) and not isinstance(share, bool) else "-"

@@ -35,12 +35,12 @@ from typing import Any, TextIO
 from prefork.control import ControlError, DaemonNotRunning
 from prefork.ctl.client import Call, Reply, Request, fetch_status_and_stats, snapshot
 from prefork.ctl.errors import NotAnswering, UsageError
-from prefork.ctl.render import human_age, human_bytes, table
+from prefork.ctl.render import format_share, human_age, human_bytes, table
 
 Fetch = Callable[[], tuple[dict[str, Any], dict[str, Any]]]
 
-HEADERS = ["SLOT", "PID", "GEN", "STATE", "CONNS", "REQ/S", "REQUESTS", "RSS", "CPU%", "HEARTBEAT"]
-RIGHT = frozenset({"PID", "GEN", "CONNS", "REQ/S", "REQUESTS", "RSS", "CPU%", "HEARTBEAT"})  # numbers
+HEADERS = ["SLOT", "PID", "GEN", "STATE", "CONNS", "SHARE", "REQ/S", "REQUESTS", "RSS", "CPU%", "HEARTBEAT"]
+RIGHT = frozenset({"PID", "GEN", "CONNS", "SHARE", "REQ/S", "REQUESTS", "RSS", "CPU%", "HEARTBEAT"})  # numbers
 QUIT_KEYS = frozenset(b"qQ")
 
 # ANSI control sequences (ECMA-48 plus the xterm alternate screen that every terminal emulator has)
@@ -110,8 +110,9 @@ def build_frame(status: Mapping[str, Any], stats: Mapping[str, Any], previous: S
                            previous.worker_requests.get(pid) if previous else None,
                            previous.worker_clock if previous else None)
         rows.append([str(w["slot"]), str(pid), str(w["generation"]), str(w["state"]), str(w["active"]),
-                     format_rate(worker_rate), str(requests), human_bytes(int(w["rss_bytes"])),
-                     f"{float(w['cpu_percent']):.1f}", f"{float(w['heartbeat_age_s']):.1f}s"])
+                     format_share(w.get("share")), format_rate(worker_rate), str(requests),
+                     human_bytes(int(w["rss_bytes"])), f"{float(w['cpu_percent']):.1f}",
+                     f"{float(w['heartbeat_age_s']):.1f}s"])
     return Frame(header=header, rows=rows, sample=sample)
 
 
