@@ -126,9 +126,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_NOT_SETTINGS = ("config", "check_config")
-
-
 def parse_args(argv: list[str]) -> tuple[dict[str, Any], str | None, bool]:
     """(settings given on the command line, config file, --check-config)."""
     ns = vars(build_parser().parse_args(argv))

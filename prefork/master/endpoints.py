@@ -81,7 +81,8 @@ class Endpoints:
                 if sock is not None and sock.fileno() >= 0]
 
     def render_metrics(self) -> str:
-        return render_prometheus(status(self.source.snapshot()), stats(self.source.snapshot(processes=False)))
+        snap = self.source.snapshot()  # one look serves both payloads
+        return render_prometheus(status(snap), stats(snap))
 
     def load(self) -> Load:
         return load_of(self.source.snapshot(processes=False), self.source.config, self.source.listeners)

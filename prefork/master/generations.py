@@ -24,6 +24,7 @@ from prefork.config import Config, ConfigError
 from prefork.kernelstats import listen_counters
 from prefork.listeners import BindError, Listener
 from prefork.master.exits import (
+    BACKOFF_FIRST,
     EARLY_DEATH,
     ExitAction,
     ExitFacts,
@@ -39,8 +40,6 @@ from prefork.master.timers import Timers
 
 log = logging.getLogger(__name__)
 
-BACKOFF_FIRST = 0.1  # a fork that failed is retried no sooner than this
-MEMORY_CHECK_INTERVAL = 5.0  # seconds between --max-worker-memory checks (jittered)
 
 
 class Host(Protocol):
@@ -115,7 +114,7 @@ class Generations:
                 return None
             backoff = self.backoff.setdefault(slot, Backoff())
             backoff.failures += 1
-            delay = max(backoff_delay(backoff.failures), BACKOFF_FIRST)
+            delay = max(backoff_delay(backoff.failures), BACKOFF_FIRST)  # a failed fork: never at once
             self._respawn_later(slot, delay)
             log.error("cannot fork worker %d: %s; retrying in %.1fs", slot, why, delay)
             return None

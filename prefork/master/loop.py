@@ -53,7 +53,6 @@ from prefork.upgrade import UPGRADE_TIMEOUT, Upgrade, Upgrader, report_ready
 
 log = logging.getLogger(__name__)
 
-BACKOFF_FIRST = 0.1  # a fork that failed is retried no sooner than this
 FD_RESERVE = 32  # descriptors kept free for what the master opens besides clients (see client_caps)
 EXIT_OK = 0
 EXIT_FATAL = 1
