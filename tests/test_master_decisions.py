@@ -324,6 +324,12 @@ def exit_of(gens: Generations, pool: FakePool, worker: Worker, status: int) -> N
     gens.on_exit(worker, status)
 
 
+def die_early_twice(gens: Generations, pool: FakePool) -> None:
+    """Slot 0's worker dies, then its replacement dies young: a respawn is now pending with backoff."""
+    exit_of(gens, pool, gens.slots[0], 1 << 8)
+    exit_of(gens, pool, gens.slots[0], 1 << 8)
+
+
 def test_the_first_generation_serves_once_every_worker_is_ready() -> None:
     gens, pool, host, _ = stepper(workers=3)
     assert sorted(gens.slots) == [0, 1, 2] and not gens.serving
@@ -353,8 +359,7 @@ def test_a_worker_that_dies_is_replaced_at_once_then_with_growing_backoff() -> N
 def test_a_ready_worker_cancels_its_slots_pending_respawn() -> None:
     gens, pool, _, timers = stepper(workers=1)
     ready(gens, pool)
-    exit_of(gens, pool, gens.slots[0], 1 << 8)
-    exit_of(gens, pool, gens.slots[0], 1 << 8)
+    die_early_twice(gens, pool)
     timers.run_due(timers.when(("respawn", 0)) or 0.0)
     ready(gens, pool)
     assert ("respawn", 0) not in timers
@@ -444,8 +449,7 @@ def test_queued_reloads_are_all_answered_when_the_follow_up_cannot_start(tmp_pat
 def test_stop_drains_every_worker_and_respawns_nothing() -> None:
     gens, pool, host, timers = stepper(workers=2)
     ready(gens, pool)
-    exit_of(gens, pool, gens.slots[0], 1 << 8)
-    exit_of(gens, pool, gens.slots[0], 1 << 8)  # a respawn is now pending
+    die_early_twice(gens, pool)
     host.stopping = StopMode.GRACEFUL
     gens.stop_workers(StopMode.GRACEFUL)
     assert ("respawn", 0) not in timers and gens.slots == {}
@@ -571,8 +575,7 @@ def test_a_retirement_read_after_the_worker_was_reaped_is_not_a_crash() -> None:
 def test_backoff_is_forgotten_once_a_worker_outlives_an_early_death() -> None:
     gens, pool, _, timers = stepper(workers=1)
     ready(gens, pool)
-    exit_of(gens, pool, gens.slots[0], 1 << 8)
-    exit_of(gens, pool, gens.slots[0], 1 << 8)
+    die_early_twice(gens, pool)
     timers.run_due(timers.when(("respawn", 0)) or 0.0)
     ready(gens, pool)
     assert gens.backoff[0].failures == 2  # READY alone does not end it: a worker dying per connection backs off
