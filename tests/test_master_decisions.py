@@ -187,7 +187,7 @@ class FakeWaiter:
 
 def make_reload(generation: int, *waiters: FakeWaiter) -> Reload:
     return Reload(generation=generation, config=build_config({}), listeners=[], new_listeners=[],
-                  deadline=0.0, waiters=list(waiters))
+                  waiters=list(waiters))
 
 
 def test_reload_reply_is_held_until_every_old_worker_stopped_accepting() -> None:

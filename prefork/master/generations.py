@@ -259,7 +259,7 @@ class Generations:
             fail(asked, str(exc))
             return
         reload = Reload(generation=next(self._generations), config=config, listeners=listeners,
-                        new_listeners=new_listeners, deadline=time.monotonic() + config.timeout, waiters=asked,
+                        new_listeners=new_listeners, waiters=asked,
                         batch=config.reload_batch if config.reload_batch < config.workers else 0,
                         began=time.monotonic(), counters=listen_counters())
         self.pool.mark_peak()

@@ -36,7 +36,6 @@ class Reload:
     config: Config
     listeners: list[Listener]
     new_listeners: list[Listener]  # bound for this reload: closed if it fails
-    deadline: float
     began: float = 0.0  # time.monotonic() when it started
     counters: ListenCounters | None = None  # the kernel's listen-queue counters then
     slots: dict[int, Worker] = field(default_factory=dict)
