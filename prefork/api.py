@@ -65,6 +65,7 @@ from prefork.master.rerun import RerunMaster
 from prefork.preload import preload
 from prefork.privileges import PrivilegeError
 from prefork.systemd import Notifier
+from prefork.tls import load as load_tls
 from prefork.upgrade import INHERIT_ENV
 from prefork.workers.loading import HandlerLoadError, handler_for
 
@@ -119,6 +120,22 @@ class ServerOptions(TypedDict, total=False):
     relay_idle_timeout: float
     relay_send_proxy: bool
     preload: bool
+    certfile: PathArg
+    keyfile: PathArg
+    keyfile_password_file: PathArg
+    ca_certs: PathArg
+    cert_reqs: Literal["none", "optional", "required"]
+    tls_min_version: Literal["1.2", "1.3"]
+    ciphers: str
+    alpn: str | Sequence[str]
+    sni: str | Sequence[str]
+    tls_handshake_timeout: float
+    tls_bind: str | Sequence[str]
+    relay_tls: bool
+    relay_ca_certs: PathArg
+    relay_sni: str
+    relay_certfile: PathArg
+    relay_keyfile: PathArg
 
 
 KEYWORDS = (*(k for k in SETTINGS if k not in ("handler", "bind")), "config")
@@ -192,7 +209,9 @@ def make_config(handler: Handler, address: Address | list[Address], options: Map
         config = build_config(settings, config_file)
         if not isinstance(handler, str):
             config = dataclasses.replace(config, handler=handler_name(handler), handler_object=handler)
-        handler_for(config)  # the worker class can run it (a "module:Class" is imported now, as --check-config)
+        # the worker class can run it (a "module:Class" is imported now, as --check-config), and the
+        # certificates load
+        handler_for(config, relay_tls=load_tls(config).relay)
     except ConfigError as exc:
         raise OptionError(keyword_message(str(exc))) from None
     except HandlerLoadError as exc:

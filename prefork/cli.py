@@ -13,10 +13,12 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from prefork import __version__, logs
 from prefork.config import (
     BALANCE_MODES,
+    CERT_REQS,
     DEFAULT_BIND,
     DEFAULT_HANDLER,
     LOG_LEVELS,
     LOOPS,
+    TLS_VERSIONS,
     WORKER_CLASSES,
     Config,
     ConfigError,
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
     from prefork.control import ControlServer
     from prefork.listeners import Listener
     from prefork.master.loop import Master
+    from prefork.tls import TlsSetup
     from prefork.upgrade import Inherited
 
 EXIT_USAGE = 2
@@ -122,8 +125,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preload", action="store_true",
                    help="import the handler in the master before forking, so workers share its memory; "
                         "a reload then starts a new master program on the same sockets (an upgrade)")
+    _add_tls_options(p)
     p.add_argument("--version", action="version", version=f"prefork {__version__}")
     return p
+
+
+def _add_tls_options(p: argparse.ArgumentParser) -> None:
+    tls = p.add_argument_group("TLS", "with --certfile every --bind address speaks TLS, unless --tls-bind lists "
+                               "the ones that do; a [[listener]] table in the config file sets them per address")
+    tls.add_argument("--certfile", metavar="PEM", help="the server's certificate chain (PEM)")
+    tls.add_argument("--keyfile", metavar="PEM", help="its private key (default: in --certfile)")
+    tls.add_argument("--keyfile-password-file", metavar="FILE", help="read the key's passphrase from FILE")
+    tls.add_argument("--ca-certs", metavar="PEM", help="CAs that sign client certificates (mutual TLS)")
+    tls.add_argument("--cert-reqs", choices=CERT_REQS, metavar="none|optional|required",
+                     help="whether clients must present a certificate signed by --ca-certs (default none)")
+    tls.add_argument("--tls-min-version", choices=TLS_VERSIONS, metavar="1.2|1.3",
+                     help="the oldest TLS version accepted (default 1.2)")
+    tls.add_argument("--ciphers", metavar="LIST", help="OpenSSL cipher list for TLS 1.2 (default: OpenSSL's)")
+    tls.add_argument("--alpn", action="append", metavar="PROTO[,PROTO]",
+                     help="ALPN protocols offered, most preferred first; repeatable")
+    tls.add_argument("--sni", action="append", metavar="NAME=CERT[,KEY]",
+                     help="serve CERT to clients asking for server NAME (or *.domain); repeatable")
+    tls.add_argument("--tls-handshake-timeout", type=float, metavar="SECS",
+                     help="close a connection whose TLS handshake takes longer (default 10)")
+    tls.add_argument("--tls-bind", action="append", metavar="ADDR",
+                     help="listen on ADDR with TLS, beside the plain --bind addresses; repeatable")
+    tls.add_argument("--relay-tls", action="store_true",
+                     help="connect to the --relay upstreams with TLS, verifying their certificate")
+    tls.add_argument("--relay-ca-certs", metavar="PEM", help="CAs the upstreams' certificates are checked against "
+                     "(default: the system's)")
+    tls.add_argument("--relay-sni", metavar="NAME",
+                     help="the server name asked for and verified upstream (default: the upstream's host)")
+    tls.add_argument("--relay-certfile", metavar="PEM", help="a client certificate for upstreams that ask for one")
+    tls.add_argument("--relay-keyfile", metavar="PEM", help="its private key (default: in --relay-certfile)")
 
 
 def parse_args(argv: list[str]) -> tuple[dict[str, Any], str | None, bool]:
@@ -136,9 +170,11 @@ def parse_args(argv: list[str]) -> tuple[dict[str, Any], str | None, bool]:
 
 def check_config(config: Config) -> str:
     """Load the handler in this process (we exit right after) and summarise the config."""
+    from prefork import tls
     from prefork.workers.loading import handler_for
 
-    handler = handler_for(config)
+    setup = tls.load(config)  # certificates and keys load and match, none has expired
+    handler = handler_for(config, relay_tls=setup.relay)
     loop = f" ({config.event_loop})" if config.event_loop else ""
     return (f"configuration OK: {config.workers} {config.worker_class} worker(s){loop} of "
             f"{handler.__module__}.{handler.__qualname__} on {', '.join(config.binds)}")
@@ -197,6 +233,7 @@ class MasterSetup:
     metrics_sock: socket.socket | None
     agent_sock: socket.socket | None
     handed: Inherited | None  # from the master we replace (an upgrade)
+    tls: TlsSetup | None = None  # every TLS context, built before --user (keys may be root's to read)
 
     def close(self) -> None:
         """The master never started: close everything, the socket files we made too."""
@@ -220,7 +257,7 @@ class MasterSetup:
 
 def prepare_master(config: Config) -> MasterSetup:
     """Everything before the master's loop: logging, listeners, metrics and control sockets, --user. Raises."""
-    from prefork import privileges
+    from prefork import privileges, tls
     from prefork.control import ControlServer
     from prefork.listeners import bind
 
@@ -231,6 +268,7 @@ def prepare_master(config: Config) -> MasterSetup:
     listeners, handed = take_listeners(config)
     metrics_sock = agent_sock = None
     try:
+        tls_setup = tls.load(config, [li.spec for li in listeners])
         side = dict(handed.side) if handed is not None else {}  # an upgrade: the old master's are ours
         if config.metrics_bind:
             metrics_sock = side.pop("metrics", None) or bind(parse_bind(config.metrics_bind), 64).sock
@@ -259,7 +297,7 @@ def prepare_master(config: Config) -> MasterSetup:
             if sock is not None:
                 sock.close()
         raise
-    return MasterSetup(config, listeners, control, metrics_sock, agent_sock, handed)
+    return MasterSetup(config, listeners, control, metrics_sock, agent_sock, handed, tls_setup)
 
 
 def build_master(setup: MasterSetup, overrides: dict[str, Any], argv: list[str],
@@ -271,7 +309,7 @@ def build_master(setup: MasterSetup, overrides: dict[str, Any], argv: list[str],
     handed = setup.handed
     return master_class(setup.config, setup.listeners, setup.control, cli_overrides=overrides, adopted=adopted,
                         argv=argv, upgrade_pipe=handed.pipe_fd if handed else None, metrics_sock=setup.metrics_sock,
-                        agent_sock=setup.agent_sock)
+                        agent_sock=setup.agent_sock, tls=setup.tls)
 
 
 def serve(config: Config, overrides: dict[str, Any], argv: list[str]) -> int:

@@ -29,6 +29,11 @@ BALANCE_MODES = ("on", "off")  # on: a worker holding more than its share of con
 ASYNC_ECHO_HANDLER = "prefork.handlers.aio:EchoProtocol"
 RELAY_HANDLERS = ("prefork.handlers.relay:RelayHandler", "prefork.handlers.aio:RelayProtocol")  # [is async]
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+CERT_REQS = ("none", "optional", "required")  # --cert-reqs: whether clients present a certificate
+TLS_VERSIONS = ("1.2", "1.3")  # --tls-min-version
+# the TLS settings a [[listener]] table of the config file may set for its own address
+TLS_KEYS = ("certfile", "keyfile", "keyfile_password_file", "ca_certs", "cert_reqs", "tls_min_version", "ciphers",
+            "alpn", "sni", "tls_handshake_timeout")
 MAX_WORKERS = 1024  # the scoreboard is sized once, before the first fork
 MAX_CONFIG_BYTES = 2 * 1024 * 1024  # a configuration is a few hundred bytes; 2 MiB is plenty
 MAX_LIST = 1024  # entries in a list setting (bind, relay, proxy-allow)
@@ -112,6 +117,22 @@ def default_workers() -> int:
 
 
 @dataclass(frozen=True)
+class TlsOptions:
+    """How one listener speaks TLS: its certificate(s) and what it asks of clients (see prefork.tls)."""
+
+    certfile: str
+    keyfile: str | None = None  # None: the key is in certfile
+    keyfile_password_file: str | None = None  # the key's passphrase, read from this file (never the command line)
+    ca_certs: str | None = None  # CAs that sign client certificates (mutual TLS)
+    cert_reqs: str = "none"  # none, optional or required: the client's certificate
+    tls_min_version: str = "1.2"
+    ciphers: str | None = None  # OpenSSL cipher list for TLS 1.2 (1.3's suites are OpenSSL's defaults)
+    alpn: tuple[str, ...] = ()  # protocols offered, in order of preference
+    sni: tuple[tuple[str, str, str | None], ...] = ()  # (server name, certfile, keyfile) chosen by SNI
+    tls_handshake_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything the daemon is told; see ``prefork --help`` for each field."""
 
@@ -150,7 +171,48 @@ class Config:
     relay_idle_timeout: float = 300.0  # 0: none
     relay_send_proxy: bool = False
     preload: bool = False  # import the handler in the master before forking; a reload is then an upgrade
+    # TLS on listeners: with certfile and no tls_bind, every --bind address speaks TLS
+    certfile: str | None = None
+    keyfile: str | None = None
+    keyfile_password_file: str | None = None
+    ca_certs: str | None = None
+    cert_reqs: str = "none"
+    tls_min_version: str = "1.2"
+    ciphers: str | None = None
+    alpn: tuple[str, ...] = ()
+    sni: tuple[str, ...] = ()  # "SERVERNAME=CERTFILE[,KEYFILE]"
+    tls_handshake_timeout: float = 10.0
+    tls_bind: tuple[str, ...] = ()  # addresses that speak TLS, beside the plain --bind ones
+    # TLS towards the relay's upstreams
+    relay_tls: bool = False
+    relay_ca_certs: str | None = None  # None: the system's CAs
+    relay_sni: str | None = None  # the name asked for and verified; None: the upstream's host
+    relay_certfile: str | None = None  # a client certificate for upstreams that ask for one
+    relay_keyfile: str | None = None
+    # each listening address with its TLS settings (None: plain), from the above and [[listener]] tables
+    listener_tls: tuple[tuple[str, TlsOptions | None], ...] = ()
     config_file: str | None = None
+
+    def tls_for(self, bind: str) -> TlsOptions | None:
+        """The TLS settings of the listener for ``bind`` (a --bind text), None when it speaks plain TCP.
+
+        A listener systemd passed (socket activation) speaks TLS when --certfile
+        is given without --tls-bind, as every --bind address would.
+        """
+        for text, options in self.listener_tls:
+            if text == bind:
+                return options
+        if self.certfile and not self.tls_bind:
+            return self.tls_options({})
+        return None
+
+    def tls_options(self, table: Mapping[str, Any]) -> TlsOptions:
+        """The top-level TLS settings, with what a [[listener]] ``table`` sets of its own instead."""
+        values = {key: table.get(key, getattr(self, key)) for key in TLS_KEYS}
+        values["sni"] = tuple(parse_sni(item) for item in values["sni"])
+        values["alpn"] = tuple(values["alpn"])
+        values["tls_handshake_timeout"] = float(values["tls_handshake_timeout"])
+        return TlsOptions(**values)
 
     @property
     def relay_upstreams(self) -> tuple[tuple[str, int], ...]:
@@ -222,6 +284,22 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "relay_idle_timeout": (int, float),
     "relay_send_proxy": (bool,),
     "preload": (bool,),
+    "certfile": (str,),
+    "keyfile": (str,),
+    "keyfile_password_file": (str,),
+    "ca_certs": (str,),
+    "cert_reqs": (str,),
+    "tls_min_version": (str,),
+    "ciphers": (str,),
+    "alpn": (list, str),
+    "sni": (list, str),
+    "tls_handshake_timeout": (int, float),
+    "tls_bind": (list, str),
+    "relay_tls": (bool,),
+    "relay_ca_certs": (str,),
+    "relay_sni": (str,),
+    "relay_certfile": (str,),
+    "relay_keyfile": (str,),
 }
 
 SETTINGS = tuple(_FIELD_TYPES)  # every setting's name: the TOML keys, the long options, prefork.api's keywords
@@ -279,10 +357,54 @@ def read_config_file(path: str) -> dict[str, Any]:
     settings: dict[str, Any] = {}
     for key, value in raw.items():
         norm = key.replace("-", "_")
+        if norm == "listener":
+            settings[norm] = _listener_tables(path, value)
+            continue
         if norm not in _FIELD_TYPES:
             raise ConfigError(f"config file {path}: unknown setting {quote(key)}")
         settings[norm] = value
     return settings
+
+
+def _listener_tables(path: str, value: Any) -> list[dict[str, Any]]:
+    """The config file's ``[[listener]]`` tables: an address (``bind``) and TLS settings of its own."""
+    origin = f"config file {path}: listener"
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ConfigError(f"{origin}: expected [[listener]] tables, got {quote(value)}")
+    if len(value) > MAX_LIST:
+        raise ConfigError(f"{origin}: {len(value)} tables, more than the {MAX_LIST} allowed")
+    tables = []
+    for number, table in enumerate(value, 1):
+        checked: dict[str, Any] = {}
+        for key, item in table.items():
+            norm = key.replace("-", "_")
+            if norm not in (*TLS_KEYS, "bind", "tls"):
+                raise ConfigError(f"{origin} {number}: unknown setting {quote(key)} (a listener table takes bind, "
+                                  f"tls and the TLS settings: {', '.join(k.replace('_', '-') for k in TLS_KEYS)})")
+            if norm == "tls":
+                if not isinstance(item, bool):
+                    raise ConfigError(f"{origin} {number}: tls: expected true or false, got {quote(item)}")
+            else:
+                _check_type(norm, [item] if norm in ("alpn", "sni") and isinstance(item, str) else item,
+                            f"{origin} {number}: ")
+            checked[norm] = item
+        if not isinstance(checked.get("bind"), str):
+            raise ConfigError(f"{origin} {number}: needs bind = \"HOST:PORT\" (or unix:PATH)")
+        tables.append(checked)
+    return tables
+
+
+def parse_sni(text: str) -> tuple[str, str, str | None]:
+    """``SERVERNAME=CERTFILE[,KEYFILE]`` (an --sni value) as (server name, certfile, keyfile)."""
+    name, sep, files = text.partition("=")
+    certfile, _, keyfile = files.partition(",")
+    name = name.strip().lower()
+    if not sep or not name or not certfile.strip():
+        raise ConfigError(f"sni: {quote(text)} must look like SERVERNAME=CERTFILE[,KEYFILE], "
+                          "e.g. example.com=/etc/tls/example.pem,/etc/tls/example.key")
+    if not re.fullmatch(r"(\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*", name):
+        raise ConfigError(f"sni: {quote(name)} is not a server name (e.g. example.com or *.example.com)")
+    return name, os.path.abspath(certfile.strip()), os.path.abspath(keyfile.strip()) if keyfile.strip() else None
 
 
 def _check_type(key: str, value: Any, origin: str) -> None:
@@ -301,12 +423,15 @@ def build_config(overrides: Mapping[str, Any], config_file: str | None = None) -
     file_settings = read_config_file(config_file) if config_file else {}
     for key, value in file_settings.items():
         _check_type(key, value, f"config file {config_file}: ")
+    tables: list[dict[str, Any]] = file_settings.pop("listener", [])
     merged: dict[str, Any] = {**file_settings, **{k: v for k, v in overrides.items() if v is not None}}
     for key, value in merged.items():
         if key not in _FIELD_TYPES:
             raise ConfigError(f"unknown setting {quote(key)}")
         _check_type(key, value, "")
     binds = merged.pop("bind", None)
+    if binds is None and (tables or merged.get("tls_bind")):
+        binds = []  # the addresses are given elsewhere: no default plain one beside them
     if isinstance(binds, str):
         binds = [binds]
     if binds is not None:
@@ -331,9 +456,79 @@ def build_config(overrides: Mapping[str, Any], config_file: str | None = None) -
             raise ConfigError(f"proxy-allow: {len(merged['proxy_allow'])} entries, more than the {MAX_LIST} allowed")
     if "log_level" in merged:
         merged["log_level"] = merged["log_level"].lower()
+    for key in ("alpn", "sni", "tls_bind"):
+        if key in merged:
+            items = [merged[key]] if isinstance(merged[key], str) else merged[key]
+            if key == "alpn":  # --alpn h2,http/1.1 as well as one per option
+                items = [part for item in items for part in item.split(",")]
+            merged[key] = tuple(i.strip() for i in items if i.strip())
+    for key in ("certfile", "keyfile", "keyfile_password_file", "ca_certs", "relay_ca_certs", "relay_certfile",
+                "relay_keyfile"):
+        if merged.get(key):
+            merged[key] = os.path.abspath(merged[key])  # a reload re-reads them, whatever the working directory
+    if "tls_handshake_timeout" in merged:
+        merged["tls_handshake_timeout"] = float(merged["tls_handshake_timeout"])
     config = Config(**merged)
+    config = _with_listeners(config, tables)
     validate(config)
     return config
+
+
+def _with_listeners(config: Config, tables: list[dict[str, Any]]) -> Config:
+    """``config`` with every listening address and its TLS settings: the --bind ones (TLS when --certfile
+    is given without --tls-bind), the --tls-bind ones, then each [[listener]] table's."""
+    _check_tls_values("", config)
+    if not config.certfile and not config.tls_bind and not tables:
+        return config  # plain TCP everywhere: tls_for() says None for every address
+    plain_tls = config.tls_options({}) if config.certfile and not config.tls_bind else None
+    if config.tls_bind and not config.certfile:
+        raise ConfigError("tls-bind: needs --certfile (and --keyfile) for those addresses")
+    listeners: list[tuple[str, TlsOptions | None]] = [(b, plain_tls) for b in config.binds]
+    listeners += [(b, config.tls_options({})) for b in config.tls_bind]
+    for number, table in enumerate(tables, 1):
+        for key in ("certfile", "keyfile", "keyfile_password_file", "ca_certs"):
+            if table.get(key):
+                table[key] = os.path.abspath(table[key])
+        for key in ("alpn", "sni"):
+            if isinstance(table.get(key), str):
+                table[key] = [table[key]]
+        speaks_tls = table.get("tls", True) and (table.get("certfile") or config.certfile)
+        if table.get("tls") and not speaks_tls:
+            raise ConfigError(f"listener {number} ({cut(table['bind'])}): tls = true needs a certfile")
+        options = None
+        if speaks_tls:
+            options = config.tls_options(table)
+            _check_tls_values(f"listener {number} ({cut(table['bind'])}): ", options)
+        listeners.append((table["bind"].strip(), options))
+    binds = tuple(text for text, _ in listeners)
+    return dataclasses.replace(config, binds=binds, listener_tls=tuple(listeners))
+
+
+def _check_tls_values(origin: str, options: Config | TlsOptions) -> None:
+    """The TLS settings' values (whether the files hold what they should is prefork.tls's to say)."""
+    if options.cert_reqs not in CERT_REQS:
+        raise ConfigError(f"{origin}cert-reqs: {quote(options.cert_reqs)} is not one of {', '.join(CERT_REQS)}")
+    if options.tls_min_version not in TLS_VERSIONS:
+        raise ConfigError(f"{origin}tls-min-version: {quote(options.tls_min_version)} is not one of "
+                          f"{', '.join(TLS_VERSIONS)}")
+    if options.cert_reqs != "none" and not options.ca_certs:
+        raise ConfigError(f"{origin}cert-reqs {options.cert_reqs}: needs --ca-certs, the CAs that sign "
+                          "client certificates")
+    if not 0 < float(options.tls_handshake_timeout) <= 3600:
+        raise ConfigError(f"{origin}tls-handshake-timeout: {float(options.tls_handshake_timeout):g} must be more "
+                          "than 0 seconds (at most an hour)")
+    for protocol in options.alpn:
+        if not 0 < len(protocol.encode("utf-8", "surrogatepass")) < 256:
+            raise ConfigError(f"{origin}alpn: {quote(protocol)} must be 1-255 bytes")
+    if options.keyfile and not options.certfile:
+        raise ConfigError(f"{origin}keyfile: needs --certfile, the certificate it belongs to")
+    if options.keyfile_password_file and not options.certfile:
+        raise ConfigError(f"{origin}keyfile-password-file: needs --certfile and --keyfile")
+    if options.sni and not options.certfile:
+        raise ConfigError(f"{origin}sni: needs --certfile, the certificate for clients that name no server")
+    for item in options.sni:
+        if isinstance(item, str):
+            parse_sni(item)
 
 
 def uvloop_installed() -> bool:
@@ -419,6 +614,15 @@ def validate(config: Config) -> None:
         raise ConfigError(f"relay-idle-timeout: {config.relay_idle_timeout:g} must be 0 (none) to 604800 seconds")
     if config.relay_send_proxy and not config.relay:
         raise ConfigError("relay-send-proxy: needs --relay HOST:PORT")
+    if config.relay_tls and not config.relay:
+        raise ConfigError("relay-tls: needs --relay HOST:PORT")
+    for key in ("relay_ca_certs", "relay_sni", "relay_certfile", "relay_keyfile"):
+        if getattr(config, key) and not config.relay_tls:
+            raise ConfigError(f"{key.replace('_', '-')}: needs --relay-tls")
+    if config.relay_keyfile and not config.relay_certfile:
+        raise ConfigError("relay-keyfile: needs --relay-certfile, the certificate it belongs to")
+    if config.relay_sni is not None and not re.fullmatch(r"[A-Za-z0-9.:-]{1,253}", config.relay_sni):
+        raise ConfigError(f"relay-sni: {quote(config.relay_sni)} is not a server name")
     if config.log_level not in LOG_LEVELS:
         raise ConfigError(f"log-level: unknown level {quote(config.log_level)} (choose from {', '.join(LOG_LEVELS)})")
 

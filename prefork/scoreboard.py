@@ -29,6 +29,17 @@ class Record(ctypes.Structure):
         ("lb_drain", ctypes.c_int64),  # set by the master: fail load-balancer health checks
         ("proxy_errors", ctypes.c_uint64),  # connections closed for a missing or bad PROXY header
         ("accepting", ctypes.c_int64),  # 1 while the worker takes new connections (siblings balance on it)
+        # TLS handshakes completed, by version, and failed, by reason (prefork.tls.FAILURE_REASONS)
+        ("tls_handshakes", ctypes.c_uint64),
+        ("tls_v12", ctypes.c_uint64),
+        ("tls_v13", ctypes.c_uint64),
+        ("tls_failed_timeout", ctypes.c_uint64),
+        ("tls_failed_not_tls", ctypes.c_uint64),
+        ("tls_failed_version", ctypes.c_uint64),
+        ("tls_failed_cipher", ctypes.c_uint64),
+        ("tls_failed_certificate", ctypes.c_uint64),
+        ("tls_failed_closed", ctypes.c_uint64),
+        ("tls_failed_other", ctypes.c_uint64),
     ]
 
 

@@ -29,6 +29,7 @@ import itertools
 import logging
 import math
 import os
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeAlias
@@ -136,6 +137,8 @@ class RelaySettings:
     connect_timeout: float = 5.0  # seconds per upstream address tried
     idle_timeout: float | None = 300.0  # no byte either way for this long closes both sides; None: never
     send_proxy: bool = False  # announce the client with a PROXY protocol v2 header before any data
+    upstream_tls: ssl.SSLContext | None = None  # connect upstream with TLS (--relay-tls), verified by this context
+    upstream_server_name: str | None = None  # the name asked for (SNI) and verified; None: the upstream's host
 
     # The one piece of class-level state: the round-robin position must outlive a connection.
     # Each subclass gets its own (__init_subclass__).

@@ -37,6 +37,8 @@ from prefork.master.pool import WorkerPool, kill_pid
 from prefork.master.reload import Reload, Reloads, Waiter, fail, listeners_for, reload_report, reread_config
 from prefork.master.state import Backoff, LbDrain, StopMode, Worker, WorkerState
 from prefork.master.timers import Timers
+from prefork.tls import TlsSetup
+from prefork.tls import load as load_tls
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +70,14 @@ class Generations:
     """The serving generation by slot, the reload in flight, and the backoff of each slot."""
 
     def __init__(self, host: Host, pool: WorkerPool, timers: Timers, config: Config, listeners: list[Listener], *,
-                 cli_overrides: dict[str, Any], adopted: bool) -> None:
+                 cli_overrides: dict[str, Any], adopted: bool, tls: TlsSetup | None = None) -> None:
         self.host = host
         self.pool = pool
         self.timers = timers
         self.config = config
         self.listeners = listeners
+        # the serving generation's TLS contexts (built before --user when the daemon started)
+        self.tls = tls if tls is not None else load_tls(config, [li.spec for li in listeners])
         self.cli_overrides = cli_overrides
         self.adopted = adopted  # listeners came from systemd: a reload keeps them whatever bind says
         self.generation = 1
@@ -102,11 +106,13 @@ class Generations:
             return None
         config = reload.config if reload else self.config
         listeners = reload.listeners if reload else self.listeners
+        tls = reload.tls if reload else self.tls
         max_requests = config.max_requests + random.randint(0, config.max_requests_jitter) if config.max_requests else 0
         try:
             worker = self.pool.fork(slot, reload.generation if reload else self.generation, config,
                                     [li.sock for li in listeners], max_requests=max_requests,
-                                    lb_drain=self.host.lb_drain is not None)
+                                    lb_drain=self.host.lb_drain is not None, tls=tls,
+                                    listener_specs=tuple(li.spec for li in listeners))
         except (OSError, IndexError) as exc:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "no free scoreboard record"
             if reload is not None:
@@ -252,6 +258,9 @@ class Generations:
             return
         try:
             config = reread_config(self.config, self.cli_overrides)
+            # certificates and keys are read again on every reload (renewed ones are picked up); a broken
+            # one fails the reload before anything is bound, and the serving generation keeps its own
+            tls = load_tls(config, [li.spec for li in self.listeners])
             listeners, new_listeners = listeners_for(config, self.listeners, adopted=self.adopted)
         except (ConfigError, BindError) as exc:
             self.pool.totals.failed_reloads += 1
@@ -259,7 +268,7 @@ class Generations:
             fail(asked, str(exc))
             return
         reload = Reload(generation=next(self._generations), config=config, listeners=listeners,
-                        new_listeners=new_listeners, waiters=asked,
+                        new_listeners=new_listeners, waiters=asked, tls=tls,
                         batch=config.reload_batch if config.reload_batch < config.workers else 0,
                         began=time.monotonic(), counters=listen_counters())
         self.pool.mark_peak()
@@ -300,6 +309,7 @@ class Generations:
         reload = self.reloads.in_flight
         assert reload is not None
         self.slots, self.generation, self.config = reload.slots, reload.generation, reload.config
+        self.tls = reload.tls or self.tls
         self.target = reload.config.workers
         self.pool.timeout = self.config.timeout
         self.backoff.clear()

@@ -49,6 +49,7 @@ from prefork.master.reload import Waiter
 from prefork.master.state import ErrorBudget, LbDrain, StopMode, Totals, Worker
 from prefork.master.timers import Timers
 from prefork.systemd import Notifier
+from prefork.tls import TlsSetup
 from prefork.upgrade import UPGRADE_TIMEOUT, Upgrade, Upgrader, report_ready
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ class Master:
                  cli_overrides: dict[str, Any] | None = None, adopted: bool = False,
                  notifier: Notifier | None = None, argv: list[str] | None = None,
                  upgrade_pipe: int | None = None, metrics_sock: socket.socket | None = None,
-                 agent_sock: socket.socket | None = None) -> None:
+                 agent_sock: socket.socket | None = None, tls: TlsSetup | None = None) -> None:
         self.control = control
         self.argv = list(argv or [])  # our command line, to start the new master on upgrade
         self.upgrade_pipe = upgrade_pipe  # we are a new master: tell the old one when we serve
@@ -167,7 +168,7 @@ class Master:
                                blocked=self._signal_actions)
         self.guard = Guard(self.pool.totals, lambda sock: self.control.drop(sock) or self.endpoints.drop(sock))
         self.gens = Generations(self, self.pool, self.timers, config, listeners,
-                                cli_overrides=dict(cli_overrides or {}), adopted=adopted)
+                                cli_overrides=dict(cli_overrides or {}), adopted=adopted, tls=tls)
         self.checks = PeriodicChecks(self, self.gens, self.pool, self.timers, self.notifier)
         self.closer = Closer(self.timers)
         self.stop_report: dict[str, Any] = {}  # what the stop did, for the clients that asked for it

@@ -32,6 +32,7 @@ from prefork.master.report import WorkerSample
 from prefork.master.state import Totals, Worker, WorkerState
 from prefork.master.timers import Timers
 from prefork.scoreboard import Record, Scoreboard
+from prefork.tls import TlsSetup
 from prefork.workers.entry import WorkerSpec, run_worker
 
 log = logging.getLogger(__name__)
@@ -88,14 +89,15 @@ class WorkerPool:
     # -- starting ---------------------------------------------------------------------------------
 
     def fork(self, slot: int, generation: int, config: Config, listeners: Collection[socket.socket], *,
-             max_requests: int, lb_drain: bool) -> Worker:
+             max_requests: int, lb_drain: bool, tls: TlsSetup | None = None,
+             listener_specs: tuple[str, ...] = ()) -> Worker:
         """Fork a worker; raises OSError (no process) or IndexError (no free scoreboard record)."""
         now = time.monotonic()
         index = self.scoreboard.allocate(0, generation, now)
         self.scoreboard[index].lb_drain = 1 if lb_drain else 0  # before the worker can look
         spec = WorkerSpec(slot=slot, generation=generation, record_index=index, master_pid=self.master_pid,
                           config=config, listeners=tuple(listeners), channel_fd=self.channel_fd,
-                          max_requests=max_requests)
+                          max_requests=max_requests, tls=tls, listener_specs=listener_specs)
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.blocked)
         try:
             pid = os.fork()

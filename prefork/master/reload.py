@@ -20,6 +20,7 @@ from prefork.config import Config, ConfigError, build_config
 from prefork.kernelstats import ListenCounters, listen_counters
 from prefork.listeners import Listener, reuse_or_bind
 from prefork.master.state import Worker
+from prefork.tls import TlsSetup
 
 
 class Waiter(Protocol):
@@ -43,6 +44,7 @@ class Reload:
     batch: int = 0  # new workers started at a time (--reload-batch); 0: all at once
     started: int = 0  # new slots started so far: 0..started-1
     retiring: set[int] = field(default_factory=set)  # old workers of the last batch, until they exit
+    tls: TlsSetup | None = None  # the new generation's TLS contexts, read afresh
 
     def next_batch(self) -> range:
         """The new slots to start next (empty once every one is started)."""

@@ -46,6 +46,7 @@ from prefork import logs
 from prefork.channel import Channel, Event
 from prefork.proxy_protocol import ProxyHeader
 from prefork.scoreboard import Record
+from prefork.tls import ServerTls
 from prefork.workers.balance import ACCEPTING, NOT_ACCEPTING, STEPPED_BACK, WAKE_SIGNAL, Balance
 from prefork.workers.connection import ProxyPolicy, format_peer
 
@@ -82,6 +83,7 @@ class WorkerOptions:
     heartbeat_interval: float = 1.0
     proxy: ProxyPolicy | None = None  # None: no peer sends a PROXY header
     balance: Balance | None = None  # None: --balance off
+    tls: tuple[ServerTls | None, ...] = ()  # each listener's TLS, in the order of the listeners (None: plain)
 
 
 class WorkerLifecycle:

@@ -25,6 +25,7 @@ from prefork import logs
 from prefork.channel import Channel, Event
 from prefork.config import Config
 from prefork.scoreboard import Scoreboard
+from prefork.tls import ServerTls, TlsSetup
 from prefork.workers.async_worker import AsyncWorker
 from prefork.workers.balance import Balance
 from prefork.workers.base import FastExit, WorkerLifecycle, WorkerOptions, heartbeat_interval
@@ -59,6 +60,14 @@ class WorkerSpec:
     listeners: tuple[socket.socket, ...]
     channel_fd: int  # write end of the master's event pipe (see prefork.channel)
     max_requests: int  # 0 = never recycle; jitter already applied
+    tls: TlsSetup | None = None  # the generation's TLS contexts, built by the master (None: no TLS anywhere)
+    listener_specs: tuple[str, ...] = ()  # each listener's name (Listener.spec), to find its TLS
+
+    def listener_tls(self) -> tuple[ServerTls | None, ...]:
+        """Each listener's TLS (None: plain TCP), in the order of ``listeners``."""
+        if self.tls is None:
+            return tuple(None for _ in self.listeners)
+        return tuple(self.tls.for_listener(spec) for spec in self.listener_specs)
 
 
 # Every signal whose disposition a worker changes; a process a handler forks gets them back at default.
@@ -103,7 +112,7 @@ def _serve(spec: WorkerSpec, scoreboard: Scoreboard) -> int:
 
     channel = Channel(spec.channel_fd)
     try:
-        handler = handler_for(spec.config)
+        handler = handler_for(spec.config, relay_tls=spec.tls.relay if spec.tls is not None else None)
     except HandlerLoadError as exc:
         channel.send(Event.BOOT_ERROR, str(exc))
         return WORKER_BOOT_ERROR
@@ -125,6 +134,7 @@ def build_worker(spec: WorkerSpec, handler: Any, scoreboard: Scoreboard, channel
         heartbeat_interval=heartbeat_interval(config.timeout),
         proxy=ProxyPolicy.from_config(config),
         balance=balance,
+        tls=spec.listener_tls(),
     )
     if config.worker_class == "async":
         return AsyncWorker(spec.listeners, handler, config, record, options)

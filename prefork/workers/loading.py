@@ -11,6 +11,7 @@ import asyncio
 import importlib
 import inspect
 import socketserver
+import ssl
 from typing import Any
 
 from prefork.config import Config
@@ -82,12 +83,13 @@ def _import_object(spec: str) -> Any:
     return obj
 
 
-def handler_for(config: Config) -> Any:
+def handler_for(config: Config, *, relay_tls: ssl.SSLContext | None = None) -> Any:
     """Load the configured handler for the configured worker class, with the relay settings applied.
 
     The built-in echo has an asyncio form, used under ``async``; ``--relay``
     serves the built-in relay (or the user's relay subclass) in the form the
-    worker class runs.
+    worker class runs. ``relay_tls`` is the context the relay connects
+    upstream with (``--relay-tls``, built by :func:`prefork.tls.load`).
     """
     if config.handler_object is not None:  # given by the program that forked us (prefork.api): no import
         handler = check_handler(config.handler_object, config.handler, config.worker_class)
@@ -104,5 +106,7 @@ def handler_for(config: Config) -> Any:
         "connect_timeout": config.relay_connect_timeout,
         "idle_timeout": config.relay_idle_timeout or None,
         "send_proxy": config.relay_send_proxy,
+        "upstream_tls": relay_tls,
+        "upstream_server_name": config.relay_sni,
     }
     return type(handler.__name__, (handler,), {"__module__": handler.__module__, **settings})
