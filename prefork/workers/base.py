@@ -116,6 +116,7 @@ class WorkerLifecycle:
         self.heartbeat_interval = options.heartbeat_interval
         self.proxy = options.proxy
         self.balance = options.balance
+        self.tls = options.tls or tuple(None for _ in self.listeners)  # each listener's TLS (None: plain)
         self.stepped_back = False  # not accepting while it holds more than its share (--balance)
         self.accepted = 0  # connections taken, for --max-requests
         self.stopping = False

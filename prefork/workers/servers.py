@@ -30,6 +30,7 @@ import select
 import signal
 import socket
 import socketserver
+import ssl
 import sys
 import threading
 import time
@@ -37,7 +38,7 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
-from prefork import logs
+from prefork import logs, tls
 from prefork.listeners import ACCEPT_PAUSE, accept_failed, describe, watch
 from prefork.proxy_protocol import ProxyProtocolError, read_header
 from prefork.scoreboard import Record
@@ -50,6 +51,7 @@ from prefork.workers.base import (
     WorkerOptions,
 )
 from prefork.workers.connection import account, counts_own_bytes, format_peer, log_access
+from prefork.workers.handshakes import Handshakes
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,10 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
         self._wake_w.setblocking(False)
         self._epoll = select.epoll()
         self._by_fd = {s.fileno(): s for s in self.listeners}
+        # TLS listeners: their connections' handshakes run in this loop before the handler sees them
+        self._tls_by_fd = {s.fileno(): t for s, t in zip(self.listeners, self.tls, strict=True) if t is not None}
+        self._handshakes = Handshakes(record, self._handshake_done, self.proxy_header_failed,
+                                      self.closes_health_check)
         self._addresses = {fd: describe(s) for fd, s in self._by_fd.items()}  # for the log, once one is gone
         self._accepting = False
         self._accept_paused_until = 0.0
@@ -116,6 +122,7 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
         return self.socket.fileno()
 
     def server_close(self) -> None:
+        self._handshakes.close_all()
         self._epoll.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -146,11 +153,11 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
         raise FastExit("fast exit")
 
     def open_connections(self) -> int:
-        return 0
+        return len(self._handshakes)
 
     def full(self) -> bool:
         """True while the worker cannot take another connection."""
-        return False
+        return self._handshakes.full()
 
     # -- the loop -----------------------------------------------------------------------------------
 
@@ -195,6 +202,7 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
         old, self._epoll = self._epoll, select.epoll()
         old.close()
         self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
+        self._handshakes.watch_on(self._epoll)
         if self._accepting:
             for other in self._by_fd:
                 watch(self._epoll, other)
@@ -203,6 +211,7 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         """Serve until asked to stop and drained. ``poll_interval`` is ignored: nothing here polls."""
         self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
+        self._handshakes.watch_on(self._epoll)
         self.set_accepting(True)
         wake_fd = self._wake_r.fileno()
         while True:
@@ -218,15 +227,19 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
                 self._drain_wakeups()
             self.service_actions()
             for fd, _ in events:
-                if fd != wake_fd and self._accepting and (sock := self._by_fd.get(fd)) is not None:
+                if fd == wake_fd or self._handshakes.on_event(fd):
+                    continue
+                if self._accepting and (sock := self._by_fd.get(fd)) is not None:
                     self._accept_batch(sock)
+            if self._handshakes:
+                self._handshakes.expire(time.monotonic())
 
     def _next_timeout(self, now: float) -> float | None:
         """How long the loop may wait for an event; None once a stopping worker is drained or out of time."""
         if self.stopping:
             if not self.open_connections() or now >= self.stop_deadline:
                 return None
-            return min(self.heartbeat_interval, self.stop_deadline - now)
+            return self._handshake_timeout(now, min(self.heartbeat_interval, self.stop_deadline - now))
         if self.stepped_back:
             self.still_over_share()  # siblings' counts change without waking us: look on every turn
         if (not self._accepting and now >= self._accept_paused_until and not self.full()
@@ -235,7 +248,12 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
         timeout = RECHECK if self.stepped_back else self.heartbeat_interval
         if self._accept_paused_until > now:
             timeout = min(timeout, self._accept_paused_until - now)
-        return timeout
+        return self._handshake_timeout(now, timeout)
+
+    def _handshake_timeout(self, now: float, timeout: float) -> float:
+        """``timeout``, or less when a connection's header or handshake comes due sooner."""
+        deadline = self._handshakes.next_deadline()
+        return timeout if deadline is None else max(0.0, min(timeout, deadline - now))
 
     def _drain_wakeups(self) -> None:
         while True:
@@ -274,11 +292,27 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
                 self.set_accepting(False)
                 self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE
             return False
-        if self._extra_timeout is not None:
-            request.settimeout(self._extra_timeout)
         if self._extra_nodelay and request.family != socket.AF_UNIX:
             request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # socketserver's _handle_request_noblock, with our accept in front of it
+        server_tls = self._tls_by_fd.get(sock.fileno())
+        if server_tls is not None:
+            self._handshakes.begin(request, client_address, server_tls, self.proxy_for(client_address))
+            if self._handshakes.full():
+                self.set_accepting(False)  # siblings take new connections until handshakes finish
+        else:
+            self._serve_request(request, client_address)
+        self.count_accepted()
+        return True
+
+    def _handshake_done(self, request: ssl.SSLSocket, client_address: Any) -> None:
+        """A TLS connection's handshake is done: serve it as socketserver would a plain one, blocking."""
+        request.setblocking(True)
+        self._serve_request(request, client_address)
+
+    def _serve_request(self, request: Any, client_address: Any) -> None:
+        """Run one accepted connection through socketserver's hooks (its ``_handle_request_noblock``)."""
+        if self._extra_timeout is not None:
+            request.settimeout(self._extra_timeout)
         if self.verify_request(request, client_address):
             try:
                 self.process_request(request, client_address)
@@ -291,8 +325,6 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
                 raise
         else:
             self.shutdown_request(request)
-        self.count_accepted()
-        return True
 
     # -- socketserver's hooks -----------------------------------------------------------------------
 
@@ -304,7 +336,8 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
         master set this instance to drain for its load balancer: then it is
         closed at once, so the balancer takes the instance out of its pool.
         """
-        proxy = self.proxy_for(client_address)
+        # a TLS connection's PROXY header was read before its handshake (prefork.workers.handshakes)
+        proxy = None if isinstance(request, ssl.SSLSocket) else self.proxy_for(client_address)
         if proxy is not None:
             try:
                 header, _ = read_header(request, timeout=proxy.timeout)
@@ -333,6 +366,12 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
             counts = account(self.record if self.count_bytes else None, request)
             if self.access_log:
                 log_access(client_address, started, counts, outcome)
+
+    def shutdown_request(self, request: Any) -> None:
+        """Close a connection; a TLS one says so first (close_notify), so its client sees a clean end."""
+        if isinstance(request, ssl.SSLSocket):
+            tls.close_notify(request)
+        super().shutdown_request(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Log the handler's exception (socketserver would print it to stderr); this connection only."""
@@ -381,10 +420,10 @@ class ThreadServer(WorkerServer):
         self._pool: list[threading.Thread] = []
 
     def open_connections(self) -> int:
-        return self._open
+        return self._open + len(self._handshakes)
 
     def full(self) -> bool:
-        return self._open >= self.threads
+        return self._open >= self.threads or self._handshakes.full()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._lock:
