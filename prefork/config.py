@@ -421,9 +421,9 @@ def _check_type(key: str, value: Any, origin: str) -> None:
 def build_config(overrides: Mapping[str, Any], config_file: str | None = None) -> Config:
     """Merge the config file (if any) under ``overrides`` (the command line) and check it all."""
     file_settings = read_config_file(config_file) if config_file else {}
+    tables: list[dict[str, Any]] = file_settings.pop("listener", [])  # checked as they were read
     for key, value in file_settings.items():
         _check_type(key, value, f"config file {config_file}: ")
-    tables: list[dict[str, Any]] = file_settings.pop("listener", [])
     merged: dict[str, Any] = {**file_settings, **{k: v for k, v in overrides.items() if v is not None}}
     for key, value in merged.items():
         if key not in _FIELD_TYPES:

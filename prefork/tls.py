@@ -277,7 +277,7 @@ def _chain_error(exc: ssl.SSLError, certfile: str, keyfile: str | None, cert_opt
                 "(was one of them renewed without the other?)")
     if exc.library == "SSL" and reason in ("CA_MD_TOO_WEAK", "EE_KEY_TOO_SMALL"):
         return f"{cert_option} {certfile}: the certificate's key or signature is too weak for OpenSSL ({reason})"
-    if reason in ("NO_START_LINE", "PEM_LIB", "ASN1_LIB", "UNSUPPORTED"):
+    if reason in ("NO_START_LINE", "PEM_LIB", "ASN1_LIB", "UNSUPPORTED", ""):  # "": OpenSSL's PEM lib, no reason
         if keyfile is None:
             return (f"{cert_option} {certfile}: needs the certificate and its private key in PEM "
                     f"(or give --{key_option})")
