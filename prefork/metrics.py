@@ -4,7 +4,9 @@ Pure functions of the two JSON replies, so ``preforkctl stats --format
 prometheus`` and any future ``/metrics`` endpoint render the same text.
 Totals come from ``stats`` (they include workers that have exited); per-worker
 series come from ``status`` and carry the labels ``slot``, ``pid`` and
-``generation``. A key missing from a reply (an older daemon) drops that
+``generation``. TLS: each certificate's expiry comes from ``status`` (its
+``tls`` section), handshakes by version and failures by reason from
+``stats``. A key missing from a reply (an older daemon) drops that
 series instead of failing; a family left without samples is not written.
 
 The format is small enough to write by hand, which keeps the daemon free of
@@ -131,6 +133,30 @@ _PER_WORKER: tuple[tuple[str, str, MetricType, str], ...] = (
 )
 
 
+def tls_families(status: Mapping[str, Any], stats: Mapping[str, Any]) -> list[Family]:
+    """Certificate expiry (from ``status``), handshakes by version and failures by reason (from ``stats``)."""
+    expiry = Family(PREFIX + "tls_certificate_expiry_timestamp_seconds", "gauge",
+                    "When each certificate a listener serves expires (its notAfter), in seconds since the epoch.")
+    listeners = status.get("tls")
+    for listener, info in sorted(listeners.items()) if isinstance(listeners, Mapping) else ():
+        certificates = info.get("certificates", []) if isinstance(info, Mapping) else []
+        for cert in (c for c in certificates if isinstance(c, Mapping)):
+            expiry.add(cert.get("not_after_epoch"),
+                       (("listener", str(listener)), ("certfile", str(cert.get("certfile", ""))),
+                        ("subject", str(cert.get("subject", ""))), ("server_name", str(cert.get("server_name") or ""))))
+    handshakes = Family(PREFIX + "tls_handshakes_total", "counter", "TLS handshakes completed, by negotiated version.")
+    failures = Family(PREFIX + "tls_handshake_failures_total", "counter",
+                      "TLS handshakes that failed, by reason (timeout, not_tls, version, cipher, certificate, closed, "
+                      "other).")
+    counts = stats.get("tls")
+    if isinstance(counts, Mapping):
+        for name, key, family in (("version", "versions", handshakes), ("reason", "failures", failures)):
+            by_label = counts.get(key)
+            for label, value in by_label.items() if isinstance(by_label, Mapping) else ():
+                family.add(value, ((name, str(label)),))
+    return [expiry, handshakes, failures]
+
+
 def families(status: Mapping[str, Any], stats: Mapping[str, Any]) -> list[Family]:
     """The metric families of a ``status`` and a ``stats`` reply taken at about the same time."""
     out: list[Family] = []
@@ -168,7 +194,7 @@ def families(status: Mapping[str, Any], stats: Mapping[str, Any]) -> list[Family
         for w in workers:
             family.add(w.get(key), worker_labels(w))
         out.append(family)
-    return out
+    return out + tls_families(status, stats)
 
 
 def render_prometheus(status: Mapping[str, Any], stats: Mapping[str, Any]) -> str:

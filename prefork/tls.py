@@ -372,10 +372,11 @@ def failure_reason(exc: BaseException) -> str:
 
 def count_handshake(record: Any, version: str | None) -> None:
     """A completed handshake into the worker's record: one more, and one more of its version."""
-    record.tls_handshakes += 1
+    # the version first: a reader between the two stores never sees a handshake of no known version
     field_name = VERSIONS.get(version or "")
     if field_name is not None:
         setattr(record, field_name, getattr(record, field_name) + 1)
+    record.tls_handshakes += 1
 
 
 def count_failure(record: Any, reason: str) -> None:

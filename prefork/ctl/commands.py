@@ -86,6 +86,34 @@ def drain_request(args: argparse.Namespace) -> Request:
 # -- text formatters: a successful reply -> what people read -------------------------------------------------
 
 
+def certificate_line(cert: Mapping[str, object]) -> str:
+    """One certificate in use: whom it names, who issued it, when it expires and its file."""
+    days = cert.get("expires_in_days")
+    left = ""
+    if isinstance(days, int | float):
+        left = f", EXPIRED {-days:.1f} days ago" if days <= 0 else f", in {days:.1f} days"
+    name = cert.get("server_name")
+    return (f"  {'for ' + str(name) + ': ' if name else ''}{cert.get('subject')} (issued by {cert.get('issuer')}), "
+            f"expires {cert.get('not_after')}{left}: {cert.get('certfile')}")
+
+
+def tls_lines(s: Reply) -> list[str]:
+    """What ``status`` says of TLS: each TLS listener with its certificates, and the relay's (none: no lines)."""
+    out: list[str] = []
+    for address, info in (s.get("tls") or {}).items():
+        alpn = f", ALPN {','.join(info['alpn'])}" if info.get("alpn") else ""
+        out.append(f"TLS on {address}: TLS {info.get('min_version')}+, client certificates "
+                   f"{info.get('cert_reqs')}{alpn}")
+        out += [certificate_line(cert) for cert in info.get("certificates", [])]
+    relay = s.get("relay_tls")
+    if relay:
+        name = f"server name {relay['server_name']}" if relay.get("server_name") else "each upstream's host name"
+        cas = relay.get("ca_certs") or "the system's CAs"
+        client = f", presenting {relay['certfile']}" if relay.get("certfile") else ""
+        out.append(f"relay to upstreams over TLS: verifying {name} against {cas}{client}")
+    return out
+
+
 def format_status(s: Reply) -> str:
     out = [
         f"{s['name']}: master pid {s['pid']}, {s['state']}, generation {s['generation']}, "
@@ -93,6 +121,7 @@ def format_status(s: Reply) -> str:
         f"{s['target_workers']} {s['worker_class']} worker(s)"
         f"{' (' + s['event_loop'] + ')' if s.get('event_loop') else ''} of {s['handler']}",
         f"listening on {', '.join(s['listeners'])}",
+        *tls_lines(s),
         "",
     ]
     rows = [
@@ -113,6 +142,12 @@ def format_stats(s: Reply) -> str:
     out += [f"{k.replace('_', ' ')}: {s[k]}" for k in STATS_KEYS]
     if isinstance(s.get("active_max_mean"), int | float):
         out.append(f"busiest worker's open connections over the mean: {s['active_max_mean']:.2f}")
+    tls = s.get("tls")
+    if isinstance(tls, Mapping):
+        versions = ", ".join(f"{v} {n}" for v, n in tls.get("versions", {}).items())
+        failures = ", ".join(f"{r} {n}" for r, n in tls.get("failures", {}).items() if n)
+        out.append(f"tls handshakes: {tls.get('handshakes')} ({versions})")
+        out.append(f"tls handshake failures: {tls.get('failed')}{' (' + failures + ')' if failures else ''}")
     return "\n".join(out)
 
 

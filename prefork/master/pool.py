@@ -28,7 +28,7 @@ from collections.abc import Callable, Collection, Iterable
 import psutil
 
 from prefork.config import Config
-from prefork.master.report import WorkerSample
+from prefork.master.report import WorkerSample, tls_counts
 from prefork.master.state import Totals, Worker, WorkerState
 from prefork.master.timers import Timers
 from prefork.scoreboard import Record, Scoreboard
@@ -243,6 +243,7 @@ class WorkerPool:
         totals.proxy_errors += record.proxy_errors
         totals.bytes_in += record.bytes_in
         totals.bytes_out += record.bytes_out
+        totals.add_tls(tls_counts(record))
         totals.exits += 1
         self.scoreboard.release(worker.record_index)
         self.timers.cancel(("heartbeat", worker.pid))
@@ -280,4 +281,5 @@ class WorkerPool:
             pid=worker.pid, slot=worker.slot, generation=worker.generation, state=worker.state.value,
             requests=int(record.requests), active=int(record.active), errors=int(record.errors),
             proxy_errors=int(record.proxy_errors), bytes_in=int(record.bytes_in), bytes_out=int(record.bytes_out),
-            rss_bytes=rss, cpu_percent=cpu, age_s=now - worker.started, heartbeat_age_s=now - record.heartbeat)
+            rss_bytes=rss, cpu_percent=cpu, age_s=now - worker.started, heartbeat_age_s=now - record.heartbeat,
+            tls=tls_counts(record))

@@ -7,11 +7,16 @@ tested without a master.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from prefork import __version__
-from prefork.master.state import Totals
+from prefork.config import Config
+from prefork.listeners import Listener
+from prefork.master.state import TLS_COUNTERS, Totals
+from prefork.tls import FAILURE_REASONS, VERSIONS, CertInfo, TlsSetup
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,7 @@ class WorkerSample:
     cpu_percent: float
     age_s: float
     heartbeat_age_s: float
+    tls: Mapping[str, int] = field(default_factory=dict)  # its TLS counters, by TLS_COUNTERS name
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,51 @@ class BackoffSample:
     slot: int
     failures: int
     restart_in_s: float | None  # None: not scheduled
+
+
+@dataclass(frozen=True)
+class ListenerTls:
+    """A listener that speaks TLS: the certificates it serves and what it asks of clients."""
+
+    address: str
+    certs: tuple[CertInfo, ...]  # the default one first, then one per SNI name
+    cert_reqs: str  # none, optional or required: client certificates
+    min_version: str  # "1.2" or "1.3"
+    alpn: tuple[str, ...]
+    handshake_timeout: float
+
+
+@dataclass(frozen=True)
+class RelayTls:
+    """How the relay speaks TLS to its upstreams (--relay-tls)."""
+
+    upstreams: tuple[str, ...]
+    server_name: str | None  # --relay-sni; None: each upstream's host
+    ca_certs: str | None  # None: the system's CAs
+    certfile: str | None  # the client certificate it presents, if any
+
+
+@dataclass(frozen=True)
+class TlsView:
+    """The serving generation's TLS: each TLS listener (plain ones are left out) and the relay's."""
+
+    listeners: tuple[ListenerTls, ...] = ()
+    relay: RelayTls | None = None
+
+
+def tls_view(setup: TlsSetup, listeners: Iterable[Listener], config: Config) -> TlsView:
+    """What ``status`` shows of a generation's TLS (``setup``, built from ``config``) on ``listeners``."""
+    found = []
+    for listener in listeners:
+        server = setup.for_listener(listener.spec)
+        if server is not None:
+            found.append(ListenerTls(listener.address, server.certs, server.options.cert_reqs,
+                                     server.options.tls_min_version, tuple(server.options.alpn),
+                                     server.handshake_timeout))
+    relay = None
+    if config.relay_tls:
+        relay = RelayTls(tuple(config.relay), config.relay_sni, config.relay_ca_certs, config.relay_certfile)
+    return TlsView(tuple(found), relay)
 
 
 @dataclass(frozen=True)
@@ -58,6 +109,8 @@ class Snapshot:
     workers: list[WorkerSample]  # by generation, slot, pid
     backoff: list[BackoffSample]
     totals: Totals
+    tls: TlsView = TlsView()
+    wall_time: float = field(default_factory=time.time)  # what certificates' days left count from
 
 
 def open_by_generation(workers: list[WorkerSample]) -> dict[int, int]:
@@ -79,6 +132,48 @@ def imbalance(actives: list[int]) -> float:
     if not actives or total == 0:
         return 1.0
     return round(max(actives) * len(actives) / total, 3)
+
+
+def tls_counts(record: Any) -> dict[str, int]:
+    """A scoreboard record's TLS counters, by TLS_COUNTERS name (copied: the record keeps changing)."""
+    return {name: int(getattr(record, name)) for name in TLS_COUNTERS}
+
+
+def tls_totals(totals: Totals, workers: Iterable[WorkerSample]) -> dict[str, int]:
+    """TLS counters of the daemon's life: the gone workers' totals plus the live workers' own."""
+    counts = {name: totals.tls.get(name, 0) for name in TLS_COUNTERS}
+    for w in workers:
+        for name in TLS_COUNTERS:
+            counts[name] += w.tls.get(name, 0)
+    return counts
+
+
+def tls_stats(counts: Mapping[str, int]) -> dict[str, Any]:
+    """The ``stats`` section of TLS counters: handshakes, by negotiated version, and failures by reason.
+
+    Versions other than those the scoreboard counts apart are "other", shown only when there are some.
+    """
+    handshakes = counts.get("tls_handshakes", 0)
+    versions = {version: counts.get(name, 0) for version, name in VERSIONS.items()}
+    other = handshakes - sum(versions.values())
+    if other > 0:
+        versions["other"] = other
+    failures = {reason: counts.get(f"tls_failed_{reason}", 0) for reason in FAILURE_REASONS}
+    return {"handshakes": handshakes, "versions": versions, "failures": failures,
+            "failed": sum(failures.values())}
+
+
+def listener_tls_info(li: ListenerTls, now: float) -> dict[str, Any]:
+    certificates = [{**cert.describe(now), "not_after_epoch": cert.not_after} for cert in li.certs]
+    return {"certificates": certificates, "cert_reqs": li.cert_reqs, "min_version": li.min_version,
+            "alpn": list(li.alpn), "handshake_timeout_s": li.handshake_timeout}
+
+
+def relay_tls_info(relay: RelayTls | None) -> dict[str, Any] | None:
+    if relay is None:
+        return None
+    return {"upstreams": list(relay.upstreams), "server_name": relay.server_name, "ca_certs": relay.ca_certs,
+            "certfile": relay.certfile}
 
 
 def worker_info(w: WorkerSample, generation_open: int = 0) -> dict[str, Any]:
@@ -107,6 +202,9 @@ def status(snap: Snapshot) -> dict[str, Any]:
         "handler": snap.handler,
         "target_workers": snap.target_workers,
         "listeners": list(snap.listeners),
+        # the TLS listeners by address (a plain one is not there), and the relay's TLS to its upstreams
+        "tls": {li.address: listener_tls_info(li, snap.wall_time) for li in snap.tls.listeners},
+        "relay_tls": relay_tls_info(snap.tls.relay),
         "control": snap.control,
         "workers": [worker_info(w, by_generation.get(w.generation, 0)) for w in snap.workers],
         "backoff": [
@@ -115,6 +213,14 @@ def status(snap: Snapshot) -> dict[str, Any]:
             for b in snap.backoff
         ],
     }
+
+
+def tls_section(snap: Snapshot) -> dict[str, Any]:
+    """``{"tls": ...}`` when a listener speaks TLS or a worker ever counted a handshake; else nothing."""
+    counts = tls_totals(snap.totals, snap.workers)
+    if not snap.tls.listeners and not any(counts.values()):
+        return {}
+    return {"tls": tls_stats(counts)}
 
 
 def stats(snap: Snapshot) -> dict[str, Any]:
@@ -145,6 +251,7 @@ def stats(snap: Snapshot) -> dict[str, Any]:
         "worker_respawns": totals.respawns,
         "master_errors": totals.master_errors,
         "log_lines_dropped": totals.log_lines_dropped,
+        **tls_section(snap),
         "per_worker": [
             {"pid": w.pid, "slot": w.slot, "generation": w.generation, "state": w.state,
              "requests": w.requests, "active": w.active, "errors": w.errors}

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import psutil
+
+from prefork.tls import FAILURE_REASONS
+
+# a worker's TLS counters, by their scoreboard field: handshakes completed, by version, and failed, by reason
+TLS_COUNTERS = ("tls_handshakes", "tls_v12", "tls_v13", *(f"tls_failed_{reason}" for reason in FAILURE_REASONS))
 
 
 class WorkerState(enum.Enum):
@@ -70,6 +76,12 @@ class Totals:
     respawns: int = 0  # replacements started for workers that exited unasked
     master_errors: int = 0  # exceptions that escaped a callback of the master's loop (logged, survived)
     log_lines_dropped: int = 0  # the master's log lines that could not be written (copied in at a snapshot)
+    tls: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TLS_COUNTERS, 0))  # by TLS_COUNTERS name
+
+    def add_tls(self, counts: Mapping[str, int]) -> None:
+        """Fold a gone worker's TLS counters (by TLS_COUNTERS name) into the totals."""
+        for name in TLS_COUNTERS:
+            self.tls[name] = self.tls.get(name, 0) + counts.get(name, 0)
 
 
 @dataclass
