@@ -100,3 +100,43 @@ def test_socket_activation_first_connection_served(tmp_path: Path) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(5)
         log.close()
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="systemd-socket-activate not installed")
+def test_socket_activation_with_tls(tmp_path: Path) -> None:
+    """A socket systemd passed speaks TLS with --certfile, and its first connection (the one that
+    started the daemon) gets its handshake served."""
+    import ssl
+
+    from tlsutil import Pki, client_context
+
+    pki = Pki(tmp_path / "pki")
+    server = pki.server()
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    control = str(tmp_path / "tls.sock")
+    log_path = tmp_path / "tls.log"
+    with open(log_path, "wb") as log:
+        cmd = ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "--fdname=echo",
+               "-E", f"PYTHONPATH={APPS}{os.pathsep}{ROOT}",
+               sys.executable, "-m", "prefork", "--workers", "2", "--control", control, *server.args()]
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=child_env())
+    try:
+        wait_for(lambda: "Listening on" in log_path.read_text(), 10, "systemd-socket-activate to listen")
+        raw = socket.create_connection(("127.0.0.1", port), timeout=20)
+        with client_context(pki).wrap_socket(raw, server_hostname="localhost") as s:
+            assert isinstance(s, ssl.SSLSocket) and s.version() is not None
+            s.sendall(b"first!\n")
+            assert s.recv(100) == b"first!\n"
+        reply, sock = call(control, {"command": "status"})
+        sock.close()
+        assert reply["listeners"] == [f"127.0.0.1:{port}"]
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
