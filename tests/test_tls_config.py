@@ -147,3 +147,17 @@ def test_check_config_loads_the_certificates(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "prefork", "--check-config", *good.args()],
                           capture_output=True, text=True, timeout=30, env=child_env())
     assert proc.returncode == 0 and "configuration OK" in proc.stdout, proc.stderr
+
+
+def test_python_api_takes_the_tls_keywords(tmp_path: Path) -> None:
+    from prefork.api import OptionError, make_config
+
+    pki = Pki(tmp_path / "pki")
+    server = pki.server()
+    config = make_config("prefork.handlers.echo:EchoHandler", "127.0.0.1:0",
+                         {"certfile": server.cert, "keyfile": server.key, "alpn": ("h2", "echo/1")})
+    options = config.tls_for("127.0.0.1:0")
+    assert options is not None and options.alpn == ("h2", "echo/1")
+    with pytest.raises(OptionError, match="do not match"):  # checked before anything is bound
+        make_config("prefork.handlers.echo:EchoHandler", "127.0.0.1:0",
+                    {"certfile": server.cert, "keyfile": pki.server("other").key})
