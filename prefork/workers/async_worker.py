@@ -16,13 +16,22 @@ costs the hot path nothing. Bytes come from the kernel (``TCP_INFO``) when a
 connection ends, when they are exported or logged (``--metrics-bind``,
 ``--access-log``). The built-in echo runs on
 :mod:`prefork.workers.echo_engine` rather than on transports, unless a
-connection needs more than its bytes.
+connection needs more than its bytes, and not when a listener speaks TLS.
+
+TLS listeners (:mod:`prefork.workers.async_tls`): the worker reads the PROXY
+header and runs the handshake itself, bounded by their timeouts, counts
+handshakes and failures, then hands the handler a TLS transport: the client's
+verified certificate is ``transport.get_extra_info("peercert")`` (a Protocol)
+or ``writer.get_extra_info("peercert")`` (a stream handler), with
+``"ssl_object"`` and ``"cipher"`` beside it. Plain listeners beside TLS ones
+are served as ever.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import os
 import resource
@@ -37,6 +46,7 @@ from prefork.handlers.aio import EchoProtocol
 from prefork.listeners import describe
 from prefork.proxy_protocol import DEFAULT_MAX_LENGTH, ProxyProtocolError, parse
 from prefork.scoreboard import Record
+from prefork.workers.async_tls import ConnectionTransport, TlsAccept, release
 from prefork.workers.balance import RECHECK
 from prefork.workers.base import LISTENER_GONE_ERRNOS, FastExit, WorkerLifecycle, WorkerOptions
 from prefork.workers.connection import account, counts_own_bytes, log_access
@@ -57,27 +67,6 @@ def new_event_loop(kind: str | None = "uvloop") -> asyncio.AbstractEventLoop:
 
     loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
     return loop
-
-
-class _PeerTransport:
-    """A transport that reports the PROXY header's client as ``peername``; all else is the real one."""
-
-    def __init__(self, transport: asyncio.Transport, peername: Any) -> None:
-        self._transport = transport
-        self._peername = peername
-        # the hot methods as plain attributes: no __getattr__ on every write
-        self.write = transport.write
-        self.writelines = transport.writelines
-        self.pause_reading = transport.pause_reading
-        self.resume_reading = transport.resume_reading
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        if name == "peername":
-            return self._peername
-        return self._transport.get_extra_info(name, default)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
 
 
 class _ProxyHeaderReader(asyncio.Protocol):
@@ -125,7 +114,7 @@ class _ProxyHeaderReader(asyncio.Protocol):
             return
         transport: Any = self.transport
         if header.command == "PROXY" and header.source is not None:
-            transport = _PeerTransport(self.transport, header.source)
+            transport = ConnectionTransport(self.transport, header.source)
         self._hand_over(transport, self.buffer[header.length:])
 
     def _hand_over(self, transport: Any, rest: bytes) -> None:
@@ -151,17 +140,18 @@ class AsyncWorker(WorkerLifecycle):
         self.config = config
         self.max_connections = config.max_connections
         self.access_log = not logging.getLogger(logs.ACCESS_LOGGER).disabled
-        self.open = 0
+        self.open = 0  # connections a handler has
+        self.handshaking = 0  # connections on TLS listeners still in their PROXY header or handshake
+        self.handshakes: set[asyncio.Task[None]] = set()  # their tasks (the loop keeps only weak references)
         self.fast = False
         self.servers: list[asyncio.base_events.Server] = []
         self.paused = False
         self.recheck: asyncio.TimerHandle | None = None  # the next look while stepped back (--balance)
         self.done: asyncio.Future[None] | None = None
         self.counts_own_bytes = counts_own_bytes(handler)  # the relay
-        self.factory = self._make_factory(handler)
         # the built-in echo needs no transports unless a connection needs more than its bytes
         self.engine: EchoEngine | None = None
-        if handler is EchoProtocol and self.proxy is None and not self.access_log:
+        if handler is EchoProtocol and self.proxy is None and not self.access_log and not any(self.tls):
             self.engine = EchoEngine(self.listeners, record, on_open=self.opened, on_close=self.closed,
                                      can_accept=self.can_accept, on_listener_gone=self.listener_gone,
                                      on_accepting=self.mark_accepting)
@@ -174,16 +164,45 @@ class AsyncWorker(WorkerLifecycle):
         # and the echo engine count their own as they pass
         self.count_bytes = config.count_bytes and not self.counts_own_bytes and self.engine is None
         self.account = self.access_log or self.count_bytes
+        # TLS connections whose bytes someone counts hold a descriptor of their own (async_tls.ConnectionTransport)
+        self.keeps_sockets = any(self.tls) and (self.account or self.counts_own_bytes)
+        self.factories = self._make_factories(handler)  # one per listener, in the order of the listeners
 
     # -- connection counting (per connection, never per byte) --------------------------------------
 
-    def opened(self) -> None:
+    def opened(self, accepted: bool = True) -> None:
+        """A handler has a connection; ``accepted`` False when it was counted as accepted at its handshake."""
         self.open += 1
         self.record.active += 1
+        if accepted:
+            self.count_accepted()
+        self._took()
+
+    def begin_handshake(self) -> None:
+        """A connection on a TLS listener, before its handshake: open and accepted, not yet a handler's."""
+        self.handshaking += 1
         self.count_accepted()
+        if not (self.stopping or self.paused) and self.max_connections and self.connections() >= self.max_connections:
+            self.pause_accepting()
+
+    def end_handshake(self, handed_over: bool) -> None:
+        """Its handshake is over: the handler has it (``opened`` follows at once), or it failed and is closed."""
+        self.handshaking -= 1
+        if not handed_over:
+            self._let_go()
+
+    def track(self, task: asyncio.Task[None]) -> None:
+        self.handshakes.add(task)
+        task.add_done_callback(self.handshakes.discard)
+
+    def connections(self) -> int:
+        """Open connections: those a handler has and those still in their handshake."""
+        return self.open + self.handshaking
+
+    def _took(self) -> None:
         if self.stopping or self.paused:
             return
-        if self.max_connections and self.open >= self.max_connections:
+        if self.max_connections and self.connections() >= self.max_connections:
             self.pause_accepting()
         elif self.over_share():
             self.pause_accepting()  # the kernel wakes a sibling for the next one
@@ -195,8 +214,12 @@ class AsyncWorker(WorkerLifecycle):
         record = self.record
         record.active -= 1
         record.requests += 1
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """A connection has ended: the drain may be over, or there is room to accept again."""
         if self.stopping:
-            if self.open <= 0 and self.done is not None and not self.done.done():
+            if self.connections() <= 0 and self.done is not None and not self.done.done():
                 self.done.set_result(None)
         elif self.paused:
             self._resume_if_free()
@@ -205,7 +228,7 @@ class AsyncWorker(WorkerLifecycle):
         """Paused (at the cap, or stepped back for balance): accept again once neither holds."""
         if self.listeners_closed or self.stopping:
             return
-        if self.max_connections and self.open >= self.max_connections:
+        if self.max_connections and self.connections() >= self.max_connections:
             return
         if self.still_over_share():
             return
@@ -229,28 +252,41 @@ class AsyncWorker(WorkerLifecycle):
     def can_accept(self) -> bool:
         return not (self.stopping or self.paused or self.listeners_closed)
 
-    def _make_factory(self, handler: Any) -> Callable[[], asyncio.BaseProtocol]:
-        inner: Callable[[], asyncio.BaseProtocol]
-        if isinstance(handler, type) and issubclass(handler, asyncio.BaseProtocol):
-            inner = self._counted(handler)
-        else:
-            inner = self._streamed(handler)
-        if self.proxy is None:
-            return inner
-        return lambda: _ProxyHeaderReader(self, inner)
+    def _make_factories(self, handler: Any) -> list[Callable[[], asyncio.BaseProtocol]]:
+        """Each listener's protocol factory: the handler's, behind a PROXY header reader or a TLS handshake."""
+        plain: Callable[[], asyncio.BaseProtocol] | None = None
+        after_handshake: Callable[[], asyncio.BaseProtocol] | None = None
+        factories: list[Callable[[], asyncio.BaseProtocol]] = []
+        for server_tls in self.tls:
+            if server_tls is None:
+                if plain is None:
+                    inner = self._inner(handler, accepted=True)
+                    plain = inner if self.proxy is None else functools.partial(_ProxyHeaderReader, self, inner)
+                factories.append(plain)
+            else:
+                if after_handshake is None:
+                    after_handshake = self._inner(handler, accepted=False)  # counted as accepted at its handshake
+                factories.append(functools.partial(TlsAccept, self, server_tls, after_handshake))
+        return factories
 
-    def _counted(self, handler: type[asyncio.BaseProtocol]) -> type[asyncio.BaseProtocol]:
+    def _inner(self, handler: Any, accepted: bool) -> Callable[[], asyncio.BaseProtocol]:
+        if isinstance(handler, type) and issubclass(handler, asyncio.BaseProtocol):
+            return self._counted(handler, accepted)
+        return self._streamed(handler, accepted)
+
+    def _counted(self, handler: type[asyncio.BaseProtocol], accepted: bool) -> type[asyncio.BaseProtocol]:
         """``handler`` counted in the scoreboard (and in the access log) as connections open and close."""
         worker = self
         proto_class: type[Any] = handler
         counts_own = self.counts_own_bytes
+        track = self.account or self.keeps_sockets
 
         class Counted(proto_class):  # type: ignore[misc]
             def connection_made(self, transport: asyncio.BaseTransport) -> None:
-                worker.opened()
+                worker.opened(accepted)
                 if counts_own:  # a protocol that counts its bytes counts them in this worker's record
                     self.record = worker.record
-                if worker.account:
+                if track:
                     self._prefork_account = (transport, time.monotonic())
                 super().connection_made(transport)
 
@@ -259,22 +295,22 @@ class AsyncWorker(WorkerLifecycle):
                     super().connection_lost(exc)
                 finally:
                     worker.closed()
-                    if worker.account:
-                        # the socket is still open here, under asyncio and uvloop alike
+                    if track:
+                        # the socket is still open here under asyncio and uvloop alike (a TLS connection's:
+                        # the descriptor async_tls kept for this)
                         transport, started = self._prefork_account
-                        worker.connection_ended(transport.get_extra_info("socket"),
-                                                transport.get_extra_info("peername"), started,
-                                                "ok" if exc is None else "error")
+                        if worker.account:
+                            worker.connection_ended(transport, started, "ok" if exc is None else "error")
+                        release(transport)
 
         Counted.__name__ = Counted.__qualname__ = handler.__name__
         return Counted
 
-    def _streamed(self, handle: StreamHandler) -> Callable[[], asyncio.BaseProtocol]:
+    def _streamed(self, handle: StreamHandler, accepted: bool) -> Callable[[], asyncio.BaseProtocol]:
         """An ``async def handle(reader, writer)`` as a protocol factory, counted like a protocol."""
         worker = self
 
         async def serve_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            worker.opened()
             started = time.monotonic()
             outcome = "error"
             try:
@@ -287,21 +323,30 @@ class AsyncWorker(WorkerLifecycle):
                 log.exception("error handling connection from %s", writer.get_extra_info("peername"))
             finally:
                 if worker.account:
-                    worker.connection_ended(writer.get_extra_info("socket"), writer.get_extra_info("peername"),
-                                            started, outcome)
+                    worker.connection_ended(writer, started, outcome)
                 writer.close()
                 worker.closed()
+                release(writer.transport)
+
+        class Streamed(asyncio.StreamReaderProtocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                # counted here, not when serve_stream starts: a draining worker must not end in between
+                worker.opened(accepted)
+                super().connection_made(transport)
 
         def protocol() -> asyncio.BaseProtocol:
-            return asyncio.StreamReaderProtocol(asyncio.StreamReader(), serve_stream)
+            return Streamed(asyncio.StreamReader(), serve_stream)
 
         return protocol
 
-    def connection_ended(self, sock: Any, peer: Any, started: float, outcome: str) -> None:
-        """A connection's bytes from the kernel, into the record and the access log as configured."""
-        counts = account(self.record if self.count_bytes else None, sock)
+    def connection_ended(self, connection: Any, started: float, outcome: str) -> None:
+        """A connection's bytes from the kernel, into the record and the access log as configured.
+
+        ``connection`` is its transport or stream writer, its socket still open.
+        """
+        counts = account(self.record if self.count_bytes else None, connection.get_extra_info("socket"))
         if self.access_log:
-            log_access(peer, started, counts, outcome)
+            log_access(connection.get_extra_info("peername"), started, counts, outcome)
 
     # -- accepting ----------------------------------------------------------------------------------
 
@@ -312,7 +357,7 @@ class AsyncWorker(WorkerLifecycle):
         if self.servers:
             return  # serving already: a resume raced another
         loop = asyncio.get_running_loop()
-        for sock in self.listeners:
+        for sock, factory in zip(self.listeners, self.factories, strict=True):
             if sock.fileno() < 0 or self.listener_lost:
                 continue
             # a duplicate per server: closing a server (to pause, or to drain) closes only the duplicate
@@ -320,7 +365,7 @@ class AsyncWorker(WorkerLifecycle):
             dup.setblocking(False)
             fd = dup.fileno()
             self.listening[fd] = (os.fstat(fd).st_ino, describe(dup))
-            server = await loop.create_server(self.factory, sock=dup, backlog=self.config.backlog)
+            server = await loop.create_server(factory, sock=dup, backlog=self.config.backlog)
             self.servers.append(server)
             self.server_fds[server] = fd
         if self.paused or self.stopping or self.listeners_closed:
@@ -388,11 +433,11 @@ class AsyncWorker(WorkerLifecycle):
     # -- the lifecycle's I/O ------------------------------------------------------------------------
 
     def open_connections(self) -> int:
-        return max(self.open, 0)
+        return max(self.connections(), 0)
 
     def on_stopping(self) -> None:
         assert self.done is not None
-        if self.open <= 0:
+        if self.connections() <= 0:
             self.done.set_result(None)
         else:
             asyncio.get_running_loop().call_later(self.graceful_timeout, self._deadline)
@@ -429,6 +474,8 @@ class AsyncWorker(WorkerLifecycle):
             return
         in_use = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0
         per_connection = 2 if self.counts_own_bytes else 1  # the relay holds the upstream too
+        if self.keeps_sockets:
+            per_connection += 1  # a TLS connection's descriptor kept to count its bytes
         room = max(1, (soft - in_use - _FD_RESERVE) // per_connection)
         if not self.max_connections or room < self.max_connections:
             log.info("worker (pid %d): %d open files allowed (RLIMIT_NOFILE): at most %d connections at once",

@@ -1,0 +1,314 @@
+"""TLS on the ``async`` worker class's listeners: the PROXY header, the handshake, the handover.
+
+Why the worker runs the handshake itself rather than ``create_server(ssl=...)``:
+there asyncio and uvloop report a failed handshake only in debug logs (the
+handler's protocol never hears of the connection), so nothing could be
+counted or bounded by this worker. And why not ``start_tls`` on the plain
+transport: uvloop starts reading a new transport right after its
+``connection_made``, whatever the protocol asked for, so the ClientHello (or
+the bytes behind a PROXY header) would be read before ``start_tls`` could be
+given them.
+
+So a TLS listener's server makes :class:`TlsAccept` for each connection: the
+loop's own accept (with its pause, drain and listener-gone handling, as for
+plain listeners), then in ``connection_made``, before either loop has read a
+byte, the worker takes the connection's descriptor (a duplicate) and drops
+the plain transport. From there it is the worker's socket:
+
+* with ``--proxy-protocol`` (and the peer in ``--proxy-allow``) the header,
+  which comes in clear before the handshake, is read without reading past it
+  (peeked, then exactly its own bytes received, as
+  :func:`prefork.proxy_protocol.read_header` does blocking), within
+  ``--proxy-timeout``; a LOCAL header while the master drains for the load
+  balancer closes the connection (its health check fails), as on plain
+  listeners;
+* ``loop.connect_accepted_socket(..., ssl=context)`` runs the handshake,
+  bounded by ``--tls-handshake-timeout``; a failure raises here, so it is
+  counted by reason (:func:`prefork.tls.count_failure`) and logged in one
+  line, and a completed handshake is counted with its version;
+* the handler's protocol then gets the TLS transport (see :class:`Handover`).
+
+A connection in its header or handshake counts among the worker's open
+connections (the drain waits for it, ``--max-connections`` caps it, each is
+bounded by its timeout) and among those accepted (``--max-requests``), but
+in the scoreboard's ``active``/``requests`` only once a handler has it.
+
+What a handler sees: a TLS transport (asyncio's or uvloop's), so
+``get_extra_info("peercert")`` is the client's verified certificate (a dict
+as ``SSLSocket.getpeercert()`` gives it; empty without ``--cert-reqs``),
+``"ssl_object"`` the ``ssl.SSLObject`` (``version()``,
+``selected_alpn_protocol()``, ``getpeercert(binary_form=True)``),
+``"cipher"`` the negotiated cipher; from a stream handler the same through
+``writer.get_extra_info``. ``"peername"`` is the PROXY header's source when
+one was read. ``"socket"`` is the connection's TCP socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from prefork import tls
+from prefork.proxy_protocol import DEFAULT_MAX_LENGTH, ProxyHeader, ProxyProtocolError, parse
+from prefork.tls import ServerTls
+from prefork.workers.connection import format_peer
+from prefork.workers.handshakes import describe
+
+if TYPE_CHECKING:
+    from prefork.workers.async_worker import AsyncWorker
+
+log = logging.getLogger(__name__)
+
+ProtocolFactory = Callable[[], asyncio.BaseProtocol]
+
+
+class ConnectionTransport:
+    """A transport as the handler sees it when the worker knows more than the transport does.
+
+    ``peername`` is the PROXY header's client. ``kept`` (TLS connections,
+    when the worker or the handler counts bytes) is a descriptor of the
+    connection held until the handler's connection has ended: a TLS
+    transport tells its protocol ``connection_lost`` only after its socket
+    is closed, too late to read the kernel's byte counts (``TCP_INFO``) from
+    it; it is what ``get_extra_info("socket")`` gives. Everything else is the
+    real transport's.
+    """
+
+    def __init__(self, transport: asyncio.Transport, peername: Any, kept: socket.socket | None = None) -> None:
+        self._transport = transport
+        self._peername = peername
+        self._kept = kept
+        # the hot methods as plain attributes: no __getattr__ on every write
+        self.write = transport.write
+        self.writelines = transport.writelines
+        self.pause_reading = transport.pause_reading
+        self.resume_reading = transport.resume_reading
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "peername":
+            return self._peername
+        if name == "socket" and self._kept is not None:
+            return self._kept
+        return self._transport.get_extra_info(name, default)
+
+    def release(self) -> None:
+        """The handler's connection has ended and its bytes are counted: let go of the kept descriptor."""
+        if self._kept is not None:
+            self._kept.close()
+            self._kept = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+def release(transport: Any) -> None:
+    """Let go of what the worker held for a connection that has ended (see :class:`ConnectionTransport`)."""
+    if isinstance(transport, ConnectionTransport):
+        transport.release()
+
+
+class TlsAccept(asyncio.Protocol):
+    """What a TLS listener's server makes per connection: takes the connection from its plain transport.
+
+    In ``connection_made`` neither loop has read from the socket yet (asyncio
+    adds its reader after this call, uvloop starts reading after it unless
+    the transport is closed by then), so the ClientHello is still in the
+    kernel when the transport is aborted: aborting closes only the
+    transport's descriptor, the connection lives on in the worker's
+    duplicate.
+    """
+
+    def __init__(self, worker: AsyncWorker, server_tls: ServerTls, make_inner: ProtocolFactory) -> None:
+        self.worker = worker
+        self.server_tls = server_tls
+        self.make_inner = make_inner
+
+    def connection_made(self, transport: Any) -> None:  # asyncio's or uvloop's TCP transport
+        raw = transport.get_extra_info("socket")
+        peer = transport.get_extra_info("peername")
+        try:
+            sock = socket.socket(raw.family, raw.type, raw.proto, fileno=os.dup(raw.fileno()))
+        except OSError as exc:  # EMFILE: the worker caps connections below the limit, so rarely
+            log.warning("cannot take the TLS connection from %s: %s; closing it", format_peer(peer),
+                        exc.strerror or exc)
+            transport.abort()
+            return
+        transport.abort()
+        sock.setblocking(False)
+        self.worker.begin_handshake()
+        Handshake(self.worker, sock, peer, self.server_tls, self.make_inner).start()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The plain transport, aborted in connection_made: nothing to do (the connection is elsewhere)."""
+
+
+class Handshake:
+    """One TLS connection from accept to its handler: PROXY header, handshake, handover, or failure."""
+
+    def __init__(self, worker: AsyncWorker, sock: socket.socket, peer: Any, server_tls: ServerTls,
+                 make_inner: ProtocolFactory) -> None:
+        self.worker = worker
+        self.sock = sock
+        self.peer = peer  # the PROXY header's source once read
+        self.proxied = False  # the peer is the header's
+        self.server_tls = server_tls
+        self.make_inner = make_inner
+        self.pending = True  # counted in the worker's handshakes until handed over or failed
+        self.owned = True  # the socket is ours to close (no transport has it yet)
+
+    def start(self) -> None:
+        self.worker.track(asyncio.get_running_loop().create_task(self.run()))
+
+    async def run(self) -> None:
+        try:
+            if await self._proxy_header():
+                self.owned = False  # the transport connect_accepted_socket makes owns (and closes) it
+                await self._handshake()
+        except Exception:  # a fault here costs this connection only, and says so
+            self.worker.record.errors += 1
+            log.exception("TLS connection from %s failed", format_peer(self.peer))
+            if self.owned:
+                self.sock.close()
+        finally:
+            self._end(handed_over=False)  # a no-op once handed over
+
+    def _end(self, *, handed_over: bool) -> None:
+        if self.pending:
+            self.pending = False
+            self.worker.end_handshake(handed_over=handed_over)
+
+    async def _proxy_header(self) -> bool:
+        """Read the PROXY header when this peer must send one; False when the connection was closed instead."""
+        policy = self.worker.proxy_for(self.peer)
+        if policy is None:
+            return True
+        try:
+            async with asyncio.timeout(policy.timeout):
+                header = await read_proxy_header(self.sock)
+        except TimeoutError:
+            why: object = f"no complete PROXY header within {policy.timeout:g}s"
+        except ProxyProtocolError as exc:
+            why = exc
+        except OSError as exc:
+            why = f"connection failed before the PROXY header completed: {exc.strerror or exc}"
+        else:
+            if self.worker.closes_health_check(header):
+                self.sock.close()
+                return False
+            if header.command == "PROXY" and header.source is not None:
+                self.peer, self.proxied = header.source, True
+            return True
+        self.worker.proxy_header_failed(self.peer, why)
+        self.sock.close()
+        return False
+
+    async def _handshake(self) -> None:
+        server_tls = self.server_tls
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + server_tls.handshake_timeout
+        try:
+            # The transport owns the socket from here, and closes it on failure. A connection the
+            # handler has closed waits for the client's close_notify no longer than a handshake would.
+            await loop.connect_accepted_socket(lambda: Handover(self), self.sock, ssl=server_tls.context,
+                                               ssl_handshake_timeout=server_tls.handshake_timeout,
+                                               ssl_shutdown_timeout=server_tls.handshake_timeout)
+        except Exception as exc:  # ssl.SSLError, a reset, the handshake timeout; never the handler's
+            if self.pending:
+                # the TLS layer's own timeout aborts the connection (its clock may round a little early)
+                if isinstance(exc, ConnectionAbortedError) and loop.time() >= deadline - 0.05:
+                    exc = TimeoutError(f"no TLS handshake within {server_tls.handshake_timeout:g}s")
+                self._failed(exc)
+            return
+        if self.pending:  # the connection ended in the middle of the handshake without an error
+            self._failed(ConnectionResetError("the connection closed in the middle of the handshake"))
+
+    def _failed(self, exc: BaseException) -> None:
+        reason = tls.failure_reason(exc)
+        tls.count_failure(self.worker.record, reason)
+        log.info("TLS handshake with %s failed (%s): %s; closing the connection", format_peer(self.peer),
+                 reason.replace("_", " "), describe(exc))
+
+    def hand_over(self, transport: asyncio.Transport) -> None:
+        """The handshake is done: count it, and give the connection to the handler's protocol."""
+        sslobj = transport.get_extra_info("ssl_object")
+        tls.count_handshake(self.worker.record, sslobj.version() if sslobj is not None else None)
+        self._end(handed_over=True)
+        kept = None
+        if self.worker.keeps_sockets:
+            try:
+                kept = socket.socket(self.sock.family, self.sock.type, self.sock.proto,
+                                     fileno=os.dup(self.sock.fileno()))
+            except OSError:  # out of descriptors: this connection's bytes go uncounted
+                kept = None
+        seen: Any = transport
+        if kept is not None or self.proxied:
+            seen = ConnectionTransport(transport, self.peer, kept)
+        inner = self.make_inner()
+        transport.set_protocol(inner)
+        inner.connection_made(seen)
+
+
+class Handover(asyncio.Protocol):
+    """The protocol the TLS layer reports the finished handshake to; the handler's takes over at once.
+
+    The TLS layer calls ``connection_made`` before it passes on any
+    application data, so nothing needs holding here.
+    """
+
+    def __init__(self, handshake: Handshake) -> None:
+        self.handshake = handshake
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.handshake.hand_over(transport)  # type: ignore[arg-type]
+
+
+async def read_proxy_header(sock: socket.socket, max_length: int = DEFAULT_MAX_LENGTH) -> ProxyHeader:
+    """One PROXY header from the non-blocking ``sock``, and not a byte past it (the caller bounds the time).
+
+    Bytes are peeked, and only those known to be the header's are received,
+    so the TLS ClientHello behind it stays in the kernel. A partial header is
+    taken and the socket waited on for more: no spinning on bytes already
+    seen. Raises :class:`ProxyProtocolError` for a malformed header or a
+    connection closed first, ``OSError`` for a failed one.
+    """
+    loop = asyncio.get_running_loop()
+    received = bytearray()
+    while True:
+        try:
+            peeked = sock.recv(max(1, max_length - len(received)), socket.MSG_PEEK)
+        except BlockingIOError:
+            await _readable(loop, sock.fileno())
+            continue
+        if not peeked:
+            raise ProxyProtocolError("connection closed before the PROXY header completed "
+                                     f"({len(received)} header bytes received)")
+        header = parse(bytes(received) + peeked, max_length=max_length)
+        # None: every byte seen so far belongs to the header; else exactly the header's are taken
+        wanted = len(peeked) if header is None else header.length - len(received)
+        while wanted > 0:
+            chunk = sock.recv(wanted)  # peeked already: there
+            if not chunk:
+                raise ProxyProtocolError("connection closed in the middle of the PROXY header")
+            received += chunk
+            wanted -= len(chunk)
+        if header is not None:
+            return header
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    """Until ``fd`` is readable (no transport owns it yet, so the loop lets us watch it)."""
+    ready = loop.create_future()
+    loop.add_reader(fd, _set_done, ready)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
+
+
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
