@@ -317,7 +317,7 @@ def load_threads() -> Iterator[Callable[..., dict[str, int]]]:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("worker_class", CLASSES)
+@pytest.mark.parametrize("worker_class", [*CLASSES, "async"])
 def test_reload_rotates_the_certificate_without_a_failed_handshake(
         daemon_factory: Callable[..., Daemon], pki: Pki, load_threads: Callable[..., dict[str, int]],
         worker_class: str) -> None:
@@ -328,7 +328,7 @@ def test_reload_rotates_the_certificate_without_a_failed_handshake(
     d = daemon_factory(*live.args(), "-k", worker_class)
     context = client_context(pki)
     # (a sync worker serving a connection answers SIGTERM only after it: the reload's reply would wait)
-    established = tls_connect(d, context) if worker_class == "thread" else None
+    established = tls_connect(d, context) if worker_class != "sync" else None
     with tls_connect(d, context) as s:
         serial = s.getpeercert()["serialNumber"]  # type: ignore[index]
     results = load_threads(d, pki)
