@@ -165,6 +165,9 @@ def _server_context(options: TlsOptions, certfile: str, keyfile: str | None) -> 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_3 if options.tls_min_version == "1.3" else ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
+    # a client that ends with a bare FIN (no close_notify) is done sending, not an attacker: without this
+    # OpenSSL 3 fails the connection, and a relay could not deliver the rest of its reply
+    context.options |= getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
     if options.ciphers:
         try:
             context.set_ciphers(options.ciphers)
@@ -188,6 +191,7 @@ def relay_context(config: Config) -> ssl.SSLContext | None:
         return None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the certificate and the host name
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)  # as the server side's
     if config.relay_ca_certs:
         _load_verify(context, "relay-ca-certs", config.relay_ca_certs)
     else:

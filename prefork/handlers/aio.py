@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from typing import Any
 
 from prefork.handlers import relay_core
@@ -38,12 +39,21 @@ class EchoProtocol(asyncio.Protocol):
         self.transport.write(data)
 
 
+_EARLY_TLS_BYTES = 256 * 1024  # what a TLS client may send before its upstream is there, before it is paused
+
+
 class _UpstreamSide(asyncio.Protocol):
-    """The relay's connection to the upstream: hands everything to its client side."""
+    """The relay's connection to the upstream: hands everything to its client side.
+
+    A TLS upstream's side is deaf to its end until the relay takes it
+    (``live``): an attempt whose handshake failed ends without ending the
+    relay, which tries the next upstream.
+    """
 
     def __init__(self, relay: RelayProtocol) -> None:
         self.relay = relay
         self.transport: asyncio.Transport | None = None
+        self.live = relay.upstream_tls is None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -52,8 +62,12 @@ class _UpstreamSide(asyncio.Protocol):
         self.relay.client.write(data)  # replaced by client.write itself once both sides are up
 
     def eof_received(self) -> bool:
+        if not self.live:
+            return False
         self.relay.half_close(from_client=False)
-        return True  # keep our side open: the client may still be sending
+        # keep our side open (the client may still be sending), unless it is TLS: asyncio closes
+        # those after an EOF whatever we answer (and warns when we answer True)
+        return self.relay.upstream_tls is None
 
     def pause_writing(self) -> None:
         self.relay.client.pause_reading()  # the upstream is slow: stop reading the client
@@ -62,7 +76,8 @@ class _UpstreamSide(asyncio.Protocol):
         self.relay.client.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.relay.upstream_lost(exc)
+        if self.live:
+            self.relay.upstream_lost(exc)
 
 
 class RelayProtocol(RelaySettings, asyncio.Protocol):
@@ -80,7 +95,19 @@ class RelayProtocol(RelaySettings, asyncio.Protocol):
     Flow control keeps memory flat: when one side's transport buffers past its
     high water mark, reading from the other side pauses. The client's bytes
     are added to ``record`` from the kernel (``TCP_INFO``) when the connection
-    ends.
+    ends (through TLS these are the bytes on the wire, records and handshake
+    included).
+
+    TLS: the client's transport may be a TLS one (a TLS listener), and
+    ``upstream_tls`` (``--relay-tls``) connects upstream with TLS: connect,
+    the PROXY header in clear, then ``start_tls``, all within
+    ``connect_timeout``; a failed handshake is a failed attempt and the next
+    upstream is tried. A TLS transport cannot half-close (no ``write_eof``;
+    asyncio closes it when its peer ends), so an EOF towards or from a TLS
+    side closes that side once what was relayed to it is flushed, and the
+    connection ends with it, as stunnel and HAProxy end a TLS connection
+    when its server closes. (The socketserver form passes a half-close on
+    as a ``close_notify`` and goes on reading.)
     """
 
     counts_bytes = True  # adds its client's bytes to record at close: the worker need not count them too
@@ -98,7 +125,10 @@ class RelayProtocol(RelaySettings, asyncio.Protocol):
         self._idle_handle: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._early: list[bytes] = []
+        self._early_bytes = 0
         self._early_eof = False
+        self._tls_client = False
+        self._client_gone = False  # a TLS client ended before the upstream was there; its bytes still go
 
     # -- hooks --------------------------------------------------------------------------------------
 
@@ -116,16 +146,23 @@ class RelayProtocol(RelaySettings, asyncio.Protocol):
         """The PROXY v2 header announcing this connection: the client and the address it connected to.
 
         A LOCAL header when they are not IP addresses (a Unix socket listener).
-        May be overridden.
+        A TLS client is announced with what it negotiated (PP2_TYPE_SSL,
+        PP2_TYPE_ALPN; see :func:`relay_core.ssl_tlv`). May be overridden.
         """
-        return relay_core.proxy_header(self.client_address, self.client.get_extra_info("sockname"))
+        ssl_object = self.client.get_extra_info("ssl_object")
+        tls = relay_core.ClientTls.of(ssl_object) if isinstance(ssl_object, ssl.SSLObject) else None
+        return relay_core.proxy_header(self.client_address, self.client.get_extra_info("sockname"), tls)
 
     # -- connecting ---------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.client = transport  # type: ignore[assignment]
         self.client_address = transport.get_extra_info("peername")
-        self.client.pause_reading()  # until the upstream is there
+        self._tls_client = transport.get_extra_info("ssl_object") is not None
+        if not self._tls_client:
+            # until the upstream is there. (A TLS client is read meanwhile, up to _EARLY_TLS_BYTES: uvloop
+            # drops what a paused TLS transport holds when its client ends, and a short client often does.)
+            self.client.pause_reading()
         self._task = asyncio.get_running_loop().create_task(self._connect())
 
     async def _connect(self) -> None:
@@ -133,12 +170,22 @@ class RelayProtocol(RelaySettings, asyncio.Protocol):
         failures: list[str] = []
         for address in self.upstream_candidates():
             host, port = address
+            deadline = loop.time() + self.connect_timeout
             try:
-                _, side = await asyncio.wait_for(
+                transport, side = await asyncio.wait_for(
                     loop.create_connection(lambda: _UpstreamSide(self), host, port), self.connect_timeout)
             except OSError as exc:  # wait_for's TimeoutError is one too
                 failures.append(relay_core.attempt_failed(address, exc, self.connect_timeout))
                 continue
+            if self.send_proxy:
+                transport.write(self.proxy_header())  # first and in clear, before a TLS handshake
+            if self.upstream_tls is not None:
+                try:
+                    side.transport = await self._start_tls(transport, side, host, deadline - loop.time())
+                except OSError as exc:  # start_tls closed the connection
+                    failures.append(relay_core.attempt_failed(address, exc, self.connect_timeout,
+                                                              stage="TLS handshake"))
+                    continue
             if self._closed:  # the client went away while we connected
                 if side.transport is not None:
                     side.transport.close()
@@ -146,20 +193,53 @@ class RelayProtocol(RelaySettings, asyncio.Protocol):
             if failures:
                 self._report(relay_core.failed_over(self.client_address, failures, address))
             self.upstream_address = address
+            if self._client_gone:  # what it sent goes up, then the upstream is closed (after the flush)
+                self.upstream = side.transport
+                if self.upstream is not None:
+                    self.upstream.writelines(self._early)
+                self.close()
+                return
             self._start(side)
             return
         self._report(relay_core.no_upstream(self.client_address, failures))
         self.close()
 
+    async def _start_tls(self, transport: asyncio.Transport, side: _UpstreamSide, host: str,
+                         remaining: float) -> asyncio.Transport:
+        """The TLS handshake on ``transport`` within ``remaining`` seconds, verifying the upstream's certificate.
+
+        Raises ``OSError`` (``ssl.SSLCertVerificationError``, ``TimeoutError``,
+        a reset); the connection is closed then.
+        """
+        assert self.upstream_tls is not None
+        loop = asyncio.get_running_loop()
+        if remaining <= 0:
+            transport.close()
+            raise TimeoutError()
+        try:
+            tls_transport = await asyncio.wait_for(loop.start_tls(
+                transport, side, self.upstream_tls, server_hostname=relay_core.server_name(
+                    self.upstream_server_name, host), ssl_handshake_timeout=remaining), remaining)
+        except OSError:  # before ValueError: ssl.SSLCertVerificationError is both
+            transport.close()  # start_tls does on most failures; a cancelled wait_for may leave it open
+            raise
+        except ValueError as exc:  # a server name Python refuses (empty, a leading dot)
+            transport.close()
+            raise OSError(f"cannot ask for that server name: {exc}") from exc
+        except BaseException:
+            transport.close()
+            raise
+        assert tls_transport is not None  # start_tls returns None only for a closed transport, which raised
+        return tls_transport
+
     def _start(self, side: _UpstreamSide) -> None:
-        """Both sides are up: send the PROXY header and early bytes, then let bytes flow."""
+        """Both sides are up: send early bytes, then let bytes flow."""
         self.upstream = side.transport
         assert self.upstream is not None
+        side.live = True
         sock = self.upstream.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.send_proxy:
-            self.upstream.write(self.proxy_header())
         if self._early:
             self.upstream.writelines(self._early)
             self._early.clear()
@@ -205,22 +285,31 @@ class RelayProtocol(RelaySettings, asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.upstream is None:  # bytes that came with the connection, before the upstream was there
             self._early.append(data)
-            self.client.pause_reading()
+            self._early_bytes += len(data)
+            if not self._tls_client or self._early_bytes >= _EARLY_TLS_BYTES:
+                self.client.pause_reading()
             return
         self.upstream.write(data)
 
     def eof_received(self) -> bool:
         if self.upstream is None:
             self._early_eof = True
-            return True
-        self.half_close(from_client=True)
-        return True
+        else:
+            self.half_close(from_client=True)
+        # keep our side open (the upstream may still answer), unless it is TLS: asyncio closes those
+        # after an EOF whatever we answer (and warns when we answer True)
+        return not self._tls_client
 
     def half_close(self, *, from_client: bool) -> None:
+        """An EOF from one side: passed on as a half-close, or as a close where the other side is TLS."""
         self._eof_from.add(from_client)
         other = self.upstream if from_client else self.client
-        if other is not None and other.can_write_eof():
-            other.write_eof()
+        if other is not None:
+            if other.can_write_eof():
+                other.write_eof()
+            else:
+                self.close()  # TLS cannot half-close: close after flushing (close() flushes)
+                return
         if len(self._eof_from) == 2:
             self.close()
 
@@ -240,6 +329,12 @@ class RelayProtocol(RelaySettings, asyncio.Protocol):
         self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if exc is None and self._early_eof and self.upstream is None and self._task is not None \
+                and not self._task.done():
+            # A TLS client sent its bytes and its EOF before the upstream was there, and asyncio closed
+            # it (TLS does not half-close): the connect goes on, to deliver them.
+            self._client_gone = True
+            return
         if exc is not None and not self._closed:
             self._report(relay_core.client_failed(self.client_address, self.upstream_address, exc))
         self.close()

@@ -23,6 +23,16 @@ be writable instead of reading more, so a slow reader slows the writer through
 TCP flow control and a connection never holds more than two such copies. An
 EOF is passed on as ``shutdown(SHUT_WR)`` once the bytes before it are
 delivered (half-close propagated each way).
+
+Either socket may be TLS (an ``ssl.SSLSocket``: a client the worker did the
+handshake with, an upstream reached with ``--relay-tls``); such a connection
+gets :class:`_TlsPipe` for both directions, chosen once when it starts, so
+plain connections never pay for the checks TLS needs: a non-blocking TLS call
+wants the socket readable or writable (``SSLWantReadError`` /
+``SSLWantWriteError``, which are not ``BlockingIOError``), bytes may wait
+decrypted inside the TLS object where epoll cannot see them, a write that
+did not complete must be retried with the same bytes, and an EOF is passed on
+as a TLS ``close_notify`` before the TCP half-close.
 """
 
 from __future__ import annotations
@@ -36,11 +46,13 @@ import os
 import select
 import socket
 import socketserver
+import ssl
 import threading
 import time
 from collections import deque
 from typing import Any
 
+from prefork import tls
 from prefork.handlers import relay_core
 from prefork.handlers.relay_core import RelaySettings, Upstream
 from prefork.workers.connection import format_peer
@@ -53,6 +65,7 @@ log = logging.getLogger(__name__)
 # raises the socket's error. (EPOLLHUP and EPOLLERR are reported whatever a socket is registered for.)
 _READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 _WRITABLE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+_IN_OUT = select.EPOLLIN | select.EPOLLOUT  # what a registration asks for; HUP and ERR come anyway
 _STALE_TIMERS = 64  # finished connections' timers tolerated in the heap before it is rebuilt
 _CANCEL_WAIT = 1.0  # seconds an interrupted handle() waits for the loop to let go of its sockets
 
@@ -77,8 +90,8 @@ class _Pipe:
     ``bytes_out``. Used by the relay loop thread only.
     """
 
-    __slots__ = ("count_in", "count_out", "done", "eof", "pending", "recv_into", "send", "sink", "sink_side",
-                 "source_side", "view")
+    __slots__ = ("count_in", "count_out", "done", "eof", "pending", "read_events", "recv_into", "send", "sink",
+                 "sink_side", "source_side", "view", "write_events")
 
     def __init__(self, source: socket.socket, sink: socket.socket, source_side: str, sink_side: str,
                  view: memoryview) -> None:
@@ -93,6 +106,10 @@ class _Pipe:
         self.done = False  # ... and it was passed on: the sink is shut for writing
         self.count_in: Any = None
         self.count_out: Any = None
+        # The events after which pull() (on the source) and push() (on the sink) are worth trying. A
+        # plain socket's never change; a TLS one's may, for a while: see _TlsPipe.
+        self.read_events = _READABLE
+        self.write_events = _WRITABLE
 
     def pull(self) -> bool:
         """Read once from the source and send it on; True when the events this direction needs changed."""
@@ -148,6 +165,197 @@ class _Pipe:
         self.done = True
 
 
+class _TlsPipe(_Pipe):
+    """One direction of a connection with a TLS socket at either end (or both).
+
+    What differs from a plain pipe, and why:
+
+    * A TLS call that cannot go on raises ``SSLWantReadError`` or
+      ``SSLWantWriteError`` (``OSError``s, not ``BlockingIOError``). Reading
+      may need the socket writable and writing may need it readable (a
+      renegotiation, a key update to answer): ``read_events`` and
+      ``write_events`` say which the loop waits for meanwhile.
+    * A read returns at most one TLS record (16 KiB), so the source is read
+      until the buffer is full or it has nothing more, and the lot is sent
+      as one write. Decrypted bytes the buffer had no room for stay inside the
+      TLS object, where epoll does not see them: they are read in the same
+      turn (``pending()``), once the sink took what came before.
+    * A TLS write is all or nothing (no partial writes): one that has to wait
+      is retried later with the same bytes.
+    * An EOF is passed to a TLS sink as ``close_notify`` and then the TCP
+      half-close, and the peer may go on sending (TLS 1.3 half-close): see
+      :func:`_close_notify` for how it is sent without reading. The TCP
+      half-close is the plain socket's ``shutdown``: ``SSLSocket.shutdown``
+      would drop the TLS layer, and later reads would return raw records.
+    """
+
+    __slots__ = ("closing", "ended", "sink_tls", "source_tls")
+
+    def __init__(self, source: socket.socket, sink: socket.socket, source_side: str, sink_side: str,
+                 view: memoryview) -> None:
+        super().__init__(source, sink, source_side, sink_side, view)
+        self.source_tls = source if isinstance(source, ssl.SSLSocket) else None
+        self.sink_tls = sink if isinstance(sink, ssl.SSLSocket) else None
+        self.ended = False  # the source's EOF was read while bytes before it still wait for the sink
+        self.closing = False  # pending holds the sink's close_notify record, to be sent as it is
+
+    def pull(self) -> bool:
+        changed = self.read_events != _READABLE
+        self.read_events = _READABLE
+        view = self.view
+        size = len(view)
+        recv_into = self.recv_into
+        tls_source = self.source_tls
+        draining = False  # a second round: only what waits in the TLS object, not more from the kernel
+        while True:
+            filled = 0
+            while filled < size and (not draining or (tls_source is not None and tls_source.pending())):
+                try:
+                    n = recv_into(view[filled:] if filled else view)
+                except (ssl.SSLWantReadError, BlockingIOError):
+                    break
+                except ssl.SSLWantWriteError:
+                    self.read_events = _WRITABLE  # the TLS layer must send something before it reads on
+                    changed = True
+                    break
+                except ssl.SSLZeroReturnError:
+                    n = 0  # the peer's close_notify after ours: Python reads 0 only when we sent none
+                except OSError as exc:
+                    raise _PeerError(self.source_side, exc) from exc
+                if not n:
+                    self.ended = True
+                    break
+                filled += n
+                if tls_source is None:
+                    break  # a plain socket gave what it had
+            if filled:
+                if self.count_in is not None:
+                    self.count_in.bytes_in += filled
+                if not self._send(view[:filled]):
+                    return True  # the sink is full: the source waits
+            if self.ended:
+                self._pass_eof()
+                return True
+            if filled < size or tls_source is None or not tls_source.pending():
+                return changed
+            # the buffer filled up and decrypted bytes wait in the TLS object, where epoll does not see
+            # them: read those (at most a record) now, and leave the kernel's to the next turn
+            draining = True
+
+    def push(self) -> bool:
+        pending = self.pending
+        assert pending is not None
+        changed = self.write_events != _WRITABLE
+        self.write_events = _WRITABLE
+        try:
+            sent = socket.socket.send(self.sink, pending) if self.closing else self.send(pending)
+        except (ssl.SSLWantWriteError, BlockingIOError):
+            return changed
+        except ssl.SSLWantReadError:
+            self.write_events = _READABLE
+            return True
+        except OSError as exc:
+            raise _PeerError(self.sink_side, exc) from exc
+        if sent < len(pending):  # a plain sink took part of it (a TLS one takes all or raises)
+            self.pending = pending[sent:]
+            return changed
+        self.pending = None
+        if self.closing:
+            self._shut_write()
+        else:
+            if self.count_out is not None:
+                self.count_out.bytes_out += sent
+            if self.ended:
+                self._pass_eof()
+            elif self.source_tls is not None and self.source_tls.pending():
+                self.pull()  # bytes that waited in the TLS object while the sink was full
+        return True
+
+    def _send(self, data: memoryview) -> bool:
+        """Send ``data`` to the sink; False when some of it waits in ``pending`` (a copy) for the sink."""
+        try:
+            sent = self.send(data)
+        except (ssl.SSLWantWriteError, BlockingIOError):
+            sent = 0
+        except ssl.SSLWantReadError:
+            sent = 0
+            self.write_events = _READABLE
+        except OSError as exc:
+            raise _PeerError(self.sink_side, exc) from exc
+        if self.count_out is not None:
+            self.count_out.bytes_out += sent
+        if sent == len(data):
+            return True
+        self.pending = memoryview(data[sent:].tobytes())  # a TLS sink is retried with these same bytes
+        return False
+
+    def _pass_eof(self) -> None:
+        """The source's EOF to the sink, once every byte before it was delivered: close_notify, then FIN."""
+        self.eof = True
+        if self.sink_tls is not None:
+            try:
+                record = _close_notify(self.sink_tls)
+            except OSError as exc:  # an SSLError: the TLS connection had failed already
+                raise _PeerError(self.sink_side, exc) from exc
+            try:
+                sent = socket.socket.send(self.sink, record) if record else 0
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                raise _PeerError(self.sink_side, exc) from exc
+            if sent < len(record):
+                self.pending = memoryview(record[sent:])  # sent once the sink is writable, then the FIN
+                self.closing = True
+                return
+        self._shut_write()
+
+    def _shut_write(self) -> None:
+        try:
+            socket.socket.shutdown(self.sink, socket.SHUT_WR)  # not SSLSocket.shutdown: it drops the TLS layer
+        except OSError as exc:
+            raise _PeerError(self.sink_side, exc) from exc
+        self.done = True
+
+
+def _close_notify(sslsock: ssl.SSLSocket) -> bytes:
+    """Have ``sslsock`` write its close_notify alert and return it, to be sent as it is; the TLS layer stays.
+
+    ``unwrap()`` is the only way Python has to send a close_notify, and it
+    calls ``SSL_shutdown`` twice: once to send ours, once more to read the
+    peer's. That second call, if it finds application data instead (a peer
+    still sending, as TLS 1.3 allows and a half-closed relay expects), makes
+    OpenSSL fail the connection ("application data after close notify") and
+    the data is lost; the GIL, taken back between the two calls, makes the
+    window wide. So for the one call the socket's descriptor is, briefly, one
+    end of an empty socket pair: the alert is written there and taken back,
+    and the read finds nothing (``SSLWantReadError``). The caller sends the
+    record on the real socket; later reads of the peer's bytes go on as before.
+
+    Raises ``OSError`` (an ``SSLError`` when the TLS connection failed before).
+    """
+    fd = sslsock.fileno()
+    here, there = socket.socketpair()
+    try:
+        here.setblocking(False)
+        there.setblocking(False)
+        saved = os.dup(fd)
+        try:
+            os.dup2(here.fileno(), fd, inheritable=False)
+            with contextlib.suppress(ssl.SSLWantReadError):  # ours is written, the peer's not awaited
+                sslsock.unwrap()  # returns when the peer's close_notify came before: nothing more to read then
+        finally:
+            os.dup2(saved, fd, inheritable=False)  # the TCP socket again, and its epoll registration with it
+            os.close(saved)
+        record = bytearray()
+        with contextlib.suppress(BlockingIOError):
+            while chunk := there.recv(4096):
+                record += chunk
+        return bytes(record)
+    finally:
+        here.close()
+        there.close()
+
+
 class _Connection:
     """A client and its upstream, relayed by the loop from :meth:`_RelayLoop.submit` until ``ended`` is set.
 
@@ -163,8 +371,12 @@ class _Connection:
 
     def __init__(self, client: socket.socket, upstream: socket.socket, view: memoryview, record: Any,
                  idle_timeout: float | None) -> None:
-        self.outbound = _Pipe(client, upstream, "client", "upstream", view)
-        self.inbound = _Pipe(upstream, client, "upstream", "client", view)
+        if isinstance(client, ssl.SSLSocket) or isinstance(upstream, ssl.SSLSocket):
+            self.outbound: _Pipe = _TlsPipe(client, upstream, "client", "upstream", view)
+            self.inbound: _Pipe = _TlsPipe(upstream, client, "upstream", "client", view)
+        else:  # chosen once here, so a plain connection's bytes never pass a TLS check
+            self.outbound = _Pipe(client, upstream, "client", "upstream", view)
+            self.inbound = _Pipe(upstream, client, "upstream", "client", view)
         self.outbound.count_in = record
         self.inbound.count_out = record
         self.client_fd = client.fileno()
@@ -286,9 +498,9 @@ class _RelayLoop:
                 connection.active_at = now
                 try:
                     changed = False
-                    if mask & _READABLE and feeds.pending is None and not feeds.eof and feeds.pull():
+                    if mask & feeds.read_events and feeds.pending is None and not feeds.eof and feeds.pull():
                         changed = True
-                    if mask & _WRITABLE and drains.pending is not None and drains.push():
+                    if mask & drains.write_events and drains.pending is not None and drains.push():
                         changed = True
                     if changed:
                         if feeds.done and drains.done:
@@ -334,13 +546,13 @@ class _RelayLoop:
     def _watch(self, connection: _Connection) -> None:
         """Register each socket for exactly the events its two directions need now (none: unregistered)."""
         outbound, inbound = connection.outbound, connection.inbound
-        wanted = ((select.EPOLLIN if outbound.pending is None and not outbound.eof else 0)
-                  | (select.EPOLLOUT if inbound.pending is not None else 0))
+        wanted = ((outbound.read_events & _IN_OUT if outbound.pending is None and not outbound.eof else 0)
+                  | (inbound.write_events & _IN_OUT if inbound.pending is not None else 0))
         if wanted != connection.client_events:
             self._register(connection.client_fd, connection.client_events, wanted)
             connection.client_events = wanted
-        wanted = ((select.EPOLLIN if inbound.pending is None and not inbound.eof else 0)
-                  | (select.EPOLLOUT if outbound.pending is not None else 0))
+        wanted = ((inbound.read_events & _IN_OUT if inbound.pending is None and not inbound.eof else 0)
+                  | (outbound.write_events & _IN_OUT if outbound.pending is not None else 0))
         if wanted != connection.upstream_events:
             self._register(connection.upstream_fd, connection.upstream_events, wanted)
             connection.upstream_events = wanted
@@ -444,10 +656,11 @@ class RelayHandler(RelaySettings, socketserver.BaseRequestHandler):
             idle_timeout = 60.0
 
     The settings (``upstreams``, ``connect_timeout``, ``idle_timeout``,
-    ``send_proxy``, and ``buffer_size`` here) are checked when the subclass is
-    made: a mistake raises there, once. Connections take the upstreams in turn;
-    when one refuses or times out the next is tried. To pick the upstream per
-    connection, override :meth:`upstream_candidates`. These decisions, the
+    ``send_proxy``, ``upstream_tls``, ``upstream_server_name``, and
+    ``buffer_size`` here) are checked when the subclass is made: a mistake
+    raises there, once. Connections take the upstreams in turn; when one
+    refuses, times out or fails its TLS handshake the next is tried. To pick
+    the upstream per connection, override :meth:`upstream_candidates`. These decisions, the
     PROXY header and the log lines are :mod:`prefork.handlers.relay_core`'s,
     shared with the asyncio form (:class:`prefork.handlers.aio.RelayProtocol`).
 
@@ -462,13 +675,22 @@ class RelayHandler(RelaySettings, socketserver.BaseRequestHandler):
     * the client fails mid-stream: one info line, the upstream is closed;
     * no byte either way for ``idle_timeout`` seconds: one info line, both closed.
 
+    TLS: the client's socket may be an ``ssl.SSLSocket`` (a TLS listener: the
+    worker did the handshake), and ``upstream_tls`` (``--relay-tls``) makes
+    the upstream's one; either, or both. An EOF is passed to a TLS side as a
+    ``close_notify`` and the TCP half-close, and the other direction goes on
+    (as HAProxy and stunnel do); with ``send_proxy`` a TLS client is
+    announced with what it negotiated (:func:`relay_core.ssl_tlv`).
+
     Bytes read from the client count as ``bytes_in`` and bytes written to it
     as ``bytes_out`` in ``self.server.record`` as they move, when the server
     has one (a prefork worker does; a plain ``socketserver`` server does not).
+    Through TLS these are the plaintext bytes.
 
-    ``handle()`` connects upstream and sends the PROXY header in its own
-    thread, then leaves the copying to the process's relay loop and waits for
-    it: an override of :meth:`connect_upstream` or :meth:`upstream_candidates`
+    ``handle()`` connects upstream, sends the PROXY header and does the
+    upstream's TLS handshake in its own thread (blocking, bounded by
+    ``connect_timeout``), then leaves the copying to the process's relay
+    loop and waits for it: an override of :meth:`connect_upstream` or :meth:`upstream_candidates`
     runs in the handler's thread as before, while the relayed sockets are
     used by the loop's thread only.
     """
@@ -506,15 +728,34 @@ class RelayHandler(RelaySettings, socketserver.BaseRequestHandler):
     def connect_upstream(self) -> socket.socket | None:
         """Connect to the first reachable candidate; None (logged, counted) when none is.
 
-        May be extended (for example to wrap the socket in TLS); the result
-        must be a connected stream socket, and ``self.upstream_address`` names it in log lines.
+        Each attempt connects, sends the PROXY header (``send_proxy``) and,
+        with ``upstream_tls``, does the TLS handshake, all within
+        ``connect_timeout``; an attempt that fails at any of these steps
+        (refused, timed out, a certificate that does not verify) is logged
+        with the step and the next candidate is tried. The header goes first
+        and in clear, as HAProxy's ``send-proxy`` does before its ``ssl``.
+
+        May be extended; the result must be a connected stream socket (an
+        ``ssl.SSLSocket`` for TLS), and ``self.upstream_address`` names it in log lines.
         """
         failures: list[str] = []
         for address in self.upstream_candidates():
+            deadline = time.monotonic() + self.connect_timeout
             try:
                 upstream = socket.create_connection(address, timeout=self.connect_timeout)
             except OSError as exc:
                 failures.append(relay_core.attempt_failed(address, exc, self.connect_timeout))
+                continue
+            stage = "PROXY header"
+            try:
+                if self.send_proxy:
+                    upstream.sendall(self.proxy_header(self.request))  # still bounded by connect_timeout
+                if self.upstream_tls is not None:
+                    stage = "TLS handshake"
+                    upstream = self._start_tls(upstream, address[0], deadline)
+            except OSError as exc:
+                upstream.close()
+                failures.append(relay_core.attempt_failed(address, exc, self.connect_timeout, stage=stage))
                 continue
             if failures:
                 self._report(relay_core.failed_over(self.client_address, failures, address))
@@ -523,14 +764,41 @@ class RelayHandler(RelaySettings, socketserver.BaseRequestHandler):
         self._report(relay_core.no_upstream(self.client_address, failures))
         return None
 
+    def _start_tls(self, upstream: socket.socket, host: str, deadline: float) -> ssl.SSLSocket:
+        """The TLS handshake on ``upstream`` by ``deadline``, verifying its certificate; raises ``OSError``.
+
+        The name asked for and verified is ``upstream_server_name`` or the
+        upstream's host (an IP address is matched against the certificate's
+        IP entries). ``upstream`` is taken over: closed when this fails.
+        """
+        assert self.upstream_tls is not None
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError()
+        try:
+            wrapped = self.upstream_tls.wrap_socket(upstream, server_hostname=relay_core.server_name(
+                self.upstream_server_name, host), do_handshake_on_connect=False)
+        except ValueError as exc:  # a server name Python refuses (empty, a leading dot)
+            raise OSError(f"cannot ask for that server name: {exc}") from exc
+        try:
+            wrapped.settimeout(remaining)
+            wrapped.do_handshake()  # the whole handshake within the timeout, not each step (Python's deadline)
+        except BaseException:
+            wrapped.close()
+            raise
+        return wrapped
+
     def proxy_header(self, client: socket.socket) -> bytes:
         """The PROXY v2 header announcing this connection: the client and the address it connected to.
 
         A LOCAL header (the receiver uses the connection's own addresses) when
-        they are not IP addresses, e.g. on a Unix socket listener. May be
-        overridden (to add TLVs, say).
+        they are not IP addresses, e.g. on a Unix socket listener. A TLS
+        client (an ``ssl.SSLSocket``) is announced with what it negotiated
+        (PP2_TYPE_SSL: version, cipher, its certificate's CN; PP2_TYPE_ALPN).
+        May be overridden (to add TLVs, say).
         """
-        return relay_core.proxy_header(self.client_address, client.getsockname())
+        tls = relay_core.ClientTls.of(client) if isinstance(client, ssl.SSLSocket) else None
+        return relay_core.proxy_header(self.client_address, client.getsockname(), tls)
 
     # -- the connection -----------------------------------------------------------------------------
 
@@ -547,6 +815,7 @@ class RelayHandler(RelaySettings, socketserver.BaseRequestHandler):
             else:
                 self._report(relay_core.client_failed(self.client_address, self.upstream_address, exc.error))
         finally:
+            tls.close_notify(upstream)  # a TLS upstream left early (idle, the client failed) sees a clean end
             upstream.close()
 
     def _relay(self, client: socket.socket, upstream: socket.socket) -> None:
@@ -561,11 +830,6 @@ class RelayHandler(RelaySettings, socketserver.BaseRequestHandler):
                 # Nagle only delays; a socket that fails here fails its next recv/send, with its side known
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.send_proxy:
-            try:
-                upstream.sendall(self.proxy_header(client))  # still blocking, bounded by connect_timeout
-            except OSError as exc:
-                raise _PeerError("upstream", exc) from exc
         client.setblocking(False)
         upstream.setblocking(False)
         record = getattr(self.server, "record", None)

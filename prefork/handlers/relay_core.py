@@ -11,7 +11,9 @@ drift apart:
   :func:`check_buffer_size`), so a mistake fails once and not per connection;
 * which upstreams a connection tries, in what order (:class:`Rotation`:
   round robin with failover, one rotation per configured subclass);
-* the PROXY v2 header announcing a client (:func:`proxy_header`);
+* the PROXY v2 header announcing a client (:func:`proxy_header`), with the
+  TLS the client spoke (:class:`ClientTls`, :func:`ssl_tlv`) when it did;
+* the name a TLS upstream is asked for and verified against (:func:`server_name`);
 * how a connection attempt or a relayed socket failed, in words (:func:`reason`);
 * what is logged at which level, and what counts as an error in the worker's
   record (:class:`Event` and the functions that make one: :func:`failed_over`,
@@ -29,15 +31,17 @@ import itertools
 import logging
 import math
 import os
+import re
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeAlias
+from typing import Any, ClassVar, Final, TypeAlias
 
-from prefork.proxy_protocol import build_v2
+from prefork.proxy_protocol import PP2_TYPE_ALPN, PP2_TYPE_SSL, build_v2
 from prefork.workers.connection import format_peer
 
 __all__ = [
+    "ClientTls",
     "Event",
     "RelaySettings",
     "Rotation",
@@ -52,6 +56,8 @@ __all__ = [
     "no_upstream",
     "proxy_header",
     "reason",
+    "server_name",
+    "ssl_tlv",
 ]
 
 Upstream: TypeAlias = tuple[str, int]  # (host, port), as socket.create_connection and loop.create_connection take it
@@ -151,10 +157,92 @@ class RelaySettings:
         check_timeouts(cls.__name__, cls.connect_timeout, cls.idle_timeout)
 
 
+def server_name(configured: str | None, host: str) -> str:
+    """The name a TLS upstream is asked for (SNI) and its certificate verified against.
+
+    ``configured`` (--relay-sni) when set, else the upstream's own host. An
+    IP address is verified against the certificate's IP address entries
+    (Python sends no SNI for one).
+    """
+    return configured or host
+
+
 # -- the PROXY header --------------------------------------------------------------------------------------
 
+# The PP2_TYPE_SSL TLV (proxy-protocol.txt, 2.2.5): its client flags and sub-types
+PP2_CLIENT_SSL: Final = 0x01  # the client connected over TLS
+PP2_CLIENT_CERT_CONN: Final = 0x02  # ... and presented a certificate on this connection
+PP2_CLIENT_CERT_SESS: Final = 0x04  # ... on this connection or on the earlier one whose session it resumed
+PP2_SUBTYPE_SSL_VERSION: Final = 0x21
+PP2_SUBTYPE_SSL_CN: Final = 0x22
+PP2_SUBTYPE_SSL_CIPHER: Final = 0x23
+# <verify> when no certificate was presented: the spec wants non-zero ("zero if the client presented a
+# certificate and it was successfully verified, and non-zero otherwise"); X509_V_ERR_UNSPECIFIED
+VERIFY_NO_CERTIFICATE: Final = 1
 
-def proxy_header(client_address: Any, local_address: Any) -> bytes:
+
+@dataclass(frozen=True)
+class ClientTls:
+    """What a TLS client's connection is announced with in the PROXY header (PP2_TYPE_SSL, PP2_TYPE_ALPN)."""
+
+    version: str | None  # "TLSv1.3"
+    cipher: str | None  # "TLS_AES_256_GCM_SHA384"
+    common_name: str | None = None  # the client certificate's subject CN; None: no certificate (or no CN)
+    certificate: bool = False  # the client presented a certificate (it verified: else no handshake)
+    resumed: bool = False  # the session was resumed: the certificate came with the session, not this connection
+    alpn: str | None = None  # the protocol ALPN chose
+
+    @classmethod
+    def of(cls, ssl_object: ssl.SSLSocket | ssl.SSLObject) -> ClientTls:
+        """Read from a completed server-side handshake (an ``SSLSocket``, or asyncio's ``SSLObject``).
+
+        A certificate the server's context accepted has verified: a failed
+        verification fails the handshake, so there is no "presented but not
+        verified" connection to describe.
+        """
+        peer = ssl_object.getpeercert()
+        cipher = ssl_object.cipher()
+        return cls(version=ssl_object.version(), cipher=cipher[0] if cipher else None,
+                   common_name=_common_name(peer) if peer else None, certificate=bool(peer),
+                   resumed=bool(ssl_object.session_reused), alpn=ssl_object.selected_alpn_protocol())
+
+
+def _common_name(peer: Any) -> str | None:
+    """The subject's commonName in ``getpeercert()``'s form: ``{"subject": ((("commonName", "x"),), ...)}``."""
+    for rdn in peer.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
+
+
+def ssl_tlv(tls: ClientTls) -> bytes:
+    """The value of the PP2_TYPE_SSL TLV for ``tls``, as HAProxy's ``send-proxy-v2-ssl-cn`` (+ ``ssl-cipher``).
+
+    One byte of client flags, the 32-bit verify result (big endian: 0 when
+    the client's certificate verified), then the sub-TLVs: the version, the
+    certificate's CN when there is one, the cipher. HAProxy writes 0 for
+    "verified" also when there was no certificate; this follows the spec and
+    writes non-zero then, so a receiver that checks only ``verify == 0`` does
+    not take an anonymous client for an authenticated one.
+    """
+    flags = PP2_CLIENT_SSL
+    if tls.certificate:
+        flags |= PP2_CLIENT_CERT_SESS | (0 if tls.resumed else PP2_CLIENT_CERT_CONN)
+    verify = 0 if tls.certificate else VERIFY_NO_CERTIFICATE
+    value = bytearray((flags,)) + verify.to_bytes(4, "big")
+    for subtype, text in ((PP2_SUBTYPE_SSL_VERSION, tls.version), (PP2_SUBTYPE_SSL_CN, tls.common_name),
+                          (PP2_SUBTYPE_SSL_CIPHER, tls.cipher)):
+        if text:
+            raw = text.encode("utf-8", "surrogateescape")[:_MAX_SUB_TLV]
+            value += bytes((subtype,)) + len(raw).to_bytes(2, "big") + raw
+    return bytes(value)
+
+
+_MAX_SUB_TLV: Final = 1024  # a CN is at most 64 characters (RFC 5280); a longer one is cut, never refused
+
+
+def proxy_header(client_address: Any, local_address: Any, tls: ClientTls | None = None) -> bytes:
     """The PROXY v2 header announcing a relayed client: its address and the one it connected to.
 
     Both are socket addresses as Python gives them (``(host, port)``,
@@ -162,15 +250,23 @@ def proxy_header(client_address: Any, local_address: Any) -> bytes:
     family for both addresses, so an IPv4 one beside an IPv6 one is written
     IPv4-mapped (``::ffff:192.0.2.1``). A LOCAL header (the receiver uses the
     connection's own addresses) when either is not an IP address, e.g. on a
-    Unix socket listener. Never raises.
+    Unix socket listener. ``tls``: the client spoke TLS to us; the header
+    then carries PP2_TYPE_ALPN (when a protocol was chosen) and PP2_TYPE_SSL
+    (:func:`ssl_tlv`), as HAProxy's ``send-proxy-v2-ssl-cn`` does (a LOCAL
+    header carries no TLV). Never raises.
     """
     source, destination = _ip_address(client_address), _ip_address(local_address)
     if source is None or destination is None:
         return build_v2(None, None)
     if source[0].version != destination[0].version:
         source, destination = _as_ipv6(source), _as_ipv6(destination)
+    tlvs: list[tuple[int, bytes]] = []
+    if tls is not None:
+        if tls.alpn:
+            tlvs.append((PP2_TYPE_ALPN, tls.alpn.encode("ascii", "replace")))
+        tlvs.append((PP2_TYPE_SSL, ssl_tlv(tls)))
     try:
-        return build_v2((str(source[0]), source[1]), (str(destination[0]), destination[1]))
+        return build_v2((str(source[0]), source[1]), (str(destination[0]), destination[1]), tlvs=tlvs)
     except ValueError:  # nothing known reaches here; an address build_v2 refuses still gets a valid header
         return build_v2(None, None)
 
@@ -217,6 +313,10 @@ def reason(exc: BaseException, timeout: float | None = None) -> str:
         # the errno's own words: asyncio's create_connection puts "Connect call failed ('10.0.0.1', 7000)"
         # in strerror. (Not for socket.gaierror or ssl.SSLError: their numbers are not errnos.)
         text = os.strerror(exc.errno)
+    elif isinstance(exc, ssl.SSLError):
+        text = _ssl_words(exc)
+        if text[1:2].isupper():
+            return text  # OpenSSL's acronyms keep their case: "EOF occurred in violation of protocol"
     else:
         text = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
     if not text:
@@ -224,9 +324,30 @@ def reason(exc: BaseException, timeout: float | None = None) -> str:
     return text[:1].lower() + text[1:]
 
 
-def attempt_failed(address: Any, exc: BaseException, timeout: float | None = None) -> str:
-    """One failed connection attempt for a log line: "127.0.0.1:7000 (connection refused)"."""
-    return f"{format_peer(address)} ({reason(exc, timeout)})"
+# "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: ... (_ssl.c:1006)": OpenSSL's words stay
+_SSL_NOISE = re.compile(r"^\[[A-Z0-9_]+: [A-Z0-9_]+\] |\.?\s*\(_ssl\.c:\d+\)$|\.$")
+
+
+def _ssl_words(exc: ssl.SSLError) -> str:
+    """An ``ssl.SSLError`` in OpenSSL's words, without the reason code in brackets and the C file and line.
+
+    A failed certificate check says which check ("certificate verify failed:
+    Hostname mismatch, certificate is not valid for 'db.example'").
+    """
+    text = _SSL_NOISE.sub("", (exc.strerror or str(exc)).strip())
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message and exc.verify_message not in text:
+        text = f"certificate verify failed: {exc.verify_message.rstrip('.')}"
+    return text
+
+
+def attempt_failed(address: Any, exc: BaseException, timeout: float | None = None, *, stage: str = "") -> str:
+    """One failed connection attempt for a log line: "127.0.0.1:7000 (connection refused)".
+
+    ``stage`` names the step that failed when it was not the connect itself:
+    "127.0.0.1:7000 (TLS handshake: certificate verify failed: ...)".
+    """
+    why = reason(exc, timeout)
+    return f"{format_peer(address)} ({stage}: {why})" if stage else f"{format_peer(address)} ({why})"
 
 
 # -- what happened, and what is logged and counted ---------------------------------------------------------
