@@ -456,6 +456,14 @@ def build_config(overrides: Mapping[str, Any], config_file: str | None = None) -
             raise ConfigError(f"proxy-allow: {len(merged['proxy_allow'])} entries, more than the {MAX_LIST} allowed")
     if "log_level" in merged:
         merged["log_level"] = merged["log_level"].lower()
+    _normalise_tls(merged)
+    config = _with_listeners(Config(**merged), tables)
+    validate(config)
+    return config
+
+
+def _normalise_tls(merged: dict[str, Any]) -> None:
+    """The TLS settings as Config holds them: tuples, absolute paths, seconds as floats."""
     for key in ("alpn", "sni", "tls_bind"):
         if key in merged:
             items = [merged[key]] if isinstance(merged[key], str) else merged[key]
@@ -468,10 +476,6 @@ def build_config(overrides: Mapping[str, Any], config_file: str | None = None) -
             merged[key] = os.path.abspath(merged[key])  # a reload re-reads them, whatever the working directory
     if "tls_handshake_timeout" in merged:
         merged["tls_handshake_timeout"] = float(merged["tls_handshake_timeout"])
-    config = Config(**merged)
-    config = _with_listeners(config, tables)
-    validate(config)
-    return config
 
 
 def _with_listeners(config: Config, tables: list[dict[str, Any]]) -> Config:
@@ -614,6 +618,13 @@ def validate(config: Config) -> None:
         raise ConfigError(f"relay-idle-timeout: {config.relay_idle_timeout:g} must be 0 (none) to 604800 seconds")
     if config.relay_send_proxy and not config.relay:
         raise ConfigError("relay-send-proxy: needs --relay HOST:PORT")
+    _check_relay_tls(config)
+    if config.log_level not in LOG_LEVELS:
+        raise ConfigError(f"log-level: unknown level {quote(config.log_level)} (choose from {', '.join(LOG_LEVELS)})")
+
+
+def _check_relay_tls(config: Config) -> None:
+    """--relay-tls and the settings that only mean something with it."""
     if config.relay_tls and not config.relay:
         raise ConfigError("relay-tls: needs --relay HOST:PORT")
     for key in ("relay_ca_certs", "relay_sni", "relay_certfile", "relay_keyfile"):
@@ -623,8 +634,6 @@ def validate(config: Config) -> None:
         raise ConfigError("relay-keyfile: needs --relay-certfile, the certificate it belongs to")
     if config.relay_sni is not None and not re.fullmatch(r"[A-Za-z0-9.:-]{1,253}", config.relay_sni):
         raise ConfigError(f"relay-sni: {quote(config.relay_sni)} is not a server name")
-    if config.log_level not in LOG_LEVELS:
-        raise ConfigError(f"log-level: unknown level {quote(config.log_level)} (choose from {', '.join(LOG_LEVELS)})")
 
 
 def runtime_dir(uid: int | None = None) -> str:

@@ -50,16 +50,27 @@ import logging
 import os
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from prefork import tls
 from prefork.proxy_protocol import DEFAULT_MAX_LENGTH, ProxyHeader, ProxyProtocolError, parse
 from prefork.tls import ServerTls
-from prefork.workers.connection import format_peer
+from prefork.workers.connection import ProxyPolicy, format_peer
 from prefork.workers.handshakes import describe
 
-if TYPE_CHECKING:
-    from prefork.workers.async_worker import AsyncWorker
+
+class TlsHost(Protocol):
+    """What a TLS connection needs of its worker (:class:`prefork.workers.async_worker.AsyncWorker`)."""
+
+    record: Any
+    keeps_sockets: bool  # a TLS connection keeps a descriptor for the byte count at its end
+
+    def begin_handshake(self) -> None: ...
+    def end_handshake(self, handed_over: bool) -> None: ...
+    def track(self, task: asyncio.Task[None]) -> None: ...
+    def proxy_for(self, peer: Any) -> ProxyPolicy | None: ...
+    def proxy_header_failed(self, peer: Any, why: object) -> None: ...
+    def closes_health_check(self, header: ProxyHeader) -> bool: ...
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +133,7 @@ class TlsAccept(asyncio.Protocol):
     duplicate.
     """
 
-    def __init__(self, worker: AsyncWorker, server_tls: ServerTls, make_inner: ProtocolFactory) -> None:
+    def __init__(self, worker: TlsHost, server_tls: ServerTls, make_inner: ProtocolFactory) -> None:
         self.worker = worker
         self.server_tls = server_tls
         self.make_inner = make_inner
@@ -149,7 +160,7 @@ class TlsAccept(asyncio.Protocol):
 class Handshake:
     """One TLS connection from accept to its handler: PROXY header, handshake, handover, or failure."""
 
-    def __init__(self, worker: AsyncWorker, sock: socket.socket, peer: Any, server_tls: ServerTls,
+    def __init__(self, worker: TlsHost, sock: socket.socket, peer: Any, server_tls: ServerTls,
                  make_inner: ProtocolFactory) -> None:
         self.worker = worker
         self.sock = sock

@@ -31,12 +31,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import functools
 import logging
 import os
 import resource
 import socket
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -44,9 +42,8 @@ from prefork import logs
 from prefork.config import Config
 from prefork.handlers.aio import EchoProtocol
 from prefork.listeners import describe
-from prefork.proxy_protocol import DEFAULT_MAX_LENGTH, ProxyProtocolError, parse
 from prefork.scoreboard import Record
-from prefork.workers.async_tls import ConnectionTransport, TlsAccept, release
+from prefork.workers.async_protocols import make_factories
 from prefork.workers.balance import RECHECK
 from prefork.workers.base import LISTENER_GONE_ERRNOS, FastExit, WorkerLifecycle, WorkerOptions
 from prefork.workers.connection import account, counts_own_bytes, log_access
@@ -67,68 +64,6 @@ def new_event_loop(kind: str | None = "uvloop") -> asyncio.AbstractEventLoop:
 
     loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
     return loop
-
-
-class _ProxyHeaderReader(asyncio.Protocol):
-    """Reads the PROXY header, then hands the connection (and the bytes after it) to the real protocol."""
-
-    def __init__(self, worker: AsyncWorker, make_inner: Callable[[], asyncio.BaseProtocol]) -> None:
-        self.worker = worker
-        self.make_inner = make_inner
-        self.buffer = b""
-        self.transport: asyncio.Transport | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.timeout = 0.0
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        proxy = self.worker.proxy_for(transport.get_extra_info("peername"))
-        if proxy is None:
-            self._hand_over(transport, b"")  # not a peer that sends headers: serve it as it is
-            return
-        self.timeout = proxy.timeout
-        self.timer = asyncio.get_running_loop().call_later(proxy.timeout, self._timed_out)
-
-    def _timed_out(self) -> None:
-        self._reject(f"no complete PROXY header within {self.timeout:g}s")
-
-    def _reject(self, why: str) -> None:
-        assert self.transport is not None
-        self.worker.proxy_header_failed(self.transport.get_extra_info("peername"), why)
-        self.transport.abort()
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        try:
-            header = parse(self.buffer, max_length=DEFAULT_MAX_LENGTH)
-        except ProxyProtocolError as exc:
-            self._reject(str(exc))
-            return
-        if header is None:
-            return  # a valid beginning: wait for more
-        if self.timer is not None:
-            self.timer.cancel()
-        assert self.transport is not None
-        if self.worker.closes_health_check(header):
-            self.transport.abort()
-            return
-        transport: Any = self.transport
-        if header.command == "PROXY" and header.source is not None:
-            transport = ConnectionTransport(self.transport, header.source)
-        self._hand_over(transport, self.buffer[header.length:])
-
-    def _hand_over(self, transport: Any, rest: bytes) -> None:
-        inner = self.make_inner()
-        assert self.transport is not None
-        self.transport.set_protocol(inner)
-        inner.connection_made(transport)
-        if rest and isinstance(inner, asyncio.Protocol):
-            inner.data_received(rest)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-
 
 
 class AsyncWorker(WorkerLifecycle):
@@ -166,7 +101,7 @@ class AsyncWorker(WorkerLifecycle):
         self.account = self.access_log or self.count_bytes
         # TLS connections whose bytes someone counts hold a descriptor of their own (async_tls.ConnectionTransport)
         self.keeps_sockets = any(self.tls) and (self.account or self.counts_own_bytes)
-        self.factories = self._make_factories(handler)  # one per listener, in the order of the listeners
+        self.factories = make_factories(self, handler)  # one per listener, in the order of the listeners
 
     # -- connection counting (per connection, never per byte) --------------------------------------
 
@@ -251,93 +186,6 @@ class AsyncWorker(WorkerLifecycle):
 
     def can_accept(self) -> bool:
         return not (self.stopping or self.paused or self.listeners_closed)
-
-    def _make_factories(self, handler: Any) -> list[Callable[[], asyncio.BaseProtocol]]:
-        """Each listener's protocol factory: the handler's, behind a PROXY header reader or a TLS handshake."""
-        plain: Callable[[], asyncio.BaseProtocol] | None = None
-        after_handshake: Callable[[], asyncio.BaseProtocol] | None = None
-        factories: list[Callable[[], asyncio.BaseProtocol]] = []
-        for server_tls in self.tls:
-            if server_tls is None:
-                if plain is None:
-                    inner = self._inner(handler, accepted=True)
-                    plain = inner if self.proxy is None else functools.partial(_ProxyHeaderReader, self, inner)
-                factories.append(plain)
-            else:
-                if after_handshake is None:
-                    after_handshake = self._inner(handler, accepted=False)  # counted as accepted at its handshake
-                factories.append(functools.partial(TlsAccept, self, server_tls, after_handshake))
-        return factories
-
-    def _inner(self, handler: Any, accepted: bool) -> Callable[[], asyncio.BaseProtocol]:
-        if isinstance(handler, type) and issubclass(handler, asyncio.BaseProtocol):
-            return self._counted(handler, accepted)
-        return self._streamed(handler, accepted)
-
-    def _counted(self, handler: type[asyncio.BaseProtocol], accepted: bool) -> type[asyncio.BaseProtocol]:
-        """``handler`` counted in the scoreboard (and in the access log) as connections open and close."""
-        worker = self
-        proto_class: type[Any] = handler
-        counts_own = self.counts_own_bytes
-        track = self.account or self.keeps_sockets
-
-        class Counted(proto_class):  # type: ignore[misc]
-            def connection_made(self, transport: asyncio.BaseTransport) -> None:
-                worker.opened(accepted)
-                if counts_own:  # a protocol that counts its bytes counts them in this worker's record
-                    self.record = worker.record
-                if track:
-                    self._prefork_account = (transport, time.monotonic())
-                super().connection_made(transport)
-
-            def connection_lost(self, exc: Exception | None) -> None:
-                try:
-                    super().connection_lost(exc)
-                finally:
-                    worker.closed()
-                    if track:
-                        # the socket is still open here under asyncio and uvloop alike (a TLS connection's:
-                        # the descriptor async_tls kept for this)
-                        transport, started = self._prefork_account
-                        if worker.account:
-                            worker.connection_ended(transport, started, "ok" if exc is None else "error")
-                        release(transport)
-
-        Counted.__name__ = Counted.__qualname__ = handler.__name__
-        return Counted
-
-    def _streamed(self, handle: StreamHandler, accepted: bool) -> Callable[[], asyncio.BaseProtocol]:
-        """An ``async def handle(reader, writer)`` as a protocol factory, counted like a protocol."""
-        worker = self
-
-        async def serve_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            started = time.monotonic()
-            outcome = "error"
-            try:
-                await handle(reader, writer)
-                outcome = "ok"
-            except (ConnectionError, TimeoutError) as exc:
-                log.info("connection from %s: %s", writer.get_extra_info("peername"), exc)
-            except (Exception, SystemExit, KeyboardInterrupt):  # sys.exit() in handle(): this connection only
-                worker.record.errors += 1
-                log.exception("error handling connection from %s", writer.get_extra_info("peername"))
-            finally:
-                if worker.account:
-                    worker.connection_ended(writer, started, outcome)
-                writer.close()
-                worker.closed()
-                release(writer.transport)
-
-        class Streamed(asyncio.StreamReaderProtocol):
-            def connection_made(self, transport: asyncio.BaseTransport) -> None:
-                # counted here, not when serve_stream starts: a draining worker must not end in between
-                worker.opened(accepted)
-                super().connection_made(transport)
-
-        def protocol() -> asyncio.BaseProtocol:
-            return Streamed(asyncio.StreamReader(), serve_stream)
-
-        return protocol
 
     def connection_ended(self, connection: Any, started: float, outcome: str) -> None:
         """A connection's bytes from the kernel, into the record and the access log as configured.
