@@ -1,0 +1,102 @@
+"""``openssl s_client``, a client that is not Python's, against every worker class: SNI, ALPN, a client
+certificate, session resumption across workers."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from tlsutil import Pki
+
+from conftest import Daemon, wait_for
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed (scripts/setup)")
+
+HANDLERS = {"sync": "tls_handlers:WhoHandler", "thread": "tls_handlers:WhoHandler",
+            "async": "tls_async_handlers:WhoProtocol"}
+
+
+def s_client(d: Daemon, *args: str, data: bytes = b"hello\n", until: bytes = b"hello\n",
+             timeout: float = 20) -> str:
+    """``openssl s_client`` to the daemon: send ``data``, read until ``until`` comes back or the server
+    closes, then end it; its whole output (stdout and stderr)."""
+    proc = subprocess.Popen(["openssl", "s_client", "-connect", f"127.0.0.1:{d.port}", "-ign_eof", *args],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdin is not None and proc.stdout is not None
+    out = b""
+    try:
+        proc.stdin.write(data)
+        proc.stdin.flush()
+        deadline = time.monotonic() + timeout
+        while until not in out.split(b"---\n")[-1]:  # what came after the handshake's report
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {until!r} from openssl s_client within {timeout}s:\n{out.decode(errors='replace')}"
+            if select.select([proc.stdout], [], [], left)[0]:
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                if not chunk:
+                    break  # the server closed the connection
+                out += chunk
+    finally:
+        proc.kill()
+        proc.wait(10)
+        proc.stdin.close()
+        proc.stdout.close()
+    return out.decode(errors="replace")
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    return Pki(tmp_path / "pki")
+
+
+@pytest.mark.parametrize("worker_class", list(HANDLERS))
+def test_sni_alpn_and_client_certificate(daemon_factory: Callable[..., Daemon], pki: Pki, worker_class: str) -> None:
+    named = pki.server("named", "api.example", names=("api.example",))
+    client = pki.client(common_name="carol")
+    d = daemon_factory(*pki.server().args(), "--sni", f"api.example={named.cert},{named.key}",
+                       "--ca-certs", str(pki.ca.cert), "--cert-reqs", "required", "--alpn", "h2,echo/1",
+                       "-k", worker_class, HANDLERS[worker_class])
+    out = s_client(d, "-servername", "api.example", "-alpn", "echo/1", "-CAfile", str(pki.ca.cert),
+                   "-verify_return_error", "-cert", str(client.cert), "-key", str(client.key))
+    assert re.search(r"subject=CN ?= ?api\.example", out), out
+    assert "Verify return code: 0 (ok)" in out, out
+    assert "ALPN protocol: echo/1" in out, out
+    # the handler's line: version, cipher bits, ALPN, the client certificate's CN, the client
+    # (s_client writes its session reports to the same stream, so the line may follow one mid-line)
+    line = re.search(r"(TLSv1\.[23]) (\d+) echo/1 carol 127\.0\.0\.1\n", out)
+    assert line is not None, out
+    assert "hello" in out.split(line.group(0), 1)[1], out  # then it echoes
+
+
+@pytest.mark.parametrize("worker_class", list(HANDLERS))
+def test_no_client_certificate_is_refused(daemon_factory: Callable[..., Daemon], pki: Pki, worker_class: str) -> None:
+    d = daemon_factory(*pki.server().args(), "--ca-certs", str(pki.ca.cert), "--cert-reqs", "required",
+                       "-k", worker_class, HANDLERS[worker_class])
+    out = s_client(d, "-CAfile", str(pki.ca.cert), until=b"\0never")  # read until the server closes
+    # sync, thread: OpenSSL's alert says why; async: asyncio and uvloop close without flushing the alert
+    refused = r"alert (certificate required|handshake failure)"
+    if worker_class == "async":
+        refused += r"|unexpected eof|read:errno=104"  # the end, or a reset (our bytes unread)
+    assert re.search(refused, out), out
+    assert "127.0.0.1" not in re.sub(r"connect.*|CONNECTED.*", "", out)  # the handler never answered
+
+
+@pytest.mark.parametrize("worker_class", list(HANDLERS))
+def test_sessions_resume_on_any_worker(daemon_factory: Callable[..., Daemon], pki: Pki, worker_class: str,
+                                       tmp_path: Path) -> None:
+    """Every worker of a generation has the master's session-ticket key: a ticket from one resumes on another."""
+    d = daemon_factory(*pki.server().args(), "-k", worker_class, "--workers", "2")
+    session = tmp_path / "session.pem"
+    first = s_client(d, "-CAfile", str(pki.ca.cert), "-sess_out", str(session), "-tls1_2")
+    wait_for(lambda: session.exists() and session.stat().st_size > 0, 5, "the session saved")
+    assert "New, TLSv1.2" in first, first
+    for _ in range(6):  # with two workers, some of these land on the other one
+        again = s_client(d, "-CAfile", str(pki.ca.cert), "-sess_in", str(session), "-tls1_2")
+        assert "Reused, TLSv1.2" in again, again
