@@ -349,20 +349,47 @@ def test_reload_rotates_the_certificate_without_a_failed_handshake(
     assert results["failed"] == 0, results
 
 
-def test_a_broken_key_fails_the_reload_and_the_old_certificate_serves(daemon_factory: Callable[..., Daemon],
-                                                                      pki: Pki) -> None:
+@pytest.mark.parametrize("breakage", ["key", "expired"])
+def test_a_broken_certificate_fails_the_reload_and_the_old_one_serves(daemon_factory: Callable[..., Daemon],
+                                                                      pki: Pki, breakage: str) -> None:
     live = Issued(pki.directory / "live.pem", pki.directory / "live.key", "")
     server = pki.server()
     shutil.copy(server.cert, live.cert)
     shutil.copy(server.key, live.key)
     d = daemon_factory(*live.args())
     generation = d.status()["generation"]
-    shutil.copy(pki.server("other").key, live.key)  # the certificate renewed without its key
+    if breakage == "key":
+        shutil.copy(pki.server("other").key, live.key)  # the certificate renewed without its key
+        words = "do not match"
+    else:
+        expired = pki.server("expired", days=1, not_before_days=-2)  # an old certificate put back
+        shutil.copy(expired.cert, live.cert)
+        shutil.copy(expired.key, live.key)
+        words = "expired on"
     reply = d.call("reload", timeout=30)
-    assert not reply["ok"] and "do not match" in reply["error"] and str(live.key) in reply["error"], reply
+    assert not reply["ok"] and words in reply["error"] and str(live.cert) in reply["error"], reply
     ctl = d.ctl("reload")
-    assert ctl.returncode != 0 and "do not match" in ctl.stdout + ctl.stderr
+    assert ctl.returncode != 0 and words in ctl.stdout + ctl.stderr
+    assert len((ctl.stdout + ctl.stderr).strip().splitlines()) == 1
     st = d.status()
     assert st["generation"] == generation and st["state"] == "serving"
     with tls_connect(d, client_context(pki)) as s:
+        assert echo(s) == b"hello\n"
+
+
+def test_upgrade_reads_the_certificates_again(daemon_factory: Callable[..., Daemon], pki: Pki) -> None:
+    """A new master program (USR2, ``preforkctl upgrade``) loads the certificates on disk, on the same sockets."""
+    live = Issued(pki.directory / "live.pem", pki.directory / "live.key", "")
+    first, second = pki.server("first"), pki.server("second")
+    shutil.copy(first.cert, live.cert)
+    shutil.copy(first.key, live.key)
+    d = daemon_factory(*live.args())
+    with tls_connect(d, client_context(pki)) as s:
+        serial = s.getpeercert()["serialNumber"]  # type: ignore[index]
+    shutil.copy(second.cert, live.cert)
+    shutil.copy(second.key, live.key)
+    upgraded = d.ctl("upgrade", timeout=60)
+    assert upgraded.returncode == 0, upgraded.stdout + upgraded.stderr
+    with tls_connect(d, client_context(pki)) as s:
+        assert s.getpeercert()["serialNumber"] != serial  # type: ignore[index]
         assert echo(s) == b"hello\n"
