@@ -172,9 +172,10 @@ class RelayProtocol(RelaySettings, asyncio.Protocol):
             host, port = address
             deadline = loop.time() + self.connect_timeout
             try:
-                transport, side = await asyncio.wait_for(
-                    loop.create_connection(lambda: _UpstreamSide(self), host, port), self.connect_timeout)
-            except OSError as exc:  # wait_for's TimeoutError is one too
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for wraps the connect in a task of its own
+                async with asyncio.timeout(self.connect_timeout):
+                    transport, side = await loop.create_connection(lambda: _UpstreamSide(self), host, port)
+            except OSError as exc:  # the timeout's TimeoutError is one too
                 failures.append(relay_core.attempt_failed(address, exc, self.connect_timeout))
                 continue
             if self.send_proxy:
