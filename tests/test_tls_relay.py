@@ -1029,3 +1029,32 @@ def test_no_relay_log_line_is_a_traceback(daemon_factory: Callable[..., Daemon],
         assert pump(s, b"still serving\n") == b"still serving\n"
     assert "Traceback" not in d.log()
     assert not re.search(r"relay loop .* failed", d.log())
+
+
+WHO = {"sync": "tls_handlers:WhoHandler", "thread": "tls_handlers:WhoHandler",
+       "async": "tls_async_handlers:WhoProtocol"}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("worker_class", list(WHO))
+def test_haproxy_sends_proxy_headers_over_tls_and_checks_with_them(daemon_factory: Callable[..., Daemon],
+                                                                    pki: Pki, haproxy: Callable[[str], HAProxy],
+                                                                    worker_class: str) -> None:
+    """docs/scale-out.md's TLS backend: PROXY v2 in clear, then TLS verified by HAProxy, for clients and checks."""
+    d = daemon_factory(*pki.server().args(), "--proxy-protocol", "-k", worker_class, WHO[worker_class])
+    verify = f"ssl verify required ca-file {pki.ca.cert} sni str(localhost) check-sni localhost"
+    hap = haproxy(f"""frontend fe
+    bind 127.0.0.1:{{port}}
+    default_backend prefork
+backend prefork
+    option tcp-check
+    tcp-check connect send-proxy ssl
+    server s1 127.0.0.1:{d.port} check inter 200ms send-proxy-v2 {verify}
+""")
+    wait_for(lambda: hap.server_state("prefork", "s1") == 2, 10, "HAProxy to see s1 UP after TLS checks")
+    with socket.create_connection(("127.0.0.1", hap.port), timeout=10, source_address=("127.0.0.7", 0)) as s:
+        fields = s.makefile("rb").readline().decode().split()
+        assert fields[0] in ("TLSv1.2", "TLSv1.3") and fields[-1] == "127.0.0.7", fields  # the client, not HAProxy
+    wait_for(lambda: d.call("stats")["tls"]["handshakes"] >= 3, 10, "checks and the client counted as handshakes")
+    assert d.call("stats")["tls"]["failed"] == 0
+    assert hap.server_state("prefork", "s1") == 2
