@@ -173,20 +173,7 @@ backend be
 """
 
 
-HAPROXY_TLS_CFG = """global
-    nbthread {n}
-    maxconn 9000
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-frontend fe
-    bind 127.0.0.1:{port} ssl crt {pem}
-    default_backend be
-backend be
-    server up 127.0.0.1:{upstream}
-"""
+HAPROXY_TLS_CFG = HAPROXY_CFG.replace("bind 127.0.0.1:{port}", "bind 127.0.0.1:{port} ssl crt {pem}")
 
 # Foreground, so the process started is the server and its session is what stop() kills; no pid file;
 # log level warning, as the others log nothing per connection (stunnel logs each one at notice).

@@ -10,10 +10,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from tlsutil import Pki, client_context
 
 from conftest import APPS, ROOT, Daemon, child_env, exchange, wait_for
 from prefork.control import call
@@ -69,24 +70,37 @@ def test_notify_lifecycle(daemon_factory: Callable[..., Daemon], tmp_path: Path)
     assert d.wait_exit() == 0
 
 
-@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="systemd-socket-activate not installed")
-def test_socket_activation_first_connection_served(tmp_path: Path) -> None:
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    control = str(tmp_path / "act.sock")
-    log = open(tmp_path / "act.log", "wb")  # noqa: SIM115 -- the child writes to it until the finally
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@contextlib.contextmanager
+def socket_activated(tmp_path: Path, port: int, *args: str) -> Iterator[subprocess.Popen[bytes]]:
+    """``systemd-socket-activate -l 127.0.0.1:PORT`` exec'ing ``prefork ARGS`` on the first connection;
+    yields once it listens, and kills its group at the end."""
+    log_path = tmp_path / "act.log"
     cmd = ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "--fdname=echo",
            "-E", f"PYTHONPATH={APPS}{os.pathsep}{ROOT}",
-           sys.executable, "-m", "prefork", "--workers", "2", "--control", control,
-           "--bind", "127.0.0.1:1"]  # ignored: the inherited socket wins
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=child_env())
+           sys.executable, "-m", "prefork", "--workers", "2", *args]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=child_env())
     try:
-        def listening() -> bool:
-            return "Listening on" in (tmp_path / "act.log").read_text()
+        wait_for(lambda: "Listening on" in log_path.read_text(), 10, "systemd-socket-activate to listen")
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
 
-        wait_for(listening, 10, "systemd-socket-activate to listen")
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="systemd-socket-activate not installed")
+def test_socket_activation_first_connection_served(tmp_path: Path) -> None:
+    port = _free_port()
+    control = str(tmp_path / "act.sock")
+    # --bind is ignored: the inherited socket wins
+    with socket_activated(tmp_path, port, "--control", control, "--bind", "127.0.0.1:1") as proc:
         # this first connection starts the daemon, and must be served
         assert exchange(("127.0.0.1", port), b"first!", timeout=20) == b"first!"
         reply, sock = call(control, {"command": "status"})
@@ -95,48 +109,23 @@ def test_socket_activation_first_connection_served(tmp_path: Path) -> None:
         assert reply["pid"] == proc.pid  # systemd-socket-activate execs the daemon in place
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(20) == 0
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(5)
-        log.close()
 
 
 @pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="systemd-socket-activate not installed")
 def test_socket_activation_with_tls(tmp_path: Path) -> None:
     """A socket systemd passed speaks TLS with --certfile, and its first connection (the one that
     started the daemon) gets its handshake served."""
-    import ssl
-
-    from tlsutil import Pki, client_context
-
     pki = Pki(tmp_path / "pki")
-    server = pki.server()
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
+    port = _free_port()
     control = str(tmp_path / "tls.sock")
-    log_path = tmp_path / "tls.log"
-    with open(log_path, "wb") as log:
-        cmd = ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "--fdname=echo",
-               "-E", f"PYTHONPATH={APPS}{os.pathsep}{ROOT}",
-               sys.executable, "-m", "prefork", "--workers", "2", "--control", control, *server.args()]
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=child_env())
-    try:
-        wait_for(lambda: "Listening on" in log_path.read_text(), 10, "systemd-socket-activate to listen")
+    with socket_activated(tmp_path, port, "--control", control, *pki.server().args()) as proc:
         raw = socket.create_connection(("127.0.0.1", port), timeout=20)
         with client_context(pki).wrap_socket(raw, server_hostname="localhost") as s:
-            assert isinstance(s, ssl.SSLSocket) and s.version() is not None
+            assert s.version() is not None
             s.sendall(b"first!\n")
             assert s.recv(100) == b"first!\n"
         reply, sock = call(control, {"command": "status"})
         sock.close()
-        assert reply["listeners"] == [f"127.0.0.1:{port}"]
+        assert reply["listeners"] == [f"127.0.0.1:{port}"] and f"127.0.0.1:{port}" in reply["tls"]
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(20) == 0
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(5)

@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from tlsutil import Issued, Pki, client_context
+from tlsutil import Issued, Pki, client_context, closed_without_answer, echo
+from tlsutil import tls_connect as connect_tls
 
 from conftest import Daemon, child_env, read_line, wait_for
 from prefork.proxy_protocol import build_v2
@@ -32,25 +33,7 @@ def pki(tmp_path: Path) -> Pki:
 
 def tls_connect(d: Daemon, context: ssl.SSLContext, *, port: int | None = None, name: str = "localhost",
                 timeout: float = 5.0) -> ssl.SSLSocket:
-    raw = socket.create_connection(("127.0.0.1", port or d.port), timeout=timeout)
-    try:
-        return context.wrap_socket(raw, server_hostname=name)
-    except BaseException:
-        raw.close()
-        raise
-
-
-def echo(sock: socket.socket, payload: bytes = b"hello\n") -> bytes:
-    sock.sendall(payload)
-    return read_line(sock)
-
-
-def closed_without_answer(sock: socket.socket) -> bool:
-    """True when the peer closed the connection (EOF or, with our bytes unread, a reset) sending nothing."""
-    try:
-        return sock.recv(100) == b""
-    except ConnectionResetError:
-        return True
+    return connect_tls(("127.0.0.1", port or d.port), context, name=name, timeout=timeout)
 
 
 def presented(d: Daemon, pki: Pki, *, port: int | None = None, name: str = "localhost") -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 import psutil
 import pytest
-from tlsutil import Pki, client_context
+from tlsutil import Pki, client_context, closed_without_answer, echo, tls_connect
 
 from conftest import Daemon, read_line, recv_exact, wait_for
 from prefork.proxy_protocol import build_v2
@@ -30,29 +30,6 @@ HANDLERS = ["tls_async_handlers:who", "tls_async_handlers:WhoProtocol"]  # a str
 @pytest.fixture
 def pki(tmp_path: Path) -> Pki:
     return Pki(tmp_path / "pki")
-
-
-def tls_connect(address: tuple[str, int], context: ssl.SSLContext, *, name: str = "localhost",
-                timeout: float = 5.0) -> ssl.SSLSocket:
-    raw = socket.create_connection(address, timeout=timeout)
-    try:
-        return context.wrap_socket(raw, server_hostname=name)
-    except BaseException:
-        raw.close()
-        raise
-
-
-def echo(sock: socket.socket, payload: bytes = b"hello\n") -> bytes:
-    sock.sendall(payload)
-    return read_line(sock)
-
-
-def closed_without_answer(sock: socket.socket) -> bool:
-    """True when the peer closed the connection (EOF or, with our bytes unread, a reset) sending nothing."""
-    try:
-        return sock.recv(100) == b""
-    except ConnectionResetError:
-        return True
 
 
 def who(line: bytes) -> dict[str, str]:

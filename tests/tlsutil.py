@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,3 +133,34 @@ def client_context(pki: Pki, client: Issued | None = None, *, alpn: list[str] | 
     if maximum is not None:
         context.maximum_version = maximum
     return context
+
+
+def tls_connect(address: tuple[str, int], context: ssl.SSLContext, *, name: str = "localhost",
+                timeout: float = 5.0) -> ssl.SSLSocket:
+    """A TLS connection to ``address``, its handshake done, asking for server ``name``."""
+    raw = socket.create_connection(address, timeout=timeout)
+    try:
+        return context.wrap_socket(raw, server_hostname=name)
+    except BaseException:
+        raw.close()
+        raise
+
+
+def echo(sock: socket.socket, payload: bytes = b"hello\n") -> bytes:
+    """Send ``payload`` (a line) and read one line back."""
+    sock.sendall(payload)
+    line = bytearray()
+    while not line.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        line += chunk
+    return bytes(line)
+
+
+def closed_without_answer(sock: socket.socket) -> bool:
+    """True when the peer closed the connection (EOF or, with our bytes unread, a reset) sending nothing."""
+    try:
+        return sock.recv(100) == b""
+    except ConnectionResetError:
+        return True
