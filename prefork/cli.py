@@ -176,8 +176,12 @@ def check_config(config: Config) -> str:
     setup = tls.load(config)  # certificates and keys load and match, none has expired
     handler = handler_for(config, relay_tls=setup.relay)
     loop = f" ({config.event_loop})" if config.event_loop else ""
+    certificates = "".join(
+        f"; TLS on {spec}: {cert.subject}, expires {cert.describe()['not_after']}"
+        + (f" (for {cert.server_name})" if cert.server_name else "")
+        for spec, cert in setup.certificates())
     return (f"configuration OK: {config.workers} {config.worker_class} worker(s){loop} of "
-            f"{handler.__module__}.{handler.__qualname__} on {', '.join(config.binds)}")
+            f"{handler.__module__}.{handler.__qualname__} on {', '.join(config.binds)}{certificates}")
 
 
 def preload_worker_code(config: Config) -> None:

@@ -147,6 +147,7 @@ def test_check_config_loads_the_certificates(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "prefork", "--check-config", *good.args()],
                           capture_output=True, text=True, timeout=30, env=child_env())
     assert proc.returncode == 0 and "configuration OK" in proc.stdout, proc.stderr
+    assert "TLS on 127.0.0.1:20000: CN=localhost, O=prefork tests, expires " in proc.stdout, proc.stdout
 
 
 def test_python_api_takes_the_tls_keywords(tmp_path: Path) -> None:
