@@ -136,9 +136,13 @@ _PER_WORKER: tuple[tuple[str, str, MetricType, str], ...] = (
 def tls_families(status: Mapping[str, Any], stats: Mapping[str, Any]) -> list[Family]:
     """Certificate expiry (from ``status``), handshakes by version and failures by reason (from ``stats``)."""
     expiry = Family(PREFIX + "tls_certificate_expiry_timestamp_seconds", "gauge",
-                    "When each certificate a listener serves expires (its notAfter), in seconds since the epoch.")
-    listeners = status.get("tls")
-    for listener, info in sorted(listeners.items()) if isinstance(listeners, Mapping) else ():
+                    "When each certificate in use expires (its notAfter), in seconds since the epoch: those a "
+                    "listener serves, and the relay's client certificate (listener=\"relay\").")
+    listeners = dict(status.get("tls") or {}) if isinstance(status.get("tls"), Mapping) else {}
+    relay = status.get("relay_tls")
+    if isinstance(relay, Mapping) and isinstance(relay.get("certificate"), Mapping):
+        listeners["relay"] = {"certificates": [relay["certificate"]]}
+    for listener, info in sorted(listeners.items()):
         certificates = info.get("certificates", []) if isinstance(info, Mapping) else []
         for cert in (c for c in certificates if isinstance(c, Mapping)):
             expiry.add(cert.get("not_after_epoch"),

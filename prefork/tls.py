@@ -103,6 +103,7 @@ class TlsSetup:
     listeners: dict[str, ServerTls] = field(default_factory=dict)  # by --bind text
     default: ServerTls | None = None  # for listeners systemd passed, when every listener speaks TLS
     relay: ssl.SSLContext | None = None
+    relay_certificate: CertInfo | None = None  # the client certificate the relay presents upstream
 
     def for_listener(self, spec: str) -> ServerTls | None:
         """The TLS of the listener made for ``spec`` (Listener.spec), None when it speaks plain TCP."""
@@ -141,6 +142,8 @@ def load(config: Config, listener_specs: list[str] | None = None) -> TlsSetup:
         options = config.tls_options({})
         setup.default = built.get(options) or server_tls(options)
     setup.relay = relay_context(config)
+    if setup.relay is not None and config.relay_certfile:
+        setup.relay_certificate = certificate_info(config.relay_certfile, option="relay-certfile")
     return setup
 
 

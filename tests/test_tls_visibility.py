@@ -118,7 +118,7 @@ def test_status_describes_each_tls_listener_and_the_relay() -> None:
                      "server_name": None, "not_after_epoch": NOW + 20 * 86400}
     assert named["server_name"] == "other.example" and named["expires_in_days"] == 5.0
     assert status["relay_tls"] == {"upstreams": ["db:5432"], "server_name": "db.internal",
-                                   "ca_certs": "/etc/tls/ca.pem", "certfile": None}
+                                   "ca_certs": "/etc/tls/ca.pem", "certfile": None, "certificate": None}
 
 
 def test_tls_view_takes_each_listener_from_the_serving_setup() -> None:
@@ -215,6 +215,27 @@ def test_status_and_metrics_show_the_certificate_served(daemon_factory: Callable
          ("subject", "CN=other.example, O=prefork tests")): not_after(named),
     }
     assert set(samples(exposition, FAILURES)) == {(("reason", r),) for r in FAILURE_REASONS}
+
+
+@pytest.mark.timeout(60)
+def test_the_relays_client_certificate_is_shown_and_exported(daemon_factory: Callable[..., Daemon],
+                                                             tmp_path: Path) -> None:
+    pki = Pki(tmp_path / "pki")
+    client = pki.ca.issue("relay-client", "relay one", names=("relay-one",), client=True, days=12)
+    metrics_port = free_port()
+    d = daemon_factory("--relay", "127.0.0.1:9", "--relay-tls", "--relay-ca-certs", str(pki.ca.cert),
+                       "--relay-certfile", str(client.cert), "--relay-keyfile", str(client.key),
+                       "--metrics-bind", f"127.0.0.1:{metrics_port}")
+    relay = d.status()["relay_tls"]
+    assert relay["certfile"] == str(client.cert)
+    assert relay["certificate"]["subject"] == "CN=relay one, O=prefork tests"
+    assert relay["certificate"]["not_after_epoch"] == not_after(client)
+    assert "CN=relay one, O=prefork tests (issued by CN=test-ca)" in d.ctl("status").stdout
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:
+        exposition = resp.read().decode()
+    assert samples(exposition, EXPIRY) == {
+        (("certfile", str(client.cert)), ("listener", "relay"), ("server_name", ""),
+         ("subject", "CN=relay one, O=prefork tests")): not_after(client)}
 
 
 @pytest.mark.timeout(60)

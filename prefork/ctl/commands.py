@@ -111,6 +111,8 @@ def tls_lines(s: Reply) -> list[str]:
         cas = relay.get("ca_certs") or "the system's CAs"
         client = f", presenting {relay['certfile']}" if relay.get("certfile") else ""
         out.append(f"relay to upstreams over TLS: verifying {name} against {cas}{client}")
+        if isinstance(relay.get("certificate"), Mapping):
+            out.append(certificate_line(relay["certificate"]))
     return out
 
 

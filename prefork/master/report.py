@@ -67,6 +67,7 @@ class RelayTls:
     server_name: str | None  # --relay-sni; None: each upstream's host
     ca_certs: str | None  # None: the system's CAs
     certfile: str | None  # the client certificate it presents, if any
+    certificate: CertInfo | None = None  # what is in it (subject, expiry)
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,8 @@ def tls_view(setup: TlsSetup, listeners: Iterable[Listener], config: Config) -> 
                                      server.handshake_timeout))
     relay = None
     if config.relay_tls:
-        relay = RelayTls(tuple(config.relay), config.relay_sni, config.relay_ca_certs, config.relay_certfile)
+        relay = RelayTls(tuple(config.relay), config.relay_sni, config.relay_ca_certs, config.relay_certfile,
+                         setup.relay_certificate)
     return TlsView(tuple(found), relay)
 
 
@@ -172,8 +174,10 @@ def listener_tls_info(li: ListenerTls, now: float) -> dict[str, Any]:
 def relay_tls_info(relay: RelayTls | None) -> dict[str, Any] | None:
     if relay is None:
         return None
+    cert = relay.certificate
     return {"upstreams": list(relay.upstreams), "server_name": relay.server_name, "ca_certs": relay.ca_certs,
-            "certfile": relay.certfile}
+            "certfile": relay.certfile,
+            "certificate": {**cert.describe(), "not_after_epoch": cert.not_after} if cert is not None else None}
 
 
 def worker_info(w: WorkerSample, generation_open: int = 0) -> dict[str, Any]:
