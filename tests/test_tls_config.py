@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tlsutil import Pki
 
 from conftest import child_env
@@ -162,3 +164,21 @@ def test_python_api_takes_the_tls_keywords(tmp_path: Path) -> None:
     with pytest.raises(OptionError, match="do not match"):  # checked before anything is bound
         make_config("prefork.handlers.echo:EchoHandler", "127.0.0.1:0",
                     {"certfile": server.cert, "keyfile": pki.server("other").key})
+
+
+@given(st.text(max_size=80))
+@settings(max_examples=300, deadline=None)
+def test_sni_values_are_parsed_or_refused_in_one_line(text: str) -> None:
+    try:
+        name, certfile, keyfile = parse_sni(text)
+    except ConfigError as exc:
+        assert "\n" not in str(exc) and str(exc).startswith("sni: ")
+        return
+    assert name == name.lower() and "=" not in name and certfile.startswith("/")
+    assert keyfile is None or keyfile.startswith("/")
+
+
+@given(st.from_regex(r"(\*\.)?[a-z0-9]{1,10}(\.[a-z0-9]{1,10}){0,3}", fullmatch=True),
+       st.from_regex(r"/[a-z]{1,8}\.pem", fullmatch=True))
+def test_sni_names_round_trip(name: str, certfile: str) -> None:
+    assert parse_sni(f"{name.upper()}={certfile}") == (name, certfile, None)
