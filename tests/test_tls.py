@@ -3,6 +3,7 @@ handler sees, mutual TLS, bad input, and certificates that fail at start or are 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import shutil
@@ -16,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from tlsutil import Issued, Pki, client_context, closed_without_answer, echo
 from tlsutil import tls_connect as connect_tls
@@ -376,3 +378,39 @@ def test_upgrade_reads_the_certificates_again(daemon_factory: Callable[..., Daem
     with tls_connect(d, client_context(pki)) as s:
         assert s.getpeercert()["serialNumber"] != serial  # type: ignore[index]
         assert echo(s) == b"hello\n"
+
+
+@pytest.mark.parametrize(("worker_class", "handler"), [
+    ("sync", "hardening_handlers:CloseServerSocket"),
+    ("thread", "hardening_handlers:CloseServerSocket"),
+    ("async", "hardening_handlers:CloseListeners"),
+    ("async-asyncio", "hardening_handlers:CloseListeners"),
+])
+def test_a_tls_listener_closed_under_its_worker(daemon_factory: Callable[..., Daemon], pki: Pki,
+                                                worker_class: str, handler: str) -> None:
+    """A TLS listener's descriptor closed by a handler: the worker logs it once, retires without spinning
+    (the async class accepts on TLS listeners itself), and its replacement serves TLS."""
+    loop = ["--loop", "asyncio"] if worker_class == "async-asyncio" else []
+    d = daemon_factory(*pki.server().args(), "-k", worker_class.split("-")[0], *loop, "--timeout", "2", handler,
+                       workers=1)
+    victim = d.status()["workers"][0]["pid"]
+    process = psutil.Process(victim)
+    cpu = [sum(process.cpu_times()[:2])]
+    context = client_context(pki)
+    with tls_connect(d, context) as s:
+        assert echo(s, b"close\n") == b"close\n"
+        assert echo(s, b"still\n") == b"still\n"  # the connection itself is served on
+
+    def replaced() -> bool:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            cpu.append(sum(process.cpu_times()[:2]))  # its CPU while it lives on: no spinning
+        st = d.status()
+        return bool(d.ready_workers(st)) and all(w["pid"] != victim for w in st["workers"])
+
+    wait_for(replaced, 15, "the worker to retire and a replacement to serve")
+    with tls_connect(d, context) as s:
+        assert echo(s) == b"hello\n"
+    gone = [line for line in d.log().splitlines() if f"(pid {victim}): listening socket" in line]
+    assert len(gone) == 1 and "is gone" in gone[0], d.log()
+    assert "Traceback" not in d.log()
+    assert cpu[-1] - cpu[0] < 0.5, f"the retiring worker used {cpu[-1] - cpu[0]:.2f}s of CPU"

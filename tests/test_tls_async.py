@@ -4,6 +4,7 @@ the PROXY header before the handshake, plain listeners beside TLS ones, SNI, byt
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -434,3 +435,58 @@ def test_reload_drains_an_open_tls_connection(daemon_factory: Callable[..., Daem
     established.close()
     wait_for(lambda: not psutil.pid_exists(old) or psutil.Process(old).status() == psutil.STATUS_ZOMBIE, 10,
              "the old worker to leave once its connection closed")
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_tls_listener_pauses_when_out_of_descriptors(loop_kind: str) -> None:
+    """The async class accepts on TLS listeners itself: an accept() out of descriptors pauses it
+    (readiness is level-triggered: no spinning), then it takes the waiting connection."""
+    import errno
+
+    from prefork.listeners import ACCEPT_PAUSE
+    from prefork.workers.async_tls import TlsListener
+    from prefork.workers.async_worker import new_event_loop
+
+    class Flaky(socket.socket):
+        failures = 1
+        calls = 0
+
+        def accept(self) -> tuple[socket.socket, Any]:
+            Flaky.calls += 1
+            if Flaky.failures:
+                Flaky.failures -= 1
+                raise OSError(errno.EMFILE, "Too many open files")
+            return super().accept()
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    flaky = Flaky(fileno=os.dup(listener.fileno()))
+    taken: list[tuple[socket.socket, Any]] = []
+    failed: list[OSError] = []
+    loop = new_event_loop(loop_kind)
+
+    async def scenario() -> float:
+        started = asyncio.get_running_loop().time()
+        arrived = asyncio.get_running_loop().create_future()
+
+        def take(sock: socket.socket, peer: Any) -> None:
+            taken.append((sock, peer))
+            arrived.set_result(None)
+
+        server = TlsListener(flaky, take, lambda sock, exc: failed.append(exc) is None)
+        client = socket.create_connection(listener.getsockname(), timeout=5)
+        await asyncio.wait_for(arrived, 5)
+        server.close()
+        client.close()
+        return asyncio.get_running_loop().time() - started
+
+    try:
+        took = loop.run_until_complete(scenario())
+    finally:
+        loop.close()
+        listener.close()
+    assert [e.errno for e in failed] == [errno.EMFILE]
+    assert len(taken) == 1 and took >= ACCEPT_PAUSE * 0.9  # taken after the pause, not before
+    assert Flaky.calls <= 3  # the failed accept, the one that took it, perhaps one finding the queue empty
+    taken[0][0].close()
+    assert flaky.fileno() == -1  # closing the server closed its descriptor

@@ -102,11 +102,12 @@ class ProxyHeaderReader(asyncio.Protocol):
             self.timer.cancel()
 
 
-def make_factories(worker: CountingWorker, handler: Any) -> list[Callable[[], asyncio.BaseProtocol]]:
-    """Each listener's protocol factory: the handler's, behind a PROXY header reader or a TLS handshake."""
+def make_factories(worker: CountingWorker, handler: Any) -> list[Callable[[], asyncio.BaseProtocol] | TlsAccept]:
+    """Each listener's protocol factory (the handler's, behind a PROXY header reader when peers send
+    one), or for a TLS listener what takes each connection to its handshake (:class:`TlsAccept`)."""
     plain: Callable[[], asyncio.BaseProtocol] | None = None
     after_handshake: Callable[[], asyncio.BaseProtocol] | None = None
-    factories: list[Callable[[], asyncio.BaseProtocol]] = []
+    factories: list[Callable[[], asyncio.BaseProtocol] | TlsAccept] = []
     for server_tls in worker.tls:
         if server_tls is None:
             if plain is None:
@@ -116,7 +117,7 @@ def make_factories(worker: CountingWorker, handler: Any) -> list[Callable[[], as
         else:
             if after_handshake is None:
                 after_handshake = _inner(worker, handler, accepted=False)  # counted as accepted at its handshake
-            factories.append(functools.partial(TlsAccept, worker, server_tls, after_handshake))
+            factories.append(TlsAccept(worker, server_tls, after_handshake))
     return factories
 
 def _inner(worker: CountingWorker, handler: Any, accepted: bool) -> Callable[[], asyncio.BaseProtocol]:

@@ -9,11 +9,11 @@ transport: uvloop starts reading a new transport right after its
 the bytes behind a PROXY header) would be read before ``start_tls`` could be
 given them.
 
-So a TLS listener's server makes :class:`TlsAccept` for each connection: the
-loop's own accept (with its pause, drain and listener-gone handling, as for
-plain listeners), then in ``connection_made``, before either loop has read a
-byte, the worker takes the connection's descriptor (a duplicate) and drops
-the plain transport. From there it is the worker's socket:
+So the worker accepts on a TLS listener itself (:class:`TlsListener`, a
+reader on the loop, closed to pause or stop as an ``asyncio.Server`` is),
+and each connection's socket is the worker's, no transport made for it yet
+(making one and dropping it, as the first version did, cost a tenth of the
+TLS connection rate). :class:`TlsAccept` takes each one on:
 
 * with ``--proxy-protocol`` (and the peer in ``--proxy-allow``) the header,
   which comes in clear before the handshake, is read without reading past it
@@ -46,6 +46,7 @@ one was read. ``"socket"`` is the connection's TCP socket.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -53,6 +54,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from prefork import tls
+from prefork.listeners import ACCEPT_PAUSE
 from prefork.proxy_protocol import DEFAULT_MAX_LENGTH, ProxyHeader, ProxyProtocolError, parse
 from prefork.tls import ServerTls
 from prefork.workers.connection import ProxyPolicy, format_peer
@@ -73,6 +75,8 @@ class TlsHost(Protocol):
     def closes_health_check(self, header: ProxyHeader) -> bool: ...
 
 log = logging.getLogger(__name__)
+
+_ACCEPT_BATCH = 16  # connections accepted per readiness event
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 
@@ -122,39 +126,90 @@ def release(transport: Any) -> None:
         transport.release()
 
 
-class TlsAccept(asyncio.Protocol):
-    """What a TLS listener's server makes per connection: takes the connection from its plain transport.
-
-    In ``connection_made`` neither loop has read from the socket yet (asyncio
-    adds its reader after this call, uvloop starts reading after it unless
-    the transport is closed by then), so the ClientHello is still in the
-    kernel when the transport is aborted: aborting closes only the
-    transport's descriptor, the connection lives on in the worker's
-    duplicate.
-    """
+class TlsAccept:
+    """A TLS listener's connections, as :class:`TlsListener` accepts them, each to its header and handshake."""
 
     def __init__(self, worker: TlsHost, server_tls: ServerTls, make_inner: ProtocolFactory) -> None:
         self.worker = worker
         self.server_tls = server_tls
         self.make_inner = make_inner
 
-    def connection_made(self, transport: Any) -> None:  # asyncio's or uvloop's TCP transport
-        raw = transport.get_extra_info("socket")
-        peer = transport.get_extra_info("peername")
-        try:
-            sock = socket.socket(raw.family, raw.type, raw.proto, fileno=os.dup(raw.fileno()))
-        except OSError as exc:  # EMFILE: the worker caps connections below the limit, so rarely
-            log.warning("cannot take the TLS connection from %s: %s; closing it", format_peer(peer),
-                        exc.strerror or exc)
-            transport.abort()
-            return
-        transport.abort()
+    def take(self, sock: socket.socket, peer: Any) -> None:
+        """A connection :class:`TlsListener` accepted: to its PROXY header and handshake."""
         sock.setblocking(False)
         self.worker.begin_handshake()
         Handshake(self.worker, sock, peer, self.server_tls, self.make_inner).start()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        """The plain transport, aborted in connection_made: nothing to do (the connection is elsewhere)."""
+
+class TlsListener:
+    """Accepts a TLS listener's connections itself, with a reader on the event loop.
+
+    Each connection goes straight to its handshake on its own socket, where
+    a server made by ``loop.create_server`` would first build a plain
+    transport for it only for :class:`TlsAccept` to abort it. Closed like an
+    ``asyncio.Server`` (to pause, or to stop): the reader goes and the
+    listener's duplicate is closed.
+    """
+
+    def __init__(self, sock: socket.socket, take: Callable[[socket.socket, Any], None],
+                 failed: Callable[[socket.socket, OSError], bool]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._sock = sock
+        self._take = take
+        self._failed = failed  # True: out of resources, pause accepting a while
+        self._closed = False
+        self._paused: asyncio.TimerHandle | None = None
+        self._ino = os.fstat(sock.fileno()).st_ino  # to tell our socket from a file that took its number
+        self._loop.add_reader(sock.fileno(), self._ready)
+
+    def _ready(self) -> None:
+        for _ in range(_ACCEPT_BATCH):  # under load the queue rarely empties: a few per wake-up
+            try:
+                conn, peer = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if self._failed(self._sock, exc) and not self._closed:
+                    self._loop.remove_reader(self._sock.fileno())
+                    self._paused = self._loop.call_later(ACCEPT_PAUSE, self._resume)
+                return
+            self._take(conn, peer)
+            if self._closed:  # the worker paused (at its cap, or for balance) or stopped
+                return
+
+    def _resume(self) -> None:
+        self._paused = None
+        if not self._closed:
+            self._loop.add_reader(self._sock.fileno(), self._ready)
+
+    def close(self) -> None:
+        """Stop accepting and close our duplicate: unless a handler closed it already (the number may be
+        another file's now, which is then left alone)."""
+        if self._closed:
+            return
+        self._stop_reading()
+        try:
+            ours = os.fstat(self._sock.fileno()).st_ino == self._ino
+        except OSError:
+            ours = False
+        if ours:
+            self._sock.close()
+        else:
+            self._sock.detach()
+
+    def abandon(self) -> None:
+        """Its descriptor was closed under us (its number may be another file's now): stop, close nothing."""
+        if not self._closed:
+            self._stop_reading()
+            self._sock.detach()
+
+    def _stop_reading(self) -> None:
+        self._closed = True
+        if self._paused is not None:
+            self._paused.cancel()
+            return
+        with contextlib.suppress(OSError, RuntimeError, ValueError):  # a number now another's, or closed
+            self._loop.remove_reader(self._sock.fileno())
 
 
 class Handshake:

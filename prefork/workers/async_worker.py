@@ -41,9 +41,10 @@ from typing import Any
 from prefork import logs
 from prefork.config import Config
 from prefork.handlers.aio import EchoProtocol
-from prefork.listeners import describe
+from prefork.listeners import accept_failed, describe
 from prefork.scoreboard import Record
 from prefork.workers.async_protocols import make_factories
+from prefork.workers.async_tls import TlsAccept, TlsListener
 from prefork.workers.balance import RECHECK
 from prefork.workers.base import LISTENER_GONE_ERRNOS, FastExit, WorkerLifecycle, WorkerOptions
 from prefork.workers.connection import account, counts_own_bytes, log_access
@@ -53,6 +54,8 @@ log = logging.getLogger(__name__)
 
 _FD_RESERVE = 32  # descriptors kept free for what a worker opens besides connections (logs, upstream retries)
 
+# what accepts on a listener: asyncio's server, or a TLS listener's own accept (async_tls.TlsListener)
+Server = asyncio.base_events.Server | TlsListener
 StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
@@ -79,7 +82,7 @@ class AsyncWorker(WorkerLifecycle):
         self.handshaking = 0  # connections on TLS listeners still in their PROXY header or handshake
         self.handshakes: set[asyncio.Task[None]] = set()  # their tasks (the loop keeps only weak references)
         self.fast = False
-        self.servers: list[asyncio.base_events.Server] = []
+        self.servers: list[Server] = []
         self.paused = False
         self.recheck: asyncio.TimerHandle | None = None  # the next look while stepped back (--balance)
         self.done: asyncio.Future[None] | None = None
@@ -93,8 +96,8 @@ class AsyncWorker(WorkerLifecycle):
         # every listening descriptor of ours (the listeners, each server's duplicate) -> (its inode, address),
         # to notice one closed under us (the heartbeat looks)
         self.listening: dict[int, tuple[int, str]] = {}
-        self.server_fds: dict[asyncio.base_events.Server, int] = {}  # each server's duplicate of its listener
-        self.abandoned: list[asyncio.base_events.Server] = []  # servers on a lost descriptor, never closed
+        self.server_fds: dict[Server, int] = {}  # each server's duplicate of its listener
+        self.abandoned: list[Server] = []  # servers on a lost descriptor, never closed
         # bytes per connection from the kernel (one TCP_INFO read) when someone looks at them; the relay
         # and the echo engine count their own as they pass
         self.count_bytes = config.count_bytes and not self.counts_own_bytes and self.engine is None
@@ -213,13 +216,24 @@ class AsyncWorker(WorkerLifecycle):
             dup.setblocking(False)
             fd = dup.fileno()
             self.listening[fd] = (os.fstat(fd).st_ino, describe(dup))
-            server = await loop.create_server(factory, sock=dup, backlog=self.config.backlog)
+            server: Server
+            if isinstance(factory, TlsAccept):  # a TLS listener: the worker accepts itself (async_tls)
+                server = TlsListener(dup, factory.take, self._accept_failed)
+            else:
+                server = await loop.create_server(factory, sock=dup, backlog=self.config.backlog)
             self.servers.append(server)
             self.server_fds[server] = fd
         if self.paused or self.stopping or self.listeners_closed:
             self.stop_accepting()  # paused again, or told to stop, while the servers were being made
             return
         self.mark_accepting(bool(self.servers))
+
+    def _accept_failed(self, sock: socket.socket, exc: OSError) -> bool:
+        """A TLS listener's ``accept()`` failed: True when it should pause (out of descriptors)."""
+        if exc.errno in LISTENER_GONE_ERRNOS:
+            self.check_listeners()  # abandons it, and this worker retires
+            return False
+        return accept_failed(sock, exc)
 
     def stop_accepting(self) -> None:
         if self.engine is not None:
@@ -257,6 +271,8 @@ class AsyncWorker(WorkerLifecycle):
                 del self.server_fds[server]
                 self.servers.remove(server)
                 self.abandoned.append(server)
+                if isinstance(server, TlsListener):
+                    server.abandon()
         for sock in self.listeners:
             if sock.fileno() == fd:
                 sock.detach()
