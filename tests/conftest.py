@@ -342,3 +342,15 @@ class Load(ClientThreads):
                     sock = None
         if sock is not None:
             sock.close()
+
+
+def haproxy_admin(stats_socket: Path, command: str) -> str:
+    """One command on HAProxy's stats socket; HAProxy answers and closes."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(str(stats_socket))
+        s.sendall(command.encode() + b"\n")
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks).decode()

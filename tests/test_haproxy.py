@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, ClientThreads, Daemon, child_env, read_line, recv_exact, wait_for
+from conftest import ROOT, ClientThreads, Daemon, child_env, haproxy_admin, read_line, recv_exact, wait_for
 
 DOC = ROOT / "docs" / "scale-out.md"
 UP, DOWN = 2, 0
@@ -83,14 +83,7 @@ class HAProxy:
 
     def admin(self, command: str) -> str:
         """One command on the stats socket; HAProxy answers and closes."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(5)
-            s.connect(str(self.stats_socket))
-            s.sendall(command.encode() + b"\n")
-            chunks = []
-            while chunk := s.recv(65536):
-                chunks.append(chunk)
-        return b"".join(chunks).decode()
+        return haproxy_admin(self.stats_socket, command)
 
     def servers_state(self) -> dict[str, int]:
         """Server name -> operational state (0 DOWN, 1 starting, 2 UP, 3 stopping)."""

@@ -38,7 +38,7 @@ from typing import Any
 import pytest
 from tlsutil import Issued, Pki, client_context
 
-from conftest import Daemon, recv_exact, wait_for
+from conftest import Daemon, haproxy_admin, recv_exact, wait_for
 from prefork.handlers import relay as relay_module
 from prefork.handlers import relay_core
 from prefork.handlers.relay import RelayHandler
@@ -869,14 +869,7 @@ class HAProxy:
     log_path: Path
 
     def admin(self, command: str) -> str:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(5)
-            s.connect(str(self.stats_socket))
-            s.sendall(command.encode() + b"\n")
-            chunks = []
-            while chunk := s.recv(65536):
-                chunks.append(chunk)
-        return b"".join(chunks).decode()
+        return haproxy_admin(self.stats_socket, command)
 
     def server_state(self, backend: str, server: str) -> int | None:
         """Operational state: 0 DOWN, 2 UP (``show servers state``)."""
