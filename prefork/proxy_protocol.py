@@ -661,24 +661,40 @@ def read_header(
                 raise TimeoutError(_timeout_message(timeout, len(received)))
             sock.settimeout(remaining)
             try:
-                # A peek blocks until bytes beyond those already consumed arrive,
-                # because everything previously peeked has since been received.
-                peeked = sock.recv(max(1, max_length - len(received)), socket.MSG_PEEK)
+                header = take_header(sock, received, max_length=max_length)
             except TimeoutError as exc:
                 raise TimeoutError(_timeout_message(timeout, len(received))) from exc
-            if not peeked:
-                raise ProxyProtocolError(
-                    "connection closed before the PROXY header completed "
-                    f"({len(received)} header bytes received)"
-                )
-            header = parse(bytes(received) + peeked, max_length=max_length)
-            # None means every byte seen so far is part of the header.
-            wanted = len(peeked) if header is None else header.length - len(received)
-            _receive_exactly(sock, wanted, received)
             if header is not None:
                 return header, b""
     finally:
         sock.settimeout(saved_timeout)
+
+
+def take_header(sock: socket.socket, received: bytearray, *, max_length: int = DEFAULT_MAX_LENGTH
+                ) -> ProxyHeader | None:
+    """One look at ``sock``: take the PROXY header bytes it holds into ``received``, never a byte past them.
+
+    ``received`` holds what earlier calls took (the caller keeps it for the
+    next one). Returns the header once it is complete, None when it needs
+    more bytes than have arrived: call again once ``sock`` is readable. The
+    bytes are peeked and only those known to belong to the header are
+    received, so the payload (a TLS ClientHello, say) stays in the socket,
+    and a header arriving in pieces costs no busy loop. The peek blocks, or
+    raises ``BlockingIOError`` / ``TimeoutError``, as the socket's mode says
+    (it waits only for bytes beyond those already taken). Raises
+    :class:`ProxyProtocolError` for a malformed or oversized header or a
+    connection closed before it completed.
+    """
+    peeked = sock.recv(max(1, max_length - len(received)), socket.MSG_PEEK)
+    if not peeked:
+        raise ProxyProtocolError(
+            f"connection closed before the PROXY header completed ({len(received)} header bytes received)"
+        )
+    header = parse(bytes(received) + peeked, max_length=max_length)
+    # None means every byte seen so far is part of the header.
+    wanted = len(peeked) if header is None else header.length - len(received)
+    _receive_exactly(sock, wanted, received)
+    return header
 
 
 def _timeout_message(timeout: float, count: int) -> str:

@@ -55,7 +55,7 @@ from typing import Any, Protocol
 
 from prefork import tls
 from prefork.listeners import ACCEPT_PAUSE
-from prefork.proxy_protocol import DEFAULT_MAX_LENGTH, ProxyHeader, ProxyProtocolError, parse
+from prefork.proxy_protocol import ProxyHeader, ProxyProtocolError, take_header
 from prefork.tls import ServerTls
 from prefork.workers.connection import ProxyPolicy, format_peer
 from prefork.workers.handshakes import describe
@@ -332,35 +332,23 @@ class Handover(asyncio.Protocol):
         self.handshake.hand_over(transport)  # type: ignore[arg-type]
 
 
-async def read_proxy_header(sock: socket.socket, max_length: int = DEFAULT_MAX_LENGTH) -> ProxyHeader:
+async def read_proxy_header(sock: socket.socket) -> ProxyHeader:
     """One PROXY header from the non-blocking ``sock``, and not a byte past it (the caller bounds the time).
 
-    Bytes are peeked, and only those known to be the header's are received,
-    so the TLS ClientHello behind it stays in the kernel. A partial header is
-    taken and the socket waited on for more: no spinning on bytes already
-    seen. Raises :class:`ProxyProtocolError` for a malformed header or a
-    connection closed first, ``OSError`` for a failed one.
+    The TLS ClientHello behind it stays in the kernel
+    (:func:`prefork.proxy_protocol.take_header`); a partial header is taken
+    and the socket waited on for the rest. Raises :class:`ProxyProtocolError`
+    for a malformed header or a connection closed first, ``OSError`` for a
+    failed one.
     """
     loop = asyncio.get_running_loop()
     received = bytearray()
     while True:
         try:
-            peeked = sock.recv(max(1, max_length - len(received)), socket.MSG_PEEK)
+            header = take_header(sock, received)
         except BlockingIOError:
             await _readable(loop, sock.fileno())
             continue
-        if not peeked:
-            raise ProxyProtocolError("connection closed before the PROXY header completed "
-                                     f"({len(received)} header bytes received)")
-        header = parse(bytes(received) + peeked, max_length=max_length)
-        # None: every byte seen so far belongs to the header; else exactly the header's are taken
-        wanted = len(peeked) if header is None else header.length - len(received)
-        while wanted > 0:
-            chunk = sock.recv(wanted)  # peeked already: there
-            if not chunk:
-                raise ProxyProtocolError("connection closed in the middle of the PROXY header")
-            received += chunk
-            wanted -= len(chunk)
         if header is not None:
             return header
 

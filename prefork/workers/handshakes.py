@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prefork import tls
-from prefork.proxy_protocol import DEFAULT_MAX_LENGTH, ProxyHeader, ProxyProtocolError, parse
+from prefork.proxy_protocol import ProxyHeader, ProxyProtocolError, take_header
 from prefork.tls import ServerTls
 from prefork.workers.connection import ProxyPolicy, format_peer
 
@@ -170,46 +170,27 @@ class Handshakes:
 
     def _read_header(self, item: Pending) -> bool:
         """Read the PROXY header without reading past it; True once it is read (or was not due)."""
-        policy = item.proxy
-        assert policy is not None
-        sock = item.sock
-        while True:
-            try:
-                peeked = sock.recv(max(1, DEFAULT_MAX_LENGTH - len(item.header)), socket.MSG_PEEK)
-            except BlockingIOError:
-                return False
-            except OSError as exc:
-                self._forget(item)
-                self.header_failed(item.peer, f"connection failed before the PROXY header completed: {exc}")
-                _close(sock)
-                return False
-            if not peeked:
-                self._forget(item)
-                self.header_failed(item.peer, "connection closed before the PROXY header completed "
-                                   f"({len(item.header)} header bytes received)")
-                _close(sock)
-                return False
-            try:
-                header = parse(bytes(item.header) + peeked, max_length=DEFAULT_MAX_LENGTH)
-            except ProxyProtocolError as exc:
-                self._forget(item)
-                self.header_failed(item.peer, exc)
-                _close(sock)
-                return False
-            # None: every byte seen so far belongs to the header; else exactly the header's are taken
-            wanted = len(peeked) if header is None else header.length - len(item.header)
-            item.header += sock.recv(wanted)  # peeked already: there, whole
-            if header is None:
-                continue
-            item.proxy = None
-            self._set_deadline(item, time.monotonic() + item.tls.handshake_timeout)  # the handshake's own
-            if self.closes_health_check(header):
-                self._forget(item)
-                _close(sock)
-                return False
-            if header.command == "PROXY" and header.source is not None:
-                item.peer = header.source
-            return True
+        assert item.proxy is not None
+        try:
+            while (header := take_header(item.sock, item.header)) is None:
+                pass  # a header that arrived in pieces, taken so far: look again (the peek says when to stop)
+        except BlockingIOError:
+            return False  # the rest has not arrived: the loop calls again when the socket is readable
+        except (ProxyProtocolError, OSError) as exc:
+            self._forget(item)
+            self.header_failed(item.peer, exc if isinstance(exc, ProxyProtocolError) else
+                               f"connection failed before the PROXY header completed: {exc}")
+            _close(item.sock)
+            return False
+        item.proxy = None
+        self._set_deadline(item, time.monotonic() + item.tls.handshake_timeout)  # the handshake's own
+        if self.closes_health_check(header):
+            self._forget(item)
+            _close(item.sock)
+            return False
+        if header.command == "PROXY" and header.source is not None:
+            item.peer = header.source
+        return True
 
     def _want(self, item: Pending, events: int) -> None:
         if events != item.events and self.epoll is not None:
