@@ -57,8 +57,7 @@ from prefork import tls
 from prefork.listeners import ACCEPT_PAUSE
 from prefork.proxy_protocol import ProxyHeader, ProxyProtocolError, take_header
 from prefork.tls import ServerTls
-from prefork.workers.connection import ProxyPolicy, format_peer
-from prefork.workers.handshakes import describe
+from prefork.workers.connection import ProxyPolicy, format_peer, tls_handshake_failed
 
 
 class TlsHost(Protocol):
@@ -293,10 +292,7 @@ class Handshake:
             self._failed(ConnectionResetError("the connection closed in the middle of the handshake"))
 
     def _failed(self, exc: BaseException) -> None:
-        reason = tls.failure_reason(exc)
-        tls.count_failure(self.worker.record, reason)
-        log.info("TLS handshake with %s failed (%s): %s; closing the connection", format_peer(self.peer),
-                 reason.replace("_", " "), describe(exc))
+        tls_handshake_failed(self.worker.record, self.peer, exc)
 
     def hand_over(self, transport: asyncio.Transport) -> None:
         """The handshake is done: count it, and give the connection to the handler's protocol."""

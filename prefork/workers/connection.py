@@ -1,8 +1,9 @@
 """Per-connection helpers shared by every worker class and the built-in handlers.
 
 Who must send a PROXY header (:class:`ProxyPolicy`), a connection's byte
-counts from the kernel (``TCP_INFO``), the access-log line, and the one way
-a peer address is written for people.
+counts from the kernel (``TCP_INFO``), the access-log line, the one way
+a peer address is written for people, and what a failed TLS handshake
+costs (counted by reason, one line).
 """
 
 from __future__ import annotations
@@ -10,14 +11,16 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import ssl
 import struct
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from prefork import logs
+from prefork import logs, tls
 from prefork.config import Config
 
+log = logging.getLogger(__name__)
 _access = logging.getLogger(logs.ACCESS_LOGGER)
 
 
@@ -116,3 +119,26 @@ def log_access(client_address: Any, started: float, counts: tuple[int, int] | No
     received, sent = counts if counts is not None else ("-", "-")
     _access.info("%s %.6fs in=%s out=%s %s", format_peer(client_address), time.monotonic() - started,
                  received, sent, outcome)
+
+
+def tls_handshake_failed(record: Any, peer: Any, exc: BaseException) -> None:
+    """A TLS handshake failed (every worker class alike): counted in ``record`` by reason, one log line.
+
+    The caller closes the connection.
+    """
+    reason = tls.failure_reason(exc)
+    tls.count_failure(record, reason)
+    log.info("TLS handshake with %s failed (%s): %s; closing the connection", format_peer(peer),
+             reason.replace("_", " "), _describe_tls_failure(exc))
+
+
+def _describe_tls_failure(exc: BaseException) -> str:
+    """A failed handshake's exception in a few words: OpenSSL's reason, not its file and line."""
+    if isinstance(exc, ssl.SSLError):
+        if exc.reason:
+            verify = getattr(exc, "verify_message", None)
+            return f"{exc.reason}" + (f" ({verify})" if verify else "")
+        return "connection closed in the middle of the handshake" if isinstance(exc, ssl.SSLEOFError) else str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
-import logging
 import select
 import socket
 import ssl
@@ -33,9 +32,7 @@ from typing import Any
 from prefork import tls
 from prefork.proxy_protocol import ProxyHeader, ProxyProtocolError, take_header
 from prefork.tls import ServerTls
-from prefork.workers.connection import ProxyPolicy, format_peer
-
-log = logging.getLogger(__name__)
+from prefork.workers.connection import ProxyPolicy, tls_handshake_failed
 
 MAX_PENDING = 256  # connections in handshake per worker; at this many the worker stops accepting
 
@@ -205,23 +202,8 @@ class Handshakes:
     def _fail(self, item: Pending, exc: BaseException) -> None:
         """The handshake failed: count it by reason, say so in one line, close the connection."""
         self._forget(item)
-        reason = tls.failure_reason(exc)
-        tls.count_failure(self.record, reason)
-        log.info("TLS handshake with %s failed (%s): %s; closing the connection", format_peer(item.peer),
-                 reason.replace("_", " "), describe(exc))
+        tls_handshake_failed(self.record, item.peer, exc)
         _close(item.sock)
-
-
-def describe(exc: BaseException) -> str:
-    """A failed handshake's exception in a few words: OpenSSL's reason, not its file and line."""
-    if isinstance(exc, ssl.SSLError):
-        if exc.reason:
-            verify = getattr(exc, "verify_message", None)
-            return f"{exc.reason}" + (f" ({verify})" if verify else "")
-        return "connection closed in the middle of the handshake" if isinstance(exc, ssl.SSLEOFError) else str(exc)
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
 
 
 def _close(sock: socket.socket) -> None:
