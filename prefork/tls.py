@@ -19,7 +19,6 @@ the scoreboard through :func:`count_handshake` and :func:`count_failure`.
 
 from __future__ import annotations
 
-import calendar
 import errno
 import os
 import ssl
@@ -73,6 +72,7 @@ class CertInfo:
             "subject": self.subject,
             "issuer": self.issuer,
             "not_after": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.not_after)),
+            "not_after_epoch": self.not_after,
             "expires_in_days": round((self.not_after - now) / 86400, 1),
             "server_name": self.server_name,
         }
@@ -86,14 +86,6 @@ class ServerTls:
     options: TlsOptions
     certs: tuple[CertInfo, ...]
     handshake_timeout: float
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "certificates": [c.describe() for c in self.certs],
-            "cert_reqs": self.options.cert_reqs,
-            "min_version": self.options.tls_min_version,
-            "alpn": list(self.options.alpn),
-        }
 
 
 @dataclass
@@ -340,11 +332,6 @@ def _name(rdns: Any) -> str:
 
 def _date(seconds: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
-
-
-def not_after_epoch(text: str) -> float:
-    """``notAfter`` as getpeercert() gives it ("Jun  1 12:00:00 2027 GMT") in seconds since the epoch."""
-    return float(calendar.timegm(time.strptime(text, "%b %d %H:%M:%S %Y %Z")))
 
 
 # -- handshakes, as workers count them ---------------------------------------------------------------------

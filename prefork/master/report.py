@@ -166,7 +166,7 @@ def tls_stats(counts: Mapping[str, int]) -> dict[str, Any]:
 
 
 def listener_tls_info(li: ListenerTls, now: float) -> dict[str, Any]:
-    certificates = [{**cert.describe(now), "not_after_epoch": cert.not_after} for cert in li.certs]
+    certificates = [cert.describe(now) for cert in li.certs]
     return {"certificates": certificates, "cert_reqs": li.cert_reqs, "min_version": li.min_version,
             "alpn": list(li.alpn), "handshake_timeout_s": li.handshake_timeout}
 
@@ -177,7 +177,7 @@ def relay_tls_info(relay: RelayTls | None) -> dict[str, Any] | None:
     cert = relay.certificate
     return {"upstreams": list(relay.upstreams), "server_name": relay.server_name, "ca_certs": relay.ca_certs,
             "certfile": relay.certfile,
-            "certificate": {**cert.describe(), "not_after_epoch": cert.not_after} if cert is not None else None}
+            "certificate": cert.describe() if cert is not None else None}
 
 
 def worker_info(w: WorkerSample, generation_open: int = 0) -> dict[str, Any]:
