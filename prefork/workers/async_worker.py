@@ -120,7 +120,7 @@ class AsyncWorker(WorkerLifecycle):
         """A connection on a TLS listener, before its handshake: open and accepted, not yet a handler's."""
         self.handshaking += 1
         self.count_accepted()
-        if not (self.stopping or self.paused) and self.max_connections and self.connections() >= self.max_connections:
+        if not (self.stopping or self.paused) and self.at_cap():
             self.pause_accepting()
 
     def end_handshake(self, handed_over: bool) -> None:
@@ -137,10 +137,14 @@ class AsyncWorker(WorkerLifecycle):
         """Open connections: those a handler has and those still in their handshake."""
         return self.open + self.handshaking
 
+    def at_cap(self) -> bool:
+        """True while the worker holds --max-connections connections (none: no cap)."""
+        return bool(self.max_connections) and self.connections() >= self.max_connections
+
     def _took(self) -> None:
         if self.stopping or self.paused:
             return
-        if self.max_connections and self.connections() >= self.max_connections:
+        if self.at_cap():
             self.pause_accepting()
         elif self.over_share():
             self.pause_accepting()  # the kernel wakes a sibling for the next one
@@ -166,7 +170,7 @@ class AsyncWorker(WorkerLifecycle):
         """Paused (at the cap, or stepped back for balance): accept again once neither holds."""
         if self.listeners_closed or self.stopping:
             return
-        if self.max_connections and self.connections() >= self.max_connections:
+        if self.at_cap():
             return
         if self.still_over_share():
             return
