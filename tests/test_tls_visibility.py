@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
-from tlsutil import Issued, Pki, client_context
+from tlsutil import Issued, Pki, client_context, closed_without_answer
 
 from conftest import Daemon, wait_for
 from prefork.config import Config, TlsOptions
@@ -324,19 +324,6 @@ def tls_exchange(address: tuple[str, int], context: ssl.SSLContext, payload: byt
         return version
 
 
-def plain_exchange(address: tuple[str, int]) -> bytes:
-    """Plain text to a TLS port: what comes back before the server closes (it may reset: our request is unread)."""
-    got = b""
-    with socket.create_connection(address, timeout=5) as s:
-        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
-        try:
-            while chunk := s.recv(4096):
-                got += chunk
-        except ConnectionResetError:
-            pass
-    return got
-
-
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("worker_class", ["sync", "thread"])
 def test_handshakes_by_version_and_failures_by_reason_survive_worker_recycling(
@@ -349,7 +336,9 @@ def test_handshakes_by_version_and_failures_by_reason_survive_worker_recycling(
     tls12 = client_context(pki, maximum=ssl.TLSVersion.TLSv1_2)
     versions = [tls_exchange(d.address(), tls13) for _ in range(4)] + [tls_exchange(d.address(), tls12)]
     assert versions == ["TLSv1.3"] * 4 + ["TLSv1.2"]
-    plain_exchange(d.address())
+    with d.connect() as plain:  # plain text on the TLS port: closed without a byte
+        plain.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        assert closed_without_answer(plain)
 
     def counted() -> dict[str, Any] | None:
         tls: dict[str, Any] = d.call("stats").get("tls", {})
