@@ -37,6 +37,7 @@ from typing import Any
 
 import pytest
 from tlsutil import Issued, Pki, client_context
+from tlsutil import tls_connect as connect_tls
 
 from conftest import Daemon, haproxy_admin, recv_exact, wait_for
 from prefork.handlers import relay as relay_module
@@ -367,12 +368,7 @@ def reply_after_eof(sock: socket.socket, upstream: Upstream) -> None:
 
 
 def tls_connect(port: int, context: ssl.SSLContext, name: str = "localhost", timeout: float = 10.0) -> ssl.SSLSocket:
-    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    try:
-        return context.wrap_socket(raw, server_hostname=name)
-    except BaseException:
-        raw.close()
-        raise
+    return connect_tls(("127.0.0.1", port), context, name=name, timeout=timeout)
 
 
 def pump(sock: socket.socket, payload: bytes, timeout: float = 60.0, *, to_eof: bool = False) -> bytes:
