@@ -129,18 +129,19 @@ class RelayProtocol(RelaySettings, asyncio.Protocol):
         self._early_eof = False
         self._tls_client = False
         self._client_gone = False  # a TLS client ended before the upstream was there; its bytes still go
+        self._upstream_index: int | None = None  # the balancer's index of the upstream held open, until close()
 
     # -- hooks --------------------------------------------------------------------------------------
 
     def upstream_candidates(self) -> list[Upstream]:
         """The upstreams to try for this connection, in order; the first that accepts is used.
 
-        May be overridden (``self.client_address`` is set). The default rotates
-        over :attr:`upstreams` (round robin per class and process), the rest
-        following as failover. Returning an empty list closes the client's
+        May be overridden (``self.client_address`` is set). The default is the
+        balancer's choice (:func:`relay_core.choose`, as the socketserver
+        form's), the rest following as failover. Returning an empty list closes the client's
         connection (logged as no upstream).
         """
-        return self._rotation.candidates(self.upstreams)
+        return self.balancer.candidates()  # type: ignore[no-any-return]
 
     def proxy_header(self) -> bytes:
         """The PROXY v2 header announcing this connection: the client and the address it connected to.
@@ -168,26 +169,41 @@ class RelayProtocol(RelaySettings, asyncio.Protocol):
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
         failures: list[str] = []
-        for address in self.upstream_candidates():
+        balancer = self.balancer
+        candidates = self.upstream_candidates()
+        last = len(candidates) - 1
+        for n, address in enumerate(candidates):
             host, port = address
             deadline = loop.time() + self.connect_timeout
+            i = balancer.attempt(address)
             try:
                 # asyncio.timeout, not wait_for: on Python 3.11 wait_for wraps the connect in a task of its own
                 async with asyncio.timeout(self.connect_timeout):
                     transport, side = await loop.create_connection(lambda: _UpstreamSide(self), host, port)
             except OSError as exc:  # the timeout's TimeoutError is one too
+                balancer.failed(i, exc, failover=n < last)
                 failures.append(relay_core.attempt_failed(address, exc, self.connect_timeout))
                 continue
+            except BaseException:  # cancelled: the client went away
+                balancer.give_up(i)
+                raise
             if self.send_proxy:
                 transport.write(self.proxy_header())  # first and in clear, before a TLS handshake
             if self.upstream_tls is not None:
                 try:
                     side.transport = await self._start_tls(transport, side, host, deadline - loop.time())
                 except OSError as exc:  # start_tls closed the connection
+                    balancer.failed(i, exc, "TLS handshake", failover=n < last)
                     failures.append(relay_core.attempt_failed(address, exc, self.connect_timeout,
                                                               stage="TLS handshake"))
                     continue
+                except BaseException:
+                    balancer.give_up(i)
+                    raise
+            balancer.connected(i)
+            self._upstream_index = i  # open until close()
             if self._closed:  # the client went away while we connected
+                self._finished()
                 if side.transport is not None:
                     side.transport.close()
                 return
@@ -204,6 +220,12 @@ class RelayProtocol(RelaySettings, asyncio.Protocol):
             return
         self._report(relay_core.no_upstream(self.client_address, failures))
         self.close()
+
+    def _finished(self) -> None:
+        """The upstream connection this relay held is over (counted once)."""
+        if self._upstream_index is not None:
+            self.balancer.finished(self._upstream_index)
+            self._upstream_index = None
 
     async def _start_tls(self, transport: asyncio.Transport, side: _UpstreamSide, host: str,
                          remaining: float) -> asyncio.Transport:
@@ -344,6 +366,7 @@ class RelayProtocol(RelaySettings, asyncio.Protocol):
         if self._closed:
             return
         self._closed = True
+        self._finished()
         if self.record is not None and self.client is not None:
             account(self.record, self.client.get_extra_info("socket"))  # the socket is still open here
         if self._idle_handle is not None:

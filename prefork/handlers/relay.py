@@ -699,6 +699,7 @@ class RelayHandler(RelaySettings, socketserver.BaseRequestHandler):
     counts_bytes = True  # into self.server.record as they move: the worker need not read TCP_INFO too
 
     upstream_address: Upstream | None = None  # set per connection by connect_upstream()
+    _upstream_index: int | None = None  # its index in the balancer (None: not one of ours), for finished()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -709,8 +710,11 @@ class RelayHandler(RelaySettings, socketserver.BaseRequestHandler):
     def upstream_candidates(self) -> list[Upstream]:
         """The upstreams to try for this connection, in order; the first that accepts is used.
 
-        May be overridden. The default rotates over :attr:`upstreams` (round
-        robin per class and process), the rest following as failover. An
+        May be overridden. The default is the balancer's choice
+        (:func:`relay_core.choose`: least connections over every worker for
+        their weight, or weighted round robin; down upstreams left out,
+        backups only while every primary is down), the rest following as
+        failover. An
         override may use ``self.client_address`` and ``self.server``; for
         example, to keep each client on one upstream while it is up::
 
@@ -723,7 +727,7 @@ class RelayHandler(RelaySettings, socketserver.BaseRequestHandler):
 
         Returning an empty list closes the client's connection (logged as no upstream).
         """
-        return self._rotation.candidates(self.upstreams)
+        return self.balancer.candidates()  # type: ignore[no-any-return]
 
     def connect_upstream(self) -> socket.socket | None:
         """Connect to the first reachable candidate; None (logged, counted) when none is.
@@ -739,13 +743,21 @@ class RelayHandler(RelaySettings, socketserver.BaseRequestHandler):
         ``ssl.SSLSocket`` for TLS), and ``self.upstream_address`` names it in log lines.
         """
         failures: list[str] = []
-        for address in self.upstream_candidates():
+        balancer = self.balancer
+        candidates = self.upstream_candidates()
+        last = len(candidates) - 1
+        for n, address in enumerate(candidates):
             deadline = time.monotonic() + self.connect_timeout
+            i = balancer.attempt(address)
             try:
                 upstream = socket.create_connection(address, timeout=self.connect_timeout)
             except OSError as exc:
+                balancer.failed(i, exc, failover=n < last)
                 failures.append(relay_core.attempt_failed(address, exc, self.connect_timeout))
                 continue
+            except BaseException:
+                balancer.give_up(i)
+                raise
             stage = "PROXY header"
             try:
                 if self.send_proxy:
@@ -755,11 +767,18 @@ class RelayHandler(RelaySettings, socketserver.BaseRequestHandler):
                     upstream = self._start_tls(upstream, address[0], deadline)
             except OSError as exc:
                 upstream.close()
+                balancer.failed(i, exc, stage, failover=n < last)
                 failures.append(relay_core.attempt_failed(address, exc, self.connect_timeout, stage=stage))
                 continue
+            except BaseException:
+                upstream.close()
+                balancer.give_up(i)
+                raise
+            balancer.connected(i)
             if failures:
                 self._report(relay_core.failed_over(self.client_address, failures, address))
             self.upstream_address = address
+            self._upstream_index = i
             return upstream
         self._report(relay_core.no_upstream(self.client_address, failures))
         return None
@@ -817,6 +836,8 @@ class RelayHandler(RelaySettings, socketserver.BaseRequestHandler):
         finally:
             tls.close_notify(upstream)  # a TLS upstream left early (idle, the client failed) sees a clean end
             upstream.close()
+            self.balancer.finished(self._upstream_index)
+            self._upstream_index = None
 
     def _relay(self, client: socket.socket, upstream: socket.socket) -> None:
         """Hand both sockets to the process's relay loop and wait until it is done with them.
