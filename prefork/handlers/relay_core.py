@@ -571,8 +571,10 @@ def choose(admissions: Sequence[str], weights: Sequence[float], backups: Sequenc
       and then after the primaries as failover;
     * an upstream due for its half-open try (PROBE) goes first, one per
       connection; the others due wait for the next connection;
-    * LEASTCONN: the fewest open connections for their weight first, ties
-      (an idle daemon: every count 0) broken by weighted round robin;
+    * LEASTCONN: the fewest open connections for their weight first; the
+      upstreams less than one connection per unit of weight above the least
+      loaded take turns by weight (an idle daemon: all of them), so one that
+      holds connections is skipped until the others catch up;
       ROUNDROBIN: weighted round robin, the rest in configured order.
 
     Nothing usable at all: an empty order (the client is closed at once).
@@ -613,9 +615,12 @@ def _ranked(indexes: list[int], weights: Sequence[float], actives: Sequence[int]
         ranked = sorted(indexes, key=lambda i: actives[i] / weights[i])
         if not pick:
             return ranked
-        least = actives[ranked[0]] / weights[ranked[0]]
-        tied = [i for i in ranked if actives[i] / weights[i] <= least]
-        first = turns.pick(tied, weights)
+        # within one connection per unit of weight of the least loaded: close enough to take turns by
+        # weight. Short connections (counts of 0 or 1, one often still closing) then split by weight,
+        # while an upstream that holds connections is a round ahead and left out until the others catch up.
+        bound = actives[ranked[0]] / weights[ranked[0]] + 1
+        close = [i for i in ranked if actives[i] / weights[i] < bound]
+        first = turns.pick(close, weights)
     else:
         if not pick:
             return list(indexes)
