@@ -261,6 +261,7 @@ class Balancer:
         self.slots = slots
         self.worker = worker
         self.index = {address: i for i, address in enumerate(self.upstreams)}
+        self._entries = [board.slots[slot] for slot in self.slots]  # views into the shared mapping, made once
         self._rows = [slot * board.workers for slot in self.slots]  # each slot's row in board.active
         self._cells = [(worker * SLOTS + slot) * N_COUNTERS for slot in self.slots]  # our counters
         self._weights = [float(spec.weight) for spec in self.specs]
@@ -279,11 +280,9 @@ class Balancer:
         if not n:
             return []
         now = time.monotonic()
-        slots = self.board.slots
         probing = self.check_interval <= 0  # with checks, a check is the half-open try, not a client
         admissions = []
-        for slot in self.slots:
-            entry = slots[slot]
+        for entry in self._entries:
             if entry.state == UP:
                 admissions.append(USE)
             elif probing and now >= entry.retry_at:
@@ -298,8 +297,8 @@ class Balancer:
         weights = self._weights
         if self.slow_start > 0:
             weights = [relay_core.effective_weight(
-                spec.weight, now - slots[slot].up_at if slots[slot].up_at else None, self.slow_start)
-                for spec, slot in zip(self.specs, self.slots, strict=True)]
+                spec.weight, now - entry.up_at if entry.up_at else None, self.slow_start)
+                for spec, entry in zip(self.specs, self._entries, strict=True)]
         with self._lock:
             choice = relay_core.choose(admissions, weights, self._backups, actives, self._maxconns, self._turns,
                                        self.balance)
@@ -313,7 +312,7 @@ class Balancer:
 
     def _claim(self, i: int, now: float) -> None:
         """This connection is the half-open try of upstream ``i``: nobody else tries it until it ends."""
-        entry = self.board.slots[self.slots[i]]
+        entry = self._entries[i]
         entry.state = HALF_OPEN
         entry.retry_at = now + self.connect_timeout + 1.0  # if we die trying, someone may claim it after
 
@@ -340,7 +339,7 @@ class Balancer:
         if i is None:
             return
         self.board.counters[self._cells[i] + CONNECTIONS] += 1
-        entry = self.board.slots[self.slots[i]]
+        entry = self._entries[i]
         if entry.state != UP or entry.failures:  # a store only when something changes: the line is shared
             self._came_up(i, "a connection")
 
@@ -354,7 +353,7 @@ class Balancer:
         if i is None:
             return
         self.board.active[self._rows[i] + self.worker] -= 1
-        entry = self.board.slots[self.slots[i]]
+        entry = self._entries[i]
         if entry.state == HALF_OPEN:  # our try is void: let the next connection try at once
             entry.state = DOWN
             entry.retry_at = 0.0
@@ -362,7 +361,7 @@ class Balancer:
     # -- state changes (logged once each: by the worker that makes them) ------------------------------
 
     def _went_down(self, i: int, why: str) -> None:
-        entry = self.board.slots[self.slots[i]]
+        entry = self._entries[i]
         before = int(entry.state)
         health = relay_core.after_failure(Health(before, int(entry.failures), float(entry.retry_at)),
                                           time.monotonic())
@@ -382,7 +381,7 @@ class Balancer:
         return f"tried again in {relay_core.backoff(health.failures):g}s"
 
     def _came_up(self, i: int, by: str) -> None:
-        entry = self.board.slots[self.slots[i]]
+        entry = self._entries[i]
         before = int(entry.state)
         failures = int(entry.failures)
         entry.failures = 0
@@ -438,7 +437,7 @@ class Balancer:
         certificate. Then a clean close.
         """
         address = self.upstreams[i]
-        entry = self.board.slots[self.slots[i]]
+        entry = self._entries[i]
         started = time.monotonic()
         deadline = started + self.connect_timeout
         stage = ""
