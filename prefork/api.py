@@ -122,6 +122,8 @@ class ServerOptions(TypedDict, total=False):
     relay_balance: str
     relay_check_interval: float
     relay_slow_start: float
+    relay_check_send: str
+    relay_check_expect: str
     preload: bool
     certfile: PathArg
     keyfile: PathArg

@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--relay-check-interval", type=float, metavar="SECS",
                    help="check each upstream this often (TCP connect, PROXY LOCAL header with "
                         "--relay-send-proxy, TLS with --relay-tls) (default 0: passive health only)")
+    p.add_argument("--relay-check-send", metavar="TEXT",
+                   help="what a check sends once connected (escapes: \\r \\n \\t \\\\ \\xHH)")
+    p.add_argument("--relay-check-expect", metavar="TEXT",
+                   help="what the upstream's answer to a check must contain (default: no answer awaited)")
     p.add_argument("--relay-slow-start", type=float, metavar="SECS",
                    help="an upstream that comes back reaches its full weight over this long (default 0: at once)")
     p.add_argument("--preload", action="store_true",

@@ -174,6 +174,8 @@ class Config:
     relay_balance: str = "leastconn"  # or "roundrobin" (both weighted)
     relay_check_interval: float = 0.0  # seconds between active checks of each upstream; 0: passive health only
     relay_slow_start: float = 0.0  # seconds an upstream that came back takes to reach its full weight; 0: at once
+    relay_check_send: str | None = None  # what a check sends once connected (backslash escapes: \r \n \xHH)
+    relay_check_expect: str | None = None  # what the upstream's answer must contain for the check to pass
     preload: bool = False  # import the handler in the master before forking; a reload is then an upgrade
     # TLS on listeners: with certfile and no tls_bind, every --bind address speaks TLS
     certfile: str | None = None
@@ -295,6 +297,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "relay_balance": (str,),
     "relay_check_interval": (int, float),
     "relay_slow_start": (int, float),
+    "relay_check_send": (str,),
+    "relay_check_expect": (str,),
     "preload": (bool,),
     "certfile": (str,),
     "keyfile": (str,),
@@ -692,6 +696,44 @@ def _check_relay_balancing(config: Config) -> None:
                           "or 0.05-3600 seconds")
     if not 0 <= config.relay_slow_start <= 3600:
         raise ConfigError(f"relay-slow-start: {config.relay_slow_start:g} must be 0 (off) to 3600 seconds")
+    for key in ("relay_check_send", "relay_check_expect"):
+        value = getattr(config, key)
+        if value is None:
+            continue
+        option = key.replace("_", "-")
+        if not config.relay_check_interval:
+            raise ConfigError(f"{option}: needs --relay-check-interval SECS")
+        try:
+            raw = check_bytes(value)
+        except ValueError as exc:
+            raise ConfigError(f"{option}: {quote(value)}: {exc}") from None
+        if not raw or len(raw) > 4096:
+            raise ConfigError(f"{option}: {quote(value)} must be 1 to 4096 bytes")
+
+
+def check_bytes(text: str) -> bytes:
+    """A --relay-check-send/--relay-check-expect value as bytes: UTF-8, with \\r, \\n, \\t, \\\\ and \\xHH.
+
+    Raises ``ValueError`` for any other backslash escape.
+    """
+    out = bytearray()
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if char != "\\":
+            out += char.encode("utf-8", "surrogateescape")
+            i += 1
+            continue
+        code = text[i + 1:i + 2]
+        if code in ("r", "n", "t", "\\"):
+            out += {"r": b"\r", "n": b"\n", "t": b"\t", "\\": b"\\"}[code]
+            i += 2
+        elif code == "x" and re.fullmatch(r"[0-9A-Fa-f]{2}", text[i + 2:i + 4]):
+            out.append(int(text[i + 2:i + 4], 16))
+            i += 4
+        else:
+            raise ValueError(f"unknown escape {text[i:i + 2]!r} (\\r, \\n, \\t, \\\\ or \\xHH)")
+    return bytes(out)
 
 
 def _check_relay_tls(config: Config) -> None:

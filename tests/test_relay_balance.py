@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from prefork.config import ConfigError, UpstreamSpec, parse_upstream
+from prefork.config import ConfigError, UpstreamSpec, check_bytes, parse_upstream
 from prefork.handlers import relay_core
 from prefork.handlers.relay_core import DOWN, HALF_OPEN, PROBE, SKIP, UP, USE, Health, Turns, choose
 from prefork.handlers.upstreams import UpstreamBoard
@@ -246,3 +246,20 @@ def test_the_board_is_full_at_its_slots() -> None:
         board.assign([*listed, UpstreamSpec("other", 1)])
     board.assign([UpstreamSpec("other", 1)])  # the others unlisted and idle: a slot is reused
     assert board.find("other:1") is not None
+
+
+@pytest.mark.parametrize(("text", "raw"), [
+    ("PING", b"PING"),
+    (r"PING\r\n", b"PING\r\n"),
+    (r"a\tb\\c", b"a\tb\\c"),
+    (r"\x00\xff", b"\x00\xff"),
+    ("é", "é".encode()),
+])
+def test_check_send_and_expect_escapes(text: str, raw: bytes) -> None:
+    assert check_bytes(text) == raw
+
+
+@pytest.mark.parametrize("text", [r"\q", "\\", r"\x4", r"\xzz"])
+def test_unknown_escapes_are_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="unknown escape"):
+        check_bytes(text)

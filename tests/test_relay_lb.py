@@ -9,6 +9,7 @@ until its timeout, as to a host that went away.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import statistics
@@ -458,7 +459,89 @@ def test_options_are_checked(tmp_path: Path) -> None:
         (["--relay", "127.0.0.1:1", "--relay", "127.0.0.1:1,weight=2"], "127.0.0.1:1 is given twice"),
         (["--relay", "127.0.0.1:1", "--relay-check-interval", "-1"], "relay-check-interval: -1"),
         (["--relay", "127.0.0.1:1", "--relay-slow-start", "-1"], "relay-slow-start: -1"),
+        (["--relay", "127.0.0.1:1", "--relay-check-send", "x"], "relay-check-send: needs --relay-check-interval"),
+        (["--relay", "127.0.0.1:1", "--relay-check-interval", "1", "--relay-check-expect", r"\q"],
+         "unknown escape"),
     ):
         done = subprocess.run([sys.executable, "-m", "prefork", "--check-config", *args], capture_output=True,
                               text=True, timeout=30, cwd=tmp_path, env=child_env())
         assert done.returncode != 0 and message in done.stderr, (args, done.stderr)
+
+
+@pytest.fixture
+def haproxy(tmp_path: Path) -> Iterator[Callable[[str], int]]:
+    """Start a real HAProxy from a frontend's ``bind`` options (to an echo upstream); its port."""
+    procs: list[subprocess.Popen[bytes]] = []
+    echoes: list[Upstream] = []
+
+    def start(bind_options: str) -> int:
+        echoes.append(Upstream())
+        port = free_port()
+        stats = tmp_path / f"haproxy{len(procs)}.sock"
+        config = tmp_path / f"haproxy{len(procs)}.cfg"
+        config.write_text(f"global\n    stats socket {stats} mode 600 level admin\n"
+                          "defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 30s\n"
+                          "    timeout server 30s\n"
+                          f"frontend f\n    bind 127.0.0.1:{port} {bind_options}\n    default_backend b\n"
+                          f"backend b\n    server echo {echoes[-1].name}\n")
+        procs.append(subprocess.Popen(["haproxy", "-db", "-f", str(config)], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, start_new_session=True))
+        wait_for(lambda: stats.exists() or procs[-1].poll() is not None, 10, "HAProxy to start")
+        assert procs[-1].poll() is None, "HAProxy exited"
+        return port
+
+    yield start
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    for echo in echoes:
+        echo.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("worker_class", CLASSES)
+def test_active_checks_against_haproxy_expecting_proxy_then_tls(daemon_factory: Callable[..., Daemon],
+                                                                haproxy: Callable[[str], int], tmp_path: Path,
+                                                                worker_class: str) -> None:
+    """HAProxy's ``accept-proxy ssl``: the check's PROXY LOCAL header must be read as one for the TLS
+    handshake after it to work; without the header the same check fails."""
+    pki = Pki(tmp_path / "pki")
+    issued = pki.server()
+    pem = tmp_path / "haproxy.pem"
+    pem.write_bytes(Path(issued.cert).read_bytes() + Path(issued.key).read_bytes())
+    port = haproxy(f"accept-proxy ssl crt {pem}")
+    name = f"127.0.0.1:{port}"
+    tls = ("--relay-tls", "--relay-ca-certs", str(pki.ca.cert), "--relay-check-interval", "0.2")
+    d = relay(daemon_factory, worker_class, name, workers=2, extra=("--relay-send-proxy", *tls))
+    checked = wait_for(lambda: (u := upstream_status(d, name))["checks"] >= 3 and u, 10, "three checks")
+    assert (checked["state"], checked["check_ok"], checked["checks_failed"]) == ("up", True, 0)
+    assert ping(d) < 1.0  # and clients go through it: PROXY v2 header, TLS, HAProxy, the echo
+    without = relay(daemon_factory, worker_class, name, workers=1, extra=tls, name="without")
+    failed = wait_for(lambda: (u := upstream_status(without, name))["checks_failed"] >= 1 and u, 10,
+                      "a check without the header to fail")
+    assert failed["state"] == "down" and failed["check_ok"] is False
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("worker_class", ["thread", "async"])
+def test_active_checks_send_and_expect(daemon_factory: Callable[..., Daemon], servers: Callable[..., Upstream],
+                                       worker_class: str) -> None:
+    """An upstream that accepts but never answers passes a connect check; not one that expects an answer."""
+    echo, mute = servers(), servers("hold", hold=30.0)
+    d = relay(daemon_factory, worker_class, echo.name, mute.name, workers=2,
+              extra=("--relay-check-interval", "0.2", "--relay-check-send", r"PING\r\n",
+                     "--relay-check-expect", "PING"))
+    wait_for(lambda: upstream_status(d, mute.name)["state"] == "down", 10, "the mute upstream checked down")
+    ok = wait_for(lambda: (u := upstream_status(d, echo.name))["checks"] >= 2 and u, 10, "checks of the echo")
+    assert (ok["state"], ok["check_ok"], ok["checks_failed"]) == ("up", True, 0)
+    assert f"check {mute.name} (exchange: timed out after {CONNECT_TIMEOUT:g}s)" in d.log()
+    for _ in range(5):
+        assert ping(d) < 0.4  # never sent to the mute one
+    assert upstream_status(d, mute.name)["connections"] == 0

@@ -143,6 +143,8 @@ class RelaySettings:
     balance: str = "leastconn"  # or "roundrobin"; both weighted
     check_interval: float = 0.0  # seconds between active checks (start_checks); 0: passive health only
     slow_start: float = 0.0  # seconds an upstream that came back takes to reach its full weight
+    check_send: bytes | None = None  # what a check sends once connected (and its TLS is up)
+    check_expect: bytes | None = None  # what the answer must contain; None: no answer awaited
     upstream_board: Any = None  # the daemon's shared UpstreamBoard (in a worker); None: this process's own
     worker_index: int = 0  # this worker's index in upstream_board
 
@@ -166,7 +168,8 @@ class RelaySettings:
     def start_checks(cls) -> None:
         """Start the active checks (``check_interval``) in this process: call once in a worker, after the fork."""
         cls.balancer.start_checks(send_proxy=cls.send_proxy, tls_context=cls.upstream_tls,
-                                  server_name=cls.upstream_server_name)
+                                  server_name=cls.upstream_server_name, send=cls.check_send,
+                                  expect=cls.check_expect)
 
 
 def server_name(configured: str | None, host: str) -> str:

@@ -396,64 +396,73 @@ class Balancer:
     # -- active checks --------------------------------------------------------------------------------
 
     def start_checks(self, *, send_proxy: bool = False, tls_context: ssl.SSLContext | None = None,
-                     server_name: str | None = None) -> None:
+                     server_name: str | None = None, send: bytes | None = None,
+                     expect: bytes | None = None) -> None:
         """Check every upstream each ``check_interval`` in a thread of this process, from now on.
 
         Call in a worker (after the fork), once. Each check is claimed in the
         board first, so with many workers an upstream is still checked once per
-        interval; the thread only waits otherwise.
+        interval; the thread only waits otherwise. The arguments are
+        :meth:`check`'s.
         """
         if self.check_interval <= 0 or self._checks is not None or not self.upstreams:
             return
-        self._checks = threading.Thread(target=self._run_checks, args=(send_proxy, tls_context, server_name),
-                                        name="relay-checks", daemon=True)
+        how = {"send_proxy": send_proxy, "tls_context": tls_context, "server_name": server_name, "send": send,
+               "expect": expect}
+        self._checks = threading.Thread(target=self._run_checks, args=(how,), name="relay-checks", daemon=True)
         self._checks.start()
 
-    def _run_checks(self, send_proxy: bool, tls_context: ssl.SSLContext | None, server_name: str | None) -> None:
+    def _run_checks(self, how: dict[str, Any]) -> None:
         idle = threading.Event()  # never set: its wait is the pause until the next check is due
-        slots = self.board.slots
+        entries = self._entries
         while True:
             now = time.monotonic()
-            for i, slot in enumerate(self.slots):
-                entry = slots[slot]
+            for i, entry in enumerate(entries):
                 if now < entry.check_due:
                     continue
                 entry.check_due = now + self.check_interval  # claimed: the other workers skip it this turn
                 try:
-                    self.check(i, send_proxy=send_proxy, tls_context=tls_context, server_name=server_name)
+                    self.check(i, **how)
                 except Exception:  # a bug must not end the checks for good
                     log.exception("relay check of upstream %s failed unexpectedly", self.names[i])
                 now = time.monotonic()
-            due = min(slots[slot].check_due for slot in self.slots)
+            due = min(entry.check_due for entry in entries)
             idle.wait(max(0.01, due - time.monotonic()))
 
     def check(self, i: int, *, send_proxy: bool = False, tls_context: ssl.SSLContext | None = None,
-              server_name: str | None = None) -> bool:
+              server_name: str | None = None, send: bytes | None = None, expect: bytes | None = None) -> bool:
         """Check upstream ``i`` now (blocking, within ``connect_timeout``) and record the result; True: it is up.
 
         A TCP connect; with ``send_proxy`` a PROXY v2 LOCAL header (the
         upstream may expect one first, and LOCAL says "a check, not a
         client"); with ``tls_context`` the TLS handshake, verifying the
-        certificate. Then a clean close.
+        certificate; then ``send`` when given, and an answer containing
+        ``expect`` when given. Then a clean close.
         """
         address = self.upstreams[i]
         entry = self._entries[i]
         started = time.monotonic()
         deadline = started + self.connect_timeout
-        stage = ""
         cell = self._cells[i]
         self.board.counters[cell + CHECKS] += 1
+        stage = ""
         try:
             with socket.create_connection(address, timeout=self.connect_timeout) as sock:
                 if send_proxy:
                     stage = "PROXY header"
                     sock.sendall(build_v2(None, None))
-                if tls_context is not None:
+                if tls_context is None:
+                    stage = "exchange"
+                    _exchange(sock, send, expect, deadline)
+                else:
                     stage = "TLS handshake"
                     sock.settimeout(max(0.001, deadline - time.monotonic()))
                     with tls_context.wrap_socket(sock, server_hostname=relay_core.server_name(
-                            server_name, address[0])) as wrapped, contextlib.suppress(OSError, ValueError):
-                        wrapped.unwrap()  # close_notify: a clean end for the upstream's log
+                            server_name, address[0])) as wrapped:
+                        stage = "exchange"
+                        _exchange(wrapped, send, expect, deadline)
+                        with contextlib.suppress(OSError, ValueError):
+                            wrapped.unwrap()  # close_notify: a clean end for the upstream's log
         except (OSError, ValueError) as exc:
             entry.last_check = time.time()
             entry.check_latency = time.monotonic() - started
@@ -469,3 +478,22 @@ class Balancer:
         if entry.state != UP or entry.failures:
             self._came_up(i, "a check")
         return True
+
+
+def _exchange(sock: socket.socket, send: bytes | None, expect: bytes | None, deadline: float) -> None:
+    """Send ``send``, then read until the answer contains ``expect`` (by ``deadline``); ``OSError`` otherwise."""
+    if send:
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        sock.sendall(send)
+    if not expect:
+        return
+    got = b""
+    while expect not in got:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"no {expect!r} in the answer {got[:64]!r} in time")
+        sock.settimeout(remaining)
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError(f"expected {expect!r}, got {got[:64]!r} then the end of the connection")
+        got = (got + chunk)[-(len(expect) + 4096):]

@@ -14,7 +14,7 @@ import socketserver
 import ssl
 from typing import Any
 
-from prefork.config import Config
+from prefork.config import Config, check_bytes
 from prefork.handlers.aio import RelayProtocol
 from prefork.handlers.relay import RelayHandler
 
@@ -116,6 +116,8 @@ def handler_for(config: Config, *, relay_tls: ssl.SSLContext | None = None, upst
         "balance": config.relay_balance,
         "check_interval": config.relay_check_interval,
         "slow_start": config.relay_slow_start,
+        "check_send": check_bytes(config.relay_check_send) if config.relay_check_send else None,
+        "check_expect": check_bytes(config.relay_check_expect) if config.relay_check_expect else None,
         "upstream_board": upstream_board,
         "worker_index": worker_index,
     }
