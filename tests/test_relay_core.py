@@ -25,6 +25,7 @@ from prefork.handlers import relay_core
 from prefork.handlers.aio import RelayProtocol
 from prefork.handlers.relay import RelayHandler
 from prefork.handlers.relay_core import Event, RelaySettings
+from prefork.handlers.upstreams import Balanced
 from prefork.proxy_protocol import parse
 
 A, B, C = ("10.0.0.1", 7000), ("10.0.0.2", 7000), ("10.0.0.3", 7001)
@@ -156,8 +157,8 @@ def test_settings_are_checked_when_a_subclass_is_made() -> None:
 
 
 def test_each_subclass_has_its_own_balancer() -> None:
-    first = type("First", (RelaySettings,), {"upstreams": (A, B)})
-    second = type("Second", (RelaySettings,), {"upstreams": (A, B)})
+    first = type("First", (Balanced,), {"upstreams": (A, B)})
+    second = type("Second", (Balanced,), {"upstreams": (A, B)})
     child = type("Child", (first,), {})
     assert len({id(first.balancer), id(second.balancer), id(child.balancer)}) == 3
     assert first.balancer.candidates() == [A, B]
@@ -170,7 +171,7 @@ def test_each_subclass_has_its_own_balancer() -> None:
 
 
 def balancer(upstreams: Any, balance: str = "leastconn") -> Any:
-    return type("Relay", (RelaySettings,), {"upstreams": tuple(upstreams), "balance": balance}).balancer
+    return type("Relay", (Balanced,), {"upstreams": tuple(upstreams), "balance": balance}).balancer
 
 
 @pytest.mark.parametrize("balance", ["leastconn", "roundrobin"])

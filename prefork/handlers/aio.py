@@ -14,7 +14,8 @@ import ssl
 from typing import Any
 
 from prefork.handlers import relay_core
-from prefork.handlers.relay_core import RelaySettings, Upstream
+from prefork.handlers.relay_core import Upstream
+from prefork.handlers.upstreams import Balanced
 from prefork.workers.connection import account, tcp_last_data_recv_ms
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ class _UpstreamSide(asyncio.Protocol):
             self.relay.upstream_lost(exc)
 
 
-class RelayProtocol(RelaySettings, asyncio.Protocol):
+class RelayProtocol(Balanced, asyncio.Protocol):
     """Forward each client connection to an upstream, bytes both ways, half-close propagated.
 
     The asyncio form of :class:`prefork.handlers.relay.RelayHandler`, configured
@@ -141,7 +142,7 @@ class RelayProtocol(RelaySettings, asyncio.Protocol):
         form's), the rest following as failover. Returning an empty list closes the client's
         connection (logged as no upstream).
         """
-        return self.balancer.candidates()  # type: ignore[no-any-return]
+        return self.balancer.candidates()
 
     def proxy_header(self) -> bytes:
         """The PROXY v2 header announcing this connection: the client and the address it connected to.
@@ -167,39 +168,20 @@ class RelayProtocol(RelaySettings, asyncio.Protocol):
         self._task = asyncio.get_running_loop().create_task(self._connect())
 
     async def _connect(self) -> None:
-        loop = asyncio.get_running_loop()
         failures: list[str] = []
         balancer = self.balancer
         candidates = self.upstream_candidates()
-        last = len(candidates) - 1
         for n, address in enumerate(candidates):
-            host, port = address
-            deadline = loop.time() + self.connect_timeout
             i = balancer.attempt(address)
             try:
-                # asyncio.timeout, not wait_for: on Python 3.11 wait_for wraps the connect in a task of its own
-                async with asyncio.timeout(self.connect_timeout):
-                    transport, side = await loop.create_connection(lambda: _UpstreamSide(self), host, port)
-            except OSError as exc:  # the timeout's TimeoutError is one too
-                balancer.failed(i, exc, failover=n < last)
-                failures.append(relay_core.attempt_failed(address, exc, self.connect_timeout))
+                side = await self._open_upstream(address)
+            except relay_core.AttemptFailed as failed:
+                balancer.failed(i, failed.error, failed.stage, failover=n < len(candidates) - 1)
+                failures.append(failed.words(address, self.connect_timeout))
                 continue
             except BaseException:  # cancelled: the client went away
                 balancer.give_up(i)
                 raise
-            if self.send_proxy:
-                transport.write(self.proxy_header())  # first and in clear, before a TLS handshake
-            if self.upstream_tls is not None:
-                try:
-                    side.transport = await self._start_tls(transport, side, host, deadline - loop.time())
-                except OSError as exc:  # start_tls closed the connection
-                    balancer.failed(i, exc, "TLS handshake", failover=n < last)
-                    failures.append(relay_core.attempt_failed(address, exc, self.connect_timeout,
-                                                              stage="TLS handshake"))
-                    continue
-                except BaseException:
-                    balancer.give_up(i)
-                    raise
             balancer.connected(i)
             self._upstream_index = i  # open until close()
             if self._closed:  # the client went away while we connected
@@ -220,6 +202,26 @@ class RelayProtocol(RelaySettings, asyncio.Protocol):
             return
         self._report(relay_core.no_upstream(self.client_address, failures))
         self.close()
+
+    async def _open_upstream(self, address: Upstream) -> _UpstreamSide:
+        """Connect to ``address``, send the PROXY header, do the TLS handshake; raises ``AttemptFailed``."""
+        loop = asyncio.get_running_loop()
+        host, port = address
+        deadline = loop.time() + self.connect_timeout
+        try:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for wraps the connect in a task of its own
+            async with asyncio.timeout(self.connect_timeout):
+                transport, side = await loop.create_connection(lambda: _UpstreamSide(self), host, port)
+        except OSError as exc:  # the timeout's TimeoutError is one too
+            raise relay_core.AttemptFailed("", exc) from exc
+        if self.send_proxy:
+            transport.write(self.proxy_header())  # first and in clear, before a TLS handshake
+        if self.upstream_tls is not None:
+            try:
+                side.transport = await self._start_tls(transport, side, host, deadline - loop.time())
+            except OSError as exc:  # start_tls closed the connection
+                raise relay_core.AttemptFailed("TLS handshake", exc) from exc
+        return side
 
     def _finished(self) -> None:
         """The upstream connection this relay held is over (counted once)."""

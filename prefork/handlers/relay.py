@@ -54,7 +54,8 @@ from typing import Any
 
 from prefork import tls
 from prefork.handlers import relay_core
-from prefork.handlers.relay_core import RelaySettings, Upstream
+from prefork.handlers.relay_core import Upstream
+from prefork.handlers.upstreams import Balanced
 from prefork.workers.connection import format_peer
 
 __all__ = ["RelayHandler"]
@@ -645,7 +646,7 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class RelayHandler(RelaySettings, socketserver.BaseRequestHandler):
+class RelayHandler(Balanced, socketserver.BaseRequestHandler):
     """Forward the connection to an upstream and copy bytes both ways until both sides are done.
 
     Configure by subclassing (the daemon's ``--relay`` options make such a
@@ -727,7 +728,7 @@ class RelayHandler(RelaySettings, socketserver.BaseRequestHandler):
 
         Returning an empty list closes the client's connection (logged as no upstream).
         """
-        return self.balancer.candidates()  # type: ignore[no-any-return]
+        return self.balancer.candidates()
 
     def connect_upstream(self) -> socket.socket | None:
         """Connect to the first reachable candidate; None (logged, counted) when none is.
@@ -745,33 +746,15 @@ class RelayHandler(RelaySettings, socketserver.BaseRequestHandler):
         failures: list[str] = []
         balancer = self.balancer
         candidates = self.upstream_candidates()
-        last = len(candidates) - 1
         for n, address in enumerate(candidates):
-            deadline = time.monotonic() + self.connect_timeout
             i = balancer.attempt(address)
             try:
-                upstream = socket.create_connection(address, timeout=self.connect_timeout)
-            except OSError as exc:
-                balancer.failed(i, exc, failover=n < last)
-                failures.append(relay_core.attempt_failed(address, exc, self.connect_timeout))
+                upstream = self._open_upstream(address)
+            except relay_core.AttemptFailed as failed:
+                balancer.failed(i, failed.error, failed.stage, failover=n < len(candidates) - 1)
+                failures.append(failed.words(address, self.connect_timeout))
                 continue
             except BaseException:
-                balancer.give_up(i)
-                raise
-            stage = "PROXY header"
-            try:
-                if self.send_proxy:
-                    upstream.sendall(self.proxy_header(self.request))  # still bounded by connect_timeout
-                if self.upstream_tls is not None:
-                    stage = "TLS handshake"
-                    upstream = self._start_tls(upstream, address[0], deadline)
-            except OSError as exc:
-                upstream.close()
-                balancer.failed(i, exc, stage, failover=n < last)
-                failures.append(relay_core.attempt_failed(address, exc, self.connect_timeout, stage=stage))
-                continue
-            except BaseException:
-                upstream.close()
                 balancer.give_up(i)
                 raise
             balancer.connected(i)
@@ -782,6 +765,28 @@ class RelayHandler(RelaySettings, socketserver.BaseRequestHandler):
             return upstream
         self._report(relay_core.no_upstream(self.client_address, failures))
         return None
+
+    def _open_upstream(self, address: Upstream) -> socket.socket:
+        """Connect to ``address``, send the PROXY header, do the TLS handshake; raises ``AttemptFailed``."""
+        deadline = time.monotonic() + self.connect_timeout
+        try:
+            upstream = socket.create_connection(address, timeout=self.connect_timeout)
+        except OSError as exc:
+            raise relay_core.AttemptFailed("", exc) from exc
+        stage = "PROXY header"
+        try:
+            if self.send_proxy:
+                upstream.sendall(self.proxy_header(self.request))  # still bounded by connect_timeout
+            if self.upstream_tls is not None:
+                stage = "TLS handshake"
+                upstream = self._start_tls(upstream, address[0], deadline)
+        except OSError as exc:
+            upstream.close()
+            raise relay_core.AttemptFailed(stage, exc) from exc
+        except BaseException:
+            upstream.close()
+            raise
+        return upstream
 
     def _start_tls(self, upstream: socket.socket, host: str, deadline: float) -> ssl.SSLSocket:
         """The TLS handshake on ``upstream`` by ``deadline``, verifying its certificate; raises ``OSError``.

@@ -39,7 +39,7 @@ import re
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final, TypeAlias
+from typing import Any, Final, TypeAlias
 
 from prefork.config import UpstreamSpec
 from prefork.proxy_protocol import PP2_TYPE_ALPN, PP2_TYPE_SSL, build_v2
@@ -128,7 +128,7 @@ class RelaySettings:
     Configure a relay by subclassing its form (the daemon's ``--relay`` options
     make such a subclass with ``type(...)``); a bad value raises ``TypeError``
     or ``ValueError`` from the class statement, naming the class and the
-    setting. Each subclass also gets its own balancer (health, weighted turns).
+    setting. (:class:`prefork.handlers.upstreams.Balanced` adds the balancer both forms use.)
     """
 
     upstreams: tuple[Upstream, ...] = ()
@@ -148,10 +148,6 @@ class RelaySettings:
     upstream_board: Any = None  # the daemon's shared UpstreamBoard (in a worker); None: this process's own
     worker_index: int = 0  # this worker's index in upstream_board
 
-    # The one piece of class-level state: health, open connections and the weighted turns must
-    # outlive a connection. Each subclass gets its own (__init_subclass__).
-    balancer: ClassVar[Any] = None
-
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.upstreams = check_upstreams(cls.__name__, cls.upstreams)
@@ -159,17 +155,6 @@ class RelaySettings:
         cls.upstream_specs = check_specs(cls.__name__, cls.upstreams, cls.upstream_specs)
         if cls.balance not in (LEASTCONN, ROUNDROBIN):
             raise ValueError(f"{cls.__name__}.balance must be {LEASTCONN!r} or {ROUNDROBIN!r}, not {cls.balance!r}")
-        from prefork.handlers.upstreams import Balancer  # it builds on this module
-        cls.balancer = Balancer(cls.upstreams, cls.upstream_specs, balance=cls.balance, slow_start=cls.slow_start,
-                                check_interval=cls.check_interval, connect_timeout=cls.connect_timeout,
-                                board=cls.upstream_board, worker=cls.worker_index)
-
-    @classmethod
-    def start_checks(cls) -> None:
-        """Start the active checks (``check_interval``) in this process: call once in a worker, after the fork."""
-        cls.balancer.start_checks(send_proxy=cls.send_proxy, tls_context=cls.upstream_tls,
-                                  server_name=cls.upstream_server_name, send=cls.check_send,
-                                  expect=cls.check_expect)
 
 
 def server_name(configured: str | None, host: str) -> str:
@@ -353,6 +338,19 @@ def _ssl_words(exc: ssl.SSLError) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message and exc.verify_message not in text:
         text = f"certificate verify failed: {exc.verify_message.rstrip('.')}"
     return text
+
+
+class AttemptFailed(Exception):
+    """One connection attempt failed: at ``stage`` ("" for the connect itself, "PROXY header", "TLS handshake")."""
+
+    def __init__(self, stage: str, error: OSError) -> None:
+        super().__init__(stage, error)
+        self.stage = stage
+        self.error = error
+
+    def words(self, address: Any, timeout: float | None = None) -> str:
+        """For a log line, as :func:`attempt_failed` says it."""
+        return attempt_failed(address, self.error, timeout, stage=self.stage)
 
 
 def attempt_failed(address: Any, exc: BaseException, timeout: float | None = None, *, stage: str = "") -> str:

@@ -38,14 +38,14 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 from prefork.config import UpstreamSpec
 from prefork.handlers import relay_core
-from prefork.handlers.relay_core import DOWN, HALF_OPEN, PROBE, SKIP, UP, USE, Health, Upstream
+from prefork.handlers.relay_core import DOWN, HALF_OPEN, PROBE, SKIP, UP, USE, Health, RelaySettings, Upstream
 from prefork.proxy_protocol import build_v2
 
-__all__ = ["Balancer", "Slot", "UpstreamBoard"]
+__all__ = ["Balanced", "Balancer", "Slot", "UpstreamBoard"]
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +231,30 @@ class UpstreamBoard:
                 "check_latency_ms": round(slot.check_latency * 1000, 3) if slot.last_check else None,
             })
         return out
+
+
+class Balanced(RelaySettings):
+    """The relay settings with their :class:`Balancer`: what both relay forms are built on.
+
+    Each configured subclass gets its own balancer (health, open connections
+    and weighted turns outlive a connection: the one piece of class-level
+    state), on the daemon's shared board when ``upstream_board`` is set.
+    """
+
+    balancer: ClassVar[Balancer]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.balancer = Balancer(cls.upstreams, cls.upstream_specs, balance=cls.balance, slow_start=cls.slow_start,
+                                check_interval=cls.check_interval, connect_timeout=cls.connect_timeout,
+                                board=cls.upstream_board, worker=cls.worker_index)
+
+    @classmethod
+    def start_checks(cls) -> None:
+        """Start the active checks (``check_interval``) in this process: call once in a worker, after the fork."""
+        cls.balancer.start_checks(send_proxy=cls.send_proxy, tls_context=cls.upstream_tls,
+                                  server_name=cls.upstream_server_name, send=cls.check_send,
+                                  expect=cls.check_expect)
 
 
 class Balancer:
