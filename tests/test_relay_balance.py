@@ -20,7 +20,7 @@ import pytest
 from prefork.config import ConfigError, UpstreamSpec, check_bytes, parse_upstream
 from prefork.handlers import relay_core
 from prefork.handlers.relay_core import DOWN, HALF_OPEN, PROBE, SKIP, UP, USE, Health, Turns, choose
-from prefork.handlers.upstreams import UpstreamBoard
+from prefork.handlers.upstreams import SLOTS, UpstreamBoard
 
 # -- --relay HOST:PORT[,options] ---------------------------------------------------------------------------
 
@@ -213,7 +213,7 @@ def test_the_board_keeps_an_upstream_by_name_across_reloads() -> None:
     board.assign([a, b])
     slot_a, slot_b = board.find("a:1"), board.find("b:1")
     assert slot_a is not None and slot_b is not None
-    board.active[slot_b * 4 + 1] = 2  # worker 1 holds two connections to b
+    board.active[1 * SLOTS + slot_b] = 2  # worker 1 holds two connections to b
     board.assign([a, c])  # b removed, c added: a keeps its slot, b's is not reused while held
     assert board.find("a:1") == slot_a and board.find("c:1") not in (slot_a, slot_b)
     described = {u["name"]: u for u in board.describe(0.0, 0.0)}
@@ -228,7 +228,7 @@ def test_a_gone_workers_counters_stay_in_the_totals() -> None:
     board.assign([parse_upstream("a:1")])
     slot = board.find("a:1")
     assert slot is not None
-    from prefork.handlers.upstreams import CONNECTIONS, N_COUNTERS, SLOTS
+    from prefork.handlers.upstreams import CONNECTIONS, N_COUNTERS
     board.counters[(1 * SLOTS + slot) * N_COUNTERS + CONNECTIONS] = 7
     board.counters[(0 * SLOTS + slot) * N_COUNTERS + CONNECTIONS] = 2
     assert board.totals(slot)["connections"] == 9
@@ -239,7 +239,6 @@ def test_a_gone_workers_counters_stay_in_the_totals() -> None:
 
 def test_the_board_is_full_at_its_slots() -> None:
     board = UpstreamBoard(1)
-    from prefork.handlers.upstreams import SLOTS
     listed = [UpstreamSpec(f"h{i}", 1) for i in range(SLOTS)]
     board.assign(listed)
     with pytest.raises(IndexError, match="no free slot"):

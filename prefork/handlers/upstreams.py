@@ -101,7 +101,8 @@ class UpstreamBoard:
         self.slots = (Slot * SLOTS).from_buffer(self._mem)
         view = memoryview(self._mem)
         offset = slots_size
-        # active[slot * workers + worker]: a slot's row is contiguous, so the sum over workers is one slice
+        # active[worker * SLOTS + slot]: a worker's cells are contiguous (one page is all it touches); the
+        # sum over workers is one strided slice
         self.active = view[offset:offset + active_size].cast("q")
         offset += active_size
         # counters[(worker * SLOTS + slot) * N_COUNTERS + counter]: a worker's cells are contiguous
@@ -157,16 +158,21 @@ class UpstreamBoard:
     def _reset(self, index: int, name: str) -> None:
         ctypes.memset(ctypes.addressof(self.slots[index]), 0, ctypes.sizeof(Slot))
         self.slots[index].name = name.encode("utf-8")[:NAME_SIZE - 1]
-        for worker in range(self.workers):
+        # only the cells that may hold something (a gone worker's were zeroed by retire), and only
+        # when they do: a store would make the kernel back a page of the mapping nobody else uses
+        for worker in range(self.used()):
             base = (worker * SLOTS + index) * N_COUNTERS
-            self.counters[base:base + N_COUNTERS] = memoryview(bytes(8 * N_COUNTERS)).cast("q")
-        self.retired[index * (N_COUNTERS + 1):(index + 1) * (N_COUNTERS + 1)] = \
-            memoryview(bytes(8 * (N_COUNTERS + 1))).cast("q")
+            if any(self.counters[base:base + N_COUNTERS]):
+                self.counters[base:base + N_COUNTERS] = memoryview(bytes(8 * N_COUNTERS)).cast("q")
+        into = index * (N_COUNTERS + 1)
+        self.retired[into:into + N_COUNTERS + 1] = memoryview(bytes(8 * (N_COUNTERS + 1))).cast("q")
 
     def retire(self, worker: int) -> None:
         """A gone worker's counters into each upstream's totals, its cells zeroed (its connections are gone)."""
+        mine = self.active[worker * SLOTS:(worker + 1) * SLOTS]
+        if any(mine):  # a store only where needed (see _reset)
+            mine[:] = memoryview(bytes(8 * SLOTS)).cast("q")
         for index in range(SLOTS):
-            self.active[index * self.workers + worker] = 0
             base = (worker * SLOTS + index) * N_COUNTERS
             cells = self.counters[base:base + N_COUNTERS]
             if any(cells):
@@ -187,8 +193,7 @@ class UpstreamBoard:
 
     def open_connections(self, index: int) -> int:
         """Connections to slot ``index`` open now, over every worker."""
-        base = index * self.workers
-        return sum(self.active[base:base + self.used()])
+        return sum(self.active[index:index + self.used() * SLOTS:SLOTS])
 
     def totals(self, index: int) -> dict[str, int]:
         """Slot ``index``'s counters over every worker, live and gone."""
@@ -286,7 +291,7 @@ class Balancer:
         self.worker = worker
         self.index = {address: i for i, address in enumerate(self.upstreams)}
         self._entries = [board.slots[slot] for slot in self.slots]  # views into the shared mapping, made once
-        self._rows = [slot * board.workers for slot in self.slots]  # each slot's row in board.active
+        self._mine = [worker * SLOTS + slot for slot in self.slots]  # our open connections, in board.active
         self._cells = [(worker * SLOTS + slot) * N_COUNTERS for slot in self.slots]  # our counters
         self._weights = [float(spec.weight) for spec in self.specs]
         self._backups = [spec.backup for spec in self.specs]
@@ -315,7 +320,8 @@ class Balancer:
                 admissions.append(SKIP)
         if self._counts_active:
             active, used = self.board.active, self.board.used()
-            actives = [sum(active[row:row + used]) for row in self._rows]
+            span = used * SLOTS
+            actives = [sum(active[slot:slot + span:SLOTS]) for slot in self.slots]
         else:
             actives = [0] * n
         weights = self._weights
@@ -344,14 +350,14 @@ class Balancer:
         """A connection starts trying ``address``: counted open from now. Its index, None when not one of ours."""
         i = self.index.get(address)
         if i is not None:
-            self.board.active[self._rows[i] + self.worker] += 1
+            self.board.active[self._mine[i]] += 1
         return i
 
     def failed(self, i: int | None, exc: BaseException, stage: str = "", *, failover: bool = False) -> None:
         """The attempt on upstream ``i`` failed at ``stage``; ``failover``: the client goes on to another."""
         if i is None:
             return
-        self.board.active[self._rows[i] + self.worker] -= 1
+        self.board.active[self._mine[i]] -= 1
         cell = self._cells[i]
         self.board.counters[cell + _FAILED[relay_core.failure_kind(exc, stage)]] += 1
         if failover:
@@ -370,13 +376,13 @@ class Balancer:
     def finished(self, i: int | None) -> None:
         """A connection to upstream ``i`` (one :meth:`connected`) ended."""
         if i is not None:
-            self.board.active[self._rows[i] + self.worker] -= 1
+            self.board.active[self._mine[i]] -= 1
 
     def give_up(self, i: int | None) -> None:
         """An attempt that neither failed nor connected (the client went away meanwhile): not open any more."""
         if i is None:
             return
-        self.board.active[self._rows[i] + self.worker] -= 1
+        self.board.active[self._mine[i]] -= 1
         entry = self._entries[i]
         if entry.state == HALF_OPEN:  # our try is void: let the next connection try at once
             entry.state = DOWN
