@@ -346,6 +346,9 @@ def test_status_and_prometheus_show_each_upstream(daemon_factory: Callable[..., 
     assert up["last_check"] is None and up["check_latency_ms"] is None  # no active checks
     text = d.ctl("status").stdout
     assert f"upstream {gone.name}: down since " in text and f"upstream {echo.name}: up (weight 2)" in text
+    stats_text = d.ctl("stats").stdout
+    assert (f"upstream {gone.name}: down, 0 relayed, 0 open, failed 1 (refused 1, timeout 0, tls 0, other 0), "
+            "failovers 1, over maxconn 0, state changes 1, checks 0 (0 failed)") in stats_text
     prometheus = preforkctl("--control", d.control, "stats", "--format", "prometheus").stdout
     assert f'prefork_upstream_up{{upstream="{gone.name}"}} 0' in prometheus
     assert f'prefork_upstream_up{{upstream="{echo.name}"}} 1' in prometheus

@@ -175,6 +175,13 @@ def format_stats(s: Reply) -> str:
         failures = ", ".join(f"{r} {n}" for r, n in tls.get("failures", {}).items() if n)
         out.append(f"tls handshakes: {tls.get('handshakes')} ({versions})")
         out.append(f"tls handshake failures: {tls.get('failed')}{' (' + failures + ')' if failures else ''}")
+    for u in s.get("upstreams") or []:
+        failed = u.get("failed") or {}
+        out.append(f"upstream {u.get('name')}: {u.get('state')}, {u.get('connections')} relayed, "
+                   f"{u.get('active')} open, failed {sum(failed.values())} "
+                   f"({', '.join(f'{k} {v}' for k, v in failed.items())}), failovers {u.get('failovers')}, "
+                   f"over maxconn {u.get('over_maxconn')}, state changes {u.get('state_changes')}, "
+                   f"checks {u.get('checks')} ({u.get('checks_failed')} failed)")
     return "\n".join(out)
 
 
