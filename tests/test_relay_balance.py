@@ -159,7 +159,8 @@ def pick(admissions: str, *, weights: Any = None, backups: str = "", actives: An
     ("one a connection ahead at weight 1 waits for the other to catch up",
      {"admissions": "uu", "actives": [1, 0]}, (1, 0), None, ()),
     ("a down one is not tried", {"admissions": "su"}, (1,), None, ()),
-    ("a due one is tried first, once", {"admissions": "upp"}, (1, 0), 1, ()),
+    ("a due one is tried apart from the connection, once", {"admissions": "upp"}, (0,), 1, ()),
+    ("nothing but one due: the connection tries it itself", {"admissions": "ps"}, (0,), 0, ()),
     ("at its cap: left out and counted", {"admissions": "uu", "actives": [0, 3], "maxconns": [0, 3]},
      (0,), None, (1,)),
     ("backups wait while a primary is up", {"admissions": "uuu", "backups": "  b"}, (0, 1, 2), None, ()),
@@ -167,8 +168,8 @@ def pick(admissions: str, *, weights: Any = None, backups: str = "", actives: An
      {"admissions": "ssu", "backups": "  b"}, (2,), None, ()),
     ("... or full", {"admissions": "uu", "backups": " b", "actives": [2, 0], "maxconns": [2, 0]},
      (1,), None, (0,)),
-    ("a primary due for its try comes before the backup",
-     {"admissions": "spu", "backups": "  b"}, (1, 2), 1, ()),
+    ("a primary due for its try is tried apart while the backup serves",
+     {"admissions": "spu", "backups": "  b"}, (2,), 1, ()),
     ("a backup due for its try, with every primary down",
      {"admissions": "sp", "backups": " b"}, (1,), 1, ()),
     ("a backup due while a primary is up waits", {"admissions": "up", "backups": " b"}, (0,), None, ()),
@@ -182,6 +183,8 @@ def test_choose(case: str, kwargs: dict[str, Any], order: tuple[int, ...], probe
     admissions = kwargs.pop("admissions")
     choice = pick(admissions, **kwargs)
     assert (choice.order, choice.probe, choice.full) == (order, probe, full), case
+    # the half-open try is made apart whenever the connection has something else to use
+    assert choice.background == (probe is not None and probe not in order), case
 
 
 @pytest.mark.parametrize("balance", ["leastconn", "roundrobin"])

@@ -522,7 +522,8 @@ class Choice:
     """The upstreams one connection tries, in order (indexes into the configured list)."""
 
     order: tuple[int, ...]  # the first is the pick, the rest failover
-    probe: int | None = None  # the one being tried half-open (it is first): the caller claims it
+    probe: int | None = None  # the one due for its half-open try: the caller claims it
+    background: bool = False  # ... and tries it apart from this connection (not in order), which has others
     full: tuple[int, ...] = ()  # left out for being at their maxconn (counted)
 
 
@@ -570,8 +571,11 @@ def choose(admissions: Sequence[str], weights: Sequence[float], backups: Sequenc
     * a SKIPped (down) upstream is not tried; one at its cap neither (``full``);
     * the primaries are used while any is usable; the backups only when none is,
       and then after the primaries as failover;
-    * an upstream due for its half-open try (PROBE) goes first, one per
-      connection; the others due wait for the next connection;
+    * an upstream due for its half-open try (PROBE) is claimed, one per
+      connection (the others due wait for the next one): tried apart, in
+      the ``background``, when the connection has other upstreams to use,
+      so no client waits on an upstream that may still be dead; first in
+      the order when it has nothing else;
     * LEASTCONN: the fewest open connections for their weight first; the
       upstreams less than one connection per unit of weight above the least
       loaded take turns by weight (an idle daemon: all of them), so one that
@@ -601,10 +605,10 @@ def choose(admissions: Sequence[str], weights: Sequence[float], backups: Sequenc
     if not usable and probe is None:  # every primary is down or full: the backups step in
         usable, usable_backups, probe = usable_backups, [], probe_backup
     order = _ranked(usable, weights, actives, turns, balance)
-    if probe is not None:
-        order.insert(0, probe)
     order += _ranked(usable_backups, weights, actives, turns, balance, pick=False)
-    return Choice(tuple(order), probe, tuple(full))
+    if probe is not None and not order:
+        return Choice((probe,), probe, False, tuple(full))
+    return Choice(tuple(order), probe, probe is not None, tuple(full))
 
 
 def _ranked(indexes: list[int], weights: Sequence[float], actives: Sequence[int], turns: Turns, balance: str,

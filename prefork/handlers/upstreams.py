@@ -253,13 +253,14 @@ class Balanced(RelaySettings):
         cls.balancer = Balancer(cls.upstreams, cls.upstream_specs, balance=cls.balance, slow_start=cls.slow_start,
                                 check_interval=cls.check_interval, connect_timeout=cls.connect_timeout,
                                 board=cls.upstream_board, worker=cls.worker_index)
+        cls.balancer.check_how = {"send_proxy": cls.send_proxy, "tls_context": cls.upstream_tls,
+                                  "server_name": cls.upstream_server_name, "send": cls.check_send,
+                                  "expect": cls.check_expect}
 
     @classmethod
     def start_checks(cls) -> None:
         """Start the active checks (``check_interval``) in this process: call once in a worker, after the fork."""
-        cls.balancer.start_checks(send_proxy=cls.send_proxy, tls_context=cls.upstream_tls,
-                                  server_name=cls.upstream_server_name, send=cls.check_send,
-                                  expect=cls.check_expect)
+        cls.balancer.start_checks()
 
 
 class Balancer:
@@ -300,6 +301,8 @@ class Balancer:
         self._turns = relay_core.Turns()
         self._lock = threading.Lock()  # the turns, in a thread worker; never held across I/O
         self._checks: threading.Thread | None = None
+        # how a check (or a half-open try made apart from a connection) is made: check()'s arguments
+        self.check_how: dict[str, Any] = {}
 
     # -- the hot path ---------------------------------------------------------------------------------
 
@@ -334,6 +337,8 @@ class Balancer:
                                        self.balance)
         if choice.probe is not None:
             self._claim(choice.probe, now)
+            if choice.background:
+                threading.Thread(target=self._probe, args=(choice.probe,), name="relay-probe", daemon=True).start()
         counters = self.board.counters
         for i in choice.full:
             counters[self._cells[i] + OVER_MAXCONN] += 1
@@ -345,6 +350,13 @@ class Balancer:
         entry = self._entries[i]
         entry.state = HALF_OPEN
         entry.retry_at = now + self.connect_timeout + 1.0  # if we die trying, someone may claim it after
+
+    def _probe(self, i: int) -> None:
+        """The half-open try of upstream ``i``, as a check, in a thread of its own (it may take the timeout)."""
+        try:
+            self.check(i, **self.check_how)
+        except Exception:  # nothing known raises here; a bug must not go unseen
+            log.exception("half-open try of upstream %s failed unexpectedly", self.names[i])
 
     def attempt(self, address: Upstream) -> int | None:
         """A connection starts trying ``address``: counted open from now. Its index, None when not one of ours."""
@@ -425,21 +437,18 @@ class Balancer:
 
     # -- active checks --------------------------------------------------------------------------------
 
-    def start_checks(self, *, send_proxy: bool = False, tls_context: ssl.SSLContext | None = None,
-                     server_name: str | None = None, send: bytes | None = None,
-                     expect: bytes | None = None) -> None:
+    def start_checks(self) -> None:
         """Check every upstream each ``check_interval`` in a thread of this process, from now on.
 
         Call in a worker (after the fork), once. Each check is claimed in the
         board first, so with many workers an upstream is still checked once per
-        interval; the thread only waits otherwise. The arguments are
-        :meth:`check`'s.
+        interval; the thread only waits otherwise. Checks are made as
+        ``check_how`` says (:meth:`check`'s arguments).
         """
         if self.check_interval <= 0 or self._checks is not None or not self.upstreams:
             return
-        how = {"send_proxy": send_proxy, "tls_context": tls_context, "server_name": server_name, "send": send,
-               "expect": expect}
-        self._checks = threading.Thread(target=self._run_checks, args=(how,), name="relay-checks", daemon=True)
+        self._checks = threading.Thread(target=self._run_checks, args=(self.check_how,), name="relay-checks",
+                                        daemon=True)
         self._checks.start()
 
     def _run_checks(self, how: dict[str, Any]) -> None:
