@@ -413,6 +413,7 @@ def _listener_tables(path: str, value: Any) -> list[dict[str, Any]]:
 RELAY_BALANCES = ("leastconn", "roundrobin")
 MAX_UPSTREAMS = 64  # --relay entries: each has a fixed slot in the shared upstream board
 MAX_WEIGHT = 256
+MAX_UPSTREAM_CONNECTIONS = 1_000_000  # ,maxconn=
 
 
 @dataclass(frozen=True)
@@ -437,15 +438,20 @@ def parse_upstream(text: str) -> UpstreamSpec:
     spec = parse_bind(address)
     if spec.is_unix or not spec.host or spec.port == 0:
         raise ConfigError(f"relay: {quote(text)} must be an upstream HOST:PORT (port 1-65535)")
+    if not re.fullmatch(r"[^\s\x00-\x1f\x7f,]{1,253}", spec.host):
+        raise ConfigError(f"relay: {quote(text)}: {quote(spec.host)} is not a host name or address")
     values: dict[str, Any] = {}
     for option in options:
         key, sep, value = option.strip().partition("=")
         if key == "backup" and not sep:
             values["backup"] = True
-        elif key in ("weight", "maxconn") and sep and value.isascii() and value.isdigit() and len(value) <= 7:
-            number = int(value)
+        elif key in ("weight", "maxconn") and sep and value.isascii() and value.isdigit():
+            number = int(value[:12])
             if key == "weight" and not 1 <= number <= MAX_WEIGHT:
-                raise ConfigError(f"relay: {quote(text)}: weight must be 1-{MAX_WEIGHT}, not {number}")
+                raise ConfigError(f"relay: {quote(text)}: weight must be 1-{MAX_WEIGHT}, not {cut(value)}")
+            if key == "maxconn" and number > MAX_UPSTREAM_CONNECTIONS:
+                raise ConfigError(f"relay: {quote(text)}: maxconn must be 0 (no cap) to "
+                                  f"{MAX_UPSTREAM_CONNECTIONS}, not {cut(value)}")
             values[key] = number
         else:
             raise ConfigError(f"relay: {quote(text)}: unknown option {quote(option.strip())} "

@@ -45,6 +45,10 @@ def test_an_upstream_with_its_options(text: str, spec: UpstreamSpec) -> None:
     ("db:7000,backup=1", "unknown option 'backup=1'"),
     ("db:7000,slow", "unknown option 'slow' (expected weight=N, backup or maxconn=N)"),
     ("db:7000,maxconn=x", "unknown option 'maxconn=x'"),
+    ("db:7000,weight=99999999999999999999", "weight must be 1-256, not 99999999999999999999"),
+    ("db:7000,maxconn=1000001", "maxconn must be 0 (no cap) to 1000000"),
+    ("d\x00b:7000", "is not a host name or address"),
+    ("d b:7000", "is not a host name or address"),
     ("db:0", "must be an upstream HOST:PORT"),
     ("unix:/x,weight=2", "must be an upstream HOST:PORT"),
 ])
