@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import ssl
+import time
 from collections import Counter
 from typing import Any
 
@@ -20,7 +21,7 @@ import pytest
 from prefork.config import ConfigError, UpstreamSpec, check_bytes, parse_upstream
 from prefork.handlers import relay_core
 from prefork.handlers.relay_core import DOWN, HALF_OPEN, PROBE, SKIP, UP, USE, Health, Turns, choose
-from prefork.handlers.upstreams import SLOTS, UpstreamBoard
+from prefork.handlers.upstreams import SLOTS, Balanced, UpstreamBoard
 
 # -- --relay HOST:PORT[,options] ---------------------------------------------------------------------------
 
@@ -269,3 +270,40 @@ def test_check_send_and_expect_escapes(text: str, raw: bytes) -> None:
 def test_unknown_escapes_are_refused(text: str) -> None:
     with pytest.raises(ValueError, match="unknown escape"):
         check_bytes(text)
+
+
+# -- the balancer over a board (this process's own) ----------------------------------------------------------
+
+
+def balanced(*upstreams: str, **settings: Any) -> Any:
+    specs = tuple(parse_upstream(u) for u in upstreams)
+    return type("Relay", (Balanced,), {"upstreams": tuple((s.host, s.port) for s in specs), "upstream_specs": specs,
+                                       **settings}).balancer
+
+
+def test_an_upstream_that_came_back_slow_starts() -> None:
+    balancer = balanced("a:1", "b:1", balance="roundrobin", slow_start=100.0)
+    balancer._entries[0].up_at = time.monotonic() - 10  # back 10 s ago: a tenth of its weight
+    firsts = Counter(balancer.candidates()[0] for _ in range(220))
+    assert firsts[("a", 1)] == 20 and firsts[("b", 1)] == 200
+    balancer._entries[0].up_at = time.monotonic() - 100  # slow start over
+    firsts = Counter(balancer.candidates()[0] for _ in range(200))
+    assert abs(firsts[("a", 1)] - 100) <= 2
+
+
+def test_a_failure_then_a_success_as_every_worker_sees_it(caplog: pytest.LogCaptureFixture) -> None:
+    balancer = balanced("a:1", "b:1")
+    i = balancer.attempt(("a", 1))
+    balancer.failed(i, ConnectionRefusedError(errno.ECONNREFUSED, "refused"), failover=True)
+    assert balancer.board.health(balancer.slots[0]).state == DOWN
+    assert [balancer.candidates() for _ in range(3)] == [[("b", 1)]] * 3  # nobody tries it while it is down
+    described = {u["name"]: u for u in balancer.board.describe(time.monotonic(), time.time())}
+    assert described["a:1"]["failed"]["refused"] == 1 and described["a:1"]["failovers"] == 1
+    assert described["a:1"]["active"] == 0 and 0 < described["a:1"]["retry_in_s"] <= 1
+    i = balancer.attempt(("a", 1))  # a connection chosen before it went down gets through
+    balancer.connected(i)
+    assert balancer.board.health(balancer.slots[0]) == Health()
+    assert described["a:1"]["state_changes"] == 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "prefork.handlers.upstreams"]
+    assert lines == ["upstream a:1 is down: a:1 (connection refused); tried again in 1s",
+                     "upstream a:1 is up again (a connection worked after 1 failure)"]

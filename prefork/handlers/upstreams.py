@@ -427,6 +427,7 @@ class Balancer:
         before = int(entry.state)
         failures = int(entry.failures)
         entry.failures = 0
+        entry.retry_at = 0.0
         entry.state = UP
         if relay_core.change(before, UP):
             entry.changed_at = time.time()
