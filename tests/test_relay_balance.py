@@ -307,3 +307,17 @@ def test_a_failure_then_a_success_as_every_worker_sees_it(caplog: pytest.LogCapt
     lines = [r.getMessage() for r in caplog.records if r.name == "prefork.handlers.upstreams"]
     assert lines == ["upstream a:1 is down: a:1 (connection refused); tried again in 1s",
                      "upstream a:1 is up again (a connection worked after 1 failure)"]
+
+
+def test_a_generation_resolves_its_upstreams_once(caplog: pytest.LogCaptureFixture) -> None:
+    """In a worker (a board given) names are resolved when the relay is configured: a reload resolves again."""
+    specs = (parse_upstream("localhost:7000"), parse_upstream("no-such-host.invalid:7000"))
+    board = UpstreamBoard(2)
+    board.assign(specs)
+    relay = type("Relay", (Balanced,), {"upstreams": (("localhost", 7000), ("no-such-host.invalid", 7000)),
+                                        "upstream_specs": specs, "upstream_board": board, "worker_index": 1})
+    assert ("127.0.0.1", 7000) in relay.balancer.addresses_for(("localhost", 7000))
+    # a name that does not resolve now is resolved by each attempt instead, as without a board
+    assert relay.balancer.addresses_for(("no-such-host.invalid", 7000)) == [("no-such-host.invalid", 7000)]
+    assert "cannot resolve upstream no-such-host.invalid:7000 now" in caplog.text
+    assert balanced("localhost:7000").addresses_for(("localhost", 7000)) == [("localhost", 7000)]

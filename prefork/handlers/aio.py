@@ -206,14 +206,21 @@ class RelayProtocol(Balanced, asyncio.Protocol):
     async def _open_upstream(self, address: Upstream) -> _UpstreamSide:
         """Connect to ``address``, send the PROXY header, do the TLS handshake; raises ``AttemptFailed``."""
         loop = asyncio.get_running_loop()
-        host, port = address
+        host = address[0]  # the name TLS asks for and verifies
         deadline = loop.time() + self.connect_timeout
-        try:
-            # asyncio.timeout, not wait_for: on Python 3.11 wait_for wraps the connect in a task of its own
-            async with asyncio.timeout(self.connect_timeout):
-                transport, side = await loop.create_connection(lambda: _UpstreamSide(self), host, port)
-        except OSError as exc:  # the timeout's TimeoutError is one too
-            raise relay_core.AttemptFailed("", exc) from exc
+        error: OSError | None = None
+        for target_host, target_port in self.balancer.addresses_for(address):  # as resolved for this generation
+            try:
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for wraps the connect in a task of its own
+                async with asyncio.timeout(self.connect_timeout):
+                    transport, side = await loop.create_connection(lambda: _UpstreamSide(self), target_host,
+                                                                   target_port)
+                break
+            except OSError as exc:  # the timeout's TimeoutError is one too
+                error = exc
+        else:
+            assert error is not None
+            raise relay_core.AttemptFailed("", error) from error
         if self.send_proxy:
             transport.write(self.proxy_header())  # first and in clear, before a TLS handshake
         if self.upstream_tls is not None:

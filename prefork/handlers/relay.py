@@ -55,7 +55,7 @@ from typing import Any
 from prefork import tls
 from prefork.handlers import relay_core
 from prefork.handlers.relay_core import Upstream
-from prefork.handlers.upstreams import Balanced
+from prefork.handlers.upstreams import Balanced, connect_first
 from prefork.workers.connection import format_peer
 
 __all__ = ["RelayHandler"]
@@ -770,7 +770,7 @@ class RelayHandler(Balanced, socketserver.BaseRequestHandler):
         """Connect to ``address``, send the PROXY header, do the TLS handshake; raises ``AttemptFailed``."""
         deadline = time.monotonic() + self.connect_timeout
         try:
-            upstream = socket.create_connection(address, timeout=self.connect_timeout)
+            upstream = connect_first(self.balancer.addresses_for(address), self.connect_timeout)
         except OSError as exc:
             raise relay_core.AttemptFailed("", exc) from exc
         stage = "PROXY header"

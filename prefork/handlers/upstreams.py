@@ -252,7 +252,8 @@ class Balanced(RelaySettings):
         super().__init_subclass__(**kwargs)
         cls.balancer = Balancer(cls.upstreams, cls.upstream_specs, balance=cls.balance, slow_start=cls.slow_start,
                                 check_interval=cls.check_interval, connect_timeout=cls.connect_timeout,
-                                board=cls.upstream_board, worker=cls.worker_index)
+                                board=cls.upstream_board, worker=cls.worker_index,
+                                resolve=cls.upstream_board is not None)
         cls.balancer.check_how = {"send_proxy": cls.send_proxy, "tls_context": cls.upstream_tls,
                                   "server_name": cls.upstream_server_name, "send": cls.check_send,
                                   "expect": cls.check_expect}
@@ -273,8 +274,12 @@ class Balancer:
 
     def __init__(self, upstreams: Sequence[Upstream], specs: Sequence[UpstreamSpec], *, balance: str,
                  slow_start: float, check_interval: float, connect_timeout: float,
-                 board: UpstreamBoard | None = None, worker: int = 0) -> None:
+                 board: UpstreamBoard | None = None, worker: int = 0, resolve: bool = False) -> None:
         self.upstreams = tuple(upstreams)
+        # each upstream's addresses, resolved once (a worker of a generation: a reload resolves them again);
+        # empty: resolved by each connection attempt (a relay outside the daemon, or a name that failed)
+        self.addresses: dict[Upstream, list[Upstream]] = {u: resolve_upstream(u) for u in upstreams} if resolve \
+            else {}
         self.specs = tuple(specs)
         self.balance = balance
         self.slow_start = slow_start
@@ -344,6 +349,10 @@ class Balancer:
             counters[self._cells[i] + OVER_MAXCONN] += 1
         upstreams = self.upstreams
         return [upstreams[i] for i in choice.order]
+
+    def addresses_for(self, address: Upstream) -> list[Upstream]:
+        """Where to connect for ``address``: its addresses as resolved for this generation, else itself."""
+        return self.addresses.get(address) or [address]
 
     def _claim(self, i: int, now: float) -> None:
         """This connection is the half-open try of upstream ``i``: nobody else tries it until it ends."""
@@ -487,7 +496,7 @@ class Balancer:
         self.board.counters[cell + CHECKS] += 1
         stage = ""
         try:
-            with socket.create_connection(address, timeout=self.connect_timeout) as sock:
+            with connect_first(self.addresses_for(address), self.connect_timeout) as sock:
                 if send_proxy:
                     stage = "PROXY header"
                     sock.sendall(build_v2(None, None))
@@ -518,6 +527,35 @@ class Balancer:
         if entry.state != UP or entry.failures:
             self._came_up(i, "a check")
         return True
+
+
+def resolve_upstream(address: Upstream) -> list[Upstream]:
+    """``address``'s host resolved now: its IP addresses with the port, in the resolver's order; [] when it fails."""
+    host, port = address
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        log.warning("cannot resolve upstream %s:%d now (%s): resolving it on each connection instead", host, port,
+                    relay_core.reason(exc))
+        return []
+    addresses: list[Upstream] = []
+    for _family, _type, _proto, _name, sockaddr in found:
+        ip = (str(sockaddr[0]), int(sockaddr[1]))
+        if ip not in addresses:
+            addresses.append(ip)
+    return addresses
+
+
+def connect_first(addresses: Sequence[Upstream], timeout: float) -> socket.socket:
+    """A TCP connection to the first of ``addresses`` that accepts (each within ``timeout``); the last error."""
+    error: OSError | None = None
+    for address in addresses:
+        try:
+            return socket.create_connection(address, timeout=timeout)
+        except OSError as exc:
+            error = exc
+    assert error is not None  # never called with no address
+    raise error
 
 
 def _exchange(sock: socket.socket, send: bytes | None, expect: bytes | None, deadline: float) -> None:
