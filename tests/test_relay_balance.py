@@ -12,6 +12,8 @@ from __future__ import annotations
 import errno
 import os
 import ssl
+import sys
+import threading
 import time
 from collections import Counter
 from typing import Any
@@ -321,3 +323,29 @@ def test_a_generation_resolves_its_upstreams_once(caplog: pytest.LogCaptureFixtu
     assert relay.balancer.addresses_for(("no-such-host.invalid", 7000)) == [("no-such-host.invalid", 7000)]
     assert "cannot resolve upstream no-such-host.invalid:7000 now" in caplog.text
     assert balanced("localhost:7000").addresses_for(("localhost", 7000)) == [("localhost", 7000)]
+
+
+def test_a_thread_workers_threads_lose_no_count() -> None:
+    """A thread worker's threads share its cells: every open is closed and every connection counted."""
+    balancer = balanced("a:1", "b:1")
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible, mid read-add-store if it can happen
+
+    def connections() -> None:
+        for _ in range(3000):
+            i = balancer.attempt(balancer.candidates()[0])
+            balancer.connected(i)
+            balancer.finished(i)
+
+    try:
+        threads = [threading.Thread(target=connections) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        sys.setswitchinterval(interval)
+    described = balancer.board.describe(time.monotonic(), time.time())
+    assert [u["active"] for u in described] == [0, 0]
+    assert sum(u["connections"] for u in described) == 24000
+    assert min(u["connections"] for u in described) >= 6000  # and the choices spread over both

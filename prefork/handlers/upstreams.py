@@ -304,7 +304,7 @@ class Balancer:
         self._maxconns = [spec.maxconn for spec in self.specs]
         self._counts_active = balance == relay_core.LEASTCONN or any(self._maxconns)
         self._turns = relay_core.Turns()
-        self._lock = threading.Lock()  # the turns, in a thread worker; never held across I/O
+        self._lock = threading.Lock()  # the turns and our cells, between a thread worker's threads; never across I/O
         self._checks: threading.Thread | None = None
         # how a check (or a half-open try made apart from a connection) is made: check()'s arguments
         self.check_how: dict[str, Any] = {}
@@ -346,13 +346,22 @@ class Balancer:
                 threading.Thread(target=self._probe, args=(choice.probe,), name="relay-probe", daemon=True).start()
         counters = self.board.counters
         for i in choice.full:
-            counters[self._cells[i] + OVER_MAXCONN] += 1
+            self._add(counters, self._cells[i] + OVER_MAXCONN, 1)
         upstreams = self.upstreams
         return [upstreams[i] for i in choice.order]
 
     def addresses_for(self, address: Upstream) -> list[Upstream]:
         """Where to connect for ``address``: its addresses as resolved for this generation, else itself."""
         return self.addresses.get(address) or [address]
+
+    def _add(self, cells: memoryview, k: int, n: int) -> None:
+        """``cells[k] += n`` for this worker: under the lock, as a thread worker's threads share its cells.
+
+        Python promises no atomic read-add-store between threads (CPython 3.11 happens not to switch
+        inside this one; a free-threaded build would), and a lost decrement is an open connection for good.
+        """
+        with self._lock:
+            cells[k] += n
 
     def _claim(self, i: int, now: float) -> None:
         """This connection is the half-open try of upstream ``i``: nobody else tries it until it ends."""
@@ -371,25 +380,25 @@ class Balancer:
         """A connection starts trying ``address``: counted open from now. Its index, None when not one of ours."""
         i = self.index.get(address)
         if i is not None:
-            self.board.active[self._mine[i]] += 1
+            self._add(self.board.active, self._mine[i], 1)
         return i
 
     def failed(self, i: int | None, exc: BaseException, stage: str = "", *, failover: bool = False) -> None:
         """The attempt on upstream ``i`` failed at ``stage``; ``failover``: the client goes on to another."""
         if i is None:
             return
-        self.board.active[self._mine[i]] -= 1
+        self._add(self.board.active, self._mine[i], -1)
         cell = self._cells[i]
-        self.board.counters[cell + _FAILED[relay_core.failure_kind(exc, stage)]] += 1
+        self._add(self.board.counters, cell + _FAILED[relay_core.failure_kind(exc, stage)], 1)
         if failover:
-            self.board.counters[cell + FAILOVERS] += 1
+            self._add(self.board.counters, cell + FAILOVERS, 1)
         self._went_down(i, relay_core.attempt_failed(self.upstreams[i], exc, self.connect_timeout, stage=stage))
 
     def connected(self, i: int | None) -> None:
         """The attempt on upstream ``i`` worked: one more connection, and the upstream is up."""
         if i is None:
             return
-        self.board.counters[self._cells[i] + CONNECTIONS] += 1
+        self._add(self.board.counters, self._cells[i] + CONNECTIONS, 1)
         entry = self._entries[i]
         if entry.state != UP or entry.failures:  # a store only when something changes: the line is shared
             self._came_up(i, "a connection")
@@ -397,13 +406,13 @@ class Balancer:
     def finished(self, i: int | None) -> None:
         """A connection to upstream ``i`` (one :meth:`connected`) ended."""
         if i is not None:
-            self.board.active[self._mine[i]] -= 1
+            self._add(self.board.active, self._mine[i], -1)
 
     def give_up(self, i: int | None) -> None:
         """An attempt that neither failed nor connected (the client went away meanwhile): not open any more."""
         if i is None:
             return
-        self.board.active[self._mine[i]] -= 1
+        self._add(self.board.active, self._mine[i], -1)
         entry = self._entries[i]
         if entry.state == HALF_OPEN:  # our try is void: let the next connection try at once
             entry.state = DOWN
@@ -493,7 +502,7 @@ class Balancer:
         started = time.monotonic()
         deadline = started + self.connect_timeout
         cell = self._cells[i]
-        self.board.counters[cell + CHECKS] += 1
+        self._add(self.board.counters, cell + CHECKS, 1)
         stage = ""
         try:
             with connect_first(self.addresses_for(address), self.connect_timeout) as sock:
@@ -516,7 +525,7 @@ class Balancer:
             entry.last_check = time.time()
             entry.check_latency = time.monotonic() - started
             entry.check_ok = 0
-            self.board.counters[cell + CHECKS_FAILED] += 1
+            self._add(self.board.counters, cell + CHECKS_FAILED, 1)
             if isinstance(exc, ValueError):  # a server name Python refuses
                 exc = OSError(f"cannot ask for that server name: {exc}")
             self._went_down(i, "check " + relay_core.attempt_failed(address, exc, self.connect_timeout, stage=stage))
