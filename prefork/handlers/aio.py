@@ -87,9 +87,12 @@ class RelayProtocol(Balanced, asyncio.Protocol):
     The asyncio form of :class:`prefork.handlers.relay.RelayHandler`, configured
     the same way, by subclassing (the daemon does it for ``--relay``):
     ``upstreams``, ``connect_timeout``, ``idle_timeout`` (None: never),
-    ``send_proxy``, checked when the subclass is made. Connections take the
-    upstreams in turn, failing over to the next; override
-    :meth:`upstream_candidates` to choose per connection. Which upstream, the
+    ``send_proxy``, the balancing settings (``upstream_specs``, ``balance``,
+    ``check_interval``, ``slow_start``), checked when the subclass is made.
+    Connections are balanced over the upstreams by
+    :class:`prefork.handlers.upstreams.Balancer` (health shared by every
+    worker, least connections or weighted round robin), failing over to the
+    next; override :meth:`upstream_candidates` to choose per connection. Which upstream, the
     PROXY header, the log lines and what counts as an error are
     :mod:`prefork.handlers.relay_core`'s, shared with the socketserver form.
 

@@ -659,8 +659,11 @@ class RelayHandler(Balanced, socketserver.BaseRequestHandler):
     The settings (``upstreams``, ``connect_timeout``, ``idle_timeout``,
     ``send_proxy``, ``upstream_tls``, ``upstream_server_name``, and
     ``buffer_size`` here) are checked when the subclass is made: a mistake
-    raises there, once. Connections take the upstreams in turn; when one
-    refuses, times out or fails its TLS handshake the next is tried. To pick
+    raises there, once. Connections are balanced over the upstreams by
+    :class:`prefork.handlers.upstreams.Balancer` (``upstream_specs``:
+    weights, backups, caps; ``balance``; ``check_interval``;
+    ``slow_start``); when one refuses, times out or fails its TLS handshake
+    it is marked down for every worker and the next is tried. To pick
     the upstream per connection, override :meth:`upstream_candidates`. These decisions, the
     PROXY header and the log lines are :mod:`prefork.handlers.relay_core`'s,
     shared with the asyncio form (:class:`prefork.handlers.aio.RelayProtocol`).
