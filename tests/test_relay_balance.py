@@ -10,6 +10,7 @@ master's.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import ssl
 import sys
@@ -294,6 +295,7 @@ def test_an_upstream_that_came_back_slow_starts() -> None:
 
 
 def test_a_failure_then_a_success_as_every_worker_sees_it(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="prefork.handlers.upstreams")
     balancer = balanced("a:1", "b:1")
     i = balancer.attempt(("a", 1))
     balancer.failed(i, ConnectionRefusedError(errno.ECONNREFUSED, "refused"), failover=True)

@@ -432,8 +432,8 @@ class Balancer:
             entry.changed_at = time.time()
             entry.state_changes += 1
             log.warning("upstream %s is down: %s; %s", self.names[i], why, self._retry_words(health))
-        else:
-            log.info("upstream %s still down: %s; %s", self.names[i], why, self._retry_words(health))
+        else:  # no change: the warning said it is down (a check every interval would flood the log)
+            log.debug("upstream %s still down: %s; %s", self.names[i], why, self._retry_words(health))
 
     def _retry_words(self, health: Health) -> str:
         if self.check_interval > 0:
@@ -451,7 +451,7 @@ class Balancer:
             entry.changed_at = time.time()
             entry.up_at = time.monotonic()
             entry.state_changes += 1
-            log.warning("upstream %s is up again (%s worked after %d failure%s)", self.names[i], by, failures,
+            log.info("upstream %s is up again (%s worked after %d failure%s)", self.names[i], by, failures,
                         "" if failures == 1 else "s")
 
     # -- active checks --------------------------------------------------------------------------------
