@@ -319,7 +319,7 @@ class Balancer:
         now = time.monotonic()
         probing = self.check_interval <= 0  # with checks, a check is the half-open try, not a client
         admissions = []
-        for entry in self._entries:
+        for entry in self._entries:  # relay_core.admission, written out: no call per upstream on this path
             if entry.state == UP:
                 admissions.append(USE)
             elif probing and now >= entry.retry_at:
@@ -366,8 +366,11 @@ class Balancer:
     def _claim(self, i: int, now: float) -> None:
         """This connection is the half-open try of upstream ``i``: nobody else tries it until it ends."""
         entry = self._entries[i]
-        entry.state = HALF_OPEN
-        entry.retry_at = now + self.connect_timeout + 1.0  # if we die trying, someone may claim it after
+        # if we die trying, someone may claim it once the try's deadline passed
+        health = relay_core.claimed(Health(int(entry.state), int(entry.failures), float(entry.retry_at)), now,
+                                    now + self.connect_timeout + 1.0)
+        entry.retry_at = health.retry_at
+        entry.state = health.state
 
     def _probe(self, i: int) -> None:
         """The half-open try of upstream ``i``, as a check, in a thread of its own (it may take the timeout)."""
@@ -444,15 +447,16 @@ class Balancer:
         entry = self._entries[i]
         before = int(entry.state)
         failures = int(entry.failures)
-        entry.failures = 0
-        entry.retry_at = 0.0
-        entry.state = UP
-        if relay_core.change(before, UP):
+        health = relay_core.after_success(Health(before, failures, float(entry.retry_at)))
+        entry.failures = health.failures
+        entry.retry_at = health.retry_at
+        entry.state = health.state
+        if relay_core.change(before, health.state):
             entry.changed_at = time.time()
             entry.up_at = time.monotonic()
             entry.state_changes += 1
             log.info("upstream %s is up again (%s worked after %d failure%s)", self.names[i], by, failures,
-                        "" if failures == 1 else "s")
+                     "" if failures == 1 else "s")
 
     # -- active checks --------------------------------------------------------------------------------
 
