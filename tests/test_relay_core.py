@@ -352,6 +352,8 @@ def test_no_upstream_is_a_warning_and_an_error() -> None:
     assert text(event) == ("relay for client 127.0.0.1:5555: cannot connect upstream: 127.0.0.1:7000 "
                            "(connection refused); closing the client connection")
     assert "cannot connect upstream: no upstream configured;" in text(relay_core.no_upstream(CLIENT, []))
+    assert "cannot connect upstream: every upstream is down or at its maxconn;" in text(
+        relay_core.no_upstream(CLIENT, [], skipped=True))
 
 
 def test_an_upstream_failing_is_a_warning_and_an_error() -> None:

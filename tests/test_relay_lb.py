@@ -323,6 +323,25 @@ def test_maxconn_sends_the_client_over_it_to_the_next(daemon_factory: Callable[.
             s.close()
 
 
+@pytest.mark.parametrize("worker_class", ["thread", "async"])
+def test_a_client_over_every_cap_is_closed_at_once(daemon_factory: Callable[..., Daemon],
+                                                   servers: Callable[..., Upstream], worker_class: str) -> None:
+    capped = servers("hold", hold=5.0)
+    d = relay(daemon_factory, worker_class, f"{capped.name},maxconn=1", workers=2)
+    with socket.create_connection(d.address(), timeout=5) as first:
+        first.sendall(b"x\n")
+        wait_for(lambda: upstream_status(d, capped.name)["active"] == 1, 5, "the one connection it takes")
+        began = time.monotonic()
+        # closed at once: EOF, or RST for the unread line
+        with socket.create_connection(d.address(), timeout=5) as second, contextlib.suppress(ConnectionResetError):
+            second.sendall(b"y\n")
+            assert second.recv(1) == b""
+        assert time.monotonic() - began < 1.0
+    assert capped.accepted == 1
+    wait_for(lambda: "cannot connect upstream: every upstream is down or at its maxconn" in d.log(), 5,
+             "the reason logged")
+
+
 # -- visible -----------------------------------------------------------------------------------------------
 
 

@@ -203,7 +203,7 @@ class RelayProtocol(Balanced, asyncio.Protocol):
                 return
             self._start(side)
             return
-        self._report(relay_core.no_upstream(self.client_address, failures))
+        self._report(relay_core.no_upstream(self.client_address, failures, skipped=bool(self.upstreams)))
         self.close()
 
     async def _open_upstream(self, address: Upstream) -> _UpstreamSide:

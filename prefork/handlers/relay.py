@@ -766,7 +766,7 @@ class RelayHandler(Balanced, socketserver.BaseRequestHandler):
             self.upstream_address = address
             self._upstream_index = i
             return upstream
-        self._report(relay_core.no_upstream(self.client_address, failures))
+        self._report(relay_core.no_upstream(self.client_address, failures, skipped=bool(self.upstreams)))
         return None
 
     def _open_upstream(self, address: Upstream) -> socket.socket:

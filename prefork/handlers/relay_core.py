@@ -388,9 +388,16 @@ def failed_over(client: Any, failures: Sequence[str], upstream: Any) -> Event:
                  (format_peer(client), ", ".join(failures), format_peer(upstream)))
 
 
-def no_upstream(client: Any, failures: Sequence[str]) -> Event:
-    """No upstream accepted (``failures``: every attempt), or none was configured: the client is closed."""
-    why = ", ".join(failures) if failures else "no upstream configured"
+def no_upstream(client: Any, failures: Sequence[str], *, skipped: bool = False) -> Event:
+    """No upstream accepted (``failures``: every attempt), or none was tried: the client is closed.
+
+    ``skipped``: upstreams are configured but none could be tried (every one
+    down or at its maxconn); else nothing tried means none is configured.
+    """
+    if failures:
+        why = ", ".join(failures)
+    else:
+        why = "every upstream is down or at its maxconn" if skipped else "no upstream configured"
     return Event(logging.WARNING, "relay for client %s: cannot connect upstream: %s; closing the client connection",
                  (format_peer(client), why), error=True)
 
