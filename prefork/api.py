@@ -119,6 +119,11 @@ class ServerOptions(TypedDict, total=False):
     relay_connect_timeout: float
     relay_idle_timeout: float
     relay_send_proxy: bool
+    relay_balance: str
+    relay_check_interval: float
+    relay_slow_start: float
+    relay_check_send: str
+    relay_check_expect: str
     preload: bool
     certfile: PathArg
     keyfile: PathArg

@@ -114,14 +114,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="peers that send PROXY headers (default: all); others are served as they are")
     p.add_argument("--proxy-timeout", type=float, metavar="SECS",
                    help="how long a PROXY header may take to arrive (default 5)")
-    p.add_argument("--relay", action="append", metavar="HOST:PORT",
-                   help="serve the built-in TCP relay to this upstream; repeatable: round-robin with failover")
+    p.add_argument("--relay", action="append", metavar="HOST:PORT[,weight=N][,backup][,maxconn=N]",
+                   help="serve the built-in TCP relay to this upstream; repeatable: balanced (--relay-balance) "
+                        "with failover; a backup is used only while every other upstream is down, maxconn "
+                        "caps its connections over all workers (a client over it goes to the next upstream)")
     p.add_argument("--relay-connect-timeout", type=float, metavar="SECS",
                    help="how long connecting to an upstream may take before the next is tried (default 5)")
     p.add_argument("--relay-idle-timeout", type=float, metavar="SECS",
                    help="close a relayed connection idle this long both ways (default 300, 0: never)")
     p.add_argument("--relay-send-proxy", action="store_true",
                    help="announce each client to the upstream with a PROXY protocol v2 header")
+    p.add_argument("--relay-balance", choices=("leastconn", "roundrobin"),
+                   help="how the relay picks an upstream: fewest open connections over every worker for its "
+                        "weight (default), or weighted round robin")
+    p.add_argument("--relay-check-interval", type=float, metavar="SECS",
+                   help="check each upstream this often (TCP connect, PROXY LOCAL header with "
+                        "--relay-send-proxy, TLS with --relay-tls) (default 0: passive health only)")
+    p.add_argument("--relay-check-send", metavar="TEXT",
+                   help="what a check sends once connected (escapes: \\r \\n \\t \\\\ \\xHH)")
+    p.add_argument("--relay-check-expect", metavar="TEXT",
+                   help="what the upstream's answer to a check must contain (default: no answer awaited)")
+    p.add_argument("--relay-slow-start", type=float, metavar="SECS",
+                   help="an upstream that comes back reaches its full weight over this long (default 0: at once)")
     p.add_argument("--preload", action="store_true",
                    help="import the handler in the master before forking, so workers share its memory; "
                         "a reload then starts a new master program on the same sockets (an upgrade)")

@@ -170,6 +170,12 @@ class Config:
     relay_connect_timeout: float = 5.0
     relay_idle_timeout: float = 300.0  # 0: none
     relay_send_proxy: bool = False
+    # the relay as a load balancer (relay_core): choice, health checks, slow start
+    relay_balance: str = "leastconn"  # or "roundrobin" (both weighted)
+    relay_check_interval: float = 0.0  # seconds between active checks of each upstream; 0: passive health only
+    relay_slow_start: float = 0.0  # seconds an upstream that came back takes to reach its full weight; 0: at once
+    relay_check_send: str | None = None  # what a check sends once connected (backslash escapes: \r \n \xHH)
+    relay_check_expect: str | None = None  # what the upstream's answer must contain for the check to pass
     preload: bool = False  # import the handler in the master before forking; a reload is then an upgrade
     # TLS on listeners: with certfile and no tls_bind, every --bind address speaks TLS
     certfile: str | None = None
@@ -216,7 +222,12 @@ class Config:
 
     @property
     def relay_upstreams(self) -> tuple[tuple[str, int], ...]:
-        return tuple((s.host, s.port) for s in (parse_bind(r) for r in self.relay))
+        return tuple((u.host, u.port) for u in self.relay_specs)
+
+    @property
+    def relay_specs(self) -> tuple[UpstreamSpec, ...]:
+        """Each --relay upstream with its balancing options (weight, backup, maxconn)."""
+        return tuple(parse_upstream(r) for r in self.relay)
 
     @property
     def bind_specs(self) -> tuple[BindSpec, ...]:
@@ -283,6 +294,11 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "relay_connect_timeout": (int, float),
     "relay_idle_timeout": (int, float),
     "relay_send_proxy": (bool,),
+    "relay_balance": (str,),
+    "relay_check_interval": (int, float),
+    "relay_slow_start": (int, float),
+    "relay_check_send": (str,),
+    "relay_check_expect": (str,),
     "preload": (bool,),
     "certfile": (str,),
     "keyfile": (str,),
@@ -394,6 +410,55 @@ def _listener_tables(path: str, value: Any) -> list[dict[str, Any]]:
     return tables
 
 
+RELAY_BALANCES = ("leastconn", "roundrobin")
+MAX_UPSTREAMS = 64  # --relay entries: each has a fixed slot in the shared upstream board
+MAX_WEIGHT = 256
+MAX_UPSTREAM_CONNECTIONS = 1_000_000  # ,maxconn=
+
+
+@dataclass(frozen=True)
+class UpstreamSpec:
+    """One --relay upstream: ``HOST:PORT[,weight=N][,backup][,maxconn=N]``."""
+
+    host: str
+    port: int
+    weight: int = 1  # its share of new connections against the others (1-256)
+    backup: bool = False  # used only while every other (primary) upstream is down
+    maxconn: int = 0  # at most this many relayed connections at once, over every worker; 0: no cap
+
+    @property
+    def name(self) -> str:
+        """``HOST:PORT`` (``[V6]:PORT``): how status, metrics and logs name it."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_upstream(text: str) -> UpstreamSpec:
+    """A --relay value: ``HOST:PORT`` then options after commas, ``weight=3``, ``backup``, ``maxconn=100``."""
+    address, *options = text.split(",")
+    spec = parse_bind(address)
+    if spec.is_unix or not spec.host or spec.port == 0:
+        raise ConfigError(f"relay: {quote(text)} must be an upstream HOST:PORT (port 1-65535)")
+    if not re.fullmatch(r"[^\s\x00-\x1f\x7f,]{1,253}", spec.host):
+        raise ConfigError(f"relay: {quote(text)}: {quote(spec.host)} is not a host name or address")
+    values: dict[str, Any] = {}
+    for option in options:
+        key, sep, value = option.strip().partition("=")
+        if key == "backup" and not sep:
+            values["backup"] = True
+        elif key in ("weight", "maxconn") and sep and value.isascii() and value.isdigit():
+            number = int(value[:12])
+            if key == "weight" and not 1 <= number <= MAX_WEIGHT:
+                raise ConfigError(f"relay: {quote(text)}: weight must be 1-{MAX_WEIGHT}, not {cut(value)}")
+            if key == "maxconn" and number > MAX_UPSTREAM_CONNECTIONS:
+                raise ConfigError(f"relay: {quote(text)}: maxconn must be 0 (no cap) to "
+                                  f"{MAX_UPSTREAM_CONNECTIONS}, not {cut(value)}")
+            values[key] = number
+        else:
+            raise ConfigError(f"relay: {quote(text)}: unknown option {quote(option.strip())} "
+                              "(expected weight=N, backup or maxconn=N)")
+    return UpstreamSpec(spec.host, spec.port, **values)
+
+
 def parse_sni(text: str) -> tuple[str, str, str | None]:
     """``SERVERNAME=CERTFILE[,KEYFILE]`` (an --sni value) as (server name, certfile, keyfile)."""
     name, sep, files = text.partition("=")
@@ -445,7 +510,8 @@ def build_config(overrides: Mapping[str, Any], config_file: str | None = None) -
     for key in ("user", "group"):
         if isinstance(merged.get(key), int):
             merged[key] = str(merged[key])
-    for key in ("timeout", "graceful_timeout", "proxy_timeout", "relay_connect_timeout", "relay_idle_timeout"):
+    for key in ("timeout", "graceful_timeout", "proxy_timeout", "relay_connect_timeout", "relay_idle_timeout",
+                "relay_check_interval", "relay_slow_start"):
         if key in merged:
             merged[key] = float(merged[key])
     allow = merged.get("proxy_allow")
@@ -608,10 +674,7 @@ def validate(config: Config) -> None:
                               "(e.g. 10.0.0.0/8 or 127.0.0.1)") from None
     if not 0 < config.proxy_timeout <= 3600:
         raise ConfigError(f"proxy-timeout: {config.proxy_timeout:g} must be more than 0 seconds (at most an hour)")
-    for upstream in config.relay:
-        spec = parse_bind(upstream)
-        if spec.is_unix or not spec.host or spec.port == 0:
-            raise ConfigError(f"relay: {quote(upstream)} must be an upstream HOST:PORT (port 1-65535)")
+    _check_relay_balancing(config)
     if not 0 < config.relay_connect_timeout <= 3600:
         raise ConfigError(f"relay-connect-timeout: {config.relay_connect_timeout:g} must be 0-3600 seconds (not 0)")
     if not 0 <= config.relay_idle_timeout <= 86400 * 7:
@@ -621,6 +684,62 @@ def validate(config: Config) -> None:
     _check_relay_tls(config)
     if config.log_level not in LOG_LEVELS:
         raise ConfigError(f"log-level: unknown level {quote(config.log_level)} (choose from {', '.join(LOG_LEVELS)})")
+
+
+def _check_relay_balancing(config: Config) -> None:
+    """The --relay upstreams with their options, and the balancing settings that go with them."""
+    if len(config.relay) > MAX_UPSTREAMS:
+        raise ConfigError(f"relay: {len(config.relay)} upstreams, more than the {MAX_UPSTREAMS} allowed")
+    names = set()
+    for spec in config.relay_specs:
+        if spec.name in names:
+            raise ConfigError(f"relay: {spec.name} is given twice (give it a weight instead)")
+        names.add(spec.name)
+    if config.relay_balance not in RELAY_BALANCES:
+        raise ConfigError(f"relay-balance: {quote(config.relay_balance)} is not one of {', '.join(RELAY_BALANCES)}")
+    if not (config.relay_check_interval == 0 or 0.05 <= config.relay_check_interval <= 3600):
+        raise ConfigError(f"relay-check-interval: {config.relay_check_interval:g} must be 0 (off) "
+                          "or 0.05-3600 seconds")
+    if not 0 <= config.relay_slow_start <= 3600:
+        raise ConfigError(f"relay-slow-start: {config.relay_slow_start:g} must be 0 (off) to 3600 seconds")
+    for key in ("relay_check_send", "relay_check_expect"):
+        value = getattr(config, key)
+        if value is None:
+            continue
+        option = key.replace("_", "-")
+        if not config.relay_check_interval:
+            raise ConfigError(f"{option}: needs --relay-check-interval SECS")
+        try:
+            raw = check_bytes(value)
+        except ValueError as exc:
+            raise ConfigError(f"{option}: {quote(value)}: {exc}") from None
+        if not raw or len(raw) > 4096:
+            raise ConfigError(f"{option}: {quote(value)} must be 1 to 4096 bytes")
+
+
+def check_bytes(text: str) -> bytes:
+    """A --relay-check-send/--relay-check-expect value as bytes: UTF-8, with \\r, \\n, \\t, \\\\ and \\xHH.
+
+    Raises ``ValueError`` for any other backslash escape.
+    """
+    out = bytearray()
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if char != "\\":
+            out += char.encode("utf-8", "surrogateescape")
+            i += 1
+            continue
+        code = text[i + 1:i + 2]
+        if code in ("r", "n", "t", "\\"):
+            out += {"r": b"\r", "n": b"\n", "t": b"\t", "\\": b"\\"}[code]
+            i += 2
+        elif code == "x" and re.fullmatch(r"[0-9A-Fa-f]{2}", text[i + 2:i + 4]):
+            out.append(int(text[i + 2:i + 4], 16))
+            i += 4
+        else:
+            raise ValueError(f"unknown escape {text[i:i + 2]!r} (\\r, \\n, \\t, \\\\ or \\xHH)")
+    return bytes(out)
 
 
 def _check_relay_tls(config: Config) -> None:

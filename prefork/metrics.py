@@ -161,6 +161,43 @@ def tls_families(status: Mapping[str, Any], stats: Mapping[str, Any]) -> list[Fa
     return [expiry, handshakes, failures]
 
 
+def upstream_families(status: Mapping[str, Any], stats: Mapping[str, Any]) -> list[Family]:
+    """The relay's upstreams: state, weight, open connections and checks (``status``); counters (``stats``)."""
+    up = Family(PREFIX + "upstream_up", "gauge", "1 while the relay sends clients to this upstream, 0 while it "
+                "is down or half-open (one connection or check trying it again).")
+    weight = Family(PREFIX + "upstream_weight", "gauge", "The upstream's configured weight.")
+    active = Family(PREFIX + "upstream_active_connections", "gauge",
+                    "Connections open to this upstream now, over every worker.")
+    latency = Family(PREFIX + "upstream_check_latency_seconds", "gauge", "How long the last active check took.")
+    for u in (u for u in status.get("upstreams", []) if isinstance(u, Mapping)):
+        labels = (("upstream", str(u.get("name", ""))),)
+        if isinstance(u.get("state"), str):
+            up.add(int(u["state"] == "up"), labels)
+        weight.add(u.get("weight"), labels)
+        active.add(u.get("active"), labels)
+        latency.add(u["check_latency_ms"] / 1000 if isinstance(u.get("check_latency_ms"), int | float) else None,
+                    labels)
+    counters = [(key, Family(PREFIX + name, "counter", text)) for key, name, text in (
+        ("connections", "upstream_connections_total", "Connections relayed to this upstream."),
+        ("failovers", "upstream_failovers_total", "Clients this upstream failed that another upstream took."),
+        ("over_maxconn", "upstream_over_maxconn_total",
+         "Connections sent elsewhere (or closed) because this upstream was at its maxconn."),
+        ("state_changes", "upstream_state_changes_total", "Times this upstream went down or came back up."),
+        ("checks", "upstream_checks_total", "Active checks of this upstream."),
+        ("checks_failed", "upstream_check_failures_total", "Active checks of this upstream that failed."),
+    )]
+    failed = Family(PREFIX + "upstream_failures_total", "counter",
+                    "Failed attempts to connect to this upstream, by reason (refused, timeout, tls, other).")
+    for u in (u for u in stats.get("upstreams", []) if isinstance(u, Mapping)):
+        labels = (("upstream", str(u.get("name", ""))),)
+        for key, family in counters:
+            family.add(u.get(key), labels)
+        by_reason = u.get("failed")
+        for reason, value in by_reason.items() if isinstance(by_reason, Mapping) else ():
+            failed.add(value, (*labels, ("reason", str(reason))))
+    return [up, weight, active, latency, *(family for _, family in counters), failed]
+
+
 def families(status: Mapping[str, Any], stats: Mapping[str, Any]) -> list[Family]:
     """The metric families of a ``status`` and a ``stats`` reply taken at about the same time."""
     out: list[Family] = []
@@ -198,7 +235,7 @@ def families(status: Mapping[str, Any], stats: Mapping[str, Any]) -> list[Family
         for w in workers:
             family.add(w.get(key), worker_labels(w))
         out.append(family)
-    return out + tls_families(status, stats)
+    return out + tls_families(status, stats) + upstream_families(status, stats)
 
 
 def render_prometheus(status: Mapping[str, Any], stats: Mapping[str, Any]) -> str:

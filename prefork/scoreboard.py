@@ -13,6 +13,8 @@ from __future__ import annotations
 import ctypes
 import mmap
 
+from prefork.handlers.upstreams import UpstreamBoard
+
 
 class Record(ctypes.Structure):
     """One worker's counters."""
@@ -61,6 +63,8 @@ class Scoreboard:
         self._header = Header.from_buffer(self._mem)
         self._records = (Record * capacity).from_buffer(self._mem, ctypes.sizeof(Header))
         self._free = list(range(capacity - 1, -1, -1))  # lowest first, so live records stay below a low ``used``
+        # the relay's upstreams, shared the same way: per upstream and per worker (by record index)
+        self.upstreams = UpstreamBoard(capacity, used=lambda: int(self._header.used))
 
     def allocate(self, pid: int, generation: int, now: float) -> int:
         """Take a free record, zeroed, for a worker about to be forked (raises IndexError when full)."""
@@ -77,6 +81,7 @@ class Scoreboard:
         """Free a gone worker's record (its counters already read): it is nobody's sibling any more."""
         record = self._records[index]
         record.pid = record.generation = record.active = record.accepting = 0
+        self.upstreams.retire(index)
         self._free.append(index)
 
     @property

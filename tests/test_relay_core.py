@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 from prefork.handlers import relay_core
 from prefork.handlers.aio import RelayProtocol
 from prefork.handlers.relay import RelayHandler
-from prefork.handlers.relay_core import Event, RelaySettings, Rotation
+from prefork.handlers.relay_core import Event, RelaySettings
+from prefork.handlers.upstreams import Balanced
 from prefork.proxy_protocol import parse
 
 A, B, C = ("10.0.0.1", 7000), ("10.0.0.2", 7000), ("10.0.0.3", 7001)
@@ -155,56 +156,61 @@ def test_settings_are_checked_when_a_subclass_is_made() -> None:
         type("Sub", (good,), {"idle_timeout": -1})
 
 
-def test_each_subclass_has_its_own_rotation() -> None:
-    first = type("First", (RelaySettings,), {"upstreams": (A, B)})
-    second = type("Second", (RelaySettings,), {"upstreams": (A, B)})
+def test_each_subclass_has_its_own_balancer() -> None:
+    first = type("First", (Balanced,), {"upstreams": (A, B)})
+    second = type("Second", (Balanced,), {"upstreams": (A, B)})
     child = type("Child", (first,), {})
-    assert len({id(first._rotation), id(second._rotation), id(child._rotation), id(RelaySettings._rotation)}) == 4
-    assert first._rotation.candidates(first.upstreams) == [A, B]
-    assert first._rotation.candidates(first.upstreams) == [B, A]
-    assert second._rotation.candidates(second.upstreams) == [A, B]  # whatever first did
-    assert child._rotation.candidates(child.upstreams) == [A, B]
+    assert len({id(first.balancer), id(second.balancer), id(child.balancer)}) == 3
+    assert first.balancer.candidates() == [A, B]
+    assert first.balancer.candidates() == [B, A]
+    assert second.balancer.candidates() == [A, B]  # whatever first did
+    assert child.balancer.candidates() == [A, B]
 
 
 # -- upstream order ----------------------------------------------------------------------------------------
 
 
-def test_round_robin_with_the_rest_as_failover() -> None:
-    rotation = Rotation()
-    assert [rotation.candidates((A, B, C)) for _ in range(4)] == [[A, B, C], [B, C, A], [C, A, B], [A, B, C]]
+def balancer(upstreams: Any, balance: str = "leastconn") -> Any:
+    return type("Relay", (Balanced,), {"upstreams": tuple(upstreams), "balance": balance}).balancer
+
+
+@pytest.mark.parametrize("balance", ["leastconn", "roundrobin"])
+def test_idle_upstreams_take_turns_with_the_rest_as_failover(balance: str) -> None:
+    picks = balancer((A, B, C), balance)
+    got = [picks.candidates() for _ in range(4)]
+    assert [order[0] for order in got] == [A, B, C, A]
+    assert all(sorted(order) == sorted((A, B, C)) for order in got)
 
 
 @pytest.mark.parametrize("upstreams", [(), (A,)])
-def test_one_upstream_or_none_does_not_turn_the_rotation(upstreams: tuple[tuple[str, int], ...]) -> None:
-    rotation = Rotation()
+def test_one_upstream_or_none(upstreams: tuple[tuple[str, int], ...]) -> None:
+    picks = balancer(upstreams)
     for _ in range(3):
-        assert rotation.candidates(upstreams) == list(upstreams)
-    assert rotation.candidates((A, B)) == [A, B]  # still at its first turn
+        assert picks.candidates() == list(upstreams)
 
 
 def test_candidates_are_a_new_list_each_time() -> None:
-    rotation = Rotation()
-    upstreams = [A]
-    got = rotation.candidates(upstreams)
+    picks = balancer([A])
+    got = picks.candidates()
     got.append(B)
-    assert upstreams == [A] and rotation.candidates(upstreams) == [A]
+    assert picks.candidates() == [A]
 
 
 @given(st.lists(st.tuples(hosts, ports), min_size=2, max_size=6, unique=True), st.integers(1, 20))
 def test_each_call_starts_one_further_and_tries_every_upstream(upstreams: list[tuple[str, int]], calls: int) -> None:
-    rotation = Rotation()
+    picks = balancer(upstreams, "roundrobin")
     for turn in range(calls):
         first = turn % len(upstreams)
-        assert rotation.candidates(upstreams) == upstreams[first:] + upstreams[:first]
+        assert picks.candidates() == [upstreams[first], *(u for u in upstreams if u != upstreams[first])]
 
 
-def test_threads_share_a_rotation_evenly() -> None:
-    rotation = Rotation()
+def test_threads_share_a_balancer_evenly() -> None:
+    picks = balancer((A, B, C))
     starts: Counter[tuple[str, int]] = Counter()
     lock = threading.Lock()
 
     def pick() -> None:
-        mine = Counter(rotation.candidates((A, B, C))[0] for _ in range(3000))
+        mine = Counter(picks.candidates()[0] for _ in range(3000))
         with lock:
             starts.update(mine)
 
@@ -346,6 +352,8 @@ def test_no_upstream_is_a_warning_and_an_error() -> None:
     assert text(event) == ("relay for client 127.0.0.1:5555: cannot connect upstream: 127.0.0.1:7000 "
                            "(connection refused); closing the client connection")
     assert "cannot connect upstream: no upstream configured;" in text(relay_core.no_upstream(CLIENT, []))
+    assert "cannot connect upstream: every upstream is down or at its maxconn;" in text(
+        relay_core.no_upstream(CLIENT, [], skipped=True))
 
 
 def test_an_upstream_failing_is_a_warning_and_an_error() -> None:
@@ -422,4 +430,4 @@ def test_both_forms_share_the_settings_and_count_their_own_bytes(form: type[Any]
     assert configured.counts_bytes is True
     relay = configured.__new__(configured)  # no connection: only the choice of upstream is exercised
     assert [relay.upstream_candidates() for _ in range(3)] == [[A, B], [B, A], [A, B]]
-    assert type("Other", (form,), {"upstreams": (A, B)})._rotation is not configured._rotation
+    assert type("Other", (form,), {"upstreams": (A, B)}).balancer is not configured.balancer

@@ -175,7 +175,9 @@ def test_relayed_bytes_and_upstream_errors_counted(daemon_factory: Callable[...,
     dead = relay(daemon_factory, worker_class, free_port(), name="dead")
     with dead.connect(timeout=10) as s:
         s.sendall(b"x")
-        assert s.recv(1) == b""
+        # closed at once; an RST rather than the FIN when the "x" was in before the close (unread bytes)
+        with contextlib.suppress(ConnectionResetError):
+            assert s.recv(1) == b""
     wait_for(lambda: dead.call("stats")["errors"] == 1, 10, "the upstream error counted")
 
 

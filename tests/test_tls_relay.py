@@ -779,7 +779,7 @@ def test_upstream_with_the_wrong_ca_fails_over_to_a_good_one(daemon_factory: Cal
     bad = upstreams(echo, server_context(wrong))
     good = upstreams(echo, server_context(pki.server()))
     d = relay(daemon_factory, worker_class, bad.port, good.port, extra=originate(pki), workers=1)
-    for i in range(4):  # the rotation starts one further each time: some connections try the bad one first
+    for i in range(4):  # the first connection tries the bad one first; it is down after that (passive health)
         with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
             s.sendall(b"ping %d\n" % i)
             assert recv_exact(s, 7) == b"ping %d\n" % i
@@ -787,7 +787,7 @@ def test_upstream_with_the_wrong_ca_fails_over_to_a_good_one(daemon_factory: Cal
     line = next(line for line in d.log().splitlines() if "instead" in line)
     assert (f"upstream 127.0.0.1:{bad.port} (TLS handshake: certificate verify failed: "
             f"unable to get local issuer certificate) unavailable") in line
-    assert bad.accepted >= 2 and good.accepted == 4
+    assert bad.accepted >= 1 and good.accepted == 4
 
 
 @pytest.mark.timeout(60)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -116,6 +117,29 @@ def tls_lines(s: Reply) -> list[str]:
     return out
 
 
+def upstream_lines(s: Reply) -> list[str]:
+    """One line per relay upstream: its state, settings, open connections, failures and last check."""
+    out = []
+    for u in s.get("upstreams") or []:
+        state = str(u.get("state"))
+        if state == "down" and u.get("since"):
+            state += f" since {time.strftime('%H:%M:%S', time.localtime(u['since']))}"
+        if u.get("retry_in_s") is not None:
+            state += f", retried in {u['retry_in_s']:.1f}s"
+        extras = [f"weight {u.get('weight')}"] + (["backup"] if u.get("backup") else []) \
+            + ([f"maxconn {u['maxconn']}"] if u.get("maxconn") else [])
+        failed = u.get("failed") or {}
+        failures = ", ".join(f"{k} {v}" for k, v in failed.items() if v)
+        check = ""
+        if u.get("last_check"):
+            check = (f"; last check {'ok' if u.get('check_ok') else 'failed'} in {u.get('check_latency_ms'):.1f} ms, "
+                     f"{human_age(max(0.0, time.time() - u['last_check']))} ago")
+        out.append(f"upstream {u.get('name')}: {state} ({', '.join(extras)}); {u.get('active')} open, "
+                   f"{u.get('connections')} relayed, {u.get('failures')} failure(s) in a row"
+                   f"{' (' + failures + ' in all)' if failures else ''}{check}")
+    return out
+
+
 def format_status(s: Reply) -> str:
     out = [
         f"{s['name']}: master pid {s['pid']}, {s['state']}, generation {s['generation']}, "
@@ -124,6 +148,7 @@ def format_status(s: Reply) -> str:
         f"{' (' + s['event_loop'] + ')' if s.get('event_loop') else ''} of {s['handler']}",
         f"listening on {', '.join(s['listeners'])}",
         *tls_lines(s),
+        *upstream_lines(s),
         "",
     ]
     rows = [
@@ -150,6 +175,13 @@ def format_stats(s: Reply) -> str:
         failures = ", ".join(f"{r} {n}" for r, n in tls.get("failures", {}).items() if n)
         out.append(f"tls handshakes: {tls.get('handshakes')} ({versions})")
         out.append(f"tls handshake failures: {tls.get('failed')}{' (' + failures + ')' if failures else ''}")
+    for u in s.get("upstreams") or []:
+        failed = u.get("failed") or {}
+        out.append(f"upstream {u.get('name')}: {u.get('state')}, {u.get('connections')} relayed, "
+                   f"{u.get('active')} open, failed {sum(failed.values())} "
+                   f"({', '.join(f'{k} {v}' for k, v in failed.items())}), failovers {u.get('failovers')}, "
+                   f"over maxconn {u.get('over_maxconn')}, state changes {u.get('state_changes')}, "
+                   f"checks {u.get('checks')} ({u.get('checks_failed')} failed)")
     return "\n".join(out)
 
 

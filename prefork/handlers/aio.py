@@ -14,7 +14,8 @@ import ssl
 from typing import Any
 
 from prefork.handlers import relay_core
-from prefork.handlers.relay_core import RelaySettings, Upstream
+from prefork.handlers.relay_core import Upstream
+from prefork.handlers.upstreams import Balanced
 from prefork.workers.connection import account, tcp_last_data_recv_ms
 
 log = logging.getLogger(__name__)
@@ -80,15 +81,18 @@ class _UpstreamSide(asyncio.Protocol):
             self.relay.upstream_lost(exc)
 
 
-class RelayProtocol(RelaySettings, asyncio.Protocol):
+class RelayProtocol(Balanced, asyncio.Protocol):
     """Forward each client connection to an upstream, bytes both ways, half-close propagated.
 
     The asyncio form of :class:`prefork.handlers.relay.RelayHandler`, configured
     the same way, by subclassing (the daemon does it for ``--relay``):
     ``upstreams``, ``connect_timeout``, ``idle_timeout`` (None: never),
-    ``send_proxy``, checked when the subclass is made. Connections take the
-    upstreams in turn, failing over to the next; override
-    :meth:`upstream_candidates` to choose per connection. Which upstream, the
+    ``send_proxy``, the balancing settings (``upstream_specs``, ``balance``,
+    ``check_interval``, ``slow_start``), checked when the subclass is made.
+    Connections are balanced over the upstreams by
+    :class:`prefork.handlers.upstreams.Balancer` (health shared by every
+    worker, least connections or weighted round robin), failing over to the
+    next; override :meth:`upstream_candidates` to choose per connection. Which upstream, the
     PROXY header, the log lines and what counts as an error are
     :mod:`prefork.handlers.relay_core`'s, shared with the socketserver form.
 
@@ -129,18 +133,19 @@ class RelayProtocol(RelaySettings, asyncio.Protocol):
         self._early_eof = False
         self._tls_client = False
         self._client_gone = False  # a TLS client ended before the upstream was there; its bytes still go
+        self._upstream_index: int | None = None  # the balancer's index of the upstream held open, until close()
 
     # -- hooks --------------------------------------------------------------------------------------
 
     def upstream_candidates(self) -> list[Upstream]:
         """The upstreams to try for this connection, in order; the first that accepts is used.
 
-        May be overridden (``self.client_address`` is set). The default rotates
-        over :attr:`upstreams` (round robin per class and process), the rest
-        following as failover. Returning an empty list closes the client's
+        May be overridden (``self.client_address`` is set). The default is the
+        balancer's choice (:func:`relay_core.choose`, as the socketserver
+        form's), the rest following as failover. Returning an empty list closes the client's
         connection (logged as no upstream).
         """
-        return self._rotation.candidates(self.upstreams)
+        return self.balancer.candidates()
 
     def proxy_header(self) -> bytes:
         """The PROXY v2 header announcing this connection: the client and the address it connected to.
@@ -166,28 +171,24 @@ class RelayProtocol(RelaySettings, asyncio.Protocol):
         self._task = asyncio.get_running_loop().create_task(self._connect())
 
     async def _connect(self) -> None:
-        loop = asyncio.get_running_loop()
         failures: list[str] = []
-        for address in self.upstream_candidates():
-            host, port = address
-            deadline = loop.time() + self.connect_timeout
+        balancer = self.balancer
+        candidates = self.upstream_candidates()
+        for n, address in enumerate(candidates):
+            i = balancer.attempt(address)
             try:
-                # asyncio.timeout, not wait_for: on Python 3.11 wait_for wraps the connect in a task of its own
-                async with asyncio.timeout(self.connect_timeout):
-                    transport, side = await loop.create_connection(lambda: _UpstreamSide(self), host, port)
-            except OSError as exc:  # the timeout's TimeoutError is one too
-                failures.append(relay_core.attempt_failed(address, exc, self.connect_timeout))
+                side = await self._open_upstream(address)
+            except relay_core.AttemptFailed as failed:
+                balancer.failed(i, failed.error, failed.stage, failover=n < len(candidates) - 1)
+                failures.append(failed.words(address, self.connect_timeout))
                 continue
-            if self.send_proxy:
-                transport.write(self.proxy_header())  # first and in clear, before a TLS handshake
-            if self.upstream_tls is not None:
-                try:
-                    side.transport = await self._start_tls(transport, side, host, deadline - loop.time())
-                except OSError as exc:  # start_tls closed the connection
-                    failures.append(relay_core.attempt_failed(address, exc, self.connect_timeout,
-                                                              stage="TLS handshake"))
-                    continue
+            except BaseException:  # cancelled: the client went away
+                balancer.give_up(i)
+                raise
+            balancer.connected(i)
+            self._upstream_index = i  # open until close()
             if self._closed:  # the client went away while we connected
+                self._finished()
                 if side.transport is not None:
                     side.transport.close()
                 return
@@ -202,8 +203,41 @@ class RelayProtocol(RelaySettings, asyncio.Protocol):
                 return
             self._start(side)
             return
-        self._report(relay_core.no_upstream(self.client_address, failures))
+        self._report(relay_core.no_upstream(self.client_address, failures, skipped=bool(self.upstreams)))
         self.close()
+
+    async def _open_upstream(self, address: Upstream) -> _UpstreamSide:
+        """Connect to ``address``, send the PROXY header, do the TLS handshake; raises ``AttemptFailed``."""
+        loop = asyncio.get_running_loop()
+        host = address[0]  # the name TLS asks for and verifies
+        deadline = loop.time() + self.connect_timeout
+        error: OSError | None = None
+        for target_host, target_port in self.balancer.addresses_for(address):  # as resolved for this generation
+            try:
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for wraps the connect in a task of its own
+                async with asyncio.timeout(self.connect_timeout):
+                    transport, side = await loop.create_connection(lambda: _UpstreamSide(self), target_host,
+                                                                   target_port)
+                break
+            except OSError as exc:  # the timeout's TimeoutError is one too
+                error = exc
+        else:
+            assert error is not None
+            raise relay_core.AttemptFailed("", error) from error
+        if self.send_proxy:
+            transport.write(self.proxy_header())  # first and in clear, before a TLS handshake
+        if self.upstream_tls is not None:
+            try:
+                side.transport = await self._start_tls(transport, side, host, deadline - loop.time())
+            except OSError as exc:  # start_tls closed the connection
+                raise relay_core.AttemptFailed("TLS handshake", exc) from exc
+        return side
+
+    def _finished(self) -> None:
+        """The upstream connection this relay held is over (counted once)."""
+        if self._upstream_index is not None:
+            self.balancer.finished(self._upstream_index)
+            self._upstream_index = None
 
     async def _start_tls(self, transport: asyncio.Transport, side: _UpstreamSide, host: str,
                          remaining: float) -> asyncio.Transport:
@@ -344,6 +378,7 @@ class RelayProtocol(RelaySettings, asyncio.Protocol):
         if self._closed:
             return
         self._closed = True
+        self._finished()
         if self.record is not None and self.client is not None:
             account(self.record, self.client.get_extra_info("socket"))  # the socket is still open here
         if self._idle_handle is not None:

@@ -54,7 +54,8 @@ from typing import Any
 
 from prefork import tls
 from prefork.handlers import relay_core
-from prefork.handlers.relay_core import RelaySettings, Upstream
+from prefork.handlers.relay_core import Upstream
+from prefork.handlers.upstreams import Balanced, connect_first
 from prefork.workers.connection import format_peer
 
 __all__ = ["RelayHandler"]
@@ -645,7 +646,7 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class RelayHandler(RelaySettings, socketserver.BaseRequestHandler):
+class RelayHandler(Balanced, socketserver.BaseRequestHandler):
     """Forward the connection to an upstream and copy bytes both ways until both sides are done.
 
     Configure by subclassing (the daemon's ``--relay`` options make such a
@@ -658,8 +659,11 @@ class RelayHandler(RelaySettings, socketserver.BaseRequestHandler):
     The settings (``upstreams``, ``connect_timeout``, ``idle_timeout``,
     ``send_proxy``, ``upstream_tls``, ``upstream_server_name``, and
     ``buffer_size`` here) are checked when the subclass is made: a mistake
-    raises there, once. Connections take the upstreams in turn; when one
-    refuses, times out or fails its TLS handshake the next is tried. To pick
+    raises there, once. Connections are balanced over the upstreams by
+    :class:`prefork.handlers.upstreams.Balancer` (``upstream_specs``:
+    weights, backups, caps; ``balance``; ``check_interval``;
+    ``slow_start``); when one refuses, times out or fails its TLS handshake
+    it is marked down for every worker and the next is tried. To pick
     the upstream per connection, override :meth:`upstream_candidates`. These decisions, the
     PROXY header and the log lines are :mod:`prefork.handlers.relay_core`'s,
     shared with the asyncio form (:class:`prefork.handlers.aio.RelayProtocol`).
@@ -699,6 +703,7 @@ class RelayHandler(RelaySettings, socketserver.BaseRequestHandler):
     counts_bytes = True  # into self.server.record as they move: the worker need not read TCP_INFO too
 
     upstream_address: Upstream | None = None  # set per connection by connect_upstream()
+    _upstream_index: int | None = None  # its index in the balancer (None: not one of ours), for finished()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -709,8 +714,11 @@ class RelayHandler(RelaySettings, socketserver.BaseRequestHandler):
     def upstream_candidates(self) -> list[Upstream]:
         """The upstreams to try for this connection, in order; the first that accepts is used.
 
-        May be overridden. The default rotates over :attr:`upstreams` (round
-        robin per class and process), the rest following as failover. An
+        May be overridden. The default is the balancer's choice
+        (:func:`relay_core.choose`: least connections over every worker for
+        their weight, or weighted round robin; down upstreams left out,
+        backups only while every primary is down), the rest following as
+        failover. An
         override may use ``self.client_address`` and ``self.server``; for
         example, to keep each client on one upstream while it is up::
 
@@ -723,7 +731,7 @@ class RelayHandler(RelaySettings, socketserver.BaseRequestHandler):
 
         Returning an empty list closes the client's connection (logged as no upstream).
         """
-        return self._rotation.candidates(self.upstreams)
+        return self.balancer.candidates()
 
     def connect_upstream(self) -> socket.socket | None:
         """Connect to the first reachable candidate; None (logged, counted) when none is.
@@ -739,30 +747,49 @@ class RelayHandler(RelaySettings, socketserver.BaseRequestHandler):
         ``ssl.SSLSocket`` for TLS), and ``self.upstream_address`` names it in log lines.
         """
         failures: list[str] = []
-        for address in self.upstream_candidates():
-            deadline = time.monotonic() + self.connect_timeout
+        balancer = self.balancer
+        candidates = self.upstream_candidates()
+        for n, address in enumerate(candidates):
+            i = balancer.attempt(address)
             try:
-                upstream = socket.create_connection(address, timeout=self.connect_timeout)
-            except OSError as exc:
-                failures.append(relay_core.attempt_failed(address, exc, self.connect_timeout))
+                upstream = self._open_upstream(address)
+            except relay_core.AttemptFailed as failed:
+                balancer.failed(i, failed.error, failed.stage, failover=n < len(candidates) - 1)
+                failures.append(failed.words(address, self.connect_timeout))
                 continue
-            stage = "PROXY header"
-            try:
-                if self.send_proxy:
-                    upstream.sendall(self.proxy_header(self.request))  # still bounded by connect_timeout
-                if self.upstream_tls is not None:
-                    stage = "TLS handshake"
-                    upstream = self._start_tls(upstream, address[0], deadline)
-            except OSError as exc:
-                upstream.close()
-                failures.append(relay_core.attempt_failed(address, exc, self.connect_timeout, stage=stage))
-                continue
+            except BaseException:
+                balancer.give_up(i)
+                raise
+            balancer.connected(i)
             if failures:
                 self._report(relay_core.failed_over(self.client_address, failures, address))
             self.upstream_address = address
+            self._upstream_index = i
             return upstream
-        self._report(relay_core.no_upstream(self.client_address, failures))
+        self._report(relay_core.no_upstream(self.client_address, failures, skipped=bool(self.upstreams)))
         return None
+
+    def _open_upstream(self, address: Upstream) -> socket.socket:
+        """Connect to ``address``, send the PROXY header, do the TLS handshake; raises ``AttemptFailed``."""
+        deadline = time.monotonic() + self.connect_timeout
+        try:
+            upstream = connect_first(self.balancer.addresses_for(address), self.connect_timeout)
+        except OSError as exc:
+            raise relay_core.AttemptFailed("", exc) from exc
+        stage = "PROXY header"
+        try:
+            if self.send_proxy:
+                upstream.sendall(self.proxy_header(self.request))  # still bounded by connect_timeout
+            if self.upstream_tls is not None:
+                stage = "TLS handshake"
+                upstream = self._start_tls(upstream, address[0], deadline)
+        except OSError as exc:
+            upstream.close()
+            raise relay_core.AttemptFailed(stage, exc) from exc
+        except BaseException:
+            upstream.close()
+            raise
+        return upstream
 
     def _start_tls(self, upstream: socket.socket, host: str, deadline: float) -> ssl.SSLSocket:
         """The TLS handshake on ``upstream`` by ``deadline``, verifying its certificate; raises ``OSError``.
@@ -817,6 +844,8 @@ class RelayHandler(RelaySettings, socketserver.BaseRequestHandler):
         finally:
             tls.close_notify(upstream)  # a TLS upstream left early (idle, the client failed) sees a clean end
             upstream.close()
+            self.balancer.finished(self._upstream_index)
+            self._upstream_index = None
 
     def _relay(self, client: socket.socket, upstream: socket.socket) -> None:
         """Hand both sockets to the process's relay loop and wait until it is done with them.

@@ -9,8 +9,13 @@ drift apart:
 * the settings, checked when a configured subclass is made
   (:class:`RelaySettings`, :func:`check_upstreams`, :func:`check_timeouts`,
   :func:`check_buffer_size`), so a mistake fails once and not per connection;
-* which upstreams a connection tries, in what order (:class:`Rotation`:
-  round robin with failover, one rotation per configured subclass);
+* which upstreams a connection tries, in what order (:func:`choose`: least
+  connections over every worker or weighted round robin, backups, caps, the
+  half-open try of an upstream that was down, failover), and how an
+  upstream's health moves on a failure or a success (:func:`admission`,
+  :func:`after_failure`, :func:`after_success`, :func:`backoff`,
+  :func:`change`, :func:`failure_kind`); the shared state these read and
+  write is :mod:`prefork.handlers.upstreams`;
 * the PROXY v2 header announcing a client (:func:`proxy_header`), with the
   TLS the client spoke (:class:`ClientTls`, :func:`ssl_tlv`) when it did;
 * the name a TLS upstream is asked for and verified against (:func:`server_name`);
@@ -27,7 +32,6 @@ Nothing here touches a socket, a loop or a logger: each form logs an
 from __future__ import annotations
 
 import ipaddress
-import itertools
 import logging
 import math
 import os
@@ -35,23 +39,37 @@ import re
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final, TypeAlias
+from typing import Any, Final, TypeAlias
 
+from prefork.config import UpstreamSpec
 from prefork.proxy_protocol import PP2_TYPE_ALPN, PP2_TYPE_SSL, build_v2
 from prefork.workers.connection import format_peer
 
 __all__ = [
+    "AttemptFailed",
+    "Choice",
     "ClientTls",
     "Event",
+    "Health",
     "RelaySettings",
-    "Rotation",
+    "Turns",
     "Upstream",
+    "admission",
+    "after_failure",
+    "after_success",
     "attempt_failed",
+    "backoff",
+    "change",
     "check_buffer_size",
+    "check_specs",
     "check_timeouts",
     "check_upstreams",
+    "choose",
+    "claimed",
     "client_failed",
+    "effective_weight",
     "failed_over",
+    "failure_kind",
     "idle",
     "no_upstream",
     "proxy_header",
@@ -84,6 +102,16 @@ def check_upstreams(owner: str, upstreams: Any) -> tuple[Upstream, ...]:
     return tuple(checked)
 
 
+def check_specs(owner: str, upstreams: tuple[Upstream, ...], specs: Any) -> tuple[UpstreamSpec, ...]:
+    """Each upstream's balancing options: ``specs`` when given (one per upstream, same order), else weight 1 each."""
+    if not specs:
+        return tuple(UpstreamSpec(host, port) for host, port in upstreams)
+    if not (isinstance(specs, Sequence) and all(isinstance(s, UpstreamSpec) for s in specs)
+            and [(s.host, s.port) for s in specs] == list(upstreams)):
+        raise TypeError(f"{owner}.upstream_specs must be one UpstreamSpec per upstream, in the same order")
+    return tuple(specs)
+
+
 def check_timeouts(owner: str, connect_timeout: Any, idle_timeout: Any) -> None:
     """``ValueError`` naming ``owner`` unless both timeouts are positive finite seconds (``idle_timeout``: or None)."""
     if not _is_seconds(connect_timeout):
@@ -108,35 +136,13 @@ def _is_seconds(value: Any) -> bool:
             and math.isfinite(value) and value > 0)
 
 
-class Rotation:
-    """Round robin with failover: each connection starts one upstream further, the rest follow in order.
-
-    One per configured relay class (see :class:`RelaySettings`), so two relays
-    in one process do not share a rotation. A single upstream (or none) does
-    not turn it. Safe from several threads: ``next()`` on the counter is atomic
-    under the GIL.
-    """
-
-    __slots__ = ("_turns",)
-
-    def __init__(self) -> None:
-        self._turns = itertools.count()
-
-    def candidates(self, upstreams: Sequence[Upstream]) -> list[Upstream]:
-        """The upstreams to try for the next connection, in order."""
-        if len(upstreams) < 2:
-            return list(upstreams)
-        first = next(self._turns) % len(upstreams)
-        return [*upstreams[first:], *upstreams[:first]]
-
-
 class RelaySettings:
     """The settings both relay forms are configured by, checked once when a subclass is made.
 
     Configure a relay by subclassing its form (the daemon's ``--relay`` options
     make such a subclass with ``type(...)``); a bad value raises ``TypeError``
     or ``ValueError`` from the class statement, naming the class and the
-    setting. Each subclass also gets its own :class:`Rotation`.
+    setting. (:class:`prefork.handlers.upstreams.Balanced` adds the balancer both forms use.)
     """
 
     upstreams: tuple[Upstream, ...] = ()
@@ -146,15 +152,23 @@ class RelaySettings:
     upstream_tls: ssl.SSLContext | None = None  # connect upstream with TLS (--relay-tls), verified by this context
     upstream_server_name: str | None = None  # the name asked for (SNI) and verified; None: the upstream's host
 
-    # The one piece of class-level state: the round-robin position must outlive a connection.
-    # Each subclass gets its own (__init_subclass__).
-    _rotation: ClassVar[Rotation] = Rotation()
+    # the relay as a load balancer (prefork.handlers.upstreams.Balancer)
+    upstream_specs: tuple[UpstreamSpec, ...] = ()  # per upstream (same order): weight, backup, maxconn
+    balance: str = "leastconn"  # or "roundrobin"; both weighted
+    check_interval: float = 0.0  # seconds between active checks (start_checks); 0: passive health only
+    slow_start: float = 0.0  # seconds an upstream that came back takes to reach its full weight
+    check_send: bytes | None = None  # what a check sends once connected (and its TLS is up)
+    check_expect: bytes | None = None  # what the answer must contain; None: no answer awaited
+    upstream_board: Any = None  # the daemon's shared UpstreamBoard (in a worker); None: this process's own
+    worker_index: int = 0  # this worker's index in upstream_board
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls._rotation = Rotation()
         cls.upstreams = check_upstreams(cls.__name__, cls.upstreams)
         check_timeouts(cls.__name__, cls.connect_timeout, cls.idle_timeout)
+        cls.upstream_specs = check_specs(cls.__name__, cls.upstreams, cls.upstream_specs)
+        if cls.balance not in (LEASTCONN, ROUNDROBIN):
+            raise ValueError(f"{cls.__name__}.balance must be {LEASTCONN!r} or {ROUNDROBIN!r}, not {cls.balance!r}")
 
 
 def server_name(configured: str | None, host: str) -> str:
@@ -340,6 +354,19 @@ def _ssl_words(exc: ssl.SSLError) -> str:
     return text
 
 
+class AttemptFailed(Exception):
+    """One connection attempt failed: at ``stage`` ("" for the connect itself, "PROXY header", "TLS handshake")."""
+
+    def __init__(self, stage: str, error: OSError) -> None:
+        super().__init__(stage, error)
+        self.stage = stage
+        self.error = error
+
+    def words(self, address: Any, timeout: float | None = None) -> str:
+        """For a log line, as :func:`attempt_failed` says it."""
+        return attempt_failed(address, self.error, timeout, stage=self.stage)
+
+
 def attempt_failed(address: Any, exc: BaseException, timeout: float | None = None, *, stage: str = "") -> str:
     """One failed connection attempt for a log line: "127.0.0.1:7000 (connection refused)".
 
@@ -375,9 +402,16 @@ def failed_over(client: Any, failures: Sequence[str], upstream: Any) -> Event:
                  (format_peer(client), ", ".join(failures), format_peer(upstream)))
 
 
-def no_upstream(client: Any, failures: Sequence[str]) -> Event:
-    """No upstream accepted (``failures``: every attempt), or none was configured: the client is closed."""
-    why = ", ".join(failures) if failures else "no upstream configured"
+def no_upstream(client: Any, failures: Sequence[str], *, skipped: bool = False) -> Event:
+    """No upstream accepted (``failures``: every attempt), or none was tried: the client is closed.
+
+    ``skipped``: upstreams are configured but none could be tried (every one
+    down or at its maxconn); else nothing tried means none is configured.
+    """
+    if failures:
+        why = ", ".join(failures)
+    else:
+        why = "every upstream is down or at its maxconn" if skipped else "no upstream configured"
     return Event(logging.WARNING, "relay for client %s: cannot connect upstream: %s; closing the client connection",
                  (format_peer(client), why), error=True)
 
@@ -398,3 +432,224 @@ def idle(client: Any, upstream: Any, idle_timeout: float) -> Event:
     """No byte either way for ``idle_timeout`` seconds: both sides are closed."""
     return Event(logging.INFO, "relay for client %s: idle for %ss, closing it and upstream %s",
                  (format_peer(client), f"{idle_timeout:g}", format_peer(upstream)))
+
+
+# -- upstream health ---------------------------------------------------------------------------------------
+
+# An upstream's state, as the shared upstream board stores it (prefork.handlers.upstreams)
+UP: Final = 0  # clients are sent to it
+DOWN: Final = 1  # a connect or a check failed: nobody tries it before its retry time
+HALF_OPEN: Final = 2  # its retry time came: one connection (or one check) is trying it now
+STATE_NAMES: Final = ("up", "down", "half-open")
+
+BACKOFF_FIRST: Final = 1.0  # seconds a failed upstream stays down after its first failure ...
+BACKOFF_MAX: Final = 30.0  # ... doubling with each failure in a row, up to this
+
+
+def backoff(failures: int) -> float:
+    """Seconds an upstream that failed ``failures`` times in a row stays down before it is tried again."""
+    if failures <= 0:
+        return 0.0
+    return min(BACKOFF_MAX, BACKOFF_FIRST * 2.0 ** min(failures - 1, 16))
+
+
+@dataclass(frozen=True)
+class Health:
+    """What every worker knows of one upstream (copied in and out of the shared board)."""
+
+    state: int = UP
+    failures: int = 0  # failed connects or checks in a row
+    retry_at: float = 0.0  # monotonic: when a DOWN upstream may be tried again (HALF_OPEN: the try's deadline)
+
+
+# What a connection may do with an upstream, by its health
+USE: Final = "use"
+PROBE: Final = "probe"  # the one half-open try: the connection that claims it tries it first
+SKIP: Final = "skip"
+
+
+def admission(state: int, retry_at: float, now: float) -> str:
+    """Whether a connection may use an upstream now: USE it, PROBE it (its retry time came) or SKIP it.
+
+    A HALF_OPEN upstream whose try outlived its deadline (the worker trying it
+    died) may be claimed again.
+    """
+    if state == UP:
+        return USE
+    return PROBE if now >= retry_at else SKIP
+
+
+def claimed(health: Health, now: float, deadline: float) -> Health:
+    """``health`` once a connection or a check claimed the half-open try, which must end by ``deadline``."""
+    return Health(HALF_OPEN, health.failures, max(now, deadline))
+
+
+def after_failure(health: Health, now: float) -> Health:
+    """``health`` after a failed connect or check: down, until a retry time that backs off as failures go on."""
+    failures = health.failures + 1
+    return Health(DOWN, failures, now + backoff(failures))
+
+
+def after_success(health: Health) -> Health:
+    """``health`` after a connect or a check that worked: up, its failures forgotten."""
+    return Health()
+
+
+def change(before: int, after: int) -> str | None:
+    """What a transition is called in the log and counted as, or None when it is no change anyone sees.
+
+    Only up <-> down counts: a half-open try that fails leaves the upstream down.
+    """
+    if before == UP and after != UP:
+        return "down"
+    if before != UP and after == UP:
+        return "up"
+    return None
+
+
+def failure_kind(exc: BaseException, stage: str = "") -> str:
+    """How a connection attempt failed, as counted per upstream: refused, timeout, tls or other."""
+    if stage == "TLS handshake" or isinstance(exc, ssl.SSLError):
+        return "tls" if not (isinstance(exc, TimeoutError) and not exc.errno) else "timeout"
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    return "other"
+
+
+FAILURE_KINDS: Final = ("refused", "timeout", "tls", "other")
+
+
+# -- choosing an upstream ----------------------------------------------------------------------------------
+
+LEASTCONN: Final = "leastconn"
+ROUNDROBIN: Final = "roundrobin"
+
+
+def effective_weight(weight: int, up_for: float | None, slow_start: float) -> float:
+    """``weight`` while an upstream that came back ``up_for`` seconds ago slow-starts (grows to it linearly).
+
+    ``up_for`` None: it never came back (up since the start), full weight.
+    A tenth of the weight at least, so a restarted upstream is not starved.
+    """
+    if slow_start <= 0 or up_for is None or up_for >= slow_start:
+        return float(weight)
+    return weight * max(0.1, up_for / slow_start)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The upstreams one connection tries, in order (indexes into the configured list)."""
+
+    order: tuple[int, ...]  # the first is the pick, the rest failover
+    probe: int | None = None  # the one due for its half-open try: the caller claims it
+    background: bool = False  # ... and tries it apart from this connection (not in order), which has others
+    full: tuple[int, ...] = ()  # left out for being at their maxconn (counted)
+
+
+class Turns:
+    """Smooth weighted round robin (nginx's): over any window, each upstream's picks follow its weight.
+
+    One per configured relay in a process; what it remembers is each
+    upstream's running credit. Picks among a subset (the usable ones, or the
+    least loaded) spread by weight too. Not shared between workers: each
+    worker's sequence follows the weights, so their sum does.
+    """
+
+    __slots__ = ("_credit",)
+
+    def __init__(self) -> None:
+        self._credit: dict[int, float] = {}
+
+    def pick(self, indexes: Sequence[int], weights: Sequence[float]) -> int:
+        """One of ``indexes`` (non-empty), by ``weights`` (by index)."""
+        if len(indexes) == 1:
+            return indexes[0]
+        credit = self._credit
+        total = 0.0
+        best = indexes[0]
+        best_credit = -math.inf
+        for i in indexes:
+            w = weights[i]
+            total += w
+            c = credit.get(i, 0.0) + w
+            credit[i] = c
+            if c > best_credit:
+                best, best_credit = i, c
+        credit[best] = best_credit - total
+        return best
+
+
+def choose(admissions: Sequence[str], weights: Sequence[float], backups: Sequence[bool],
+           actives: Sequence[int], maxconns: Sequence[int], turns: Turns, balance: str = LEASTCONN) -> Choice:
+    """Which upstreams a new connection tries, in order, from what every worker shares of them.
+
+    Per upstream (by index): its :func:`admission`, effective weight, whether
+    it is a backup, its connections open now over every worker, and its cap
+    (0: none). The rules:
+
+    * a SKIPped (down) upstream is not tried; one at its cap neither (``full``);
+    * the primaries are used while any is usable; the backups only when none is,
+      and then after the primaries as failover;
+    * an upstream due for its half-open try (PROBE) is claimed, one per
+      connection (the others due wait for the next one): tried apart, in
+      the ``background``, when the connection has other upstreams to use,
+      so no client waits on an upstream that may still be dead; first in
+      the order when it has nothing else;
+    * LEASTCONN: the fewest open connections for their weight first; the
+      upstreams less than one connection per unit of weight above the least
+      loaded take turns by weight (an idle daemon: all of them), so one that
+      holds connections is skipped until the others catch up;
+      ROUNDROBIN: weighted round robin, the rest in configured order.
+
+    Nothing usable at all: an empty order (the client is closed at once).
+    """
+    usable: list[int] = []
+    usable_backups: list[int] = []
+    probe: int | None = None
+    probe_backup: int | None = None
+    full: list[int] = []
+    for i, admitted in enumerate(admissions):
+        if admitted == SKIP:
+            continue
+        if maxconns[i] and actives[i] >= maxconns[i]:
+            full.append(i)
+            continue
+        if admitted == PROBE:
+            if backups[i]:
+                probe_backup = i if probe_backup is None else probe_backup
+            elif probe is None:
+                probe = i
+            continue
+        (usable_backups if backups[i] else usable).append(i)
+    if not usable and probe is None:  # every primary is down or full: the backups step in
+        usable, usable_backups, probe = usable_backups, [], probe_backup
+    order = _ranked(usable, weights, actives, turns, balance)
+    order += _ranked(usable_backups, weights, actives, turns, balance, pick=False)
+    if probe is not None and not order:
+        return Choice((probe,), probe, False, tuple(full))
+    return Choice(tuple(order), probe, probe is not None, tuple(full))
+
+
+def _ranked(indexes: list[int], weights: Sequence[float], actives: Sequence[int], turns: Turns, balance: str,
+            *, pick: bool = True) -> list[int]:
+    """``indexes`` in the order to try them: the pick first (when ``pick``), then the rest."""
+    if not indexes:
+        return []
+    if balance == LEASTCONN:
+        ranked = sorted(indexes, key=lambda i: actives[i] / weights[i])
+        if not pick:
+            return ranked
+        # within one connection per unit of weight of the least loaded: close enough to take turns by
+        # weight. Short connections (counts of 0 or 1, one often still closing) then split by weight,
+        # while an upstream that holds connections is a round ahead and left out until the others catch up.
+        bound = actives[ranked[0]] / weights[ranked[0]] + 1
+        close = [i for i in ranked if actives[i] / weights[i] < bound]
+        first = turns.pick(close, weights)
+    else:
+        if not pick:
+            return list(indexes)
+        first = turns.pick(indexes, weights)
+        ranked = indexes
+    return [first, *(i for i in ranked if i != first)]

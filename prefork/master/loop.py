@@ -493,4 +493,5 @@ def _snapshot(master: Master, processes: bool) -> report.Snapshot:
         listeners=[li.address for li in master.listeners], control=master.control.path,
         workers=[pool.sample(w, now, processes=processes) for w in workers], backoff=backoff,
         totals=dataclasses.replace(pool.totals, log_lines_dropped=logs.dropped_lines(), tls=dict(pool.totals.tls)),
-        tls=report.tls_view(gens.tls, master.listeners, master.config))
+        tls=report.tls_view(gens.tls, master.listeners, master.config),
+        upstreams=tuple(pool.scoreboard.upstreams.describe(now, time.time())))

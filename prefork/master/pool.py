@@ -93,6 +93,7 @@ class WorkerPool:
              listener_specs: tuple[str, ...] = ()) -> Worker:
         """Fork a worker; raises OSError (no process) or IndexError (no free scoreboard record)."""
         now = time.monotonic()
+        self.scoreboard.upstreams.assign(config.relay_specs)  # the relay's upstreams, by name, for every worker
         index = self.scoreboard.allocate(0, generation, now)
         self.scoreboard[index].lb_drain = 1 if lb_drain else 0  # before the worker can look
         spec = WorkerSpec(slot=slot, generation=generation, record_index=index, master_pid=self.master_pid,

@@ -113,6 +113,8 @@ class Snapshot:
     totals: Totals
     tls: TlsView = TlsView()
     wall_time: float = field(default_factory=time.time)  # what certificates' days left count from
+    # the relay's upstreams as every worker shares them (prefork.handlers.upstreams.UpstreamBoard.describe)
+    upstreams: tuple[Mapping[str, Any], ...] = ()
 
 
 def open_by_generation(workers: list[WorkerSample]) -> dict[int, int]:
@@ -180,6 +182,11 @@ def relay_tls_info(relay: RelayTls | None) -> dict[str, Any] | None:
             "certificate": cert.describe() if cert is not None else None}
 
 
+# what ``stats`` counts per relay upstream (``status`` shows these and its settings and checks)
+UPSTREAM_STATS = ("name", "state", "active", "connections", "failed", "failovers", "over_maxconn", "state_changes",
+                  "checks", "checks_failed")
+
+
 def worker_info(w: WorkerSample, generation_open: int = 0) -> dict[str, Any]:
     return {
         "pid": w.pid, "slot": w.slot, "generation": w.generation, "state": w.state,
@@ -209,6 +216,8 @@ def status(snap: Snapshot) -> dict[str, Any]:
         # the TLS listeners by address (a plain one is not there), and the relay's TLS to its upstreams
         "tls": {li.address: listener_tls_info(li, snap.wall_time) for li in snap.tls.listeners},
         "relay_tls": relay_tls_info(snap.tls.relay),
+        # each --relay upstream: state, weight, open connections, failures, last check (README)
+        "upstreams": [dict(u) for u in snap.upstreams],
         "control": snap.control,
         "workers": [worker_info(w, by_generation.get(w.generation, 0)) for w in snap.workers],
         "backoff": [
@@ -256,6 +265,7 @@ def stats(snap: Snapshot) -> dict[str, Any]:
         "master_errors": totals.master_errors,
         "log_lines_dropped": totals.log_lines_dropped,
         **tls_section(snap),
+        "upstreams": [{key: u[key] for key in UPSTREAM_STATS if key in u} for u in snap.upstreams],
         "per_worker": [
             {"pid": w.pid, "slot": w.slot, "generation": w.generation, "state": w.state,
              "requests": w.requests, "active": w.active, "errors": w.errors}

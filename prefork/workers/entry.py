@@ -112,10 +112,13 @@ def _serve(spec: WorkerSpec, scoreboard: Scoreboard) -> int:
 
     channel = Channel(spec.channel_fd)
     try:
-        handler = handler_for(spec.config, relay_tls=spec.tls.relay if spec.tls is not None else None)
+        handler = handler_for(spec.config, relay_tls=spec.tls.relay if spec.tls is not None else None,
+                              upstream_board=scoreboard.upstreams, worker_index=spec.record_index)
     except HandlerLoadError as exc:
         channel.send(Event.BOOT_ERROR, str(exc))
         return WORKER_BOOT_ERROR
+    if spec.config.relay:
+        handler.start_checks()  # the relay's active checks, if any: a thread of this worker (README)
     build_worker(spec, handler, scoreboard, channel).run()
     return WORKER_OK
 

@@ -14,7 +14,7 @@ import socketserver
 import ssl
 from typing import Any
 
-from prefork.config import Config
+from prefork.config import Config, check_bytes
 from prefork.handlers.aio import RelayProtocol
 from prefork.handlers.relay import RelayHandler
 
@@ -83,13 +83,17 @@ def _import_object(spec: str) -> Any:
     return obj
 
 
-def handler_for(config: Config, *, relay_tls: ssl.SSLContext | None = None) -> Any:
+def handler_for(config: Config, *, relay_tls: ssl.SSLContext | None = None, upstream_board: Any = None,
+                worker_index: int = 0) -> Any:
     """Load the configured handler for the configured worker class, with the relay settings applied.
 
     The built-in echo has an asyncio form, used under ``async``; ``--relay``
     serves the built-in relay (or the user's relay subclass) in the form the
     worker class runs. ``relay_tls`` is the context the relay connects
-    upstream with (``--relay-tls``, built by :func:`prefork.tls.load`).
+    upstream with (``--relay-tls``, built by :func:`prefork.tls.load`);
+    ``upstream_board`` the daemon's shared one (a worker's, with its
+    ``worker_index``), where every worker's relay keeps the upstreams' health
+    and connections (None: each relay class keeps its own).
     """
     if config.handler_object is not None:  # given by the program that forked us (prefork.api): no import
         handler = check_handler(config.handler_object, config.handler, config.worker_class)
@@ -108,5 +112,13 @@ def handler_for(config: Config, *, relay_tls: ssl.SSLContext | None = None) -> A
         "send_proxy": config.relay_send_proxy,
         "upstream_tls": relay_tls,
         "upstream_server_name": config.relay_sni,
+        "upstream_specs": config.relay_specs,
+        "balance": config.relay_balance,
+        "check_interval": config.relay_check_interval,
+        "slow_start": config.relay_slow_start,
+        "check_send": check_bytes(config.relay_check_send) if config.relay_check_send else None,
+        "check_expect": check_bytes(config.relay_check_expect) if config.relay_check_expect else None,
+        "upstream_board": upstream_board,
+        "worker_index": worker_index,
     }
     return type(handler.__name__, (handler,), {"__module__": handler.__module__, **settings})
