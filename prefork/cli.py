@@ -122,9 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="close a relayed connection idle this long both ways (default 300, 0: never)")
     p.add_argument("--relay-send-proxy", action="store_true",
                    help="announce each client to the upstream with a PROXY protocol v2 header")
-    p.add_argument("--preload", action="store_true",
-                   help="import the handler in the master before forking, so workers share its memory; "
-                        "a reload then starts a new master program on the same sockets (an upgrade)")
+    p.add_argument("--preload", action=argparse.BooleanOptionalAction,
+                   help="on (default): each generation's mold imports the handler once and forks its workers, "
+                        "which share its memory and run its code (respawns too); --no-preload: each worker "
+                        "imports the handler itself after the master forks it (for handlers whose import starts "
+                        "threads or opens connections)")
     _add_tls_options(p)
     p.add_argument("--version", action="version", version=f"prefork {__version__}")
     return p
@@ -320,13 +322,7 @@ def serve(config: Config, overrides: dict[str, Any], argv: list[str]) -> int:
     from prefork.master.loop import Master
 
     setup = prepare_master(config)
-    if not config.preload:
-        return build_master(setup, overrides, argv, Master).run()
-    from prefork.master.rerun import RerunMaster
-    from prefork.preload import preload
-
-    preload(setup)  # the master holds the handler's code now: its reload starts the program again
-    return build_master(setup, overrides, argv, RerunMaster).run()
+    return build_master(setup, overrides, argv, Master).run()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -170,7 +170,7 @@ class Config:
     relay_connect_timeout: float = 5.0
     relay_idle_timeout: float = 300.0  # 0: none
     relay_send_proxy: bool = False
-    preload: bool = False  # import the handler in the master before forking; a reload is then an upgrade
+    preload: bool = True  # workers are forked from a mold per generation that imported the handler
     # TLS on listeners: with certfile and no tls_bind, every --bind address speaks TLS
     certfile: str | None = None
     keyfile: str | None = None

@@ -1,16 +1,15 @@
-"""``--preload``: import the handler in the master before the first fork, so the workers share its pages.
+"""Importing the handler once before forking, so the workers share its pages.
 
-Without it each worker imports the handler's module after it is forked and
-pays for everything the import builds in private memory. With it the master
-imports the module once, then moves every object made so far into the
+A generation's mold (:mod:`prefork.mold.process`; ``--preload``, on by
+default) and the master of a program serving through :mod:`prefork.api`
+import the module here, then move every object made so far into the
 collector's permanent generation (``gc.freeze()``, as the CPython
 documentation advises before forking): a worker's collections then never
 write to those objects' headers, so their pages stay shared copy-on-write.
-The workers serve the object the master holds (``Config.handler_object``).
-
-The master then holds the handler's code, so a reload starts the program
-again as a new master on the same sockets (:mod:`prefork.master.rerun`),
-which imports the code on disk.
+The workers serve the object the importing process holds
+(``Config.handler_object``). With ``--no-preload`` each worker imports the
+handler after it is forked and pays for everything the import builds in
+private memory.
 """
 
 from __future__ import annotations
@@ -52,7 +51,7 @@ def preload_handler(config: Config) -> Config:
         gc.freeze()
     finally:
         gc.enable()
-    log.info("preloaded %s in the master in %.2fs; %d object(s) frozen for the workers to share",
+    log.info("imported %s in %.2fs; %d object(s) frozen for the workers to share",
              config.effective_handler, time.monotonic() - began, gc.get_freeze_count())
     return preloaded
 

@@ -92,7 +92,7 @@ def measure(workers: int, preload: bool, tmp: str) -> tuple[int, list[int]]:
     """(the master's USS, each worker's USS) once every worker has served."""
     control = os.path.join(tmp, f"m{workers}{int(preload)}.sock")
     argv = [sys.executable, "-m", "prefork", "--bind", "127.0.0.1:0", "--workers", str(workers),
-            "--control", control, "--log-level", "warning", *(["--preload"] if preload else []), HANDLER]
+            "--control", control, "--log-level", "warning", *(["--preload"] if preload else ["--no-preload"]), HANDLER]
     proc = subprocess.Popen(argv, env=env(), start_new_session=True, stdout=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + START_TIMEOUT

@@ -256,7 +256,7 @@ class FakePool:
         self.peak = len(self.workers)
 
     def fork(self, slot: int, generation: int, config: Any, listeners: Any, *, max_requests: int,
-             lb_drain: bool, tls: Any = None, listener_specs: tuple[str, ...] = ()) -> Worker:
+             lb_drain: bool, tls: Any = None, listener_specs: tuple[str, ...] = (), mold: Any = None) -> Worker:
         pid = next(self.pids)
         index = self.scoreboard.allocate(pid, generation, time.monotonic())
         worker = Worker(pid=pid, slot=slot, generation=generation, record_index=index, started=time.monotonic())

@@ -11,6 +11,7 @@ drained for a load balancer, systemd) is the :class:`Host`'s, the master.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import random
@@ -33,6 +34,7 @@ from prefork.master.exits import (
     describe_exit,
     failures_after,
 )
+from prefork.master.molds import Mold, Molds, MoldState
 from prefork.master.pool import WorkerPool, kill_pid
 from prefork.master.reload import Reload, Reloads, Waiter, fail, listeners_for, reload_report, reread_config
 from prefork.master.state import Backoff, LbDrain, StopMode, Worker, WorkerState
@@ -70,8 +72,10 @@ class Generations:
     """The serving generation by slot, the reload in flight, and the backoff of each slot."""
 
     def __init__(self, host: Host, pool: WorkerPool, timers: Timers, config: Config, listeners: list[Listener], *,
-                 cli_overrides: dict[str, Any], adopted: bool, tls: TlsSetup | None = None) -> None:
+                 cli_overrides: dict[str, Any], adopted: bool, tls: TlsSetup | None = None,
+                 molds: Molds | None = None) -> None:
         self.host = host
+        self.molds = molds  # None: workers are forked by the master itself (and import the handler themselves)
         self.pool = pool
         self.timers = timers
         self.config = config
@@ -107,14 +111,21 @@ class Generations:
         config = reload.config if reload else self.config
         listeners = reload.listeners if reload else self.listeners
         tls = reload.tls if reload else self.tls
+        generation = reload.generation if reload else self.generation
         max_requests = config.max_requests + random.randint(0, config.max_requests_jitter) if config.max_requests else 0
         try:
-            worker = self.pool.fork(slot, reload.generation if reload else self.generation, config,
+            mold = self._mold(generation, config, listeners, tls)
+            if mold is not None and mold.state is MoldState.LOADING:
+                mold.waiting.add(slot)  # forked once the mold has imported the handler (on_mold_loaded)
+                return None
+            worker = self.pool.fork(slot, generation, config,
                                     [li.sock for li in listeners], max_requests=max_requests,
                                     lb_drain=self.host.lb_drain is not None, tls=tls,
-                                    listener_specs=tuple(li.spec for li in listeners))
+                                    listener_specs=tuple(li.spec for li in listeners),
+                                    mold=functools.partial(self.molds.fork_worker, mold)
+                                    if mold is not None and self.molds is not None else None)
         except (OSError, IndexError) as exc:
-            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "no free scoreboard record"
+            why = (exc.strerror or str(exc)) if isinstance(exc, OSError) else "no free scoreboard record"
             if reload is not None:
                 self.abort_reload(f"cannot fork a worker: {why}")
                 return None
@@ -126,6 +137,75 @@ class Generations:
             return None
         (reload.slots if reload else self.slots)[slot] = worker
         return worker
+
+    # -- molds --------------------------------------------------------------------------------------
+
+    def _mold(self, generation: int, config: Config, listeners: list[Listener], tls: TlsSetup | None) -> Mold | None:
+        """The mold that forks ``generation``'s workers (started now if it has none); None: the master forks.
+
+        A generation whose mold is gone (killed, crashed) gets a new one, which
+        imports the code on disk now: said in the log when its mold dies.
+        """
+        if self.molds is None or not config.preload:
+            return None
+        mold = self.molds.by_generation.get(generation)
+        if mold is None:
+            mold = self.molds.start(generation, config, [li.sock for li in listeners], tls=tls,
+                                    listener_specs=tuple(li.spec for li in listeners))
+        return mold
+
+    def on_mold_loaded(self, mold: Mold) -> None:
+        """A mold imported its handler (its waiting slots are forked now), or failed to."""
+        reload = self.reloads.in_flight
+        in_reload = reload is not None and mold.generation == reload.generation
+        waiting, mold.waiting = sorted(mold.waiting), set()
+        if mold.state is MoldState.READY:
+            for slot in waiting:
+                if in_reload and reload is not None:
+                    if self.reloads.in_flight is reload and slot not in reload.slots:
+                        self.spawn_worker(slot, reload)
+                elif (mold.generation == self.generation and self.host.stopping is None
+                      and slot < self.target and slot not in self.slots):
+                    self.spawn_worker(slot)
+            return
+        assert self.molds is not None
+        self.molds.end(mold)
+        if in_reload:
+            self.abort_reload(mold.error)
+        elif mold.generation == self.generation and self.host.stopping is None:
+            if not self.serving:
+                log.critical("%s", mold.error)
+                self.host.fatal("the handler cannot be loaded, so no worker can serve")
+                return
+            log.error("%s", mold.error)
+            for slot in waiting:
+                backoff = self.backoff.setdefault(slot, Backoff())
+                backoff.failures += 1
+                self._respawn_later(slot, max(backoff_delay(backoff.failures), BACKOFF_FIRST))
+
+    def on_mold_exit(self, mold: Mold, how: str) -> None:
+        """A mold we did not end is gone: the next worker of its generation gets a new one."""
+        if mold.state is MoldState.LOADING:
+            assert self.molds is not None
+            self.molds.loaded(mold)  # what it said before it went (ready or why it failed), else that it died
+            return
+        log.warning("mold of generation %d (pid %d) %s; a new worker of generation %d needs a new mold, "
+                    "which imports the code on disk", mold.generation, mold.pid, how, mold.generation)
+        assert self.molds is not None
+        self.molds.end(mold)
+
+    def end_idle_molds(self) -> None:
+        """End the molds of generations that neither serve, nor start, nor have a live worker left."""
+        if self.molds is None:
+            return
+        reload = self.reloads.in_flight
+        live = {w.generation for w in self.pool.workers.values()}
+        for generation, mold in list(self.molds.by_generation.items()):
+            if generation == self.generation or (reload is not None and generation == reload.generation):
+                continue
+            if generation not in live:
+                log.info("mold of generation %d (pid %d) ends: its generation is gone", generation, mold.pid)
+                self.molds.end(mold)
 
     def _respawn_later(self, slot: int, delay: float) -> None:
         def respawn() -> None:
@@ -142,6 +222,7 @@ class Generations:
             reload.retiring.discard(worker.pid)
             if not reload.retiring:  # the old workers of the last batch are gone: the next one starts
                 self._start_batch(reload)
+        self.end_idle_molds()
 
     def _judge_exit(self, worker: Worker, status: int) -> None:
         how, clean = describe_exit(status, worker.signals_sent)
@@ -285,8 +366,9 @@ class Generations:
                         lambda: self.abort_reload(f"the new workers were not ready within {reload.config.timeout:g}s"))
         for slot in reload.next_batch():
             reload.started = slot + 1
-            if self.reloads.in_flight is not reload or self.spawn_worker(slot, reload) is None:
+            if self.reloads.in_flight is not reload:
                 return  # a failed fork aborted it
+            self.spawn_worker(slot, reload)
 
     def _retire_batch(self, reload: Reload) -> None:
         """A batch of new workers serves: the old ones it replaces drain, and the next batch starts
@@ -330,6 +412,8 @@ class Generations:
             for worker in list(self.pool.workers.values()):
                 if worker.generation < generation and removed:
                     kill_pid(worker.pid, signal.SIGUSR2)  # every copy of a dropped listener closes now
+            if removed and self.molds is not None:
+                self.molds.close_listeners(lambda g: g < generation)
             for worker in old_slots.values():
                 self.pool.drain(worker, f"replaced by generation {generation}", self.config.graceful_timeout)
 
@@ -346,6 +430,7 @@ class Generations:
         self.reloads.commit({"ok": True, "generation": self.generation, "workers": self.target,
                              **reload_report(reload, self.pool.peak)},
                             accepting={w.pid for w in old_slots.values() if w.pid in self.pool.workers})
+        self.end_idle_molds()
         queued = self.reloads.take_queued()
         if queued is not None:
             self.begin_reload(queued)
@@ -366,6 +451,7 @@ class Generations:
             self.pool.drain(worker, "reload aborted", self.config.graceful_timeout)
         for listener in reload.new_listeners:
             listener.close()
+        self.end_idle_molds()
 
     def scale(self, count: int) -> None:
         if self.host.stopping is not None or count == self.target:

@@ -44,10 +44,12 @@ from prefork.master.closing import Closer, Closing
 from prefork.master.endpoints import Endpoints
 from prefork.master.exits import describe_exit
 from prefork.master.generations import Generations
+from prefork.master.molds import Molds
 from prefork.master.pool import WorkerPool
 from prefork.master.reload import Waiter
 from prefork.master.state import ErrorBudget, LbDrain, StopMode, Totals, Worker
 from prefork.master.timers import Timers
+from prefork.prctl import set_child_subreaper
 from prefork.systemd import Notifier
 from prefork.tls import TlsSetup
 from prefork.upgrade import UPGRADE_TIMEOUT, Upgrade, Upgrader, report_ready
@@ -166,9 +168,13 @@ class Master:
         self.pool = WorkerPool(master_pid=self.pid, channel_fd=self._events_w, timers=self.timers,
                                timeout=config.timeout, close_in_child=self._close_in_child,
                                blocked=self._signal_actions)
+        self.molds = Molds(master_pid=self.pid, channel_fd=self._events_w, scoreboard=self.pool.scoreboard,
+                           selector=self.selector, close_in_child=self._close_in_child,
+                           blocked=self._signal_actions, on_loaded=lambda mold: self.gens.on_mold_loaded(mold))
         self.guard = Guard(self.pool.totals, lambda sock: self.control.drop(sock) or self.endpoints.drop(sock))
         self.gens = Generations(self, self.pool, self.timers, config, listeners,
-                                cli_overrides=dict(cli_overrides or {}), adopted=adopted, tls=tls)
+                                cli_overrides=dict(cli_overrides or {}), adopted=adopted, tls=tls,
+                                molds=self.molds)
         self.checks = PeriodicChecks(self, self.gens, self.pool, self.timers, self.notifier)
         self.closer = Closer(self.timers)
         self.stop_report: dict[str, Any] = {}  # what the stop did, for the clients that asked for it
@@ -198,6 +204,7 @@ class Master:
     # -- the loop -----------------------------------------------------------------------------------
 
     def run(self) -> int:
+        set_child_subreaper()  # the workers a mold forks (twice) are re-parented to us: ours to reap
         self._install_signals()
         self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_signals)
         self.selector.register(self._events_r, selectors.EVENT_READ, self._on_worker_events)
@@ -272,6 +279,8 @@ class Master:
             elif worker is not None:
                 self.gens.reloads.stopped_accepting(pid)
                 self.gens.on_exit(worker, status)
+            elif (mold := self.molds.reaped(pid)) is not None:
+                self.gens.on_mold_exit(mold, describe_exit(status)[0])
 
     def _close_in_child(self, keep: set[int]) -> None:
         """In a new worker, before it serves: close the master's descriptors but its listeners."""
@@ -283,6 +292,7 @@ class Master:
         if self.upgrade_pipe is not None and self.upgrade_pipe >= 0:
             os.close(self.upgrade_pipe)  # the upgrade hand-over is between masters
         self.upgrader.close_in_child()
+        self.molds.close_all_in_child()
         self.control.close_in_child()
         self.endpoints.close_in_child()
         reload = self.gens.reloads.in_flight
@@ -356,6 +366,7 @@ class Master:
                                     reset_in_queue=closing.left_at_close,
                                     queue_s=round(time.monotonic() - closing.began, 3))
         self.pool.signal_all(signal.SIGUSR2)
+        self.molds.close_listeners()
         self.gens.stop_workers(self.stopping or StopMode.GRACEFUL)
         for listener in self.listeners:
             listener.close()
@@ -394,6 +405,7 @@ class Master:
 
     def _close_listeners(self) -> None:
         self.pool.signal_all(signal.SIGUSR2)
+        self.molds.close_listeners()
         for listener in self.listeners:
             listener.close()
 
@@ -461,6 +473,7 @@ class Master:
         signal.set_wakeup_fd(-1)
         self.pool.end_groups_now()
         self.gens.abort_reload("the daemon stopped")
+        self.molds.end_all()
         self.upgrader.fail("the daemon stopped", kill=True)
         for listener in self.listeners:
             listener.close()
@@ -493,4 +506,6 @@ def _snapshot(master: Master, processes: bool) -> report.Snapshot:
         listeners=[li.address for li in master.listeners], control=master.control.path,
         workers=[pool.sample(w, now, processes=processes) for w in workers], backoff=backoff,
         totals=dataclasses.replace(pool.totals, log_lines_dropped=logs.dropped_lines(), tls=dict(pool.totals.tls)),
-        tls=report.tls_view(gens.tls, master.listeners, master.config))
+        tls=report.tls_view(gens.tls, master.listeners, master.config),
+        molds=[{"generation": m.generation, "pid": m.pid, "state": m.state.value, "threads": m.threads}
+               for _, m in sorted(master.molds.by_generation.items())])

@@ -113,6 +113,7 @@ class Snapshot:
     totals: Totals
     tls: TlsView = TlsView()
     wall_time: float = field(default_factory=time.time)  # what certificates' days left count from
+    molds: list[dict[str, Any]] = field(default_factory=list)  # generation, pid, state, threads: by generation
 
 
 def open_by_generation(workers: list[WorkerSample]) -> dict[int, int]:
@@ -211,6 +212,7 @@ def status(snap: Snapshot) -> dict[str, Any]:
         "relay_tls": relay_tls_info(snap.tls.relay),
         "control": snap.control,
         "workers": [worker_info(w, by_generation.get(w.generation, 0)) for w in snap.workers],
+        "molds": list(snap.molds),
         "backoff": [
             {"slot": b.slot, "failures": b.failures,
              "restart_in_s": round(max(0.0, b.restart_in_s), 3) if b.restart_in_s is not None else None}

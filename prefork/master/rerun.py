@@ -1,8 +1,8 @@
 """A master whose reload is an upgrade: the program is started again, so it runs the code on disk.
 
 A master that holds the handler's code in memory (a program serving
-through :mod:`prefork.api`, or ``--preload``) would fork new workers running
-that old code again. So its reload (HUP, ``preforkctl reload``) starts the
+through :mod:`prefork.api`) would fork new workers running that old code
+again. So its reload (HUP, ``preforkctl reload``) starts the
 program again as a new master on the same sockets (:mod:`prefork.upgrade`)
 and answers in the words of a reload once only the new code accepts. If the
 new program fails before it serves, the reload fails and this master keeps
@@ -32,6 +32,7 @@ class RerunMaster(Master):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.gens.molds = None  # it holds the handler already (and runs the program again for new code): it forks
         generation = os.environ.pop(GENERATION_ENV, "")
         if generation.isdigit():  # a reload started us: its generation number goes on
             self.gens.generation = int(generation)

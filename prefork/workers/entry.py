@@ -11,7 +11,6 @@ and runs its lifecycle. The exit status tells the master how it ended.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import faulthandler
 import logging
 import os
@@ -24,6 +23,7 @@ from typing import Any, NoReturn
 from prefork import logs
 from prefork.channel import Channel, Event
 from prefork.config import Config
+from prefork.prctl import set_pdeathsig
 from prefork.scoreboard import Scoreboard
 from prefork.tls import ServerTls, TlsSetup
 from prefork.workers.async_worker import AsyncWorker
@@ -39,14 +39,6 @@ log = logging.getLogger(__name__)
 WORKER_OK = 0
 WORKER_CRASHED = 1
 WORKER_BOOT_ERROR = 3  # the handler could not be loaded: respawning would only fail again
-
-_PR_SET_PDEATHSIG = 1
-
-try:
-    _libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
-except OSError:  # pragma: no cover - every Linux libc loads; other systems fall back to the ppid check
-    _libc = None
-
 
 @dataclass(frozen=True)
 class WorkerSpec:
@@ -93,7 +85,7 @@ def run_worker(spec: WorkerSpec, scoreboard: Scoreboard) -> NoReturn:
 
 
 def _serve(spec: WorkerSpec, scoreboard: Scoreboard) -> int:
-    _set_pdeathsig(signal.SIGTERM)
+    set_pdeathsig(signal.SIGTERM)
     if os.getppid() != spec.master_pid:  # the master died before prctl took effect
         return WORKER_OK
     # The master's signals that mean nothing to a worker; the worker's own are its class's (base.py).
@@ -171,8 +163,3 @@ def _end_own_group() -> None:
     with contextlib.suppress(OSError, ValueError):
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # we are leaving anyway
         os.killpg(os.getpid(), signal.SIGTERM)
-
-
-def _set_pdeathsig(signum: int) -> None:
-    if _libc is not None and _libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
-        log.debug("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
