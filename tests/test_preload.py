@@ -223,15 +223,54 @@ def test_a_thread_left_by_the_import_is_warned_about_and_no_preload_imports_in_e
     assert st["pid"] not in importers(tmp_path)
 
 
-def test_master_sigkill_takes_the_molds_and_workers_with_it(
+WEDGE = '''\
+import socketserver
+import threading
+
+LOCK = threading.Lock()
+
+
+class Wedged(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        self.rfile.readline()
+        LOCK.acquire()
+        LOCK.acquire()  # every handler thread deadlocks here, for ever
+'''
+
+
+def test_master_sigkill_takes_the_molds_and_workers_with_it_a_wedged_thread_worker_included(
         daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
     write_module(tmp_path, "v1")
+    (tmp_path / "wedge.py").write_text(WEDGE)
     d = start(daemon_factory, tmp_path, workers=2)
     write_module(tmp_path, "v2")
     assert d.ctl("reload", timeout=60).returncode == 0
-    st = d.status()
-    processes = [psutil.Process(pid) for pid in [*molds(st).values(), *(w["pid"] for w in st["workers"])]]
-    d.signal(signal.SIGKILL)
-    assert d.wait_exit(5) == -signal.SIGKILL
-    _, alive = psutil.wait_procs(processes, timeout=10)
+    wedged = daemon_factory("-k", "thread", "--threads", "2", "--graceful-timeout", "2", "wedge:Wedged",
+                            workers=1, name="wedged")
+    clients = [wedged.connect() for _ in range(2)]
+    for c in clients:
+        c.sendall(b"x\n")
+    wait_for(lambda: sum(w["active"] for w in wedged.status()["workers"]) == 2, 10, "both threads wedged")
+    processes = []
+    for daemon in (d, wedged):
+        st = daemon.status()
+        processes += [psutil.Process(pid) for pid in [*molds(st).values(), *(w["pid"] for w in st["workers"])]]
+    assert len(processes) == 5  # generation 2's mold and workers (1's are gone), the wedged daemon's two
+    for daemon in (d, wedged):
+        daemon.signal(signal.SIGKILL)
+        assert daemon.wait_exit(5) == -signal.SIGKILL
+    # nothing holds the ports: refused at once, not queued for a worker that will never accept
+    for daemon in (d, wedged):
+        wait_for(lambda daemon=daemon: _refused(daemon.address()), 2, "the port refused")
+    _, alive = psutil.wait_procs(processes, timeout=10)  # the wedged one within its graceful timeout
     assert alive == []
+    for c in clients:
+        c.close()
+
+
+def _refused(address: tuple[str, int]) -> bool:
+    try:
+        socket.create_connection(address, timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False

@@ -1,0 +1,74 @@
+"""The process model seen from outside: the process started is the master for life, molds and workers are its
+children, and nothing of the daemon outlives it or is left to another parent."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from conftest import Daemon, Load, child_env, exchange
+
+
+def family(st: dict[str, Any]) -> list[int]:
+    """The molds' and workers' pids in a status reply."""
+    return [*(m["pid"] for m in st["molds"]), *(w["pid"] for w in st["workers"])]
+
+
+def test_the_started_process_stays_the_master_across_reloads_and_sigint_ends_everything(
+        daemon_factory: Callable[..., Daemon]) -> None:
+    d = daemon_factory(workers=2)
+    seen: set[int] = set()
+    with Load(d.address(), clients=4) as load:
+        load.wait_ok(50)
+        for generation in range(2, 7):
+            r = d.ctl("reload", "--json", timeout=60)
+            assert r.returncode == 0, r.stderr
+            st = d.status()
+            assert st["pid"] == d.pid and st["generation"] == generation
+            for pid in family(st):  # every mold and worker is the started process's child
+                seen.add(pid)
+                with contextlib.suppress(psutil.NoSuchProcess):  # an old worker that finished draining since
+                    assert psutil.Process(pid).ppid() == d.pid
+            load.wait_ok(50)
+    assert load.failures == []
+    processes = [psutil.Process(pid) for pid in seen if psutil.pid_exists(pid)]
+    d.signal(signal.SIGINT)
+    assert d.wait_exit(10) == 0
+    _, alive = psutil.wait_procs(processes, timeout=10)
+    assert alive == []
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1) from util-linux")
+def test_as_pid_1_of_a_new_pid_namespace_reloads_and_keeps_serving(tmp_path: Path) -> None:
+    control = tmp_path / "ns.sock"
+    log = tmp_path / "ns.log"
+    argv = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "prefork", "--control", str(control),
+            "--bind", "127.0.0.1:0", "--workers", "2"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=child_env())
+    d = Daemon(proc=proc, control=str(control), log_path=log, args=argv)
+    try:
+        st = d.wait_serving()
+        assert st["pid"] == 1  # the master is the namespace's init: it reaps whatever is orphaned in it
+        d.port = int(st["listeners"][0].rsplit(":", 1)[1])
+        with Load(d.address(), clients=2) as load:
+            load.wait_ok(30)
+            for generation in (2, 3):
+                r = d.ctl("reload", timeout=60)
+                assert r.returncode == 0, r.stderr
+                assert d.status()["generation"] == generation
+                load.wait_ok(30)
+        assert load.failures == []
+        assert exchange(d.address(), b"still here\n") == b"still here\n"
+        assert d.status()["pid"] == 1
+    finally:
+        d.stop()
