@@ -101,9 +101,12 @@ def uss(pid: int) -> int:
         return 0
 
 
+RESPAWNS: list[float] = []  # seconds from a worker's SIGKILL to its replacement's READY, by setting (see main)
+
+
 def measure(workers: int, preload: bool, tmp: str, reloads: int = 0) -> list[tuple[int, int, list[int]]]:
     """(the master's USS, the molds' USS, each worker's USS) once every worker has served: after the start,
-    then after each of ``reloads`` reloads."""
+    then after each of ``reloads`` reloads. The larger pool also times a respawn (into RESPAWNS)."""
     control = os.path.join(tmp, f"m{workers}{int(preload)}.sock")
     argv = [sys.executable, "-m", "prefork", "--bind", "127.0.0.1:0", "--workers", str(workers),
             "--control", control, "--log-level", "warning", *(["--preload"] if preload else ["--no-preload"]), HANDLER]
@@ -148,6 +151,13 @@ def measure(workers: int, preload: bool, tmp: str, reloads: int = 0) -> list[tup
             st = wait_until("every worker to serve a connection", deadline, all_served)
             molds = sum(uss(m["pid"]) for m in st.get("molds", []))
             samples.append((uss(st["pid"]), molds, [uss(w["pid"]) for w in st["workers"]]))
+        if workers > 1:
+            victim = st["workers"][0]["pid"]
+            began = time.monotonic()
+            os.kill(victim, signal.SIGKILL)
+            wait_until("the killed worker's replacement", began + START_TIMEOUT, lambda: (
+                (st := serving()) is not None and victim not in {w["pid"] for w in st["workers"]}))
+            RESPAWNS.append(time.monotonic() - began)
         return samples
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -188,6 +198,7 @@ def main() -> None:
                     masters[stage].append(mn)
                     molds[stage].append(on)
                     worker_uss[stage].extend(wn)
+            respawns, RESPAWNS[:] = list(RESPAWNS), []
             for stage in range(stages):
                 each = statistics.median(per_worker[stage])
                 setting = "--preload (default)" if preload else "--no-preload"
@@ -196,6 +207,8 @@ def main() -> None:
                       f"| {statistics.median(molds[stage]) / MIB:.1f} MiB "
                       f"| {statistics.median(worker_uss[stage]) / MIB:.1f} MiB | {each / MIB:.1f} MiB "
                       f"| {each / cost:.1%} |")
+            print(f"| {setting}: a worker killed, its replacement ready in (median) | "
+                  f"{statistics.median(respawns):.3f} s | | | | |")
 
 
 if __name__ == "__main__":
