@@ -457,8 +457,9 @@ def test_socket_activation_starts_the_service(manager: UserManager) -> None:
     assert st["listeners"] == [f"127.0.0.1:{manager.port}"]
     assert props["StatusText"].startswith(f"serving: {WORKERS}/{WORKERS} "), props
     assert "using 1 socket(s) from systemd" in manager.daemon_log.read_text()
-    # the master and its workers, all under the manager
-    assert {p.pid for p in manager.prefork_processes()} == {st["pid"], *(w["pid"] for w in st["workers"])}
+    # the master, its generation's mold and its workers, all under the manager
+    assert {p.pid for p in manager.prefork_processes()} == {st["pid"], *(m["pid"] for m in st["molds"]),
+                                                             *(w["pid"] for w in st["workers"])}
 
 
 def test_reload_under_load(manager: UserManager) -> None:
@@ -549,7 +550,7 @@ def test_killed_master_is_restarted(manager: UserManager) -> None:
     main_pid = int(props["MainPID"])
     restarts = int(props["NRestarts"])
     st = manager.wait(lambda: manager.serving(main_pid), 10, "a serving status")
-    old = [main_pid, *(w["pid"] for w in st["workers"])]
+    old = [main_pid, *(m["pid"] for m in st["molds"]), *(w["pid"] for w in st["workers"])]
     os.kill(main_pid, signal.SIGKILL)
 
     # Restart=on-failure, RestartSec=1: the service waits to be restarted
