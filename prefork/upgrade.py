@@ -102,6 +102,29 @@ def spawn(command: list[str], listeners: Sequence[tuple[int, str]], control_fd: 
     return pid, read_fd
 
 
+def spawn_check(command: list[str]) -> tuple[int, int]:
+    """Fork and exec ``command`` (the new program with ``--check-config``); (its pid, the read end of its output)."""
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    env = {name: value for name, value in os.environ.items()
+           if name not in (INHERIT_ENV, PIPE_ENV, "NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")}
+    pid = os.fork()
+    if pid == 0:  # the child: check, say how it went on the pipe, exit
+        try:
+            signal.set_wakeup_fd(-1)
+            for signum in range(1, signal.NSIG):
+                if signum not in (signal.SIGKILL, signal.SIGSTOP):
+                    with contextlib.suppress(OSError, ValueError):
+                        signal.signal(signum, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, set())
+            os.dup2(write_fd, 1)
+            os.dup2(write_fd, 2)
+            os.execvpe(command[0], command, env)
+        finally:
+            os._exit(127)
+    os.close(write_fd)
+    return pid, read_fd
+
+
 def inherited() -> Inherited | None:
     """The descriptors an old master passed us, or None when we were started normally."""
     value = os.environ.pop(INHERIT_ENV, None)
@@ -172,6 +195,7 @@ class Upgrade:
     buffer: bytes = b""
     began: float = field(default_factory=time.monotonic)
     counters: ListenCounters | None = field(default_factory=listen_counters)
+    checking: bool = False  # the new program checking the configuration before we execute it in place
 
     def report(self) -> dict[str, Any]:
         """How long the new master took to serve, and what the kernel turned away on this machine meanwhile."""
@@ -208,14 +232,38 @@ class Upgrader:
         log.info("upgrade: new master (pid %d) starting on our sockets; still serving until it is ready", pid)
         return self.current
 
+    def begin_check(self, argv: Sequence[str], waiter: Waiter | None) -> Upgrade:
+        """Run the new program with ``--check-config`` (raises OSError); its exit is the caller's to judge."""
+        pid, pipe_fd = spawn_check([*self.command(argv), "--check-config"])
+        os.set_blocking(pipe_fd, False)
+        self.current = Upgrade(pid=pid, pipe_fd=pipe_fd, deadline=time.monotonic() + UPGRADE_TIMEOUT,
+                               waiters=[waiter] if waiter else [], checking=True)
+        self.selector.register(pipe_fd, selectors.EVENT_READ, self._on_pipe)
+        log.info("upgrade: the new program (pid %d) checks the configuration before it runs in place", pid)
+        return self.current
+
+    def checked(self) -> tuple[Upgrade, str]:
+        """The check is over (its child reaped): (the upgrade, given up here, and the check's last line)."""
+        upgrade = self.current
+        assert upgrade is not None
+        self._last_words(upgrade)
+        self._close_pipe()
+        self.current = None
+        lines = [line for line in upgrade.buffer.decode("utf-8", "replace").splitlines() if line.strip()]
+        return upgrade, lines[-1] if lines else ""
+
     def _on_pipe(self, mask: int) -> None:
         upgrade = self.current
         assert upgrade is not None
         try:
-            data = os.read(upgrade.pipe_fd, 64)
+            data = os.read(upgrade.pipe_fd, 4096 if upgrade.checking else 64)
         except BlockingIOError:
             return
         upgrade.buffer += data
+        if upgrade.checking:
+            if not data or len(upgrade.buffer) > 4 * MAX_WHY:
+                self._close_pipe()  # its exit says the rest
+            return
         if b"ready\n" in upgrade.buffer:
             self._close_pipe()
             self.current = None

@@ -23,14 +23,14 @@ def family(st: dict[str, Any]) -> list[int]:
     return [*(m["pid"] for m in st["molds"]), *(w["pid"] for w in st["workers"])]
 
 
-def test_the_started_process_stays_the_master_across_reloads_and_sigint_ends_everything(
+def test_the_started_process_stays_the_master_across_reloads_and_upgrades_and_sigint_ends_everything(
         daemon_factory: Callable[..., Daemon]) -> None:
     d = daemon_factory(workers=2)
     seen: set[int] = set()
     with Load(d.address(), clients=4) as load:
         load.wait_ok(50)
-        for generation in range(2, 7):
-            r = d.ctl("reload", "--json", timeout=60)
+        for generation in range(2, 12):  # 5 reloads and 5 upgrades, in turn
+            r = d.ctl("reload" if generation % 2 else "upgrade", "--json", timeout=60)
             assert r.returncode == 0, r.stderr
             st = d.status()
             assert st["pid"] == d.pid and st["generation"] == generation
@@ -48,7 +48,7 @@ def test_the_started_process_stays_the_master_across_reloads_and_sigint_ends_eve
 
 
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1) from util-linux")
-def test_as_pid_1_of_a_new_pid_namespace_reloads_and_keeps_serving(tmp_path: Path) -> None:
+def test_as_pid_1_of_a_new_pid_namespace_reloads_and_upgrades_keep_serving(tmp_path: Path) -> None:
     control = tmp_path / "ns.sock"
     log = tmp_path / "ns.log"
     argv = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "prefork", "--control", str(control),
@@ -62,8 +62,8 @@ def test_as_pid_1_of_a_new_pid_namespace_reloads_and_keeps_serving(tmp_path: Pat
         d.port = int(st["listeners"][0].rsplit(":", 1)[1])
         with Load(d.address(), clients=2) as load:
             load.wait_ok(30)
-            for generation in (2, 3):
-                r = d.ctl("reload", timeout=60)
+            for generation, command in ((2, "reload"), (3, "upgrade"), (4, "reload")):
+                r = d.ctl(command, timeout=60)
                 assert r.returncode == 0, r.stderr
                 assert d.status()["generation"] == generation
                 load.wait_ok(30)

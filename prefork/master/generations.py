@@ -96,6 +96,20 @@ class Generations:
         for slot in range(self.target):
             self.spawn_worker(slot)
 
+    def resume(self, generation: int, next_generation: int, workers: list[Worker]) -> None:
+        """Serve on with the workers a previous image of this master handed over (an upgrade in place)."""
+        self.generation = generation
+        self._generations = itertools.count(next_generation)
+        self.slots = {w.slot: w for w in workers
+                      if w.generation == generation and w.state in (WorkerState.BOOTING, WorkerState.READY)}
+        self.serving = True
+
+    def next_generation(self) -> int:
+        """The number the next generation will take (an upgrade in place hands it over)."""
+        number = next(self._generations)
+        self._generations = itertools.count(number)
+        return number
+
     # -- workers ------------------------------------------------------------------------------------
 
     def spawn_worker(self, slot: int, reload: Reload | None = None) -> Worker | None:

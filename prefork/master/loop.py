@@ -35,21 +35,24 @@ from prefork import __version__, fdstore, logs
 from prefork.channel import Decoder
 from prefork.config import Config
 from prefork.control import MAX_CLIENTS, ControlConnection, ControlServer
+from prefork.control import encode as encode_reply
 from prefork.httpmetrics import MAX_CLIENTS as METRICS_MAX_CLIENTS
 from prefork.kernelstats import listen_counters
 from prefork.listeners import Listener
-from prefork.master import commands, report
+from prefork.master import commands, handover, report
 from prefork.master.checks import PeriodicChecks
 from prefork.master.closing import Closer, Closing
 from prefork.master.endpoints import Endpoints
 from prefork.master.exits import describe_exit
 from prefork.master.generations import Generations
-from prefork.master.molds import Molds
+from prefork.master.handover import HandedMold, HandedWorker, Handover
+from prefork.master.molds import Molds, MoldState
 from prefork.master.pool import WorkerPool
 from prefork.master.reload import Waiter
 from prefork.master.state import ErrorBudget, LbDrain, StopMode, Totals, Worker
 from prefork.master.timers import Timers
 from prefork.prctl import set_child_subreaper
+from prefork.scoreboard import Scoreboard
 from prefork.systemd import Notifier
 from prefork.tls import TlsSetup
 from prefork.upgrade import UPGRADE_TIMEOUT, Upgrade, Upgrader, report_ready
@@ -128,6 +131,33 @@ class Guard:
                           " (its client is closed)" if dropped else "")
 
 
+class InPlaceReply:
+    """Answers a ``preforkctl upgrade`` client handed across the exec, once the new image's generation serves."""
+
+    def __init__(self, fd: int, began: float) -> None:
+        self.sock = socket.socket(fileno=fd)
+        self.began = began
+
+    def reply(self, message: dict[str, Any]) -> None:
+        if message.get("ok"):
+            pid = os.getpid()
+            answer: dict[str, Any] = {
+                "ok": True, "pid": pid, "previous_pid": pid, "in_place": True, "generation": message["generation"],
+                "serve_s": round(time.monotonic() - self.began, 3),
+                **{k: v for k, v in message.items() if k.startswith("listen_")}}
+        else:
+            answer = {"ok": False, "error": "upgrade failed: " + str(message.get("error", "")).removeprefix(
+                "reload failed: ")}
+        try:
+            self.sock.setblocking(True)
+            self.sock.settimeout(5.0)
+            self.sock.sendall(encode_reply(answer))
+        except OSError:
+            pass  # the client left: nothing to tell
+        finally:
+            self.sock.close()
+
+
 class Master:
     """Runs the daemon. ``run()`` returns the process exit status."""
 
@@ -135,10 +165,13 @@ class Master:
                  cli_overrides: dict[str, Any] | None = None, adopted: bool = False,
                  notifier: Notifier | None = None, argv: list[str] | None = None,
                  upgrade_pipe: int | None = None, metrics_sock: socket.socket | None = None,
-                 agent_sock: socket.socket | None = None, tls: TlsSetup | None = None) -> None:
+                 agent_sock: socket.socket | None = None, tls: TlsSetup | None = None,
+                 resumed: Handover | None = None) -> None:
         self.control = control
         self.argv = list(argv or [])  # our command line, to start the new master on upgrade
         self.upgrade_pipe = upgrade_pipe  # we are a new master: tell the old one when we serve
+        self.resumed = resumed  # we are the new image of a master that executed us in place (an upgrade)
+        self.exec_in_place = True  # how we upgrade; a master that runs the program again instead says False
         self.handed_over = False
         self.endpoints = Endpoints(self, metrics_sock, agent_sock)  # --metrics-bind, --agent-bind
         self.notifier = notifier or Notifier()
@@ -151,7 +184,7 @@ class Master:
         self.selector = selectors.DefaultSelector()
         self.upgrader = Upgrader(self.selector, self._hand_over)
         self._wake_r, self._wake_w = socket.socketpair()
-        self._events_r, self._events_w = os.pipe2(os.O_CLOEXEC)
+        self._events_r, self._events_w = resumed.events if resumed else os.pipe2(os.O_CLOEXEC)
         os.set_blocking(self._events_r, False)
         self._events = Decoder()
         self._signal_actions: dict[int, Callable[[], None]] = {
@@ -168,6 +201,11 @@ class Master:
         self.pool = WorkerPool(master_pid=self.pid, channel_fd=self._events_w, timers=self.timers,
                                timeout=config.timeout, close_in_child=self._close_in_child,
                                blocked=self._signal_actions)
+        if resumed is not None:  # the board our workers write, and the counters so far
+            self.pool.scoreboard = Scoreboard(resumed.scoreboard_capacity, fd=resumed.scoreboard_fd,
+                                              taken=[w.record_index for w in resumed.workers])
+            known = {f.name for f in dataclasses.fields(Totals)}
+            self.pool.totals = Totals(**{k: v for k, v in resumed.totals.items() if k in known})
         self.molds = Molds(master_pid=self.pid, channel_fd=self._events_w, scoreboard=self.pool.scoreboard,
                            selector=self.selector, close_in_child=self._close_in_child,
                            blocked=self._signal_actions, on_loaded=lambda mold: self.gens.on_mold_loaded(mold))
@@ -218,7 +256,10 @@ class Master:
                  __version__, self.pid, self.config.name, self.target, self.config.worker_class,
                  self.config.effective_handler, ", ".join(li.address for li in self.listeners), self.control.path)
         try:
-            self.gens.start()
+            if self.resumed is not None:
+                self._resume(self.resumed)
+            else:
+                self.gens.start()
             while self.pool.workers or self.pool.groups or self.stopping is None:  # groups: see pool.py
                 self.guard.turn(self.selector, self.timers)
         except BaseException:
@@ -271,7 +312,10 @@ class Master:
         self._read_events({w.pid: w for _, _, w in exited if w is not None})
         for pid, status, worker in exited:
             upgrade = self.upgrader.current
-            if upgrade is not None and pid == upgrade.pid:
+            if upgrade is not None and pid == upgrade.pid and upgrade.checking:
+                self.timers.cancel("upgrade")
+                self._checked(status)
+            elif upgrade is not None and pid == upgrade.pid:
                 how, _ = describe_exit(status)
                 self.timers.cancel("upgrade")
                 self.upgrader.fail(f"the new master {how.replace('could not load its handler', 'exited with status 3')}"
@@ -432,8 +476,11 @@ class Master:
                "drained: the listening sockets are closed" if self.lb_drain is LbDrain.LISTENERS_CLOSED else None)
         if why is None:
             try:
-                upgrade = self.upgrader.begin(self.argv, [(li.fileno(), li.spec) for li in self.listeners],
-                                              self.control.sock.fileno(), waiter, self.endpoints.side_sockets())
+                if self.exec_in_place:
+                    upgrade = self.upgrader.begin_check(self.argv, waiter)
+                else:
+                    upgrade = self.upgrader.begin(self.argv, [(li.fileno(), li.spec) for li in self.listeners],
+                                                  self.control.sock.fileno(), waiter, self.endpoints.side_sockets())
             except OSError as exc:
                 why = f"cannot start the new master: {exc.strerror or exc}"
             else:
@@ -443,6 +490,69 @@ class Master:
         log.error("upgrade refused: %s", why)
         if waiter is not None:
             waiter.reply({"ok": False, "error": f"upgrade failed: {why}"})
+
+    def _checked(self, status: int) -> None:
+        """The new program checked the configuration: execute it in place, or fail the upgrade in one line."""
+        upgrade, last = self.upgrader.checked()
+        why = None
+        if os.waitstatus_to_exitcode(status) != 0:
+            how, _ = describe_exit(status)
+            why = last.removeprefix("prefork: error: ") or f"the new program's configuration check {how}"
+        elif self.stopping is not None or self.gens.reloads.in_flight is not None:
+            why = "the daemon is stopping" if self.stopping is not None else "a reload is in progress"
+        else:
+            why = self._exec_in_place(upgrade)  # returns only when the exec failed
+        log.error("upgrade failed: %s; still serving (pid %d)", why, self.pid)
+        for waiter in upgrade.waiters:
+            waiter.reply({"ok": False, "error": f"upgrade failed: {why}"})
+
+    def _exec_in_place(self, upgrade: Upgrade) -> str:
+        """Become the prefork program now installed, keeping our pid, children and sockets; on failure, why."""
+        for mold in list(self.molds.by_generation.values()):
+            if mold.state is not MoldState.READY:
+                self.molds.end(mold, kill=True)  # a loading mold cannot be handed over mid-sentence
+        state = Handover(
+            listeners=[(li.fileno(), li.spec) for li in self.listeners], side=self.endpoints.side_sockets(),
+            control_fd=self.control.sock.fileno(), events=(self._events_r, self._events_w),
+            scoreboard_fd=self.pool.scoreboard.fd, scoreboard_capacity=self.pool.scoreboard.capacity,
+            generation=self.gens.generation, next_generation=self.gens.next_generation(),
+            workers=[HandedWorker(pid=w.pid, slot=w.slot, generation=w.generation, record_index=w.record_index,
+                                  started=w.started, state=w.state.value, stop_reason=w.stop_reason)
+                     for w in self.pool.workers.values()],
+            molds=[HandedMold(generation=m.generation, pid=m.pid, fd=m.sock.fileno(), threads=m.threads)
+                   for m in self.molds.by_generation.values()],
+            totals=dataclasses.asdict(self.pool.totals),
+            waiters=[w.sock.fileno() for w in upgrade.waiters
+                     if isinstance(w, ControlConnection) and w.sock.fileno() >= 0],
+            began=upgrade.began, master_started=self.started)
+        command = self.upgrader.command(self.argv)
+        env = handover.prepare(state)
+        log.info("upgrade: executing %s in place (pid %d stays); handing over %d worker(s), %d mold(s), "
+                 "generation %d", command[0], self.pid, len(state.workers), len(state.molds), state.generation)
+        logs.flush()
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self._signal_actions)  # pending until the new image
+        signal.set_wakeup_fd(-1)
+        try:
+            os.execvpe(command[0], command, env)
+        except OSError as exc:
+            handover.abandon(env, state)
+            signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            return f"cannot execute {command[0]}: {exc.strerror or exc}"
+        raise AssertionError("execve returned")  # pragma: no cover
+
+    def _resume(self, state: Handover) -> None:
+        """We are the new image: adopt what the previous one handed over, then replace it as a reload does."""
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self._signal_actions)  # what came during the exec arrives now
+        self.started = state.master_started or self.started
+        workers = self.pool.adopt(state.workers, self.config.graceful_timeout)
+        for mold in state.molds:
+            self.molds.adopt(mold.generation, mold.pid, mold.fd, mold.threads)
+        self.gens.resume(state.generation, state.next_generation, workers)
+        log.info("upgrade: prefork %s runs in place (pid %d): %d worker(s) and %d mold(s) of generation %d adopted; "
+                 "replacing them as a reload does", __version__, self.pid, len(workers), len(state.molds),
+                 state.generation)
+        self.gens.begin_reload([InPlaceReply(fd, state.began) for fd in state.waiters])
 
     def _hand_over(self, upgrade: Upgrade) -> None:
         """The new master serves: give it the service (systemd's main pid, the control socket), then drain."""

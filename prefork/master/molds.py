@@ -108,6 +108,13 @@ class Molds:
         log.info("mold of generation %d (pid %d) started: importing %s", generation, pid, config.effective_handler)
         return mold
 
+    def adopt(self, generation: int, pid: int, fd: int, threads: int) -> Mold:
+        """A ready mold a previous image of this master handed over (an upgrade in place)."""
+        mold = Mold(pid=pid, generation=generation, sock=socket.socket(fileno=fd), started=time.monotonic(),
+                    state=MoldState.READY, threads=threads)
+        self.by_generation[generation] = mold
+        return mold
+
     def loaded(self, mold: Mold) -> None:
         """The mold's first word is there (or it is gone): READY or FAILED, then ``on_loaded``."""
         if mold.state is not MoldState.LOADING:

@@ -28,6 +28,7 @@ from collections.abc import Callable, Collection, Iterable
 import psutil
 
 from prefork.config import Config
+from prefork.master.handover import HandedWorker
 from prefork.master.report import WorkerSample, tls_counts
 from prefork.master.state import Totals, Worker, WorkerState
 from prefork.master.timers import Timers
@@ -129,6 +130,23 @@ class WorkerPool:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         _lead_own_group(pid)  # both sides, so no killpg of ours can come before the group exists
         return pid
+
+    def adopt(self, handed: Iterable[HandedWorker], graceful_timeout: float) -> list[Worker]:
+        """The workers a previous image of this master handed over (an upgrade in place), watched again."""
+        now = time.monotonic()
+        adopted = []
+        for h in handed:
+            worker = Worker(pid=h.pid, slot=h.slot, generation=h.generation, record_index=h.record_index,
+                            started=h.started, state=WorkerState(h.state), stop_reason=h.stop_reason)
+            self.workers[worker.pid] = worker
+            if worker.state in (WorkerState.DRAINING, WorkerState.KILLING):
+                self._kill_at(worker, now + graceful_timeout + DRAIN_MARGIN,
+                              f"still busy {graceful_timeout:g}s after it was told to stop (--graceful-timeout)")
+            else:
+                self._watch_heartbeat(worker, now + self.timeout)
+            adopted.append(worker)
+        self.peak = max(self.peak, len(self.workers))
+        return adopted
 
     # -- telling workers to go --------------------------------------------------------------------
 

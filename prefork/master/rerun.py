@@ -33,6 +33,7 @@ class RerunMaster(Master):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.gens.molds = None  # it holds the handler already (and runs the program again for new code): it forks
+        self.exec_in_place = False  # an upgrade starts the program again too
         generation = os.environ.pop(GENERATION_ENV, "")
         if generation.isdigit():  # a reload started us: its generation number goes on
             self.gens.generation = int(generation)
