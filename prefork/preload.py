@@ -18,24 +18,11 @@ import dataclasses
 import gc
 import logging
 import time
-from typing import Protocol
 
-from prefork import upgrade
 from prefork.config import Config
-from prefork.workers.loading import HandlerLoadError, handler_for, load_handler
+from prefork.workers.loading import handler_for, load_handler
 
 log = logging.getLogger(__name__)
-
-
-class Setup(Protocol):
-    """What :func:`preload` needs of :class:`prefork.cli.MasterSetup`."""
-
-    config: Config
-    handed: upgrade.Inherited | None
-
-    def close(self) -> None: ...
-
-    def forget(self) -> None: ...
 
 
 def preload_handler(config: Config) -> Config:
@@ -54,22 +41,3 @@ def preload_handler(config: Config) -> Config:
     log.info("imported %s in %.2fs; %d object(s) frozen for the workers to share",
              config.effective_handler, time.monotonic() - began, gc.get_freeze_count())
     return preloaded
-
-
-def preload(setup: Setup) -> None:
-    """Preload ``setup``'s handler (after --user took effect: no handler code runs as root).
-
-    On failure, everything ``setup`` holds is closed and a master we replace
-    is told why (its upgrade or reload fails with these words), then
-    HandlerLoadError is raised.
-    """
-    try:
-        setup.config = preload_handler(setup.config)
-    except HandlerLoadError as exc:
-        if setup.handed is not None:
-            if setup.handed.pipe_fd is not None:
-                upgrade.report_failure(setup.handed.pipe_fd, str(exc))
-            setup.forget()  # the sockets and their files stay the old master's
-        else:
-            setup.close()
-        raise

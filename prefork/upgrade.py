@@ -102,11 +102,17 @@ def spawn(command: list[str], listeners: Sequence[tuple[int, str]], control_fd: 
     return pid, read_fd
 
 
-def spawn_check(command: list[str]) -> tuple[int, int]:
-    """Fork and exec ``command`` (the new program with ``--check-config``); (its pid, the read end of its output)."""
+def check_command(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """The command (and extra environment) that runs the prefork now installed to check our configuration."""
+    return [*program(argv), "--check-config"], {}
+
+
+def spawn_check(command: list[str], extra_env: dict[str, str] | None = None) -> tuple[int, int]:
+    """Fork and exec ``command`` (the new program, checking); (its pid, the read end of its output)."""
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     env = {name: value for name, value in os.environ.items()
            if name not in (INHERIT_ENV, PIPE_ENV, "NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")}
+    env.update(extra_env or {})
     pid = os.fork()
     if pid == 0:  # the child: check, say how it went on the pipe, exit
         try:
@@ -220,6 +226,8 @@ class Upgrader:
         self.current: Upgrade | None = None
         # our arguments -> the new master's command line; a program serving through prefork.api runs itself again
         self.command: Callable[[Sequence[str]], list[str]] = program
+        # our arguments -> how the new program checks the configuration before it runs in place
+        self.check_command: Callable[[Sequence[str]], tuple[list[str], dict[str, str]]] = check_command
 
     def begin(self, argv: Sequence[str], listeners: Sequence[tuple[int, str]], control_fd: int,
               waiter: Waiter | None, side: Sequence[tuple[int, str]] = ()) -> Upgrade:
@@ -234,7 +242,7 @@ class Upgrader:
 
     def begin_check(self, argv: Sequence[str], waiter: Waiter | None) -> Upgrade:
         """Run the new program with ``--check-config`` (raises OSError); its exit is the caller's to judge."""
-        pid, pipe_fd = spawn_check([*self.command(argv), "--check-config"])
+        pid, pipe_fd = spawn_check(*self.check_command(argv))
         os.set_blocking(pipe_fd, False)
         self.current = Upgrade(pid=pid, pipe_fd=pipe_fd, deadline=time.monotonic() + UPGRADE_TIMEOUT,
                                waiters=[waiter] if waiter else [], checking=True)

@@ -83,6 +83,9 @@ class Generations:
         # the serving generation's TLS contexts (built before --user when the daemon started)
         self.tls = tls if tls is not None else load_tls(config, [li.spec for li in listeners])
         self.cli_overrides = cli_overrides
+        # the configuration a reload starts from (a program serving from Python keeps its own: its molds
+        # run the program again, which builds theirs)
+        self.reread: Callable[[Config], Config] = lambda current: reread_config(current, self.cli_overrides)
         self.adopted = adopted  # listeners came from systemd: a reload keeps them whatever bind says
         self.generation = 1
         self._generations = itertools.count(2)
@@ -201,7 +204,7 @@ class Generations:
         """A mold we did not end is gone: the next worker of its generation gets a new one."""
         if mold.state is MoldState.LOADING:
             assert self.molds is not None
-            self.molds.loaded(mold)  # what it said before it went (ready or why it failed), else that it died
+            self.molds.loaded(mold, how)  # what it said before it went (ready or why it failed), else how it died
             return
         log.warning("mold of generation %d (pid %d) %s; a new worker of generation %d needs a new mold, "
                     "which imports the code on disk", mold.generation, mold.pid, how, mold.generation)
@@ -352,7 +355,7 @@ class Generations:
                      self.reloads.in_flight.generation)
             return
         try:
-            config = reread_config(self.config, self.cli_overrides)
+            config = self.reread(self.config)
             # certificates and keys are read again on every reload (renewed ones are picked up); a broken
             # one fails the reload before anything is bound, and the serving generation keeps its own
             tls = load_tls(config, [li.spec for li in self.listeners])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import json
 import logging
 import os
 import selectors
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from prefork.config import Config
 from prefork.master.pool import kill_pid
 from prefork.mold import wire
-from prefork.mold.process import MoldSpec, run_mold
+from prefork.mold.process import MOLD_ENV, MoldSpec, run_mold
 from prefork.mold.wire import Kind
 from prefork.scoreboard import Scoreboard
 from prefork.tls import TlsSetup
@@ -55,6 +56,10 @@ class Mold:
     error: str = ""
     threads: int = 0  # threads its import left running
     waiting: set[int] = field(default_factory=set)  # slots to fork once it is ready
+    rerun: bool = False  # the program run again (a program serving from Python), not a fork of the master
+
+    def describe(self) -> str:
+        return f"the mold of generation {self.generation}" + (" (the program run again)" if self.rerun else "")
 
 
 class Molds:
@@ -76,10 +81,17 @@ class Molds:
         self.blocked = set(blocked)
         self.on_loaded = on_loaded
         self.by_generation: dict[int, Mold] = {}
+        # a program serving from Python: every mold after the first is the program run again (this command),
+        # which imports the code on disk and becomes the mold when it reaches serve_forever()
+        self.rerun: Callable[[], list[str]] | None = None
+        self.forked_first = False
 
     def start(self, generation: int, config: Config, listeners: Collection[socket.socket], *,
               tls: TlsSetup | None, listener_specs: tuple[str, ...]) -> Mold:
         """Fork the mold of ``generation``; it reports on its socket once loaded. Raises OSError."""
+        if self.rerun is not None and self.forked_first:
+            return self._start_by_rerun(self.rerun(), generation, config, listeners, listener_specs)
+        self.forked_first = True
         ours, theirs = wire.pair()
         spec = MoldSpec(generation=generation, master_pid=self.master_pid, config=config,
                         listeners=tuple(listeners), channel_fd=self.channel_fd, tls=tls,
@@ -99,13 +111,49 @@ class Molds:
             raise
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        return self._started(pid, generation, ours, theirs, config.effective_handler)
+
+    def _start_by_rerun(self, command: list[str], generation: int, config: Config,
+                        listeners: Collection[socket.socket], listener_specs: tuple[str, ...]) -> Mold:
+        """Start ``command`` (the program again) as the mold of ``generation``, told so in its environment."""
+        ours, theirs = wire.pair()
+        handed = {"generation": generation, "master_pid": self.master_pid, "sock": theirs.fileno(),
+                  "listeners": [[sock.fileno(), spec] for sock, spec in zip(listeners, listener_specs, strict=True)],
+                  "channel_fd": self.channel_fd, "scoreboard_fd": self.scoreboard.fd,
+                  "scoreboard_capacity": self.scoreboard.capacity}
+        env = dict(os.environ)
+        env[MOLD_ENV] = json.dumps(handed)
+        keep = [theirs.fileno(), *(sock.fileno() for sock in listeners), self.channel_fd, self.scoreboard.fd]
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.blocked)  # kept blocked: see mold.process
+        try:
+            pid = os.fork()
+            if pid == 0:  # the child: the program, again
+                try:
+                    os.setpgid(0, 0)
+                    signal.set_wakeup_fd(-1)
+                    for fd in keep:
+                        os.set_inheritable(fd, True)
+                    os.execvpe(command[0], command, env)
+                finally:
+                    os._exit(127)
+        except OSError:
+            ours.close()
+            theirs.close()
+            raise
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        mold = self._started(pid, generation, ours, theirs, f"{config.effective_handler} (the program run again)")
+        mold.rerun = True
+        return mold
+
+    def _started(self, pid: int, generation: int, ours: socket.socket, theirs: socket.socket, what: str) -> Mold:
         theirs.close()
         with contextlib.suppress(OSError):
             os.setpgid(pid, 0)
         mold = Mold(pid=pid, generation=generation, sock=ours, started=time.monotonic())
         self.by_generation[generation] = mold
-        self.selector.register(ours, selectors.EVENT_READ, lambda mask: self.loaded(mold))
-        log.info("mold of generation %d (pid %d) started: importing %s", generation, pid, config.effective_handler)
+        self.selector.register(ours, selectors.EVENT_READ, lambda mask: self.loaded(mold, how=None))
+        log.info("mold of generation %d (pid %d) started: importing %s", generation, pid, what)
         return mold
 
     def adopt(self, generation: int, pid: int, fd: int, threads: int) -> Mold:
@@ -115,8 +163,11 @@ class Molds:
         self.by_generation[generation] = mold
         return mold
 
-    def loaded(self, mold: Mold) -> None:
-        """The mold's first word is there (or it is gone): READY or FAILED, then ``on_loaded``."""
+    def loaded(self, mold: Mold, how: str | None = "exited") -> None:
+        """The mold's first word is there, or it is gone (reaped: ``how``); READY or FAILED, then ``on_loaded``.
+
+        ``how`` None: its socket turned readable, and a silent end waits for the exit status.
+        """
         if mold.state is not MoldState.LOADING:
             return
         self._unregister(mold)
@@ -125,13 +176,15 @@ class Molds:
             message = wire.receive(mold.sock)
         except OSError:  # BlockingIOError: it died before it said anything
             message = None
+        if message is None and how is None:
+            return  # it closed without a word: its exit, reaped next, says how it ended
         if message is not None and message[0] is Kind.READY:
             mold.state = MoldState.READY
             mold.threads = int(message[1].get("threads", 0))
         else:
             mold.state = MoldState.FAILED
             mold.error = str(message[1].get("error", "")) if message is not None else ""
-            mold.error = mold.error or f"the mold of generation {mold.generation} exited while importing the handler"
+            mold.error = mold.error or f"{mold.describe()} {how or 'exited'} before it was ready (see the log)"
         self.on_loaded(mold)
 
     def fork_worker(self, mold: Mold, slot: int, record_index: int, max_requests: int) -> int:

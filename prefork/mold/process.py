@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 MOLD_OK = 0
 MOLD_CRASHED = 1
+MOLD_ENV = "PREFORK_MOLD"  # a program serving from Python, run again as a mold: what its master handed it (JSON)
 
 
 @dataclass(frozen=True)
