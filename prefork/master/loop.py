@@ -171,8 +171,6 @@ class Master:
         self.argv = list(argv or [])  # our command line, to start the new master on upgrade
         self.upgrade_pipe = upgrade_pipe  # we are a new master: tell the old one when we serve
         self.resumed = resumed  # we are the new image of a master that executed us in place (an upgrade)
-        self.exec_in_place = True  # how we upgrade; a master that runs the program again instead says False
-        self.handed_over = False
         self.endpoints = Endpoints(self, metrics_sock, agent_sock)  # --metrics-bind, --agent-bind
         self.notifier = notifier or Notifier()
         self.pid = os.getpid()
@@ -182,7 +180,7 @@ class Master:
         self.exit_code = EXIT_OK
         self.timers = Timers()
         self.selector = selectors.DefaultSelector()
-        self.upgrader = Upgrader(self.selector, self._hand_over)
+        self.upgrader = Upgrader(self.selector)
         self._wake_r, self._wake_w = socket.socketpair()
         self._events_r, self._events_w = resumed.events if resumed else os.pipe2(os.O_CLOEXEC)
         os.set_blocking(self._events_r, False)
@@ -312,14 +310,9 @@ class Master:
         self._read_events({w.pid: w for _, _, w in exited if w is not None})
         for pid, status, worker in exited:
             upgrade = self.upgrader.current
-            if upgrade is not None and pid == upgrade.pid and upgrade.checking:
+            if upgrade is not None and pid == upgrade.pid:
                 self.timers.cancel("upgrade")
                 self._checked(status)
-            elif upgrade is not None and pid == upgrade.pid:
-                how, _ = describe_exit(status)
-                self.timers.cancel("upgrade")
-                self.upgrader.fail(f"the new master {how.replace('could not load its handler', 'exited with status 3')}"
-                                   " before it served")
             elif worker is not None:
                 self.gens.reloads.stopped_accepting(pid)
                 self.gens.on_exit(worker, status)
@@ -393,9 +386,8 @@ class Master:
         log.info("stopping (%s): %d worker(s) to stop", mode.value, len(self.pool.workers))
         self.notify_systemd("stopping")
         self.gens.prepare_stop()
-        if not self.handed_over:
-            fdstore.forget(self.notifier, self.listeners)  # systemd's copies must not keep them open
-        if (mode is StopMode.GRACEFUL and not self.handed_over and self.pool.workers
+        fdstore.forget(self.notifier, self.listeners)  # systemd's copies must not keep them open
+        if (mode is StopMode.GRACEFUL and self.pool.workers
                 and self.lb_drain is not LbDrain.LISTENERS_CLOSED):
             self.closer.close_after_queue(self.listeners, time.monotonic() + self.config.graceful_timeout,
                                           self._stop_workers)
@@ -466,26 +458,22 @@ class Master:
         logs.reopen()
         self.pool.signal_all(signal.SIGUSR1)
 
-    # -- upgrade (a new master program on the same sockets) -------------------------------------------
+    # -- upgrade (the prefork program now installed, executed in place) ----------------------------------
 
     def begin_upgrade(self, waiter: ControlConnection | None = None) -> None:
-        """SIGUSR2 / preforkctl upgrade: start the prefork now installed as a new master on our sockets."""
+        """SIGUSR2 / preforkctl upgrade: have the new program check the configuration, then execute it in place."""
         why = ("the daemon is stopping" if self.stopping is not None else
                "an upgrade is in progress" if self.upgrader.current is not None else
                "a reload is in progress" if self.gens.reloads.in_flight is not None else
                "drained: the listening sockets are closed" if self.lb_drain is LbDrain.LISTENERS_CLOSED else None)
         if why is None:
             try:
-                if self.exec_in_place:
-                    upgrade = self.upgrader.begin_check(self.argv, waiter)
-                else:
-                    upgrade = self.upgrader.begin(self.argv, [(li.fileno(), li.spec) for li in self.listeners],
-                                                  self.control.sock.fileno(), waiter, self.endpoints.side_sockets())
+                upgrade = self.upgrader.begin_check(self.argv, waiter)
             except OSError as exc:
-                why = f"cannot start the new master: {exc.strerror or exc}"
+                why = f"cannot start the new program: {exc.strerror or exc}"
             else:
                 self.timers.set("upgrade", upgrade.deadline, lambda: self.upgrader.fail(
-                    f"the new master was not serving within {UPGRADE_TIMEOUT:g}s", kill=True))
+                    f"the new program's configuration check took over {UPGRADE_TIMEOUT:g}s", kill=True))
                 return
         log.error("upgrade refused: %s", why)
         if waiter is not None:
@@ -554,24 +542,10 @@ class Master:
                  state.generation)
         self.gens.begin_reload([InPlaceReply(fd, state.began) for fd in state.waiters])
 
-    def _hand_over(self, upgrade: Upgrade) -> None:
-        """The new master serves: give it the service (systemd's main pid, the control socket), then drain."""
-        self.timers.cancel("upgrade")
-        self.notifier.mainpid(upgrade.pid)
-        self.handed_over = True
-        self.control.hand_over()
-        for listener in self.listeners:
-            listener.hand_over()
-        self.endpoints.close()  # the new master answers /metrics and the agent check now
-        log.info("upgrade: the new master (pid %d) serves; draining our workers", upgrade.pid)
-        self.begin_stop(StopMode.GRACEFUL)
-
     # -- the end ------------------------------------------------------------------------------------
 
     def notify_systemd(self, event: str) -> None:
         """Tell systemd (when it is listening) where the lifecycle stands."""
-        if self.handed_over:
-            return  # the new master speaks for the service now
         if event == "ready":
             self.notifier.ready(self.status_line())
         elif event == "reloading":
