@@ -274,3 +274,23 @@ def _refused(address: tuple[str, int]) -> bool:
     except ConnectionRefusedError:
         return True
     return False
+
+
+def test_a_killed_mold_is_replaced_when_its_generation_next_needs_a_worker(
+        daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    write_module(tmp_path, "v1")
+    d = start(daemon_factory, tmp_path, workers=2)
+    st = d.status()
+    old_mold = molds(st)[1]
+    os.kill(old_mold, signal.SIGKILL)
+    wait_for(lambda: molds(d.status()) == {}, 10, "the killed mold gone from status")
+    assert "mold of generation 1 (pid" in d.log() and "imports the code on disk" in d.log()
+    assert {version(d) for _ in range(10)} == {b"v1"}  # its workers serve on
+    write_module(tmp_path, "v2-on-disk")
+    victim = st["workers"][0]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    st = wait_for(lambda: (s := d.try_status()) is not None and victim not in {w["pid"] for w in s["workers"]}
+                  and len(d.ready_workers(s)) == 2 and s, 20, "the killed worker replaced through a new mold")
+    new_mold = molds(st)[1]
+    assert new_mold != old_mold and importers(tmp_path) == [old_mold, new_mold]
+    assert st["generation"] == 1
