@@ -4,7 +4,8 @@ The master keeps its pid: its molds and workers stay its children, systemd's
 main pid and a terminal's job stay the same. Before the exec the master
 writes a :class:`Handover` to a memory file and names it in
 ``$PREFORK_HANDOVER``; every descriptor it lists is left open across the
-exec. The new image reads it back (:func:`received`) and adopts what it
+exec, as one frame of prefork's codec (:mod:`prefork.frames`). The new
+image reads it back (:func:`received`) and adopts what it
 lists: the listeners and the master's own sockets, the workers' event pipe,
 the scoreboard, the molds and workers (as the previous generation, which
 it then replaces as a reload does), the counters and the generation number,
@@ -19,12 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import socket
 from dataclasses import dataclass, field
 from typing import Any
 
+from prefork import frames
 from prefork.upgrade import SIDE_ROLES, Inherited
 
 HANDOVER_ENV = "PREFORK_HANDOVER"
@@ -80,13 +81,13 @@ class Handover:
 
 
 def encode(handover: Handover) -> bytes:
-    return json.dumps(dataclasses.asdict(handover), separators=(",", ":")).encode()
+    return frames.encode(dataclasses.asdict(handover))
 
 
 def decode(data: bytes) -> Handover:
     """The state in ``data``; raises HandoverError."""
     try:
-        raw = json.loads(data)
+        raw = frames.decode(data, MAX_HANDOVER)
         return Handover(
             listeners=[(int(fd), str(spec)) for fd, spec in raw["listeners"]],
             side=[(int(fd), str(role)) for fd, role in raw["side"]],

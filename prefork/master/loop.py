@@ -35,7 +35,7 @@ from prefork import __version__, fdstore, logs
 from prefork.channel import Decoder
 from prefork.config import Config
 from prefork.control import MAX_CLIENTS, ControlConnection, ControlServer
-from prefork.control import encode as encode_reply
+from prefork.frames import encode as encode_reply
 from prefork.httpmetrics import MAX_CLIENTS as METRICS_MAX_CLIENTS
 from prefork.kernelstats import listen_counters
 from prefork.listeners import Listener

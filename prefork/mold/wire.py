@@ -1,4 +1,5 @@
-"""What the master and a mold say to each other: one JSON object per datagram of a SOCK_SEQPACKET pair.
+"""What the master and a mold say to each other: one frame (:mod:`prefork.frames`) per datagram of a
+SOCK_SEQPACKET pair.
 
 The kernel keeps message boundaries, so a message is one ``send`` and one
 ``recv``; both ends use :func:`send` and :func:`receive`, so a field cannot
@@ -14,9 +15,10 @@ closes its copies and forks no more workers.
 from __future__ import annotations
 
 import enum
-import json
 import socket
 from typing import Any
+
+from prefork import frames
 
 MAX_MESSAGE = 65536
 
@@ -36,15 +38,15 @@ def pair() -> tuple[socket.socket, socket.socket]:
 
 
 def encode(kind: Kind, **fields: Any) -> bytes:
-    return json.dumps({"kind": kind.value, **fields}, separators=(",", ":")).encode()
+    return frames.encode({"kind": kind.value, **fields})
 
 
 def decode(data: bytes) -> tuple[Kind, dict[str, Any]] | None:
     """A message as (kind, fields); None when it is not one (an empty datagram is the peer gone)."""
     try:
-        message = json.loads(data)
+        message = frames.decode(data, MAX_MESSAGE)
         kind = Kind(message.pop("kind"))
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError):  # FrameError is a ValueError, so is an unknown kind
         return None
     return kind, message
 
