@@ -35,27 +35,25 @@ from prefork import __version__, fdstore, logs
 from prefork.channel import Decoder
 from prefork.config import Config
 from prefork.control import MAX_CLIENTS, ControlConnection, ControlServer
-from prefork.frames import encode as encode_reply
 from prefork.httpmetrics import MAX_CLIENTS as METRICS_MAX_CLIENTS
 from prefork.kernelstats import listen_counters
 from prefork.listeners import Listener
-from prefork.master import commands, handover, report
+from prefork.master import commands, inplace, report
 from prefork.master.checks import PeriodicChecks
 from prefork.master.closing import Closer, Closing
 from prefork.master.endpoints import Endpoints
 from prefork.master.exits import describe_exit
 from prefork.master.generations import Generations
-from prefork.master.handover import HandedMold, HandedWorker, Handover
-from prefork.master.molds import Molds, MoldState
+from prefork.master.handover import Handover
+from prefork.master.molds import Molds
 from prefork.master.pool import WorkerPool
 from prefork.master.reload import Waiter
 from prefork.master.state import ErrorBudget, LbDrain, StopMode, Totals, Worker
 from prefork.master.timers import Timers
 from prefork.prctl import set_child_subreaper
-from prefork.scoreboard import Scoreboard
 from prefork.systemd import Notifier
 from prefork.tls import TlsSetup
-from prefork.upgrade import UPGRADE_TIMEOUT, Upgrade, Upgrader, report_ready
+from prefork.upgrade import Upgrader, report_ready
 
 log = logging.getLogger(__name__)
 
@@ -131,33 +129,6 @@ class Guard:
                           " (its client is closed)" if dropped else "")
 
 
-class InPlaceReply:
-    """Answers a ``preforkctl upgrade`` client handed across the exec, once the new image's generation serves."""
-
-    def __init__(self, fd: int, began: float) -> None:
-        self.sock = socket.socket(fileno=fd)
-        self.began = began
-
-    def reply(self, message: dict[str, Any]) -> None:
-        if message.get("ok"):
-            pid = os.getpid()
-            answer: dict[str, Any] = {
-                "ok": True, "pid": pid, "previous_pid": pid, "in_place": True, "generation": message["generation"],
-                "serve_s": round(time.monotonic() - self.began, 3),
-                **{k: v for k, v in message.items() if k.startswith("listen_")}}
-        else:
-            answer = {"ok": False, "error": "upgrade failed: " + str(message.get("error", "")).removeprefix(
-                "reload failed: ")}
-        try:
-            self.sock.setblocking(True)
-            self.sock.settimeout(5.0)
-            self.sock.sendall(encode_reply(answer))
-        except OSError:
-            pass  # the client left: nothing to tell
-        finally:
-            self.sock.close()
-
-
 class Master:
     """Runs the daemon. ``run()`` returns the process exit status."""
 
@@ -199,22 +170,28 @@ class Master:
         self.pool = WorkerPool(master_pid=self.pid, channel_fd=self._events_w, timers=self.timers,
                                timeout=config.timeout, close_in_child=self._close_in_child,
                                blocked=self._signal_actions)
-        if resumed is not None:  # the board our workers write, and the counters so far
-            self.pool.scoreboard = Scoreboard(resumed.scoreboard_capacity, fd=resumed.scoreboard_fd,
-                                              taken=[w.record_index for w in resumed.workers])
-            known = {f.name for f in dataclasses.fields(Totals)}
-            self.pool.totals = Totals(**{k: v for k, v in resumed.totals.items() if k in known})
+        if resumed is not None:
+            self.pool.take_over(resumed)  # the board our workers write, and the counters so far
         self.molds = Molds(master_pid=self.pid, channel_fd=self._events_w, scoreboard=self.pool.scoreboard,
                            selector=self.selector, close_in_child=self._close_in_child,
                            blocked=self._signal_actions, on_loaded=lambda mold: self.gens.on_mold_loaded(mold))
         self.guard = Guard(self.pool.totals, lambda sock: self.control.drop(sock) or self.endpoints.drop(sock))
-        self.gens = Generations(self, self.pool, self.timers, config, listeners,
-                                cli_overrides=dict(cli_overrides or {}), adopted=adopted, tls=tls,
-                                molds=self.molds)
+        self.gens = Generations(self, self.pool, self.timers, config, listeners, molds=self.molds,
+                                cli_overrides=dict(cli_overrides or {}), adopted=adopted, tls=tls)
         self.checks = PeriodicChecks(self, self.gens, self.pool, self.timers, self.notifier)
         self.closer = Closer(self.timers)
         self.stop_report: dict[str, Any] = {}  # what the stop did, for the clients that asked for it
         self.stop_began, self.stop_counters = 0.0, listen_counters()
+
+    @property
+    def event_pipe(self) -> tuple[int, int]:
+        """The workers' event pipe: (our read end, the write end the workers hold)."""
+        return self._events_r, self._events_w
+
+    @property
+    def handled_signals(self) -> set[int]:
+        """The signals the loop acts on."""
+        return set(self._signal_actions)
 
     @property
     def config(self) -> Config:
@@ -255,7 +232,7 @@ class Master:
                  self.config.effective_handler, ", ".join(li.address for li in self.listeners), self.control.path)
         try:
             if self.resumed is not None:
-                self._resume(self.resumed)
+                inplace.resume(self, self.resumed)
             else:
                 self.gens.start()
             while self.pool.workers or self.pool.groups or self.stopping is None:  # groups: see pool.py
@@ -312,7 +289,7 @@ class Master:
             upgrade = self.upgrader.current
             if upgrade is not None and pid == upgrade.pid:
                 self.timers.cancel("upgrade")
-                self._checked(status)
+                inplace.checked(self, status)
             elif worker is not None:
                 self.gens.reloads.stopped_accepting(pid)
                 self.gens.on_exit(worker, status)
@@ -462,85 +439,7 @@ class Master:
 
     def begin_upgrade(self, waiter: ControlConnection | None = None) -> None:
         """SIGUSR2 / preforkctl upgrade: have the new program check the configuration, then execute it in place."""
-        why = ("the daemon is stopping" if self.stopping is not None else
-               "an upgrade is in progress" if self.upgrader.current is not None else
-               "a reload is in progress" if self.gens.reloads.in_flight is not None else
-               "drained: the listening sockets are closed" if self.lb_drain is LbDrain.LISTENERS_CLOSED else None)
-        if why is None:
-            try:
-                upgrade = self.upgrader.begin_check(self.argv, waiter)
-            except OSError as exc:
-                why = f"cannot start the new program: {exc.strerror or exc}"
-            else:
-                self.timers.set("upgrade", upgrade.deadline, lambda: self.upgrader.fail(
-                    f"the new program's configuration check took over {UPGRADE_TIMEOUT:g}s", kill=True))
-                return
-        log.error("upgrade refused: %s", why)
-        if waiter is not None:
-            waiter.reply({"ok": False, "error": f"upgrade failed: {why}"})
-
-    def _checked(self, status: int) -> None:
-        """The new program checked the configuration: execute it in place, or fail the upgrade in one line."""
-        upgrade, last = self.upgrader.checked()
-        why = None
-        if os.waitstatus_to_exitcode(status) != 0:
-            how, _ = describe_exit(status)
-            why = last.removeprefix("prefork: error: ") or f"the new program's configuration check {how}"
-        elif self.stopping is not None or self.gens.reloads.in_flight is not None:
-            why = "the daemon is stopping" if self.stopping is not None else "a reload is in progress"
-        else:
-            why = self._exec_in_place(upgrade)  # returns only when the exec failed
-        log.error("upgrade failed: %s; still serving (pid %d)", why, self.pid)
-        for waiter in upgrade.waiters:
-            waiter.reply({"ok": False, "error": f"upgrade failed: {why}"})
-
-    def _exec_in_place(self, upgrade: Upgrade) -> str:
-        """Become the prefork program now installed, keeping our pid, children and sockets; on failure, why."""
-        for mold in list(self.molds.by_generation.values()):
-            if mold.state is not MoldState.READY:
-                self.molds.end(mold, kill=True)  # a loading mold cannot be handed over mid-sentence
-        state = Handover(
-            listeners=[(li.fileno(), li.spec) for li in self.listeners], side=self.endpoints.side_sockets(),
-            control_fd=self.control.sock.fileno(), events=(self._events_r, self._events_w),
-            scoreboard_fd=self.pool.scoreboard.fd, scoreboard_capacity=self.pool.scoreboard.capacity,
-            generation=self.gens.generation, next_generation=self.gens.next_generation(),
-            workers=[HandedWorker(pid=w.pid, slot=w.slot, generation=w.generation, record_index=w.record_index,
-                                  started=w.started, state=w.state.value, stop_reason=w.stop_reason)
-                     for w in self.pool.workers.values()],
-            molds=[HandedMold(generation=m.generation, pid=m.pid, fd=m.sock.fileno(), threads=m.threads)
-                   for m in self.molds.by_generation.values()],
-            totals=dataclasses.asdict(self.pool.totals),
-            waiters=[w.sock.fileno() for w in upgrade.waiters
-                     if isinstance(w, ControlConnection) and w.sock.fileno() >= 0],
-            began=upgrade.began, master_started=self.started)
-        command = self.upgrader.command(self.argv)
-        env = handover.prepare(state)
-        log.info("upgrade: executing %s in place (pid %d stays); handing over %d worker(s), %d mold(s), "
-                 "generation %d", command[0], self.pid, len(state.workers), len(state.molds), state.generation)
-        logs.flush()
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self._signal_actions)  # pending until the new image
-        signal.set_wakeup_fd(-1)
-        try:
-            os.execvpe(command[0], command, env)
-        except OSError as exc:
-            handover.abandon(env, state)
-            signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-            return f"cannot execute {command[0]}: {exc.strerror or exc}"
-        raise AssertionError("execve returned")  # pragma: no cover
-
-    def _resume(self, state: Handover) -> None:
-        """We are the new image: adopt what the previous one handed over, then replace it as a reload does."""
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, self._signal_actions)  # what came during the exec arrives now
-        self.started = state.master_started or self.started
-        workers = self.pool.adopt(state.workers, self.config.graceful_timeout)
-        for mold in state.molds:
-            self.molds.adopt(mold.generation, mold.pid, mold.fd, mold.threads)
-        self.gens.resume(state.generation, state.next_generation, workers)
-        log.info("upgrade: prefork %s runs in place (pid %d): %d worker(s) and %d mold(s) of generation %d adopted; "
-                 "replacing them as a reload does", __version__, self.pid, len(workers), len(state.molds),
-                 state.generation)
-        self.gens.begin_reload([InPlaceReply(fd, state.began) for fd in state.waiters])
+        inplace.begin(self, waiter)
 
     # -- the end ------------------------------------------------------------------------------------
 

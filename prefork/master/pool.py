@@ -18,6 +18,7 @@ ends its group itself (:mod:`prefork.workers.entry`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -28,7 +29,7 @@ from collections.abc import Callable, Collection, Iterable
 import psutil
 
 from prefork.config import Config
-from prefork.master.handover import HandedWorker
+from prefork.master.handover import HandedWorker, Handover
 from prefork.master.report import WorkerSample, tls_counts
 from prefork.master.state import Totals, Worker, WorkerState
 from prefork.master.timers import Timers
@@ -130,6 +131,13 @@ class WorkerPool:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         _lead_own_group(pid)  # both sides, so no killpg of ours can come before the group exists
         return pid
+
+    def take_over(self, state: Handover) -> None:
+        """A previous image of this master handed over (an upgrade in place): its scoreboard and counters."""
+        self.scoreboard = Scoreboard(state.scoreboard_capacity, fd=state.scoreboard_fd,
+                                     taken=[w.record_index for w in state.workers])
+        known = {f.name for f in dataclasses.fields(Totals)}
+        self.totals = Totals(**{k: v for k, v in state.totals.items() if k in known})
 
     def adopt(self, handed: Iterable[HandedWorker], graceful_timeout: float) -> list[Worker]:
         """The workers a previous image of this master handed over (an upgrade in place), watched again."""
