@@ -48,6 +48,8 @@ os.register_at_fork(after_in_child=_in_a_worker)
 START_THREAD = '''
 import threading
 threading.Thread(target=time.sleep, args=(3600,), name="poller", daemon=True).start()
+import socket as _socket
+_CONNECTION = _socket.socketpair()  # a connection opened at import, say to a database
 '''
 
 
@@ -213,7 +215,7 @@ def test_a_thread_left_by_the_import_is_warned_about_and_no_preload_imports_in_e
         daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
     write_module(tmp_path, "v1", extra=START_THREAD)
     d = start(daemon_factory, tmp_path, workers=2)
-    assert "left 1 thread(s) running (poller)" in d.log() and "--no-preload" in d.log()
+    assert "left 1 thread(s) running (poller) and 2 socket(s) open" in d.log() and "--no-preload" in d.log()
     assert [m["threads"] for m in d.status()["molds"]] == [1]
     e = start(daemon_factory, tmp_path, "--no-preload", workers=2, name="e")
     st = e.status()

@@ -28,6 +28,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -89,16 +90,20 @@ def _mold(spec: MoldSpec, scoreboard: Scoreboard, sock: socket.socket) -> int:
         return MOLD_OK
     logs.set_title(f"mold {spec.generation}", spec.config.name)
     began = time.monotonic()
+    sockets_before = _open_sockets()
     try:
         config = preload_handler(spec.config)
     except HandlerLoadError as exc:
         wire.send(sock, Kind.FAILED, error=str(exc))
         return WORKER_BOOT_ERROR
     threads = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
-    if threads:
-        log.warning("importing %s left %d thread(s) running (%s): a forked worker has none of them; if the "
-                    "handler needs them, or holds connections opened at import, use --no-preload (each worker "
-                    "then imports the handler itself)", config.effective_handler, len(threads), ", ".join(threads))
+    opened = len(_open_sockets() - sockets_before)
+    if threads or opened:
+        left = ([f"{len(threads)} thread(s) running ({', '.join(threads)})"] if threads else []) + (
+            [f"{opened} socket(s) open"] if opened else [])
+        log.warning("importing %s left %s: a forked worker has none of those threads and would share those "
+                    "connections with its siblings; if the handler needs them, use --no-preload (each worker then "
+                    "imports the handler itself)", config.effective_handler, " and ".join(left))
     log.info("mold of generation %d (pid %d) holds %s, imported in %.2fs", spec.generation, os.getpid(),
              config.effective_handler, time.monotonic() - began)
     wire.send(sock, Kind.READY, threads=len(threads))
@@ -125,6 +130,17 @@ def _mold(spec: MoldSpec, scoreboard: Scoreboard, sock: socket.socket) -> int:
             wire.send(sock, Kind.ERROR, error=exc.strerror or str(exc))
         else:
             wire.send(sock, Kind.FORKED, pid=pid)
+
+
+def _open_sockets() -> set[int]:
+    """This process's descriptors that are sockets (a connection opened at import is one)."""
+    found = set()
+    with contextlib.suppress(OSError):
+        for name in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError, ValueError):
+                if stat.S_ISSOCK(os.stat(f"/proc/self/fd/{name}").st_mode):
+                    found.add(int(name))
+    return found
 
 
 def fork_worker(spec: WorkerSpec, scoreboard: Scoreboard, sock: socket.socket) -> int:
