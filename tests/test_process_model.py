@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from typing import Any
 import psutil
 import pytest
 
-from conftest import Daemon, Load, child_env, exchange
+from conftest import Daemon, Load, child_env, exchange, wait_for
 
 
 def family(st: dict[str, Any]) -> list[int]:
@@ -72,3 +73,41 @@ def test_as_pid_1_of_a_new_pid_namespace_reloads_and_upgrades_keep_serving(tmp_p
         assert d.status()["pid"] == 1
     finally:
         d.stop()
+
+
+GIL_WEDGE = '''\
+import ctypes
+import socketserver
+
+
+class HoldsTheInterpreter(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        self.rfile.readline()
+        ctypes.PyDLL(None).sleep(3600)  # C code that keeps the GIL: no Python code of this process runs again
+'''
+
+
+def test_a_worker_whose_python_cannot_run_dies_after_its_master_anyway(
+        daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    (tmp_path / "gil_wedge.py").write_text(GIL_WEDGE)
+    d = daemon_factory("-k", "thread", "--timeout", "3", "--graceful-timeout", "1", "gil_wedge:HoldsTheInterpreter",
+                       workers=1)
+    worker = psutil.Process(d.status()["workers"][0]["pid"])
+    with d.connect() as conn:
+        conn.sendall(b"wedge\n")
+        wait_for(lambda: d.status()["workers"][0]["active"] == 1, 5, "the connection taken")
+        d.signal(signal.SIGKILL)  # before the master could see the heartbeat stop
+        assert d.wait_exit(5) == -signal.SIGKILL
+        # its SIGTERM (PR_SET_PDEATHSIG) is never handled: the kernel's dead-man timer ends it instead,
+        # --timeout (the longer of it and --graceful-timeout) plus a margin after its last heartbeat
+        _, alive = psutil.wait_procs([worker], timeout=20)
+        assert alive == []
+
+    def refused() -> bool:
+        try:
+            socket.create_connection(d.address(), timeout=1).close()
+        except ConnectionRefusedError:
+            return True
+        return False
+
+    wait_for(refused, 5, "the port freed")

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 WORKER_OK = 0
 WORKER_CRASHED = 1
 WORKER_BOOT_ERROR = 3  # the handler could not be loaded: respawning would only fail again
+# seconds past --timeout (or --graceful-timeout, the longer) before a worker whose heartbeat stopped is ended by
+# the kernel (SIGALRM): after the master's own SIGABRT and SIGKILL would have, so it acts only without a master
+DEADMAN_MARGIN = 5.0
 
 @dataclass(frozen=True)
 class WorkerSpec:
@@ -97,6 +100,7 @@ def _serve(spec: WorkerSpec, scoreboard: Scoreboard) -> int:
     for signum in (signal.SIGTTIN, signal.SIGTTOU):
         signal.signal(signum, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)  # the dead-man timer (WorkerLifecycle.push_deadman) ends us
     os.register_at_fork(after_in_child=_as_a_handler_child)
     # SIGABRT from the master (a stale heartbeat), or a crash in C code: every thread's stack to the log
     faulthandler.enable(file=logs.fault_stream(), all_threads=True)
@@ -124,6 +128,7 @@ def build_worker(spec: WorkerSpec, handler: Any, scoreboard: Scoreboard, channel
         max_requests=spec.max_requests,
         graceful_timeout=config.graceful_timeout,
         heartbeat_interval=heartbeat_interval(config.timeout),
+        deadman=max(config.timeout, config.graceful_timeout) + DEADMAN_MARGIN,
         proxy=ProxyPolicy.from_config(config),
         balance=balance,
         tls=spec.listener_tls(),
