@@ -717,7 +717,7 @@ def mold_stepper(workers: int = 2) -> tuple[Generations, FakePool, FakeHost, Fak
 
 def load(gens: Generations, mold: Mold, error: str = "") -> None:
     mold.state, mold.error = (MoldState.FAILED, error) if error else (MoldState.READY, "")
-    gens.on_mold_loaded(mold)
+    gens.molding.on_loaded(mold)
 
 
 def test_a_generation_s_workers_are_forked_once_its_mold_has_loaded() -> None:

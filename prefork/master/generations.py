@@ -11,7 +11,6 @@ drained for a load balancer, systemd) is the :class:`Host`'s, the master.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import random
@@ -34,7 +33,8 @@ from prefork.master.exits import (
     describe_exit,
     failures_after,
 )
-from prefork.master.molds import Mold, Molds, MoldState
+from prefork.master.molding import Molding
+from prefork.master.molds import Molds, MoldState
 from prefork.master.pool import WorkerPool, kill_pid
 from prefork.master.reload import Reload, Reloads, Waiter, fail, listeners_for, reload_report, reread_config
 from prefork.master.state import Backoff, LbDrain, StopMode, Worker, WorkerState
@@ -75,10 +75,10 @@ class Generations:
                  cli_overrides: dict[str, Any], adopted: bool, tls: TlsSetup | None = None,
                  molds: Molds | None = None) -> None:
         self.host = host
-        self.molds = molds  # None: workers are forked by the master itself (and import the handler themselves)
+        self.molding: Molding = Molding(self, molds)
         self.pool = pool
         self.timers = timers
-        self.config = config
+        self.config: Config = config
         self.listeners = listeners
         # the serving generation's TLS contexts (built before --user when the daemon started)
         self.tls = tls if tls is not None else load_tls(config, [li.spec for li in listeners])
@@ -131,16 +131,15 @@ class Generations:
         generation = reload.generation if reload else self.generation
         max_requests = config.max_requests + random.randint(0, config.max_requests_jitter) if config.max_requests else 0
         try:
-            mold = self._mold(generation, config, listeners, tls)
+            mold = self.molding.mold_for(generation, config, listeners, tls)
             if mold is not None and mold.state is MoldState.LOADING:
-                mold.waiting.add(slot)  # forked once the mold has imported the handler (on_mold_loaded)
+                mold.waiting.add(slot)  # forked once the mold has imported the handler (Molding.on_loaded)
                 return None
             worker = self.pool.fork(slot, generation, config,
                                     [li.sock for li in listeners], max_requests=max_requests,
                                     lb_drain=self.host.lb_drain is not None, tls=tls,
                                     listener_specs=tuple(li.spec for li in listeners),
-                                    mold=functools.partial(self.molds.fork_worker, mold)
-                                    if mold is not None and self.molds is not None else None)
+                                    mold=self.molding.fork(mold))
         except (OSError, IndexError) as exc:
             why = (exc.strerror or str(exc)) if isinstance(exc, OSError) else "no free scoreboard record"
             if reload is not None:
@@ -149,82 +148,13 @@ class Generations:
             backoff = self.backoff.setdefault(slot, Backoff())
             backoff.failures += 1
             delay = max(backoff_delay(backoff.failures), BACKOFF_FIRST)  # a failed fork: never at once
-            self._respawn_later(slot, delay)
+            self.respawn_later(slot, delay)
             log.error("cannot fork worker %d: %s; retrying in %.1fs", slot, why, delay)
             return None
         (reload.slots if reload else self.slots)[slot] = worker
         return worker
 
-    # -- molds --------------------------------------------------------------------------------------
-
-    def _mold(self, generation: int, config: Config, listeners: list[Listener], tls: TlsSetup | None) -> Mold | None:
-        """The mold that forks ``generation``'s workers (started now if it has none); None: the master forks.
-
-        A generation whose mold is gone (killed, crashed) gets a new one, which
-        imports the code on disk now: said in the log when its mold dies.
-        """
-        if self.molds is None or not config.preload:
-            return None
-        mold = self.molds.by_generation.get(generation)
-        if mold is None:
-            mold = self.molds.start(generation, config, [li.sock for li in listeners], tls=tls,
-                                    listener_specs=tuple(li.spec for li in listeners))
-        return mold
-
-    def on_mold_loaded(self, mold: Mold) -> None:
-        """A mold imported its handler (its waiting slots are forked now), or failed to."""
-        reload = self.reloads.in_flight
-        in_reload = reload is not None and mold.generation == reload.generation
-        waiting, mold.waiting = sorted(mold.waiting), set()
-        if mold.state is MoldState.READY:
-            for slot in waiting:
-                if in_reload and reload is not None:
-                    if self.reloads.in_flight is reload and slot not in reload.slots:
-                        self.spawn_worker(slot, reload)
-                elif (mold.generation == self.generation and self.host.stopping is None
-                      and slot < self.target and slot not in self.slots):
-                    self.spawn_worker(slot)
-            return
-        assert self.molds is not None
-        self.molds.end(mold)
-        if in_reload:
-            self.abort_reload(mold.error)
-        elif mold.generation == self.generation and self.host.stopping is None:
-            if not self.serving:
-                log.critical("%s", mold.error)
-                self.host.fatal("the handler cannot be loaded, so no worker can serve")
-                return
-            log.error("%s", mold.error)
-            for slot in waiting:
-                backoff = self.backoff.setdefault(slot, Backoff())
-                backoff.failures += 1
-                self._respawn_later(slot, max(backoff_delay(backoff.failures), BACKOFF_FIRST))
-
-    def on_mold_exit(self, mold: Mold, how: str) -> None:
-        """A mold we did not end is gone: the next worker of its generation gets a new one."""
-        if mold.state is MoldState.LOADING:
-            assert self.molds is not None
-            self.molds.loaded(mold, how)  # what it said before it went (ready or why it failed), else how it died
-            return
-        log.warning("mold of generation %d (pid %d) %s; a new worker of generation %d needs a new mold, "
-                    "which imports the code on disk", mold.generation, mold.pid, how, mold.generation)
-        assert self.molds is not None
-        self.molds.end(mold)
-
-    def end_idle_molds(self) -> None:
-        """End the molds of generations that neither serve, nor start, nor have a live worker left."""
-        if self.molds is None:
-            return
-        reload = self.reloads.in_flight
-        live = {w.generation for w in self.pool.workers.values()}
-        for generation, mold in list(self.molds.by_generation.items()):
-            if generation == self.generation or (reload is not None and generation == reload.generation):
-                continue
-            if generation not in live:
-                log.info("mold of generation %d (pid %d) ends: its generation is gone", generation, mold.pid)
-                self.molds.end(mold)
-
-    def _respawn_later(self, slot: int, delay: float) -> None:
+    def respawn_later(self, slot: int, delay: float) -> None:
         def respawn() -> None:
             if self.host.stopping is None and slot < self.target and slot not in self.slots:
                 self.spawn_worker(slot)
@@ -239,7 +169,7 @@ class Generations:
             reload.retiring.discard(worker.pid)
             if not reload.retiring:  # the old workers of the last batch are gone: the next one starts
                 self._start_batch(reload)
-        self.end_idle_molds()
+        self.molding.end_idle()
 
     def _judge_exit(self, worker: Worker, status: int) -> None:
         how, clean = describe_exit(status, worker.signals_sent)
@@ -281,7 +211,7 @@ class Generations:
                 f"in {delay:.1f}s" if delay else "now")
         self.pool.totals.respawns += 1
         if delay:
-            self._respawn_later(worker.slot, delay)
+            self.respawn_later(worker.slot, delay)
         elif worker.slot < self.target:
             self.spawn_worker(worker.slot)
 
@@ -429,8 +359,8 @@ class Generations:
             for worker in list(self.pool.workers.values()):
                 if worker.generation < generation and removed:
                     kill_pid(worker.pid, signal.SIGUSR2)  # every copy of a dropped listener closes now
-            if removed and self.molds is not None:
-                self.molds.close_listeners(lambda g: g < generation)
+            if removed:
+                self.molding.close_listeners(generation)
             for worker in old_slots.values():
                 self.pool.drain(worker, f"replaced by generation {generation}", self.config.graceful_timeout)
 
@@ -447,7 +377,7 @@ class Generations:
         self.reloads.commit({"ok": True, "generation": self.generation, "workers": self.target,
                              **reload_report(reload, self.pool.peak)},
                             accepting={w.pid for w in old_slots.values() if w.pid in self.pool.workers})
-        self.end_idle_molds()
+        self.molding.end_idle()
         queued = self.reloads.take_queued()
         if queued is not None:
             self.begin_reload(queued)
@@ -468,7 +398,7 @@ class Generations:
             self.pool.drain(worker, "reload aborted", self.config.graceful_timeout)
         for listener in reload.new_listeners:
             listener.close()
-        self.end_idle_molds()
+        self.molding.end_idle()
 
     def scale(self, count: int) -> None:
         if self.host.stopping is not None or count == self.target:

@@ -174,7 +174,7 @@ class Master:
             self.pool.take_over(resumed)  # the board our workers write, and the counters so far
         self.molds = Molds(master_pid=self.pid, channel_fd=self._events_w, scoreboard=self.pool.scoreboard,
                            selector=self.selector, close_in_child=self._close_in_child,
-                           blocked=self._signal_actions, on_loaded=lambda mold: self.gens.on_mold_loaded(mold))
+                           blocked=self._signal_actions, on_loaded=lambda mold: self.gens.molding.on_loaded(mold))
         self.guard = Guard(self.pool.totals, lambda sock: self.control.drop(sock) or self.endpoints.drop(sock))
         self.gens = Generations(self, self.pool, self.timers, config, listeners, molds=self.molds,
                                 cli_overrides=dict(cli_overrides or {}), adopted=adopted, tls=tls)
@@ -294,7 +294,7 @@ class Master:
                 self.gens.reloads.stopped_accepting(pid)
                 self.gens.on_exit(worker, status)
             elif (mold := self.molds.reaped(pid)) is not None:
-                self.gens.on_mold_exit(mold, describe_exit(status)[0])
+                self.gens.molding.on_exit(mold, describe_exit(status)[0])
 
     def _close_in_child(self, keep: set[int]) -> None:
         """In a new worker, before it serves: close the master's descriptors but its listeners."""
