@@ -16,7 +16,7 @@ from typing import Any
 import psutil
 import pytest
 
-from conftest import Daemon, Load, child_env, exchange, wait_for
+from conftest import ROOT, Daemon, Load, child_env, exchange, wait_for
 
 
 def family(st: dict[str, Any]) -> list[int]:
@@ -111,3 +111,19 @@ def test_a_worker_whose_python_cannot_run_dies_after_its_master_anyway(
         return False
 
     wait_for(refused, 5, "the port freed")
+
+
+def test_each_extra_worker_costs_under_a_tenth_of_the_handler_s_import_across_reloads(tmp_path: Path) -> None:
+    """scripts/bench_memory.py's measure, default settings: a 100 MB handler, -w 1 against -w 3, 3 reloads."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import bench_memory
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    tmp_path.chmod(0o700)
+    cost = bench_memory.import_cost()
+    small = bench_memory.measure(1, True, str(tmp_path), reloads=3)
+    large = bench_memory.measure(3, True, str(tmp_path), reloads=3)
+    for (m1, o1, w1), (mn, on, wn) in zip(small, large, strict=True):  # after the start, then each reload
+        per_extra = (mn + on + sum(wn) - m1 - o1 - sum(w1)) / 2
+        assert per_extra < 0.10 * cost, (per_extra / cost, small, large)
