@@ -203,8 +203,12 @@ def _command_event(daemon: Prefork, name: str, start_mono_ns: int) -> Event:
         detail = (done.stderr or done.stdout).strip().replace("\n", " ")
     else:
         reply = json.loads(done.stdout)
-        detail = (f"generation {reply.get('generation')} serving with {reply.get('workers')} worker(s)"
-                  if name == "reload" else f"master pid {reply.get('previous_pid')} replaced by {reply.get('pid')}")
+        if name == "reload":
+            detail = f"generation {reply.get('generation')} serving with {reply.get('workers')} worker(s)"
+        elif reply.get("in_place"):
+            detail = f"in place: master pid {reply.get('pid')}, generation {reply.get('generation')} serving"
+        else:
+            detail = f"master pid {reply.get('previous_pid')} replaced by {reply.get('pid')}"
     return Event(name, _seconds(start_mono_ns, t0), _seconds(start_mono_ns, t1), ok, detail)
 
 

@@ -12,73 +12,67 @@ anything is bound. The handler is the object itself, so it may live in the
 script that runs (``__main__``): the master is forked from this process, and
 forked workers use the object they already hold.
 
-How a program serves. ``serve_forever()`` binds the sockets here (through
-the ``prefork`` command's own start path, :func:`prefork.cli.prepare_master`),
-then forks the master and stays as the service's stand-in: it passes on every
-signal it gets (TERM, INT, QUIT, HUP, USR1, USR2, TTIN, TTOU) to the master
-serving now, and returns once the last master has stopped (or raises
-:class:`ServerError` when it ended in failure). So the code after
-``serve_forever()`` runs once, in this process, after the service stopped.
+How a program serves. ``serve_forever()`` makes this process the master,
+through the ``prefork`` command's own start path
+(:func:`prefork.cli.prepare_master`): it binds the sockets here and runs the
+master's loop until the service stops, then returns (or raises
+:class:`ServerError` when it ended in failure), so the code after
+``serve_forever()`` runs once, in this process, after every worker and mold
+is gone. ``preforkctl status`` shows this process's pid; a supervisor's
+``kill -9`` of it takes the daemon with it (molds die with their master,
+workers close their listeners at once).
 
-Reload. The master holds the program's code in memory, so forking new
-workers from it would run the old code again. Instead, a reload (HUP,
-``preforkctl reload``) runs the program again, as it was started (the same
-interpreter, options and arguments), as a new master on the same sockets: an
-upgrade (:mod:`prefork.upgrade`). Once it serves, the old master drains its
-workers and exits; no connection is refused. The new master ends its own
-process when it stops, without running the code after ``serve_forever()``:
-the stand-in does that. ``preforkctl upgrade`` does the same.
-
-The masters tell the stand-in about themselves on an inherited datagram
-socket: ``SERVING`` (signals go to the newest master that serves) and
-``EXIT`` (its status, and why when it failed), one event per datagram
-(:func:`encode`, :func:`decode`).
+Reload. The first generation's mold is forked from this process (the
+handler is the object it holds). A reload (HUP, ``preforkctl reload``) runs
+the program again, as it was started (the same interpreter, options and
+arguments), with ``$PREFORK_MOLD`` set: its code runs up to
+``serve_forever()``, which there makes it the new generation's mold, with
+the code on disk now. An upgrade (``preforkctl upgrade``) first runs the
+program again with ``$PREFORK_CHECK`` (it checks its settings at
+``PreforkServer()`` and exits), then executes it in place (same pid,
+sockets, molds and workers handed over): the code before
+``serve_forever()`` runs again in the new image, and ``serve_forever()``
+there takes the service over.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import difflib
-import enum
-import functools
+import json
 import logging
 import os
-import selectors
 import signal
 import socket
 import socketserver
-import stat
 import sys
 import threading
 import traceback
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import Any, Literal, NoReturn, TypedDict, Unpack
 
-from prefork.cli import MasterSetup, build_master, prepare_master
+from prefork import logs
+from prefork.cli import build_master, prepare_master
 from prefork.config import DEFAULT_BIND, SETTINGS, Config, ConfigError, build_config
-from prefork.control import ControlError
-from prefork.listeners import BindError
-from prefork.master.rerun import RerunMaster
-from prefork.preload import preload
-from prefork.privileges import PrivilegeError
-from prefork.systemd import Notifier
+from prefork.control import ControlConnection
+from prefork.master.loop import Master
+from prefork.master.reload import Waiter
+from prefork.mold.process import MOLD_ENV, MoldSpec, run_mold
+from prefork.scoreboard import Scoreboard
 from prefork.tls import load as load_tls
-from prefork.upgrade import INHERIT_ENV
 from prefork.workers.loading import HandlerLoadError, handler_for
 
 __all__ = ["OptionError", "PreforkServer", "ServerError", "ServerOptions", "serve"]
 
 log = logging.getLogger(__name__)
 
-STANDIN_ENV = "PREFORK_STANDIN_FD"  # the masters' end of the stand-in's socket
-FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
-             signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+CHECK_ENV = "PREFORK_CHECK"  # the program run again only to check its settings before an upgrade
+# the master's signals: the program's own handlers are put back when serve_forever() returns
+MASTER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
+                  signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
 EXIT_FAILED = 1
-MAX_REPORT = 4096
 
 Address = tuple[str, int] | str
 Handler = (type[socketserver.BaseRequestHandler] | type[asyncio.BaseProtocol]
@@ -152,7 +146,7 @@ class OptionError(ConfigError):
 
 
 class ServerError(Exception):
-    """The service ended in failure: its master crashed, was killed, or stopped on an error."""
+    """The service ended in failure: the master stopped on an error (a handler that cannot be loaded)."""
 
 
 # -- arguments -> a Config ---------------------------------------------------------------------------------
@@ -256,279 +250,106 @@ def this_program() -> list[str]:
     return rerun_command(sys.executable, sys.orig_argv, sys.argv, main_file)
 
 
-# -- what masters tell the stand-in --------------------------------------------------------------------------
+# -- the master is this process -------------------------------------------------------------------------------
 
 
-class Event(enum.Enum):
-    SERVING = "serving"  # a master's first generation serves: signals go to it from now on
-    EXIT = "exit"  # a master is about to exit, with its status (and why, when it failed)
+class ProgramMaster(Master):
+    """The master of a program serving through this module: the program's own process.
 
+    The first generation's mold is forked from it (the handler is the object
+    the program holds); every later mold is the program run again, which
+    imports the code on disk and becomes the mold at ``serve_forever()``. An
+    upgrade executes the program again in place (same pid); before that, the
+    program run again with ``$PREFORK_CHECK`` checks its settings and exits.
+    """
 
-@dataclasses.dataclass(frozen=True)
-class Report:
-    event: Event
-    pid: int
-    status: int = 0
-    why: str = ""
-
-
-def encode(report: Report) -> bytes:
-    return f"{report.event.value} {report.pid} {report.status} {report.why}".encode()[:MAX_REPORT]
-
-
-def decode(data: bytes) -> Report | None:
-    """The report in one datagram, or None for anything else."""
-    parts = data.decode("utf-8", "replace").split(" ", 3)
-    try:
-        event, pid, status = Event(parts[0]), int(parts[1]), int(parts[2])
-    except (ValueError, IndexError):
-        return None
-    return Report(event, pid, status, parts[3] if len(parts) > 3 else "")
-
-
-class Reporter:
-    """A master's end of the stand-in's socket (inherited across the re-execution of a reload)."""
-
-    def __init__(self, fd: int | None) -> None:
-        self.fd = fd
-
-    @classmethod
-    def from_environment(cls) -> Reporter:
-        value = os.environ.get(STANDIN_ENV, "")
-        try:
-            fd = int(value)
-            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-                return cls(None)
-        except (ValueError, OSError):  # no stand-in: nobody to tell
-            return cls(None)
-        return cls(fd)
-
-    def send(self, event: Event, status: int = 0, why: str = "") -> None:
-        if self.fd is None:
-            return
-        with contextlib.suppress(OSError):  # the stand-in is gone, or its queue is full: nothing to do about it
-            os.write(self.fd, encode(Report(event, os.getpid(), status, why)))
-
-
-# -- the master of a program ---------------------------------------------------------------------------------
-
-
-class ProgramMaster(RerunMaster):
-    """The master of a program serving through this module: a reload runs the program again, from disk."""
-
-    def __init__(self, *args: Any, reporter: Reporter, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.reporter = reporter
         self.fatal_reason = ""
         self.upgrader.command = lambda argv: this_program()
-
-    def on_serving(self) -> None:
-        super().on_serving()
-        self.reporter.send(Event.SERVING)
+        self.upgrader.check_command = lambda argv: (this_program(), {CHECK_ENV: "1"})
+        self.molds.rerun = this_program
+        # the program holds its handler: a mold per generation is how a reload runs new code, whatever preload says
+        self.gens.config = dataclasses.replace(self.gens.config, preload=True)
+        self.gens.reread = lambda current: current  # the program run again builds the new configuration
 
     def fatal(self, why: str) -> None:
         self.fatal_reason = why
         super().fatal(why)
 
-    def cannot_rerun(self) -> str | None:
-        why = super().cannot_rerun()
+    def begin_reload(self, waiters: Sequence[Waiter]) -> None:
+        why = cannot_rerun()
         if why is None:
-            try:
-                this_program()
-            except CannotRerun as exc:
-                return str(exc)
-        return why
+            super().begin_reload(waiters)
+            return
+        log.error("reload refused: %s", why)
+        for waiter in waiters:
+            waiter.reply({"ok": False, "error": f"reload failed: {why}"})
+
+    def begin_upgrade(self, waiter: ControlConnection | None = None) -> None:
+        why = cannot_rerun()
+        if why is None:
+            super().begin_upgrade(waiter)
+            return
+        log.error("upgrade refused: %s", why)
+        if waiter is not None:
+            waiter.reply({"ok": False, "error": f"upgrade failed: {why}"})
 
 
-def run_master(setup: MasterSetup, reporter: Reporter) -> int:
-    """Run the master over ``setup`` in this process; tell the stand-in how it ended."""
-    if setup.config.preload:  # the handler is in memory already: this freezes the collector over it
-        preload(setup)
-    master = build_master(setup, {}, [], master_class=functools.partial(ProgramMaster, reporter=reporter))
-    status = master.run()
-    reporter.send(Event.EXIT, status, master.fatal_reason)
-    return status
+def cannot_rerun() -> str | None:
+    """Why this program cannot be run again (read from standard input), or None."""
+    try:
+        this_program()
+    except CannotRerun as exc:
+        return str(exc)
+    return None
 
 
-def _exit_now(status: int) -> NoReturn:
-    """The end of a master process we started: flush what it wrote, never run the program's code after it."""
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    with contextlib.suppress(Exception):
-        logging.shutdown()
-    os._exit(status)
-
-
-# -- the program's process while it serves -------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Outcome:
-    """How a master ended: ``status`` is its exit code, -N when signal N killed it, None if unknown."""
-
-    pid: int
-    status: int | None
-    why: str = ""
-
-    @property
-    def ok(self) -> bool:
-        """It stopped as asked: exit 0, or a stop signal that came before it handled signals."""
-        return self.status == 0 or (self.status is not None and -self.status in STOP_SIGNALS)
-
-    def describe(self) -> str:
-        if self.status is None:
-            how = "ended without saying how (was it killed?)"
-        elif self.status < 0:
-            how = f"was killed by {signal.Signals(-self.status).name}"
-        else:
-            how = f"exited with status {self.status}"
-        return f"the prefork master (pid {self.pid}) {how}" + (f": {self.why}" if self.why else "")
-
-
-@dataclasses.dataclass
-class _Master:
-    pid: int
-    pidfd: int
-    report: Report | None = None
-    outcome: Outcome | None = None  # once it ended
-
-    @property
-    def ended(self) -> bool:
-        return self.outcome is not None
-
-
-def _noop(signum: int, frame: FrameType | None) -> None:
-    """Only records: the wakeup fd brings the signal number to the stand-in's loop."""
-
-
-class StandIn:
-    """The program's process while its masters serve: passes signals on to the newest, ends with the last.
-
-    One selector: signals arrive as bytes on a wakeup socket, the masters'
-    reports on a datagram socket, and each master's end as its pidfd turning
-    readable. No sleep, no polling.
-    """
-
-    def __init__(self) -> None:
-        self.receiver, self.sender = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.receiver.setblocking(False)
-        self.sender.setblocking(False)  # a master never waits on us
-        self.sender.set_inheritable(True)  # through the re-execution of a reload
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self.selector = selectors.DefaultSelector()
-        self.masters: dict[int, _Master] = {}  # pid -> master, oldest first
-        self._saved: dict[int, Any] = {}
-        self._saved_wakeup = -1
-
-    def install(self) -> None:
-        """From now on this process's signals are the service's (main thread only)."""
-        for signum in FORWARDED:
-            self._saved[signum] = signal.signal(signum, _noop)
-        self._saved_wakeup = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-
-    def close(self) -> None:
-        """Give the program its signals back and close our sockets."""
-        if self._saved:
-            signal.set_wakeup_fd(self._saved_wakeup)
-            for signum, handler in self._saved.items():
-                signal.signal(signum, handler)
-            self._saved.clear()
-        for m in self.masters.values():
-            if not m.ended:
-                with contextlib.suppress(OSError):
-                    os.close(m.pidfd)
-        self.selector.close()
-        for sock in (self.receiver, self.sender, self._wake_r, self._wake_w):
-            sock.close()
-
-    def enter_master(self) -> Reporter:
-        """In the forked master, before it runs: drop the stand-in, keep the socket that reports to it."""
+def _serve_here(config: Config) -> None:
+    """Be the master in this process until the service stops; raise ServerError when it ended in failure."""
+    setup = prepare_master(config)
+    saved = {signum: signal.getsignal(signum) for signum in MASTER_SIGNALS}
+    try:
+        master = build_master(setup, {}, [], master_class=ProgramMaster)
+    except BaseException:
+        setup.close()
+        raise
+    try:
+        status = master.run()
+    finally:
         signal.set_wakeup_fd(-1)
-        for signum in FORWARDED:  # until the master sets its own: a stop ends it, the rest wait
-            signal.signal(signum, signal.SIG_DFL if signum in STOP_SIGNALS else signal.SIG_IGN)
-        self.selector.close()
-        for sock in (self.receiver, self._wake_r, self._wake_w):
-            sock.close()
-        fd = self.sender.detach()
-        os.environ[STANDIN_ENV] = str(fd)
-        if "WATCHDOG_USEC" in os.environ:  # systemd's watchdog: this process pings it from now on
-            os.environ["WATCHDOG_PID"] = str(os.getpid())
-        return Reporter(fd)
+        for signum, handler in saved.items():  # the program's own again, for the code after serve_forever()
+            if handler is not None:
+                signal.signal(signum, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    if status != 0:
+        raise ServerError(f"the prefork master (pid {os.getpid()}) stopped with status {status}"
+                          + (f": {master.fatal_reason}" if master.fatal_reason else ""))
 
-    def run(self, first: int) -> Outcome:
-        """Stand in for master ``first`` (our child) and its successors until all ended; how the newest did."""
-        self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_signals)
-        self.selector.register(self.receiver, selectors.EVENT_READ, self._on_reports)
-        self._track(first)
-        while any(not m.ended for m in self.masters.values()):
-            for key, _ in self.selector.select():
-                key.data()
-        outcome = list(self.masters.values())[-1].outcome
-        assert outcome is not None
-        return outcome
 
-    def current(self) -> _Master | None:
-        """The newest master still running: it gets the signals."""
-        alive = [m for m in self.masters.values() if not m.ended]
-        return alive[-1] if alive else None
+def _serve_as_mold(config: Config) -> NoReturn:
+    """This program was run again by its master to be a generation's mold: be it, with the code on disk now."""
+    try:
+        handed = json.loads(os.environ.pop(MOLD_ENV))
+        logs.setup(config.log_level, config.log_file)
+        logs.setup_access_log(config.access_log)
+        listeners = tuple(socket.socket(fileno=int(fd)) for fd, _ in handed["listeners"])
+        specs = tuple(str(spec) for _, spec in handed["listeners"])
+        spec = MoldSpec(generation=int(handed["generation"]), master_pid=int(handed["master_pid"]), config=config,
+                        listeners=listeners, channel_fd=int(handed["channel_fd"]), tls=load_tls(config, list(specs)),
+                        listener_specs=specs)
+        scoreboard = Scoreboard(int(handed["scoreboard_capacity"]), fd=int(handed["scoreboard_fd"]))
+        sock = socket.socket(fileno=int(handed["sock"]))
+    except BaseException:
+        traceback.print_exc()
+        os._exit(EXIT_FAILED)
+    run_mold(spec, scoreboard, sock)
 
-    def _track(self, pid: int) -> None:
-        try:
-            pidfd = os.pidfd_open(pid)
-        except ProcessLookupError:  # a reload's program that served and ended at once: its EXIT may follow
-            self.masters[pid] = _Master(pid, -1, outcome=Outcome(pid, None))
-            return
-        self.masters[pid] = _Master(pid, pidfd)
-        self.selector.register(pidfd, selectors.EVENT_READ, lambda: self._ended(pid))
 
-    def _on_signals(self) -> None:
-        try:
-            data = self._wake_r.recv(4096)
-        except BlockingIOError:
-            return
-        master = self.current()
-        for signum in data:
-            if master is not None:
-                log.debug("passing %s on to the master (pid %d)", signal.Signals(signum).name, master.pid)
-                with contextlib.suppress(ProcessLookupError):
-                    signal.pidfd_send_signal(master.pidfd, signum)
-
-    def _on_reports(self) -> None:
-        while True:
-            try:
-                data = self.receiver.recv(MAX_REPORT)
-            except BlockingIOError:
-                return
-            report = decode(data)
-            if report is None:
-                continue
-            if report.event is Event.SERVING and report.pid not in self.masters:
-                self._track(report.pid)  # the program run again by a reload
-            elif report.event is Event.EXIT and report.pid in self.masters:
-                master = self.masters[report.pid]
-                master.report = report
-                if master.pidfd < 0:  # it ended before we could watch it
-                    master.outcome = Outcome(report.pid, report.status, report.why)
-
-    def _ended(self, pid: int) -> None:
-        self._on_reports()  # what it said before it went
-        master = self.masters[pid]
-        status: int | None = None
-        # ours to reap: the first master, and a later one whose parent ended before it (when we are pid 1)
-        with contextlib.suppress(ChildProcessError):
-            reaped, wait_status = os.waitpid(pid, os.WNOHANG)
-            if reaped:
-                status = os.waitstatus_to_exitcode(wait_status)
-        report = master.report
-        if report is not None and (status is None or status == report.status):
-            status = report.status
-        self.selector.unregister(master.pidfd)
-        os.close(master.pidfd)
-        master.outcome = Outcome(pid, status, report.why if report else "")
-        log.debug("%s", master.outcome.describe())
+def _checked() -> NoReturn:
+    """This program was run again to check its settings before an upgrade: they are (PreforkServer checked)."""
+    print("configuration OK", flush=True)
+    os._exit(0)
 
 
 # -- the API ------------------------------------------------------------------------------------------------
@@ -568,9 +389,11 @@ class PreforkServer:
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("serve_forever() must run in the main thread: it takes the service's signals")
         self._served = True
-        if INHERIT_ENV in os.environ:  # a reload started this program again, to take over from its master
-            _serve_in_successor(self.config)
-        _serve_in_program(self.config)
+        if MOLD_ENV in os.environ:  # our master ran the program again to be a generation's mold
+            _serve_as_mold(self.config)
+        if os.environ.pop(CHECK_ENV, None):  # our master checks the program before it upgrades to it
+            _checked()
+        _serve_here(self.config)
 
     def server_close(self) -> None:
         """Nothing to release: the sockets are the masters', and closed when they stop (socketserver's hook)."""
@@ -586,51 +409,3 @@ class PreforkServer:
 def serve(handler: Handler, bind: Address | list[Address] = DEFAULT_BIND, **options: Unpack[ServerOptions]) -> None:
     """``PreforkServer(bind, handler, **options).serve_forever()`` in one call."""
     PreforkServer(bind, handler, **options).serve_forever()
-
-
-def _serve_in_program(config: Config) -> None:
-    """Bind here, fork the master, stand in for the service until its last master ends."""
-    setup = prepare_master(config)
-    stand_in = StandIn()
-    try:
-        stand_in.install()
-        for stream in (sys.stdout, sys.stderr):  # or the master and every worker would write it again
-            stream.flush()
-        pid = os.fork()
-    except BaseException:
-        stand_in.close()
-        setup.close()
-        raise
-    if pid == 0:
-        _master_child(setup, stand_in)
-    setup.forget()
-    Notifier().mainpid(pid)  # under systemd: the master speaks for the service (no-op elsewhere)
-    try:
-        outcome = stand_in.run(pid)
-    finally:
-        stand_in.close()
-    if not outcome.ok:
-        raise ServerError(outcome.describe())
-
-
-def _master_child(setup: MasterSetup, stand_in: StandIn) -> NoReturn:
-    status = EXIT_FAILED
-    try:
-        status = run_master(setup, stand_in.enter_master())
-    except BaseException:
-        log.exception("the master (pid %d) crashed", os.getpid())
-    finally:
-        _exit_now(status)
-
-
-def _serve_in_successor(config: Config) -> NoReturn:
-    """This program was started again by a reload: be the new master on the inherited sockets, then end."""
-    status = EXIT_FAILED
-    try:
-        status = run_master(prepare_master(config), Reporter.from_environment())
-    except (ConfigError, BindError, ControlError, PrivilegeError, OSError) as exc:
-        print(f"prefork: error: {exc}", file=sys.stderr)
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        _exit_now(status)

@@ -1,11 +1,12 @@
 """The worker-to-master channel: typed events on one pipe, encoded and decoded here only.
 
 Every worker holds the write end of one pipe the master reads in its loop.
-A message is one line, ``PID EVENT DETAIL\\n``, written with a single
-``write`` well under ``PIPE_BUF`` bytes, so lines from many workers never
+A message is one frame of prefork's codec (:mod:`prefork.frames`),
+``{"pid": PID, "event": EVENT, "detail": DETAIL}``, written with a single
+``write`` well under ``PIPE_BUF`` bytes, so frames from many workers never
 interleave. Both ends use :func:`encode` and :class:`Decoder`, so an event
-cannot be spelled two ways; a line that does not decode (a new event from a
-newer worker during an upgrade, say) is skipped, never fatal.
+cannot be spelled two ways; a frame that does not decode (a new event from a
+newer worker, say) is skipped, never fatal.
 """
 
 from __future__ import annotations
@@ -14,8 +15,12 @@ import contextlib
 import enum
 import os
 from dataclasses import dataclass
+from typing import Any
 
-MAX_DETAIL = 3000  # characters of detail kept: a line stays far below PIPE_BUF (4096 bytes) once encoded
+from prefork import frames
+
+MAX_DETAIL = 3000  # characters of detail kept
+MAX_FRAME = 4000  # bytes of a frame at most: below PIPE_BUF (4096), so a write is never split
 
 
 class Event(enum.Enum):
@@ -35,33 +40,39 @@ class Message:
 
 
 def encode(message: Message) -> bytes:
-    detail = message.detail.replace("\n", " ")[:MAX_DETAIL]
-    return f"{message.pid} {message.event.value} {detail}".rstrip(" ").encode("utf-8", "replace") + b"\n"
+    detail = message.detail[:MAX_DETAIL]
+    data = frames.encode({"pid": message.pid, "event": message.event.value, "detail": detail})
+    while len(data) > MAX_FRAME:  # escapes made it longer: cut the detail further, never the frame
+        detail = detail[:len(detail) // 2]
+        data = frames.encode({"pid": message.pid, "event": message.event.value, "detail": detail})
+    return data
 
 
-def decode_line(line: bytes) -> Message | None:
-    """One line (without its newline) as a message; None when it is not one."""
-    pid_text, _, rest = line.decode("utf-8", "replace").partition(" ")
-    name, _, detail = rest.partition(" ")
-    if not pid_text.isdigit():
+def decode(fields: dict[str, Any]) -> Message | None:
+    """One frame's fields as a message; None when they are not one."""
+    pid, name, detail = fields.get("pid"), fields.get("event"), fields.get("detail", "")
+    if not isinstance(pid, int) or isinstance(pid, bool) or not isinstance(detail, str):
         return None
     try:
         event = Event(name)
     except ValueError:
         return None
-    return Message(int(pid_text), event, detail)
+    return Message(pid, event, detail)
 
 
 class Decoder:
-    """Messages from a byte stream that may split lines anywhere."""
+    """Messages from a byte stream that may split frames anywhere."""
 
     def __init__(self) -> None:
-        self._partial = b""
+        self._frames = frames.FrameReader(MAX_FRAME)
 
     def feed(self, data: bytes) -> list[Message]:
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
-        return [m for m in map(decode_line, lines) if m is not None]
+        try:
+            found = self._frames.feed(data)
+        except frames.FrameError:  # not our frames at all: start again on what comes next
+            self._frames = frames.FrameReader(MAX_FRAME)
+            return []
+        return [m for m in map(decode, found) if m is not None]
 
 
 class Channel:

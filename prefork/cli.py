@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
     from prefork.control import ControlServer
     from prefork.listeners import Listener
+    from prefork.master.handover import Handover
     from prefork.master.loop import Master
     from prefork.tls import TlsSetup
     from prefork.upgrade import Inherited
@@ -136,9 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the upstream's answer to a check must contain (default: no answer awaited)")
     p.add_argument("--relay-slow-start", type=float, metavar="SECS",
                    help="an upstream that comes back reaches its full weight over this long (default 0: at once)")
-    p.add_argument("--preload", action="store_true",
-                   help="import the handler in the master before forking, so workers share its memory; "
-                        "a reload then starts a new master program on the same sockets (an upgrade)")
+    p.add_argument("--preload", action=argparse.BooleanOptionalAction,
+                   help="on (default): each generation's mold imports the handler once and forks its workers, "
+                        "which share its memory and run its code (respawns too); --no-preload: each worker "
+                        "imports the handler itself after the master forks it (for handlers whose import starts "
+                        "threads or opens connections)")
     _add_tls_options(p)
     p.add_argument("--version", action="version", version=f"prefork {__version__}")
     return p
@@ -215,22 +218,26 @@ def preload_worker_code(config: Config) -> None:
         prefork.workers.async_worker.new_event_loop(config.event_loop).close()  # imports uvloop when the workers use it
 
 
-def take_listeners(config: Config) -> tuple[list[Listener], Inherited | None]:
-    """The listening sockets: a replaced master's (upgrade), systemd's (socket activation, or its
-    file-descriptor store after a restart), or bound now (and then stored, under systemd)."""
+def take_listeners(config: Config, resumed: Handover | None = None) -> tuple[list[Listener], Inherited | None]:
+    """The listening sockets: our previous image's (an upgrade in place), a replaced master's (an upgrade
+    from Python), systemd's (socket activation, or its file-descriptor store after a restart), or bound now
+    (and then stored, under systemd)."""
     from prefork import fdstore, systemd, upgrade
     from prefork.listeners import adopt, adopt_inherited
+    from prefork.master import handover
 
     try:
-        handed = upgrade.inherited()  # we replace a running master: its sockets are ours now
+        # we replace a running master (or our own previous image): its sockets are ours now
+        handed = handover.inherited(resumed) if resumed is not None else upgrade.inherited()
         inherited = [] if handed else systemd.listen_fds()  # socket activation: systemd bound them for us
     except (ValueError, upgrade.UpgradeError) as exc:
         raise ConfigError(f"inherited sockets: {exc}") from None
     stored, activated = fdstore.split(inherited)  # a previous master's listeners, kept by systemd
     if handed:
         listeners = [adopt_inherited(sock, spec) for sock, spec in handed.listeners]
-        logging.getLogger("prefork").info("upgrade: serving the %d socket(s) of the master we replace",
-                                          len(listeners))
+        if resumed is None:
+            logging.getLogger("prefork").info("upgrade: serving the %d socket(s) of the master we replace",
+                                              len(listeners))
     elif activated:
         listeners = [adopt(s.sock, s.name) for s in activated]
         logging.getLogger("prefork").info(
@@ -252,6 +259,7 @@ class MasterSetup:
     agent_sock: socket.socket | None
     handed: Inherited | None  # from the master we replace (an upgrade)
     tls: TlsSetup | None = None  # every TLS context, built before --user (keys may be root's to read)
+    resumed: Handover | None = None  # from our previous image (an upgrade in place): its workers, molds, counters
 
     def close(self) -> None:
         """The master never started: close everything, the socket files we made too."""
@@ -283,7 +291,13 @@ def prepare_master(config: Config) -> MasterSetup:
     logs.setup(config.log_level, config.log_file)
     logs.setup_access_log(config.access_log)
     preload_worker_code(config)
-    listeners, handed = take_listeners(config)
+    from prefork.master import handover
+
+    try:
+        resumed = handover.received()  # we are the new image of a master that executed us in place
+    except handover.HandoverError as exc:
+        raise ConfigError(str(exc)) from None
+    listeners, handed = take_listeners(config, resumed)
     metrics_sock = agent_sock = None
     try:
         tls_setup = tls.load(config, [li.spec for li in listeners])
@@ -315,7 +329,7 @@ def prepare_master(config: Config) -> MasterSetup:
             if sock is not None:
                 sock.close()
         raise
-    return MasterSetup(config, listeners, control, metrics_sock, agent_sock, handed, tls_setup)
+    return MasterSetup(config, listeners, control, metrics_sock, agent_sock, handed, tls_setup, resumed)
 
 
 def build_master(setup: MasterSetup, overrides: dict[str, Any], argv: list[str],
@@ -327,20 +341,14 @@ def build_master(setup: MasterSetup, overrides: dict[str, Any], argv: list[str],
     handed = setup.handed
     return master_class(setup.config, setup.listeners, setup.control, cli_overrides=overrides, adopted=adopted,
                         argv=argv, upgrade_pipe=handed.pipe_fd if handed else None, metrics_sock=setup.metrics_sock,
-                        agent_sock=setup.agent_sock, tls=setup.tls)
+                        agent_sock=setup.agent_sock, tls=setup.tls, resumed=setup.resumed)
 
 
 def serve(config: Config, overrides: dict[str, Any], argv: list[str]) -> int:
     from prefork.master.loop import Master
 
     setup = prepare_master(config)
-    if not config.preload:
-        return build_master(setup, overrides, argv, Master).run()
-    from prefork.master.rerun import RerunMaster
-    from prefork.preload import preload
-
-    preload(setup)  # the master holds the handler's code now: its reload starts the program again
-    return build_master(setup, overrides, argv, RerunMaster).run()
+    return build_master(setup, overrides, argv, Master).run()
 
 
 def main(argv: list[str] | None = None) -> int:

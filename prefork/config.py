@@ -176,7 +176,7 @@ class Config:
     relay_slow_start: float = 0.0  # seconds an upstream that came back takes to reach its full weight; 0: at once
     relay_check_send: str | None = None  # what a check sends once connected (backslash escapes: \r \n \xHH)
     relay_check_expect: str | None = None  # what the upstream's answer must contain for the check to pass
-    preload: bool = False  # import the handler in the master before forking; a reload is then an upgrade
+    preload: bool = True  # workers are forked from a mold per generation that imported the handler
     # TLS on listeners: with certfile and no tls_bind, every --bind address speaks TLS
     certfile: str | None = None
     keyfile: str | None = None

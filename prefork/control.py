@@ -28,6 +28,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+# the frames are prefork's one codec (prefork.frames); named here too, as the control socket's wire format
+from prefork.frames import HEADER as HEADER
+from prefork.frames import FrameError as ProtocolError
+from prefork.frames import decode_body as decode_body
+from prefork.frames import encode as encode
+from prefork.frames import frame_length as frame_length
 from prefork.listeners import ACCEPT_PAUSE, accept_failed
 
 if TYPE_CHECKING:
@@ -35,7 +41,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-HEADER = struct.Struct(">I")
 MAX_REQUEST = 64 * 1024  # a request is a command and a few arguments
 MAX_REPLY = 16 * 1024 * 1024  # a status of a thousand workers fits with room to spare
 CLIENT_TIMEOUT = 5.0  # seconds a client may take to send its request or read its reply
@@ -53,36 +58,6 @@ class DaemonNotRunning(ControlError):
         self.path = path
 
 
-class ProtocolError(ValueError):
-    """A frame is malformed; the message says how."""
-
-
-def encode(message: dict[str, Any]) -> bytes:
-    body = json.dumps(message, separators=(",", ":")).encode()
-    return HEADER.pack(len(body)) + body
-
-
-def decode_body(body: bytes) -> dict[str, Any]:
-    """One request's JSON object; any failure to decode it, whatever its type, is a ProtocolError.
-
-    The frame is the client's and may hold anything that fits in it: bad UTF-8,
-    brackets nested deeper than the parser recurses, an integer longer than
-    CPython converts (``ValueError``), a lone surrogate. None of it may escape
-    as anything but a reply saying the request is bad.
-    """
-    try:
-        message = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"request is not UTF-8 JSON: {exc}") from None
-    except RecursionError:  # a legal-size frame of nested brackets
-        raise ProtocolError("request is nested too deeply") from None
-    except Exception as exc:  # e.g. ValueError: an integer of more digits than int() converts
-        raise ProtocolError(f"request cannot be decoded: {type(exc).__name__}: {str(exc)[:200]}") from None
-    if not isinstance(message, dict):
-        raise ProtocolError("request must be a JSON object")
-    return message
-
-
 _PREVIEW = reprlib.Repr()
 _PREVIEW.maxstring = _PREVIEW.maxother = 60
 _PREVIEW.maxlevel = 3
@@ -94,16 +69,6 @@ def preview(value: object) -> str:
         return _PREVIEW.repr(value)[:200]
     except Exception:  # an integer too long for repr(), say
         return f"<{type(value).__name__}>"
-
-
-def frame_length(buf: bytes | bytearray, limit: int) -> int | None:
-    """The body length announced by ``buf``'s header, None if the header is incomplete."""
-    if len(buf) < HEADER.size:
-        return None
-    length: int = HEADER.unpack_from(buf)[0]
-    if length > limit:
-        raise ProtocolError(f"frame of {length} bytes is over the {limit}-byte limit")
-    return length
 
 
 # -- server side (in the master's loop) ---------------------------------------------------------------

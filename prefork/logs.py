@@ -10,6 +10,7 @@ symbolic link planted in its place is refused instead of followed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import faulthandler
 import io
@@ -224,3 +225,10 @@ def fault_stream() -> IO[Any]:
 def set_title(role: str, name: str) -> None:
     """``prefork: master [NAME]`` / ``prefork: worker 3 [NAME]`` in ps and top."""
     _setproctitle(f"prefork: {role} [{name}]")
+
+
+def flush() -> None:
+    """Write out every handler's buffer (before this process executes another program in place)."""
+    for handler in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()

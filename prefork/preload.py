@@ -1,16 +1,15 @@
-"""``--preload``: import the handler in the master before the first fork, so the workers share its pages.
+"""Importing the handler once before forking, so the workers share its pages.
 
-Without it each worker imports the handler's module after it is forked and
-pays for everything the import builds in private memory. With it the master
-imports the module once, then moves every object made so far into the
+A generation's mold (:mod:`prefork.mold.process`; ``--preload``, on by
+default) and the master of a program serving through :mod:`prefork.api`
+import the module here, then move every object made so far into the
 collector's permanent generation (``gc.freeze()``, as the CPython
 documentation advises before forking): a worker's collections then never
 write to those objects' headers, so their pages stay shared copy-on-write.
-The workers serve the object the master holds (``Config.handler_object``).
-
-The master then holds the handler's code, so a reload starts the program
-again as a new master on the same sockets (:mod:`prefork.master.rerun`),
-which imports the code on disk.
+The workers serve the object the importing process holds
+(``Config.handler_object``). With ``--no-preload`` each worker imports the
+handler after it is forked and pays for everything the import builds in
+private memory.
 """
 
 from __future__ import annotations
@@ -19,24 +18,11 @@ import dataclasses
 import gc
 import logging
 import time
-from typing import Protocol
 
-from prefork import upgrade
 from prefork.config import Config
-from prefork.workers.loading import HandlerLoadError, handler_for, load_handler
+from prefork.workers.loading import handler_for, load_handler
 
 log = logging.getLogger(__name__)
-
-
-class Setup(Protocol):
-    """What :func:`preload` needs of :class:`prefork.cli.MasterSetup`."""
-
-    config: Config
-    handed: upgrade.Inherited | None
-
-    def close(self) -> None: ...
-
-    def forget(self) -> None: ...
 
 
 def preload_handler(config: Config) -> Config:
@@ -52,25 +38,6 @@ def preload_handler(config: Config) -> Config:
         gc.freeze()
     finally:
         gc.enable()
-    log.info("preloaded %s in the master in %.2fs; %d object(s) frozen for the workers to share",
+    log.info("imported %s in %.2fs; %d object(s) frozen for the workers to share",
              config.effective_handler, time.monotonic() - began, gc.get_freeze_count())
     return preloaded
-
-
-def preload(setup: Setup) -> None:
-    """Preload ``setup``'s handler (after --user took effect: no handler code runs as root).
-
-    On failure, everything ``setup`` holds is closed and a master we replace
-    is told why (its upgrade or reload fails with these words), then
-    HandlerLoadError is raised.
-    """
-    try:
-        setup.config = preload_handler(setup.config)
-    except HandlerLoadError as exc:
-        if setup.handed is not None:
-            if setup.handed.pipe_fd is not None:
-                upgrade.report_failure(setup.handed.pipe_fd, str(exc))
-            setup.forget()  # the sockets and their files stay the old master's
-        else:
-            setup.close()
-        raise

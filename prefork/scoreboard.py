@@ -1,7 +1,10 @@
 """Per-worker counters in shared memory, written by workers, read by the master.
 
-Like Apache prefork's scoreboard: an anonymous shared mapping made before the
-first fork, one fixed-size record per worker. A worker updates its own record
+Like Apache prefork's scoreboard: a shared mapping made before the first
+fork, one fixed-size record per worker. It maps a memory file
+(``memfd_create``), so a master that executes a new program in place (an
+upgrade) hands the descriptor to its new image and maps the same records
+its live workers write. A worker updates its own record
 with plain stores (no system call, no lock shared with other processes), so
 counting costs the hot path almost nothing; the master reads every record
 when asked for status. Each field is 8 bytes and naturally aligned, so a
@@ -12,6 +15,8 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
+from collections.abc import Iterable
 
 from prefork.handlers.upstreams import UpstreamBoard
 
@@ -54,17 +59,27 @@ class Header(ctypes.Structure):
 
 
 class Scoreboard:
-    """``capacity`` records in one shared anonymous mapping; the master hands out indexes."""
+    """``capacity`` records, then the relay's upstream board, in one shared memory file (the master allots records)."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, *, fd: int | None = None, taken: Iterable[int] = ()) -> None:
+        """A new board, or (``fd``) the one a previous image of this master made, its ``taken`` records live."""
         self.capacity = capacity
         size = ctypes.sizeof(Header) + ctypes.sizeof(Record) * capacity
-        self._mem = mmap.mmap(-1, size)  # MAP_SHARED | MAP_ANONYMOUS
+        total = size + UpstreamBoard.size(capacity)
+        if fd is None:
+            fd = os.memfd_create("prefork-scoreboard", os.MFD_CLOEXEC)
+            os.ftruncate(fd, total)
+        self.fd = fd  # kept open: handed across an exec in place
+        self._mem = mmap.mmap(fd, total)  # MAP_SHARED
         self._header = Header.from_buffer(self._mem)
         self._records = (Record * capacity).from_buffer(self._mem, ctypes.sizeof(Header))
-        self._free = list(range(capacity - 1, -1, -1))  # lowest first, so live records stay below a low ``used``
-        # the relay's upstreams, shared the same way: per upstream and per worker (by record index)
-        self.upstreams = UpstreamBoard(capacity, used=lambda: int(self._header.used))
+        busy = set(taken)
+        # lowest first, so live records stay below a low ``used``
+        self._free = [index for index in range(capacity - 1, -1, -1) if index not in busy]
+        # the relay's upstreams, shared the same way (per upstream and per worker, by record index), in the
+        # same memory file: a re-executed mold and the master after an upgrade in place see the same board
+        self.upstreams = UpstreamBoard(capacity, used=lambda: int(self._header.used), buffer=self._mem,
+                                       offset=size)
 
     def allocate(self, pid: int, generation: int, now: float) -> int:
         """Take a free record, zeroed, for a worker about to be forked (raises IndexError when full)."""

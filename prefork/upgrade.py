@@ -1,18 +1,19 @@
-"""Zero-downtime upgrade of the master itself: start a new master program on the same sockets.
+"""Upgrading prefork itself: the check the new program makes first, and what an older prefork hands over.
 
-The old master forks and executes the prefork program again (whatever is
-installed now: new code, new virtual environment), passing it every
-listening socket and the control socket as inherited file descriptors,
-named in ``$PREFORK_INHERIT``, and the write end of a pipe in
-``$PREFORK_UPGRADE_PIPE``. The new master adopts them instead of binding,
-starts its workers, and writes ``ready`` on the pipe once they serve. Only
-then does the old master hand over (``MAINPID=`` to systemd, its copy of the
-control socket closed) and drain its own workers. The sockets never close,
-so no connection is refused; if the new master fails to start, the old one
-never stopped serving.
+An upgrade runs the prefork program now installed with ``--check-config``
+in a child (:func:`spawn_check`, watched by :class:`Upgrader` in the
+master's selector); if the configuration, the certificates and the handler
+pass, the master executes the new program in place
+(:mod:`prefork.master.handover`), else the upgrade fails in one line and the
+master is untouched.
 
-Both sides live here: :func:`spawn` and :class:`Upgrader` for the old
-master, :func:`inherited` and :func:`report_ready` for the new one.
+An older prefork upgrades by starting a new master program beside itself,
+passing every listening socket and the control socket as inherited file
+descriptors named in ``$PREFORK_INHERIT``, and the write end of a pipe in
+``$PREFORK_UPGRADE_PIPE``. This version still takes over from such a master
+(:func:`inherited`, then :func:`report_ready` once its workers serve, or
+:func:`report_failure`), so a daemon started by an older version can be
+upgraded to this one.
 """
 
 from __future__ import annotations
@@ -28,8 +29,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-
-from prefork.kernelstats import ListenCounters, listen_counters
 
 log = logging.getLogger(__name__)
 
@@ -62,22 +61,19 @@ def program(argv: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "prefork", *argv]
 
 
-def spawn(command: list[str], listeners: Sequence[tuple[int, str]], control_fd: int,
-          side: Sequence[tuple[int, str]] = ()) -> tuple[int, int]:
-    """Fork and exec ``command`` as the new master; returns (its pid, the read end of its ready pipe).
+def check_command(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """The command (and extra environment) that runs the prefork now installed to check our configuration."""
+    return [*program(argv), "--check-config"], {}
 
-    ``side`` are the master's own listeners (``/metrics``, the agent check) by role: the new master
-    serves them too, rather than failing to bind an address the old one still holds.
-    """
+
+def spawn_check(command: list[str], extra_env: dict[str, str] | None = None) -> tuple[int, int]:
+    """Fork and exec ``command`` (the new program, checking); (its pid, the read end of its output)."""
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-    entries = [f"{fd}={spec}" for fd, spec in [*listeners, *side]] + [f"{control_fd}=control"]
-    env = dict(os.environ)
-    env[INHERIT_ENV] = "\n".join(entries)
-    env[PIPE_ENV] = str(write_fd)
-    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        env.pop(name, None)
+    env = {name: value for name, value in os.environ.items()
+           if name not in (INHERIT_ENV, PIPE_ENV, "NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")}
+    env.update(extra_env or {})
     pid = os.fork()
-    if pid == 0:  # the child: become the new master, or die trying
+    if pid == 0:  # the child: check, say how it went on the pipe, exit
         try:
             signal.set_wakeup_fd(-1)
             for signum in range(1, signal.NSIG):
@@ -85,16 +81,8 @@ def spawn(command: list[str], listeners: Sequence[tuple[int, str]], control_fd: 
                     with contextlib.suppress(OSError, ValueError):
                         signal.signal(signum, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, set())
-            for fd, _ in listeners:
-                os.set_inheritable(fd, True)
-            os.set_inheritable(control_fd, True)
-            for fd, _ in side:
-                os.set_inheritable(fd, True)
-            os.set_inheritable(write_fd, True)
-            if "WATCHDOG_USEC" in env:
-                # systemd names the one process that must ping the watchdog; exec keeps this pid, and
-                # this process is the main one once the old master has sent MAINPID=
-                env["WATCHDOG_PID"] = str(os.getpid())
+            os.dup2(write_fd, 1)
+            os.dup2(write_fd, 2)
             os.execvpe(command[0], command, env)
         finally:
             os._exit(127)
@@ -154,7 +142,7 @@ def report_failure(pipe_fd: int, why: str) -> None:
         os.close(pipe_fd)
 
 
-# -- the old master's side ----------------------------------------------------------------------------
+# -- the running master's side: the new program's check ------------------------------------------------
 
 
 class Waiter(Protocol):
@@ -163,7 +151,7 @@ class Waiter(Protocol):
 
 @dataclass
 class Upgrade:
-    """A new master program starting on our sockets; we keep serving until it says ready."""
+    """The new program checking our configuration; we keep serving, and execute it in place if it passes."""
 
     pid: int
     pipe_fd: int
@@ -171,83 +159,71 @@ class Upgrade:
     waiters: list[Waiter] = field(default_factory=list)
     buffer: bytes = b""
     began: float = field(default_factory=time.monotonic)
-    counters: ListenCounters | None = field(default_factory=listen_counters)
-
-    def report(self) -> dict[str, Any]:
-        """How long the new master took to serve, and what the kernel turned away on this machine meanwhile."""
-        out: dict[str, Any] = {"serve_s": round(time.monotonic() - self.began, 3)}
-        now = listen_counters()
-        if self.counters is not None and now is not None:
-            out.update(now.since(self.counters))
-        return out
 
 
 class Upgrader:
-    """Starts the successor and watches its ready pipe in the master's selector.
+    """Runs the new program's check and watches its output in the master's selector.
 
-    ``on_ready`` runs once the new master serves (the caller hands the service
-    over, then drains); the waiters are answered on every path: ready, failed,
-    timed out, or the daemon stopping.
+    The waiters are answered on every path by the caller (once the new image
+    serves, or here when the upgrade fails, times out or the daemon stops).
     """
 
-    def __init__(self, selector: selectors.BaseSelector, on_ready: Callable[[Upgrade], None]) -> None:
+    def __init__(self, selector: selectors.BaseSelector) -> None:
         self.selector = selector
-        self.on_ready = on_ready
         self.current: Upgrade | None = None
         # our arguments -> the new master's command line; a program serving through prefork.api runs itself again
         self.command: Callable[[Sequence[str]], list[str]] = program
+        # our arguments -> how the new program checks the configuration before it runs in place
+        self.check_command: Callable[[Sequence[str]], tuple[list[str], dict[str, str]]] = check_command
 
-    def begin(self, argv: Sequence[str], listeners: Sequence[tuple[int, str]], control_fd: int,
-              waiter: Waiter | None, side: Sequence[tuple[int, str]] = ()) -> Upgrade:
-        """Fork and exec the new master (raises OSError); its ``deadline`` is the caller's to watch."""
-        pid, pipe_fd = spawn(self.command(argv), listeners, control_fd, side)
+    def begin_check(self, argv: Sequence[str], waiter: Waiter | None) -> Upgrade:
+        """Run the new program with ``--check-config`` (raises OSError); its exit is the caller's to judge."""
+        pid, pipe_fd = spawn_check(*self.check_command(argv))
         os.set_blocking(pipe_fd, False)
         self.current = Upgrade(pid=pid, pipe_fd=pipe_fd, deadline=time.monotonic() + UPGRADE_TIMEOUT,
                                waiters=[waiter] if waiter else [])
         self.selector.register(pipe_fd, selectors.EVENT_READ, self._on_pipe)
-        log.info("upgrade: new master (pid %d) starting on our sockets; still serving until it is ready", pid)
+        log.info("upgrade: the new program (pid %d) checks the configuration before it runs in place", pid)
         return self.current
+
+    def checked(self) -> tuple[Upgrade, str]:
+        """The check is over (its child reaped): (the upgrade, given up here, and the check's last line)."""
+        upgrade = self.current
+        assert upgrade is not None
+        self._last_words(upgrade)
+        self._close_pipe()
+        self.current = None
+        lines = [line for line in upgrade.buffer.decode("utf-8", "replace").splitlines() if line.strip()]
+        return upgrade, lines[-1] if lines else ""
 
     def _on_pipe(self, mask: int) -> None:
         upgrade = self.current
         assert upgrade is not None
         try:
-            data = os.read(upgrade.pipe_fd, 64)
+            data = os.read(upgrade.pipe_fd, 4096)
         except BlockingIOError:
             return
         upgrade.buffer += data
-        if b"ready\n" in upgrade.buffer:
-            self._close_pipe()
-            self.current = None
-            self.on_ready(upgrade)
-            for waiter in upgrade.waiters:
-                waiter.reply({"ok": True, "pid": upgrade.pid, "previous_pid": os.getpid(), **upgrade.report()})
-        elif not data:  # closed without a word: it is exiting; its SIGCHLD says how
-            self._close_pipe()
+        if not data or len(upgrade.buffer) > 4 * MAX_WHY:
+            self._close_pipe()  # its exit says the rest
 
     def fail(self, why: str, *, kill: bool = False) -> None:
-        """Give up on the upgrade in progress (telling the new master to quit when ``kill``)."""
+        """Give up on the upgrade in progress (ending the check when ``kill``)."""
         upgrade = self.current
         if upgrade is None:
             return
         if kill:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(upgrade.pid, signal.SIGQUIT)  # it stops its own workers
-        said = self._last_words(upgrade)
-        if said:
-            why = f"{why}: {said}"
+                os.kill(upgrade.pid, signal.SIGKILL)  # a check holds nothing
         self._close_pipe()
         self.current = None
         log.error("upgrade failed: %s; still serving (pid %d)", why, os.getpid())
         for waiter in upgrade.waiters:
             waiter.reply({"ok": False, "error": f"upgrade failed: {why}"})
 
-    def _last_words(self, upgrade: Upgrade) -> str:
-        """Why the new master said it failed (:func:`report_failure`), or ''.
-
-        It writes before it exits, so once it is reaped the words are in the pipe.
-        """
-        while upgrade.pipe_fd >= 0 and len(upgrade.buffer) <= MAX_WHY + 16:
+    def _last_words(self, upgrade: Upgrade) -> None:
+        """The rest of the check's output: it writes before it exits, so once it is reaped it is all in the pipe."""
+        while upgrade.pipe_fd >= 0 and len(upgrade.buffer) <= 4 * MAX_WHY:
             try:
                 data = os.read(upgrade.pipe_fd, 4096)
             except OSError:  # nothing more now (it may still be running: a timeout), or the pipe is gone
@@ -255,10 +231,6 @@ class Upgrader:
             if not data:
                 break
             upgrade.buffer += data
-        for line in upgrade.buffer.decode("utf-8", "replace").splitlines():
-            if line.startswith("error: "):
-                return line[len("error: "):]
-        return ""
 
     def _close_pipe(self) -> None:
         upgrade = self.current
@@ -269,6 +241,6 @@ class Upgrader:
             upgrade.pipe_fd = -1
 
     def close_in_child(self) -> None:
-        """In a forked worker: the hand-over pipe is between masters."""
+        """In a forked mold or worker: the check's output is the master's."""
         if self.current is not None and self.current.pipe_fd >= 0:
             os.close(self.current.pipe_fd)

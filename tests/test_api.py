@@ -3,8 +3,7 @@
 Programs run for real on 127.0.0.1 in their own session, with a private
 control socket; every wait is bounded and waits for something observable
 (a status field, an exit). The pure parts (addresses, messages, the
-command line that runs a program again, the stand-in's reports) are tested
-as functions.
+command line that runs a program again) are tested as functions.
 """
 
 from __future__ import annotations
@@ -19,11 +18,13 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from socketserver import StreamRequestHandler
 from typing import Any
 
+import psutil
 import pytest
 
 from conftest import APPS, ROOT, Daemon, Load, child_env, exchange, group_members, read_line, wait_for
@@ -31,12 +32,7 @@ from prefork import OptionError, PreforkServer, ServerOptions
 from prefork.api import (
     KEYWORDS,
     CannotRerun,
-    Event,
-    Outcome,
-    Report,
     bind_texts,
-    decode,
-    encode,
     handler_name,
     keyword_message,
     rerun_command,
@@ -132,7 +128,7 @@ def test_recipe_script_serves_its_own_handlers(program: ProgramFactory, tmp_path
     st = d.status()
     assert st["handler"] == f"__main__:{handler}"
     assert st["worker_class"] == worker_class and len(st["workers"]) == 2
-    assert st["pid"] != d.pid  # the master is forked; the program's process stands in for the service
+    assert st["pid"] == d.pid  # the program's process is the master
     assert exchange(d.address(), b"Hello\n") == b"Hello\n"
     with d.connect() as s:  # the recipe's own session (a line: StreamEchoHandler answers whole lines)
         assert s.send(b"Hello\n") == 6
@@ -164,19 +160,23 @@ def test_reload_runs_the_edited_script_under_load(program: ProgramFactory, tmp_p
         load.wait_ok(100)
     assert load.failures == [], load.failures[:5]
     after = d.status()
-    assert after["pid"] != before["pid"] and after["generation"] == 2
+    # the program's process is the master, for its whole life
+    assert after["pid"] == before["pid"] == d.pid and after["generation"] == 2
     assert after["listeners"] == before["listeners"]
     assert {w["generation"] for w in after["workers"]} == {2}
-    # HUP to the program's own process reloads too: it passes the signal on to the master serving now
+    # the new generation's mold is the program run again (its code up to serve_forever()), our child
+    mold = next(m["pid"] for m in after["molds"] if m["generation"] == 2)
+    assert psutil.Process(mold).ppid() == d.pid
     d.signal(signal.SIGHUP)
     wait_for(lambda: (st := d.try_status()) and st["generation"] == 3 and st["state"] == "serving", 30,
              "generation 3 serving")
     assert ask(d, b"version\n") == b"v2\n"
-    r = d.ctl("upgrade", timeout=90)  # the same for a program: it runs again
-    assert r.returncode == 0 and r.stdout.startswith("upgraded: new master pid"), r.stderr
-    assert d.status()["generation"] == 4
+    r = d.ctl("upgrade", timeout=90)  # the program, checked, then executed again in place
+    assert r.returncode == 0 and r.stdout.startswith(f"upgraded in place: master pid {d.pid}"), r.stderr
+    assert d.status()["generation"] == 4 and d.status()["pid"] == d.pid
     out = stopped(d)
-    # the program ran again as it was started, with the same arguments
+    # the program ran again as it was started, with the same arguments: the two reloads' molds and the
+    # upgrade (its check's output is the upgrade's, not the program's)
     started = re.findall(r"started \d+ (\[.*?\])\n", out)
     assert started == [repr([script, d.control, "thread", "StreamEchoHandler"])] * 4
     # the code after serve_forever() ran once, in the process the test started
@@ -191,7 +191,7 @@ def test_a_broken_edit_fails_the_reload_and_the_old_code_serves(program: Program
     path.write_text(path.read_text().replace("def handle(self):", "def handle(self)", 1))  # a syntax error
     r = d.ctl("reload", timeout=90)
     assert r.returncode == 1
-    assert "reload failed: the new master exited with status 1 before it served" in r.stderr
+    assert "reload failed: the mold of generation 2 (the program run again) exited with status 1" in r.stderr
     st = d.status()
     assert st["pid"] == pid and st["state"] == "serving" and st["generation"] == 1
     assert exchange(d.address(), b"still here\n") == b"still here\n"
@@ -199,18 +199,17 @@ def test_a_broken_edit_fails_the_reload_and_the_old_code_serves(program: Program
     stopped(d)
 
 
-def test_under_systemd_the_forked_master_is_the_main_pid(program: ProgramFactory, tmp_path: Path) -> None:
+def test_under_systemd_the_program_is_the_main_pid(program: ProgramFactory, tmp_path: Path) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         notify.bind(str(tmp_path / "notify"))
         notify.settimeout(20)
         d = program(recipe(tmp_path), "sync", "EchoHandler", env=child_env(NOTIFY_SOCKET=str(tmp_path / "notify")))
-        master = d.status()["pid"]
+        assert d.status()["pid"] == d.pid
         messages: list[str] = []
         while "READY=1" not in messages:
             messages += notify.recv(4096).decode().splitlines()  # bounded by the socket's timeout
-    # the program's process (systemd's main pid) names the master; then the master speaks for the service
-    mainpids = [m for m in messages if m.startswith("MAINPID=")]
-    assert mainpids == [f"MAINPID={master}"] and messages.index(mainpids[0]) < messages.index("READY=1")
+    # the program's process is the master: systemd's main pid already, nothing to tell it
+    assert [m for m in messages if m.startswith("MAINPID=")] == []
     stopped(d)
 
 
@@ -264,31 +263,27 @@ def test_ctrl_c_stops_the_program_and_serve_forever_returns(program: ProgramFact
     assert "KeyboardInterrupt" not in d.log()
 
 
-def test_a_master_that_dies_makes_serve_forever_raise(program: ProgramFactory, tmp_path: Path) -> None:
-    script = write(tmp_path, "dies.py", """\
-        import sys
-        from socketserver import BaseRequestHandler
+def test_kill_9_of_the_program_frees_the_port_and_takes_every_process(program: ProgramFactory,
+                                                                      tmp_path: Path) -> None:
+    d = program(recipe(tmp_path), "thread", "StreamEchoHandler")
+    assert d.ctl("reload", timeout=90).returncode == 0  # a mold that is the program run again, too
+    st = d.status()
+    processes = [psutil.Process(pid) for pid in [*(m["pid"] for m in st["molds"]), *(w["pid"] for w in st["workers"])]]
+    os.kill(d.pid, signal.SIGKILL)
+    assert d.wait_exit(5) == -signal.SIGKILL
+    began = time.monotonic()
 
-        from prefork import PreforkServer, ServerError
+    def refused() -> bool:
+        try:
+            socket.create_connection(d.address(), timeout=1).close()
+        except ConnectionRefusedError:
+            return True
+        return False
 
-
-        class Quiet(BaseRequestHandler):
-            def handle(self):
-                pass
-
-
-        if __name__ == '__main__':
-            try:
-                PreforkServer(('127.0.0.1', 0), Quiet, workers=1, control=sys.argv[1]).serve_forever()
-            except ServerError as exc:
-                print('ServerError:', exc)
-                sys.exit(3)
-        """)
-    d = program(script)
-    master = d.status()["pid"]
-    os.kill(master, signal.SIGKILL)
-    assert d.wait_exit(20) == 3
-    assert f"ServerError: the prefork master (pid {master}) was killed by SIGKILL\n" in d.log()
+    wait_for(refused, 2, "the port freed")
+    assert time.monotonic() - began < 2
+    _, alive = psutil.wait_procs(processes, timeout=5)
+    assert alive == []
 
 
 def test_an_address_in_use_raises_and_harms_nothing(program: ProgramFactory, tmp_path: Path) -> None:
@@ -488,31 +483,6 @@ def test_a_program_runs_again_as_it_was_started(orig_argv: list[str], argv: list
 def test_a_program_from_stdin_cannot_run_again(argv: list[str]) -> None:
     with pytest.raises(CannotRerun, match="read from standard input"):
         rerun_command("/venv/python", ["python3"], argv, None)
-
-
-@pytest.mark.parametrize("report", [
-    Report(Event.SERVING, 42),
-    Report(Event.EXIT, 7, 2, "the handler cannot be loaded, so no worker can serve"),
-    Report(Event.EXIT, 7, 0),
-])
-def test_reports_round_trip(report: Report) -> None:
-    assert decode(encode(report)) == report
-
-
-@pytest.mark.parametrize("data", [b"", b"serving", b"serving x 0", b"hello 1 0", b"exit 1 zero"])
-def test_anything_else_is_no_report(data: bytes) -> None:
-    assert decode(data) is None
-
-
-@pytest.mark.parametrize(("outcome", "ok", "text"), [
-    (Outcome(9, 0), True, "the prefork master (pid 9) exited with status 0"),
-    (Outcome(9, -signal.SIGTERM), True, "the prefork master (pid 9) was killed by SIGTERM"),
-    (Outcome(9, -signal.SIGKILL), False, "the prefork master (pid 9) was killed by SIGKILL"),
-    (Outcome(9, 2, "bad handler"), False, "the prefork master (pid 9) exited with status 2: bad handler"),
-    (Outcome(9, None), False, "the prefork master (pid 9) ended without saying how (was it killed?)"),
-])
-def test_how_a_service_ended(outcome: Outcome, ok: bool, text: str) -> None:
-    assert outcome.ok is ok and outcome.describe() == text
 
 
 def test_the_package_names_its_api_lazily() -> None:

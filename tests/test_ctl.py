@@ -342,3 +342,13 @@ def test_stats_text_shows_the_imbalance_when_the_daemon_reports_it() -> None:
     text = COMMANDS["stats"].text({**STATS, "active_max_mean": 1.04})
     assert text.splitlines()[-1] == "busiest worker's open connections over the mean: 1.04"
     assert "over the mean" not in COMMANDS["stats"].text({k: v for k, v in STATS.items() if k != "active_max_mean"})
+
+
+@pytest.mark.parametrize(("reply", "line"), [
+    ({"ok": True, "pid": 7, "previous_pid": 7, "in_place": True, "generation": 3},
+     "upgraded in place: master pid 7 runs the new program; generation 3 serves"),
+    ({"ok": True, "pid": 9, "previous_pid": 7},  # a program serving from Python starts itself again
+     "upgraded: new master pid 9 serves; pid 7 is draining"),
+])
+def test_upgrade_replies_in_words(reply: dict[str, Any], line: str) -> None:
+    assert COMMANDS["upgrade"].text(reply) == line

@@ -29,6 +29,7 @@ from prefork.master.exits import (
     failures_after,
 )
 from prefork.master.generations import Generations
+from prefork.master.molds import Mold, MoldState
 from prefork.master.reload import Reload, Reloads
 from prefork.master.state import LbDrain, StopMode, Totals, Worker, WorkerState
 from prefork.master.timers import Timers
@@ -256,7 +257,7 @@ class FakePool:
         self.peak = len(self.workers)
 
     def fork(self, slot: int, generation: int, config: Any, listeners: Any, *, max_requests: int,
-             lb_drain: bool, tls: Any = None, listener_specs: tuple[str, ...] = ()) -> Worker:
+             lb_drain: bool, tls: Any = None, listener_specs: tuple[str, ...] = (), mold: Any = None) -> Worker:
         pid = next(self.pids)
         index = self.scoreboard.allocate(pid, generation, time.monotonic())
         worker = Worker(pid=pid, slot=slot, generation=generation, record_index=index, started=time.monotonic())
@@ -673,3 +674,96 @@ def test_client_caps_fit_the_descriptor_limit(limit: int, in_use: int, caps: tup
     from prefork.master.loop import client_caps
 
     assert client_caps(limit, in_use) == caps
+
+
+# -- molds: a generation's workers wait for its mold; a mold ends with its generation ---------------------
+
+
+class FakeMolds:
+    """Molds without processes: the test says when one is loaded, and how."""
+
+    def __init__(self) -> None:
+        self.by_generation: dict[int, Mold] = {}
+        self.pids = itertools.count(9000)
+        self.ended: list[int] = []
+
+    def start(self, generation: int, config: Any, listeners: Any, **_: Any) -> Mold:
+        mold = Mold(pid=next(self.pids), generation=generation, sock=None, started=0.0)  # type: ignore[arg-type]
+        self.by_generation[generation] = mold
+        return mold
+
+    def fork_worker(self, mold: Mold, slot: int, record_index: int, max_requests: int) -> int:
+        raise AssertionError("FakePool forks")
+
+    def end(self, mold: Mold, *, kill: bool = False) -> None:
+        mold.state = MoldState.FAILED
+        self.by_generation.pop(mold.generation, None)
+        self.ended.append(mold.generation)
+
+    def loaded(self, mold: Mold, how: str | None = "exited") -> None:
+        raise AssertionError("not reached: the test says how a mold loaded")
+
+
+def mold_stepper(workers: int = 2) -> tuple[Generations, FakePool, FakeHost, FakeMolds]:
+    timers = Timers()
+    pool = FakePool(timers)
+    host = FakeHost()
+    molds = FakeMolds()
+    gens = Generations(host, pool, timers, build_config({"workers": workers}), [],  # type: ignore[arg-type]
+                       cli_overrides={}, adopted=True, molds=molds)  # type: ignore[arg-type]
+    gens.start()
+    return gens, pool, host, molds
+
+
+def load(gens: Generations, mold: Mold, error: str = "") -> None:
+    mold.state, mold.error = (MoldState.FAILED, error) if error else (MoldState.READY, "")
+    gens.molding.on_loaded(mold)
+
+
+def test_a_generation_s_workers_are_forked_once_its_mold_has_loaded() -> None:
+    gens, pool, host, molds = mold_stepper(workers=3)
+    assert list(molds.by_generation) == [1] and pool.workers == {}
+    assert molds.by_generation[1].waiting == {0, 1, 2}
+    load(gens, molds.by_generation[1])
+    assert sorted(w.slot for w in pool.workers.values()) == [0, 1, 2]
+    ready(gens, pool)
+    assert host.events == ["serving"]
+
+
+def test_a_mold_that_cannot_load_at_start_stops_the_daemon() -> None:
+    gens, pool, host, molds = mold_stepper()
+    load(gens, molds.by_generation[1], "cannot load handler 'app:H': SyntaxError")
+    assert host.events == ["fatal: the handler cannot be loaded, so no worker can serve"]
+    assert pool.workers == {} and molds.ended == [1]
+
+
+def test_a_reload_starts_a_mold_and_the_old_one_ends_with_its_last_worker() -> None:
+    gens, pool, _host, molds = mold_stepper()
+    load(gens, molds.by_generation[1])
+    ready(gens, pool)
+    old = list(pool.workers.values())
+    waiter = FakeWaiter()
+    gens.begin_reload([waiter])
+    assert sorted(molds.by_generation) == [1, 2] and len(pool.workers) == 2  # nothing forked before it loads
+    load(gens, molds.by_generation[2])
+    ready(gens, pool)  # generation 2 serves: the old workers drain
+    assert gens.generation == 2 and 1 in molds.by_generation  # still has workers
+    exit_of(gens, pool, old[0], 0)
+    assert 1 in molds.by_generation
+    exit_of(gens, pool, old[1], 0)
+    assert list(molds.by_generation) == [2] and molds.ended == [1]
+
+
+def test_a_reload_whose_mold_cannot_load_fails_and_the_old_generation_keeps_its_mold() -> None:
+    gens, pool, _host, molds = mold_stepper()
+    load(gens, molds.by_generation[1])
+    ready(gens, pool)
+    before = dict(gens.slots)
+    waiter = FakeWaiter()
+    gens.begin_reload([waiter])
+    load(gens, molds.by_generation[2], "cannot load handler 'app:H': SyntaxError")
+    assert waiter.replies == [{"ok": False, "error": "reload failed: cannot load handler 'app:H': SyntaxError"}]
+    assert gens.slots == before and gens.generation == 1 and list(molds.by_generation) == [1]
+    # a worker of generation 1 that dies now is forked by generation 1's mold again
+    exit_of(gens, pool, gens.slots[0], 1 << 8)
+    assert gens.slots[0].generation == 1 and list(molds.by_generation) == [1]

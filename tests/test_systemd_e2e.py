@@ -457,8 +457,9 @@ def test_socket_activation_starts_the_service(manager: UserManager) -> None:
     assert st["listeners"] == [f"127.0.0.1:{manager.port}"]
     assert props["StatusText"].startswith(f"serving: {WORKERS}/{WORKERS} "), props
     assert "using 1 socket(s) from systemd" in manager.daemon_log.read_text()
-    # the master and its workers, all under the manager
-    assert {p.pid for p in manager.prefork_processes()} == {st["pid"], *(w["pid"] for w in st["workers"])}
+    # the master, its generation's mold and its workers, all under the manager
+    assert {p.pid for p in manager.prefork_processes()} == {st["pid"], *(m["pid"] for m in st["molds"]),
+                                                             *(w["pid"] for w in st["workers"])}
 
 
 def test_reload_under_load(manager: UserManager) -> None:
@@ -513,34 +514,35 @@ def test_killed_worker_is_respawned(manager: UserManager) -> None:
              WATCHDOG_SEC * 2, "a watchdog ping")
 
 
-def test_upgrade_keeps_systemd_tracking_the_main_pid(manager: UserManager) -> None:
+def test_upgrade_keeps_the_main_pid(manager: UserManager) -> None:
     props = manager.show()
-    old_pid = int(props["MainPID"])
-    manager.wait(lambda: manager.serving(old_pid), 10, "a serving status")
+    main_pid = int(props["MainPID"])
+    before = manager.wait(lambda: manager.serving(main_pid), 10, "a serving status")
+    old = [*(m["pid"] for m in before["molds"]), *(w["pid"] for w in before["workers"])]
     with Load(manager.addr, clients=6, mode="connect", max_seconds=40) as load:
         load.wait_ok(50)
         r = subprocess.run([str(PREFORKCTL), "--control", str(manager.control), "upgrade"], capture_output=True,
                            text=True, timeout=90)
         assert r.returncode == 0, r.stderr + manager.logs()
-        new_pid = int(r.stdout.split("new master pid ")[1].split()[0])
-        # the old master told systemd MAINPID= before draining: the service follows the new one
-        manager.wait(lambda: manager.show()["MainPID"] == str(new_pid), 15, "systemd tracking the new master")
-        manager.wait(lambda: not psutil.pid_exists(old_pid)
-                     or psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE, 30, "the old master gone")
+        # the new program runs in place: the same process, so systemd has nothing to follow
+        assert r.stdout.startswith(f"upgraded in place: master pid {main_pid} "), r.stdout
+        manager.wait(lambda: not [p for p in manager.prefork_processes() if p.pid in old], 30,
+                     "the previous generation's mold and workers gone")
         load.wait_ok(100)
     assert load.failures == [], load.failures[:5]
     after = manager.show()
-    assert (after["ActiveState"], after["SubState"]) == ("active", "running"), after
+    assert (after["ActiveState"], after["SubState"], after["MainPID"]) == ("active", "running", str(main_pid)), after
     assert after["NRestarts"] == props["NRestarts"]
-    assert manager.serving(new_pid) is not None
-    # the new master's WATCHDOG=1 is accepted from its pid (NotifyAccess=main, WATCHDOG_PID): two pings
-    # later the service is still the same one, not restarted by a watchdog timeout
+    st = manager.serving(main_pid)
+    assert st is not None and st["generation"] == before["generation"] + 1
+    # the new image's WATCHDOG=1 is accepted (the same pid): two pings later the service is still the same
+    # one, not restarted by a watchdog timeout
     for _ in range(2):
         seen = manager.show()["WatchdogTimestampMonotonic"]
         manager.wait(lambda seen=seen: manager.show()["WatchdogTimestampMonotonic"] != seen,
-                     WATCHDOG_SEC * 2, "a watchdog ping from the new master")
+                     WATCHDOG_SEC * 2, "a watchdog ping from the new image")
     final = manager.show()
-    assert (final["MainPID"], final["NRestarts"], final["ActiveState"]) == (str(new_pid), props["NRestarts"],
+    assert (final["MainPID"], final["NRestarts"], final["ActiveState"]) == (str(main_pid), props["NRestarts"],
                                                                             "active"), final
 
 
@@ -549,7 +551,7 @@ def test_killed_master_is_restarted(manager: UserManager) -> None:
     main_pid = int(props["MainPID"])
     restarts = int(props["NRestarts"])
     st = manager.wait(lambda: manager.serving(main_pid), 10, "a serving status")
-    old = [main_pid, *(w["pid"] for w in st["workers"])]
+    old = [main_pid, *(m["pid"] for m in st["molds"]), *(w["pid"] for w in st["workers"])]
     os.kill(main_pid, signal.SIGKILL)
 
     # Restart=on-failure, RestartSec=1: the service waits to be restarted

@@ -202,6 +202,9 @@ def format_reopen(reply: Reply) -> str:
 
 
 def format_upgrade(reply: Reply) -> str:
+    if reply.get("in_place"):
+        return (f"upgraded in place: master pid {reply['pid']} runs the new program; "
+                f"generation {reply['generation']} serves")
     return f"upgraded: new master pid {reply['pid']} serves; pid {reply['previous_pid']} is draining"
 
 

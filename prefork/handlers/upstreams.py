@@ -1,7 +1,7 @@
 """The relay's upstreams as every worker sees them: health, open connections and counters in shared memory.
 
 Like the scoreboard (:mod:`prefork.scoreboard`, which makes one of these
-beside its records, before the first fork), an anonymous shared mapping:
+after its records in its memory file, before the first fork), shared memory:
 
 * one :class:`Slot` per upstream, by name: its health (up, down until a retry
   time, half-open while one connection or check tries it again), when it last
@@ -90,17 +90,26 @@ class UpstreamBoard:
     sums run over those only.
     """
 
-    def __init__(self, workers: int, used: Callable[[], int] | None = None) -> None:
+    def __init__(self, workers: int, used: Callable[[], int] | None = None, *,
+                 buffer: mmap.mmap | None = None, offset: int = 0) -> None:
+        """A board for ``workers`` worker indexes, in its own anonymous mapping or in ``buffer`` at ``offset``.
+
+        The daemon's board lives in the scoreboard's memory file (``buffer``), so
+        that it is the same board in a mold the master re-executes and across
+        an upgrade in place, where an anonymous mapping would not be inherited.
+        """
         self.workers = workers
         self.used = used or (lambda: workers)
         slots_size = ctypes.sizeof(Slot) * SLOTS
         active_size = 8 * SLOTS * workers
         counters_size = 8 * workers * SLOTS * N_COUNTERS
         retired_size = 8 * SLOTS * (N_COUNTERS + 1)
-        self._mem = mmap.mmap(-1, slots_size + active_size + counters_size + retired_size)
-        self.slots = (Slot * SLOTS).from_buffer(self._mem)
+        if buffer is None:
+            buffer, offset = mmap.mmap(-1, self.size(workers)), 0
+        self._mem = buffer
+        self.slots = (Slot * SLOTS).from_buffer(self._mem, offset)
         view = memoryview(self._mem)
-        offset = slots_size
+        offset += slots_size
         # active[worker * SLOTS + slot]: a worker's cells are contiguous (one page is all it touches); the
         # sum over workers is one strided slice
         self.active = view[offset:offset + active_size].cast("q")
@@ -110,6 +119,11 @@ class UpstreamBoard:
         offset += counters_size
         # gone workers' counters per slot (the master's alone), then what gone workers left open (always 0)
         self.retired = view[offset:offset + retired_size].cast("q")
+
+    @staticmethod
+    def size(workers: int) -> int:
+        """Bytes a board for ``workers`` worker indexes takes (8-byte aligned: it follows the scoreboard)."""
+        return ctypes.sizeof(Slot) * SLOTS + 8 * SLOTS * workers * (1 + N_COUNTERS) + 8 * SLOTS * (N_COUNTERS + 1)
 
     # -- the master -----------------------------------------------------------------------------------
 

@@ -33,6 +33,8 @@ from prefork.master.exits import (
     describe_exit,
     failures_after,
 )
+from prefork.master.molding import Molding
+from prefork.master.molds import Molds, MoldState
 from prefork.master.pool import WorkerPool, kill_pid
 from prefork.master.reload import Reload, Reloads, Waiter, fail, listeners_for, reload_report, reread_config
 from prefork.master.state import Backoff, LbDrain, StopMode, Worker, WorkerState
@@ -70,15 +72,20 @@ class Generations:
     """The serving generation by slot, the reload in flight, and the backoff of each slot."""
 
     def __init__(self, host: Host, pool: WorkerPool, timers: Timers, config: Config, listeners: list[Listener], *,
-                 cli_overrides: dict[str, Any], adopted: bool, tls: TlsSetup | None = None) -> None:
+                 cli_overrides: dict[str, Any], adopted: bool, tls: TlsSetup | None = None,
+                 molds: Molds | None = None) -> None:
         self.host = host
+        self.molding: Molding = Molding(self, molds)
         self.pool = pool
         self.timers = timers
-        self.config = config
+        self.config: Config = config
         self.listeners = listeners
         # the serving generation's TLS contexts (built before --user when the daemon started)
         self.tls = tls if tls is not None else load_tls(config, [li.spec for li in listeners])
         self.cli_overrides = cli_overrides
+        # the configuration a reload starts from (a program serving from Python keeps its own: its molds
+        # run the program again, which builds theirs)
+        self.reread: Callable[[Config], Config] = lambda current: reread_config(current, self.cli_overrides)
         self.adopted = adopted  # listeners came from systemd: a reload keeps them whatever bind says
         self.generation = 1
         self._generations = itertools.count(2)
@@ -91,6 +98,20 @@ class Generations:
     def start(self) -> None:
         for slot in range(self.target):
             self.spawn_worker(slot)
+
+    def resume(self, generation: int, next_generation: int, workers: list[Worker]) -> None:
+        """Serve on with the workers a previous image of this master handed over (an upgrade in place)."""
+        self.generation = generation
+        self._generations = itertools.count(next_generation)
+        self.slots = {w.slot: w for w in workers
+                      if w.generation == generation and w.state in (WorkerState.BOOTING, WorkerState.READY)}
+        self.serving = True
+
+    def next_generation(self) -> int:
+        """The number the next generation will take (an upgrade in place hands it over)."""
+        number = next(self._generations)
+        self._generations = itertools.count(number)
+        return number
 
     # -- workers ------------------------------------------------------------------------------------
 
@@ -107,27 +128,33 @@ class Generations:
         config = reload.config if reload else self.config
         listeners = reload.listeners if reload else self.listeners
         tls = reload.tls if reload else self.tls
+        generation = reload.generation if reload else self.generation
         max_requests = config.max_requests + random.randint(0, config.max_requests_jitter) if config.max_requests else 0
         try:
-            worker = self.pool.fork(slot, reload.generation if reload else self.generation, config,
+            mold = self.molding.mold_for(generation, config, listeners, tls)
+            if mold is not None and mold.state is MoldState.LOADING:
+                mold.waiting.add(slot)  # forked once the mold has imported the handler (Molding.on_loaded)
+                return None
+            worker = self.pool.fork(slot, generation, config,
                                     [li.sock for li in listeners], max_requests=max_requests,
                                     lb_drain=self.host.lb_drain is not None, tls=tls,
-                                    listener_specs=tuple(li.spec for li in listeners))
+                                    listener_specs=tuple(li.spec for li in listeners),
+                                    mold=self.molding.fork(mold))
         except (OSError, IndexError) as exc:
-            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "no free scoreboard record"
+            why = (exc.strerror or str(exc)) if isinstance(exc, OSError) else "no free scoreboard record"
             if reload is not None:
                 self.abort_reload(f"cannot fork a worker: {why}")
                 return None
             backoff = self.backoff.setdefault(slot, Backoff())
             backoff.failures += 1
             delay = max(backoff_delay(backoff.failures), BACKOFF_FIRST)  # a failed fork: never at once
-            self._respawn_later(slot, delay)
+            self.respawn_later(slot, delay)
             log.error("cannot fork worker %d: %s; retrying in %.1fs", slot, why, delay)
             return None
         (reload.slots if reload else self.slots)[slot] = worker
         return worker
 
-    def _respawn_later(self, slot: int, delay: float) -> None:
+    def respawn_later(self, slot: int, delay: float) -> None:
         def respawn() -> None:
             if self.host.stopping is None and slot < self.target and slot not in self.slots:
                 self.spawn_worker(slot)
@@ -142,6 +169,7 @@ class Generations:
             reload.retiring.discard(worker.pid)
             if not reload.retiring:  # the old workers of the last batch are gone: the next one starts
                 self._start_batch(reload)
+        self.molding.end_idle()
 
     def _judge_exit(self, worker: Worker, status: int) -> None:
         how, clean = describe_exit(status, worker.signals_sent)
@@ -183,7 +211,7 @@ class Generations:
                 f"in {delay:.1f}s" if delay else "now")
         self.pool.totals.respawns += 1
         if delay:
-            self._respawn_later(worker.slot, delay)
+            self.respawn_later(worker.slot, delay)
         elif worker.slot < self.target:
             self.spawn_worker(worker.slot)
 
@@ -257,7 +285,7 @@ class Generations:
                      self.reloads.in_flight.generation)
             return
         try:
-            config = reread_config(self.config, self.cli_overrides)
+            config = self.reread(self.config)
             # certificates and keys are read again on every reload (renewed ones are picked up); a broken
             # one fails the reload before anything is bound, and the serving generation keeps its own
             tls = load_tls(config, [li.spec for li in self.listeners])
@@ -285,8 +313,9 @@ class Generations:
                         lambda: self.abort_reload(f"the new workers were not ready within {reload.config.timeout:g}s"))
         for slot in reload.next_batch():
             reload.started = slot + 1
-            if self.reloads.in_flight is not reload or self.spawn_worker(slot, reload) is None:
+            if self.reloads.in_flight is not reload:
                 return  # a failed fork aborted it
+            self.spawn_worker(slot, reload)
 
     def _retire_batch(self, reload: Reload) -> None:
         """A batch of new workers serves: the old ones it replaces drain, and the next batch starts
@@ -330,6 +359,8 @@ class Generations:
             for worker in list(self.pool.workers.values()):
                 if worker.generation < generation and removed:
                     kill_pid(worker.pid, signal.SIGUSR2)  # every copy of a dropped listener closes now
+            if removed:
+                self.molding.close_listeners(generation)
             for worker in old_slots.values():
                 self.pool.drain(worker, f"replaced by generation {generation}", self.config.graceful_timeout)
 
@@ -346,6 +377,7 @@ class Generations:
         self.reloads.commit({"ok": True, "generation": self.generation, "workers": self.target,
                              **reload_report(reload, self.pool.peak)},
                             accepting={w.pid for w in old_slots.values() if w.pid in self.pool.workers})
+        self.molding.end_idle()
         queued = self.reloads.take_queued()
         if queued is not None:
             self.begin_reload(queued)
@@ -366,6 +398,7 @@ class Generations:
             self.pool.drain(worker, "reload aborted", self.config.graceful_timeout)
         for listener in reload.new_listeners:
             listener.close()
+        self.molding.end_idle()
 
     def scale(self, count: int) -> None:
         if self.host.stopping is not None or count == self.target:

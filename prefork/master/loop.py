@@ -38,19 +38,22 @@ from prefork.control import MAX_CLIENTS, ControlConnection, ControlServer
 from prefork.httpmetrics import MAX_CLIENTS as METRICS_MAX_CLIENTS
 from prefork.kernelstats import listen_counters
 from prefork.listeners import Listener
-from prefork.master import commands, report
+from prefork.master import commands, inplace, report
 from prefork.master.checks import PeriodicChecks
 from prefork.master.closing import Closer, Closing
 from prefork.master.endpoints import Endpoints
 from prefork.master.exits import describe_exit
 from prefork.master.generations import Generations
+from prefork.master.handover import Handover
+from prefork.master.molds import Molds
 from prefork.master.pool import WorkerPool
 from prefork.master.reload import Waiter
 from prefork.master.state import ErrorBudget, LbDrain, StopMode, Totals, Worker
 from prefork.master.timers import Timers
+from prefork.prctl import set_child_subreaper
 from prefork.systemd import Notifier
 from prefork.tls import TlsSetup
-from prefork.upgrade import UPGRADE_TIMEOUT, Upgrade, Upgrader, report_ready
+from prefork.upgrade import Upgrader, report_ready
 
 log = logging.getLogger(__name__)
 
@@ -133,11 +136,12 @@ class Master:
                  cli_overrides: dict[str, Any] | None = None, adopted: bool = False,
                  notifier: Notifier | None = None, argv: list[str] | None = None,
                  upgrade_pipe: int | None = None, metrics_sock: socket.socket | None = None,
-                 agent_sock: socket.socket | None = None, tls: TlsSetup | None = None) -> None:
+                 agent_sock: socket.socket | None = None, tls: TlsSetup | None = None,
+                 resumed: Handover | None = None) -> None:
         self.control = control
         self.argv = list(argv or [])  # our command line, to start the new master on upgrade
         self.upgrade_pipe = upgrade_pipe  # we are a new master: tell the old one when we serve
-        self.handed_over = False
+        self.resumed = resumed  # we are the new image of a master that executed us in place (an upgrade)
         self.endpoints = Endpoints(self, metrics_sock, agent_sock)  # --metrics-bind, --agent-bind
         self.notifier = notifier or Notifier()
         self.pid = os.getpid()
@@ -147,9 +151,9 @@ class Master:
         self.exit_code = EXIT_OK
         self.timers = Timers()
         self.selector = selectors.DefaultSelector()
-        self.upgrader = Upgrader(self.selector, self._hand_over)
+        self.upgrader = Upgrader(self.selector)
         self._wake_r, self._wake_w = socket.socketpair()
-        self._events_r, self._events_w = os.pipe2(os.O_CLOEXEC)
+        self._events_r, self._events_w = resumed.events if resumed else os.pipe2(os.O_CLOEXEC)
         os.set_blocking(self._events_r, False)
         self._events = Decoder()
         self._signal_actions: dict[int, Callable[[], None]] = {
@@ -166,13 +170,28 @@ class Master:
         self.pool = WorkerPool(master_pid=self.pid, channel_fd=self._events_w, timers=self.timers,
                                timeout=config.timeout, close_in_child=self._close_in_child,
                                blocked=self._signal_actions)
+        if resumed is not None:
+            self.pool.take_over(resumed)  # the board our workers write, and the counters so far
+        self.molds = Molds(master_pid=self.pid, channel_fd=self._events_w, scoreboard=self.pool.scoreboard,
+                           selector=self.selector, close_in_child=self._close_in_child,
+                           blocked=self._signal_actions, on_loaded=lambda mold: self.gens.molding.on_loaded(mold))
         self.guard = Guard(self.pool.totals, lambda sock: self.control.drop(sock) or self.endpoints.drop(sock))
-        self.gens = Generations(self, self.pool, self.timers, config, listeners,
+        self.gens = Generations(self, self.pool, self.timers, config, listeners, molds=self.molds,
                                 cli_overrides=dict(cli_overrides or {}), adopted=adopted, tls=tls)
         self.checks = PeriodicChecks(self, self.gens, self.pool, self.timers, self.notifier)
         self.closer = Closer(self.timers)
         self.stop_report: dict[str, Any] = {}  # what the stop did, for the clients that asked for it
         self.stop_began, self.stop_counters = 0.0, listen_counters()
+
+    @property
+    def event_pipe(self) -> tuple[int, int]:
+        """The workers' event pipe: (our read end, the write end the workers hold)."""
+        return self._events_r, self._events_w
+
+    @property
+    def handled_signals(self) -> set[int]:
+        """The signals the loop acts on."""
+        return set(self._signal_actions)
 
     @property
     def config(self) -> Config:
@@ -198,6 +217,7 @@ class Master:
     # -- the loop -----------------------------------------------------------------------------------
 
     def run(self) -> int:
+        set_child_subreaper()  # the workers a mold forks (twice) are re-parented to us: ours to reap
         self._install_signals()
         self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_signals)
         self.selector.register(self._events_r, selectors.EVENT_READ, self._on_worker_events)
@@ -211,7 +231,10 @@ class Master:
                  __version__, self.pid, self.config.name, self.target, self.config.worker_class,
                  self.config.effective_handler, ", ".join(li.address for li in self.listeners), self.control.path)
         try:
-            self.gens.start()
+            if self.resumed is not None:
+                inplace.resume(self, self.resumed)
+            else:
+                self.gens.start()
             while self.pool.workers or self.pool.groups or self.stopping is None:  # groups: see pool.py
                 self.guard.turn(self.selector, self.timers)
         except BaseException:
@@ -265,13 +288,13 @@ class Master:
         for pid, status, worker in exited:
             upgrade = self.upgrader.current
             if upgrade is not None and pid == upgrade.pid:
-                how, _ = describe_exit(status)
                 self.timers.cancel("upgrade")
-                self.upgrader.fail(f"the new master {how.replace('could not load its handler', 'exited with status 3')}"
-                                   " before it served")
+                inplace.checked(self, status)
             elif worker is not None:
                 self.gens.reloads.stopped_accepting(pid)
                 self.gens.on_exit(worker, status)
+            elif (mold := self.molds.reaped(pid)) is not None:
+                self.gens.molding.on_exit(mold, describe_exit(status)[0])
 
     def _close_in_child(self, keep: set[int]) -> None:
         """In a new worker, before it serves: close the master's descriptors but its listeners."""
@@ -283,6 +306,7 @@ class Master:
         if self.upgrade_pipe is not None and self.upgrade_pipe >= 0:
             os.close(self.upgrade_pipe)  # the upgrade hand-over is between masters
         self.upgrader.close_in_child()
+        self.molds.close_all_in_child()
         self.control.close_in_child()
         self.endpoints.close_in_child()
         reload = self.gens.reloads.in_flight
@@ -339,9 +363,8 @@ class Master:
         log.info("stopping (%s): %d worker(s) to stop", mode.value, len(self.pool.workers))
         self.notify_systemd("stopping")
         self.gens.prepare_stop()
-        if not self.handed_over:
-            fdstore.forget(self.notifier, self.listeners)  # systemd's copies must not keep them open
-        if (mode is StopMode.GRACEFUL and not self.handed_over and self.pool.workers
+        fdstore.forget(self.notifier, self.listeners)  # systemd's copies must not keep them open
+        if (mode is StopMode.GRACEFUL and self.pool.workers
                 and self.lb_drain is not LbDrain.LISTENERS_CLOSED):
             self.closer.close_after_queue(self.listeners, time.monotonic() + self.config.graceful_timeout,
                                           self._stop_workers)
@@ -356,6 +379,7 @@ class Master:
                                     reset_in_queue=closing.left_at_close,
                                     queue_s=round(time.monotonic() - closing.began, 3))
         self.pool.signal_all(signal.SIGUSR2)
+        self.molds.close_listeners()
         self.gens.stop_workers(self.stopping or StopMode.GRACEFUL)
         for listener in self.listeners:
             listener.close()
@@ -394,6 +418,7 @@ class Master:
 
     def _close_listeners(self) -> None:
         self.pool.signal_all(signal.SIGUSR2)
+        self.molds.close_listeners()
         for listener in self.listeners:
             listener.close()
 
@@ -410,46 +435,16 @@ class Master:
         logs.reopen()
         self.pool.signal_all(signal.SIGUSR1)
 
-    # -- upgrade (a new master program on the same sockets) -------------------------------------------
+    # -- upgrade (the prefork program now installed, executed in place) ----------------------------------
 
     def begin_upgrade(self, waiter: ControlConnection | None = None) -> None:
-        """SIGUSR2 / preforkctl upgrade: start the prefork now installed as a new master on our sockets."""
-        why = ("the daemon is stopping" if self.stopping is not None else
-               "an upgrade is in progress" if self.upgrader.current is not None else
-               "a reload is in progress" if self.gens.reloads.in_flight is not None else
-               "drained: the listening sockets are closed" if self.lb_drain is LbDrain.LISTENERS_CLOSED else None)
-        if why is None:
-            try:
-                upgrade = self.upgrader.begin(self.argv, [(li.fileno(), li.spec) for li in self.listeners],
-                                              self.control.sock.fileno(), waiter, self.endpoints.side_sockets())
-            except OSError as exc:
-                why = f"cannot start the new master: {exc.strerror or exc}"
-            else:
-                self.timers.set("upgrade", upgrade.deadline, lambda: self.upgrader.fail(
-                    f"the new master was not serving within {UPGRADE_TIMEOUT:g}s", kill=True))
-                return
-        log.error("upgrade refused: %s", why)
-        if waiter is not None:
-            waiter.reply({"ok": False, "error": f"upgrade failed: {why}"})
-
-    def _hand_over(self, upgrade: Upgrade) -> None:
-        """The new master serves: give it the service (systemd's main pid, the control socket), then drain."""
-        self.timers.cancel("upgrade")
-        self.notifier.mainpid(upgrade.pid)
-        self.handed_over = True
-        self.control.hand_over()
-        for listener in self.listeners:
-            listener.hand_over()
-        self.endpoints.close()  # the new master answers /metrics and the agent check now
-        log.info("upgrade: the new master (pid %d) serves; draining our workers", upgrade.pid)
-        self.begin_stop(StopMode.GRACEFUL)
+        """SIGUSR2 / preforkctl upgrade: have the new program check the configuration, then execute it in place."""
+        inplace.begin(self, waiter)
 
     # -- the end ------------------------------------------------------------------------------------
 
     def notify_systemd(self, event: str) -> None:
         """Tell systemd (when it is listening) where the lifecycle stands."""
-        if self.handed_over:
-            return  # the new master speaks for the service now
         if event == "ready":
             self.notifier.ready(self.status_line())
         elif event == "reloading":
@@ -461,6 +456,7 @@ class Master:
         signal.set_wakeup_fd(-1)
         self.pool.end_groups_now()
         self.gens.abort_reload("the daemon stopped")
+        self.molds.end_all()
         self.upgrader.fail("the daemon stopped", kill=True)
         for listener in self.listeners:
             listener.close()
@@ -494,4 +490,6 @@ def _snapshot(master: Master, processes: bool) -> report.Snapshot:
         workers=[pool.sample(w, now, processes=processes) for w in workers], backoff=backoff,
         totals=dataclasses.replace(pool.totals, log_lines_dropped=logs.dropped_lines(), tls=dict(pool.totals.tls)),
         tls=report.tls_view(gens.tls, master.listeners, master.config),
-        upstreams=tuple(pool.scoreboard.upstreams.describe(now, time.time())))
+        upstreams=tuple(pool.scoreboard.upstreams.describe(now, time.time())),
+        molds=[{"generation": m.generation, "pid": m.pid, "state": m.state.value, "threads": m.threads}
+               for _, m in sorted(master.molds.by_generation.items())])

@@ -18,6 +18,7 @@ ends its group itself (:mod:`prefork.workers.entry`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -28,6 +29,7 @@ from collections.abc import Callable, Collection, Iterable
 import psutil
 
 from prefork.config import Config
+from prefork.master.handover import HandedWorker, Handover
 from prefork.master.report import WorkerSample, tls_counts
 from prefork.master.state import Totals, Worker, WorkerState
 from prefork.master.timers import Timers
@@ -36,6 +38,8 @@ from prefork.tls import TlsSetup
 from prefork.workers.entry import WorkerSpec, run_worker
 
 log = logging.getLogger(__name__)
+
+MoldFork = Callable[[int, int, int], int]  # (slot, record index, max_requests) -> the pid a mold forked
 
 ABORT_GRACE = 2.0  # after SIGABRT (stacks to the log), SIGKILL this much later
 DRAIN_MARGIN = 1.0  # the worker enforces the graceful timeout itself; the master kills this much later
@@ -90,28 +94,23 @@ class WorkerPool:
 
     def fork(self, slot: int, generation: int, config: Config, listeners: Collection[socket.socket], *,
              max_requests: int, lb_drain: bool, tls: TlsSetup | None = None,
-             listener_specs: tuple[str, ...] = ()) -> Worker:
-        """Fork a worker; raises OSError (no process) or IndexError (no free scoreboard record)."""
+             listener_specs: tuple[str, ...] = (), mold: MoldFork | None = None) -> Worker:
+        """Fork a worker (here, or by ``mold``, given the slot, record and max_requests: the new pid).
+
+        Raises OSError (no process) or IndexError (no free scoreboard record).
+        """
         now = time.monotonic()
         self.scoreboard.upstreams.assign(config.relay_specs)  # the relay's upstreams, by name, for every worker
         index = self.scoreboard.allocate(0, generation, now)
         self.scoreboard[index].lb_drain = 1 if lb_drain else 0  # before the worker can look
-        spec = WorkerSpec(slot=slot, generation=generation, record_index=index, master_pid=self.master_pid,
-                          config=config, listeners=tuple(listeners), channel_fd=self.channel_fd,
-                          max_requests=max_requests, tls=tls, listener_specs=listener_specs)
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.blocked)
         try:
-            pid = os.fork()
-            if pid == 0:  # the child: never returns
-                _lead_own_group(0)
-                self.close_in_child({sock.fileno() for sock in listeners})
-                run_worker(spec, self.scoreboard)
+            pid = mold(slot, index, max_requests) if mold is not None else self._fork_here(
+                WorkerSpec(slot=slot, generation=generation, record_index=index, master_pid=self.master_pid,
+                           config=config, listeners=tuple(listeners), channel_fd=self.channel_fd,
+                           max_requests=max_requests, tls=tls, listener_specs=listener_specs))
         except OSError:
             self.scoreboard.release(index)
             raise
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        _lead_own_group(pid)  # both sides, so no killpg of ours can come before the group exists
         self.scoreboard[index].pid = pid
         worker = Worker(pid=pid, slot=slot, generation=generation, record_index=index, started=now)
         self.workers[pid] = worker
@@ -120,6 +119,43 @@ class WorkerPool:
         self._watch_heartbeat(worker, now + self.timeout)
         log.info("worker %d (pid %d) started, generation %d", slot, pid, generation)
         return worker
+
+    def _fork_here(self, spec: WorkerSpec) -> int:
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.blocked)
+        try:
+            pid = os.fork()
+            if pid == 0:  # the child: never returns
+                _lead_own_group(0)
+                self.close_in_child({sock.fileno() for sock in spec.listeners})
+                run_worker(spec, self.scoreboard)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        _lead_own_group(pid)  # both sides, so no killpg of ours can come before the group exists
+        return pid
+
+    def take_over(self, state: Handover) -> None:
+        """A previous image of this master handed over (an upgrade in place): its scoreboard and counters."""
+        self.scoreboard = Scoreboard(state.scoreboard_capacity, fd=state.scoreboard_fd,
+                                     taken=[w.record_index for w in state.workers])
+        known = {f.name for f in dataclasses.fields(Totals)}
+        self.totals = Totals(**{k: v for k, v in state.totals.items() if k in known})
+
+    def adopt(self, handed: Iterable[HandedWorker], graceful_timeout: float) -> list[Worker]:
+        """The workers a previous image of this master handed over (an upgrade in place), watched again."""
+        now = time.monotonic()
+        adopted = []
+        for h in handed:
+            worker = Worker(pid=h.pid, slot=h.slot, generation=h.generation, record_index=h.record_index,
+                            started=h.started, state=WorkerState(h.state), stop_reason=h.stop_reason)
+            self.workers[worker.pid] = worker
+            if worker.state in (WorkerState.DRAINING, WorkerState.KILLING):
+                self._kill_at(worker, now + graceful_timeout + DRAIN_MARGIN,
+                              f"still busy {graceful_timeout:g}s after it was told to stop (--graceful-timeout)")
+            else:
+                self._watch_heartbeat(worker, now + self.timeout)
+            adopted.append(worker)
+        self.peak = max(self.peak, len(self.workers))
+        return adopted
 
     # -- telling workers to go --------------------------------------------------------------------
 

@@ -115,6 +115,7 @@ class Snapshot:
     wall_time: float = field(default_factory=time.time)  # what certificates' days left count from
     # the relay's upstreams as every worker shares them (prefork.handlers.upstreams.UpstreamBoard.describe)
     upstreams: tuple[Mapping[str, Any], ...] = ()
+    molds: list[dict[str, Any]] = field(default_factory=list)  # generation, pid, state, threads: by generation
 
 
 def open_by_generation(workers: list[WorkerSample]) -> dict[int, int]:
@@ -220,6 +221,7 @@ def status(snap: Snapshot) -> dict[str, Any]:
         "upstreams": [dict(u) for u in snap.upstreams],
         "control": snap.control,
         "workers": [worker_info(w, by_generation.get(w.generation, 0)) for w in snap.workers],
+        "molds": list(snap.molds),
         "backoff": [
             {"slot": b.slot, "failures": b.failures,
              "restart_in_s": round(max(0.0, b.restart_in_s), 3) if b.restart_in_s is not None else None}

@@ -81,6 +81,7 @@ class WorkerOptions:
     max_requests: int = 0  # 0: never recycle; jitter already applied
     graceful_timeout: float = 30.0
     heartbeat_interval: float = 1.0
+    deadman: float = 0.0  # seconds without a heartbeat after which the kernel ends the worker (0: never)
     proxy: ProxyPolicy | None = None  # None: no peer sends a PROXY header
     balance: Balance | None = None  # None: --balance off
     tls: tuple[ServerTls | None, ...] = ()  # each listener's TLS, in the order of the listeners (None: plain)
@@ -114,6 +115,8 @@ class WorkerLifecycle:
         self.max_requests = options.max_requests
         self.graceful_timeout = options.graceful_timeout
         self.heartbeat_interval = options.heartbeat_interval
+        self.deadman = options.deadman
+        self._deadman_due = 0.0  # when the dead-man timer is pushed back next
         self.proxy = options.proxy
         self.balance = options.balance
         self.tls = options.tls or tuple(None for _ in self.listeners)  # each listener's TLS (None: plain)
@@ -193,7 +196,22 @@ class WorkerLifecycle:
         """Stamp the heartbeat the master watches (a stale one means a hung worker); returns the stamp."""
         now = time.monotonic()
         self.record.heartbeat = now
+        if self.deadman and now >= self._deadman_due:
+            self.push_deadman(now)
         return now
+
+    def push_deadman(self, now: float) -> None:
+        """Push back the kernel's dead-man timer (``SIGALRM``, left at its default action: the end).
+
+        The master ends a worker whose heartbeat stops (``--timeout``); this
+        ends one whose master cannot, because it is gone and the worker's own
+        Python code cannot run any more (a handler holding the interpreter
+        for ever): the kernel delivers the signal, no Python code runs. A
+        stopping worker gets its graceful timeout first. (A handler that uses
+        ``signal.alarm`` of its own takes this timer over: its alarm, its handler.)
+        """
+        signal.setitimer(signal.ITIMER_REAL, self.deadman + (self.graceful_timeout if self.stopping else 0.0))
+        self._deadman_due = now + self.heartbeat_interval
 
     def orphaned(self) -> bool:
         """True once the master is no longer our parent (it was killed, or exited without stopping us)."""
@@ -270,6 +288,8 @@ class WorkerLifecycle:
             return
         self.stopping = True
         self.stop_deadline = time.monotonic() + self.graceful_timeout
+        if self.deadman:
+            self.push_deadman(time.monotonic())  # a drain may hold a sync worker past its heartbeat
         self.stop_accepting()
         if self.orphaned():
             self.close_listeners()  # the master was killed: free the address so a new one can bind it now

@@ -11,7 +11,6 @@ and runs its lifecycle. The exit status tells the master how it ended.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import faulthandler
 import logging
 import os
@@ -24,6 +23,7 @@ from typing import Any, NoReturn
 from prefork import logs
 from prefork.channel import Channel, Event
 from prefork.config import Config
+from prefork.prctl import set_pdeathsig
 from prefork.scoreboard import Scoreboard
 from prefork.tls import ServerTls, TlsSetup
 from prefork.workers.async_worker import AsyncWorker
@@ -39,14 +39,9 @@ log = logging.getLogger(__name__)
 WORKER_OK = 0
 WORKER_CRASHED = 1
 WORKER_BOOT_ERROR = 3  # the handler could not be loaded: respawning would only fail again
-
-_PR_SET_PDEATHSIG = 1
-
-try:
-    _libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
-except OSError:  # pragma: no cover - every Linux libc loads; other systems fall back to the ppid check
-    _libc = None
-
+# seconds past --timeout (or --graceful-timeout, the longer) before a worker whose heartbeat stopped is ended by
+# the kernel (SIGALRM): after the master's own SIGABRT and SIGKILL would have, so it acts only without a master
+DEADMAN_MARGIN = 5.0
 
 @dataclass(frozen=True)
 class WorkerSpec:
@@ -93,7 +88,7 @@ def run_worker(spec: WorkerSpec, scoreboard: Scoreboard) -> NoReturn:
 
 
 def _serve(spec: WorkerSpec, scoreboard: Scoreboard) -> int:
-    _set_pdeathsig(signal.SIGTERM)
+    set_pdeathsig(signal.SIGTERM)
     if os.getppid() != spec.master_pid:  # the master died before prctl took effect
         return WORKER_OK
     # The master's signals that mean nothing to a worker; the worker's own are its class's (base.py).
@@ -105,6 +100,7 @@ def _serve(spec: WorkerSpec, scoreboard: Scoreboard) -> int:
     for signum in (signal.SIGTTIN, signal.SIGTTOU):
         signal.signal(signum, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)  # the dead-man timer (WorkerLifecycle.push_deadman) ends us
     os.register_at_fork(after_in_child=_as_a_handler_child)
     # SIGABRT from the master (a stale heartbeat), or a crash in C code: every thread's stack to the log
     faulthandler.enable(file=logs.fault_stream(), all_threads=True)
@@ -135,6 +131,7 @@ def build_worker(spec: WorkerSpec, handler: Any, scoreboard: Scoreboard, channel
         max_requests=spec.max_requests,
         graceful_timeout=config.graceful_timeout,
         heartbeat_interval=heartbeat_interval(config.timeout),
+        deadman=max(config.timeout, config.graceful_timeout) + DEADMAN_MARGIN,
         proxy=ProxyPolicy.from_config(config),
         balance=balance,
         tls=spec.listener_tls(),
@@ -174,8 +171,3 @@ def _end_own_group() -> None:
     with contextlib.suppress(OSError, ValueError):
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # we are leaving anyway
         os.killpg(os.getpid(), signal.SIGTERM)
-
-
-def _set_pdeathsig(signum: int) -> None:
-    if _libc is not None and _libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
-        log.debug("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
