@@ -249,8 +249,8 @@ class WorkerLifecycle:
         starts a replacement (its listening sockets are intact), and this
         worker finishes its open connections.
         """
-        if self.listener_lost:
-            return
+        if self.listener_lost or self.listeners_closed:
+            return  # closed on purpose (a stop, a drain): no handler to blame
         self.listener_lost = True
         log.error("worker %d (pid %d): listening socket %s is gone (%s: %s; did a handler close "
                   "self.server.socket?); retiring", self.slot, os.getpid(), address,

@@ -56,6 +56,8 @@ from prefork.workers.handshakes import Handshakes
 log = logging.getLogger(__name__)
 
 _ACCEPT_BATCH = 16  # connections accepted per readiness event before the loop polls again
+# acted on at once while the loop's thread is in a handler (sync): see WorkerServer._act_in_handler
+_ACT_IN_HANDLER = frozenset({signal.SIGTERM, signal.SIGUSR2})
 
 
 class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
@@ -105,6 +107,7 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
         timeout = getattr(handler_class, "timeout", None)
         self._extra_timeout: float | None = None if is_stream else timeout
         self._extra_nodelay = not is_stream and bool(getattr(handler_class, "disable_nagle_algorithm", False))
+        self._in_handler = False  # the loop's own thread is running a handler (sync)
 
     # -- wiring -------------------------------------------------------------------------------------
 
@@ -136,8 +139,22 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
         """
         self._signals = {int(signum): action for signum, action in self.signal_actions().items()}
         for signum in self._signals:
-            signal.signal(signum, _raise_fast_exit if signum in FAST_EXIT_SIGNALS else _noop)
+            signal.signal(signum, _raise_fast_exit if signum in FAST_EXIT_SIGNALS
+                          else self._act_in_handler if signum in _ACT_IN_HANDLER else _noop)
         signal.set_wakeup_fd(self.wakeup_fd, warn_on_full_buffer=False)
+
+    def _act_in_handler(self, signum: int, frame: FrameType | None) -> None:
+        """SIGTERM or SIGUSR2 while the loop's own thread runs a handler (``sync``): act now.
+
+        The loop would see the signal only once that connection ends, which a
+        long-lived one may never do: meanwhile the worker would keep its
+        listeners open (a drain or stop waits on it) and the handler could
+        not see the drain (:attr:`draining`). The loop is not touching its
+        listeners while a handler runs, so acting here is safe; the loop
+        runs the action again when it resumes, which does nothing the second time.
+        """
+        if self._in_handler:
+            self._signals[signum]()
 
     # -- the lifecycle's I/O ------------------------------------------------------------------------
 
@@ -158,6 +175,11 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
     def full(self) -> bool:
         """True while the worker cannot take another connection."""
         return self._handshakes.full()
+
+    def forget_listeners(self) -> None:
+        # closed on purpose (a stop, a drain): not a listener lost under us (_check_listeners)
+        self._by_fd.clear()
+        self._tls_by_fd.clear()
 
     # -- the loop -----------------------------------------------------------------------------------
 
@@ -391,9 +413,11 @@ class SyncServer(WorkerServer):
     def process_request(self, request: Any, client_address: Any) -> None:
         record = self.record
         record.active += 1
+        self._in_handler = True
         try:
             self.finish_request(request, client_address)
         finally:
+            self._in_handler = False
             record.active -= 1
             record.requests += 1
         self.shutdown_request(request)

@@ -1,0 +1,58 @@
+"""Long-lived connections: stop, reload and drain with clients that stay connected, and what is reported."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+
+import pytest
+
+from conftest import Daemon, recv_exact, wait_for
+
+CLASSES = ["sync", "thread", "async"]
+
+
+def held_connection(d: Daemon) -> socket.socket:
+    """A connection that has been served once and then stays silent."""
+    s = d.connect()
+    s.sendall(b"hi")
+    assert recv_exact(s, 2) == b"hi"
+    return s
+
+
+@pytest.mark.parametrize("worker_class", CLASSES)
+def test_stop_with_an_idle_connection_raises_no_false_alarm(daemon_factory: Callable[..., Daemon],
+                                                            worker_class: str) -> None:
+    d = daemon_factory("-k", worker_class, "--graceful-timeout", "2", workers=1)
+    held = held_connection(d)
+    d.signal(15)
+    assert d.wait_exit(30) == 0
+    held.close()
+    log = d.log()
+    assert "is gone" not in log and "ERROR" not in log, log
+
+
+@pytest.mark.parametrize("worker_class", CLASSES)
+def test_drain_close_raises_no_false_alarm_and_keeps_its_workers(daemon_factory: Callable[..., Daemon],
+                                                                 worker_class: str) -> None:
+    d = daemon_factory("-k", worker_class, workers=2)
+    held = held_connection(d)
+    assert d.ctl("drain", "--close", timeout=20).returncode == 0
+    wait_for(lambda: _refused(d), 10, "new connections to be refused")
+    held.sendall(b"still")
+    assert recv_exact(held, 5) == b"still"
+    st = d.status()
+    assert len(st["workers"]) == 2, st
+    log = d.log()
+    assert "is gone" not in log and "replacement" not in log and "ERROR" not in log, log
+    held.close()
+
+
+def _refused(d: Daemon) -> bool:
+    try:
+        socket.create_connection(d.address(), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    except TimeoutError:
+        return False  # dropped while the queue drains: not refused yet
+    return False
