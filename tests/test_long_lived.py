@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
 from collections.abc import Callable
 
 import pytest
 
-from conftest import Daemon, recv_exact, wait_for
+from conftest import Daemon, read_line, recv_exact, wait_for
 
 CLASSES = ["sync", "thread", "async"]
 
@@ -56,3 +59,23 @@ def _refused(d: Daemon) -> bool:
     except TimeoutError:
         return False  # dropped while the queue drains: not refused yet
     return False
+
+
+@pytest.mark.parametrize("worker_class", CLASSES)
+def test_a_stray_child_of_a_handler_does_not_keep_the_port(daemon_factory: Callable[..., Daemon],
+                                                           worker_class: str) -> None:
+    handler = "long_lived_handlers:forking" if worker_class == "async" else "long_lived_handlers:ForkingHandler"
+    d = daemon_factory("-k", worker_class, handler, workers=1)
+    with d.connect() as s:
+        child = int(read_line(s))
+    try:
+        port = d.address()[1]
+        d.signal(15)
+        assert d.wait_exit(30) == 0
+        assert os.kill(child, 0) is None  # still there, in a session of its own
+        again = daemon_factory("-k", worker_class, "--bind", f"127.0.0.1:{port}", handler, workers=1,
+                               bind_default=False)
+        assert f"127.0.0.1:{port}" in again.status()["listeners"]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)

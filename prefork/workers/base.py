@@ -20,6 +20,8 @@ once:
   reused): ``accept()`` fails with ``EBADF``, ``ENOTSOCK`` or ``EINVAL``
   for ever, so the worker logs it once and retires the same way, rather
   than spin;
+* a process a handler forks holds no descriptor of the listening sockets
+  (a child that leaves with ``setsid()`` would keep the port);
 * the orphan check (the master's pid is no longer our parent);
 * the PROXY protocol decisions: which peers must send a header, what a
   missing or malformed one costs, and when a load balancer's health check
@@ -32,11 +34,13 @@ once:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import signal
 import socket
+import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -165,6 +169,8 @@ class WorkerLifecycle:
 
         Raises :class:`FastExit` on SIGINT/SIGQUIT; the caller exits the process.
         """
+        listening = _inodes(self.listeners)
+        os.register_at_fork(after_in_child=lambda: _close_listening(listening))
         self.serve()
         still_open = self.open_connections()
         if still_open:
@@ -311,3 +317,35 @@ class WorkerLifecycle:
         connection.
         """
         return header.command == "LOCAL" and bool(self.record.lb_drain)
+
+
+def _inodes(listeners: Sequence[socket.socket]) -> frozenset[int]:
+    """The listening sockets' inodes: every descriptor of one of them (a duplicate too) has its inode."""
+    inodes = set()
+    for sock in listeners:
+        with contextlib.suppress(OSError):
+            inodes.add(os.fstat(sock.fileno()).st_ino)
+    return frozenset(inodes)
+
+
+def _close_listening(inodes: frozenset[int]) -> None:
+    """In a process a handler forks: close every descriptor of the listening sockets.
+
+    Otherwise a child that outlives its worker (one that called
+    ``setsid()``, a daemon it started) keeps the port: the next start fails
+    with "address already in use", and connections queue where nobody
+    accepts them. Duplicates a worker class made (asyncio's servers) are
+    found by their inode.
+    """
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        return
+    for fd in fds:
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            continue  # the listing's own descriptor, gone
+        if stat.S_ISSOCK(st.st_mode) and st.st_ino in inodes:
+            with contextlib.suppress(OSError):
+                os.close(fd)
