@@ -79,3 +79,22 @@ def test_a_stray_child_of_a_handler_does_not_keep_the_port(daemon_factory: Calla
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("worker_class", ["sync", "thread"])
+def test_shutdown_from_a_handler_retires_its_worker(daemon_factory: Callable[..., Daemon], worker_class: str) -> None:
+    d = daemon_factory("-k", worker_class, "long_lived_handlers:ShutdownHandler", workers=1)
+    before = d.ready_workers()[0]["pid"]
+    with d.connect(timeout=10) as s:
+        assert read_line(s) == b"shut down\n"
+    wait_for(lambda: [w["pid"] for w in d.ready_workers()] not in ([], [before]), 20, "a replacement to serve")
+    wait_for(lambda: not _alive(before), 20, "the worker that was shut down to exit")
+    assert "shutdown()" in d.log()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -108,6 +108,9 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
         self._extra_timeout: float | None = None if is_stream else timeout
         self._extra_nodelay = not is_stream and bool(getattr(handler_class, "disable_nagle_algorithm", False))
         self._in_handler = False  # the loop's own thread is running a handler (sync)
+        self._loop_thread = threading.get_ident()  # the thread running serve_forever()
+        self._shutdown_asked = False  # shutdown() was called from another thread: the loop retires us
+        self._not_accepting = threading.Event()  # set once this worker stops for good (shutdown() waits on it)
 
     # -- wiring -------------------------------------------------------------------------------------
 
@@ -155,6 +158,25 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
         """
         if self._in_handler:
             self._signals[signum]()
+
+    def shutdown(self) -> None:
+        """socketserver's ``shutdown()``: end this server's loop; here, the worker retires gracefully.
+
+        The master starts a replacement at once, and the connections open
+        here (the caller's too) finish as in any graceful stop. Called from a
+        handler, from any thread, it returns once the worker has stopped
+        accepting; socketserver's own would wait for the loop to end, which
+        waits for that handler: a deadlock there (sync), and here too.
+        """
+        if threading.get_ident() == self._loop_thread:
+            self.retire("a handler called self.server.shutdown()")  # sync: the loop is in this handler
+            return
+        self._shutdown_asked = True
+        self.wake()
+        self._not_accepting.wait()
+
+    def on_stopping(self) -> None:
+        self._not_accepting.set()
 
     # -- the lifecycle's I/O ------------------------------------------------------------------------
 
@@ -232,6 +254,7 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         """Serve until asked to stop and drained. ``poll_interval`` is ignored: nothing here polls."""
+        self._loop_thread = threading.get_ident()
         self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
         self._handshakes.watch_on(self._epoll)
         self.set_accepting(True)
@@ -247,6 +270,8 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
             # signals before connections: after a SIGTERM this worker must not take another one
             if any(fd == wake_fd for fd, _ in events):
                 self._drain_wakeups()
+            if self._shutdown_asked:
+                self.retire("a handler called self.server.shutdown()")
             self.service_actions()
             for fd, _ in events:
                 if fd == wake_fd or self._handshakes.on_event(fd):

@@ -29,3 +29,11 @@ async def forking(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
     writer.write(f"{_stray_child()}\n".encode())
     await writer.drain()
     writer.close()
+
+
+class ShutdownHandler(BaseRequestHandler):
+    """Calls self.server.shutdown() as a socketserver user would to end the server, then says so."""
+
+    def handle(self) -> None:
+        self.server.shutdown()
+        self.request.sendall(b"shut down\n")
