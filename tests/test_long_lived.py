@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable
 
 import pytest
@@ -98,3 +99,22 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+@pytest.mark.parametrize("worker_class", CLASSES)
+def test_a_handler_that_checks_the_drain_closes_at_its_message_boundary(daemon_factory: Callable[..., Daemon],
+                                                                        worker_class: str) -> None:
+    handler = ("long_lived_handlers:drain_aware_echo" if worker_class == "async"
+               else "long_lived_handlers:DrainAwareEcho")
+    d = daemon_factory("-k", worker_class, "--graceful-timeout", "60", handler, workers=1)
+    s = d.connect(timeout=20)
+    s.sendall(b"one\n")
+    assert read_line(s) == b"one\n"
+    began = time.monotonic()
+    d.signal(15)
+    assert read_line(s) == b"bye\n"
+    assert s.recv(1) == b""  # closed by the handler, at its boundary
+    assert d.wait_exit(30) == 0
+    assert time.monotonic() - began < 20  # not the graceful timeout
+    s.close()
+    assert "graceful timeout" not in d.log()

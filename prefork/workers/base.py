@@ -46,7 +46,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from prefork import logs
+from prefork import drain, logs
 from prefork.channel import Channel, Event
 from prefork.proxy_protocol import ProxyHeader
 from prefork.scoreboard import Record
@@ -127,6 +127,7 @@ class WorkerLifecycle:
         self.stop_deadline = 0.0  # time.monotonic() after which open connections are cut
         self.listeners_closed = False
         self.listener_lost = False  # a listening socket went away under us: retiring
+        self._on_drain: list[Callable[[], None]] = []  # told once, when the drain begins (prefork.drain.wait)
 
     # -- what each worker class supplies ------------------------------------------------------------
 
@@ -162,6 +163,30 @@ class WorkerLifecycle:
         May be extended.
         """
 
+    # -- the drain, as handlers see it (prefork.drain) -----------------------------------------------
+
+    @property
+    def draining(self) -> bool:
+        """True once this worker stops or its listeners closed: a handler should end at a message boundary."""
+        return self.stopping or self.listeners_closed
+
+    @property
+    def drain_deadline(self) -> float | None:
+        """When (``time.monotonic()``) the connections still open are cut; None while not stopping."""
+        return self.stop_deadline if self.stopping else None
+
+    def on_drain(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the drain begins (at once if it has); it may run in a signal handler."""
+        if self.draining:
+            callback()
+        else:
+            self._on_drain.append(callback)
+
+    def _drain_began(self) -> None:
+        callbacks, self._on_drain = self._on_drain, []
+        for callback in callbacks:
+            callback()
+
     # -- the lifecycle ------------------------------------------------------------------------------
 
     def run(self) -> None:
@@ -171,6 +196,7 @@ class WorkerLifecycle:
         """
         listening = _inodes(self.listeners)
         os.register_at_fork(after_in_child=lambda: _close_listening(listening))
+        drain.attach(self)
         self.serve()
         still_open = self.open_connections()
         if still_open:
@@ -281,6 +307,7 @@ class WorkerLifecycle:
             self.close_listeners()  # the master was killed: free the address so a new one can bind it now
         self.channel.send(Event.STOPPED)  # the master holds a reload's reply until no old worker accepts
         self.on_stopping()
+        self._drain_began()
 
     def close_listeners(self) -> None:
         """SIGUSR2 (``preforkctl drain`` without PROXY protocol): close our copies of the listening sockets.
@@ -296,6 +323,7 @@ class WorkerLifecycle:
         self.forget_listeners()
         for sock in self.listeners:
             sock.close()
+        self._drain_began()
 
     # -- PROXY protocol decisions -------------------------------------------------------------------
 

@@ -7,6 +7,8 @@ import os
 import time
 from socketserver import BaseRequestHandler
 
+from prefork import drain
+
 
 def _stray_child() -> int:
     """Fork a child that leaves the worker's session and outlives it; returns its pid to the parent."""
@@ -37,3 +39,45 @@ class ShutdownHandler(BaseRequestHandler):
     def handle(self) -> None:
         self.server.shutdown()
         self.request.sendall(b"shut down\n")
+
+
+class DrainAwareEcho(BaseRequestHandler):
+    """Echoes lines; once its worker drains, ends at the next line boundary with "bye"."""
+
+    timeout = 0.2  # prefork applies it to the connection: recv() wakes to look at the drain
+
+    def handle(self) -> None:
+        pending = b""
+        while not (self.server.draining and not pending):  # type: ignore[attr-defined]
+            try:
+                data = self.request.recv(8192)
+            except TimeoutError:
+                continue
+            if not data:
+                return
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                self.request.sendall(line + b"\n")
+        self.request.sendall(b"bye\n")
+
+
+async def drain_aware_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """The asyncio form: reads race the drain; ends with "bye" once the worker drains."""
+    stop = asyncio.ensure_future(drain.wait())
+    while True:
+        read = asyncio.ensure_future(reader.readline())
+        await asyncio.wait({read, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if not read.done():
+            read.cancel()
+            break
+        line = read.result()
+        if not line:
+            stop.cancel()
+            writer.close()
+            return
+        writer.write(line)
+        await writer.drain()
+    writer.write(b"bye\n")
+    await writer.drain()
+    writer.close()
