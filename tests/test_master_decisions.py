@@ -526,6 +526,9 @@ class FakeDaemon:
     def undrain(self) -> str | None:
         return "the listening sockets are closed; restart to serve again"
 
+    def health_checks(self) -> list[str]:
+        return []
+
 
 @pytest.mark.parametrize(("request_", "state", "reply", "call"), [
     ({"command": "nope"}, "serving", {"ok": False}, None),
@@ -542,6 +545,9 @@ class FakeDaemon:
     ({"command": "reopen"}, "serving", {"ok": True}, ("reopen", None)),
     ({"command": "drain", "close": True}, "serving", {"ok": True, "drain": "listeners-closed"}, ("drain", True)),
     ({"command": "drain", "off": True}, "serving", {"ok": False}, None),
+    ({"command": "drain"}, "serving", {"ok": False}, None),  # no health check to fail
+    ({"command": "drain", "off": {}, "close": "false"}, "serving", {"ok": False}, None),
+    ({"command": "stop", "fast": "yes"}, "serving", {"ok": False}, None),
     ({"command": "status"}, "serving", {"ok": True, "name": "t", "state": "serving"}, None),
     ({"command": "stats"}, "serving", {"ok": True, "requests": 105}, None),
 ])

@@ -30,7 +30,7 @@ STATS_KEYS = ["requests", "active", "errors", "workers", "workers_spawned", "wor
               "worker_timeouts", "reloads", "failed_reloads"]
 DRAIN_STATES: Mapping[str | None, str] = {
     None: "not draining: health checks are answered",
-    "health-checks": "draining: health checks (PROXY LOCAL) fail, clients are still served",
+    "health-checks": "draining: health checks fail, clients are still served (drain --off undoes it)",
     "listeners-closed": "draining: listening sockets closed, open connections finish",
 }
 
@@ -122,7 +122,9 @@ def format_status(s: Reply) -> str:
         f"up {human_age(s['uptime_s'])}",
         f"{s['target_workers']} {s['worker_class']} worker(s)"
         f"{' (' + s['event_loop'] + ')' if s.get('event_loop') else ''} of {s['handler']}",
-        f"listening on {', '.join(s['listeners'])}",
+        (f"listening sockets closed (drain --close), were {', '.join(s['listeners'])}"
+         if s.get("drain") == "listeners-closed" else f"listening on {', '.join(s['listeners'])}"),
+        *([DRAIN_STATES.get(s["drain"], str(s["drain"]))] if s.get("drain") else []),
         *tls_lines(s),
         "",
     ]

@@ -375,14 +375,26 @@ class Master:
         self.closer.close_after_queue(listeners, time.monotonic() + self.config.graceful_timeout,
                                       lambda closing: then())
 
+    def health_checks(self) -> list[str]:
+        """The health checks a load balancer may use on this daemon, which ``preforkctl drain`` fails."""
+        checks = []
+        if self.config.proxy_protocol:
+            checks.append("PROXY LOCAL")
+        if self.endpoints.agent_sock is not None:
+            checks.append("agent-check")
+        if self.endpoints.metrics_sock is not None:
+            checks.append("/readyz")
+        return checks
+
     def drain_for_balancer(self, *, close: bool) -> LbDrain | None:
-        """``preforkctl drain``: fail LOCAL health checks behind PROXY protocol, else close the listeners
-        (what is queued on them is served first)."""
+        """``preforkctl drain``: fail the health checks and keep serving; with ``close``, close the
+        listeners (what is queued on them is served first)."""
         if self.lb_drain is None or (close and self.lb_drain is LbDrain.HEALTH_CHECKS):
-            if self.config.proxy_protocol and not close:
+            if not close:
                 self.lb_drain = LbDrain.HEALTH_CHECKS
                 self.pool.set_lb_drain(True)
-                log.info("draining for the load balancer: failing its health checks (PROXY LOCAL)")
+                log.info("draining for the load balancer: failing its health checks (%s); clients are still "
+                         "served", ", ".join(self.health_checks()))
             else:
                 self.lb_drain = LbDrain.LISTENERS_CLOSED
                 fdstore.forget(self.notifier, self.listeners)  # or systemd's copies would keep them open
