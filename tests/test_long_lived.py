@@ -118,3 +118,14 @@ def test_a_handler_that_checks_the_drain_closes_at_its_message_boundary(daemon_f
     assert time.monotonic() - began < 20  # not the graceful timeout
     s.close()
     assert "graceful timeout" not in d.log()
+
+
+def test_a_handler_exiting_with_status_3_is_not_a_handler_that_cannot_load(daemon_factory: Callable[..., Daemon]
+                                                                           ) -> None:
+    d = daemon_factory("long_lived_handlers:ExitThreeHandler", workers=1)
+    victim = d.ready_workers()[0]["pid"]
+    with d.connect() as s:
+        assert s.recv(1) == b""
+    wait_for(lambda: f"(pid {victim}) exited with status 3" in d.log(), 20, "the exit to be logged")
+    d.wait_serving(1)
+    assert "could not load" not in d.log()

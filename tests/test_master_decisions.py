@@ -78,8 +78,8 @@ def test_classify_exit(changes: dict[str, Any], action: ExitAction) -> None:
 @pytest.mark.parametrize(("status", "text", "clean"), [
     (0, "exited with status 0", True),
     (7 << 8, "exited with status 7", False),
-    (WORKER_BOOT_ERROR << 8, "could not load its handler", False),
-    (signal.SIGKILL, "was killed by SIGKILL (out of memory?)", False),
+    (WORKER_BOOT_ERROR << 8, "exited with status 3", False),  # a handler's os._exit(3): it did not say
+    (signal.SIGKILL, "was killed by SIGKILL (out of memory?)", False),  # no OOM count to judge by
     (signal.SIGABRT, "was killed by SIGABRT", False),
     (signal.SIGSEGV, "was killed by SIGSEGV", False),
 ])
@@ -656,6 +656,18 @@ def test_an_aborted_rolling_reload_refills_the_slots_it_emptied() -> None:
 ])
 def test_describe_exit_says_when_the_master_sent_the_signal(status: int, sent: dict[int, str], text: str) -> None:
     assert describe_exit(status, sent) == (text, False)
+
+
+@pytest.mark.parametrize(("status", "boot_error", "oom_kills", "text"), [
+    (WORKER_BOOT_ERROR << 8, True, 0, "could not load its handler"),
+    (WORKER_BOOT_ERROR << 8, False, 0, "exited with status 3"),
+    (signal.SIGKILL, False, 0, "was killed by SIGKILL (not by the master, nor the kernel's OOM killer)"),
+    (signal.SIGKILL, False, 2, "was killed by SIGKILL (out of memory: the kernel's OOM killer ran meanwhile)"),
+    (signal.SIGKILL, False, None, "was killed by SIGKILL (out of memory?)"),
+])
+def test_describe_exit_blames_only_what_is_plausible(status: int, boot_error: bool, oom_kills: int | None,
+                                                     text: str) -> None:
+    assert describe_exit(status, {}, boot_error=boot_error, oom_kills=oom_kills) == (text, False)
 
 
 def test_the_error_budget_logs_a_burst_then_counts_what_it_left_out() -> None:

@@ -144,7 +144,8 @@ class Generations:
                 self._start_batch(reload)
 
     def _judge_exit(self, worker: Worker, status: int) -> None:
-        how, clean = describe_exit(status, worker.signals_sent)
+        how, clean = describe_exit(status, worker.signals_sent, boot_error=worker.boot_error is not None,
+                                   oom_kills=worker.oom_kills_since_start())
         reload = self.reloads.in_flight
         in_slot = self.slots.get(worker.slot) is worker
         in_reload = reload is not None and reload.slots.get(worker.slot) is worker

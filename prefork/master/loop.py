@@ -267,8 +267,7 @@ class Master:
             if upgrade is not None and pid == upgrade.pid:
                 how, _ = describe_exit(status)
                 self.timers.cancel("upgrade")
-                self.upgrader.fail(f"the new master {how.replace('could not load its handler', 'exited with status 3')}"
-                                   " before it served")
+                self.upgrader.fail(f"the new master {how} before it served")
             elif worker is not None:
                 self.gens.reloads.stopped_accepting(pid)
                 self.gens.on_exit(worker, status)

@@ -81,3 +81,10 @@ async def drain_aware_echo(reader: asyncio.StreamReader, writer: asyncio.StreamW
     writer.write(b"bye\n")
     await writer.drain()
     writer.close()
+
+
+class ExitThreeHandler(BaseRequestHandler):
+    """Ends its worker with status 3, the status a worker uses for a handler it cannot load."""
+
+    def handle(self) -> None:
+        os._exit(3)
