@@ -263,7 +263,7 @@ def prepare_master(config: Config) -> MasterSetup:
     """Everything before the master's loop: logging, listeners, metrics and control sockets, --user. Raises."""
     from prefork import privileges, tls
     from prefork.control import ControlServer
-    from prefork.listeners import bind
+    from prefork.listeners import bind, start_filter_helper
 
     identity = privileges.resolve(config.user, config.group)
     logs.setup(config.log_level, config.log_file)
@@ -291,6 +291,8 @@ def prepare_master(config: Config) -> MasterSetup:
             for path in [li.unix_path for li in listeners if li.unix_path] + [f for f in files if f]:
                 if path:
                     privileges.give(path, identity)
+            # attaching the filter that lets a stop lose nothing may need root here: keep a helper for it
+            start_filter_helper(lambda: logs.set_title("filter helper", config.name))
             privileges.drop(identity)
             logging.getLogger("prefork").info("running as user %s (uid %d, gid %d)",
                                               identity.user, identity.uid, identity.gid)

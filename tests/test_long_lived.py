@@ -129,3 +129,34 @@ def test_a_handler_exiting_with_status_3_is_not_a_handler_that_cannot_load(daemo
     wait_for(lambda: f"(pid {victim}) exited with status 3" in d.log(), 20, "the exit to be logged")
     d.wait_serving(1)
     assert "could not load" not in d.log()
+
+
+def test_where_the_filter_cannot_go_on_listen_0_holds_new_connections_back_and_the_count_is_marked_unsure(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefork.listeners import Listener
+    from prefork.master import closing
+    from prefork.master.timers import Timers
+
+    monkeypatch.setattr(closing, "refuse_new", lambda sock: False)  # as for an unprivileged master on some kernels
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    queued = [socket.create_connection(sock.getsockname(), timeout=5) for _ in range(3)]
+    timers = Timers()
+    ended: list[closing.Closing] = []
+    closer = closing.Closer(timers)
+    result = closer.close_after_queue([Listener(sock=sock, spec="test")], time.monotonic() + 0.3, ended.append)
+    assert result.unguarded == 1 and result.queued_at_start == 3
+    late = socket.socket()
+    late.settimeout(0.5)
+    with pytest.raises(TimeoutError):  # its SYN is dropped: the queue (backlog 0) is full
+        late.connect(sock.getsockname())
+    for _ in range(100):  # the master's loop: wait for the nearest deadline, run what is due
+        due = timers.next_deadline()
+        if ended or due is None:
+            break
+        time.sleep(max(0.0, due - time.monotonic()))
+        timers.run_due(time.monotonic())
+    assert ended and ended[0].left_at_close == 3  # nobody accepted them
+    for s in [*queued, late, sock]:
+        s.close()

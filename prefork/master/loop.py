@@ -354,6 +354,10 @@ class Master:
             self.stop_report.update(queued_at_stop=closing.queued_at_start, served_from_queue=closing.served,
                                     reset_in_queue=closing.left_at_close,
                                     queue_s=round(time.monotonic() - closing.began, 3))
+            if closing.unguarded:  # a count of 0 would promise what could not be kept
+                self.stop_report.update(reset_in_queue=None, reset_in_queue_unknown=(
+                    f"new connections could not be refused on {closing.unguarded} listener(s) (see the log): "
+                    f"at least {closing.left_at_close} queued connection(s) reset at close, maybe more"))
         self.pool.signal_all(signal.SIGUSR2)
         self.gens.stop_workers(self.stopping or StopMode.GRACEFUL)
         for listener in self.listeners:
