@@ -173,6 +173,10 @@ def check_config(config: Config) -> str:
     from prefork import tls
     from prefork.workers.loading import handler_for
 
+    for option, path in (("log-file", config.log_file), ("access-log", config.access_log)):
+        # what the daemon would refuse to open; a file that is not there yet is created then
+        if path and path != "-" and os.path.exists(path) and not logs.never_blocks(os.stat(path)):
+            raise ConfigError(f"{option} {path}: {logs.NOT_REGULAR}")
     setup = tls.load(config)  # certificates and keys load and match, none has expired
     handler = handler_for(config, relay_tls=setup.relay)
     loop = f" ({config.event_loop})" if config.event_loop else ""

@@ -6,12 +6,16 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+from tlsutil import Pki
 
-from conftest import Daemon, read_line, recv_exact, wait_for
+from conftest import Daemon, child_env, read_line, recv_exact, wait_for
 
 CLASSES = ["sync", "thread", "async"]
 
@@ -160,3 +164,53 @@ def test_where_the_filter_cannot_go_on_listen_0_holds_new_connections_back_and_t
     assert ended and ended[0].left_at_close == 3  # nobody accepted them
     for s in [*queued, late, sock]:
         s.close()
+
+
+@pytest.mark.parametrize("option", ["--log-file", "--access-log", "--certfile", "--keyfile", "--ca-certs",
+                                    "--keyfile-password-file", "--config"])
+@pytest.mark.parametrize("check", [False, True])
+def test_a_fifo_given_as_a_file_is_one_line_at_start_not_a_hang(tmp_path: Path, option: str, check: bool) -> None:
+    pki = Pki(tmp_path / "pki")
+    server = pki.server()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    tls = {"--certfile": str(server.cert), "--keyfile": str(server.key)}
+    if option in tls or option in ("--ca-certs", "--keyfile-password-file"):
+        tls[option] = str(fifo)
+        args = [a for pair in tls.items() for a in pair]
+        if option == "--ca-certs":
+            args += ["--cert-reqs", "required"]
+        if option == "--keyfile-password-file":
+            args += [option, str(fifo)]
+    else:
+        args = [option, str(fifo)]
+    argv = [sys.executable, "-m", "prefork", "--bind", "127.0.0.1:0", "--control", str(tmp_path / "c.sock"),
+            *args, *(["--check-config"] if check else [])]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=child_env(), cwd=tmp_path)
+    assert r.returncode != 0, (r.stdout, r.stderr)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and str(fifo) in lines[0] and "regular file" in lines[0], r.stderr
+
+
+def test_a_log_file_replaced_by_a_fifo_keeps_the_old_one_at_usr1(daemon_factory: Callable[..., Daemon],
+                                                                 tmp_path: Path) -> None:
+    log_file = tmp_path / "prefork.log"
+    d = daemon_factory("--log-file", str(log_file), workers=1)
+    log_file.rename(tmp_path / "rotated.log")
+    os.mkfifo(log_file)
+    d.signal(signal.SIGUSR1)
+    wait_for(lambda: "regular file" in (tmp_path / "rotated.log").read_text(), 10, "the failed reopen to be logged")
+    assert d.status()["state"] == "serving"  # the master's loop still turns
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit(20) == 0
+
+
+def test_a_key_replaced_by_a_fifo_fails_the_reload_naming_it(daemon_factory: Callable[..., Daemon],
+                                                              tmp_path: Path) -> None:
+    server = Pki(tmp_path / "pki").server()
+    d = daemon_factory("--certfile", str(server.cert), "--keyfile", str(server.key), workers=1)
+    server.key.unlink()
+    os.mkfifo(server.key)
+    r = d.ctl("reload", timeout=30)
+    assert r.returncode == 1 and str(server.key) in r.stderr and "regular file" in r.stderr, r.stderr
+    assert d.status()["state"] == "serving"
