@@ -214,3 +214,18 @@ def test_a_key_replaced_by_a_fifo_fails_the_reload_naming_it(daemon_factory: Cal
     r = d.ctl("reload", timeout=30)
     assert r.returncode == 1 and str(server.key) in r.stderr and "regular file" in r.stderr, r.stderr
     assert d.status()["state"] == "serving"
+
+
+@pytest.mark.parametrize("worker_class", CLASSES)
+def test_reload_returns_once_the_new_generation_serves_despite_a_persistent_client(
+        daemon_factory: Callable[..., Daemon], worker_class: str) -> None:
+    d = daemon_factory("-k", worker_class, "--graceful-timeout", "30", workers=1)
+    held = held_connection(d)
+    began = time.monotonic()
+    r = d.ctl("reload", timeout=60)
+    took = time.monotonic() - began
+    assert r.returncode == 0, r.stderr
+    assert took < 10, took  # not the old worker's connection, nor the graceful timeout
+    held.sendall(b"old")  # the old worker still serves it
+    assert recv_exact(held, 3) == b"old"
+    held.close()
