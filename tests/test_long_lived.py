@@ -229,3 +229,32 @@ def test_reload_returns_once_the_new_generation_serves_despite_a_persistent_clie
     held.sendall(b"old")  # the old worker still serves it
     assert recv_exact(held, 3) == b"old"
     held.close()
+
+
+@pytest.mark.parametrize("worker_class", CLASSES)
+def test_a_draining_generation_is_in_status_and_its_progress_in_the_log(daemon_factory: Callable[..., Daemon],
+                                                                        worker_class: str) -> None:
+    d = daemon_factory("-k", worker_class, "--graceful-timeout", "30", workers=1)
+    held = held_connection(d)
+    assert d.ctl("reload", timeout=60).returncode == 0
+    st = d.status()
+    assert st["generation"] == 2
+    [old] = st["draining"]
+    assert old["generation"] == 1 and old["workers"] == 1 and old["open_connections"] == 1, st["draining"]
+    assert 0 < old["cut_in_s"] <= 31
+    assert "generation 1 draining: 1 worker(s), 1 open connection(s), cut in" in d.ctl("status").stdout
+    wait_for(lambda: "generation 1 draining: 1 worker(s) with 1 open connection(s)" in d.log(), 15,
+             "a progress line while the old generation drains")
+    held.close()
+    wait_for(lambda: not d.status()["draining"], 15, "the old generation to be gone once its client left")
+
+
+def test_a_stop_waiting_on_a_client_says_so_every_few_seconds(daemon_factory: Callable[..., Daemon]) -> None:
+    d = daemon_factory("--graceful-timeout", "30", workers=2)
+    held = held_connection(d)
+    d.signal(signal.SIGTERM)
+    wait_for(lambda: "draining: 1 worker(s) with 1 open connection(s)" in d.log(), 15, "a progress line")
+    st = d.status()
+    assert st["state"] == "stopping" and sum(g["open_connections"] for g in st["draining"]) == 1, st
+    held.close()
+    assert d.wait_exit(20) == 0

@@ -135,6 +135,10 @@ def format_status(s: Reply) -> str:
         for w in s["workers"]
     ]
     out += table(STATUS_HEADERS, rows)
+    for g in s.get("draining", []):
+        cut = f", cut in {g['cut_in_s']:.1f}s" if g.get("cut_in_s") is not None else ""
+        out.append(f"generation {g['generation']} draining: {g['workers']} worker(s), "
+                   f"{g['open_connections']} open connection(s){cut}")
     for b in s.get("backoff", []):
         when = f"restart in {b['restart_in_s']:.1f}s" if b["restart_in_s"] is not None else "waiting"
         out.append(f"slot {b['slot']}: {b['failures']} early exit(s) in a row, {when}")

@@ -54,6 +54,7 @@ from prefork.upgrade import UPGRADE_TIMEOUT, Upgrade, Upgrader, report_ready
 
 log = logging.getLogger(__name__)
 
+DRAIN_PROGRESS = 5.0  # seconds between the log lines that say what draining workers still hold
 FD_RESERVE = 32  # descriptors kept free for what the master opens besides clients (see client_caps)
 EXIT_OK = 0
 EXIT_FATAL = 1
@@ -206,6 +207,7 @@ class Master:
         self.timers.watch(self.control)
         self.endpoints.start(self.selector, self.timers, caps[1])
         self.checks.start()
+        self.timers.every("drain-progress", DRAIN_PROGRESS, self._drain_progress)
         logs.set_title("master", self.config.name)
         log.info("prefork %s master (pid %d) [%s]: %d %s worker(s) of %s on %s; control socket %s",
                  __version__, self.pid, self.config.name, self.target, self.config.worker_class,
@@ -421,6 +423,12 @@ class Master:
         log.info("drain off: answering health checks again")
         return None
 
+    def _drain_progress(self) -> None:
+        """While workers drain (a stop, a reload's old generation, scaling down): say what they still hold."""
+        if any(w.state.value in report.DRAINING_STATES for w in self.pool.workers.values()):
+            for line in report.drain_progress(self.snapshot(processes=False)):
+                log.info("%s", line)
+
     def reopen_logs(self) -> None:
         logs.reopen()
         self.pool.signal_all(signal.SIGUSR1)
@@ -508,4 +516,5 @@ def _snapshot(master: Master, processes: bool) -> report.Snapshot:
         listeners=[li.address for li in master.listeners], control=master.control.path,
         workers=[pool.sample(w, now, processes=processes) for w in workers], backoff=backoff,
         totals=dataclasses.replace(pool.totals, log_lines_dropped=logs.dropped_lines(), tls=dict(pool.totals.tls)),
-        tls=report.tls_view(gens.tls, master.listeners, master.config))
+        tls=report.tls_view(gens.tls, master.listeners, master.config),
+        cut_in={w.pid: due - now for w in workers if (due := master.timers.when(("kill", w.pid))) is not None})
