@@ -54,6 +54,7 @@ from prefork.upgrade import UPGRADE_TIMEOUT, Upgrade, Upgrader, report_ready
 
 log = logging.getLogger(__name__)
 
+GENERATION_ENV = "PREFORK_GENERATION"  # the generation a master started by an upgrade or a reload begins at
 DRAIN_PROGRESS = 5.0  # seconds between the log lines that say what draining workers still hold
 FD_RESERVE = 32  # descriptors kept free for what the master opens besides clients (see client_caps)
 EXIT_OK = 0
@@ -170,6 +171,9 @@ class Master:
         self.guard = Guard(self.pool.totals, lambda sock: self.control.drop(sock) or self.endpoints.drop(sock))
         self.gens = Generations(self, self.pool, self.timers, config, listeners,
                                 cli_overrides=dict(cli_overrides or {}), adopted=adopted, tls=tls)
+        generation = os.environ.pop(GENERATION_ENV, "")
+        if generation.isdigit():  # an upgrade (or a reload with --preload) started us: the count goes on
+            self.gens.generation = int(generation)
         self.checks = PeriodicChecks(self, self.gens, self.pool, self.timers, self.notifier)
         self.closer = Closer(self.timers)
         self.stop_report: dict[str, Any] = {}  # what the stop did, for the clients that asked for it
@@ -442,9 +446,13 @@ class Master:
                "a reload is in progress" if self.gens.reloads.in_flight is not None else
                "drained: the listening sockets are closed" if self.lb_drain is LbDrain.LISTENERS_CLOSED else None)
         if why is None:
+            os.environ[GENERATION_ENV] = str(self.gens.generation + 1)  # for the master we start, only
             try:
-                upgrade = self.upgrader.begin(self.argv, [(li.fileno(), li.spec) for li in self.listeners],
-                                              self.control.sock.fileno(), waiter, self.endpoints.side_sockets())
+                try:
+                    upgrade = self.upgrader.begin(self.argv, [(li.fileno(), li.spec) for li in self.listeners],
+                                                  self.control.sock.fileno(), waiter, self.endpoints.side_sockets())
+                finally:
+                    os.environ.pop(GENERATION_ENV, None)  # started (or not): our workers must not inherit it
             except OSError as exc:
                 why = f"cannot start the new master: {exc.strerror or exc}"
             else:

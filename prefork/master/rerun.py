@@ -12,7 +12,6 @@ serving. The generation number goes on in the new master.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,17 +23,8 @@ from prefork.master.reload import HeldReply, Waiter
 
 log = logging.getLogger(__name__)
 
-GENERATION_ENV = "PREFORK_GENERATION"  # the generation a master started by a reload begins at
-
-
 class RerunMaster(Master):
     """A master whose reload starts the program again on its sockets (see the module docstring)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        generation = os.environ.pop(GENERATION_ENV, "")
-        if generation.isdigit():  # a reload started us: its generation number goes on
-            self.gens.generation = int(generation)
 
     def begin_reload(self, waiters: Sequence[Waiter]) -> None:
         """HUP / ``preforkctl reload``: run the program again on our sockets; answer once it alone accepts."""
@@ -60,8 +50,7 @@ class RerunMaster(Master):
             if waiter is not None:
                 waiter.reply({"ok": False, "error": f"upgrade failed: {why}"})
             return
-        os.environ[GENERATION_ENV] = str(self.gens.generation + 1)  # for the program we start
-        super().begin_upgrade(waiter)
+        super().begin_upgrade(waiter)  # the new master's generation count goes on (GENERATION_ENV)
 
     def cannot_rerun(self) -> str | None:
         """Why the program cannot be started again now, or None. May be extended."""
