@@ -622,6 +622,32 @@ def test_rolling_reload_replaces_a_batch_at_a_time_and_never_holds_more_than_w_p
     assert waiter.replies[0]["generation"] == 2 and waiter.replies[0]["peak_workers"] == peak == 7
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_reload_queued_behind_a_rolling_one_keeps_the_peak_bound(batch: int) -> None:
+    """The second reload starts when the first commits, while the first's last old workers still drain:
+    those count towards W + N, so its first batch waits for them."""
+    gens, pool, _, _ = stepper(workers=4, reload_batch=batch)
+    ready(gens, pool)
+    first, second = FakeWaiter(), FakeWaiter()
+    gens.begin_reload([first])
+    gens.begin_reload([second])  # queued behind the first
+    peak = len(pool.workers)
+    for _ in range(20):
+        ready(gens, pool)
+        peak = max(peak, len(pool.workers))
+        reload = gens.reloads.in_flight
+        if reload is None:
+            break
+        # the old workers exit once told to drain, oldest first, one step at a time
+        draining = [w for w in pool.workers.values() if w.state is WorkerState.DRAINING]
+        for worker in draining[:batch]:
+            pool.exit(worker)
+            gens.on_exit(worker, 0)
+        peak = max(peak, len(pool.workers))
+    assert gens.generation == 3 and all(w.generation == 3 for w in gens.slots.values())
+    assert peak <= 4 + batch, peak
+
+
 def test_an_aborted_rolling_reload_refills_the_slots_it_emptied() -> None:
     gens, pool, _, _ = stepper(workers=4, reload_batch=2)
     ready(gens, pool)

@@ -278,6 +278,15 @@ class Generations:
                  reload.generation, config.workers, config.worker_class, config.effective_handler,
                  f", {reload.batch} at a time" if reload.batch else "")
         self.host.notify_systemd("reloading")
+        if reload.batch:
+            # workers still draining (a reload just before this one left its last old ones) count towards
+            # the bound of --reload-batch extra workers: the first batch starts once they are gone
+            reload.retiring = {w.pid for w in self.pool.workers.values()
+                               if w.state in (WorkerState.DRAINING, WorkerState.KILLING)}
+            if reload.retiring:
+                log.info("reloading: waiting for %d draining worker(s) to exit first (--reload-batch %d)",
+                         len(reload.retiring), reload.batch)
+                return
         self._start_batch(reload)
 
     def _start_batch(self, reload: Reload) -> None:
