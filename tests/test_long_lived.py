@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -258,3 +259,34 @@ def test_a_stop_waiting_on_a_client_says_so_every_few_seconds(daemon_factory: Ca
     assert st["state"] == "stopping" and sum(g["open_connections"] for g in st["draining"]) == 1, st
     held.close()
     assert d.wait_exit(20) == 0
+
+
+@pytest.mark.parametrize("worker_class", ["sync", "thread"])
+def test_the_stop_report_counts_the_resets_the_clients_saw(daemon_factory: Callable[..., Daemon],
+                                                           worker_class: str) -> None:
+    """More queued than the graceful timeout lets the workers serve: what the report says was reset is what the
+    clients saw reset, and what it says was served is what they got answered."""
+    d = daemon_factory("-k", worker_class, "--threads", "2", "--graceful-timeout", "3",
+                       "long_lived_handlers:SecondEcho", workers=1)
+    clients = []
+    for i in range(60):
+        s = socket.create_connection(d.address(), timeout=30)
+        s.sendall(f"{i}\n".encode())
+        clients.append(s)
+    wait_for(lambda: sum(w["active"] for w in d.status()["workers"]) >= 1, 10, "a connection in a handler")
+    r = d.ctl("stop", "--json", timeout=60)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)["report"]
+    answered = reset = 0
+    for s in clients:
+        try:
+            got = s.recv(100)
+        except ConnectionResetError:
+            reset += 1
+        else:
+            answered += bool(got)
+            reset += not got  # closed unanswered: cut at the graceful timeout, not a queue reset
+        s.close()
+    assert report["reset_in_queue"] is not None and report["queued_at_stop"] >= report["reset_in_queue"] > 0, report
+    assert reset == report["reset_in_queue"], (reset, answered, report)
+    assert answered == 60 - report["queued_at_stop"] + report["served_from_queue"], (reset, answered, report)

@@ -108,6 +108,7 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
         self._extra_timeout: float | None = None if is_stream else timeout
         self._extra_nodelay = not is_stream and bool(getattr(handler_class, "disable_nagle_algorithm", False))
         self._in_handler = False  # the loop's own thread is running a handler (sync)
+        self._signal_pending = False  # SIGTERM or SIGUSR2 arrived and the loop has not read it yet
         self._loop_thread = threading.get_ident()  # the thread running serve_forever()
         self._shutdown_asked = False  # shutdown() was called from another thread: the loop retires us
         self._not_accepting = threading.Event()  # set once this worker stops for good (shutdown() waits on it)
@@ -156,6 +157,7 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
         listeners while a handler runs, so acting here is safe; the loop
         runs the action again when it resumes, which does nothing the second time.
         """
+        self._signal_pending = True  # a batch of accepts stops here: the loop acts on it first
         if self._in_handler:
             self._signals[signum]()
 
@@ -303,6 +305,7 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
         return timeout if deadline is None else max(0.0, min(timeout, deadline - now))
 
     def _drain_wakeups(self) -> None:
+        self._signal_pending = False
         while True:
             try:
                 data = self._wake_r.recv(512)
@@ -323,8 +326,8 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
                 return
             self.heartbeat()
             self.service_actions()
-            if not self._accepting:
-                return
+            if not self._accepting or self._signal_pending:
+                return  # a stop or a drain came meanwhile: take no more before the loop acts on it
 
     def _accept(self, sock: socket.socket) -> bool:
         """Accept and process one connection; False when there was none to take."""

@@ -88,3 +88,12 @@ class ExitThreeHandler(BaseRequestHandler):
 
     def handle(self) -> None:
         os._exit(3)
+
+
+class SecondEcho(BaseRequestHandler):
+    """Reads a line, takes a second over it, sends it back: one sync worker serves one a second."""
+
+    def handle(self) -> None:
+        data = self.request.recv(100)
+        time.sleep(1)
+        self.request.sendall(data)
