@@ -27,6 +27,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from prefork.listeners import Listener, queued, refuse_new, shrink_backlog
 from prefork.master.timers import Timers
@@ -51,6 +52,16 @@ class Closing:
     def served(self) -> int:
         """Connections accepted from the queue after new ones were refused."""
         return max(0, self.queued_at_start - self.left_at_close)
+
+    def report(self, now: float) -> dict[str, Any]:
+        """What a stop reports of it: queued, served, reset, and how long it took."""
+        out: dict[str, Any] = {"queued_at_stop": self.queued_at_start, "served_from_queue": self.served,
+                               "reset_in_queue": self.left_at_close, "queue_s": round(now - self.began, 3)}
+        if self.unguarded:  # a count of 0 would promise what could not be kept
+            out.update(reset_in_queue=None, reset_in_queue_unknown=(
+                f"new connections could not be refused on {self.unguarded} listener(s) (see the log): "
+                f"at least {self.left_at_close} queued connection(s) reset at close, maybe more"))
+        return out
 
 
 class Closer:

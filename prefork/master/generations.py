@@ -16,7 +16,7 @@ import logging
 import random
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from prefork.channel import Event, Message
@@ -278,15 +278,11 @@ class Generations:
                  reload.generation, config.workers, config.worker_class, config.effective_handler,
                  f", {reload.batch} at a time" if reload.batch else "")
         self.host.notify_systemd("reloading")
-        if reload.batch:
-            # workers still draining (a reload just before this one left its last old ones) count towards
-            # the bound of --reload-batch extra workers: the first batch starts once they are gone
-            reload.retiring = {w.pid for w in self.pool.workers.values()
-                               if w.state in (WorkerState.DRAINING, WorkerState.KILLING)}
-            if reload.retiring:
-                log.info("reloading: waiting for %d draining worker(s) to exit first (--reload-batch %d)",
-                         len(reload.retiring), reload.batch)
-                return
+        # workers still draining (the last old ones of a reload just before) count towards --reload-batch's bound
+        reload.retiring = _draining(self.pool.workers.values()) if reload.batch else set()
+        if reload.retiring:
+            log.info("reloading: waiting for %d draining worker(s) to exit first", len(reload.retiring))
+            return
         self._start_batch(reload)
 
     def _start_batch(self, reload: Reload) -> None:
@@ -420,6 +416,11 @@ class Generations:
     def active(self) -> int:
         """Connections open in every live worker."""
         return sum(int(self.pool.record(w).active) for w in self.pool.workers.values())
+
+
+def _draining(workers: Iterable[Worker]) -> set[int]:
+    """The pids of the workers told to go that are still alive."""
+    return {w.pid for w in workers if w.state in (WorkerState.DRAINING, WorkerState.KILLING)}
 
 
 def _all_ready(slots: dict[int, Worker], count: int) -> bool:

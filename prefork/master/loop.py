@@ -19,6 +19,7 @@ and the loop goes on. Nothing a client sends can end the master.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -27,7 +28,7 @@ import selectors
 import signal
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
 from typing import Any
 
@@ -55,7 +56,6 @@ from prefork.upgrade import UPGRADE_TIMEOUT, Upgrade, Upgrader, report_ready
 log = logging.getLogger(__name__)
 
 GENERATION_ENV = "PREFORK_GENERATION"  # the generation a master started by an upgrade or a reload begins at
-DRAIN_PROGRESS = 5.0  # seconds between the log lines that say what draining workers still hold
 FD_RESERVE = 32  # descriptors kept free for what the master opens besides clients (see client_caps)
 EXIT_OK = 0
 EXIT_FATAL = 1
@@ -66,6 +66,16 @@ EXIT_CONFIG = 2
 
 def _noop(signum: int, frame: FrameType | None) -> None:
     """Handlers only record: the wakeup fd brings the signal number to the loop."""
+
+
+@contextlib.contextmanager
+def _passed_on(name: str, value: str) -> Iterator[None]:
+    """``name=value`` in the environment of what is started inside the block, and gone after it."""
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)  # our workers must not inherit it
 
 
 def client_caps(limit: int, in_use: int) -> tuple[int, int]:
@@ -171,8 +181,7 @@ class Master:
         self.guard = Guard(self.pool.totals, lambda sock: self.control.drop(sock) or self.endpoints.drop(sock))
         self.gens = Generations(self, self.pool, self.timers, config, listeners,
                                 cli_overrides=dict(cli_overrides or {}), adopted=adopted, tls=tls)
-        generation = os.environ.pop(GENERATION_ENV, "")
-        if generation.isdigit():  # an upgrade (or a reload with --preload) started us: the count goes on
+        if (generation := os.environ.pop(GENERATION_ENV, "")).isdigit():  # an upgrade started us: it goes on
             self.gens.generation = int(generation)
         self.checks = PeriodicChecks(self, self.gens, self.pool, self.timers, self.notifier)
         self.closer = Closer(self.timers)
@@ -211,7 +220,6 @@ class Master:
         self.timers.watch(self.control)
         self.endpoints.start(self.selector, self.timers, caps[1])
         self.checks.start()
-        self.timers.every("drain-progress", DRAIN_PROGRESS, self._drain_progress)
         logs.set_title("master", self.config.name)
         log.info("prefork %s master (pid %d) [%s]: %d %s worker(s) of %s on %s; control socket %s",
                  __version__, self.pid, self.config.name, self.target, self.config.worker_class,
@@ -357,13 +365,7 @@ class Master:
     def _stop_workers(self, closing: Closing | None) -> None:
         """The queue is served (or there is none to serve): every process closes its listeners, workers drain."""
         if closing is not None:
-            self.stop_report.update(queued_at_stop=closing.queued_at_start, served_from_queue=closing.served,
-                                    reset_in_queue=closing.left_at_close,
-                                    queue_s=round(time.monotonic() - closing.began, 3))
-            if closing.unguarded:  # a count of 0 would promise what could not be kept
-                self.stop_report.update(reset_in_queue=None, reset_in_queue_unknown=(
-                    f"new connections could not be refused on {closing.unguarded} listener(s) (see the log): "
-                    f"at least {closing.left_at_close} queued connection(s) reset at close, maybe more"))
+            self.stop_report.update(closing.report(time.monotonic()))
         self.pool.signal_all(signal.SIGUSR2)
         self.gens.stop_workers(self.stopping or StopMode.GRACEFUL)
         for listener in self.listeners:
@@ -385,25 +387,15 @@ class Master:
                                       lambda closing: then())
 
     def health_checks(self) -> list[str]:
-        """The health checks a load balancer may use on this daemon, which ``preforkctl drain`` fails."""
-        checks = []
-        if self.config.proxy_protocol:
-            checks.append("PROXY LOCAL")
-        if self.endpoints.agent_sock is not None:
-            checks.append("agent-check")
-        if self.endpoints.metrics_sock is not None:
-            checks.append("/readyz")
-        return checks
+        return (["PROXY LOCAL"] if self.config.proxy_protocol else []) + self.endpoints.health_checks()
 
     def drain_for_balancer(self, *, close: bool) -> LbDrain | None:
-        """``preforkctl drain``: fail the health checks and keep serving; with ``close``, close the
-        listeners (what is queued on them is served first)."""
+        """``preforkctl drain``: fail the health checks, keep serving; ``close``: close the listeners too."""
         if self.lb_drain is None or (close and self.lb_drain is LbDrain.HEALTH_CHECKS):
             if not close:
                 self.lb_drain = LbDrain.HEALTH_CHECKS
                 self.pool.set_lb_drain(True)
-                log.info("draining for the load balancer: failing its health checks (%s); clients are still "
-                         "served", ", ".join(self.health_checks()))
+                log.info("draining for the load balancer: failing %s; serving", ", ".join(self.health_checks()))
             else:
                 self.lb_drain = LbDrain.LISTENERS_CLOSED
                 fdstore.forget(self.notifier, self.listeners)  # or systemd's copies would keep them open
@@ -427,12 +419,6 @@ class Master:
         log.info("drain off: answering health checks again")
         return None
 
-    def _drain_progress(self) -> None:
-        """While workers drain (a stop, a reload's old generation, scaling down): say what they still hold."""
-        if any(w.state.value in report.DRAINING_STATES for w in self.pool.workers.values()):
-            for line in report.drain_progress(self.snapshot(processes=False)):
-                log.info("%s", line)
-
     def reopen_logs(self) -> None:
         logs.reopen()
         self.pool.signal_all(signal.SIGUSR1)
@@ -446,13 +432,10 @@ class Master:
                "a reload is in progress" if self.gens.reloads.in_flight is not None else
                "drained: the listening sockets are closed" if self.lb_drain is LbDrain.LISTENERS_CLOSED else None)
         if why is None:
-            os.environ[GENERATION_ENV] = str(self.gens.generation + 1)  # for the master we start, only
             try:
-                try:
+                with _passed_on(GENERATION_ENV, str(self.gens.generation + 1)):  # to the master we start, only
                     upgrade = self.upgrader.begin(self.argv, [(li.fileno(), li.spec) for li in self.listeners],
                                                   self.control.sock.fileno(), waiter, self.endpoints.side_sockets())
-                finally:
-                    os.environ.pop(GENERATION_ENV, None)  # started (or not): our workers must not inherit it
             except OSError as exc:
                 why = f"cannot start the new master: {exc.strerror or exc}"
             else:

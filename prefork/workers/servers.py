@@ -56,8 +56,8 @@ from prefork.workers.handshakes import Handshakes
 log = logging.getLogger(__name__)
 
 _ACCEPT_BATCH = 16  # connections accepted per readiness event before the loop polls again
-# acted on at once while the loop's thread is in a handler (sync): see WorkerServer._act_in_handler
-_ACT_IN_HANDLER = frozenset({signal.SIGTERM, signal.SIGUSR2})
+SHUTDOWN_REASON = "a handler called self.server.shutdown()"
+_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGUSR2})  # see WorkerServer._on_stop_signal
 
 
 class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
@@ -107,7 +107,6 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
         timeout = getattr(handler_class, "timeout", None)
         self._extra_timeout: float | None = None if is_stream else timeout
         self._extra_nodelay = not is_stream and bool(getattr(handler_class, "disable_nagle_algorithm", False))
-        self._in_handler = False  # the loop's own thread is running a handler (sync)
         self._signal_pending = False  # SIGTERM or SIGUSR2 arrived and the loop has not read it yet
         self._loop_thread = threading.get_ident()  # the thread running serve_forever()
         self._shutdown_asked = False  # shutdown() was called from another thread: the loop retires us
@@ -144,38 +143,15 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
         self._signals = {int(signum): action for signum, action in self.signal_actions().items()}
         for signum in self._signals:
             signal.signal(signum, _raise_fast_exit if signum in FAST_EXIT_SIGNALS
-                          else self._act_in_handler if signum in _ACT_IN_HANDLER else _noop)
+                          else self._on_stop_signal if signum in _STOP_SIGNALS else _noop)
         signal.set_wakeup_fd(self.wakeup_fd, warn_on_full_buffer=False)
 
-    def _act_in_handler(self, signum: int, frame: FrameType | None) -> None:
-        """SIGTERM or SIGUSR2 while the loop's own thread runs a handler (``sync``): act now.
-
-        The loop would see the signal only once that connection ends, which a
-        long-lived one may never do: meanwhile the worker would keep its
-        listeners open (a drain or stop waits on it) and the handler could
-        not see the drain (:attr:`draining`). The loop is not touching its
-        listeners while a handler runs, so acting here is safe; the loop
-        runs the action again when it resumes, which does nothing the second time.
-        """
-        self._signal_pending = True  # a batch of accepts stops here: the loop acts on it first
-        if self._in_handler:
-            self._signals[signum]()
+    def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
+        """SIGTERM or SIGUSR2 arrived: a batch of accepts stops there, the loop acts on it first."""
+        self._signal_pending = True
 
     def shutdown(self) -> None:
-        """socketserver's ``shutdown()``: end this server's loop; here, the worker retires gracefully.
-
-        The master starts a replacement at once, and the connections open
-        here (the caller's too) finish as in any graceful stop. Called from a
-        handler, from any thread, it returns once the worker has stopped
-        accepting; socketserver's own would wait for the loop to end, which
-        waits for that handler: a deadlock there (sync), and here too.
-        """
-        if threading.get_ident() == self._loop_thread:
-            self.retire("a handler called self.server.shutdown()")  # sync: the loop is in this handler
-            return
-        self._shutdown_asked = True
-        self.wake()
-        self._not_accepting.wait()
+        _shutdown(self)
 
     def on_stopping(self) -> None:
         self._not_accepting.set()
@@ -200,8 +176,7 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
         """True while the worker cannot take another connection."""
         return self._handshakes.full()
 
-    def forget_listeners(self) -> None:
-        # closed on purpose (a stop, a drain): not a listener lost under us (_check_listeners)
+    def forget_listeners(self) -> None:  # closed on purpose: not a listener lost under us (_check_listeners)
         self._by_fd.clear()
         self._tls_by_fd.clear()
 
@@ -273,7 +248,7 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
             if any(fd == wake_fd for fd, _ in events):
                 self._drain_wakeups()
             if self._shutdown_asked:
-                self.retire("a handler called self.server.shutdown()")
+                self.retire(SHUTDOWN_REASON)
             self.service_actions()
             for fd, _ in events:
                 if fd == wake_fd or self._handshakes.on_event(fd):
@@ -438,6 +413,22 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
 class SyncServer(WorkerServer):
     """One connection at a time, handled in the serving loop (socketserver ``TCPServer``)."""
 
+    _in_handler = False  # the loop's own thread is running a handler
+
+    def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
+        """Inside a handler, act on SIGTERM or SIGUSR2 now.
+
+        The loop would see it only once that connection ends, which a
+        long-lived one may never do: meanwhile the worker would keep its
+        listeners open (a drain or stop waits on it) and the handler could
+        not see the drain (``self.server.draining``). The loop is not touching
+        its listeners while a handler runs, so acting here is safe; the loop
+        runs the action again when it resumes, which does nothing the second time.
+        """
+        super()._on_stop_signal(signum, frame)
+        if self._in_handler:
+            self._signals[signum]()
+
     def process_request(self, request: Any, client_address: Any) -> None:
         record = self.record
         record.active += 1
@@ -513,6 +504,21 @@ class ThreadServer(WorkerServer):
             self.shutdown_request(request)
             with self._lock:
                 self._spare += 1
+
+
+def _shutdown(server: WorkerServer) -> None:
+    """socketserver's ``shutdown()`` from a handler, any thread: the worker retires gracefully.
+
+    The master replaces it. Returns once the worker stopped accepting:
+    waiting for the loop to end, as socketserver's does, would wait for the
+    calling handler (a deadlock).
+    """
+    if threading.get_ident() == server._loop_thread:
+        server.retire(SHUTDOWN_REASON)  # sync: the loop is in this handler
+        return
+    server._shutdown_asked = True
+    server.wake()
+    server._not_accepting.wait()
 
 
 def _raise_fast_exit(signum: int, frame: FrameType | None) -> None:
