@@ -290,3 +290,31 @@ def test_the_stop_report_counts_the_resets_the_clients_saw(daemon_factory: Calla
     assert report["reset_in_queue"] is not None and report["queued_at_stop"] >= report["reset_in_queue"] > 0, report
     assert reset == report["reset_in_queue"], (reset, answered, report)
     assert answered == 60 - report["queued_at_stop"] + report["served_from_queue"], (reset, answered, report)
+
+
+@pytest.mark.parametrize("worker_class", CLASSES)
+def test_a_stop_with_idle_clients_queued_behind_drain_aware_handlers_is_quick_and_resets_none(
+        daemon_factory: Callable[..., Daemon], worker_class: str) -> None:
+    """Every handler slot holds an idle client and more wait in the queue: the handlers see the drain as the
+    stop begins, so the queue is served (each client answered "bye") instead of reset after the timeout."""
+    handler = ("long_lived_handlers:drain_aware_echo" if worker_class == "async"
+               else "long_lived_handlers:DrainAwareEcho")
+    d = daemon_factory("-k", worker_class, "--threads", "4", "--max-connections", "4", "--graceful-timeout", "30",
+                       handler, workers=1)
+    clients = [socket.create_connection(d.address(), timeout=20) for _ in range(16)]
+    wait_for(lambda: sum(w["active"] for w in d.status()["workers"]) >= (1 if worker_class == "sync" else 4), 10,
+             "the handler slots taken")
+    began = time.monotonic()
+    r = d.ctl("stop", "--json", timeout=60)
+    took = time.monotonic() - began
+    assert r.returncode == 0, r.stderr
+    answers = []
+    for s in clients:
+        try:
+            answers.append(read_line(s))
+        except OSError as exc:
+            answers.append(repr(exc).encode())
+        s.close()
+    assert answers == [b"bye\n"] * 16, answers
+    assert took < 15, took  # not --graceful-timeout for the queue, then again for the handlers
+    assert json.loads(r.stdout)["report"]["reset_in_queue"] == 0

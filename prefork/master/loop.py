@@ -68,6 +68,12 @@ def _noop(signum: int, frame: FrameType | None) -> None:
     """Handlers only record: the wakeup fd brings the signal number to the loop."""
 
 
+def _inherited_generation(default: int) -> int:
+    """The generation an upgrade (or a reload with --preload) told us to begin at, to go on counting."""
+    value = os.environ.pop(GENERATION_ENV, "")
+    return int(value) if value.isdigit() else default
+
+
 @contextlib.contextmanager
 def _passed_on(name: str, value: str) -> Iterator[None]:
     """``name=value`` in the environment of what is started inside the block, and gone after it."""
@@ -181,8 +187,7 @@ class Master:
         self.guard = Guard(self.pool.totals, lambda sock: self.control.drop(sock) or self.endpoints.drop(sock))
         self.gens = Generations(self, self.pool, self.timers, config, listeners,
                                 cli_overrides=dict(cli_overrides or {}), adopted=adopted, tls=tls)
-        if (generation := os.environ.pop(GENERATION_ENV, "")).isdigit():  # an upgrade started us: it goes on
-            self.gens.generation = int(generation)
+        self.gens.generation = _inherited_generation(self.gens.generation)
         self.checks = PeriodicChecks(self, self.gens, self.pool, self.timers, self.notifier)
         self.closer = Closer(self.timers)
         self.stop_report: dict[str, Any] = {}  # what the stop did, for the clients that asked for it
@@ -356,6 +361,7 @@ class Master:
             fdstore.forget(self.notifier, self.listeners)  # systemd's copies must not keep them open
         if (mode is StopMode.GRACEFUL and not self.handed_over and self.pool.workers
                 and self.lb_drain is not LbDrain.LISTENERS_CLOSED):
+            self.pool.signal_all(signal.SIGHUP)  # handlers may end long-lived connections while the queue is served
             self.closer.close_after_queue(self.listeners, time.monotonic() + self.config.graceful_timeout,
                                           self._stop_workers)
         else:

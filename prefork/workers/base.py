@@ -8,7 +8,9 @@ once:
 
 * the signal table: SIGTERM begins a graceful stop, SIGUSR1 reopens the log
   files, SIGUSR2 closes the listening sockets (``preforkctl drain`` without
-  PROXY protocol), SIGINT and SIGQUIT leave at once (:class:`FastExit`);
+  PROXY protocol), SIGHUP says the daemon stops and first serves what is
+  queued (handlers see the drain, the worker still accepts), SIGINT and
+  SIGQUIT leave at once (:class:`FastExit`);
 * a graceful stop: stop accepting, free the address when orphaned, tell the
   master (``STOPPED``: a reload's reply waits for every old worker's), let
   open connections finish until the graceful deadline, then warn about the
@@ -128,6 +130,7 @@ class WorkerLifecycle:
         self.listeners_closed = False
         self.listener_lost = False  # a listening socket went away under us: retiring
         self._on_drain: list[Callable[[], None]] = []  # told once, when the drain begins (prefork.drain.wait)
+        self.wrapping_up = False  # the daemon stops: handlers should end, while the queue is still served
 
     # -- what each worker class supplies ------------------------------------------------------------
 
@@ -168,7 +171,7 @@ class WorkerLifecycle:
     @property
     def draining(self) -> bool:
         """True once this worker stops or its listeners closed: a handler should end at a message boundary."""
-        return self.stopping or self.listeners_closed
+        return self.stopping or self.listeners_closed or self.wrapping_up
 
     @property
     def drain_deadline(self) -> float | None:
@@ -181,6 +184,11 @@ class WorkerLifecycle:
             callback()
         else:
             self._on_drain.append(callback)
+
+    def wrap_up(self) -> None:
+        """SIGHUP: the daemon stops; its queue is served first, and handlers may end their connections now."""
+        self.wrapping_up = True
+        self._drain_began()
 
     def _drain_began(self) -> None:
         callbacks, self._on_drain = self._on_drain, []
@@ -209,6 +217,7 @@ class WorkerLifecycle:
             signal.SIGTERM: self.begin_stop,
             signal.SIGUSR1: logs.reopen,
             signal.SIGUSR2: self.close_listeners,
+            signal.SIGHUP: self.wrap_up,
             signal.SIGINT: self.fast_exit,
             signal.SIGQUIT: self.fast_exit,
             WAKE_SIGNAL: self.rebalance,

@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 _ACCEPT_BATCH = 16  # connections accepted per readiness event before the loop polls again
 SHUTDOWN_REASON = "a handler called self.server.shutdown()"
-_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGUSR2})  # see WorkerServer._on_stop_signal
+_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGUSR2, signal.SIGHUP})  # see WorkerServer._on_stop_signal
 
 
 class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
@@ -416,7 +416,7 @@ class SyncServer(WorkerServer):
     _in_handler = False  # the loop's own thread is running a handler
 
     def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
-        """Inside a handler, act on SIGTERM or SIGUSR2 now.
+        """Inside a handler, act on SIGTERM, SIGUSR2 or SIGHUP now.
 
         The loop would see it only once that connection ends, which a
         long-lived one may never do: meanwhile the worker would keep its
