@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 from collections.abc import Callable
 
@@ -165,3 +167,15 @@ def test_a_stop_request_with_a_wrong_field_is_refused(daemon_factory: Callable[.
     reply = d.call("stop", fast="no")
     assert reply["ok"] is False and "fast" in reply["error"], reply
     assert d.status()["state"] == "serving"
+
+
+def test_a_worker_dying_after_drain_close_is_not_said_to_restart(daemon_factory: Callable[..., Daemon]) -> None:
+    d = daemon_factory()
+    assert d.ctl("drain", "--close", timeout=20).returncode == 0
+    wait_for(lambda: refused(d), 10, "new connections to be refused")
+    victim = d.status()["workers"][0]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: f"(pid {victim}) was killed by SIGKILL" in d.log(), 10, "the death to be logged")
+    line = next(x for x in d.log().splitlines() if f"(pid {victim}) was killed" in x)
+    assert "restarting" not in line, line  # nothing is started: there is nothing left to serve
+    assert [w["pid"] for w in d.status()["workers"]] != [] and victim not in [w["pid"] for w in d.status()["workers"]]

@@ -70,6 +70,8 @@ def facts(**changes: Any) -> ExitFacts:
     ({"state": WorkerState.KILLING}, ExitAction.RESPAWN),
     # scaled away while busy, then crashed
     ({"state": WorkerState.READY, "in_slot": False, "clean": False}, ExitAction.GONE),
+    # drain --close closed the listeners: a worker that dies is logged, never "restarting" with nothing to serve
+    ({"clean": False, "drained": True}, ExitAction.GONE),
 ])
 def test_classify_exit(changes: dict[str, Any], action: ExitAction) -> None:
     assert classify_exit(facts(**changes)) is action

@@ -81,6 +81,7 @@ class ExitFacts:
     boot_error: bool  # it said its handler cannot be loaded
     stopping: bool  # the daemon is stopping
     serving: bool  # the first generation has been up
+    drained: bool = False  # drain --close closed the listeners: a worker gone is not replaced
 
 
 def classify_exit(facts: ExitFacts) -> ExitAction:
@@ -98,6 +99,6 @@ def classify_exit(facts: ExitFacts) -> ExitAction:
         return ExitAction.RELOAD_FAILED
     if facts.boot_error and not facts.serving and not facts.stopping:
         return ExitAction.FATAL
-    if facts.stopping or not facts.in_slot:
+    if facts.stopping or facts.drained or not facts.in_slot:
         return ExitAction.GONE
     return ExitAction.RESPAWN

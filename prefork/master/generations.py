@@ -155,8 +155,9 @@ class Generations:
             assert reload is not None
             del reload.slots[worker.slot]
         action = classify_exit(ExitFacts(clean=clean, state=worker.state, in_slot=in_slot, in_reload=in_reload,
-                                         boot_error=worker.boot_error is not None,
-                                         stopping=self.host.stopping is not None, serving=self.serving))
+                                         boot_error=worker.boot_error is not None, serving=self.serving,
+                                         stopping=self.host.stopping is not None,
+                                         drained=self.host.lb_drain is LbDrain.LISTENERS_CLOSED))
         if not clean:
             self.pool.totals.crashes += 1
         if action is ExitAction.EXPECTED:
@@ -278,7 +279,6 @@ class Generations:
                  reload.generation, config.workers, config.worker_class, config.effective_handler,
                  f", {reload.batch} at a time" if reload.batch else "")
         self.host.notify_systemd("reloading")
-        # workers still draining (the last old ones of a reload just before) count towards --reload-batch's bound
         reload.retiring = _draining(self.pool.workers.values()) if reload.batch else set()
         if reload.retiring:
             log.info("reloading: waiting for %d draining worker(s) to exit first", len(reload.retiring))
@@ -419,7 +419,8 @@ class Generations:
 
 
 def _draining(workers: Iterable[Worker]) -> set[int]:
-    """The pids of the workers told to go that are still alive."""
+    """The pids of the workers told to go that are still alive: a reload's first batch waits for them, as
+    they count towards --reload-batch's bound (the last old ones of a reload just before this one)."""
     return {w.pid for w in workers if w.state in (WorkerState.DRAINING, WorkerState.KILLING)}
 
 
