@@ -7,8 +7,8 @@ connections. The rules a worker keeps towards its master are written here
 once:
 
 * the signal table: SIGTERM begins a graceful stop, SIGUSR1 reopens the log
-  files, SIGUSR2 closes the listening sockets (``preforkctl drain`` without
-  PROXY protocol), SIGHUP says the daemon stops and first serves what is
+  files, SIGUSR2 closes the listening sockets (``preforkctl drain --close``,
+  a stop), SIGHUP says the daemon stops and first serves what is
   queued (handlers see the drain, the worker still accepts), SIGINT and
   SIGQUIT leave at once (:class:`FastExit`);
 * a graceful stop: stop accepting, free the address when orphaned, tell the
@@ -170,7 +170,7 @@ class WorkerLifecycle:
 
     @property
     def draining(self) -> bool:
-        """True once this worker stops or its listeners closed: a handler should end at a message boundary."""
+        """True once a stop began or the listeners closed: a handler should end at a message boundary."""
         return self.stopping or self.listeners_closed or self.wrapping_up
 
     @property
@@ -319,7 +319,7 @@ class WorkerLifecycle:
         self._drain_began()
 
     def close_listeners(self) -> None:
-        """SIGUSR2 (``preforkctl drain`` without PROXY protocol): close our copies of the listening sockets.
+        """SIGUSR2 (``preforkctl drain --close``, a stop): close our copies of the listening sockets.
 
         Once every process has, new connections are refused and a load
         balancer's connect check sees the instance down; open connections
