@@ -101,3 +101,5 @@ def test_the_generation_count_goes_on_across_an_upgrade(daemon_factory: Callable
     st = d.status()
     assert st["generation"] == 3, st["generation"]
     assert {w["generation"] for w in st["workers"] if w["state"] == "ready"} == {3}
+    r = d.ctl("reload", "--json", timeout=60)  # and the new master's own reloads go on from there
+    assert r.returncode == 0 and json.loads(r.stdout)["generation"] == 4, r.stdout + r.stderr

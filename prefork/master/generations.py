@@ -269,8 +269,8 @@ class Generations:
             log.error("reload failed: %s; still serving generation %d", exc, self.generation)
             fail(asked, str(exc))
             return
-        reload = Reload(generation=next(self._generations), config=config, listeners=listeners,
-                        new_listeners=new_listeners, waiters=asked, tls=tls,
+        reload = Reload(generation=max(next(self._generations), self.generation + 1), config=config,
+                        listeners=listeners, new_listeners=new_listeners, waiters=asked, tls=tls,
                         batch=config.reload_batch if config.reload_batch < config.workers else 0,
                         began=time.monotonic(), counters=listen_counters())
         self.pool.mark_peak()
