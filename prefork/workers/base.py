@@ -372,10 +372,13 @@ def _close_listening(inodes: frozenset[int]) -> None:
     ``setsid()``, a daemon it started) keeps the port: the next start fails
     with "address already in use", and connections queue where nobody
     accepts them. Duplicates a worker class made (asyncio's servers) are
-    found by their inode.
+    found by their inode. Each is replaced by ``/dev/null`` rather than
+    closed: the socket objects the child inherited still name those
+    numbers, and must not close someone else's descriptor later.
     """
     try:
         fds = [int(name) for name in os.listdir("/proc/self/fd")]
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     except OSError:
         return
     for fd in fds:
@@ -385,4 +388,5 @@ def _close_listening(inodes: frozenset[int]) -> None:
             continue  # the listing's own descriptor, gone
         if stat.S_ISSOCK(st.st_mode) and st.st_ino in inodes:
             with contextlib.suppress(OSError):
-                os.close(fd)
+                os.dup2(null, fd, inheritable=False)
+    os.close(null)
