@@ -75,17 +75,18 @@ class Closer:
     def close_after_queue(self, listeners: Sequence[Listener], deadline: float,
                           then: Callable[[Closing], None]) -> Closing:
         """Refuse new connections on ``listeners``; call ``then`` once their queues are served (or at ``deadline``)."""
-        filtered = [li for li in listeners if refuse_new(li.sock)]
+        tcp = [li for li in listeners if queued(li.sock) is not None]  # a Unix listener has no queue to serve
         # where the filter cannot go on, listen(0) keeps most new connections out while the queue drains;
         # one may still get in just before the close, and nobody can count it: the report says so
-        shrunk = [li for li in listeners if li not in filtered and shrink_backlog(li.sock)]
-        filtered += shrunk
-        closing = Closing(list(listeners), time.monotonic(), _waiting(filtered), unguarded=len(shrunk))
+        unguarded = [li for li in tcp if not refuse_new(li.sock)]
+        for li in unguarded:
+            shrink_backlog(li.sock)
+        closing = Closing(list(listeners), time.monotonic(), _waiting(tcp), unguarded=len(unguarded))
         key = next(self._keys)
         self.pending[key] = closing
 
         def check() -> None:
-            left = _waiting(filtered)
+            left = _waiting(tcp)
             if left and time.monotonic() < deadline:
                 self.timers.set(("queue", key), time.monotonic() + QUEUE_CHECK, check)
                 return
