@@ -6,7 +6,10 @@ listener (the daemon stops, ``preforkctl drain --close``, a reload drops a
 ``bind`` entry) in three steps spread over its loop:
 
 1. :func:`prefork.listeners.refuse_new` attaches a socket filter that drops
-   new connection requests (SYNs): from then on the queue only drains;
+   new connection requests (SYNs): from then on the queue only drains
+   (where no filter can go on, :func:`prefork.listeners.shrink_backlog`'s
+   ``listen(0)`` keeps most out, and the close is marked unguarded: its
+   reset count cannot be promised);
 2. the workers go on accepting until the queue is empty (the kernel reports
    its length, :func:`prefork.listeners.queued`), or until a deadline;
 3. the caller closes its copies everywhere (the master's own, the workers'
