@@ -133,6 +133,7 @@ def test_drain_off_and_reload_round_trip_with_a_health_port(daemon_factory: Call
     r = d.ctl("drain", timeout=20)
     assert r.returncode == 0, r.stderr
     assert "clients are still served" in r.stdout
+    assert ("failing: agent-check" if check == "agent" else "failing: /readyz") in r.stdout, r.stdout
     assert not check_passes()
     assert d.status()["drain"] == "health-checks"
     assert "draining: health checks fail" in d.ctl("status", timeout=20).stdout

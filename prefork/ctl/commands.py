@@ -180,7 +180,11 @@ def format_upgrade(reply: Reply) -> str:
 
 
 def format_drain(reply: Reply) -> str:
-    return DRAIN_STATES.get(reply.get("drain"), str(reply.get("drain")))
+    text = DRAIN_STATES.get(reply.get("drain"), str(reply.get("drain")))
+    checks = reply.get("health_checks")
+    if reply.get("drain") == "health-checks" and isinstance(checks, list) and checks:
+        text += f"; failing: {', '.join(map(str, checks))}"
+    return text
 
 
 COMMANDS: Mapping[str, Command] = {
