@@ -318,3 +318,16 @@ def test_a_stop_with_idle_clients_queued_behind_drain_aware_handlers_is_quick_an
     assert answers == [b"bye\n"] * 16, answers
     assert took < 15, took  # not --graceful-timeout for the queue, then again for the handlers
     assert json.loads(r.stdout)["report"]["reset_in_queue"] == 0
+
+
+def test_a_stop_whose_queue_waits_behind_a_busy_worker_says_so(daemon_factory: Callable[..., Daemon]) -> None:
+    d = daemon_factory("-k", "sync", "--graceful-timeout", "12", workers=1)
+    held = held_connection(d)  # the one sync worker is busy with it (the echo handler does not look at the drain)
+    queued = socket.create_connection(d.address(), timeout=5)
+    d.signal(signal.SIGTERM)
+    wait_for(lambda: "1 queued connection(s) still to be accepted" in d.log(), 15, "a progress line for the queue")
+    held.close()  # the worker is free: the queued client is served, and the stop ends
+    queued.sendall(b"late")
+    assert recv_exact(queued, 4) == b"late"
+    queued.close()
+    assert d.wait_exit(30) == 0

@@ -38,6 +38,7 @@ from prefork.master.timers import Timers
 log = logging.getLogger(__name__)
 
 QUEUE_CHECK = 0.02  # seconds between looks at a draining queue
+PROGRESS = 5.0  # seconds between the log lines while a queue waits to be served
 
 
 @dataclass
@@ -50,6 +51,10 @@ class Closing:
     left_at_close: int = 0
     done: bool = False
     unguarded: int = 0  # TCP listeners new connections could not be refused on (only listen(0) holds them back)
+    said: float = 0.0  # when the last progress line was logged
+
+    def __post_init__(self) -> None:
+        self.said = self.began
 
     @property
     def served(self) -> int:
@@ -89,9 +94,13 @@ class Closer:
         self.pending[key] = closing
 
         def check() -> None:
-            left = _waiting(tcp)
-            if left and time.monotonic() < deadline:
-                self.timers.set(("queue", key), time.monotonic() + QUEUE_CHECK, check)
+            left, now = _waiting(tcp), time.monotonic()
+            if left and now < deadline:
+                if now - closing.said >= PROGRESS:  # a queue nobody frees a worker for: say so while it waits
+                    closing.said = now
+                    log.info("%d queued connection(s) still to be accepted before the listening sockets close; "
+                             "%.0fs left", left, deadline - now)
+                self.timers.set(("queue", key), now + QUEUE_CHECK, check)
                 return
             if left:
                 log.warning("%d queued connection(s) not accepted before the graceful timeout; closing anyway", left)
