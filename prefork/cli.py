@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from prefork.listeners import Listener
     from prefork.master.handover import Handover
     from prefork.master.loop import Master
+    from prefork.privileges import Identity
     from prefork.tls import TlsSetup
     from prefork.upgrade import Inherited
 
@@ -190,6 +191,10 @@ def check_config(config: Config) -> str:
     from prefork import tls
     from prefork.workers.loading import handler_for
 
+    for option, path in (("log-file", config.log_file), ("access-log", config.access_log)):
+        # what the daemon would refuse to open; a file that is not there yet is created then
+        if path and path != "-" and os.path.exists(path) and not logs.never_blocks(os.stat(path)):
+            raise ConfigError(f"{option} {path}: {logs.NOT_REGULAR}")
     setup = tls.load(config)  # certificates and keys load and match, none has expired
     handler = handler_for(config, relay_tls=setup.relay)
     loop = f" ({config.event_loop})" if config.event_loop else ""
@@ -223,7 +228,7 @@ def take_listeners(config: Config, resumed: Handover | None = None) -> tuple[lis
     from Python), systemd's (socket activation, or its file-descriptor store after a restart), or bound now
     (and then stored, under systemd)."""
     from prefork import fdstore, systemd, upgrade
-    from prefork.listeners import adopt, adopt_inherited
+    from prefork.listeners import adopt, adopt_filter_helper, adopt_inherited
     from prefork.master import handover
 
     try:
@@ -233,6 +238,8 @@ def take_listeners(config: Config, resumed: Handover | None = None) -> tuple[lis
     except (ValueError, upgrade.UpgradeError) as exc:
         raise ConfigError(f"inherited sockets: {exc}") from None
     stored, activated = fdstore.split(inherited)  # a previous master's listeners, kept by systemd
+    if resumed is not None and resumed.filter_helper is not None:
+        adopt_filter_helper(*resumed.filter_helper)  # a stop's filter still goes on through it
     if handed:
         listeners = [adopt_inherited(sock, spec) for sock, spec in handed.listeners]
         if resumed is None:
@@ -314,14 +321,7 @@ def prepare_master(config: Config) -> MasterSetup:
         else:
             control = ControlServer(control_path, owner=identity)
         if identity is not None:
-            # the control socket, our Unix listeners and the log file stay ours after the switch
-            files = [config.log_file or "", config.access_log if config.access_log != "-" else ""]
-            for path in [li.unix_path for li in listeners if li.unix_path] + [f for f in files if f]:
-                if path:
-                    privileges.give(path, identity)
-            privileges.drop(identity)
-            logging.getLogger("prefork").info("running as user %s (uid %d, gid %d)",
-                                              identity.user, identity.uid, identity.gid)
+            _give_up_root(config, identity, listeners)
     except BaseException:
         for listener in listeners:
             listener.close()
@@ -330,6 +330,23 @@ def prepare_master(config: Config) -> MasterSetup:
                 sock.close()
         raise
     return MasterSetup(config, listeners, control, metrics_sock, agent_sock, handed, tls_setup, resumed)
+
+
+def _give_up_root(config: Config, identity: Identity, listeners: list[Listener]) -> None:
+    """--user: hand our files to the user, keep a root helper for the stop's filter if needed, switch. Raises."""
+    from prefork import privileges
+    from prefork.listeners import start_filter_helper
+
+    # the control socket, our Unix listeners and the log file stay ours after the switch
+    files = [config.log_file or "", config.access_log if config.access_log != "-" else ""]
+    for path in [li.unix_path for li in listeners if li.unix_path] + [f for f in files if f]:
+        if path:
+            privileges.give(path, identity)
+    # attaching the filter that lets a stop lose nothing may need root here: keep a helper for it
+    start_filter_helper(lambda: logs.set_title("filter helper", config.name))
+    privileges.drop(identity)
+    logging.getLogger("prefork").info("running as user %s (uid %d, gid %d)",
+                                      identity.user, identity.uid, identity.gid)
 
 
 def build_master(setup: MasterSetup, overrides: dict[str, Any], argv: list[str],

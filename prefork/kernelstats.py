@@ -47,3 +47,24 @@ def listen_counters(path: str = NETSTAT) -> ListenCounters | None:
         return None
     # bytes.decode("ascii") needs no codec lookup: after --user the master may not be able to import one
     return parse_netstat(data.decode("ascii", "replace"))
+
+
+VMSTAT = "/proc/vmstat"
+
+
+def oom_kills(path: str = VMSTAT) -> int | None:
+    """Processes the kernel's out-of-memory killer has killed since boot (any cgroup's included); None
+    when that cannot be read. Never raises."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(1 << 16)
+    except OSError:
+        return None
+    for line in data.split(b"\n"):
+        name, _, value = line.partition(b" ")
+        if name == b"oom_kill":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None

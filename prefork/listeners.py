@@ -10,7 +10,7 @@ import select
 import socket
 import stat
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from prefork.config import BindSpec
@@ -267,18 +267,183 @@ def refuse_new(sock: socket.socket) -> bool:
     dropped is refused when its SYN is sent again (one second later) rather
     than accepted into a queue that is then reset. The filter belongs to the
     socket, so every process holding it sees it (see :func:`refusing_new`).
-    False where it does not apply (a Unix socket, a closed socket).
+    Some kernels let only a process with ``CAP_NET_ADMIN`` attach it: a
+    master that gave up root (``--user``) asks its :class:`FilterHelper`.
+    False where it does not apply (a Unix socket, a closed socket) or
+    cannot be done.
     """
     if sock.fileno() < 0 or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return False
-    program = ctypes.create_string_buffer(_PROGRAM)
-    fprog = struct.pack("HL", len(_REFUSE_NEW), ctypes.addressof(program))
     try:
-        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+        _attach_refuse_filter(sock)
     except OSError as exc:
+        if exc.errno == errno.EPERM and _FILTER_HELPER is not None and _FILTER_HELPER.refuse_new(sock):
+            return True
         log.warning("cannot stop new connections on %s before closing it: %s", describe(sock), exc.strerror)
         return False
     return True
+
+
+def _attach_refuse_filter(sock: socket.socket) -> None:
+    program = ctypes.create_string_buffer(_PROGRAM)
+    fprog = struct.pack("HL", len(_REFUSE_NEW), ctypes.addressof(program))
+    sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+
+
+def shrink_backlog(sock: socket.socket) -> bool:
+    """Where the filter cannot go on: ``listen(0)``, so the kernel drops new requests while one waits.
+
+    A weaker guard than :func:`refuse_new`: each time the queue empties one
+    more connection can get in, so one may still be queued when the socket
+    closes. False where it does not apply.
+    """
+    if sock.fileno() < 0 or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        sock.listen(0)
+    except OSError:
+        return False
+    return True
+
+
+class FilterHelper:
+    """A child that keeps root when the master gives it up (``--user``), only to attach the filter.
+
+    On kernels where attaching a socket filter needs ``CAP_NET_ADMIN``, an
+    unprivileged master could not refuse new connections before closing a
+    listener, and its stop would reset what is queued. Started before the
+    switch, this process holds nothing but its end of a socket pair: the
+    master sends it a listener's descriptor, it attaches
+    :func:`refuse_new`'s filter (which then holds for every process holding
+    that socket), closes the descriptor and answers one byte. It runs no
+    handler code, ignores the signals a terminal or a service manager sends
+    the group, and leaves when the master's end closes (the master exits).
+    """
+
+    TIMEOUT = 2.0  # seconds the master waits for an answer
+
+    def __init__(self, pid: int, sock: socket.socket) -> None:
+        self.pid = pid
+        self.sock = sock
+
+    @classmethod
+    def start(cls, title: Callable[[], None] | None = None) -> FilterHelper:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the helper's side; tests drive it through a stop under --user
+            status = 1
+            try:
+                ours.close()
+                if title is not None:
+                    title()
+                _serve_filter_requests(theirs)
+                status = 0
+            finally:
+                os._exit(status)
+        theirs.close()
+        ours.settimeout(cls.TIMEOUT)
+        return cls(pid, ours)
+
+    def refuse_new(self, sock: socket.socket) -> bool:
+        """Ask the helper to attach the filter to ``sock``; False when it could not (or is gone)."""
+        try:
+            socket.send_fds(self.sock, [b"f"], [sock.fileno()])
+            return self.sock.recv(16) == b"\x01"
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _serve_filter_requests(sock: socket.socket) -> None:
+    import signal
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
+    keep = sock.fileno()
+    os.closerange(3, keep)  # the listeners and everything else the master had open: not ours to hold
+    os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+    while True:
+        msg, fds, _, _ = socket.recv_fds(sock, 16, 8)
+        if not msg:
+            return  # the master is gone
+        ok = bool(fds)
+        for fd in fds:
+            listener = socket.socket(fileno=fd)
+            try:
+                _attach_refuse_filter(listener)
+            except OSError:
+                ok = False
+            finally:
+                listener.close()
+        sock.send(b"\x01" if ok else b"\x00")
+
+
+# The master's helper, when it gave up root (set once, before its loop; see start_filter_helper).
+_FILTER_HELPER: FilterHelper | None = None
+
+
+def start_filter_helper(title: Callable[[], None] | None = None) -> None:
+    """Before the master gives up root: start its :class:`FilterHelper` when this kernel needs one.
+
+    Nothing is started when an unprivileged process can attach the filter
+    here (a probe on a fresh socket says so). The helper's end is closed in
+    every process the master forks, so no worker can reach it.
+    """
+    global _FILTER_HELPER
+    if _FILTER_HELPER is not None or os.geteuid() != 0 or not _unprivileged_attach_fails():
+        return
+    _FILTER_HELPER = FilterHelper.start(title)
+    os.register_at_fork(after_in_child=_forget_filter_helper)
+
+
+def filter_helper() -> tuple[int, int] | None:
+    """The master's helper as an upgrade in place hands it to the next image: (pid, descriptor), or None."""
+    return (_FILTER_HELPER.pid, _FILTER_HELPER.sock.fileno()) if _FILTER_HELPER is not None else None
+
+
+def adopt_filter_helper(pid: int, fd: int) -> None:
+    """The new image of a master that executed itself in place takes over the helper the old one started."""
+    global _FILTER_HELPER
+    if _FILTER_HELPER is not None:
+        return
+    sock = socket.socket(fileno=fd)
+    sock.set_inheritable(False)
+    sock.settimeout(FilterHelper.TIMEOUT)
+    _FILTER_HELPER = FilterHelper(pid, sock)
+    os.register_at_fork(after_in_child=_forget_filter_helper)
+
+
+def _forget_filter_helper() -> None:
+    global _FILTER_HELPER
+    if _FILTER_HELPER is not None:
+        _FILTER_HELPER.close()
+        _FILTER_HELPER = None
+
+
+def _unprivileged_attach_fails() -> bool:
+    """True when, on this kernel, a process without CAP_NET_ADMIN cannot attach a socket filter.
+
+    Probed in a short-lived child that drops to an unprivileged uid.
+    """
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the probe's side
+        status = 2
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                _attach_refuse_filter(probe)
+                status = 0
+            except OSError:
+                status = 1
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) != 0
 
 
 def refusing_new(sock: socket.socket) -> bool:

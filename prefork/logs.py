@@ -63,21 +63,49 @@ def _others_may_write(directory: str) -> bool:
 
 
 def open_log_file(path: str, flags: int, mode: int = 0o666) -> int:
-    """``open()``'s opener for log files: ``O_NOFOLLOW`` in a directory others can write to.
+    """``open()``'s opener for log files: a regular file, ``O_NOFOLLOW`` in a directory others can write to.
 
     There, a symbolic link at the log's path was planted by someone else
     (root would append to whatever it points at); the open fails with a
-    message that says so. Elsewhere a link is the administrator's and is followed.
+    message that says so. Elsewhere a link is the administrator's and is
+    followed. The open never blocks (``O_NONBLOCK``: a FIFO would wait for
+    a reader, freezing the master at start or at ``USR1``), and anything
+    but a regular file is refused: writes to a FIFO or a device can block
+    the daemon too.
     """
+    flags |= os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
     if _others_may_write(os.path.dirname(os.path.abspath(path))):
         try:
-            return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+            fd = os.open(path, flags | os.O_NOFOLLOW, mode)
         except OSError:
             if os.path.islink(path):  # ELOOP, or EACCES for another user's link with O_CREAT
                 raise OSError(errno.ELOOP, "is a symbolic link in a directory others can write to; "
                               "refusing to follow it", path) from None
             raise
-    return os.open(path, flags | os.O_CLOEXEC, mode)
+    else:
+        try:
+            fd = os.open(path, flags, mode)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # a FIFO nobody reads: O_NONBLOCK says so rather than wait
+                raise OSError(errno.ENXIO, NOT_REGULAR, path) from None
+            raise
+    try:
+        if not never_blocks(os.fstat(fd)):
+            raise OSError(errno.EINVAL, NOT_REGULAR, path)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+NOT_REGULAR = "not a regular file (a FIFO or a device could block the daemon)"
+_MEMORY_DEVICES = 1  # the major number of /dev/null, /dev/zero, /dev/full: writes to them never wait
+
+
+def never_blocks(st: os.stat_result) -> bool:
+    """True for what a log may be: a regular file, or /dev/null and its kin (which never make a writer wait)."""
+    return stat.S_ISREG(st.st_mode) or (stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) == _MEMORY_DEVICES)
 
 
 class DroppingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]

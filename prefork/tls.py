@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import ssl
+import stat
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -226,8 +227,11 @@ def _readable(option: str, path: str) -> None:
     except OSError as exc:
         raise TlsError(f"{option} {path}: {exc.strerror or exc}") from None
     try:
-        if os.path.isdir(path):
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
             raise TlsError(f"{option} {path}: is a directory")
+        if not stat.S_ISREG(mode):  # OpenSSL would wait on a FIFO for a writer, freezing the master
+            raise TlsError(f"{option} {path}: not a regular file (a FIFO or a device could block the daemon)")
     finally:
         os.close(fd)
 
@@ -243,8 +247,14 @@ def _password(password_file: str | None, keyfile: str) -> Callable[[], bytes]:
                            "--keyfile-password-file")
         return missing
     _readable("keyfile-password-file", password_file)
-    with open(password_file, "rb") as f:
-        data = f.read(MAX_PASSWORD_BYTES + 1)
+    # non-blocking, and only a regular file: replaced by a FIFO since the check, it gives no bytes, not a hang
+    fd = os.open(password_file, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        data = os.read(fd, MAX_PASSWORD_BYTES + 1) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+    except BlockingIOError:
+        data = b""
+    finally:
+        os.close(fd)
     if len(data) > MAX_PASSWORD_BYTES:
         raise TlsError(f"keyfile-password-file {password_file}: longer than {MAX_PASSWORD_BYTES} bytes; "
                        "is it the right file?")
@@ -303,6 +313,7 @@ def certificate_info(certfile: str, *, option: str = "certfile", now: float | No
     An expired certificate would fail every handshake with a verifying
     client: refusing it at load time keeps the old one serving on reload.
     """
+    _readable(option, certfile)  # a regular file: the decoder would wait on a FIFO
     try:
         # the ssl module's own decoder (what getpeercert() returns), for a certificate in a file
         decoded: dict[str, Any] = ssl._ssl._test_decode_cert(certfile)  # type: ignore[attr-defined]

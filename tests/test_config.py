@@ -480,7 +480,7 @@ def wait_status(*, code: int | None = None, sig: int | None = None) -> int:
         (1, "exited with status 1", False),
         (7, "exited with status 7", False),
         (255, "exited with status 255", False),
-        (WORKER_BOOT_ERROR, "could not load its handler", False),
+        (WORKER_BOOT_ERROR, "exited with status 3", False),  # unless the worker said it could not load
     ],
 )
 def test_describe_exit_code(code: int, text: str, clean: bool) -> None:

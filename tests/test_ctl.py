@@ -149,7 +149,7 @@ def test_stats_text() -> None:
     ("drain", {"ok": True}, "not draining: health checks are answered"),
     ("drain", {"ok": True, "drain": None}, "not draining: health checks are answered"),
     ("drain", {"ok": True, "drain": "health-checks"},
-     "draining: health checks (PROXY LOCAL) fail, clients are still served"),
+     "draining: health checks fail, clients are still served (drain --off undoes it)"),
     ("drain", {"ok": True, "drain": "listeners-closed"},
      "draining: listening sockets closed, open connections finish"),
     ("drain", {"ok": True, "drain": "something-new"}, "something-new"),

@@ -70,7 +70,7 @@ def test_drain_that_closes_the_listeners_is_not_ready(daemon_factory: Callable[.
     port = free_port()
     d = daemon_factory("--metrics-bind", f"127.0.0.1:{port}")
     assert probes(port)[1] == (200, "ready\n")
-    assert d.ctl("drain").returncode == 0  # no PROXY protocol: the listening sockets close, for good
+    assert d.ctl("drain", "--close").returncode == 0  # the listening sockets close, for good
     assert probes(port) == ((200, "alive\n"), (503, "draining (preforkctl drain)\n"))
 
 

@@ -71,6 +71,8 @@ def facts(**changes: Any) -> ExitFacts:
     ({"state": WorkerState.KILLING}, ExitAction.RESPAWN),
     # scaled away while busy, then crashed
     ({"state": WorkerState.READY, "in_slot": False, "clean": False}, ExitAction.GONE),
+    # drain --close closed the listeners: a worker that dies is logged, never "restarting" with nothing to serve
+    ({"clean": False, "drained": True}, ExitAction.GONE),
 ])
 def test_classify_exit(changes: dict[str, Any], action: ExitAction) -> None:
     assert classify_exit(facts(**changes)) is action
@@ -79,8 +81,8 @@ def test_classify_exit(changes: dict[str, Any], action: ExitAction) -> None:
 @pytest.mark.parametrize(("status", "text", "clean"), [
     (0, "exited with status 0", True),
     (7 << 8, "exited with status 7", False),
-    (WORKER_BOOT_ERROR << 8, "could not load its handler", False),
-    (signal.SIGKILL, "was killed by SIGKILL (out of memory?)", False),
+    (WORKER_BOOT_ERROR << 8, "exited with status 3", False),  # a handler's os._exit(3): it did not say
+    (signal.SIGKILL, "was killed by SIGKILL (out of memory?)", False),  # no OOM count to judge by
     (signal.SIGABRT, "was killed by SIGABRT", False),
     (signal.SIGSEGV, "was killed by SIGSEGV", False),
 ])
@@ -527,6 +529,9 @@ class FakeDaemon:
     def undrain(self) -> str | None:
         return "the listening sockets are closed; restart to serve again"
 
+    def health_checks(self) -> list[str]:
+        return []
+
 
 @pytest.mark.parametrize(("request_", "state", "reply", "call"), [
     ({"command": "nope"}, "serving", {"ok": False}, None),
@@ -543,6 +548,9 @@ class FakeDaemon:
     ({"command": "reopen"}, "serving", {"ok": True}, ("reopen", None)),
     ({"command": "drain", "close": True}, "serving", {"ok": True, "drain": "listeners-closed"}, ("drain", True)),
     ({"command": "drain", "off": True}, "serving", {"ok": False}, None),
+    ({"command": "drain"}, "serving", {"ok": False}, None),  # no health check to fail
+    ({"command": "drain", "off": {}, "close": "false"}, "serving", {"ok": False}, None),
+    ({"command": "stop", "fast": "yes"}, "serving", {"ok": False}, None),
     ({"command": "status"}, "serving", {"ok": True, "name": "t", "state": "serving"}, None),
     ({"command": "stats"}, "serving", {"ok": True, "requests": 105}, None),
 ])
@@ -617,6 +625,32 @@ def test_rolling_reload_replaces_a_batch_at_a_time_and_never_holds_more_than_w_p
     assert waiter.replies[0]["generation"] == 2 and waiter.replies[0]["peak_workers"] == peak == 7
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_reload_queued_behind_a_rolling_one_keeps_the_peak_bound(batch: int) -> None:
+    """The second reload starts when the first commits, while the first's last old workers still drain:
+    those count towards W + N, so its first batch waits for them."""
+    gens, pool, _, _ = stepper(workers=4, reload_batch=batch)
+    ready(gens, pool)
+    first, second = FakeWaiter(), FakeWaiter()
+    gens.begin_reload([first])
+    gens.begin_reload([second])  # queued behind the first
+    peak = len(pool.workers)
+    for _ in range(20):
+        ready(gens, pool)
+        peak = max(peak, len(pool.workers))
+        reload = gens.reloads.in_flight
+        if reload is None:
+            break
+        # the old workers exit once told to drain, oldest first, one step at a time
+        draining = [w for w in pool.workers.values() if w.state is WorkerState.DRAINING]
+        for worker in draining[:batch]:
+            pool.exit(worker)
+            gens.on_exit(worker, 0)
+        peak = max(peak, len(pool.workers))
+    assert gens.generation == 3 and all(w.generation == 3 for w in gens.slots.values())
+    assert peak <= 4 + batch, peak
+
+
 def test_an_aborted_rolling_reload_refills_the_slots_it_emptied() -> None:
     gens, pool, _, _ = stepper(workers=4, reload_batch=2)
     ready(gens, pool)
@@ -651,6 +685,18 @@ def test_an_aborted_rolling_reload_refills_the_slots_it_emptied() -> None:
 ])
 def test_describe_exit_says_when_the_master_sent_the_signal(status: int, sent: dict[int, str], text: str) -> None:
     assert describe_exit(status, sent) == (text, False)
+
+
+@pytest.mark.parametrize(("status", "boot_error", "oom_kills", "text"), [
+    (WORKER_BOOT_ERROR << 8, True, 0, "could not load its handler"),
+    (WORKER_BOOT_ERROR << 8, False, 0, "exited with status 3"),
+    (signal.SIGKILL, False, 0, "was killed by SIGKILL (not by the master, nor the kernel's OOM killer)"),
+    (signal.SIGKILL, False, 2, "was killed by SIGKILL (out of memory: the kernel's OOM killer ran meanwhile)"),
+    (signal.SIGKILL, False, None, "was killed by SIGKILL (out of memory?)"),
+])
+def test_describe_exit_blames_only_what_is_plausible(status: int, boot_error: bool, oom_kills: int | None,
+                                                     text: str) -> None:
+    assert describe_exit(status, {}, boot_error=boot_error, oom_kills=oom_kills) == (text, False)
 
 
 def test_the_error_budget_logs_a_burst_then_counts_what_it_left_out() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -13,11 +14,13 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
+from test_cli import free_port
 
-from conftest import APPS, ROOT, child_env, wait_for
+from conftest import APPS, ROOT, Load, child_env, wait_for
 from prefork.control import call
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
@@ -103,3 +106,55 @@ def test_unknown_user_is_a_one_line_error() -> None:
     assert r.returncode == 1
     assert r.stderr.strip() == "prefork: error: user: no such user 'no-such-user-x'"
 
+
+
+def test_stop_as_nobody_under_connect_load_resets_nothing_and_says_so(public_dir: Path) -> None:
+    """An unprivileged master cannot attach the socket filter on every kernel: its stop must lose nothing anyway,
+    and its report must count what really happened."""
+    report, resets, text = stop_under_connect_load(public_dir, ["--user", "nobody", "--group", "nogroup"], root=True)
+    assert resets == [], (resets[:5], report, text[-3000:])
+    assert report.get("reset_in_queue") == 0, report
+    assert "Operation not permitted" not in text, text  # the helper attached the filter
+
+
+def stop_under_connect_load(public_dir: Path, options: list[str], *, root: bool
+                            ) -> tuple[dict[str, object], list[str], str]:
+    """Start the daemon (as root with ``options``, or as nobody), stop it under 100 connecting clients:
+    (its stop report, the clients' failures other than a refusal, its log)."""
+    port = free_port()
+    env = child_env()
+    env["PYTHONPATH"] = f"{public_dir}{os.pathsep}{ROOT}"
+    (public_dir / "run").mkdir(mode=0o700)
+    os.chown(public_dir / "run", 65534, 65534)
+    control = str(public_dir / "run" / "d.sock")
+    log = open(public_dir / "daemon.log", "wb")  # noqa: SIM115 -- the daemon writes to it until the finally
+    as_nobody: dict[str, Any] = {} if root else {"user": 65534, "group": 65534, "extra_groups": []}
+    proc = subprocess.Popen([sys.executable, "-m", "prefork", "--bind", f"127.0.0.1:{port}", "--workers", "2",
+                             *options, "--control", control],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=public_dir, start_new_session=True,
+                            **as_nobody)
+    try:
+        def serving() -> bool:
+            assert proc.poll() is None, (public_dir / "daemon.log").read_text()
+            try:
+                reply, sock = call(control, {"command": "status"})
+            except Exception:
+                return False
+            sock.close()
+            return reply.get("state") == "serving"
+
+        wait_for(serving, 20, "the daemon to serve")
+        with Load(("127.0.0.1", port), clients=100, mode="connect", max_seconds=60) as load:
+            load.wait_ok(300, timeout=30)
+            r = subprocess.run([sys.executable, "-m", "prefork.ctl", "--control", control, "stop", "--json"],
+                               env=env, capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, r.stderr
+        report = json.loads(r.stdout)["report"]
+        assert proc.wait(20) == 0
+        resets = [why for why in load.failures if not why.startswith(("ConnectionRefusedError", "TimeoutError"))]
+        return report, resets, (public_dir / "daemon.log").read_text()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+        log.close()

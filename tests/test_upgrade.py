@@ -121,3 +121,16 @@ def test_upgrade_keeps_the_metrics_and_agent_ports(daemon_factory: Callable[...,
     with socket.create_connection(("127.0.0.1", agent), timeout=5) as s:
         assert s.recv(100).startswith(b"ready up ")
     assert d.ctl("stop").returncode == 0
+
+
+def test_the_generation_count_goes_on_across_an_upgrade(daemon_factory: Callable[..., Daemon]) -> None:
+    d = daemon_factory()
+    assert d.ctl("reload", timeout=60).returncode == 0
+    assert d.status()["generation"] == 2
+    r = d.ctl("upgrade", timeout=60)
+    assert r.returncode == 0, r.stderr
+    st = d.status()
+    assert st["generation"] == 3, st["generation"]
+    assert {w["generation"] for w in st["workers"] if w["state"] == "ready"} == {3}
+    r = d.ctl("reload", "--json", timeout=60)  # and the new master's own reloads go on from there
+    assert r.returncode == 0 and json.loads(r.stdout)["generation"] == 4, r.stdout + r.stderr

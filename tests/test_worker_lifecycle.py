@@ -264,12 +264,15 @@ def test_one_signal_table(make_worker: MakeWorker, master: Master) -> None:
     worker = make_worker()
     actions = worker.signal_actions()
     assert set(actions) == {signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT, signal.SIGQUIT,
-                            signal.SIGWINCH}  # WINCH: a sibling asks a stepped-back worker to look again (--balance)
+                            signal.SIGWINCH,  # a sibling asks a stepped-back worker to look again (--balance)
+                            signal.SIGHUP}  # the daemon stops: handlers wrap up while the queue is served
     assert {signal.SIGINT, signal.SIGQUIT} == FAST_EXIT_SIGNALS
     assert actions[signal.SIGUSR1] is logs.reopen
     for signum in FAST_EXIT_SIGNALS:
         with pytest.raises(FastExit):
             actions[signum]()
+    actions[signal.SIGHUP]()
+    assert worker.draining and not worker.stopping and not worker.listeners_closed
     actions[signal.SIGUSR2]()
     assert worker.listeners_closed and not worker.stopping
     actions[signal.SIGTERM]()

@@ -83,6 +83,8 @@ def _main(argv: list[str] | None) -> int:
         return complain(str(exc), EXIT_FAILED)
     if reply is not None:
         sys.stdout.write(output(command, reply, fmt))
+        if reply.get("warning"):
+            complain(f"warning: {reply['warning']}", EXIT_OK)
     return EXIT_OK
 
 

@@ -31,7 +31,7 @@ STATS_KEYS = ["requests", "active", "errors", "workers", "workers_spawned", "wor
               "worker_timeouts", "reloads", "failed_reloads"]
 DRAIN_STATES: Mapping[str | None, str] = {
     None: "not draining: health checks are answered",
-    "health-checks": "draining: health checks (PROXY LOCAL) fail, clients are still served",
+    "health-checks": "draining: health checks fail, clients are still served (drain --off undoes it)",
     "listeners-closed": "draining: listening sockets closed, open connections finish",
 }
 
@@ -146,7 +146,9 @@ def format_status(s: Reply) -> str:
         f"up {human_age(s['uptime_s'])}",
         f"{s['target_workers']} {s['worker_class']} worker(s)"
         f"{' (' + s['event_loop'] + ')' if s.get('event_loop') else ''} of {s['handler']}",
-        f"listening on {', '.join(s['listeners'])}",
+        (f"listening sockets closed (drain --close), were {', '.join(s['listeners'])}"
+         if s.get("drain") == "listeners-closed" else f"listening on {', '.join(s['listeners'])}"),
+        *([DRAIN_STATES.get(s["drain"], str(s["drain"]))] if s.get("drain") else []),
         *tls_lines(s),
         *upstream_lines(s),
         "",
@@ -158,6 +160,10 @@ def format_status(s: Reply) -> str:
         for w in s["workers"]
     ]
     out += table(STATUS_HEADERS, rows)
+    for g in s.get("draining", []):
+        cut = f", cut in {g['cut_in_s']:.1f}s" if g.get("cut_in_s") is not None else ""
+        out.append(f"generation {g['generation']} draining: {g['workers']} worker(s), "
+                   f"{g['open_connections']} open connection(s){cut}")
     for b in s.get("backoff", []):
         when = f"restart in {b['restart_in_s']:.1f}s" if b["restart_in_s"] is not None else "waiting"
         out.append(f"slot {b['slot']}: {b['failures']} early exit(s) in a row, {when}")
@@ -209,7 +215,11 @@ def format_upgrade(reply: Reply) -> str:
 
 
 def format_drain(reply: Reply) -> str:
-    return DRAIN_STATES.get(reply.get("drain"), str(reply.get("drain")))
+    text = DRAIN_STATES.get(reply.get("drain"), str(reply.get("drain")))
+    checks = reply.get("health_checks")
+    if reply.get("drain") == "health-checks" and isinstance(checks, list) and checks:
+        text += f"; failing: {', '.join(map(str, checks))}"
+    return text
 
 
 COMMANDS: Mapping[str, Command] = {

@@ -44,10 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start the prefork now installed as a new master on the same sockets; "
                         "returns once it serves (the old one then drains)")
     drain = sub.add_parser("drain", parents=[common],
-                           help="make load-balancer health checks fail while open connections finish")
-    drain.add_argument("--off", action="store_true", help="answer health checks again (PROXY protocol only)")
+                           help="make load-balancer health checks fail while clients are still served")
+    drain.add_argument("--off", action="store_true", help="answer health checks again")
     drain.add_argument("--close", action="store_true",
-                       help="close the listening sockets even behind PROXY protocol (for connect-only checks)")
+                       help="close the listening sockets for good (for connect-only checks); "
+                            "only a restart serves again")
     return p
 
 

@@ -9,6 +9,7 @@ from typing import Protocol
 from prefork.config import Config
 from prefork.master.generations import Generations
 from prefork.master.pool import WorkerPool
+from prefork.master.report import DRAINING_STATES, Snapshot, drain_progress
 from prefork.master.state import StopMode, WorkerState
 from prefork.master.timers import Timers
 from prefork.systemd import Notifier
@@ -16,6 +17,7 @@ from prefork.systemd import Notifier
 log = logging.getLogger(__name__)
 
 MEMORY_CHECK_INTERVAL = 5.0  # seconds between --max-worker-memory checks (jittered)
+DRAIN_PROGRESS = 5.0  # seconds between the log lines that say what draining workers still hold
 
 
 class Host(Protocol):
@@ -26,6 +28,8 @@ class Host(Protocol):
     def stopping(self) -> StopMode | None: ...
 
     def status_line(self) -> str: ...
+
+    def snapshot(self, *, processes: bool = True) -> Snapshot: ...
 
 
 class PeriodicChecks:
@@ -45,6 +49,13 @@ class PeriodicChecks:
         if watchdog_every is not None:
             self.timers.every("watchdog", watchdog_every, self.ping_watchdog, first=0.0)
         self.watch_memory()
+        self.timers.every("drain-progress", DRAIN_PROGRESS, self.drain_progress)
+
+    def drain_progress(self) -> None:
+        """While workers drain (a stop, a reload's old generation, scaling down): say what they still hold."""
+        if any(w.state.value in DRAINING_STATES for w in self.pool.workers.values()):
+            for line in drain_progress(self.host.snapshot(processes=False)):
+                log.info("%s", line)
 
     def watch_memory(self) -> None:
         """Check --max-worker-memory periodically, when set (also after a reload turned it on)."""

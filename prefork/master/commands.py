@@ -44,6 +44,8 @@ class Daemon(Protocol):
 
     def drain_for_balancer(self, *, close: bool) -> LbDrain | None: ...
 
+    def health_checks(self) -> list[str]: ...
+
     def undrain(self) -> str | None: ...
 
 
@@ -80,7 +82,11 @@ def _scale(daemon: Daemon, request: dict[str, Any], conn: ControlConnection) -> 
 
 
 def _stop(daemon: Daemon, request: dict[str, Any], conn: ControlConnection) -> None:
-    mode = StopMode.FAST if request.get("fast") else StopMode.GRACEFUL
+    flags = _flags(request, "fast")
+    if isinstance(flags, str):
+        conn.reply({"ok": False, "error": flags})
+        return
+    mode = StopMode.FAST if flags["fast"] else StopMode.GRACEFUL
     conn.reply({"ok": True, "pid": daemon.pid, "stopping": mode.value}, keep_open=True)  # closed as we exit
     daemon.begin_stop(mode)
 
@@ -94,23 +100,53 @@ def _upgrade(daemon: Daemon, request: dict[str, Any], conn: ControlConnection) -
     daemon.begin_upgrade(conn)
 
 
+def _flags(request: dict[str, Any], *names: str) -> dict[str, bool] | str:
+    """The request's boolean fields (absent: False), or the error to answer when one is not a boolean."""
+    flags = {}
+    for name in names:
+        value = request.get(name, False)
+        if not isinstance(value, bool):
+            return f"{request.get('command')}: {name} must be true or false, got {value!r}"
+        flags[name] = value
+    return flags
+
+
 def _drain(daemon: Daemon, request: dict[str, Any], conn: ControlConnection) -> None:
     """Take this instance out of a load balancer's pool without breaking a connection.
 
-    Behind PROXY protocol, health checks are the connections with a LOCAL
-    header: they are closed at once, while real clients are still served
-    (reversible with ``off``); that needs a check that exchanges bytes, as
-    a bare connect completes in the kernel. Without PROXY protocol, or with
-    ``close``, every process closes its listening sockets: new connections
-    are refused, so even a connect-only check fails, and open connections
-    finish. Either way, ``stop`` comes next.
+    Without ``close``, the daemon's health checks fail (PROXY ``LOCAL``
+    checks are closed at once, the agent check answers ``drain``,
+    ``/readyz`` 503) while every client is still served: reversible with
+    ``off``. Refused when the daemon has no health check to fail, as it
+    would change nothing. With ``close``, every process closes its
+    listening sockets once their queues are served: new connections are
+    refused, so even a connect-only check fails, and open connections
+    finish; only a restart serves again, which the reply warns about when
+    no health check would have done.
     """
-    if request.get("off"):
+    flags = _flags(request, "off", "close")
+    if isinstance(flags, str):
+        conn.reply({"ok": False, "error": flags})
+        return
+    if flags["off"] and flags["close"]:
+        conn.reply({"ok": False, "error": "drain: off and close cannot go together"})
+        return
+    if flags["off"]:
         error = daemon.undrain()
         conn.reply({"ok": False, "error": error} if error else {"ok": True, "drain": None})
         return
-    drain = daemon.drain_for_balancer(close=bool(request.get("close")))
-    conn.reply({"ok": True, "drain": drain.value if drain else None})
+    checks = daemon.health_checks()
+    if not flags["close"] and not checks:
+        conn.reply({"ok": False, "error": "drain: this daemon has no health check to fail (no --proxy-protocol, "
+                    "--agent-bind or --metrics-bind); drain --close closes the listening sockets for good"})
+        return
+    drain = daemon.drain_for_balancer(close=flags["close"])
+    reply: dict[str, Any] = {"ok": True, "drain": drain.value if drain else None, "health_checks": checks}
+    if flags["close"] and not checks:
+        reply["warning"] = ("the listening sockets are closed for good: only a restart serves again "
+                            "(with --proxy-protocol, --agent-bind or --metrics-bind, drain without --close "
+                            "can be undone)")
+    conn.reply(reply)
 
 
 COMMANDS: dict[str, Handler] = {

@@ -94,6 +94,11 @@ class Endpoints:
     def _servers(self) -> list[MetricsServer | AgentServer]:
         return [s for s in (self.metrics, self.agent) if s is not None]
 
+    def health_checks(self) -> list[str]:
+        """The checks a load balancer may use on these ports (``preforkctl drain`` fails them)."""
+        return (["agent-check"] if self.agent_sock is not None else []) + (
+            ["/readyz"] if self.metrics_sock is not None else [])
+
     def drop(self, sock: object) -> bool:
         """Close the client on ``sock`` (a callback of it failed); False when it is not one of ours."""
         return any(server.drop(sock) for server in self._servers())

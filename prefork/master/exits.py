@@ -16,13 +16,18 @@ BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 10.0
 
 
-def describe_exit(status: int, sent: Mapping[int, str] | None = None) -> tuple[str, bool]:
+def describe_exit(status: int, sent: Mapping[int, str] | None = None, *, boot_error: bool = False,
+                  oom_kills: int | None = None) -> tuple[str, bool]:
     """('exited with status 3', clean?) from a waitpid status, by meaning.
 
     ``sent`` maps the signals the master sent this process to why it sent
     them: a worker the master killed (a stale heartbeat, the graceful timeout)
-    reads as that, and only a SIGKILL the master did not send is blamed on
-    the kernel's out-of-memory killer, its usual sender.
+    reads as that. Any other SIGKILL is blamed on the kernel's out-of-memory
+    killer only when that is plausible: ``oom_kills`` is how many processes
+    it killed on this machine during the worker's life (``/proc/vmstat``),
+    None when that cannot be known. Status 3 means the handler could not be
+    loaded only when the worker said so (``boot_error``): a handler may
+    ``os._exit(3)`` too.
     """
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
@@ -31,10 +36,14 @@ def describe_exit(status: int, sent: Mapping[int, str] | None = None) -> tuple[s
         if why:
             return f"was killed by {name} (sent by the master: {why})", False
         if sig == signal.SIGKILL:
-            return "was killed by SIGKILL (out of memory?)", False
+            if oom_kills is None:
+                return "was killed by SIGKILL (out of memory?)", False
+            if oom_kills:
+                return "was killed by SIGKILL (out of memory: the kernel's OOM killer ran meanwhile)", False
+            return "was killed by SIGKILL (not by the master, nor the kernel's OOM killer)", False
         return f"was killed by {name}", False
     code = os.waitstatus_to_exitcode(status)
-    if code == WORKER_BOOT_ERROR:
+    if code == WORKER_BOOT_ERROR and boot_error:
         return "could not load its handler", False
     return f"exited with status {code}", code == 0
 
@@ -72,6 +81,7 @@ class ExitFacts:
     boot_error: bool  # it said its handler cannot be loaded
     stopping: bool  # the daemon is stopping
     serving: bool  # the first generation has been up
+    drained: bool = False  # drain --close closed the listeners: a worker gone is not replaced
 
 
 def classify_exit(facts: ExitFacts) -> ExitAction:
@@ -89,6 +99,6 @@ def classify_exit(facts: ExitFacts) -> ExitAction:
         return ExitAction.RELOAD_FAILED
     if facts.boot_error and not facts.serving and not facts.stopping:
         return ExitAction.FATAL
-    if facts.stopping or not facts.in_slot:
+    if facts.stopping or facts.drained or not facts.in_slot:
         return ExitAction.GONE
     return ExitAction.RESPAWN

@@ -16,7 +16,7 @@ import logging
 import random
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from prefork.channel import Event, Message
@@ -172,7 +172,8 @@ class Generations:
         self.molding.end_idle()
 
     def _judge_exit(self, worker: Worker, status: int) -> None:
-        how, clean = describe_exit(status, worker.signals_sent)
+        how, clean = describe_exit(status, worker.signals_sent, boot_error=worker.boot_error is not None,
+                                   oom_kills=worker.oom_kills_since_start())
         reload = self.reloads.in_flight
         in_slot = self.slots.get(worker.slot) is worker
         in_reload = reload is not None and reload.slots.get(worker.slot) is worker
@@ -182,8 +183,9 @@ class Generations:
             assert reload is not None
             del reload.slots[worker.slot]
         action = classify_exit(ExitFacts(clean=clean, state=worker.state, in_slot=in_slot, in_reload=in_reload,
-                                         boot_error=worker.boot_error is not None,
-                                         stopping=self.host.stopping is not None, serving=self.serving))
+                                         boot_error=worker.boot_error is not None, serving=self.serving,
+                                         stopping=self.host.stopping is not None,
+                                         drained=self.host.lb_drain is LbDrain.LISTENERS_CLOSED))
         if not clean:
             self.pool.totals.crashes += 1
         if action is ExitAction.EXPECTED:
@@ -295,8 +297,8 @@ class Generations:
             log.error("reload failed: %s; still serving generation %d", exc, self.generation)
             fail(asked, str(exc))
             return
-        reload = Reload(generation=next(self._generations), config=config, listeners=listeners,
-                        new_listeners=new_listeners, waiters=asked, tls=tls,
+        reload = Reload(generation=max(next(self._generations), self.generation + 1), config=config,
+                        listeners=listeners, new_listeners=new_listeners, waiters=asked, tls=tls,
                         batch=config.reload_batch if config.reload_batch < config.workers else 0,
                         began=time.monotonic(), counters=listen_counters())
         self.pool.mark_peak()
@@ -305,6 +307,10 @@ class Generations:
                  reload.generation, config.workers, config.worker_class, config.effective_handler,
                  f", {reload.batch} at a time" if reload.batch else "")
         self.host.notify_systemd("reloading")
+        reload.retiring = _draining(self.pool.workers.values()) if reload.batch else set()
+        if reload.retiring:
+            log.info("reloading: waiting for %d draining worker(s) to exit first", len(reload.retiring))
+            return
         self._start_batch(reload)
 
     def _start_batch(self, reload: Reload) -> None:
@@ -443,6 +449,12 @@ class Generations:
     def active(self) -> int:
         """Connections open in every live worker."""
         return sum(int(self.pool.record(w).active) for w in self.pool.workers.values())
+
+
+def _draining(workers: Iterable[Worker]) -> set[int]:
+    """The pids of the workers told to go that are still alive: a reload's first batch waits for them, as
+    they count towards --reload-batch's bound (the last old ones of a reload just before this one)."""
+    return {w.pid for w in workers if w.state in (WorkerState.DRAINING, WorkerState.KILLING)}
 
 
 def _all_ready(slots: dict[int, Worker], count: int) -> bool:

@@ -7,9 +7,11 @@ writes a :class:`Handover` to a memory file and names it in
 exec, as one frame of prefork's codec (:mod:`prefork.frames`). The new
 image reads it back (:func:`received`) and adopts what it
 lists: the listeners and the master's own sockets, the workers' event pipe,
-the scoreboard, the molds and workers (as the previous generation, which
-it then replaces as a reload does), the counters and the generation number,
-and the ``preforkctl upgrade`` clients still waiting for their answer.
+the scoreboard (with the relay's upstream board), the molds and workers (as
+the previous generation, which it then replaces as a reload does), the
+counters and the generation number, the filter helper of a master that
+gave up root (:class:`prefork.listeners.FilterHelper`), and the
+``preforkctl upgrade`` clients still waiting for their answer.
 systemd's notify socket, watchdog and file-descriptor store need nothing:
 they are the environment's and systemd's, and the pid did not change.
 
@@ -73,11 +75,14 @@ class Handover:
     waiters: list[int] = field(default_factory=list)  # control clients waiting for the upgrade's answer
     began: float = 0.0  # time.monotonic() when the upgrade was asked for
     master_started: float = 0.0  # time.monotonic() when the master started (its uptime goes on)
+    # the root child that attaches the stop's socket filter for a master that gave up root: (pid, fd) or None
+    filter_helper: tuple[int, int] | None = None
 
     def descriptors(self) -> list[int]:
         """Every descriptor that must stay open across the exec."""
+        helper = [self.filter_helper[1]] if self.filter_helper is not None else []
         return [*(fd for fd, _ in self.listeners), *(fd for fd, _ in self.side), self.control_fd, *self.events,
-                self.scoreboard_fd, *(m.fd for m in self.molds), *self.waiters]
+                self.scoreboard_fd, *(m.fd for m in self.molds), *self.waiters, *helper]
 
 
 def encode(handover: Handover) -> bytes:
@@ -103,6 +108,8 @@ def decode(data: bytes) -> Handover:
             waiters=[int(fd) for fd in raw["waiters"]],
             began=float(raw["began"]),
             master_started=float(raw.get("master_started", 0.0)),
+            filter_helper=(int(raw["filter_helper"][0]), int(raw["filter_helper"][1]))
+            if raw.get("filter_helper") else None,
         )
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         raise HandoverError(f"{HANDOVER_ENV}: malformed state ({type(exc).__name__}: {exc})") from None

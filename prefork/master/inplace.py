@@ -23,7 +23,7 @@ from prefork import __version__, logs
 from prefork.config import Config
 from prefork.control import ControlConnection, ControlServer
 from prefork.frames import encode
-from prefork.listeners import Listener
+from prefork.listeners import Listener, filter_helper
 from prefork.master import handover
 from prefork.master.endpoints import Endpoints
 from prefork.master.exits import describe_exit
@@ -146,7 +146,7 @@ def handed_state(master: Master, upgrade: Upgrade) -> Handover:
                for m in molds.by_generation.values()],
         totals=dataclasses.asdict(pool.totals),
         waiters=[w.sock.fileno() for w in upgrade.waiters if isinstance(w, ControlConnection) and w.sock.fileno() >= 0],
-        began=upgrade.began, master_started=master.started)
+        began=upgrade.began, master_started=master.started, filter_helper=filter_helper())
 
 
 def execute(master: Master, upgrade: Upgrade) -> str:

@@ -366,6 +366,7 @@ class Master:
         fdstore.forget(self.notifier, self.listeners)  # systemd's copies must not keep them open
         if (mode is StopMode.GRACEFUL and self.pool.workers
                 and self.lb_drain is not LbDrain.LISTENERS_CLOSED):
+            self.pool.signal_all(signal.SIGHUP)  # handlers may end long-lived connections while the queue is served
             self.closer.close_after_queue(self.listeners, time.monotonic() + self.config.graceful_timeout,
                                           self._stop_workers)
         else:
@@ -375,9 +376,7 @@ class Master:
     def _stop_workers(self, closing: Closing | None) -> None:
         """The queue is served (or there is none to serve): every process closes its listeners, workers drain."""
         if closing is not None:
-            self.stop_report.update(queued_at_stop=closing.queued_at_start, served_from_queue=closing.served,
-                                    reset_in_queue=closing.left_at_close,
-                                    queue_s=round(time.monotonic() - closing.began, 3))
+            self.stop_report.update(closing.report(time.monotonic()))
         self.pool.signal_all(signal.SIGUSR2)
         self.molds.close_listeners()
         self.gens.stop_workers(self.stopping or StopMode.GRACEFUL)
@@ -399,14 +398,16 @@ class Master:
         self.closer.close_after_queue(listeners, time.monotonic() + self.config.graceful_timeout,
                                       lambda closing: then())
 
+    def health_checks(self) -> list[str]:
+        return (["PROXY LOCAL"] if self.config.proxy_protocol else []) + self.endpoints.health_checks()
+
     def drain_for_balancer(self, *, close: bool) -> LbDrain | None:
-        """``preforkctl drain``: fail LOCAL health checks behind PROXY protocol, else close the listeners
-        (what is queued on them is served first)."""
+        """``preforkctl drain``: fail the health checks, keep serving; ``close``: close the listeners too."""
         if self.lb_drain is None or (close and self.lb_drain is LbDrain.HEALTH_CHECKS):
-            if self.config.proxy_protocol and not close:
+            if not close:
                 self.lb_drain = LbDrain.HEALTH_CHECKS
                 self.pool.set_lb_drain(True)
-                log.info("draining for the load balancer: failing its health checks (PROXY LOCAL)")
+                log.info("draining for the load balancer: failing %s; serving", ", ".join(self.health_checks()))
             else:
                 self.lb_drain = LbDrain.LISTENERS_CLOSED
                 fdstore.forget(self.notifier, self.listeners)  # or systemd's copies would keep them open
@@ -492,4 +493,5 @@ def _snapshot(master: Master, processes: bool) -> report.Snapshot:
         tls=report.tls_view(gens.tls, master.listeners, master.config),
         upstreams=tuple(pool.scoreboard.upstreams.describe(now, time.time())),
         molds=[{"generation": m.generation, "pid": m.pid, "state": m.state.value, "threads": m.threads}
-               for _, m in sorted(master.molds.by_generation.items())])
+               for _, m in sorted(master.molds.by_generation.items())],
+        cut_in={w.pid: due - now for w in workers if (due := master.timers.when(("kill", w.pid))) is not None})

@@ -116,6 +116,37 @@ class Snapshot:
     # the relay's upstreams as every worker shares them (prefork.handlers.upstreams.UpstreamBoard.describe)
     upstreams: tuple[Mapping[str, Any], ...] = ()
     molds: list[dict[str, Any]] = field(default_factory=list)  # generation, pid, state, threads: by generation
+    cut_in: Mapping[int, float] = field(default_factory=dict)  # a draining worker's pid -> seconds until it is killed
+
+
+DRAINING_STATES = ("draining", "killing")  # WorkerState values of workers told to go
+
+
+def draining_generations(snap: Snapshot) -> list[dict[str, Any]]:
+    """Each generation with workers told to go: how many, what they still hold, and when the rest is cut."""
+    by_generation: dict[int, list[WorkerSample]] = {}
+    for w in snap.workers:
+        if w.state in DRAINING_STATES:
+            by_generation.setdefault(w.generation, []).append(w)
+    out = []
+    for generation, workers in sorted(by_generation.items()):
+        cuts = [snap.cut_in[w.pid] for w in workers if w.pid in snap.cut_in]
+        out.append({"generation": generation, "workers": len(workers),
+                    "open_connections": sum(max(w.active, 0) for w in workers),
+                    "cut_in_s": round(max(0.0, min(cuts)), 3) if cuts else None})
+    return out
+
+
+def drain_progress(snap: Snapshot) -> list[str]:
+    """The log lines while generations drain: one per generation still holding connections."""
+    lines = []
+    for g in draining_generations(snap):
+        if not g["open_connections"]:
+            continue
+        left = f", {g['cut_in_s']:.0f}s left before they are cut" if g["cut_in_s"] is not None else ""
+        lines.append(f"generation {g['generation']} draining: {g['workers']} worker(s) with "
+                     f"{g['open_connections']} open connection(s){left}")
+    return lines
 
 
 def open_by_generation(workers: list[WorkerSample]) -> dict[int, int]:
@@ -222,6 +253,7 @@ def status(snap: Snapshot) -> dict[str, Any]:
         "control": snap.control,
         "workers": [worker_info(w, by_generation.get(w.generation, 0)) for w in snap.workers],
         "molds": list(snap.molds),
+        "draining": draining_generations(snap),
         "backoff": [
             {"slot": b.slot, "failures": b.failures,
              "restart_in_s": round(max(0.0, b.restart_in_s), 3) if b.restart_in_s is not None else None}

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
+from prefork.kernelstats import oom_kills
 from prefork.tls import FAILURE_REASONS
 
 # a worker's TLS counters, by their scoreboard field: handshakes completed, by version, and failed, by reason
@@ -48,6 +49,12 @@ class Worker:
     stop_reason: str = ""
     proc: psutil.Process | None = None  # made on the first look at its memory or CPU
     signals_sent: dict[int, str] = field(default_factory=dict)  # a signal that ends a worker -> why we sent it
+    oom_kills_at_start: int | None = field(default_factory=oom_kills)  # the kernel's count when it was forked
+
+    def oom_kills_since_start(self) -> int | None:
+        """Processes the kernel's OOM killer killed during this worker's life; None when unknown."""
+        now = oom_kills()
+        return None if now is None or self.oom_kills_at_start is None else now - self.oom_kills_at_start
 
 
 @dataclass

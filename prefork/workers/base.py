@@ -7,8 +7,10 @@ connections. The rules a worker keeps towards its master are written here
 once:
 
 * the signal table: SIGTERM begins a graceful stop, SIGUSR1 reopens the log
-  files, SIGUSR2 closes the listening sockets (``preforkctl drain`` without
-  PROXY protocol), SIGINT and SIGQUIT leave at once (:class:`FastExit`);
+  files, SIGUSR2 closes the listening sockets (``preforkctl drain --close``,
+  a stop), SIGHUP says the daemon stops and first serves what is
+  queued (handlers see the drain, the worker still accepts), SIGINT and
+  SIGQUIT leave at once (:class:`FastExit`);
 * a graceful stop: stop accepting, free the address when orphaned, tell the
   master (``STOPPED``: a reload's reply waits for every old worker's), let
   open connections finish until the graceful deadline, then warn about the
@@ -20,6 +22,8 @@ once:
   reused): ``accept()`` fails with ``EBADF``, ``ENOTSOCK`` or ``EINVAL``
   for ever, so the worker logs it once and retires the same way, rather
   than spin;
+* a process a handler forks holds no descriptor of the listening sockets
+  (a child that leaves with ``setsid()`` would keep the port);
 * the orphan check (the master's pid is no longer our parent);
 * the PROXY protocol decisions: which peers must send a header, what a
   missing or malformed one costs, and when a load balancer's health check
@@ -32,17 +36,19 @@ once:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import signal
 import socket
+import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from prefork import logs
+from prefork import drain, logs
 from prefork.channel import Channel, Event
 from prefork.proxy_protocol import ProxyHeader
 from prefork.scoreboard import Record
@@ -126,6 +132,8 @@ class WorkerLifecycle:
         self.stop_deadline = 0.0  # time.monotonic() after which open connections are cut
         self.listeners_closed = False
         self.listener_lost = False  # a listening socket went away under us: retiring
+        self._on_drain: list[Callable[[], None]] = []  # told once, when the drain begins (prefork.drain.wait)
+        self.wrapping_up = False  # the daemon stops: handlers should end, while the queue is still served
 
     # -- what each worker class supplies ------------------------------------------------------------
 
@@ -161,6 +169,35 @@ class WorkerLifecycle:
         May be extended.
         """
 
+    # -- the drain, as handlers see it (prefork.drain) -----------------------------------------------
+
+    @property
+    def draining(self) -> bool:
+        """True once a stop began or the listeners closed: a handler should end at a message boundary."""
+        return self.stopping or self.listeners_closed or self.wrapping_up
+
+    @property
+    def drain_deadline(self) -> float | None:
+        """When (``time.monotonic()``) the connections still open are cut; None while not stopping."""
+        return self.stop_deadline if self.stopping else None
+
+    def on_drain(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the drain begins (at once if it has); it may run in a signal handler."""
+        if self.draining:
+            callback()
+        else:
+            self._on_drain.append(callback)
+
+    def wrap_up(self) -> None:
+        """SIGHUP: the daemon stops; its queue is served first, and handlers may end their connections now."""
+        self.wrapping_up = True
+        self._drain_began()
+
+    def _drain_began(self) -> None:
+        callbacks, self._on_drain = self._on_drain, []
+        for callback in callbacks:
+            callback()
+
     # -- the lifecycle ------------------------------------------------------------------------------
 
     def run(self) -> None:
@@ -168,6 +205,9 @@ class WorkerLifecycle:
 
         Raises :class:`FastExit` on SIGINT/SIGQUIT; the caller exits the process.
         """
+        listening = _inodes(self.listeners)
+        os.register_at_fork(after_in_child=lambda: _close_listening(listening))
+        drain.attach(self)
         self.serve()
         still_open = self.open_connections()
         if still_open:
@@ -180,6 +220,7 @@ class WorkerLifecycle:
             signal.SIGTERM: self.begin_stop,
             signal.SIGUSR1: logs.reopen,
             signal.SIGUSR2: self.close_listeners,
+            signal.SIGHUP: self.wrap_up,
             signal.SIGINT: self.fast_exit,
             signal.SIGQUIT: self.fast_exit,
             WAKE_SIGNAL: self.rebalance,
@@ -267,8 +308,8 @@ class WorkerLifecycle:
         starts a replacement (its listening sockets are intact), and this
         worker finishes its open connections.
         """
-        if self.listener_lost:
-            return
+        if self.listener_lost or self.listeners_closed:
+            return  # closed on purpose (a stop, a drain): no handler to blame
         self.listener_lost = True
         log.error("worker %d (pid %d): listening socket %s is gone (%s: %s; did a handler close "
                   "self.server.socket?); retiring", self.slot, os.getpid(), address,
@@ -295,9 +336,10 @@ class WorkerLifecycle:
             self.close_listeners()  # the master was killed: free the address so a new one can bind it now
         self.channel.send(Event.STOPPED)  # the master holds a reload's reply until no old worker accepts
         self.on_stopping()
+        self._drain_began()
 
     def close_listeners(self) -> None:
-        """SIGUSR2 (``preforkctl drain`` without PROXY protocol): close our copies of the listening sockets.
+        """SIGUSR2 (``preforkctl drain --close``, a stop): close our copies of the listening sockets.
 
         Once every process has, new connections are refused and a load
         balancer's connect check sees the instance down; open connections
@@ -310,6 +352,7 @@ class WorkerLifecycle:
         self.forget_listeners()
         for sock in self.listeners:
             sock.close()
+        self._drain_began()
 
     # -- PROXY protocol decisions -------------------------------------------------------------------
 
@@ -331,3 +374,39 @@ class WorkerLifecycle:
         connection.
         """
         return header.command == "LOCAL" and bool(self.record.lb_drain)
+
+
+def _inodes(listeners: Sequence[socket.socket]) -> frozenset[int]:
+    """The listening sockets' inodes: every descriptor of one of them (a duplicate too) has its inode."""
+    inodes = set()
+    for sock in listeners:
+        with contextlib.suppress(OSError):
+            inodes.add(os.fstat(sock.fileno()).st_ino)
+    return frozenset(inodes)
+
+
+def _close_listening(inodes: frozenset[int]) -> None:
+    """In a process a handler forks: close every descriptor of the listening sockets.
+
+    Otherwise a child that outlives its worker (one that called
+    ``setsid()``, a daemon it started) keeps the port: the next start fails
+    with "address already in use", and connections queue where nobody
+    accepts them. Duplicates a worker class made (asyncio's servers) are
+    found by their inode. Each is replaced by ``/dev/null`` rather than
+    closed: the socket objects the child inherited still name those
+    numbers, and must not close someone else's descriptor later.
+    """
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return
+    for fd in fds:
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            continue  # the listing's own descriptor, gone
+        if stat.S_ISSOCK(st.st_mode) and st.st_ino in inodes:
+            with contextlib.suppress(OSError):
+                os.dup2(null, fd, inheritable=False)
+    os.close(null)

@@ -56,6 +56,8 @@ from prefork.workers.handshakes import Handshakes
 log = logging.getLogger(__name__)
 
 _ACCEPT_BATCH = 16  # connections accepted per readiness event before the loop polls again
+SHUTDOWN_REASON = "a handler called self.server.shutdown()"
+_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGUSR2, signal.SIGHUP})  # see WorkerServer._on_stop_signal
 
 
 class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
@@ -105,6 +107,10 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
         timeout = getattr(handler_class, "timeout", None)
         self._extra_timeout: float | None = None if is_stream else timeout
         self._extra_nodelay = not is_stream and bool(getattr(handler_class, "disable_nagle_algorithm", False))
+        self._signal_pending = False  # SIGTERM or SIGUSR2 arrived and the loop has not read it yet
+        self._loop_thread = threading.get_ident()  # the thread running serve_forever()
+        self._shutdown_asked = False  # shutdown() was called from another thread: the loop retires us
+        self._not_accepting = threading.Event()  # set once this worker stops for good (shutdown() waits on it)
 
     # -- wiring -------------------------------------------------------------------------------------
 
@@ -136,8 +142,19 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
         """
         self._signals = {int(signum): action for signum, action in self.signal_actions().items()}
         for signum in self._signals:
-            signal.signal(signum, _raise_fast_exit if signum in FAST_EXIT_SIGNALS else _noop)
+            signal.signal(signum, _raise_fast_exit if signum in FAST_EXIT_SIGNALS
+                          else self._on_stop_signal if signum in _STOP_SIGNALS else _noop)
         signal.set_wakeup_fd(self.wakeup_fd, warn_on_full_buffer=False)
+
+    def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
+        """SIGTERM or SIGUSR2 arrived: a batch of accepts stops there, the loop acts on it first."""
+        self._signal_pending = True
+
+    def shutdown(self) -> None:
+        _shutdown(self)
+
+    def on_stopping(self) -> None:
+        self._not_accepting.set()
 
     # -- the lifecycle's I/O ------------------------------------------------------------------------
 
@@ -158,6 +175,10 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
     def full(self) -> bool:
         """True while the worker cannot take another connection."""
         return self._handshakes.full()
+
+    def forget_listeners(self) -> None:  # closed on purpose: not a listener lost under us (_check_listeners)
+        self._by_fd.clear()
+        self._tls_by_fd.clear()
 
     # -- the loop -----------------------------------------------------------------------------------
 
@@ -210,6 +231,7 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         """Serve until asked to stop and drained. ``poll_interval`` is ignored: nothing here polls."""
+        self._loop_thread = threading.get_ident()
         self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
         self._handshakes.watch_on(self._epoll)
         self.set_accepting(True)
@@ -225,6 +247,8 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
             # signals before connections: after a SIGTERM this worker must not take another one
             if any(fd == wake_fd for fd, _ in events):
                 self._drain_wakeups()
+            if self._shutdown_asked:
+                self.retire(SHUTDOWN_REASON)
             self.service_actions()
             for fd, _ in events:
                 if fd == wake_fd or self._handshakes.on_event(fd):
@@ -256,6 +280,7 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
         return timeout if deadline is None else max(0.0, min(timeout, deadline - now))
 
     def _drain_wakeups(self) -> None:
+        self._signal_pending = False
         while True:
             try:
                 data = self._wake_r.recv(512)
@@ -276,8 +301,8 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
                 return
             self.heartbeat()
             self.service_actions()
-            if not self._accepting:
-                return
+            if not self._accepting or self._signal_pending:
+                return  # a stop or a drain came meanwhile: take no more before the loop acts on it
 
     def _accept(self, sock: socket.socket) -> bool:
         """Accept and process one connection; False when there was none to take."""
@@ -388,12 +413,30 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
 class SyncServer(WorkerServer):
     """One connection at a time, handled in the serving loop (socketserver ``TCPServer``)."""
 
+    _in_handler = False  # the loop's own thread is running a handler
+
+    def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
+        """Inside a handler, act on SIGTERM, SIGUSR2 or SIGHUP now.
+
+        The loop would see it only once that connection ends, which a
+        long-lived one may never do: meanwhile the worker would keep its
+        listeners open (a drain or stop waits on it) and the handler could
+        not see the drain (``self.server.draining``). The loop is not touching
+        its listeners while a handler runs, so acting here is safe; the loop
+        runs the action again when it resumes, which does nothing the second time.
+        """
+        super()._on_stop_signal(signum, frame)
+        if self._in_handler:
+            self._signals[signum]()
+
     def process_request(self, request: Any, client_address: Any) -> None:
         record = self.record
         record.active += 1
+        self._in_handler = True
         try:
             self.finish_request(request, client_address)
         finally:
+            self._in_handler = False
             record.active -= 1
             record.requests += 1
         self.shutdown_request(request)
@@ -461,6 +504,21 @@ class ThreadServer(WorkerServer):
             self.shutdown_request(request)
             with self._lock:
                 self._spare += 1
+
+
+def _shutdown(server: WorkerServer) -> None:
+    """socketserver's ``shutdown()`` from a handler, any thread: the worker retires gracefully.
+
+    The master replaces it. Returns once the worker stopped accepting:
+    waiting for the loop to end, as socketserver's does, would wait for the
+    calling handler (a deadlock).
+    """
+    if threading.get_ident() == server._loop_thread:
+        server.retire(SHUTDOWN_REASON)  # sync: the loop is in this handler
+        return
+    server._shutdown_asked = True
+    server.wake()
+    server._not_accepting.wait()
 
 
 def _raise_fast_exit(signum: int, frame: FrameType | None) -> None:
