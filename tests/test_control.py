@@ -156,6 +156,24 @@ def test_scale(daemon_factory: Callable[..., Daemon]) -> None:
     assert exchange(d.address(), b"one left") == b"one left"
 
 
+def test_scale_relative(daemon_factory: Callable[..., Daemon]) -> None:
+    """``scale +N`` and ``scale -N`` change the count the daemon has now; a change below one is refused."""
+    d = daemon_factory("--graceful-timeout", "2")
+    result = ctl("--control", d.control, "scale", "+2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "scaled from 2 to 4 worker(s)\n"
+    d.wait_serving(4)
+    result = ctl("--control", d.control, "scale", "-1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "scaled from 4 to 3 worker(s)\n"
+    wait_for(lambda: len(d.status()["workers"]) == 3, 10.0, "scaled down to three workers")
+    result = ctl("--control", d.control, "scale", "-3")
+    assert result.returncode == 1
+    assert result.stderr == ("preforkctl: scale failed: scale: 3 worker(s) changed by -3 would be 0, "
+                             "not from 1 to 1024\n")
+    assert d.status()["target_workers"] == 3
+
+
 def test_scale_up_then_down_at_once(daemon_factory: Callable[..., Daemon]) -> None:
     """Workers told to drain right after their fork: the master must not take their signals for its own."""
     d = daemon_factory("--graceful-timeout", "2", workers=1)
@@ -207,7 +225,7 @@ def test_signal_to_fresh_worker_is_not_the_masters(tmp_path: Path, daemon_factor
     "args",
     [
         ["scale", "0"],
-        ["scale", "-1"],
+        ["scale", "-0"],
         ["scale", "x"],
         ["scale"],
         ["explode"],
@@ -224,7 +242,7 @@ def test_signal_to_fresh_worker_is_not_the_masters(tmp_path: Path, daemon_factor
         ["top", "--json"],
         ["top", "--format", "prometheus"],
     ],
-    ids=["scale-0", "scale-negative", "scale-x", "scale-missing", "unknown-command", "no-command",
+    ids=["scale-0", "scale-zero-change", "scale-x", "scale-missing", "unknown-command", "no-command",
          "name-and-control", "unknown-option", "prometheus-status", "json-and-prometheus", "format-yaml",
          "top-interval-0", "top-interval-negative", "top-interval-nan", "top-interval-word", "top-json",
          "top-prometheus"],
@@ -422,7 +440,9 @@ BAD_REQUESTS = [
     ("scale-bool", encode({"command": "scale", "workers": True}), "scale: workers must be"),
     ("scale-zero", encode({"command": "scale", "workers": 0}), "scale: workers must be"),
     ("scale-huge", encode({"command": "scale", "workers": 10**6}), "scale: workers must be"),
-    ("scale-missing", encode({"command": "scale"}), "scale: workers must be"),
+    ("scale-missing", encode({"command": "scale"}), "scale: give workers (a count) or by (a change)"),
+    ("scale-by-string", encode({"command": "scale", "by": "+1"}), "scale: by must be a whole number"),
+    ("scale-by-too-far", encode({"command": "scale", "by": -2}), "scale: 2 worker(s) changed by -2 would be 0"),
 ]
 
 

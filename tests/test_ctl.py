@@ -77,6 +77,12 @@ def test_default_timeouts(command: str, timeout: float) -> None:
     (["upgrade"], {"command": "upgrade"}),
     (["scale", "3"], {"command": "scale", "workers": 3}),
     (["scale", "1"], {"command": "scale", "workers": 1}),
+    (["scale", "1024"], {"command": "scale", "workers": 1024}),
+    (["scale", "+1"], {"command": "scale", "by": 1}),
+    (["scale", "+12"], {"command": "scale", "by": 12}),
+    (["scale", "-1"], {"command": "scale", "by": -1}),
+    (["scale", "-3"], {"command": "scale", "by": -3}),
+    (["scale", "007"], {"command": "scale", "workers": 7}),
     (["stop"], {"command": "stop"}),
     (["stop", "--fast"], {"command": "stop", "fast": True}),
     (["drain"], {"command": "drain"}),
@@ -93,8 +99,16 @@ def test_request_builders(argv: list[str], expected: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["scale", "0"], "scale: N must be at least 1, got 0"),
-    (["scale", "-2"], "scale: N must be at least 1, got -2"),
+    (["scale", "0"], "scale: N must be from 1 to 1024, got 0"),
+    (["scale", "1025"], "scale: N must be from 1 to 1024, got 1025"),
+    (["scale", "99999999999999"], "scale: N must be at most 1024, got '99999999999999'"),
+    (["scale", "+0"], "scale: a change must not be zero, got +0"),
+    (["scale", "-0"], "scale: a change must not be zero, got -0"),
+    (["scale", "x"], "scale: N must be a count (3) or a change (+2, -1), got 'x'"),
+    (["scale", "1.5"], "scale: N must be a count (3) or a change (+2, -1), got '1.5'"),
+    (["scale", "+-1"], "scale: N must be a count (3) or a change (+2, -1), got '+-1'"),
+    (["scale", "\uff14"], "scale: N must be a count (3) or a change (+2, -1), got '\uff14'"),
+    (["scale", "+"], "scale: N must be a count (3) or a change (+2, -1), got '+'"),
     (["top", "--interval", "0"], "top: --interval must be a positive number of seconds, got 0"),
     (["top", "--interval", "-1.5"], "top: --interval must be a positive number of seconds, got -1.5"),
     (["top", "--interval", "nan"], "top: --interval must be a positive number of seconds, got nan"),
@@ -104,6 +118,19 @@ def test_request_builders_refuse_bad_values(argv: list[str], message: str) -> No
     with pytest.raises(UsageError) as caught:
         build(*argv)
     assert str(caught.value) == message
+
+
+def test_a_long_scale_value_is_quoted_short() -> None:
+    with pytest.raises(UsageError) as caught:
+        build("scale", "x" * 10_000)
+    assert len(str(caught.value)) < 300
+
+
+def test_scale_help_says_what_n_is(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["scale", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "N 3: run 3 workers; +2: two more than now; -1: one fewer" in out
 
 
 # -- text formatters ----------------------------------------------------------------------------------------------

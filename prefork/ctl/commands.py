@@ -15,6 +15,8 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from prefork.config import MAX_WORKERS
+from prefork.control import preview
 from prefork.ctl.client import Call, Reply, Request, exchange, exchange_until_exit, snapshot
 from prefork.ctl.errors import UsageError
 from prefork.ctl.render import format_share, human_age, human_bytes, table
@@ -62,9 +64,21 @@ def plain_request(args: argparse.Namespace) -> Request:
 
 
 def scale_request(args: argparse.Namespace) -> Request:
-    if args.workers < 1:
-        raise UsageError(f"scale: N must be at least 1, got {args.workers}")
-    return {"command": "scale", "workers": args.workers}
+    """``scale N`` sets the count; ``scale +N`` / ``scale -N`` change it (the master knows the count now)."""
+    text = args.workers.strip()
+    digits = text[1:] if text[:1] in "+-" else text
+    if not (digits.isascii() and digits.isdigit()):
+        raise UsageError(f"scale: N must be a count (3) or a change (+2, -1), got {preview(args.workers)}")
+    if len(digits.lstrip("0")) > len(str(MAX_WORKERS)):
+        raise UsageError(f"scale: N must be at most {MAX_WORKERS}, got {preview(args.workers)}")
+    value = int(text)
+    if text[:1] in "+-":
+        if value == 0:
+            raise UsageError(f"scale: a change must not be zero, got {text}")
+        return {"command": "scale", "by": value}
+    if not 1 <= value <= MAX_WORKERS:
+        raise UsageError(f"scale: N must be from 1 to {MAX_WORKERS}, got {text}")
+    return {"command": "scale", "workers": value}
 
 
 def stop_request(args: argparse.Namespace) -> Request:

@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--interval", type=float, default=1.0, metavar="SECS",
                      help="seconds between refreshes (default 1)")
     sub.add_parser("reload", parents=[common], help="start a new generation; returns once it serves")
-    scale = sub.add_parser("scale", parents=[common], help="set the number of workers")
-    scale.add_argument("workers", type=int, metavar="N")
+    scale = sub.add_parser("scale", parents=[common], help="set or change the number of workers")
+    scale.add_argument("workers", metavar="N",
+                       help="3: run 3 workers; +2: two more than now; -1: one fewer (at least 1 remains)")
     stop = sub.add_parser("stop", parents=[common], help="graceful stop; returns once the master has exited")
     stop.add_argument("--fast", action="store_true", help="do not wait for open connections")
     sub.add_parser("reopen", parents=[common], help="reopen log files")

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from prefork.config import MAX_WORKERS
-from prefork.control import ControlConnection
+from prefork.control import ControlConnection, preview
 from prefork.master import report
 from prefork.master.report import Snapshot
 from prefork.master.state import LbDrain, StopMode
@@ -62,12 +62,28 @@ def _reload(daemon: Daemon, request: dict[str, Any], conn: ControlConnection) ->
     daemon.begin_reload([conn])  # answered once the new generation serves, or when it failed
 
 
+def scale_target(current: int, request: dict[str, Any]) -> int | str:
+    """The worker count a scale request asks for, from ``current``; or why it is refused (one line).
+
+    ``workers`` sets the count; ``by`` changes it (``+2``, ``-1``). Exactly one of them, a whole number.
+    """
+    workers, by = request.get("workers"), request.get("by")
+    if (workers is None) == (by is None):
+        return f"scale: give workers (a count) or by (a change), got workers={preview(workers)}, by={preview(by)}"
+    value = workers if by is None else by
+    if isinstance(value, bool) or not isinstance(value, int):
+        which = "workers" if by is None else "by"
+        return f"scale: {which} must be a whole number, got {preview(value)}"
+    count = value if by is None else current + value
+    if by is not None and not 1 <= count <= MAX_WORKERS:
+        made = preview(count)
+        return f"scale: {current} worker(s) changed by {preview(value)} would be {made}, not from 1 to {MAX_WORKERS}"
+    if not 1 <= count <= MAX_WORKERS:
+        return f"scale: workers must be a whole number from 1 to {MAX_WORKERS}, got {preview(value)}"
+    return count
+
+
 def _scale(daemon: Daemon, request: dict[str, Any], conn: ControlConnection) -> None:
-    count = request.get("workers")
-    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_WORKERS:
-        conn.reply({"ok": False,
-                    "error": f"scale: workers must be a whole number from 1 to {MAX_WORKERS}, got {count!r}"})
-        return
     if daemon.state == "stopping":
         conn.reply({"ok": False, "error": "the daemon is stopping"})
         return
@@ -75,6 +91,10 @@ def _scale(daemon: Daemon, request: dict[str, Any], conn: ControlConnection) -> 
         conn.reply({"ok": False, "error": "a reload is in progress; scale again once it is done"})
         return
     previous = daemon.target
+    count = scale_target(previous, request)
+    if isinstance(count, str):
+        conn.reply({"ok": False, "error": count})
+        return
     daemon.scale(count)
     conn.reply({"ok": True, "workers": count, "previous": previous})
 
