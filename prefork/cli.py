@@ -26,6 +26,7 @@ from prefork.config import (
     default_control_path,
     parse_bind,
 )
+from prefork.usage import Parser
 
 if TYPE_CHECKING:
     import socket
@@ -44,11 +45,8 @@ class UsageError(Exception):
     """A command-line mistake; the message is one line."""
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a mistake is one line (no usage dump) and raises instead of exiting."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see {self.prog} --help)")
+class _Parser(Parser):
+    usage_error = UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", metavar="FILE",
                    help="TOML file with the long options as keys; the command line wins")
     p.add_argument("--check-config", action="store_true", help="check the configuration and handler, then exit")
-    p.add_argument("--log-level", choices=LOG_LEVELS, metavar="LEVEL", help="debug, info (default), warning, error")
+    p.add_argument("--log-level", choices=LOG_LEVELS, metavar="LEVEL", help=f"{', '.join(LOG_LEVELS)} (default info)")
     p.add_argument("--log-file", metavar="PATH", help="log to PATH instead of stderr (USR1 reopens it)")
     p.add_argument("--access-log", metavar="PATH|-",
                    help="one line per connection (peer, duration, bytes in/out) to PATH or - for stdout")
@@ -174,14 +172,22 @@ def check_config(config: Config) -> str:
     from prefork.workers.loading import handler_for
 
     setup = tls.load(config)  # certificates and keys load and match, none has expired
-    handler = handler_for(config, relay_tls=setup.relay)
+    handler_for(config, relay_tls=setup.relay)  # imports it: a handler that cannot load fails here
     loop = f" ({config.event_loop})" if config.event_loop else ""
     certificates = "".join(
         f"; TLS on {spec}: {cert.subject}, expires {cert.describe()['not_after']}"
         + (f" (for {cert.server_name})" if cert.server_name else "")
         for spec, cert in setup.certificates())
     return (f"configuration OK: {config.workers} {config.worker_class} worker(s){loop} of "
-            f"{handler.__module__}.{handler.__qualname__} on {', '.join(config.binds)}{certificates}")
+            f"{describe_handler(config)} on {', '.join(config.binds)}{certificates}")
+
+
+def describe_handler(config: Config) -> str:
+    """The handler as status and logs name it (``module:Class``), and what it is when no other was given."""
+    name = config.effective_handler
+    if config.handler == DEFAULT_HANDLER and not config.relay:
+        return f"{name} (the built-in echo server: no handler given)"
+    return name
 
 
 def preload_worker_code(config: Config) -> None:

@@ -9,6 +9,7 @@ that names the culprit.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import glob
 import importlib.util
 import ipaddress
@@ -17,7 +18,7 @@ import re
 import reprlib
 import stat
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +65,12 @@ def cut(text: str) -> str:
     """``text`` for an error message: at most QUOTE_LIMIT characters, on one line."""
     text = " ".join(text.split("\n"))
     return text if len(text) <= QUOTE_LIMIT else text[: QUOTE_LIMIT - 3] + "..."
+
+
+def did_you_mean(given: str, known: Iterable[str]) -> str:
+    """`` (did you mean X?)`` for the one of ``known`` closest to ``given`` (a typo), or nothing."""
+    close = difflib.get_close_matches(given, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def quote(value: object) -> str:
@@ -361,7 +368,9 @@ def read_config_file(path: str) -> dict[str, Any]:
             settings[norm] = _listener_tables(path, value)
             continue
         if norm not in _FIELD_TYPES:
-            raise ConfigError(f"config file {path}: unknown setting {quote(key)}")
+            known = [k.replace("_", "-") for k in (*_FIELD_TYPES, "listener")]
+            raise ConfigError(f"config file {path}: unknown setting {quote(key)}"
+                              f"{did_you_mean(key.replace('_', '-'), known)}")
         settings[norm] = value
     return settings
 

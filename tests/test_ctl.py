@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from prefork import ctl
+from prefork import __version__, ctl
 from prefork.control import ControlError, DaemonNotRunning
 from prefork.ctl import client
 from prefork.ctl.commands import COMMANDS, output
@@ -363,6 +363,33 @@ def test_main_usage(fake: FakeDaemon, capsys: pytest.CaptureFixture[str], argv: 
     assert out == ""
     assert err.startswith("preforkctl: error: ") and err.count("\n") == 1
     assert fake.calls == []  # nothing was asked
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--jsn", "status"], "unknown option '--jsn' (did you mean --json?)"),
+    (["status", "--jsn"], "unknown option '--jsn' (did you mean --json?)"),
+    (["--nmae", "web", "status"], "unknown option '--nmae' (did you mean --name?)"),
+    (["stop", "--fsat"], "unknown option '--fsat' (did you mean --fast?)"),
+    (["top", "--intreval", "2"], "unknown option '--intreval' (did you mean --interval?)"),
+    (["relaod"], "argument COMMAND: invalid choice: 'relaod' (choose from status, stats, top, reload, scale, stop, "
+                 "reopen, upgrade, drain) (did you mean reload?)"),
+    (["status", "--" + "x" * 10_000], "unknown option '--" + "x" * 10),
+])
+def test_main_suggests_what_was_meant(fake: FakeDaemon, capsys: pytest.CaptureFixture[str], argv: list[str],
+                                      message: str) -> None:
+    assert run_main(*argv) == ctl.EXIT_USAGE
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(f"preforkctl: error: {message}") and err.endswith(" (see preforkctl --help)\n"), err
+    assert len(err) < 300
+    assert fake.calls == []
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        ctl.main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr() == (f"preforkctl {__version__}\n", "")
 
 
 def test_stats_text_shows_the_imbalance_when_the_daemon_reports_it() -> None:

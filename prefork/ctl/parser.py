@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import argparse
-from typing import NoReturn
 
+from prefork import __version__
 from prefork.ctl.errors import UsageError
+from prefork.usage import Parser
 
 FORMATS = ("text", "json", "prometheus")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see preforkctl --help)")
+class _Parser(Parser):
+    usage_error = UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--name", metavar="NAME", default="prefork",
                        help="the daemon's --name (default prefork): finds its control socket")
     p.add_argument("--timeout", type=float, metavar="SECS", help="how long to wait for the daemon")
+    p.add_argument("--version", action="version", version=f"preforkctl {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     sub.add_parser("status", parents=[common], help="the master and its workers")
