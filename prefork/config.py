@@ -597,10 +597,7 @@ def validate(config: Config) -> None:
         raise ConfigError(f"max-worker-memory: {config.max_worker_memory} MiB is out of range (0 = no limit)")
     if not 1 <= config.backlog <= 65535:
         raise ConfigError(f"backlog: {config.backlog} is out of range (1-65535)")
-    if not _NAME_RE.match(config.name):
-        raise ConfigError(
-            f"name: {quote(config.name)} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
-        )
+    check_name(config.name)
     if not _HANDLER_RE.match(config.handler):
         raise ConfigError(f"handler: {quote(config.handler)} must look like module:Class (e.g. myapp.echo:Handler)")
     _check_side_port("metrics-bind", config.metrics_bind, specs)
@@ -645,6 +642,14 @@ def _check_relay_tls(config: Config) -> None:
         raise ConfigError(f"relay-sni: {quote(config.relay_sni)} is not a server name")
 
 
+def check_name(name: str) -> None:
+    """Refuse an instance name that cannot be a file name (ConfigError)."""
+    if not _NAME_RE.match(name):
+        raise ConfigError(
+            f"name: {quote(name)} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+
+
 def runtime_dir(uid: int | None = None) -> str:
     """Where control sockets live: systemd's RuntimeDirectory, else XDG_RUNTIME_DIR, else /tmp/prefork-UID.
 
@@ -663,20 +668,33 @@ def default_control_path(name: str, uid: int | None = None) -> str:
     return os.path.join(runtime_dir(uid), f"{name}.sock")
 
 
-def find_control_path(name: str) -> str:
-    """Where a client looks for daemon ``name``: the default place, else the shipped units' /run places.
+def control_candidates(name: str) -> list[str]:
+    """Where a client looks for daemon ``name``, in order, each place once.
 
-    An operator's shell has neither $RUNTIME_DIRECTORY nor the service user's
-    $XDG_RUNTIME_DIR, so ``preforkctl status`` also tries
-    /run/prefork/NAME.sock (prefork.service) and /run/prefork-NAME/NAME.sock
-    (prefork@NAME.service). Returns the default path when none exists.
+    The daemon's own default place seen from here, then both runtime
+    directories whichever of them our environment names: $XDG_RUNTIME_DIR (or,
+    when it is not set, /run/user/UID, where pam_systemd points it) and
+    /tmp/prefork-UID, the daemon's place when it is not set; then the shipped
+    units' /run/prefork/NAME.sock (prefork.service) and
+    /run/prefork-NAME/NAME.sock (prefork@NAME.service), as an operator's shell
+    has neither $RUNTIME_DIRECTORY nor the service user's $XDG_RUNTIME_DIR.
     """
-    default = default_control_path(name)
-    for path in (default, f"/run/prefork/{name}.sock", f"/run/prefork-{name}/{name}.sock"):
+    check_name(name)
+    uid = os.getuid()
+    xdg = os.environ.get("XDG_RUNTIME_DIR", "") or f"/run/user/{uid}"
+    places = [default_control_path(name), os.path.join(xdg, f"{name}.sock"), f"/tmp/prefork-{uid}/{name}.sock",
+              f"/run/prefork/{name}.sock", f"/run/prefork-{name}/{name}.sock"]
+    return list(dict.fromkeys(places))
+
+
+def find_control_path(name: str) -> str | None:
+    """The control socket of daemon ``name`` (see :func:`control_candidates`); None when there is none."""
+    for path in control_candidates(name):
         if os.path.exists(path):
             return path
     if os.geteuid() == 0:  # root looking for a daemon that switched to another user (--user)
-        found = glob.glob(f"/tmp/prefork-[0-9]*/{glob.escape(name)}.sock")
+        escaped = glob.escape(name)
+        found = glob.glob(f"/tmp/prefork-[0-9]*/{escaped}.sock") + glob.glob(f"/run/user/[0-9]*/{escaped}.sock")
         if len(found) == 1:
             return found[0]
-    return default
+    return None

@@ -371,7 +371,7 @@ def test_find_socket_by_name(tmp_path: Path) -> None:
         assert json.loads(result.stdout)["pid"] == proc.pid
         other = ctl("--name", "y", "status", env=env)
         assert other.returncode == 3
-        assert str(tmp_path / "y.sock") in other.stderr
+        assert str(tmp_path / "y.sock") in other.stderr and other.stderr.count("\n") == 1
         stopped = ctl("--name", "x", "stop", env=env)
         assert stopped.returncode == 0, stopped.stderr
         assert proc.wait(10) == 0
@@ -385,6 +385,47 @@ def test_find_socket_with_no_options(tmp_path: Path) -> None:
         result = ctl("status", env=env)
         assert result.returncode == 0, result.stderr
         assert f"master pid {proc.pid}" in result.stdout
+
+
+def test_find_socket_in_the_other_runtime_directory(tmp_path: Path) -> None:
+    """Started without XDG_RUNTIME_DIR (/tmp/prefork-UID), found by a preforkctl that has it, and the other way."""
+    name = f"rt{os.getpid()}"
+    bare = child_env()
+    bare.pop("XDG_RUNTIME_DIR", None)
+    bare.pop("RUNTIME_DIRECTORY", None)
+    with own_daemon(tmp_path, bare, "--bind", "127.0.0.1:0", "-w", "1", "--name", name) as proc:
+        wait_answering(f"/tmp/prefork-{os.getuid()}/{name}.sock", proc)
+        result = ctl("--name", name, "status", "--json", env=runtime_env(tmp_path))
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["pid"] == proc.pid
+    xdg = Path(f"/run/user/{os.getuid()}")  # where pam_systemd points XDG_RUNTIME_DIR
+    xdg.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with own_daemon(tmp_path, runtime_env(xdg), "--bind", "127.0.0.1:0", "-w", "1", "--name", name) as proc:
+        wait_answering(str(xdg / f"{name}.sock"), proc)
+        result = ctl("--name", name, "status", "--json", env=bare)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["pid"] == proc.pid
+    assert not (xdg / f"{name}.sock").exists()
+
+
+@pytest.mark.parametrize("xdg", [None, "/run/elsewhere"])
+def test_no_daemon_found_names_every_place_tried(tmp_path: Path, xdg: str | None) -> None:
+    env = child_env()
+    env.pop("RUNTIME_DIRECTORY", None)
+    env.pop("XDG_RUNTIME_DIR", None)
+    if xdg:
+        env["XDG_RUNTIME_DIR"] = xdg
+    uid = os.getuid()
+    result = ctl("--name", "nosuchdaemon", "status", env=env)
+    assert result.returncode == 3
+    assert result.stdout == ""
+    places = [f"{xdg}/nosuchdaemon.sock", f"/tmp/prefork-{uid}/nosuchdaemon.sock"] if xdg else [
+        f"/tmp/prefork-{uid}/nosuchdaemon.sock", f"/run/user/{uid}/nosuchdaemon.sock"]
+    places += ["/run/prefork/nosuchdaemon.sock", "/run/prefork-nosuchdaemon/nosuchdaemon.sock"]
+    assert result.stderr == (
+        f"preforkctl: no prefork daemon named 'nosuchdaemon' is running here: no control socket at "
+        f"{', '.join(places)} (started with another XDG_RUNTIME_DIR or --control? give its socket with "
+        "--control PATH)\n")
 
 
 # -- hostile clients -------------------------------------------------------------------------------------
