@@ -190,10 +190,18 @@ def test_top_text_is_one_plain_frame() -> None:
     text = COMMANDS["top"].text(snapshot)
     assert text == "\n".join(frame_lines(build_frame(STATUS, STATS, None)))
     assert text.split("\n")[2:] == [
-        "SLOT   PID  GEN  STATE     CONNS   SHARE  REQ/S  REQUESTS      RSS  CPU%  HEARTBEAT",
-        "0     4711    2  ready         1  100.0%      -     12345  3.0 MiB   1.2       0.4s",
-        "1       99    1  stopping      0       -      -         0    512 B   0.0      12.0s",
+        "SLOT   PID  GEN  STATE     REQUESTS  REQ/S  ACTIVE   SHARE      RSS  CPU%  HEARTBEAT",
+        "0     4711    2  ready        12345      -       1  100.0%  3.0 MiB   1.2       0.4s",
+        "1       99    1  stopping         0      -       0       -    512 B   0.0      12.0s",
     ]
+
+
+def test_status_and_top_name_and_order_their_common_columns_alike() -> None:
+    from prefork.ctl.commands import STATUS_HEADERS
+    from prefork.ctl.top import HEADERS as TOP_HEADERS
+
+    assert set(TOP_HEADERS) - set(STATUS_HEADERS) == {"REQ/S"}  # a rate needs two looks: top only
+    assert [h for h in TOP_HEADERS if h in STATUS_HEADERS] == [h for h in STATUS_HEADERS if h in TOP_HEADERS]
 
 
 # -- output formats ----------------------------------------------------------------------------------------------
@@ -390,6 +398,22 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         ctl.main(["--version"])
     assert exited.value.code == 0
     assert capsys.readouterr() == (f"preforkctl {__version__}\n", "")
+
+
+def test_stats_text_shows_every_counter_the_daemon_reports() -> None:
+    """Built from the master's own stats payload, so a counter added there cannot be left out of the text."""
+    from test_master_decisions import snapshot
+
+    from prefork.master import report
+
+    reply = {"ok": True, **report.stats(snapshot())}
+    reply["bytes_in"], reply["bytes_out"] = 1_572_864, 512
+    lines = COMMANDS["stats"].text(reply).splitlines()
+    assert "bytes in: 1.5 MiB (1572864)" in lines
+    assert "bytes out: 512 B (512)" in lines
+    for key, value in reply.items():
+        if isinstance(value, int) and not isinstance(value, bool) and key not in ("pid", "generation"):
+            assert any(line.startswith(key.replace("_", " ") + ": ") for line in lines), key
 
 
 def test_stats_text_shows_the_imbalance_when_the_daemon_reports_it() -> None:

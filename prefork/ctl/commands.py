@@ -28,8 +28,8 @@ GENERATION_TIMEOUT = 600.0  # reload and upgrade reply once the new generation s
 TOP_TIMEOUT = 5.0  # each refresh of top
 
 STATUS_HEADERS = ["SLOT", "PID", "GEN", "STATE", "REQUESTS", "ACTIVE", "SHARE", "RSS", "CPU%", "AGE", "HEARTBEAT"]
-STATS_KEYS = ["requests", "active", "errors", "workers", "workers_spawned", "worker_exits", "worker_crashes",
-              "worker_timeouts", "reloads", "failed_reloads"]
+# what the text of stats leaves out, or writes its own way; every other whole-number counter is a line of it
+STATS_NOT_COUNTERS = frozenset({"ok", "pid", "name", "generation", "uptime_s"})
 DRAIN_STATES: Mapping[str | None, str] = {
     None: "not draining: health checks are answered",
     "health-checks": "draining: health checks (PROXY LOCAL) fail, clients are still served",
@@ -153,9 +153,17 @@ def format_status(s: Reply) -> str:
     return "\n".join(out)
 
 
+def stats_line(key: str, value: int) -> str:
+    """One counter of stats: ``bytes in: 1.5 MiB (1572864)``, ``worker crashes: 1``."""
+    if key.startswith("bytes_"):
+        return f"{key.replace('_', ' ')}: {human_bytes(value)} ({value})"
+    return f"{key.replace('_', ' ')}: {value}"
+
+
 def format_stats(s: Reply) -> str:
     out = [f"{s['name']}: master pid {s['pid']}, generation {s['generation']}, up {human_age(s['uptime_s'])}"]
-    out += [f"{k.replace('_', ' ')}: {s[k]}" for k in STATS_KEYS]
+    out += [stats_line(k, v) for k, v in s.items()
+            if k not in STATS_NOT_COUNTERS and isinstance(v, int) and not isinstance(v, bool)]
     if isinstance(s.get("active_max_mean"), int | float):
         out.append(f"busiest worker's open connections over the mean: {s['active_max_mean']:.2f}")
     tls = s.get("tls")
