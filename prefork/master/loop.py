@@ -207,9 +207,10 @@ class Master:
         self.endpoints.start(self.selector, self.timers, caps[1])
         self.checks.start()
         logs.set_title("master", self.config.name)
-        log.info("prefork %s master (pid %d) [%s]: %d %s worker(s) of %s on %s; control socket %s",
+        log.info("prefork %s master (pid %d) [%s]: %d %s worker(s) of %s on %s; control socket %s%s",
                  __version__, self.pid, self.config.name, self.target, self.config.worker_class,
-                 self.config.effective_handler, ", ".join(li.address for li in self.listeners), self.control.path)
+                 self.config.effective_handler, report.listening(self.listeners, self.gens.tls), self.control.path,
+                 "".join(f"; {where}" for where in self.endpoints.describe()))
         try:
             self.gens.start()
             while self.pool.workers or self.pool.groups or self.stopping is None:  # groups: see pool.py

@@ -115,6 +115,12 @@ class Snapshot:
     wall_time: float = field(default_factory=time.time)  # what certificates' days left count from
 
 
+def listening(listeners: Iterable[Listener], tls: TlsSetup | None) -> str:
+    """The listening addresses for the startup log: ``127.0.0.1:8443 (TLS), 127.0.0.1:8000``."""
+    return ", ".join(li.address + (" (TLS)" if tls is not None and tls.for_listener(li.spec) else "")
+                     for li in listeners)
+
+
 def open_by_generation(workers: list[WorkerSample]) -> dict[int, int]:
     """Connections open now in each generation."""
     totals: dict[int, int] = {}
