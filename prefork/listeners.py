@@ -14,8 +14,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from prefork.config import BindSpec
+from prefork.logs import RateLimitedLog
 
 log = logging.getLogger(__name__)
+_accept_failures = RateLimitedLog(log)  # a worker out of descriptors fails every accept
 
 
 class BindError(Exception):
@@ -233,10 +235,13 @@ def accept_failed(sock: socket.socket, exc: OSError) -> bool:
     have room). A client that gave up before the accept is not worth a line.
     """
     if exc.errno in _ACCEPT_RESOURCE_ERRNOS:
-        log.warning("cannot accept on %s: %s; pausing accepts for %.1fs", describe(sock), exc.strerror, ACCEPT_PAUSE)
+        where = describe(sock)
+        _accept_failures.warning("cannot accept on %s: %s; pausing accepts for %.1fs", where, exc.strerror,
+                                 ACCEPT_PAUSE, key=where)
         return True
     if exc.errno != errno.ECONNABORTED:
-        log.warning("cannot accept on %s: %s", describe(sock), exc.strerror)
+        where = describe(sock)
+        _accept_failures.warning("cannot accept on %s: %s", where, exc.strerror, key=where)
     return False
 
 

@@ -18,6 +18,8 @@ import os
 import stat
 import sys
 import threading
+import time
+from collections.abc import Callable
 from typing import IO, Any
 
 from setproctitle import setproctitle as _setproctitle
@@ -27,6 +29,8 @@ _FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
 _JOURNAL_FORMAT = "[%(process)d] %(levelname)s %(name)s: %(message)s"
 
 log = logging.getLogger(__name__)
+
+RATE_LIMIT_INTERVAL = 10.0  # seconds: at most one line per interval from a call site clients can repeat at will
 
 _dropped = 0
 _dropped_lock = threading.Lock()
@@ -52,6 +56,56 @@ def _drop(where: str, exc: BaseException | None) -> None:
             sys.stderr.flush()
         except (OSError, ValueError):
             pass
+
+
+class RateLimitedLog:
+    """One log call site that clients can repeat at will (a bad request, a failed handshake, a refused accept).
+
+    At most one line per ``interval`` seconds is written; the lines held back
+    meanwhile are counted, and the next line written says how many there were.
+    4,000 bad requests in a second make one line, not 4,000. A ``key`` (the
+    listening address, say) limits each kind apart, for a few kinds at most.
+    Thread-safe: the threads of a thread worker share one.
+    """
+
+    MAX_KEYS = 64  # keys are the process's own few addresses; past this many, start afresh
+
+    def __init__(self, logger: logging.Logger, interval: float = RATE_LIMIT_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger = logger
+        self.interval = interval
+        self.clock = clock
+        self._state: dict[object, tuple[float, int]] = {}  # key: (when the next line may be written, held back)
+        self._lock = threading.Lock()
+
+    def held(self, key: object = None) -> int:
+        """Lines held back since the last one written (for ``key``)."""
+        return self._state.get(key, (0.0, 0))[1]
+
+    def log(self, level: int, msg: str, *args: object, key: object = None) -> bool:
+        """Write ``msg % args`` at ``level`` unless a line was written less than ``interval`` ago; True if written."""
+        if not self.logger.isEnabledFor(level):
+            return False
+        with self._lock:
+            now = self.clock()
+            next_at, held = self._state.get(key, (float("-inf"), 0))
+            if now < next_at:
+                self._state[key] = (next_at, held + 1)
+                return False
+            if key not in self._state and len(self._state) >= self.MAX_KEYS:
+                self._state.clear()
+            self._state[key] = (now + self.interval, 0)
+        if held:
+            msg += " (and %d more like it in the last %.0fs, not logged)"
+            args = (*args, held, self.interval)
+        self.logger.log(level, msg, *args)
+        return True
+
+    def warning(self, msg: str, *args: object, key: object = None) -> bool:
+        return self.log(logging.WARNING, msg, *args, key=key)
+
+    def info(self, msg: str, *args: object, key: object = None) -> bool:
+        return self.log(logging.INFO, msg, *args, key=key)
 
 
 def _others_may_write(directory: str) -> bool:

@@ -115,6 +115,7 @@ class WorkerLifecycle:
         self.graceful_timeout = options.graceful_timeout
         self.heartbeat_interval = options.heartbeat_interval
         self.proxy = options.proxy
+        self.proxy_failures_log = logs.RateLimitedLog(log)  # one client can send bad headers in a loop
         self.balance = options.balance
         self.tls = options.tls or tuple(None for _ in self.listeners)  # each listener's TLS (None: plain)
         self.stepped_back = False  # not accepting while it holds more than its share (--balance)
@@ -301,7 +302,7 @@ class WorkerLifecycle:
     def proxy_header_failed(self, peer: Any, why: object) -> None:
         """A missing or malformed header: counted and logged once; the caller closes the connection."""
         self.record.proxy_errors += 1
-        log.warning("connection from %s: %s; closing it", format_peer(peer), why)
+        self.proxy_failures_log.warning("connection from %s: %s; closing it", format_peer(peer), why)
 
     def closes_health_check(self, header: ProxyHeader) -> bool:
         """True for a load balancer's health check (a ``LOCAL`` header) while the master drains us for it.

@@ -21,6 +21,7 @@ from prefork import logs, tls
 from prefork.config import Config
 
 log = logging.getLogger(__name__)
+_handshake_failures = logs.RateLimitedLog(log)  # a scanner fails handshakes as fast as it connects
 _access = logging.getLogger(logs.ACCESS_LOGGER)
 
 
@@ -128,7 +129,7 @@ def tls_handshake_failed(record: Any, peer: Any, exc: BaseException) -> None:
     """
     reason = tls.failure_reason(exc)
     tls.count_failure(record, reason)
-    log.info("TLS handshake with %s failed (%s): %s; closing the connection", format_peer(peer),
+    _handshake_failures.info("TLS handshake with %s failed (%s): %s; closing the connection", format_peer(peer),
              reason.replace("_", " "), _describe_tls_failure(exc))
 
 

@@ -54,6 +54,7 @@ from prefork.workers.connection import account, counts_own_bytes, format_peer, l
 from prefork.workers.handshakes import Handshakes
 
 log = logging.getLogger(__name__)
+_client_failures = logs.RateLimitedLog(log)  # timeouts and resets: a client's doing, repeatable at will
 
 _ACCEPT_BATCH = 16  # connections accepted per readiness event before the loop polls again
 
@@ -378,9 +379,9 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
         self.record.errors += 1
         exc = sys.exc_info()[1]
         if isinstance(exc, TimeoutError):
-            log.warning("connection from %s timed out", format_peer(client_address))
+            _client_failures.warning("connection from %s timed out", format_peer(client_address))
         elif isinstance(exc, ConnectionError):
-            log.info("connection from %s: %s", format_peer(client_address), exc)
+            _client_failures.info("connection from %s: %s", format_peer(client_address), exc)
         else:
             log.exception("error handling connection from %s", format_peer(client_address))
 
