@@ -38,6 +38,7 @@ TLS_KEYS = ("certfile", "keyfile", "keyfile_password_file", "ca_certs", "cert_re
 MAX_WORKERS = 1024  # the scoreboard is sized once, before the first fork
 MAX_CONFIG_BYTES = 2 * 1024 * 1024  # a configuration is a few hundred bytes; 2 MiB is plenty
 MAX_LIST = 1024  # entries in a list setting (bind, relay, proxy-allow)
+MAX_HANDLER = 500  # characters of a handler's module:Class
 QUOTE_LIMIT = 100  # characters of a value an error message quotes
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _HANDLER_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -600,6 +601,9 @@ def validate(config: Config) -> None:
     check_name(config.name)
     if not _HANDLER_RE.match(config.handler):
         raise ConfigError(f"handler: {quote(config.handler)} must look like module:Class (e.g. myapp.echo:Handler)")
+    if len(config.handler) > MAX_HANDLER:  # it is written in every start and status: a name, not a payload
+        raise ConfigError(f"handler: {quote(config.handler)} is {len(config.handler)} characters long, "
+                          f"over {MAX_HANDLER}")
     _check_side_port("metrics-bind", config.metrics_bind, specs)
     _check_side_port("agent-bind", config.agent_bind, specs)
     if config.agent_bind is not None and config.metrics_bind is not None:

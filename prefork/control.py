@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from prefork.config import cut
 from prefork.listeners import ACCEPT_PAUSE, accept_failed
 from prefork.logs import RateLimitedLog
 
@@ -94,7 +95,7 @@ _PREVIEW.maxlevel = 3
 def preview(value: object) -> str:
     """A client's value for a log line or a reply: its repr, cut short (it may be 64 KiB deep or long)."""
     try:
-        return _PREVIEW.repr(value)[:200]
+        return cut(_PREVIEW.repr(value))
     except Exception:  # an integer too long for repr(), say
         return f"<{type(value).__name__}>"
 

@@ -13,7 +13,7 @@ import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from prefork.config import BindSpec
+from prefork.config import BindSpec, quote
 from prefork.logs import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def bind_tcp(spec: BindSpec, backlog: int) -> Listener:
     try:
         infos = socket.getaddrinfo(host, spec.port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise BindError(f"cannot bind {spec.text}: cannot resolve host {spec.host!r} ({exc.strerror})") from exc
+        raise BindError(f"cannot bind {spec.text}: cannot resolve host {quote(spec.host)} ({exc.strerror})") from exc
     family, socktype, proto, _, sockaddr = infos[0]
     sock = socket.socket(family, socktype, proto)
     try:

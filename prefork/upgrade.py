@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from prefork.config import quote
 from prefork.kernelstats import ListenCounters, listen_counters
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ def inherited() -> Inherited | None:
     for entry in value.split("\n"):
         fd_text, sep, spec = entry.partition("=")
         if not sep or not fd_text.isdigit():
-            raise UpgradeError(f"{INHERIT_ENV}: malformed entry {entry!r}")
+            raise UpgradeError(f"{INHERIT_ENV}: malformed entry {quote(entry)}")
         fd = int(fd_text)
         try:
             sock = socket.socket(fileno=fd)

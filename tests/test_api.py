@@ -344,6 +344,10 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
      "async"),
     ({}, "nosuchmodule:Handler", "cannot load handler 'nosuchmodule:Handler': no module named 'nosuchmodule'"),
     ({"port": 99999}, "EchoHandler", "bind '127.0.0.1:99999': port 99999 is out of range (0-65535)"),
+    ({"x" * 10_000: 1}, "EchoHandler", "unknown option 'xxxxxxxxxx"),
+    ({}, "m" * 10_000 + ":Handler", "handler: 'mmmmmmmmmm"),
+    ({"config": ["x" * 10_000]}, "EchoHandler", "config: expected a path, got ['xxxxxxxxx"),
+    ({"port": "x" * 10_000}, "EchoHandler", "server address ('127.0.0.1', 'xxxxxxxxx"),
 ]
 
 
@@ -357,6 +361,7 @@ def test_a_bad_argument_raises_one_clear_error(options: dict[str, Any], handler:
     assert isinstance(caught.value, ConfigError)
     text = str(caught.value)
     assert message.format(name=__name__) in text and "\n" not in text
+    assert len(text) < 400 and "x" * 101 not in text and "m" * 101 not in text, text[:500]  # values cut short
 
 
 def test_serve_binds_nothing_when_an_argument_is_bad(tmp_path: Path) -> None:

@@ -476,6 +476,7 @@ BAD_REQUESTS = [
     ("json-string", frame(b'"status"'), "JSON object"),
     ("unknown-command", encode({"command": "explode"}), "unknown command 'explode'"),
     ("command-not-string", encode({"command": 5}), "unknown command 5"),
+    ("command-long", encode({"command": "x" * 60_000}), "unknown command 'xxxxxxxx"),
     ("no-command", encode({"workers": 3}), "unknown command None"),
     ("scale-string", encode({"command": "scale", "workers": "3"}), "scale: workers must be"),
     ("scale-bool", encode({"command": "scale", "workers": True}), "scale: workers must be"),
@@ -496,6 +497,7 @@ def test_bad_requests_get_error_replies(daemon_factory: Callable[..., Daemon]) -
         assert reply.get("ok") is False, f"{name}: {reply}"
         assert isinstance(reply.get("error"), str) and fragment in reply["error"], f"{name}: {reply}"
         assert "\n" not in reply["error"]
+        assert "x" * 101 not in reply["error"] and len(reply["error"]) < 300, f"{name}: {reply['error'][:400]}"
     # one request per connection: what follows a complete request is ignored, the request is answered
     reply = raw_exchange(d.control, encode({"command": "status"}) + b"trailing garbage \xff")
     assert reply is not None and reply["ok"] is True and reply["pid"] == d.pid

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from prefork.config import MAX_WORKERS
+from prefork.config import MAX_WORKERS, quote
 from prefork.control import ControlConnection, preview
 from prefork.master import report
 from prefork.master.report import Snapshot
@@ -150,6 +150,6 @@ def dispatch(daemon: Daemon, request: dict[str, Any], conn: ControlConnection) -
     command = request.get("command")
     handler = COMMANDS.get(command) if isinstance(command, str) else None
     if handler is None:
-        conn.reply({"ok": False, "error": f"unknown command {command!r} (known: {', '.join(COMMANDS)})"})
+        conn.reply({"ok": False, "error": f"unknown command {quote(command)} (known: {', '.join(COMMANDS)})"})
         return
     handler(daemon, request, conn)
