@@ -21,7 +21,6 @@ from prefork import logs, tls
 from prefork.config import Config
 
 log = logging.getLogger(__name__)
-_handshake_failures = logs.RateLimitedLog(log)  # a scanner fails handshakes as fast as it connects
 _access = logging.getLogger(logs.ACCESS_LOGGER)
 
 
@@ -129,17 +128,16 @@ def tls_handshake_failed(record: Any, peer: Any, exc: BaseException) -> None:
     """
     reason = tls.failure_reason(exc)
     tls.count_failure(record, reason)
-    _handshake_failures.info("TLS handshake with %s failed (%s): %s; closing the connection", format_peer(peer),
+    log.info("TLS handshake with %s failed (%s): %s; closing the connection", format_peer(peer),
              reason.replace("_", " "), _describe_tls_failure(exc))
 
 
 def _describe_tls_failure(exc: BaseException) -> str:
     """A failed handshake's exception in a few words: OpenSSL's reason, not its file and line."""
     if isinstance(exc, ssl.SSLError):
-        if exc.reason:
-            verify = getattr(exc, "verify_message", None)
-            return f"{exc.reason}" + (f" ({verify})" if verify else "")
-        return "connection closed in the middle of the handshake" if isinstance(exc, ssl.SSLEOFError) else str(exc)
+        if exc.reason or not isinstance(exc, ssl.SSLEOFError):
+            return tls.describe_error(exc)
+        return "connection closed in the middle of the handshake"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any, NoReturn
 
-from prefork import logs
+from prefork import logs, tls
 from prefork.channel import Channel, Event
 from prefork.config import Config
 from prefork.scoreboard import Scoreboard
@@ -108,6 +108,7 @@ def _serve(spec: WorkerSpec, scoreboard: Scoreboard) -> int:
     os.register_at_fork(after_in_child=_as_a_handler_child)
     # SIGABRT from the master (a stale heartbeat), or a crash in C code: every thread's stack to the log
     faulthandler.enable(file=logs.fault_stream(), all_threads=True)
+    tls.quiet_bad_server_names()
     logs.set_title(f"worker {spec.slot}", spec.config.name)
 
     channel = Channel(spec.channel_fd)
