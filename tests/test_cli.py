@@ -417,7 +417,7 @@ def test_the_command_imports_handlers_from_its_working_directory(tmp_path: Path)
     result = subprocess.run([str(command), "--check-config", "here_handlers:Echo"], capture_output=True, text=True,
                             cwd=tmp_path, env=env, timeout=20)
     assert result.returncode == 0, result.stderr
-    assert "here_handlers.Echo" in result.stdout
+    assert "here_handlers:Echo" in result.stdout
 
 
 def test_event_loop_without_uvloop(tmp_path: Path) -> None:

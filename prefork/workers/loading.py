@@ -86,7 +86,7 @@ def _import_object(spec: str) -> Any:
             obj = getattr(obj, part)
         except AttributeError:
             raise HandlerLoadError(
-                f"cannot load handler {quote(spec)}: {quote(module_name)} has no attribute {quote(attr_path)}"
+                f"cannot load handler {quote(spec)}: {cut(module_name)} has no attribute {quote(attr_path)}"
             ) from None
     return obj
 
