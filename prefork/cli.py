@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-requests-jitter", type=int, metavar="N",
                    help="add 0..N to --max-requests per worker so they do not recycle together")
     p.add_argument("--max-worker-memory", type=int, metavar="MIB",
-                   help="recycle a worker whose RSS exceeds MIB (gracefully, one at a time; default 0: no limit)")
+                   help="replace a worker whose own memory (USS) exceeds MIB: it stops accepting at once, its "
+                        "successor starts; at most a quarter of the workers at a time (default 0: no limit)")
     p.add_argument("--reload-batch", type=int, metavar="N",
                    help="on reload, replace N workers at a time, each batch serving before the old ones it "
                         "replaces drain (default 0: the whole generation at once)")

@@ -159,7 +159,7 @@ class Config:
     graceful_timeout: float = 30.0
     max_requests: int = 0
     max_requests_jitter: int = 0
-    max_worker_memory: int = 0  # MiB of RSS; 0: no limit
+    max_worker_memory: int = 0  # MiB of a worker's own memory (USS, see prefork.memory); 0: no limit
     reload_batch: int = 0  # workers replaced at a time on reload; 0: the whole generation at once
     backlog: int = 2048
     name: str = "prefork"

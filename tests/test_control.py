@@ -90,6 +90,8 @@ def test_status_json(daemon_factory: Callable[..., Daemon]) -> None:
         assert is_int(w["requests"]) and w["requests"] == 0
         assert is_int(w["active"]) and w["active"] == 0
         assert is_int(w["rss_bytes"]) and w["rss_bytes"] > 1_000_000
+        assert is_int(w["uss_bytes"]) and is_int(w["pss_bytes"])
+        assert 0 < w["uss_bytes"] <= w["pss_bytes"] <= w["rss_bytes"]
         assert isinstance(w["cpu_percent"], (int, float))
         assert 0.0 <= w["cpu_percent"] <= 100.0 * (os.cpu_count() or 1)
         assert isinstance(w["age_s"], (int, float)) and 0 < w["age_s"] <= st["uptime_s"] + 0.5

@@ -26,7 +26,8 @@ STATUS: dict[str, Any] = {
     "listeners": ["127.0.0.1:8000", "[::1]:8000"],
     "workers": [
         {"slot": 0, "pid": 4711, "generation": 2, "state": "ready", "requests": 12345, "active": 1,
-         "share": 1.0, "rss_bytes": 3 * 1024 * 1024, "cpu_percent": 1.25, "age_s": 3600.0, "heartbeat_age_s": 0.44},
+         "share": 1.0, "rss_bytes": 3 * 1024 * 1024, "uss_bytes": 1024 * 1024, "pss_bytes": 2 * 1024 * 1024,
+         "cpu_percent": 1.25, "age_s": 3600.0, "heartbeat_age_s": 0.44},
         {"slot": 1, "pid": 99, "generation": 1, "state": "stopping", "requests": 0, "active": 0,
          "rss_bytes": 512, "cpu_percent": 0.0, "age_s": 4.5, "heartbeat_age_s": 12.0},
     ],
@@ -142,9 +143,9 @@ def test_status_text() -> None:
         "2 async worker(s) (uvloop) of app:Echo",
         "listening on 127.0.0.1:8000, [::1]:8000",
         "",
-        "SLOT  PID   GEN  STATE     REQUESTS  ACTIVE  SHARE   RSS      CPU%  AGE     HEARTBEAT",
-        "0     4711  2    ready     12345     1       100.0%  3.0 MiB  1.2   60m00s  0.4s",
-        "1     99    1    stopping  0         0       -       512 B    0.0   4.5s    12.0s",
+        "SLOT  PID   GEN  STATE     REQUESTS  ACTIVE  SHARE   RSS      USS      CPU%  AGE     HEARTBEAT",
+        "0     4711  2    ready     12345     1       100.0%  3.0 MiB  1.0 MiB  1.2   60m00s  0.4s",
+        "1     99    1    stopping  0         0       -       512 B    -        0.0   4.5s    12.0s",
         "slot 2: 3 early exit(s) in a row, restart in 1.2s",
         "slot 3: 1 early exit(s) in a row, waiting",
     ]
@@ -155,7 +156,7 @@ def test_status_text_without_workers_loop_or_backoff() -> None:
     del reply["backoff"]
     assert COMMANDS["status"].text(reply) == (
         "web: master pid 42, serving, generation 2, up 62m05s\n2 sync worker(s) of app:Echo\nlistening on 0.0.0.0:80\n"
-        "\nSLOT  PID  GEN  STATE  REQUESTS  ACTIVE  SHARE  RSS  CPU%  AGE  HEARTBEAT")
+        "\nSLOT  PID  GEN  STATE  REQUESTS  ACTIVE  SHARE  RSS  USS  CPU%  AGE  HEARTBEAT")
 
 
 def test_stats_text() -> None:
@@ -190,9 +191,9 @@ def test_top_text_is_one_plain_frame() -> None:
     text = COMMANDS["top"].text(snapshot)
     assert text == "\n".join(frame_lines(build_frame(STATUS, STATS, None)))
     assert text.split("\n")[2:] == [
-        "SLOT   PID  GEN  STATE     REQUESTS  REQ/S  ACTIVE   SHARE      RSS  CPU%  HEARTBEAT",
-        "0     4711    2  ready        12345      -       1  100.0%  3.0 MiB   1.2       0.4s",
-        "1       99    1  stopping         0      -       0       -    512 B   0.0      12.0s",
+        "SLOT   PID  GEN  STATE     REQUESTS  REQ/S  ACTIVE   SHARE      RSS      USS  CPU%  HEARTBEAT",
+        "0     4711    2  ready        12345      -       1  100.0%  3.0 MiB  1.0 MiB   1.2       0.4s",
+        "1       99    1  stopping         0      -       0       -    512 B        -   0.0      12.0s",
     ]
 
 

@@ -19,7 +19,7 @@ from prefork.config import MAX_WORKERS
 from prefork.control import preview
 from prefork.ctl.client import Call, Reply, Request, exchange, exchange_until_exit, snapshot
 from prefork.ctl.errors import UsageError
-from prefork.ctl.render import format_share, human_age, human_bytes, table
+from prefork.ctl.render import format_share, human_age, human_bytes, optional_bytes, table
 from prefork.ctl.top import show_top, top_request, top_text
 from prefork.metrics import render_prometheus
 
@@ -27,7 +27,8 @@ REPLY_TIMEOUT = 10.0  # seconds to wait for a reply when --timeout is not given
 GENERATION_TIMEOUT = 600.0  # reload and upgrade reply once the new generation serves
 TOP_TIMEOUT = 5.0  # each refresh of top
 
-STATUS_HEADERS = ["SLOT", "PID", "GEN", "STATE", "REQUESTS", "ACTIVE", "SHARE", "RSS", "CPU%", "AGE", "HEARTBEAT"]
+STATUS_HEADERS = ["SLOT", "PID", "GEN", "STATE", "REQUESTS", "ACTIVE", "SHARE", "RSS", "USS", "CPU%", "AGE",
+                  "HEARTBEAT"]
 # what the text of stats leaves out, or writes its own way; every other whole-number counter is a line of it
 STATS_NOT_COUNTERS = frozenset({"ok", "pid", "name", "generation", "uptime_s"})
 DRAIN_STATES: Mapping[str | None, str] = {
@@ -142,7 +143,8 @@ def format_status(s: Reply) -> str:
     ]
     rows = [
         [str(w["slot"]), str(w["pid"]), str(w["generation"]), w["state"], str(w["requests"]), str(w["active"]),
-         format_share(w.get("share")), human_bytes(w["rss_bytes"]), f"{w['cpu_percent']:.1f}",
+         format_share(w.get("share")), human_bytes(w["rss_bytes"]), optional_bytes(w.get("uss_bytes")),
+         f"{w['cpu_percent']:.1f}",
          human_age(w["age_s"]), f"{w['heartbeat_age_s']:.1f}s"]
         for w in s["workers"]
     ]
