@@ -692,13 +692,51 @@ def control_candidates(name: str) -> list[str]:
 
 
 def find_control_path(name: str) -> str | None:
-    """The control socket of daemon ``name`` (see :func:`control_candidates`); None when there is none."""
+    """The control socket of daemon ``name``; None when there is none.
+
+    First the places of :func:`control_candidates`; then any listening Unix
+    socket called NAME.sock that the kernel lists (``/proc/net/unix``) and we
+    own, when there is exactly one: a daemon started with a runtime directory
+    of its own (another ``XDG_RUNTIME_DIR``) is found too.
+    """
     for path in control_candidates(name):
         if os.path.exists(path):
             return path
+    listening = listening_control_sockets(name)
+    if len(listening) == 1:
+        return listening[0]
     if os.geteuid() == 0:  # root looking for a daemon that switched to another user (--user)
-        escaped = glob.escape(name)
-        found = glob.glob(f"/tmp/prefork-[0-9]*/{escaped}.sock") + glob.glob(f"/run/user/[0-9]*/{escaped}.sock")
+        found = glob.glob(f"/tmp/prefork-[0-9]*/{glob.escape(name)}.sock")
         if len(found) == 1:
             return found[0]
     return None
+
+
+def listening_control_sockets(name: str, table: str = "/proc/net/unix") -> list[str]:
+    """The listening Unix sockets called NAME.sock in ``table`` that are ours (root: anyone's), each once."""
+    try:
+        with open(table, encoding="utf-8", errors="replace") as f:
+            paths = unix_listeners(f.read())
+    except OSError:
+        return []
+    found = []
+    for path in dict.fromkeys(p for p in paths if os.path.basename(p) == f"{name}.sock"):
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue  # gone, or a socket of another mount namespace
+        if stat.S_ISSOCK(st.st_mode) and (st.st_uid == os.geteuid() or os.geteuid() == 0):
+            found.append(path)
+    return found
+
+
+def unix_listeners(text: str) -> list[str]:
+    """The paths of the listening Unix stream sockets in the text of ``/proc/net/unix``."""
+    paths = []
+    for line in text.splitlines()[1:]:
+        fields = line.split(None, 7)
+        # Num RefCount Protocol Flags Type St Inode Path: Flags 00010000 is __SO_ACCEPTCON (listening),
+        # Type 0001 SOCK_STREAM; an abstract name starts with '@', an unbound socket has no path
+        if len(fields) == 8 and int(fields[3], 16) & 0x10000 and fields[4] == "0001" and fields[7].startswith("/"):
+            paths.append(fields[7])
+    return paths

@@ -408,6 +408,14 @@ def test_find_socket_in_the_other_runtime_directory(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout)["pid"] == proc.pid
     assert not (xdg / f"{name}.sock").exists()
+    # a runtime directory of its own: found among the listening sockets the kernel lists
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    with own_daemon(tmp_path, runtime_env(elsewhere), "--bind", "127.0.0.1:0", "-w", "1", "--name", name) as proc:
+        wait_answering(str(elsewhere / f"{name}.sock"), proc)
+        result = ctl("--name", name, "status", "--json", env=bare)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["pid"] == proc.pid
 
 
 @pytest.mark.parametrize("xdg", [None, "/run/elsewhere"])
@@ -426,8 +434,8 @@ def test_no_daemon_found_names_every_place_tried(tmp_path: Path, xdg: str | None
     places += ["/run/prefork/nosuchdaemon.sock", "/run/prefork-nosuchdaemon/nosuchdaemon.sock"]
     assert result.stderr == (
         f"preforkctl: no prefork daemon named 'nosuchdaemon' is running here: no control socket at "
-        f"{', '.join(places)} (started with another XDG_RUNTIME_DIR or --control? give its socket with "
-        "--control PATH)\n")
+        f"{', '.join(places)}, and none listening elsewhere that is ours (started with --control? give its "
+        "socket with --control PATH)\n")
 
 
 # -- hostile clients -------------------------------------------------------------------------------------
