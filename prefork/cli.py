@@ -24,6 +24,7 @@ from prefork.config import (
     ConfigError,
     build_config,
     default_control_path,
+    describe_handler,
     parse_bind,
 )
 from prefork.usage import Parser
@@ -181,14 +182,6 @@ def check_config(config: Config) -> str:
         for spec, cert in setup.certificates())
     return (f"configuration OK: {config.workers} {config.worker_class} worker(s){loop} of "
             f"{describe_handler(config)} on {', '.join(config.binds)}{certificates}")
-
-
-def describe_handler(config: Config) -> str:
-    """The handler as status and logs name it (``module:Class``), and what it is when no other was given."""
-    name = config.effective_handler
-    if config.handler == DEFAULT_HANDLER and not config.relay:
-        return f"{name} (the built-in echo server: no handler given)"
-    return name
 
 
 def preload_worker_code(config: Config) -> None:

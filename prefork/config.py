@@ -646,6 +646,14 @@ def _check_relay_tls(config: Config) -> None:
         raise ConfigError(f"relay-sni: {quote(config.relay_sni)} is not a server name")
 
 
+def describe_handler(config: Config) -> str:
+    """The handler as status and logs name it (``module:Class``), and what it is when no other was given."""
+    name = config.effective_handler
+    if config.handler == DEFAULT_HANDLER and not config.relay:
+        return f"{name} (the built-in echo server: no handler given)"
+    return name
+
+
 def check_name(name: str) -> None:
     """Refuse an instance name that cannot be a file name (ConfigError)."""
     if not _NAME_RE.match(name):

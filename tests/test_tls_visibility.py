@@ -366,6 +366,7 @@ def test_startup_log_says_which_listeners_speak_tls_and_where_metrics_and_agent_
                        "--metrics-bind", f"127.0.0.1:{metrics_port}", "--agent-bind", f"127.0.0.1:{agent_port}")
     tls_address = next(a for a in d.status()["listeners"] if a != f"127.0.0.1:{plain_port}")
     line = next(line for line in d.log().splitlines() if " master (pid " in line)
+    assert " worker(s) of prefork.handlers.echo:EchoHandler (the built-in echo server: no handler given) on " in line
     assert f" on 127.0.0.1:{plain_port}, {tls_address} (TLS); control socket {d.control}; " in line, line
     assert line.endswith(f"; metrics at http://127.0.0.1:{metrics_port}/metrics (and /healthz, /readyz); "
                          f"HAProxy agent-check on 127.0.0.1:{agent_port}"), line
