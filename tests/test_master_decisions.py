@@ -575,6 +575,8 @@ def test_command_table(request_: dict[str, Any], state: str, reply: dict[str, An
     (3, {"by": 1.0}, "scale: by must be a whole number, got 1.0"),
     (3, {}, "scale: give workers (a count) or by (a change), got workers=None, by=None"),
     (3, {"workers": 2, "by": 1}, "scale: give workers (a count) or by (a change), got workers=2, by=1"),
+    (3, {"workers": None, "by": 1}, "scale: give workers (a count) or by (a change), got workers=None, by=1"),
+    (3, {"by": None}, "scale: by must be a whole number, got None"),
 ])
 def test_scale_target(current: int, request_: dict[str, Any], result: int | str) -> None:
     assert commands.scale_target(current, request_) == result

@@ -67,15 +67,15 @@ def scale_target(current: int, request: dict[str, Any]) -> int | str:
 
     ``workers`` sets the count; ``by`` changes it (``+2``, ``-1``). Exactly one of them, a whole number.
     """
-    workers, by = request.get("workers"), request.get("by")
-    if (workers is None) == (by is None):
-        return f"scale: give workers (a count) or by (a change), got workers={preview(workers)}, by={preview(by)}"
-    value = workers if by is None else by
+    if ("workers" in request) == ("by" in request):
+        return (f"scale: give workers (a count) or by (a change), got workers={preview(request.get('workers'))}, "
+                f"by={preview(request.get('by'))}")
+    relative = "by" in request
+    value = request["by" if relative else "workers"]
     if isinstance(value, bool) or not isinstance(value, int):
-        which = "workers" if by is None else "by"
-        return f"scale: {which} must be a whole number, got {preview(value)}"
-    count = value if by is None else current + value
-    if by is not None and not 1 <= count <= MAX_WORKERS:
+        return f"scale: {'by' if relative else 'workers'} must be a whole number, got {preview(value)}"
+    count = current + value if relative else value
+    if relative and not 1 <= count <= MAX_WORKERS:
         made = preview(count)
         return f"scale: {current} worker(s) changed by {preview(value)} would be {made}, not from 1 to {MAX_WORKERS}"
     if not 1 <= count <= MAX_WORKERS:
