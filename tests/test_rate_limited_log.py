@@ -13,7 +13,8 @@ from collections.abc import Callable
 import pytest
 from test_control import raw_exchange
 
-from conftest import Daemon
+from conftest import Daemon, wait_for
+from prefork import logs
 from prefork.logs import RateLimitedLog
 
 LOG = "prefork.test.ratelimit"
@@ -52,6 +53,39 @@ def test_one_line_per_interval_then_the_count(caplog: pytest.LogCaptureFixture, 
     assert all(r.levelno == logging.WARNING for r in caplog.records)
 
 
+def test_what_a_finished_flood_held_back_is_written_once_its_interval_is_over(
+        caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    limited = RateLimitedLog(logging.getLogger(LOG), interval=10.0, clock=clock)
+    start = clock.now
+    with caplog.at_level(logging.INFO, logger=LOG):
+        for i in range(5):
+            clock.now = start + i
+            limited.warning("bad %d", i)
+        limited.flush()  # 4 s in: the interval is not over
+        assert [r.getMessage() for r in caplog.records] == ["bad 0"]
+        clock.now = start + 10.0
+        limited.flush()
+        limited.flush()  # written once
+        clock.now = start + 30.0
+        limited.flush()  # nothing held since
+        assert limited.warning("bad %d", 5) is True  # a new flood starts with a line of its own
+    assert [r.getMessage() for r in caplog.records] == [
+        "bad 0", "bad 4 (and 3 more like it in the last 10s, not logged)", "bad 5"]
+
+
+def test_flush_held_reaches_every_limiter(caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    one, two = (RateLimitedLog(logging.getLogger(LOG), interval=10.0, clock=clock) for _ in range(2))
+    with caplog.at_level(logging.INFO, logger=LOG):
+        for limited in (one, two):
+            limited.warning("first")
+            limited.warning("second")
+        clock.now += 10.0
+        logs.flush_held()
+    assert [r.getMessage() for r in caplog.records if r.name == LOG] == ["first", "first", "second", "second"]
+
+
 def test_keys_are_limited_apart_and_a_silenced_level_counts_nothing(caplog: pytest.LogCaptureFixture) -> None:
     clock = Clock()
     limited = RateLimitedLog(logging.getLogger(LOG), interval=10.0, clock=clock)
@@ -86,3 +120,6 @@ def test_a_flood_of_bad_control_requests_is_a_line_or_two(daemon_factory: Callab
     # one line at the start, and one per 10 s the flood lasted at most (each with the count held back)
     assert 1 <= len(lines) <= 7, lines
     assert "WARNING" in lines[0]
+    # what was held back is written with its count once the interval is over, even with no request after it
+    wait_for(lambda: any("bad request" in line and " more like it in the last 10s, not logged)" in line
+                         for line in d.log().splitlines()), 30, "the count of the bad requests held back")

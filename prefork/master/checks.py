@@ -7,6 +7,7 @@ import time
 from collections.abc import Mapping
 from typing import Protocol
 
+from prefork import logs
 from prefork.config import Config
 from prefork.master.generations import Generations
 from prefork.master.pool import WorkerPool
@@ -47,6 +48,7 @@ class PeriodicChecks:
             watchdog_every = None
         if watchdog_every is not None:
             self.timers.every("watchdog", watchdog_every, self.ping_watchdog, first=0.0)
+        self.timers.every("held log lines", logs.RATE_LIMIT_INTERVAL, logs.flush_held)
         self.watch_memory()
 
     def watch_memory(self) -> None:

@@ -194,6 +194,7 @@ class WorkerLifecycle:
         """Stamp the heartbeat the master watches (a stale one means a hung worker); returns the stamp."""
         now = time.monotonic()
         self.record.heartbeat = now
+        logs.flush_held()  # what a client's flood held back, once its interval is over
         return now
 
     def orphaned(self) -> bool:
