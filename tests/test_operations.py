@@ -130,7 +130,7 @@ def test_a_leak_in_every_worker_is_caught_early_and_never_takes_the_capacity(
         daemon_factory: Callable[..., Daemon]) -> None:
     """5 MiB kept per connection, about 6 connections a second spread over 4 workers: each is replaced within a
     check or two (a second each) of passing the limit, never more than one of the four out of service at once.
-    (Looking every 5 s and one worker at a time, the same leak ran to 200-300 MiB before a replacement.)"""
+    (Looking at RSS every 5 s, one worker at a time, the same leak ran to 140-150 MiB before a replacement.)"""
     limit = 60
     d = daemon_factory("--workers", "4", "-k", "thread", "--max-worker-memory", str(limit), "ops_handlers:Leak")
     d.wait_serving(4)
