@@ -365,6 +365,17 @@ def test_a_ready_worker_cancels_its_slots_pending_respawn() -> None:
     assert ("respawn", 0) not in timers
 
 
+def test_a_worker_that_grew_past_the_memory_limit_has_the_master_look_now() -> None:
+    gens, pool, _, _ = stepper(workers=2)
+    ready(gens, pool)
+    looks: list[str] = []
+    gens.on_grown = lambda: looks.append("look")
+    worker = gens.slots[1]
+    gens.on_message(worker, Message(worker.pid, Event.GREW, str(70 * 2**20)))
+    assert looks == ["look"]  # the periodic check's decision, taken now; the message itself replaces nothing
+    assert gens.slots[1] is worker
+
+
 def test_a_boot_error_before_serving_is_fatal() -> None:
     gens, pool, host, _ = stepper(workers=2)
     worker = gens.slots[0]

@@ -49,6 +49,7 @@ class PeriodicChecks:
         if watchdog_every is not None:
             self.timers.every("watchdog", watchdog_every, self.ping_watchdog, first=0.0)
         self.timers.every("held log lines", logs.RATE_LIMIT_INTERVAL, logs.flush_held)
+        self.gens.on_grown = self.recycle_fattest  # a worker that saw itself pass the limit: look now
         self.watch_memory()
 
     def watch_memory(self) -> None:

@@ -136,6 +136,7 @@ def build_worker(spec: WorkerSpec, handler: Any, scoreboard: Scoreboard, channel
         proxy=ProxyPolicy.from_config(config),
         balance=balance,
         tls=spec.listener_tls(),
+        memory_limit=config.max_worker_memory * 2**20,
     )
     if config.worker_class == "async":
         return AsyncWorker(spec.listeners, handler, config, record, options)
