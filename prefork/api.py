@@ -55,7 +55,7 @@ from typing import Any, Literal, NoReturn, TypedDict, Unpack
 
 from prefork import logs
 from prefork.cli import build_master, prepare_master
-from prefork.config import DEFAULT_BIND, SETTINGS, Config, ConfigError, build_config
+from prefork.config import DEFAULT_BIND, SETTINGS, Config, ConfigError, build_config, quote
 from prefork.control import ControlConnection
 from prefork.master.loop import Master
 from prefork.master.reload import Waiter
@@ -164,7 +164,7 @@ def bind_texts(address: Address | list[Address]) -> list[str]:
             host = item[0] or "0.0.0.0"  # as socketserver's TCPServer: '' is every IPv4 interface
             texts.append(f"[{host}]:{item[1]}" if ":" in host else f"{host}:{item[1]}")
         else:
-            raise OptionError(f"server address {item!r}: expected (HOST, PORT) or a string such as "
+            raise OptionError(f"server address {quote(item)}: expected (HOST, PORT) or a string such as "
                               "'127.0.0.1:20000', '[::1]:20000' or 'unix:/run/app.sock'")
     return texts
 
@@ -188,7 +188,7 @@ def make_config(handler: Handler, address: Address | list[Address], options: Map
     for key, value in options.items():
         if key not in KEYWORDS:
             close = difflib.get_close_matches(key, KEYWORDS, n=1)
-            raise OptionError(f"unknown option {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise OptionError(f"unknown option {quote(key)}" + (f" (did you mean {quote(close[0])}?)" if close else ""))
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
         elif isinstance(value, tuple):
@@ -197,7 +197,7 @@ def make_config(handler: Handler, address: Address | list[Address], options: Map
             if value is None:
                 continue
             if not isinstance(value, str):
-                raise OptionError(f"config: expected a path, got {value!r}")
+                raise OptionError(f"config: expected a path, got {quote(value)}")
             config_file = value
         else:
             settings[key] = value

@@ -30,6 +30,7 @@ class Event(enum.Enum):
     BOOT_ERROR = "boot_error"  # the handler cannot be loaded (detail: why); the worker exits next
     RETIRING = "retiring"  # leaving of its own accord (detail: why): start its replacement now
     STOPPED = "stopped"  # no longer accepting connections (a reload's reply waits for every old worker's)
+    GREW = "grew"  # its own memory passed --max-worker-memory (detail: bytes): the master looks now
 
 
 @dataclass(frozen=True)

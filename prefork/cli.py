@@ -24,8 +24,10 @@ from prefork.config import (
     ConfigError,
     build_config,
     default_control_path,
+    describe_handler,
     parse_bind,
 )
+from prefork.usage import Parser
 
 if TYPE_CHECKING:
     import socket
@@ -46,11 +48,8 @@ class UsageError(Exception):
     """A command-line mistake; the message is one line."""
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a mistake is one line (no usage dump) and raises instead of exiting."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see {self.prog} --help)")
+class _Parser(Parser):
+    usage_error = UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-requests-jitter", type=int, metavar="N",
                    help="add 0..N to --max-requests per worker so they do not recycle together")
     p.add_argument("--max-worker-memory", type=int, metavar="MIB",
-                   help="recycle a worker whose RSS exceeds MIB (gracefully, one at a time; default 0: no limit)")
+                   help="replace a worker whose own memory (USS) exceeds MIB: it stops accepting at once, its "
+                        "successor starts; at most a quarter of the workers at a time (default 0: no limit)")
     p.add_argument("--reload-batch", type=int, metavar="N",
                    help="on reload, replace N workers at a time, each batch serving before the old ones it "
                         "replaces drain (default 0: the whole generation at once)")
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", metavar="FILE",
                    help="TOML file with the long options as keys; the command line wins")
     p.add_argument("--check-config", action="store_true", help="check the configuration and handler, then exit")
-    p.add_argument("--log-level", choices=LOG_LEVELS, metavar="LEVEL", help="debug, info (default), warning, error")
+    p.add_argument("--log-level", choices=LOG_LEVELS, metavar="LEVEL", help=f"{', '.join(LOG_LEVELS)} (default info)")
     p.add_argument("--log-file", metavar="PATH", help="log to PATH instead of stderr (USR1 reopens it)")
     p.add_argument("--access-log", metavar="PATH|-",
                    help="one line per connection (peer, duration, bytes in/out) to PATH or - for stdout")
@@ -196,14 +196,14 @@ def check_config(config: Config) -> str:
         if path and path != "-" and os.path.exists(path) and not logs.never_blocks(os.stat(path)):
             raise ConfigError(f"{option} {path}: {logs.NOT_REGULAR}")
     setup = tls.load(config)  # certificates and keys load and match, none has expired
-    handler = handler_for(config, relay_tls=setup.relay)
+    handler_for(config, relay_tls=setup.relay)  # imports it: a handler that cannot load fails here
     loop = f" ({config.event_loop})" if config.event_loop else ""
     certificates = "".join(
         f"; TLS on {spec}: {cert.subject}, expires {cert.describe()['not_after']}"
         + (f" (for {cert.server_name})" if cert.server_name else "")
         for spec, cert in setup.certificates())
     return (f"configuration OK: {config.workers} {config.worker_class} worker(s){loop} of "
-            f"{handler.__module__}.{handler.__qualname__} on {', '.join(config.binds)}{certificates}")
+            f"{describe_handler(config)} on {', '.join(config.binds)}{certificates}")
 
 
 def preload_worker_code(config: Config) -> None:

@@ -9,6 +9,7 @@ that names the culprit.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import glob
 import importlib.util
 import ipaddress
@@ -17,7 +18,7 @@ import re
 import reprlib
 import stat
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,7 @@ TLS_KEYS = ("certfile", "keyfile", "keyfile_password_file", "ca_certs", "cert_re
 MAX_WORKERS = 1024  # the scoreboard is sized once, before the first fork
 MAX_CONFIG_BYTES = 2 * 1024 * 1024  # a configuration is a few hundred bytes; 2 MiB is plenty
 MAX_LIST = 1024  # entries in a list setting (bind, relay, proxy-allow)
+MAX_HANDLER = 500  # characters of a handler's module:Class
 QUOTE_LIMIT = 100  # characters of a value an error message quotes
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _HANDLER_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -64,6 +66,12 @@ def cut(text: str) -> str:
     """``text`` for an error message: at most QUOTE_LIMIT characters, on one line."""
     text = " ".join(text.split("\n"))
     return text if len(text) <= QUOTE_LIMIT else text[: QUOTE_LIMIT - 3] + "..."
+
+
+def did_you_mean(given: str, known: Iterable[str]) -> str:
+    """`` (did you mean X?)`` for the one of ``known`` closest to ``given`` (a typo), or nothing."""
+    close = difflib.get_close_matches(given, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def quote(value: object) -> str:
@@ -151,7 +159,7 @@ class Config:
     graceful_timeout: float = 30.0
     max_requests: int = 0
     max_requests_jitter: int = 0
-    max_worker_memory: int = 0  # MiB of RSS; 0: no limit
+    max_worker_memory: int = 0  # MiB of a worker's own memory (USS, see prefork.memory); 0: no limit
     reload_batch: int = 0  # workers replaced at a time on reload; 0: the whole generation at once
     backlog: int = 2048
     name: str = "prefork"
@@ -377,7 +385,9 @@ def read_config_file(path: str) -> dict[str, Any]:
             settings[norm] = _listener_tables(path, value)
             continue
         if norm not in _FIELD_TYPES:
-            raise ConfigError(f"config file {path}: unknown setting {quote(key)}")
+            known = [k.replace("_", "-") for k in (*_FIELD_TYPES, "listener")]
+            raise ConfigError(f"config file {path}: unknown setting {quote(key)}"
+                              f"{did_you_mean(key.replace('_', '-'), known)}")
         settings[norm] = value
     return settings
 
@@ -654,12 +664,12 @@ def validate(config: Config) -> None:
         raise ConfigError(f"max-worker-memory: {config.max_worker_memory} MiB is out of range (0 = no limit)")
     if not 1 <= config.backlog <= 65535:
         raise ConfigError(f"backlog: {config.backlog} is out of range (1-65535)")
-    if not _NAME_RE.match(config.name):
-        raise ConfigError(
-            f"name: {quote(config.name)} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
-        )
+    check_name(config.name)
     if not _HANDLER_RE.match(config.handler):
         raise ConfigError(f"handler: {quote(config.handler)} must look like module:Class (e.g. myapp.echo:Handler)")
+    if len(config.handler) > MAX_HANDLER:  # it is written in every start and status: a name, not a payload
+        raise ConfigError(f"handler: {quote(config.handler)} is {len(config.handler)} characters long, "
+                          f"over {MAX_HANDLER}")
     _check_side_port("metrics-bind", config.metrics_bind, specs)
     _check_side_port("agent-bind", config.agent_bind, specs)
     if config.agent_bind is not None and config.metrics_bind is not None:
@@ -755,6 +765,22 @@ def _check_relay_tls(config: Config) -> None:
         raise ConfigError(f"relay-sni: {quote(config.relay_sni)} is not a server name")
 
 
+def describe_handler(config: Config) -> str:
+    """The handler as status and logs name it (``module:Class``), and what it is when no other was given."""
+    name = config.effective_handler
+    if config.handler == DEFAULT_HANDLER and not config.relay:
+        return f"{name} (the built-in echo server: no handler given)"
+    return name
+
+
+def check_name(name: str) -> None:
+    """Refuse an instance name that cannot be a file name (ConfigError)."""
+    if not _NAME_RE.match(name):
+        raise ConfigError(
+            f"name: {quote(name)} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+
+
 def runtime_dir(uid: int | None = None) -> str:
     """Where control sockets live: systemd's RuntimeDirectory, else XDG_RUNTIME_DIR, else /tmp/prefork-UID.
 
@@ -773,20 +799,71 @@ def default_control_path(name: str, uid: int | None = None) -> str:
     return os.path.join(runtime_dir(uid), f"{name}.sock")
 
 
-def find_control_path(name: str) -> str:
-    """Where a client looks for daemon ``name``: the default place, else the shipped units' /run places.
+def control_candidates(name: str) -> list[str]:
+    """Where a client looks for daemon ``name``, in order, each place once.
 
-    An operator's shell has neither $RUNTIME_DIRECTORY nor the service user's
-    $XDG_RUNTIME_DIR, so ``preforkctl status`` also tries
-    /run/prefork/NAME.sock (prefork.service) and /run/prefork-NAME/NAME.sock
-    (prefork@NAME.service). Returns the default path when none exists.
+    The daemon's own default place seen from here, then both runtime
+    directories whichever of them our environment names: $XDG_RUNTIME_DIR (or,
+    when it is not set, /run/user/UID, where pam_systemd points it) and
+    /tmp/prefork-UID, the daemon's place when it is not set; then the shipped
+    units' /run/prefork/NAME.sock (prefork.service) and
+    /run/prefork-NAME/NAME.sock (prefork@NAME.service), as an operator's shell
+    has neither $RUNTIME_DIRECTORY nor the service user's $XDG_RUNTIME_DIR.
     """
-    default = default_control_path(name)
-    for path in (default, f"/run/prefork/{name}.sock", f"/run/prefork-{name}/{name}.sock"):
+    check_name(name)
+    uid = os.getuid()
+    xdg = os.environ.get("XDG_RUNTIME_DIR", "") or f"/run/user/{uid}"
+    places = [default_control_path(name), os.path.join(xdg, f"{name}.sock"), f"/tmp/prefork-{uid}/{name}.sock",
+              f"/run/prefork/{name}.sock", f"/run/prefork-{name}/{name}.sock"]
+    return list(dict.fromkeys(places))
+
+
+def find_control_path(name: str) -> str | None:
+    """The control socket of daemon ``name``; None when there is none.
+
+    First the places of :func:`control_candidates`; then any listening Unix
+    socket called NAME.sock that the kernel lists (``/proc/net/unix``) and we
+    own, when there is exactly one: a daemon started with a runtime directory
+    of its own (another ``XDG_RUNTIME_DIR``) is found too.
+    """
+    for path in control_candidates(name):
         if os.path.exists(path):
             return path
+    listening = listening_control_sockets(name)
+    if len(listening) == 1:
+        return listening[0]
     if os.geteuid() == 0:  # root looking for a daemon that switched to another user (--user)
         found = glob.glob(f"/tmp/prefork-[0-9]*/{glob.escape(name)}.sock")
         if len(found) == 1:
             return found[0]
-    return default
+    return None
+
+
+def listening_control_sockets(name: str, table: str = "/proc/net/unix") -> list[str]:
+    """The listening Unix sockets called NAME.sock in ``table`` that are ours (root: anyone's), each once."""
+    try:
+        with open(table, encoding="utf-8", errors="replace") as f:
+            paths = unix_listeners(f.read())
+    except OSError:
+        return []
+    found = []
+    for path in dict.fromkeys(p for p in paths if os.path.basename(p) == f"{name}.sock"):
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue  # gone, or a socket of another mount namespace
+        if stat.S_ISSOCK(st.st_mode) and (st.st_uid == os.geteuid() or os.geteuid() == 0):
+            found.append(path)
+    return found
+
+
+def unix_listeners(text: str) -> list[str]:
+    """The paths of the listening Unix stream sockets in the text of ``/proc/net/unix``."""
+    paths = []
+    for line in text.splitlines()[1:]:
+        fields = line.split(None, 7)
+        # Num RefCount Protocol Flags Type St Inode Path: Flags 00010000 is __SO_ACCEPTCON (listening),
+        # Type 0001 SOCK_STREAM; an abstract name starts with '@', an unbound socket has no path
+        if len(fields) == 8 and int(fields[3], 16) & 0x10000 and fields[4] == "0001" and fields[7].startswith("/"):
+            paths.append(fields[7])
+    return paths

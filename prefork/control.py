@@ -28,6 +28,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from prefork.config import cut
+
 # the frames are prefork's one codec (prefork.frames); named here too, as the control socket's wire format
 from prefork.frames import HEADER as HEADER
 from prefork.frames import FrameError as ProtocolError
@@ -35,11 +37,14 @@ from prefork.frames import decode_body as decode_body
 from prefork.frames import encode as encode
 from prefork.frames import frame_length as frame_length
 from prefork.listeners import ACCEPT_PAUSE, accept_failed
+from prefork.logs import RateLimitedLog
 
 if TYPE_CHECKING:
     from prefork.privileges import Identity
 
 log = logging.getLogger(__name__)
+_bad_requests = RateLimitedLog(log)  # a client may send garbage in a loop
+_closed_clients = RateLimitedLog(log)  # or connect and say nothing, in a loop
 
 MAX_REQUEST = 64 * 1024  # a request is a command and a few arguments
 MAX_REPLY = 16 * 1024 * 1024  # a status of a thousand workers fits with room to spare
@@ -66,7 +71,7 @@ _PREVIEW.maxlevel = 3
 def preview(value: object) -> str:
     """A client's value for a log line or a reply: its repr, cut short (it may be 64 KiB deep or long)."""
     try:
-        return _PREVIEW.repr(value)[:200]
+        return cut(_PREVIEW.repr(value))
     except Exception:  # an integer too long for repr(), say
         return f"<{type(value).__name__}>"
 
@@ -75,7 +80,6 @@ def preview(value: object) -> str:
 
 ACCEPT_BATCH = 64  # clients taken per wake-up: a flood must not starve the rest of the master's loop
 MAX_CLIENTS = 64  # control clients held at once; the master lowers it to fit its descriptor limit
-EVICTION_LOG_INTERVAL = 10.0  # seconds between two log lines about clients closed to make room
 # accept() on a descriptor that is no longer a listening socket: closed under us, or its number reused
 LISTENER_GONE_ERRNOS = frozenset({errno.EBADF, errno.ENOTSOCK, errno.EINVAL})
 
@@ -122,7 +126,7 @@ class ClientGate:
         self.max_clients = max(1, max_clients)
         self.paused_until: float | None = None  # out of descriptors: watched again at this time
         self.evictions = 0
-        self._evictions_logged_at = -EVICTION_LOG_INTERVAL
+        self._evictions_log = RateLimitedLog(log)
         self._watching = False
         self._closed = False
 
@@ -171,11 +175,8 @@ class ClientGate:
     def _make_room(self) -> None:
         self.clients.evict_idle()
         self.evictions += 1
-        now = time.monotonic()
-        if now - self._evictions_logged_at >= EVICTION_LOG_INTERVAL:
-            self._evictions_logged_at = now
-            log.warning("%s: %d clients open, the most it holds; closing the oldest silent one for each "
-                        "newcomer (%d so far)", self.what, self.max_clients, self.evictions)
+        self._evictions_log.warning("%s: %d clients open, the most it holds; closing the oldest silent one for "
+                                    "each newcomer (%d so far)", self.what, self.max_clients, self.evictions)
 
     def client_left(self) -> None:
         """A client closed: a gate that stopped watching at the cap watches again."""
@@ -440,7 +441,7 @@ class ControlConnection:
             request = decode_body(bytes(self._inbuf[HEADER.size : HEADER.size + length]))
         except ProtocolError as exc:
             self.handled = True
-            log.warning("control socket: bad request: %s", exc)
+            _bad_requests.warning("control socket: bad request: %s", exc)
             self.reply({"ok": False, "error": f"bad request: {exc}"})
             return
         self.handled = True
@@ -489,7 +490,7 @@ class ControlConnection:
             return
         self._closed = True
         if why:
-            log.info("control socket: client %s; closing it", why)
+            _closed_clients.info("control socket: client %s; closing it", why)
         if self.server.selector is not None:
             with contextlib.suppress(KeyError, ValueError):
                 self.server.selector.unregister(self.sock)

@@ -13,9 +13,11 @@ import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from prefork.config import BindSpec
+from prefork.config import BindSpec, quote
+from prefork.logs import RateLimitedLog
 
 log = logging.getLogger(__name__)
+_accept_failures = RateLimitedLog(log)  # a worker out of descriptors fails every accept
 
 
 class BindError(Exception):
@@ -93,7 +95,7 @@ def bind_tcp(spec: BindSpec, backlog: int) -> Listener:
     try:
         infos = socket.getaddrinfo(host, spec.port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise BindError(f"cannot bind {spec.text}: cannot resolve host {spec.host!r} ({exc.strerror})") from exc
+        raise BindError(f"cannot bind {spec.text}: cannot resolve host {quote(spec.host)} ({exc.strerror})") from exc
     family, socktype, proto, _, sockaddr = infos[0]
     sock = socket.socket(family, socktype, proto)
     try:
@@ -233,10 +235,13 @@ def accept_failed(sock: socket.socket, exc: OSError) -> bool:
     have room). A client that gave up before the accept is not worth a line.
     """
     if exc.errno in _ACCEPT_RESOURCE_ERRNOS:
-        log.warning("cannot accept on %s: %s; pausing accepts for %.1fs", describe(sock), exc.strerror, ACCEPT_PAUSE)
+        where = describe(sock)
+        _accept_failures.warning("cannot accept on %s: %s; pausing accepts for %.1fs", where, exc.strerror,
+                                 ACCEPT_PAUSE, key=where)
         return True
     if exc.errno != errno.ECONNABORTED:
-        log.warning("cannot accept on %s: %s", describe(sock), exc.strerror)
+        where = describe(sock)
+        _accept_failures.warning("cannot accept on %s: %s", where, exc.strerror, key=where)
     return False
 
 

@@ -19,6 +19,10 @@ import os
 import stat
 import sys
 import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import IO, Any
 
 from setproctitle import setproctitle as _setproctitle
@@ -28,6 +32,8 @@ _FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
 _JOURNAL_FORMAT = "[%(process)d] %(levelname)s %(name)s: %(message)s"
 
 log = logging.getLogger(__name__)
+
+RATE_LIMIT_INTERVAL = 10.0  # seconds: at most one line per interval from a call site clients can repeat at will
 
 _dropped = 0
 _dropped_lock = threading.Lock()
@@ -53,6 +59,108 @@ def _drop(where: str, exc: BaseException | None) -> None:
             sys.stderr.flush()
         except (OSError, ValueError):
             pass
+
+
+class RateLimitedLog:
+    """One log call site that clients can repeat at will (a bad request, a failed handshake, a refused accept).
+
+    At most one line per ``interval`` seconds is written; the lines held back
+    meanwhile are counted, and the next line written says how many there were.
+    4,000 bad requests in a second make one line, not 4,000. When the flood
+    ends, :func:`flush_held` (the master's timers, a worker's heartbeat) writes
+    the last line held back with the count, once its interval is over, so no
+    flood goes unreported. A ``key`` (the listening address, say) limits each
+    kind apart, for a few kinds at most. Thread-safe: the threads of a thread
+    worker share one.
+    """
+
+    MAX_KEYS = 64  # keys are the process's own few addresses; past this many, start afresh
+
+    def __init__(self, logger: logging.Logger, interval: float = RATE_LIMIT_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger = logger
+        self.interval = interval
+        self.clock = clock
+        self._state: dict[object, _Held] = {}
+        self._holding = False  # some key holds lines back (a cheap look for flush)
+        self._lock = threading.Lock()
+        _limiters.add(self)
+
+    def held(self, key: object = None) -> int:
+        """Lines held back since the last one written (for ``key``)."""
+        state = self._state.get(key)
+        return state.count if state is not None else 0
+
+    def log(self, level: int, msg: str, *args: object, key: object = None) -> bool:
+        """Write ``msg % args`` at ``level`` unless a line was written less than ``interval`` ago; True if written."""
+        if not self.logger.isEnabledFor(level):
+            return False
+        with self._lock:
+            now = self.clock()
+            state = self._state.get(key)
+            if state is not None and now < state.next_at:
+                state.count += 1
+                state.last = (level, msg, args)
+                self._holding = True
+                _holding.set()
+                return False
+            if state is None and len(self._state) >= self.MAX_KEYS:
+                self._state.clear()
+            held = state.count if state is not None else 0
+            self._state[key] = _Held(now + self.interval)
+        self._write(level, msg, args, held)
+        return True
+
+    def flush(self) -> None:
+        """Write the last line each key held back, with the count, once its interval is over."""
+        if not self._holding:
+            return
+        due = []
+        with self._lock:
+            now = self.clock()
+            for key, state in self._state.items():
+                if state.count and state.last is not None and now >= state.next_at:
+                    due.append((state.last, state.count - 1))
+                    self._state[key] = _Held(now + self.interval)
+            self._holding = any(state.count for state in self._state.values())
+        for (level, msg, args), others in due:
+            self._write(level, msg, args, others)
+
+    def _write(self, level: int, msg: str, args: tuple[object, ...], held: int) -> None:
+        if held:
+            msg += " (and %d more like it in the last %.0fs, not logged)"
+            args = (*args, held, self.interval)
+        self.logger.log(level, msg, *args)
+
+    def warning(self, msg: str, *args: object, key: object = None) -> bool:
+        return self.log(logging.WARNING, msg, *args, key=key)
+
+    def info(self, msg: str, *args: object, key: object = None) -> bool:
+        return self.log(logging.INFO, msg, *args, key=key)
+
+
+@dataclass
+class _Held:
+    """One key of a RateLimitedLog: when it may write again, and what it held back meanwhile."""
+
+    next_at: float
+    count: int = 0
+    last: tuple[int, str, tuple[object, ...]] | None = None  # the last line held back: level, msg, args
+
+
+_limiters: weakref.WeakSet[RateLimitedLog] = weakref.WeakSet()  # every one this process made
+_holding = threading.Event()  # one of them holds lines back: flush_held has work (a cheap look, per loop turn)
+
+
+def flush_held() -> None:
+    """Every RateLimitedLog of this process writes what it held back over a finished interval."""
+    if not _holding.is_set():
+        return
+    _holding.clear()
+    for limiter in list(_limiters):
+        limiter.flush()
+        if limiter._holding:  # its interval is not over yet: look again next time
+            _holding.set()
 
 
 def _others_may_write(directory: str) -> bool:

@@ -8,6 +8,8 @@ import pwd
 import stat
 from dataclasses import dataclass
 
+from prefork.config import quote
+
 
 class PrivilegeError(Exception):
     """The user or group cannot be used; the message says why."""
@@ -31,13 +33,13 @@ def resolve(user: str | None, group: str | None) -> Identity | None:
         try:
             entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
         except KeyError:
-            raise PrivilegeError(f"user: no such user {user!r}") from None
+            raise PrivilegeError(f"user: no such user {quote(user)}") from None
         uid, name, gid = entry.pw_uid, entry.pw_name, entry.pw_gid
     if group is not None:
         try:
             gid = grp.getgrgid(int(group)).gr_gid if group.isdigit() else grp.getgrnam(group).gr_gid
         except KeyError:
-            raise PrivilegeError(f"group: no such group {group!r}") from None
+            raise PrivilegeError(f"group: no such group {quote(group)}") from None
     assert gid is not None
     if os.geteuid() != 0 and (uid != os.geteuid() or gid != os.getegid()):
         raise PrivilegeError(f"user/group: switching to {name} (uid {uid}, gid {gid}) needs root")

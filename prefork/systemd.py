@@ -20,6 +20,7 @@ import socket
 import time
 from dataclasses import dataclass
 
+from prefork.config import quote
 from prefork.listeners import describe
 
 __all__ = [
@@ -80,9 +81,9 @@ def _payload(states: tuple[str, ...]) -> bytes:
     for state in states:
         name, sep, _ = state.partition("=")
         if not sep or not name:
-            raise ValueError(f"notify state {state!r} is not of the form NAME=value")
+            raise ValueError(f"notify state {quote(state)} is not of the form NAME=value")
         if "\n" in state:
-            raise ValueError(f"notify state {state!r} contains a newline (one state per argument)")
+            raise ValueError(f"notify state {quote(state)} contains a newline (one state per argument)")
     return "\n".join(states).encode("utf-8")
 
 
@@ -126,7 +127,7 @@ def _parse_int(variable: str, value: str) -> int:
     try:
         return int(value, 10)
     except ValueError:
-        raise ValueError(f"{variable}={value!r} is not a decimal integer") from None
+        raise ValueError(f"{variable}={quote(value)} is not a decimal integer") from None
 
 
 def watchdog_interval() -> float | None:
@@ -144,7 +145,7 @@ def watchdog_interval() -> float | None:
         return None
     usec = _parse_int("WATCHDOG_USEC", watchdog_usec)
     if usec <= 0:
-        raise ValueError(f"WATCHDOG_USEC={watchdog_usec!r} is not a positive number of microseconds")
+        raise ValueError(f"WATCHDOG_USEC={quote(watchdog_usec)} is not a positive number of microseconds")
     return usec / 2_000_000
 
 
@@ -279,7 +280,7 @@ def _adopt_listen_fds() -> list[InheritedSocket]:
     listen_fds_value = os.environ.get("LISTEN_FDS", "")
     count = _parse_int("LISTEN_FDS", listen_fds_value) if listen_fds_value else 0
     if count < 0:
-        raise ValueError(f"LISTEN_FDS={listen_fds_value!r} is negative")
+        raise ValueError(f"LISTEN_FDS={quote(listen_fds_value)} is negative")
     if count == 0:
         return []
     names = _fd_names(os.environ.get("LISTEN_FDNAMES"), count)
@@ -308,5 +309,5 @@ def _fd_names(value: str | None, count: int) -> list[str]:
     if len(names) != count:
         # libsystemd fails the same way (-EINVAL); guessing which name belongs
         # to which fd could serve a socket under the wrong role.
-        raise ValueError(f"LISTEN_FDNAMES={value!r} has {len(names)} names for LISTEN_FDS={count}")
+        raise ValueError(f"LISTEN_FDNAMES={quote(value)} has {len(names)} names for LISTEN_FDS={count}")
     return names

@@ -20,15 +20,20 @@ the scoreboard through :func:`count_handshake` and :func:`count_failure`.
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import re
 import ssl
 import stat
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefork.config import Config, ConfigError, TlsOptions, cut
+from prefork.config import Config, ConfigError, TlsOptions, cut, quote
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "FAILURE_REASONS",
@@ -346,6 +351,50 @@ def _date(seconds: float) -> str:
 
 
 # -- handshakes, as workers count them ---------------------------------------------------------------------
+
+
+def from_the_peer(exc: ssl.SSLError, conn: ssl.SSLSocket) -> bool:
+    """Whether ``exc``, raised by a handler, came from the client's side of ``conn`` (and not from a TLS
+    connection of the handler's own): OpenSSL raised it on ``conn`` itself."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_locals.get("self") is conn:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def describe_error(exc: ssl.SSLError) -> str:
+    """OpenSSL's reason for ``exc`` in a few words, not its file and line."""
+    if exc.reason == "CALLBACK_FAILED":  # our sni_callback cannot fail: CPython could not decode the name
+        return "CALLBACK_FAILED (the server name it asked for is not ASCII)"
+    if exc.reason:
+        verify = getattr(exc, "verify_message", None)
+        return f"{exc.reason}" + (f" ({verify})" if verify else "")
+    if isinstance(exc, ssl.SSLEOFError):
+        return "connection closed in the middle of a TLS record"
+    text = str(exc.args[1]) if len(exc.args) > 1 and isinstance(exc.args[1], str) else str(exc)
+    return re.sub(r" \(_ssl\.c:\d+\)$", "", text)
+
+
+def quiet_bad_server_names() -> None:
+    """Keep a client's undecodable server name (SNI) out of stderr.
+
+    CPython decodes the name a client asks for as ASCII before our
+    ``sni_callback`` runs; when it cannot, it prints the UnicodeDecodeError as
+    an "Exception ignored" traceback to stderr and fails the handshake with
+    CALLBACK_FAILED, which the handshake's own log line reports. Any other
+    unraisable exception goes to the hook there was.
+    """
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, UnicodeDecodeError) and isinstance(unraisable.object, bytes):
+            log.debug("a TLS client asked for a server name that is not ASCII: %s", quote(unraisable.object))
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def failure_reason(exc: BaseException) -> str:

@@ -30,6 +30,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from prefork.config import quote
+
 log = logging.getLogger(__name__)
 
 INHERIT_ENV = "PREFORK_INHERIT"
@@ -102,7 +104,7 @@ def inherited() -> Inherited | None:
     for entry in value.split("\n"):
         fd_text, sep, spec = entry.partition("=")
         if not sep or not fd_text.isdigit():
-            raise UpgradeError(f"{INHERIT_ENV}: malformed entry {entry!r}")
+            raise UpgradeError(f"{INHERIT_ENV}: malformed entry {quote(entry)}")
         fd = int(fd_text)
         try:
             sock = socket.socket(fileno=fd)

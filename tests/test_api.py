@@ -339,6 +339,9 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
      "async"),
     ({}, "nosuchmodule:Handler", "cannot load handler 'nosuchmodule:Handler': no module named 'nosuchmodule'"),
     ({"port": 99999}, "EchoHandler", "bind '127.0.0.1:99999': port 99999 is out of range (0-65535)"),
+    ({"x" * 10_000: 1}, "EchoHandler", "unknown option 'xxxxxxxxxx"),
+    ({"config": ["x" * 10_000]}, "EchoHandler", "config: expected a path, got ['xxxxxxxxx"),
+    ({"port": "x" * 10_000}, "EchoHandler", "server address ('127.0.0.1', 'xxxxxxxxx"),
 ]
 
 
@@ -352,6 +355,14 @@ def test_a_bad_argument_raises_one_clear_error(options: dict[str, Any], handler:
     assert isinstance(caught.value, ConfigError)
     text = str(caught.value)
     assert message.format(name=__name__) in text and "\n" not in text
+    assert len(text) < 400 and "x" * 101 not in text and "m" * 101 not in text, text[:500]  # values cut short
+
+
+def test_a_long_handler_name_is_quoted_short() -> None:
+    with pytest.raises(OptionError) as caught:
+        PreforkServer(("127.0.0.1", 20000), "m" * 10_000 + ":Handler")
+    text = str(caught.value)
+    assert text.startswith("handler: 'mmmmmmmmmm") and len(text) < 300 and "m" * 101 not in text, text[:500]
 
 
 def test_serve_binds_nothing_when_an_argument_is_bad(tmp_path: Path) -> None:

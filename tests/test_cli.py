@@ -84,6 +84,17 @@ def busy_port() -> Iterator[int]:
 EARLY_ERRORS = [
     ("unknown-option", ["--bogus"], "--bogus"),
     ("unknown-short-option", ["-z", "3"], "-z"),
+    # a misspelt option is named with the one meant, and cannot make the next word the handler
+    ("misspelt-option", ["--wokers", "2", "recipe_handlers:EchoHandler"],
+     "unknown option '--wokers' (did you mean --workers?)"),
+    ("misspelt-option-after-handler", ["recipe_handlers:EchoHandler", "--wokers", "2"],
+     "unknown option '--wokers' (did you mean --workers?)"),
+    ("misspelt-option-equals", ["--graceful-timout=3"],
+     "unknown option '--graceful-timout' (did you mean --graceful-timeout?)"),
+    ("misspelt-tls-option", ["--certfle", "cert.pem"], "unknown option '--certfle' (did you mean --certfile?)"),
+    ("ambiguous-prefix", ["--max", "3"], "ambiguous option: --max could match"),
+    ("misspelt-choice", ["-k", "thred"], "invalid choice: 'thred' (choose from sync, thread, async) "
+                                          "(did you mean thread?)"),
     ("workers-0", ["--workers", "0"], "workers: 0"),
     ("workers-2000", ["-w", "2000"], "workers: 2000"),
     ("workers-x", ["--workers", "x"], "'x'"),
@@ -107,7 +118,7 @@ EARLY_ERRORS = [
     ("bad-name", ["--name", "a/b"], "'a/b'"),
     ("handler-format", ["no_colon_here"], "'no_colon_here'"),
     ("broken-toml", ["--config", "{tmp}/broken.toml"], "{tmp}/broken.toml: invalid TOML"),
-    ("unknown-key", ["--config", "{tmp}/unknown.toml"], "'wokers'"),
+    ("unknown-key", ["--config", "{tmp}/unknown.toml"], "unknown setting 'wokers' (did you mean workers?)"),
     ("wrong-type", ["--config", "{tmp}/wrongtype.toml"], "workers: expected int, got 'two'"),
     ("missing-config", ["--config", "{tmp}/nope.toml"], "{tmp}/nope.toml: no such file"),
     ("control-parent-is-file", ["--control", "{tmp}/regular/ctl.sock"], "{tmp}/regular"),
@@ -143,6 +154,43 @@ def test_bad_input_one_line(bad_files: Path, busy_port: int, args: list[str], cu
     assert fill(culprit) in lines[0]
     assert not os.path.exists(f"{tmp}/c.sock")  # no control socket left behind
     assert (bad_files / "regular").read_text() == "not a socket\n"  # never removed or overwritten
+
+
+LONG = "x" * 10_000
+
+
+@pytest.mark.parametrize("args", [
+    [LONG],
+    [LONG + ":Handler"],
+    ["--check-config", LONG + ":Handler"],
+    ["--check-config", "recipe_handlers:" + LONG],
+    ["--user", LONG],
+    ["--check-config", "--config", "{tmp}/long-module.toml"],
+    ["recipe_handlers:EchoHandler", "second", LONG],
+    ["--workers", LONG],
+    ["--bind", LONG],
+    ["--" + LONG],
+    ["--worker-class", LONG],
+    ["--name", LONG],
+    ["--config", "{tmp}/long-handler.toml"],
+    ["--config", "{tmp}/long-key.toml"],
+    ["--config", "{tmp}/long-value.toml"],
+], ids=["handler", "handler-module", "check-handler-module", "check-handler-attribute", "user", "toml-module",
+        "unrecognized", "int", "bind", "option", "choice", "name", "toml-handler", "toml-key",
+        "toml-value"])
+def test_long_values_are_quoted_short(tmp_path: Path, args: list[str]) -> None:
+    """The README promises at most 100 characters of a value in an error, from the command line or TOML."""
+    (tmp_path / "long-handler.toml").write_text(f'handler = "{LONG}"\n')
+    (tmp_path / "long-key.toml").write_text(f'"{LONG}" = 1\n')
+    (tmp_path / "long-module.toml").write_text(f'handler = "{"m" * 2_000_000}:Handler"\n')
+    (tmp_path / "long-value.toml").write_text(f'workers = "{"x" * 2_000_000}"\n')
+    result = run_prefork(tmp_path, "--control", f"{tmp_path}/c.sock", "--bind", "127.0.0.1:0",
+                         *[a.format(tmp=tmp_path) for a in args])
+    assert result.returncode in (1, 2), result.output[:1000]
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("prefork: error: "), result.stderr[:1000]
+    assert "x" * 101 not in lines[0]
+    assert len(lines[0]) < 300 + len(str(tmp_path)), lines[0]
 
 
 # -- bad handler: the master starts, the workers cannot load it, the master stops ----------------------
@@ -189,6 +237,8 @@ def test_help(tmp_path: Path) -> None:
                    "--check-config", "--log-level", "--version", "HANDLER"):
         assert option in result.stdout
     assert result.stderr == ""
+    help_text = " ".join(result.stdout.split())
+    assert "--log-level LEVEL debug, info, warning, error, critical (default info)" in help_text
 
 
 # -- --check-config -------------------------------------------------------------------------------------
@@ -204,10 +254,24 @@ def test_check_config_ok_binds_nothing(tmp_path: Path, busy_port: int) -> None:
     assert result.returncode == 0, result.output
     assert result.stdout.startswith("configuration OK")
     assert "3 sync worker(s)" in result.stdout
-    assert "recipe_handlers.EchoHandler" in result.stdout
+    assert "of recipe_handlers:EchoHandler on" in result.stdout  # module:Class, as status and the logs write it
+    assert "built-in" not in result.stdout
     assert f"127.0.0.1:{busy_port}" in result.stdout
     assert result.stderr == ""
     assert not control.exists()
+
+
+@pytest.mark.parametrize(("args", "handler"), [
+    ([], "prefork.handlers.echo:EchoHandler"),
+    (["-k", "async"], "prefork.handlers.aio:EchoProtocol"),
+    (["--config", "{tmp}/prefork.toml"], "prefork.handlers.echo:EchoHandler"),
+])
+def test_check_config_without_a_handler_says_it_is_the_echo_server(tmp_path: Path, args: list[str],
+                                                                   handler: str) -> None:
+    (tmp_path / "prefork.toml").write_text("workers = 2\n")
+    result = run_prefork(tmp_path, "--check-config", "--bind", "127.0.0.1:0", *[a.format(tmp=tmp_path) for a in args])
+    assert result.returncode == 0, result.output
+    assert f" of {handler} (the built-in echo server: no handler given) on 127.0.0.1:0" in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -353,7 +417,7 @@ def test_the_command_imports_handlers_from_its_working_directory(tmp_path: Path)
     result = subprocess.run([str(command), "--check-config", "here_handlers:Echo"], capture_output=True, text=True,
                             cwd=tmp_path, env=env, timeout=20)
     assert result.returncode == 0, result.stderr
-    assert "here_handlers.Echo" in result.stdout
+    assert "here_handlers:Echo" in result.stdout
 
 
 def test_event_loop_without_uvloop(tmp_path: Path) -> None:

@@ -625,3 +625,43 @@ def test_codec_round_trip_property(message: dict[str, Any]) -> None:
     frame = encode(message)
     assert frame_length(frame, len(frame)) == len(frame) - HEADER.size
     assert decode_body(frame[HEADER.size:]) == json.loads(json.dumps(message))
+
+
+UNIX_TABLE = """Num       RefCount Protocol Flags    Type St Inode Path
+0000000089675bfa: 00000002 00000000 00010000 0001 01 6914148 /run/user/0/web.sock
+0000000028098a1a: 00000003 00000000 00000000 0001 03 6928464 /run/user/0/client-side.sock
+0000000091c0a64c: 00000002 00000000 00010000 0002 01   339 /run/dgram.sock
+000000000ad1a6f1: 00000002 00000000 00010000 0001 01 6914150 @abstract
+000000000ad1a6f2: 00000003 00000000 00000000 0001 03 6914151
+000000000ad1a6f3: 00000002 00000000 00010000 0001 01 6914152 /tmp/a dir/web.sock
+"""
+
+
+def test_unix_listeners_from_the_kernels_table() -> None:
+    from prefork.config import unix_listeners
+
+    assert unix_listeners(UNIX_TABLE) == ["/run/user/0/web.sock", "/tmp/a dir/web.sock"]
+    assert unix_listeners("") == []
+
+
+def test_listening_control_sockets_are_ours_and_named_so(tmp_path: Path) -> None:
+    import socket
+
+    from prefork.config import listening_control_sockets
+
+    paths = [tmp_path / "web.sock", tmp_path / "other.sock"]
+    servers = []
+    for path in paths:
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(str(path))
+        server.listen(1)
+        servers.append(server)
+    table = "header\n" + "".join(f"0: 00000002 00000000 00010000 0001 01 1 {p}\n" for p in [*paths, "/gone/web.sock"])
+    (tmp_path / "unix").write_text(table)
+    try:
+        assert listening_control_sockets("web", str(tmp_path / "unix")) == [str(paths[0])]
+        assert listening_control_sockets("nope", str(tmp_path / "unix")) == []
+        assert listening_control_sockets("web", str(tmp_path / "missing")) == []
+    finally:
+        for server in servers:
+            server.close()

@@ -90,6 +90,8 @@ def test_status_json(daemon_factory: Callable[..., Daemon]) -> None:
         assert is_int(w["requests"]) and w["requests"] == 0
         assert is_int(w["active"]) and w["active"] == 0
         assert is_int(w["rss_bytes"]) and w["rss_bytes"] > 1_000_000
+        assert is_int(w["uss_bytes"]) and is_int(w["pss_bytes"])
+        assert 0 < w["uss_bytes"] <= w["pss_bytes"] <= w["rss_bytes"]
         assert isinstance(w["cpu_percent"], (int, float))
         assert 0.0 <= w["cpu_percent"] <= 100.0 * (os.cpu_count() or 1)
         assert isinstance(w["age_s"], (int, float)) and 0 < w["age_s"] <= st["uptime_s"] + 0.5
@@ -156,6 +158,24 @@ def test_scale(daemon_factory: Callable[..., Daemon]) -> None:
     assert exchange(d.address(), b"one left") == b"one left"
 
 
+def test_scale_relative(daemon_factory: Callable[..., Daemon]) -> None:
+    """``scale +N`` and ``scale -N`` change the count the daemon has now; a change below one is refused."""
+    d = daemon_factory("--graceful-timeout", "2")
+    result = ctl("--control", d.control, "scale", "+2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "scaled from 2 to 4 worker(s)\n"
+    d.wait_serving(4)
+    result = ctl("--control", d.control, "scale", "-1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "scaled from 4 to 3 worker(s)\n"
+    wait_for(lambda: len(d.status()["workers"]) == 3, 10.0, "scaled down to three workers")
+    result = ctl("--control", d.control, "scale", "-3")
+    assert result.returncode == 1
+    assert result.stderr == ("preforkctl: scale failed: scale: 3 worker(s) changed by -3 would be 0, "
+                             "not from 1 to 1024\n")
+    assert d.status()["target_workers"] == 3
+
+
 def test_scale_up_then_down_at_once(daemon_factory: Callable[..., Daemon]) -> None:
     """Workers told to drain right after their fork: the master must not take their signals for its own."""
     d = daemon_factory("--graceful-timeout", "2", workers=1)
@@ -207,7 +227,7 @@ def test_signal_to_fresh_worker_is_not_the_masters(tmp_path: Path, daemon_factor
     "args",
     [
         ["scale", "0"],
-        ["scale", "-1"],
+        ["scale", "-0"],
         ["scale", "x"],
         ["scale"],
         ["explode"],
@@ -224,7 +244,7 @@ def test_signal_to_fresh_worker_is_not_the_masters(tmp_path: Path, daemon_factor
         ["top", "--json"],
         ["top", "--format", "prometheus"],
     ],
-    ids=["scale-0", "scale-negative", "scale-x", "scale-missing", "unknown-command", "no-command",
+    ids=["scale-0", "scale-zero-change", "scale-x", "scale-missing", "unknown-command", "no-command",
          "name-and-control", "unknown-option", "prometheus-status", "json-and-prometheus", "format-yaml",
          "top-interval-0", "top-interval-negative", "top-interval-nan", "top-interval-word", "top-json",
          "top-prometheus"],
@@ -353,7 +373,7 @@ def test_find_socket_by_name(tmp_path: Path) -> None:
         assert json.loads(result.stdout)["pid"] == proc.pid
         other = ctl("--name", "y", "status", env=env)
         assert other.returncode == 3
-        assert str(tmp_path / "y.sock") in other.stderr
+        assert str(tmp_path / "y.sock") in other.stderr and other.stderr.count("\n") == 1
         stopped = ctl("--name", "x", "stop", env=env)
         assert stopped.returncode == 0, stopped.stderr
         assert proc.wait(10) == 0
@@ -367,6 +387,55 @@ def test_find_socket_with_no_options(tmp_path: Path) -> None:
         result = ctl("status", env=env)
         assert result.returncode == 0, result.stderr
         assert f"master pid {proc.pid}" in result.stdout
+
+
+def test_find_socket_in_the_other_runtime_directory(tmp_path: Path) -> None:
+    """Started without XDG_RUNTIME_DIR (/tmp/prefork-UID), found by a preforkctl that has it, and the other way."""
+    name = f"rt{os.getpid()}"
+    bare = child_env()
+    bare.pop("XDG_RUNTIME_DIR", None)
+    bare.pop("RUNTIME_DIRECTORY", None)
+    with own_daemon(tmp_path, bare, "--bind", "127.0.0.1:0", "-w", "1", "--name", name) as proc:
+        wait_answering(f"/tmp/prefork-{os.getuid()}/{name}.sock", proc)
+        result = ctl("--name", name, "status", "--json", env=runtime_env(tmp_path))
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["pid"] == proc.pid
+    xdg = Path(f"/run/user/{os.getuid()}")  # where pam_systemd points XDG_RUNTIME_DIR
+    xdg.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with own_daemon(tmp_path, runtime_env(xdg), "--bind", "127.0.0.1:0", "-w", "1", "--name", name) as proc:
+        wait_answering(str(xdg / f"{name}.sock"), proc)
+        result = ctl("--name", name, "status", "--json", env=bare)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["pid"] == proc.pid
+    assert not (xdg / f"{name}.sock").exists()
+    # a runtime directory of its own: found among the listening sockets the kernel lists
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    with own_daemon(tmp_path, runtime_env(elsewhere), "--bind", "127.0.0.1:0", "-w", "1", "--name", name) as proc:
+        wait_answering(str(elsewhere / f"{name}.sock"), proc)
+        result = ctl("--name", name, "status", "--json", env=bare)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["pid"] == proc.pid
+
+
+@pytest.mark.parametrize("xdg", [None, "/run/elsewhere"])
+def test_no_daemon_found_names_every_place_tried(tmp_path: Path, xdg: str | None) -> None:
+    env = child_env()
+    env.pop("RUNTIME_DIRECTORY", None)
+    env.pop("XDG_RUNTIME_DIR", None)
+    if xdg:
+        env["XDG_RUNTIME_DIR"] = xdg
+    uid = os.getuid()
+    result = ctl("--name", "nosuchdaemon", "status", env=env)
+    assert result.returncode == 3
+    assert result.stdout == ""
+    places = [f"{xdg}/nosuchdaemon.sock", f"/tmp/prefork-{uid}/nosuchdaemon.sock"] if xdg else [
+        f"/tmp/prefork-{uid}/nosuchdaemon.sock", f"/run/user/{uid}/nosuchdaemon.sock"]
+    places += ["/run/prefork/nosuchdaemon.sock", "/run/prefork-nosuchdaemon/nosuchdaemon.sock"]
+    assert result.stderr == (
+        f"preforkctl: no prefork daemon named 'nosuchdaemon' is running here: no control socket at "
+        f"{', '.join(places)}, and none listening elsewhere that is ours (started with --control? give its "
+        "socket with --control PATH)\n")
 
 
 # -- hostile clients -------------------------------------------------------------------------------------
@@ -417,12 +486,15 @@ BAD_REQUESTS = [
     ("json-string", frame(b'"status"'), "JSON object"),
     ("unknown-command", encode({"command": "explode"}), "unknown command 'explode'"),
     ("command-not-string", encode({"command": 5}), "unknown command 5"),
+    ("command-long", encode({"command": "x" * 60_000}), "unknown command 'xxxxxxxx"),
     ("no-command", encode({"workers": 3}), "unknown command None"),
     ("scale-string", encode({"command": "scale", "workers": "3"}), "scale: workers must be"),
     ("scale-bool", encode({"command": "scale", "workers": True}), "scale: workers must be"),
     ("scale-zero", encode({"command": "scale", "workers": 0}), "scale: workers must be"),
     ("scale-huge", encode({"command": "scale", "workers": 10**6}), "scale: workers must be"),
-    ("scale-missing", encode({"command": "scale"}), "scale: workers must be"),
+    ("scale-missing", encode({"command": "scale"}), "scale: give workers (a count) or by (a change)"),
+    ("scale-by-string", encode({"command": "scale", "by": "+1"}), "scale: by must be a whole number"),
+    ("scale-by-too-far", encode({"command": "scale", "by": -2}), "scale: 2 worker(s) changed by -2 would be 0"),
 ]
 
 
@@ -435,6 +507,7 @@ def test_bad_requests_get_error_replies(daemon_factory: Callable[..., Daemon]) -
         assert reply.get("ok") is False, f"{name}: {reply}"
         assert isinstance(reply.get("error"), str) and fragment in reply["error"], f"{name}: {reply}"
         assert "\n" not in reply["error"]
+        assert "x" * 101 not in reply["error"] and len(reply["error"]) < 300, f"{name}: {reply['error'][:400]}"
     # one request per connection: what follows a complete request is ignored, the request is answered
     reply = raw_exchange(d.control, encode({"command": "status"}) + b"trailing garbage \xff")
     assert reply is not None and reply["ok"] is True and reply["pid"] == d.pid

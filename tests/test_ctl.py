@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from prefork import ctl
+from prefork import __version__, ctl
 from prefork.control import ControlError, DaemonNotRunning
 from prefork.ctl import client
 from prefork.ctl.commands import COMMANDS, output
@@ -26,7 +26,8 @@ STATUS: dict[str, Any] = {
     "listeners": ["127.0.0.1:8000", "[::1]:8000"],
     "workers": [
         {"slot": 0, "pid": 4711, "generation": 2, "state": "ready", "requests": 12345, "active": 1,
-         "share": 1.0, "rss_bytes": 3 * 1024 * 1024, "cpu_percent": 1.25, "age_s": 3600.0, "heartbeat_age_s": 0.44},
+         "share": 1.0, "rss_bytes": 3 * 1024 * 1024, "uss_bytes": 1024 * 1024, "pss_bytes": 2 * 1024 * 1024,
+         "cpu_percent": 1.25, "age_s": 3600.0, "heartbeat_age_s": 0.44},
         {"slot": 1, "pid": 99, "generation": 1, "state": "stopping", "requests": 0, "active": 0,
          "rss_bytes": 512, "cpu_percent": 0.0, "age_s": 4.5, "heartbeat_age_s": 12.0},
     ],
@@ -77,6 +78,12 @@ def test_default_timeouts(command: str, timeout: float) -> None:
     (["upgrade"], {"command": "upgrade"}),
     (["scale", "3"], {"command": "scale", "workers": 3}),
     (["scale", "1"], {"command": "scale", "workers": 1}),
+    (["scale", "1024"], {"command": "scale", "workers": 1024}),
+    (["scale", "+1"], {"command": "scale", "by": 1}),
+    (["scale", "+12"], {"command": "scale", "by": 12}),
+    (["scale", "-1"], {"command": "scale", "by": -1}),
+    (["scale", "-3"], {"command": "scale", "by": -3}),
+    (["scale", "007"], {"command": "scale", "workers": 7}),
     (["stop"], {"command": "stop"}),
     (["stop", "--fast"], {"command": "stop", "fast": True}),
     (["drain"], {"command": "drain"}),
@@ -93,8 +100,16 @@ def test_request_builders(argv: list[str], expected: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["scale", "0"], "scale: N must be at least 1, got 0"),
-    (["scale", "-2"], "scale: N must be at least 1, got -2"),
+    (["scale", "0"], "scale: N must be from 1 to 1024, got 0"),
+    (["scale", "1025"], "scale: N must be from 1 to 1024, got 1025"),
+    (["scale", "99999999999999"], "scale: N must be at most 1024, got '99999999999999'"),
+    (["scale", "+0"], "scale: a change must not be zero, got +0"),
+    (["scale", "-0"], "scale: a change must not be zero, got -0"),
+    (["scale", "x"], "scale: N must be a count (3) or a change (+2, -1), got 'x'"),
+    (["scale", "1.5"], "scale: N must be a count (3) or a change (+2, -1), got '1.5'"),
+    (["scale", "+-1"], "scale: N must be a count (3) or a change (+2, -1), got '+-1'"),
+    (["scale", "\uff14"], "scale: N must be a count (3) or a change (+2, -1), got '\uff14'"),
+    (["scale", "+"], "scale: N must be a count (3) or a change (+2, -1), got '+'"),
     (["top", "--interval", "0"], "top: --interval must be a positive number of seconds, got 0"),
     (["top", "--interval", "-1.5"], "top: --interval must be a positive number of seconds, got -1.5"),
     (["top", "--interval", "nan"], "top: --interval must be a positive number of seconds, got nan"),
@@ -106,6 +121,19 @@ def test_request_builders_refuse_bad_values(argv: list[str], message: str) -> No
     assert str(caught.value) == message
 
 
+def test_a_long_scale_value_is_quoted_short() -> None:
+    with pytest.raises(UsageError) as caught:
+        build("scale", "x" * 10_000)
+    assert len(str(caught.value)) < 300
+
+
+def test_scale_help_says_what_n_is(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["scale", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "N 3: run 3 workers; +2: two more than now; -1: one fewer" in out
+
+
 # -- text formatters ----------------------------------------------------------------------------------------------
 
 
@@ -115,9 +143,9 @@ def test_status_text() -> None:
         "2 async worker(s) (uvloop) of app:Echo",
         "listening on 127.0.0.1:8000, [::1]:8000",
         "",
-        "SLOT  PID   GEN  STATE     REQUESTS  ACTIVE  SHARE   RSS      CPU%  AGE     HEARTBEAT",
-        "0     4711  2    ready     12345     1       100.0%  3.0 MiB  1.2   60m00s  0.4s",
-        "1     99    1    stopping  0         0       -       512 B    0.0   4.5s    12.0s",
+        "SLOT  PID   GEN  STATE     REQUESTS  ACTIVE  SHARE   RSS      USS      CPU%  AGE     HEARTBEAT",
+        "0     4711  2    ready     12345     1       100.0%  3.0 MiB  1.0 MiB  1.2   60m00s  0.4s",
+        "1     99    1    stopping  0         0       -       512 B    -        0.0   4.5s    12.0s",
         "slot 2: 3 early exit(s) in a row, restart in 1.2s",
         "slot 3: 1 early exit(s) in a row, waiting",
     ]
@@ -128,7 +156,7 @@ def test_status_text_without_workers_loop_or_backoff() -> None:
     del reply["backoff"]
     assert COMMANDS["status"].text(reply) == (
         "web: master pid 42, serving, generation 2, up 62m05s\n2 sync worker(s) of app:Echo\nlistening on 0.0.0.0:80\n"
-        "\nSLOT  PID  GEN  STATE  REQUESTS  ACTIVE  SHARE  RSS  CPU%  AGE  HEARTBEAT")
+        "\nSLOT  PID  GEN  STATE  REQUESTS  ACTIVE  SHARE  RSS  USS  CPU%  AGE  HEARTBEAT")
 
 
 def test_stats_text() -> None:
@@ -163,10 +191,18 @@ def test_top_text_is_one_plain_frame() -> None:
     text = COMMANDS["top"].text(snapshot)
     assert text == "\n".join(frame_lines(build_frame(STATUS, STATS, None)))
     assert text.split("\n")[2:] == [
-        "SLOT   PID  GEN  STATE     CONNS   SHARE  REQ/S  REQUESTS      RSS  CPU%  HEARTBEAT",
-        "0     4711    2  ready         1  100.0%      -     12345  3.0 MiB   1.2       0.4s",
-        "1       99    1  stopping      0       -      -         0    512 B   0.0      12.0s",
+        "SLOT   PID  GEN  STATE     REQUESTS  REQ/S  ACTIVE   SHARE      RSS      USS  CPU%  HEARTBEAT",
+        "0     4711    2  ready        12345      -       1  100.0%  3.0 MiB  1.0 MiB   1.2       0.4s",
+        "1       99    1  stopping         0      -       0       -    512 B        -   0.0      12.0s",
     ]
+
+
+def test_status_and_top_name_and_order_their_common_columns_alike() -> None:
+    from prefork.ctl.commands import STATUS_HEADERS
+    from prefork.ctl.top import HEADERS as TOP_HEADERS
+
+    assert set(TOP_HEADERS) - set(STATUS_HEADERS) == {"REQ/S"}  # a rate needs two looks: top only
+    assert [h for h in TOP_HEADERS if h in STATUS_HEADERS] == [h for h in STATUS_HEADERS if h in TOP_HEADERS]
 
 
 # -- output formats ----------------------------------------------------------------------------------------------
@@ -336,6 +372,49 @@ def test_main_usage(fake: FakeDaemon, capsys: pytest.CaptureFixture[str], argv: 
     assert out == ""
     assert err.startswith("preforkctl: error: ") and err.count("\n") == 1
     assert fake.calls == []  # nothing was asked
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--jsn", "status"], "unknown option '--jsn' (did you mean --json?)"),
+    (["status", "--jsn"], "unknown option '--jsn' (did you mean --json?)"),
+    (["--nmae", "web", "status"], "unknown option '--nmae' (did you mean --name?)"),
+    (["stop", "--fsat"], "unknown option '--fsat' (did you mean --fast?)"),
+    (["top", "--intreval", "2"], "unknown option '--intreval' (did you mean --interval?)"),
+    (["relaod"], "argument COMMAND: invalid choice: 'relaod' (choose from status, stats, top, reload, scale, stop, "
+                 "reopen, upgrade, drain) (did you mean reload?)"),
+    (["status", "--" + "x" * 10_000], "unknown option '--" + "x" * 10),
+])
+def test_main_suggests_what_was_meant(fake: FakeDaemon, capsys: pytest.CaptureFixture[str], argv: list[str],
+                                      message: str) -> None:
+    assert run_main(*argv) == ctl.EXIT_USAGE
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(f"preforkctl: error: {message}") and err.endswith(" (see preforkctl --help)\n"), err
+    assert len(err) < 300
+    assert fake.calls == []
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        ctl.main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr() == (f"preforkctl {__version__}\n", "")
+
+
+def test_stats_text_shows_every_counter_the_daemon_reports() -> None:
+    """Built from the master's own stats payload, so a counter added there cannot be left out of the text."""
+    from test_master_decisions import snapshot
+
+    from prefork.master import report
+
+    reply = {"ok": True, **report.stats(snapshot())}
+    reply["bytes_in"], reply["bytes_out"] = 1_572_864, 512
+    lines = COMMANDS["stats"].text(reply).splitlines()
+    assert "bytes in: 1.5 MiB (1572864)" in lines
+    assert "bytes out: 512 B (512)" in lines
+    for key, value in reply.items():
+        if isinstance(value, int) and not isinstance(value, bool) and key not in ("pid", "generation"):
+            assert any(line.startswith(key.replace("_", " ") + ": ") for line in lines), key
 
 
 def test_stats_text_shows_the_imbalance_when_the_daemon_reports_it() -> None:

@@ -95,6 +95,11 @@ def _not_a_worker_count(value: Any) -> bool:
     return isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1024
 
 
+def _not_a_change_from_one(value: Any) -> bool:
+    """Not a change the one-worker daemon could make (it would act)."""
+    return isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1024
+
+
 def _request(extra: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
     return {**extra, **fields}
 
@@ -104,6 +109,8 @@ REQUESTS = st.one_of(
     # every field of the commands that have one, of a type or value it does not take
     st.builds(lambda extra, n: _request(extra, {"command": "scale", "workers": n}), EXTRA,
               VALUES.filter(_not_a_worker_count)),
+    st.builds(lambda extra, by: _request(extra, {"command": "scale", "by": by}), EXTRA,
+              VALUES.filter(_not_a_change_from_one)),
     st.builds(lambda extra, off: _request(extra, {"command": "drain", "off": off}), EXTRA, VALUES.filter(bool)),
 )
 BODIES = st.one_of(

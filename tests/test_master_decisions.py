@@ -368,6 +368,17 @@ def test_a_ready_worker_cancels_its_slots_pending_respawn() -> None:
     assert ("respawn", 0) not in timers
 
 
+def test_a_worker_that_grew_past_the_memory_limit_has_the_master_look_now() -> None:
+    gens, pool, _, _ = stepper(workers=2)
+    ready(gens, pool)
+    looks: list[str] = []
+    gens.on_grown = lambda: looks.append("look")
+    worker = gens.slots[1]
+    gens.on_message(worker, Message(worker.pid, Event.GREW, str(70 * 2**20)))
+    assert looks == ["look"]  # the periodic check's decision, taken now; the message itself replaces nothing
+    assert gens.slots[1] is worker
+
+
 def test_a_boot_error_before_serving_is_fatal() -> None:
     gens, pool, host, _ = stepper(workers=2)
     worker = gens.slots[0]
@@ -543,6 +554,9 @@ class FakeDaemon:
     ({"command": "scale", "workers": "2"}, "serving", {"ok": False}, None),
     ({"command": "scale", "workers": 3}, "stopping", {"ok": False, "error": "the daemon is stopping"}, None),
     ({"command": "scale", "workers": 3}, "reloading", {"ok": False}, None),
+    ({"command": "scale", "by": 1}, "serving", {"ok": True, "workers": 3, "previous": 2}, ("scale", 3)),
+    ({"command": "scale", "by": -1}, "serving", {"ok": True, "workers": 1, "previous": 2}, ("scale", 1)),
+    ({"command": "scale", "by": -2}, "serving", {"ok": False}, None),
     ({"command": "stop"}, "serving", {"ok": True, "pid": 10, "stopping": "graceful"}, ("stop", StopMode.GRACEFUL)),
     ({"command": "stop", "fast": True}, "serving", {"ok": True, "stopping": "fast"}, ("stop", StopMode.FAST)),
     ({"command": "reopen"}, "serving", {"ok": True}, ("reopen", None)),
@@ -562,6 +576,30 @@ def test_command_table(request_: dict[str, Any], state: str, reply: dict[str, An
     assert len(conn.replies) == 1
     assert reply.items() <= conn.replies[0].items(), conn.replies[0]
     assert daemon.calls == ([call] if call else [])
+
+
+@pytest.mark.parametrize(("current", "request_", "result"), [
+    (3, {"workers": 1}, 1),
+    (3, {"workers": 3}, 3),
+    (3, {"by": 1}, 4),
+    (3, {"by": -2}, 1),
+    (1, {"by": 1023}, 1024),
+    (3, {"by": -3}, "scale: 3 worker(s) changed by -3 would be 0, not from 1 to 1024"),
+    (1024, {"by": 1}, "scale: 1024 worker(s) changed by 1 would be 1025, not from 1 to 1024"),
+    (3, {"by": 10**5000}, "scale: 3 worker(s) changed by <int> would be <int>, not from 1 to 1024"),
+    (3, {"workers": 0}, "scale: workers must be a whole number from 1 to 1024, got 0"),
+    (3, {"workers": 1025}, "scale: workers must be a whole number from 1 to 1024, got 1025"),
+    (3, {"workers": "+1"}, "scale: workers must be a whole number, got '+1'"),
+    (3, {"by": "+1"}, "scale: by must be a whole number, got '+1'"),
+    (3, {"by": True}, "scale: by must be a whole number, got True"),
+    (3, {"by": 1.0}, "scale: by must be a whole number, got 1.0"),
+    (3, {}, "scale: give workers (a count) or by (a change), got workers=None, by=None"),
+    (3, {"workers": 2, "by": 1}, "scale: give workers (a count) or by (a change), got workers=2, by=1"),
+    (3, {"workers": None, "by": 1}, "scale: give workers (a count) or by (a change), got workers=None, by=1"),
+    (3, {"by": None}, "scale: by must be a whole number, got None"),
+])
+def test_scale_target(current: int, request_: dict[str, Any], result: int | str) -> None:
+    assert commands.scale_target(current, request_) == result
 
 
 def test_every_command_the_client_knows_is_in_the_table() -> None:

@@ -223,11 +223,15 @@ def test_real_daemon_exposition(daemon_factory: Callable[..., Daemon]) -> None:
     assert sum(s.value for s in connections.samples) == made
     assert {s.labels["generation"] for s in connections.samples} == {"1"}
     assert sorted(s.labels["slot"] for s in connections.samples) == ["0", "1", "2"]
-    for name in ("prefork_worker_rss_bytes", "prefork_worker_heartbeat_age_seconds", "prefork_worker_age_seconds",
-                 "prefork_worker_cpu_percent"):
+    for name in ("prefork_worker_rss_bytes", "prefork_worker_uss_bytes", "prefork_worker_pss_bytes",
+                 "prefork_worker_heartbeat_age_seconds", "prefork_worker_age_seconds", "prefork_worker_cpu_percent"):
         assert families[name].type == "gauge"
         assert sorted(s.labels["pid"] for s in families[name].samples) == pids, name
     assert all(s.value > 1_000_000 for s in families["prefork_worker_rss_bytes"].samples)
+    uss = {s.labels["pid"]: s.value for s in families["prefork_worker_uss_bytes"].samples}
+    pss = {s.labels["pid"]: s.value for s in families["prefork_worker_pss_bytes"].samples}
+    rss = {s.labels["pid"]: s.value for s in families["prefork_worker_rss_bytes"].samples}
+    assert all(0 < uss[p] <= pss[p] <= rss[p] for p in pids)  # its own pages, its share, all it maps
 
 
 def test_prometheus_format_not_running(tmp_path: Path) -> None:

@@ -414,3 +414,41 @@ def test_a_tls_listener_closed_under_its_worker(daemon_factory: Callable[..., Da
     assert len(gone) == 1 and "is gone" in gone[0], d.log()
     assert "Traceback" not in d.log()
     assert cpu[-1] - cpu[0] < 0.5, f"the retiring worker used {cpu[-1] - cpu[0]:.2f}s of CPU"
+
+
+def handshake_then_garbage(address: tuple[str, int], context: ssl.SSLContext) -> bytes:
+    """A real handshake (through memory BIOs, so the socket stays ours), an echo, then a record of garbage
+    the server cannot decrypt; what the server sends back until it closes."""
+    sock = socket.create_connection(address, timeout=10)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with sock:
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                sock.sendall(outgoing.read())
+                incoming.write(sock.recv(65536))
+        tls.write(b"hello\n")
+        sock.sendall(outgoing.read())
+        sock.sendall(b"\x17\x03\x03\x00\x20" + b"not a record of this session!!!!")  # application data, forged
+        answer = b""
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+        return answer
+
+
+@pytest.mark.parametrize("worker_class", ["sync", "thread", "async"])
+def test_garbage_after_the_handshake_is_one_line(daemon_factory: Callable[..., Daemon], pki: Pki,
+                                                 worker_class: str) -> None:
+    d = daemon_factory(*pki.server().args(), "-k", worker_class, "-w", "1")
+    answer = handshake_then_garbage(("127.0.0.1", d.port), client_context(pki))
+    assert answer  # the echo came back, then the server closed
+    if worker_class != "async":  # asyncio's own transport closes it at debug level
+        wait_for(lambda: "TLS error after the handshake" in d.log(), 10, "one line about the broken record")
+    with connect_tls(("127.0.0.1", d.port), client_context(pki)) as again:
+        assert echo(again) == b"hello\n"  # still serving
+    assert "Traceback" not in d.log(), d.log()
+    assert d.call("stats")["worker_crashes"] == 0

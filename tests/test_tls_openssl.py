@@ -100,3 +100,61 @@ def test_sessions_resume_on_any_worker(daemon_factory: Callable[..., Daemon], pk
     for _ in range(6):  # with two workers, some of these land on the other one
         again = s_client(d, "-CAfile", str(pki.ca.cert), "-sess_in", str(session), "-tls1_2")
         assert "Reused, TLSv1.2" in again, again
+
+
+# -- a client's protocol errors: one log line each, never a traceback ------------------------------------------
+
+
+def openssl_session(d: Daemon, *args: str, commands: list[bytes], timeout: float = 20) -> str:
+    """``openssl s_client`` (without -ign_eof, so a line ``R`` asks for a renegotiation): each command once what
+    came before it is answered, then until the server closes; its whole output."""
+    proc = subprocess.Popen(["openssl", "s_client", "-connect", f"127.0.0.1:{d.port}", *args],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdin is not None and proc.stdout is not None
+    out = b""
+    try:
+        deadline = time.monotonic() + timeout
+        pending = list(commands)
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0, f"openssl s_client still running after {timeout}s:\n{out.decode(errors='replace')}"
+            if pending and (b"---\n" in out and (not out.endswith(b"---\n") or len(pending) == len(commands))):
+                proc.stdin.write(pending.pop(0))
+                proc.stdin.flush()
+            if select.select([proc.stdout], [], [], min(left, 0.2))[0]:
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                out += chunk
+    finally:
+        proc.kill()
+        proc.wait(10)
+        proc.stdin.close()
+        proc.stdout.close()
+    return out.decode(errors="replace")
+
+
+@pytest.mark.parametrize("worker_class", ["sync", "thread"])
+def test_a_renegotiation_after_the_handshake_is_one_line(daemon_factory: Callable[..., Daemon], pki: Pki,
+                                                         worker_class: str) -> None:
+    d = daemon_factory(*pki.server().args(), "-k", worker_class)
+    out = openssl_session(d, "-tls1_2", commands=[b"hello\n", b"R\n"])
+    assert "RENEGOTIATING" in out, out
+    expected = "TLS error after the handshake: "
+    wait_for(lambda: expected in d.log(), 10, "the worker's line about the refused renegotiation")
+    assert "Traceback" not in d.log(), d.log()
+    lines = [line for line in d.log().splitlines() if expected in line]
+    assert len(lines) == 1 and " INFO prefork.workers.servers: connection from 127.0.0.1:" in lines[0], lines
+
+
+@pytest.mark.parametrize("worker_class", list(HANDLERS))
+def test_a_server_name_that_is_not_ascii_is_one_line(daemon_factory: Callable[..., Daemon], pki: Pki,
+                                                     worker_class: str) -> None:
+    named = pki.server("named", "api.example", names=("api.example",))
+    d = daemon_factory(*pki.server().args(), "--sni", f"api.example={named.cert},{named.key}", "-k", worker_class)
+    out = s_client(d, "-servername", "\u00e9t\u00e9.example", until=b"no such answer")
+    assert "Cipher is (NONE)" in out, out  # the handshake failed
+    expected = "CALLBACK_FAILED (the server name it asked for is not ASCII); closing the connection"
+    wait_for(lambda: expected in d.log(), 10, "the handshake's failure line")
+    assert "Traceback" not in d.log() and "Exception ignored" not in d.log(), d.log()
+    assert d.call("stats")["tls"]["failed"] == 1

@@ -355,3 +355,18 @@ def test_handshakes_by_version_and_failures_by_reason_survive_worker_recycling(
     assert samples(prometheus.stdout, FAILURES) == {(("reason", r),): int(r == "not_tls") for r in FAILURE_REASONS}
     text = d.ctl("stats").stdout
     assert "tls handshakes: 5 (TLSv1.2 1, TLSv1.3 4)" in text and "tls handshake failures: 1 (not_tls 1)" in text
+
+
+@pytest.mark.timeout(60)
+def test_startup_log_says_which_listeners_speak_tls_and_where_metrics_and_agent_listen(
+        daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    site = Pki(tmp_path / "pki").server()
+    metrics_port, agent_port, plain_port = free_port(), free_port(), free_port()
+    d = daemon_factory(*site.args(), "--tls-bind", "127.0.0.1:0", "--bind", f"127.0.0.1:{plain_port}",
+                       "--metrics-bind", f"127.0.0.1:{metrics_port}", "--agent-bind", f"127.0.0.1:{agent_port}")
+    tls_address = next(a for a in d.status()["listeners"] if a != f"127.0.0.1:{plain_port}")
+    line = next(line for line in d.log().splitlines() if " master (pid " in line)
+    assert " worker(s) of prefork.handlers.echo:EchoHandler (the built-in echo server: no handler given) on " in line
+    assert f" on 127.0.0.1:{plain_port}, {tls_address} (TLS); control socket {d.control}; " in line, line
+    assert line.endswith(f"; metrics at http://127.0.0.1:{metrics_port}/metrics (and /healthz, /readyz); "
+                         f"HAProxy agent-check on 127.0.0.1:{agent_port}"), line

@@ -212,9 +212,9 @@ def cells(frame: Frame, pid: int) -> dict[str, str]:
 def test_first_frame_has_no_rates() -> None:
     frame = build_frame(*replies(10.0, 50, [(1, 20), (2, 30)]), None)
     assert frame.header == "web: master pid 100, serving, generation 2, up 10s, 2/2 workers, 2 open, - req/s"
-    assert cells(frame, 1) == {"SLOT": "0", "PID": "1", "GEN": "2", "STATE": "ready", "CONNS": "1", "SHARE": "-",
+    assert cells(frame, 1) == {"SLOT": "0", "PID": "1", "GEN": "2", "STATE": "ready", "ACTIVE": "1", "SHARE": "-",
                                "REQ/S": "-",
-                               "REQUESTS": "20", "RSS": "3.0 MiB", "CPU%": "12.2", "HEARTBEAT": "0.4s"}
+                               "REQUESTS": "20", "RSS": "3.0 MiB", "USS": "-", "CPU%": "12.2", "HEARTBEAT": "0.4s"}
     assert frame.sample == Sample(master_pid=100, clock=10.0, requests=50, worker_clock=10.0,
                                   worker_requests={1: 20, 2: 30})
 

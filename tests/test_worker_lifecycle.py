@@ -17,6 +17,7 @@ import signal
 import socket
 import socketserver
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -122,6 +123,25 @@ def make_worker(master: Master) -> Iterator[MakeWorker]:
     for worker in made:
         for sock in worker.listeners:
             sock.close()
+
+
+# -- its own memory ----------------------------------------------------------------------------------------
+
+
+def test_a_worker_tells_the_master_once_when_its_own_memory_passed_the_limit(make_worker: MakeWorker,
+                                                                               master: Master) -> None:
+    roomy = make_worker(memory_limit=2**40)
+    roomy.count_accepted()
+    assert master.events() == []
+    tight = make_worker(memory_limit=1)  # one byte: any process is over it
+    tight.count_accepted()
+    tight.count_accepted()  # within MEMORY_LOOK of the first look: not looked at again
+    tight.look_at_memory(time.monotonic() + 3600)  # and once told, never again
+    events = master.events()
+    assert [e for e, _ in events] == [Event.GREW] and int(events[0][1]) > 1_000_000
+    off = make_worker()  # --max-worker-memory 0: never looks
+    off.count_accepted()
+    assert master.events() == []
 
 
 # -- stop and retire -------------------------------------------------------------------------------------

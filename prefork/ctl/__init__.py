@@ -18,7 +18,7 @@ import signal
 import sys
 from typing import NoReturn
 
-from prefork.config import ConfigError, find_control_path
+from prefork.config import ConfigError, control_candidates, find_control_path, listening_control_sockets
 from prefork.control import ControlError, DaemonNotRunning
 from prefork.ctl.commands import COMMANDS, output
 from prefork.ctl.errors import CommandFailed, NotAnswering, UsageError
@@ -61,6 +61,17 @@ def _silence_stdout() -> None:
         pass
 
 
+def not_found(name: str) -> str:
+    """Why no daemon ``name`` was found: every place tried, and what to do when it lives elsewhere."""
+    several = listening_control_sockets(name)
+    if len(several) > 1:
+        return (f"several daemons named {name!r} listen here: {', '.join(several[:10])}; "
+                "give one with --control PATH")
+    return (f"no prefork daemon named {name!r} is running here: no control socket at "
+            f"{', '.join(control_candidates(name))}, and none listening elsewhere that is ours "
+            "(started with --control? give its socket with --control PATH)")
+
+
 def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -71,6 +82,8 @@ def _main(argv: list[str] | None) -> int:
         path = args.control or find_control_path(args.name)
     except (UsageError, ConfigError) as exc:
         return complain(f"error: {exc}", EXIT_USAGE)
+    if path is None:
+        return complain(not_found(args.name), EXIT_NOT_RUNNING)
     try:
         reply = command.carry_out(path, request, args.timeout, fmt)
     except (DaemonNotRunning, NotAnswering) as exc:

@@ -16,9 +16,11 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from prefork.config import MAX_WORKERS
+from prefork.control import preview
 from prefork.ctl.client import Call, Reply, Request, exchange, exchange_until_exit, snapshot
 from prefork.ctl.errors import UsageError
-from prefork.ctl.render import format_share, human_age, human_bytes, table
+from prefork.ctl.render import format_share, human_age, human_bytes, optional_bytes, table
 from prefork.ctl.top import show_top, top_request, top_text
 from prefork.metrics import render_prometheus
 
@@ -26,9 +28,10 @@ REPLY_TIMEOUT = 10.0  # seconds to wait for a reply when --timeout is not given
 GENERATION_TIMEOUT = 600.0  # reload and upgrade reply once the new generation serves
 TOP_TIMEOUT = 5.0  # each refresh of top
 
-STATUS_HEADERS = ["SLOT", "PID", "GEN", "STATE", "REQUESTS", "ACTIVE", "SHARE", "RSS", "CPU%", "AGE", "HEARTBEAT"]
-STATS_KEYS = ["requests", "active", "errors", "workers", "workers_spawned", "worker_exits", "worker_crashes",
-              "worker_timeouts", "reloads", "failed_reloads"]
+STATUS_HEADERS = ["SLOT", "PID", "GEN", "STATE", "REQUESTS", "ACTIVE", "SHARE", "RSS", "USS", "CPU%", "AGE",
+                  "HEARTBEAT"]
+# what the text of stats leaves out, or writes its own way; every other whole-number counter is a line of it
+STATS_NOT_COUNTERS = frozenset({"ok", "pid", "name", "generation", "uptime_s"})
 DRAIN_STATES: Mapping[str | None, str] = {
     None: "not draining: health checks are answered",
     "health-checks": "draining: health checks fail, clients are still served (drain --off undoes it)",
@@ -63,9 +66,21 @@ def plain_request(args: argparse.Namespace) -> Request:
 
 
 def scale_request(args: argparse.Namespace) -> Request:
-    if args.workers < 1:
-        raise UsageError(f"scale: N must be at least 1, got {args.workers}")
-    return {"command": "scale", "workers": args.workers}
+    """``scale N`` sets the count; ``scale +N`` / ``scale -N`` change it (the master knows the count now)."""
+    text = args.workers.strip()
+    digits = text[1:] if text[:1] in "+-" else text
+    if not (digits.isascii() and digits.isdigit()):
+        raise UsageError(f"scale: N must be a count (3) or a change (+2, -1), got {preview(args.workers)}")
+    if len(digits.lstrip("0")) > len(str(MAX_WORKERS)):
+        raise UsageError(f"scale: N must be at most {MAX_WORKERS}, got {preview(args.workers)}")
+    value = int(text)
+    if text[:1] in "+-":
+        if value == 0:
+            raise UsageError(f"scale: a change must not be zero, got {text}")
+        return {"command": "scale", "by": value}
+    if not 1 <= value <= MAX_WORKERS:
+        raise UsageError(f"scale: N must be from 1 to {MAX_WORKERS}, got {text}")
+    return {"command": "scale", "workers": value}
 
 
 def stop_request(args: argparse.Namespace) -> Request:
@@ -155,7 +170,8 @@ def format_status(s: Reply) -> str:
     ]
     rows = [
         [str(w["slot"]), str(w["pid"]), str(w["generation"]), w["state"], str(w["requests"]), str(w["active"]),
-         format_share(w.get("share")), human_bytes(w["rss_bytes"]), f"{w['cpu_percent']:.1f}",
+         format_share(w.get("share")), human_bytes(w["rss_bytes"]), optional_bytes(w.get("uss_bytes")),
+         f"{w['cpu_percent']:.1f}",
          human_age(w["age_s"]), f"{w['heartbeat_age_s']:.1f}s"]
         for w in s["workers"]
     ]
@@ -170,9 +186,17 @@ def format_status(s: Reply) -> str:
     return "\n".join(out)
 
 
+def stats_line(key: str, value: int) -> str:
+    """One counter of stats: ``bytes in: 1.5 MiB (1572864)``, ``worker crashes: 1``."""
+    if key.startswith("bytes_"):
+        return f"{key.replace('_', ' ')}: {human_bytes(value)} ({value})"
+    return f"{key.replace('_', ' ')}: {value}"
+
+
 def format_stats(s: Reply) -> str:
     out = [f"{s['name']}: master pid {s['pid']}, generation {s['generation']}, up {human_age(s['uptime_s'])}"]
-    out += [f"{k.replace('_', ' ')}: {s[k]}" for k in STATS_KEYS]
+    out += [stats_line(k, v) for k, v in s.items()
+            if k not in STATS_NOT_COUNTERS and isinstance(v, int) and not isinstance(v, bool)]
     if isinstance(s.get("active_max_mean"), int | float):
         out.append(f"busiest worker's open connections over the mean: {s['active_max_mean']:.2f}")
     tls = s.get("tls")

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import argparse
-from typing import NoReturn
 
+from prefork import __version__
 from prefork.ctl.errors import UsageError
+from prefork.usage import Parser
 
 FORMATS = ("text", "json", "prometheus")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see preforkctl --help)")
+class _Parser(Parser):
+    usage_error = UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--name", metavar="NAME", default="prefork",
                        help="the daemon's --name (default prefork): finds its control socket")
     p.add_argument("--timeout", type=float, metavar="SECS", help="how long to wait for the daemon")
+    p.add_argument("--version", action="version", version=f"preforkctl {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     sub.add_parser("status", parents=[common], help="the master and its workers")
@@ -35,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--interval", type=float, default=1.0, metavar="SECS",
                      help="seconds between refreshes (default 1)")
     sub.add_parser("reload", parents=[common], help="start a new generation; returns once it serves")
-    scale = sub.add_parser("scale", parents=[common], help="set the number of workers")
-    scale.add_argument("workers", type=int, metavar="N")
+    scale = sub.add_parser("scale", parents=[common], help="set or change the number of workers")
+    scale.add_argument("workers", metavar="N",
+                       help="3: run 3 workers; +2: two more than now; -1: one fewer (at least 1 remains)")
     stop = sub.add_parser("stop", parents=[common], help="graceful stop; returns once the master has exited")
     stop.add_argument("--fast", action="store_true", help="do not wait for open connections")
     sub.add_parser("reopen", parents=[common], help="reopen log files")

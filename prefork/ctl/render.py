@@ -49,3 +49,8 @@ def human_age(seconds: float) -> str:
 def format_share(share: object) -> str:
     """A worker's share of its generation's open connections, in percent ("-" from a daemon without it)."""
     return f"{100 * share:.1f}%" if isinstance(share, int | float) and not isinstance(share, bool) else "-"
+
+
+def optional_bytes(value: object) -> str:
+    """Bytes for people, ``-`` when unknown (a worker's USS the kernel hides)."""
+    return human_bytes(value) if isinstance(value, int) and not isinstance(value, bool) else "-"

@@ -35,12 +35,13 @@ from typing import Any, TextIO
 from prefork.control import ControlError, DaemonNotRunning
 from prefork.ctl.client import Call, Reply, Request, fetch_status_and_stats, snapshot
 from prefork.ctl.errors import NotAnswering, UsageError
-from prefork.ctl.render import format_share, human_age, human_bytes, table
+from prefork.ctl.render import format_share, human_age, human_bytes, optional_bytes, table
 
 Fetch = Callable[[], tuple[dict[str, Any], dict[str, Any]]]
 
-HEADERS = ["SLOT", "PID", "GEN", "STATE", "CONNS", "SHARE", "REQ/S", "REQUESTS", "RSS", "CPU%", "HEARTBEAT"]
-RIGHT = frozenset({"PID", "GEN", "CONNS", "SHARE", "REQ/S", "REQUESTS", "RSS", "CPU%", "HEARTBEAT"})  # numbers
+# the columns status has too are named and ordered as there (ACTIVE: the open connections, as in the JSON)
+HEADERS = ["SLOT", "PID", "GEN", "STATE", "REQUESTS", "REQ/S", "ACTIVE", "SHARE", "RSS", "USS", "CPU%", "HEARTBEAT"]
+RIGHT = frozenset({"PID", "GEN", "ACTIVE", "SHARE", "REQ/S", "REQUESTS", "RSS", "USS", "CPU%", "HEARTBEAT"})  # numbers
 QUIT_KEYS = frozenset(b"qQ")
 
 # ANSI control sequences (ECMA-48 plus the xterm alternate screen that every terminal emulator has)
@@ -109,9 +110,10 @@ def build_frame(status: Mapping[str, Any], stats: Mapping[str, Any], previous: S
         worker_rate = rate(requests, sample.worker_clock,
                            previous.worker_requests.get(pid) if previous else None,
                            previous.worker_clock if previous else None)
-        rows.append([str(w["slot"]), str(pid), str(w["generation"]), str(w["state"]), str(w["active"]),
-                     format_share(w.get("share")), format_rate(worker_rate), str(requests),
-                     human_bytes(int(w["rss_bytes"])), f"{float(w['cpu_percent']):.1f}",
+        rows.append([str(w["slot"]), str(pid), str(w["generation"]), str(w["state"]), str(requests),
+                     format_rate(worker_rate), str(w["active"]), format_share(w.get("share")),
+                     human_bytes(int(w["rss_bytes"])), optional_bytes(w.get("uss_bytes")),
+                     f"{float(w['cpu_percent']):.1f}",
                      f"{float(w['heartbeat_age_s']):.1f}s"])
     return Frame(header=header, rows=rows, sample=sample)
 

@@ -388,6 +388,10 @@ class RelayProtocol(Balanced, asyncio.Protocol):
         for transport in (self.client, self.upstream):
             if transport is not None:
                 with contextlib.suppress(Exception):
+                    if transport is self.client and transport.can_write_eof():
+                        # as socketserver's shutdown_request: our FIN goes first, so a client whose last bytes
+                        # we did not read (the upstream was refused) sees an end of file, not a reset
+                        transport.write_eof()
                     transport.close()
 
     def _report(self, event: relay_core.Event) -> None:

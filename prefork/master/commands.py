@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from prefork.config import MAX_WORKERS
-from prefork.control import ControlConnection
+from prefork.config import MAX_WORKERS, quote
+from prefork.control import ControlConnection, preview
 from prefork.master import report
 from prefork.master.report import Snapshot
 from prefork.master.state import LbDrain, StopMode
@@ -64,12 +64,28 @@ def _reload(daemon: Daemon, request: dict[str, Any], conn: ControlConnection) ->
     daemon.begin_reload([conn])  # answered once the new generation serves, or when it failed
 
 
+def scale_target(current: int, request: dict[str, Any]) -> int | str:
+    """The worker count a scale request asks for, from ``current``; or why it is refused (one line).
+
+    ``workers`` sets the count; ``by`` changes it (``+2``, ``-1``). Exactly one of them, a whole number.
+    """
+    if ("workers" in request) == ("by" in request):
+        return (f"scale: give workers (a count) or by (a change), got workers={preview(request.get('workers'))}, "
+                f"by={preview(request.get('by'))}")
+    relative = "by" in request
+    value = request["by" if relative else "workers"]
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"scale: {'by' if relative else 'workers'} must be a whole number, got {preview(value)}"
+    count = current + value if relative else value
+    if relative and not 1 <= count <= MAX_WORKERS:
+        made = preview(count)
+        return f"scale: {current} worker(s) changed by {preview(value)} would be {made}, not from 1 to {MAX_WORKERS}"
+    if not 1 <= count <= MAX_WORKERS:
+        return f"scale: workers must be a whole number from 1 to {MAX_WORKERS}, got {preview(value)}"
+    return count
+
+
 def _scale(daemon: Daemon, request: dict[str, Any], conn: ControlConnection) -> None:
-    count = request.get("workers")
-    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_WORKERS:
-        conn.reply({"ok": False,
-                    "error": f"scale: workers must be a whole number from 1 to {MAX_WORKERS}, got {count!r}"})
-        return
     if daemon.state == "stopping":
         conn.reply({"ok": False, "error": "the daemon is stopping"})
         return
@@ -77,6 +93,10 @@ def _scale(daemon: Daemon, request: dict[str, Any], conn: ControlConnection) -> 
         conn.reply({"ok": False, "error": "a reload is in progress; scale again once it is done"})
         return
     previous = daemon.target
+    count = scale_target(previous, request)
+    if isinstance(count, str):
+        conn.reply({"ok": False, "error": count})
+        return
     daemon.scale(count)
     conn.reply({"ok": True, "workers": count, "previous": previous})
 
@@ -166,6 +186,6 @@ def dispatch(daemon: Daemon, request: dict[str, Any], conn: ControlConnection) -
     command = request.get("command")
     handler = COMMANDS.get(command) if isinstance(command, str) else None
     if handler is None:
-        conn.reply({"ok": False, "error": f"unknown command {command!r} (known: {', '.join(COMMANDS)})"})
+        conn.reply({"ok": False, "error": f"unknown command {quote(command)} (known: {', '.join(COMMANDS)})"})
         return
     handler(daemon, request, conn)

@@ -17,6 +17,7 @@ from prefork.agent import AgentServer, Load, readiness
 from prefork.config import Config
 from prefork.httpmetrics import MetricsServer
 from prefork.listeners import Listener, queued
+from prefork.listeners import describe as describe_address
 from prefork.master.report import Snapshot, stats, status
 from prefork.master.state import WorkerState
 from prefork.master.timers import Timers
@@ -74,6 +75,16 @@ class Endpoints:
         if self.agent_sock is not None:
             self.agent = AgentServer(self.agent_sock, selector, self.load, max_clients)
             timers.watch(self.agent)
+
+    def describe(self) -> list[str]:
+        """Where the side ports listen, for the startup log."""
+        out = []
+        if self.metrics_sock is not None:
+            address = describe_address(self.metrics_sock)
+            out.append(f"metrics at http://{address}/metrics (and /healthz, /readyz)")
+        if self.agent_sock is not None:
+            out.append(f"HAProxy agent-check on {describe_address(self.agent_sock)}")
+        return out
 
     def side_sockets(self) -> list[tuple[int, str]]:
         """(fd, role) of the listeners served here, for a new master to take over on upgrade."""

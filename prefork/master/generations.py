@@ -82,6 +82,7 @@ class Generations:
         self.listeners = listeners
         # the serving generation's TLS contexts (built before --user when the daemon started)
         self.tls = tls if tls is not None else load_tls(config, [li.spec for li in listeners])
+        self.on_grown: Callable[[], None] = lambda: None  # set by the periodic checks
         self.cli_overrides = cli_overrides
         # the configuration a reload starts from (a program serving from Python keeps its own: its molds
         # run the program again, which builds theirs)
@@ -230,6 +231,8 @@ class Generations:
             worker.boot_error = message.detail
         elif message.event is Event.STOPPED:
             self.reloads.stopped_accepting(worker.pid)
+        elif message.event is Event.GREW:
+            self.on_grown()  # --max-worker-memory's check, now rather than at its next turn
         elif message.event is Event.RETIRING:
             if self.slots.get(worker.slot) is worker and self.host.stopping is None:
                 del self.slots[worker.slot]

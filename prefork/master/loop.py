@@ -33,7 +33,7 @@ from typing import Any
 
 from prefork import __version__, fdstore, logs
 from prefork.channel import Decoder
-from prefork.config import Config
+from prefork.config import Config, describe_handler
 from prefork.control import MAX_CLIENTS, ControlConnection, ControlServer
 from prefork.httpmetrics import MAX_CLIENTS as METRICS_MAX_CLIENTS
 from prefork.kernelstats import listen_counters
@@ -227,9 +227,10 @@ class Master:
         self.endpoints.start(self.selector, self.timers, caps[1])
         self.checks.start()
         logs.set_title("master", self.config.name)
-        log.info("prefork %s master (pid %d) [%s]: %d %s worker(s) of %s on %s; control socket %s",
+        log.info("prefork %s master (pid %d) [%s]: %d %s worker(s) of %s on %s; control socket %s%s",
                  __version__, self.pid, self.config.name, self.target, self.config.worker_class,
-                 self.config.effective_handler, ", ".join(li.address for li in self.listeners), self.control.path)
+                 describe_handler(self.config), report.listening(self.listeners, self.gens.tls), self.control.path,
+                 "".join(f"; {where}" for where in self.endpoints.describe()))
         try:
             if self.resumed is not None:
                 inplace.resume(self, self.resumed)

@@ -28,11 +28,13 @@ from collections.abc import Callable, Collection, Iterable
 
 import psutil
 
+from prefork import memory
 from prefork.config import Config
 from prefork.master.handover import HandedWorker, Handover
 from prefork.master.report import WorkerSample, tls_counts
 from prefork.master.state import Totals, Worker, WorkerState
 from prefork.master.timers import Timers
+from prefork.memory import Memory
 from prefork.scoreboard import Record, Scoreboard
 from prefork.tls import TlsSetup
 from prefork.workers.entry import WorkerSpec, run_worker
@@ -309,14 +311,22 @@ class WorkerPool:
         except psutil.Error:
             return 0.0
 
+    def own_memory(self, worker: Worker) -> tuple[int, Memory | None]:
+        """(the bytes --max-worker-memory compares, its USS/PSS/RSS): the USS, or the RSS when the kernel hides
+        the worker's smaps_rollup (see prefork.memory); (0, None) when it is gone."""
+        found = memory.read(worker.pid)
+        return (found.uss, found) if found is not None else (self.rss(worker) or 0, None)
+
     def sample(self, worker: Worker, now: float, *, processes: bool) -> WorkerSample:
-        """The worker's counters as of now; ``processes`` adds its RSS and CPU (psutil)."""
+        """The worker's counters as of now; ``processes`` adds its memory and CPU."""
         record = self.record(worker)
         cpu = self.cpu_percent(worker, now) if processes else 0.0
-        rss = (self.rss(worker) or 0) if processes else 0
+        own = memory.read(worker.pid) if processes else None
+        rss = own.rss if own is not None else (self.rss(worker) or 0) if processes else 0
         return WorkerSample(
             pid=worker.pid, slot=worker.slot, generation=worker.generation, state=worker.state.value,
             requests=int(record.requests), active=int(record.active), errors=int(record.errors),
             proxy_errors=int(record.proxy_errors), bytes_in=int(record.bytes_in), bytes_out=int(record.bytes_out),
-            rss_bytes=rss, cpu_percent=cpu, age_s=now - worker.started, heartbeat_age_s=now - record.heartbeat,
+            rss_bytes=rss, uss_bytes=own.uss if own else None, pss_bytes=own.pss if own else None,
+            cpu_percent=cpu, age_s=now - worker.started, heartbeat_age_s=now - record.heartbeat,
             tls=tls_counts(record))

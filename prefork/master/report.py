@@ -38,6 +38,8 @@ class WorkerSample:
     age_s: float
     heartbeat_age_s: float
     tls: Mapping[str, int] = field(default_factory=dict)  # its TLS counters, by TLS_COUNTERS name
+    uss_bytes: int | None = None  # its own memory (prefork.memory); None: unknown (not looked, or hidden)
+    pss_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,12 @@ def drain_progress(snap: Snapshot) -> list[str]:
     return lines
 
 
+def listening(listeners: Iterable[Listener], tls: TlsSetup | None) -> str:
+    """The listening addresses for the startup log: ``127.0.0.1:8443 (TLS), 127.0.0.1:8000``."""
+    return ", ".join(li.address + (" (TLS)" if tls is not None and tls.for_listener(li.spec) else "")
+                     for li in listeners)
+
+
 def open_by_generation(workers: list[WorkerSample]) -> dict[int, int]:
     """Connections open now in each generation."""
     totals: dict[int, int] = {}
@@ -225,6 +233,7 @@ def worker_info(w: WorkerSample, generation_open: int = 0) -> dict[str, Any]:
         "requests": w.requests, "active": w.active, "share": share(w, generation_open),
         "errors": w.errors, "proxy_errors": w.proxy_errors,
         "bytes_in": w.bytes_in, "bytes_out": w.bytes_out, "rss_bytes": w.rss_bytes,
+        "uss_bytes": w.uss_bytes, "pss_bytes": w.pss_bytes,
         "cpu_percent": round(w.cpu_percent, 1), "age_s": round(w.age_s, 3),
         "heartbeat_age_s": round(max(0.0, w.heartbeat_age_s), 3),
     }

@@ -19,11 +19,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from prefork.logs import RateLimitedLog
 from prefork.proxy_protocol import DEFAULT_MAX_LENGTH, ProxyProtocolError, parse
 from prefork.tls import ServerTls
 from prefork.workers.async_tls import ConnectionTransport, TlsAccept, TlsHost, release
 
 log = logging.getLogger(__name__)
+_client_failures = RateLimitedLog(log)  # timeouts and resets: a client's doing, repeatable at will
 
 StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -168,7 +170,7 @@ def _streamed(worker: CountingWorker, handle: StreamHandler, accepted: bool) -> 
             await handle(reader, writer)
             outcome = "ok"
         except (ConnectionError, TimeoutError) as exc:
-            log.info("connection from %s: %s", writer.get_extra_info("peername"), exc)
+            _client_failures.info("connection from %s: %s", writer.get_extra_info("peername"), exc)
         except (Exception, SystemExit, KeyboardInterrupt):  # sys.exit() in handle(): this connection only
             worker.record.errors += 1
             log.exception("error handling connection from %s", writer.get_extra_info("peername"))

@@ -48,7 +48,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from prefork import drain, logs
+from prefork import drain, logs, memory
 from prefork.channel import Channel, Event
 from prefork.proxy_protocol import ProxyHeader
 from prefork.scoreboard import Record
@@ -57,6 +57,8 @@ from prefork.workers.balance import ACCEPTING, NOT_ACCEPTING, STEPPED_BACK, WAKE
 from prefork.workers.connection import ProxyPolicy, format_peer
 
 log = logging.getLogger(__name__)
+
+MEMORY_LOOK = 0.1  # seconds between two looks at its own memory, as connections come (--max-worker-memory)
 
 # Signals that end a worker at once, skipping the drain.
 FAST_EXIT_SIGNALS = frozenset({signal.SIGINT, signal.SIGQUIT})
@@ -91,6 +93,7 @@ class WorkerOptions:
     proxy: ProxyPolicy | None = None  # None: no peer sends a PROXY header
     balance: Balance | None = None  # None: --balance off
     tls: tuple[ServerTls | None, ...] = ()  # each listener's TLS, in the order of the listeners (None: plain)
+    memory_limit: int = 0  # bytes of its own memory (--max-worker-memory) past which it tells the master; 0: off
 
 
 class WorkerLifecycle:
@@ -124,6 +127,9 @@ class WorkerLifecycle:
         self.deadman = options.deadman
         self._deadman_due = 0.0  # when the dead-man timer is pushed back next
         self.proxy = options.proxy
+        self.memory_limit = options.memory_limit
+        self.next_memory_look = 0.0
+        self.proxy_failures_log = logs.RateLimitedLog(log)  # one client can send bad headers in a loop
         self.balance = options.balance
         self.tls = options.tls or tuple(None for _ in self.listeners)  # each listener's TLS (None: plain)
         self.stepped_back = False  # not accepting while it holds more than its share (--balance)
@@ -239,6 +245,7 @@ class WorkerLifecycle:
         self.record.heartbeat = now
         if self.deadman and now >= self._deadman_due:
             self.push_deadman(now)
+        logs.flush_held()  # what a client's flood held back, once its interval is over
         return now
 
     def push_deadman(self, now: float) -> None:
@@ -273,6 +280,19 @@ class WorkerLifecycle:
         self.accepted += 1
         if self.max_requests and self.accepted >= self.max_requests:
             self.retire(f"max-requests ({self.max_requests}) reached")
+        if self.memory_limit:
+            self.look_at_memory(time.monotonic())
+
+    def look_at_memory(self, now: float) -> None:
+        """At most every MEMORY_LOOK seconds, as connections come: tell the master once when our own memory
+        (USS) passed --max-worker-memory, so that it need not wait for its next periodic look (it decides)."""
+        if now < self.next_memory_look:
+            return
+        self.next_memory_look = now + MEMORY_LOOK
+        own = memory.read(os.getpid())  # our own smaps_rollup is readable even when we are not dumpable
+        if own is not None and own.uss > self.memory_limit:
+            self.channel.send(Event.GREW, str(own.uss))
+            self.next_memory_look = float("inf")  # once: from now on the master's periodic look decides
 
     def mark_accepting(self, on: bool) -> None:
         """Say in the scoreboard whether this worker takes new connections (its siblings balance on it)."""
@@ -364,7 +384,7 @@ class WorkerLifecycle:
     def proxy_header_failed(self, peer: Any, why: object) -> None:
         """A missing or malformed header: counted and logged once; the caller closes the connection."""
         self.record.proxy_errors += 1
-        log.warning("connection from %s: %s; closing it", format_peer(peer), why)
+        self.proxy_failures_log.warning("connection from %s: %s; closing it", format_peer(peer), why)
 
     def closes_health_check(self, header: ProxyHeader) -> bool:
         """True for a load balancer's health check (a ``LOCAL`` header) while the master drains us for it.

@@ -135,10 +135,9 @@ def tls_handshake_failed(record: Any, peer: Any, exc: BaseException) -> None:
 def _describe_tls_failure(exc: BaseException) -> str:
     """A failed handshake's exception in a few words: OpenSSL's reason, not its file and line."""
     if isinstance(exc, ssl.SSLError):
-        if exc.reason:
-            verify = getattr(exc, "verify_message", None)
-            return f"{exc.reason}" + (f" ({verify})" if verify else "")
-        return "connection closed in the middle of the handshake" if isinstance(exc, ssl.SSLEOFError) else str(exc)
+        if exc.reason or not isinstance(exc, ssl.SSLEOFError):
+            return tls.describe_error(exc)
+        return "connection closed in the middle of the handshake"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__

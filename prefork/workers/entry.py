@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any, NoReturn
 
-from prefork import logs
+from prefork import logs, tls
 from prefork.channel import Channel, Event
 from prefork.config import Config
 from prefork.prctl import set_pdeathsig
@@ -104,6 +104,7 @@ def _serve(spec: WorkerSpec, scoreboard: Scoreboard) -> int:
     os.register_at_fork(after_in_child=_as_a_handler_child)
     # SIGABRT from the master (a stale heartbeat), or a crash in C code: every thread's stack to the log
     faulthandler.enable(file=logs.fault_stream(), all_threads=True)
+    tls.quiet_bad_server_names()
     logs.set_title(f"worker {spec.slot}", spec.config.name)
 
     channel = Channel(spec.channel_fd)
@@ -135,6 +136,7 @@ def build_worker(spec: WorkerSpec, handler: Any, scoreboard: Scoreboard, channel
         proxy=ProxyPolicy.from_config(config),
         balance=balance,
         tls=spec.listener_tls(),
+        memory_limit=config.max_worker_memory * 2**20,
     )
     if config.worker_class == "async":
         return AsyncWorker(spec.listeners, handler, config, record, options)

@@ -14,13 +14,21 @@ import socketserver
 import ssl
 from typing import Any
 
-from prefork.config import Config, check_bytes
+from prefork.config import Config, check_bytes, cut, quote
 from prefork.handlers.aio import RelayProtocol
 from prefork.handlers.relay import RelayHandler
+
+WHY_LIMIT = 300  # characters of an exception's own message in the one line (it may quote a value at length)
 
 
 class HandlerLoadError(Exception):
     """The handler named in the config cannot be imported or is not usable."""
+
+
+def why(exc: BaseException) -> str:
+    """An exception's message on one line, cut short."""
+    text = " ".join(str(exc).split("\n"))
+    return text if len(text) <= WHY_LIMIT else text[: WHY_LIMIT - 3] + "..."
 
 
 def is_async_handler(obj: Any) -> bool:
@@ -42,17 +50,17 @@ def check_handler(obj: Any, spec: str, worker_class: str) -> Any:
     is_socketserver = isinstance(obj, type) and issubclass(obj, socketserver.BaseRequestHandler)
     if worker_class == "async":
         if is_socketserver:
-            raise HandlerLoadError(f"cannot load handler {spec!r}: a socketserver handler runs under "
+            raise HandlerLoadError(f"cannot load handler {quote(spec)}: a socketserver handler runs under "
                                    "--worker-class sync or thread, not async")
         if not is_async_handler(obj):
-            raise HandlerLoadError(f"cannot load handler {spec!r}: {obj!r} is not an asyncio.Protocol subclass "
-                                   "or an async def handle(reader, writer) function")
+            raise HandlerLoadError(f"cannot load handler {quote(spec)}: {quote(obj)} is not an asyncio.Protocol "
+                                   "subclass or an async def handle(reader, writer) function")
         return obj
     if is_async_handler(obj):
-        raise HandlerLoadError(f"cannot load handler {spec!r}: an asyncio handler runs under --worker-class async")
+        raise HandlerLoadError(f"cannot load handler {quote(spec)}: an asyncio handler runs under --worker-class async")
     if not is_socketserver:
         raise HandlerLoadError(
-            f"cannot load handler {spec!r}: {obj!r} is not a socketserver.BaseRequestHandler subclass"
+            f"cannot load handler {quote(spec)}: {quote(obj)} is not a socketserver.BaseRequestHandler subclass"
         )
     return obj
 
@@ -63,22 +71,22 @@ def _import_object(spec: str) -> Any:
         obj: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name and module_name.startswith(exc.name):
-            raise HandlerLoadError(f"cannot load handler {spec!r}: no module named {exc.name!r}") from exc
-        raise HandlerLoadError(f"cannot load handler {spec!r}: {type(exc).__name__}: {exc}") from exc
+            raise HandlerLoadError(f"cannot load handler {quote(spec)}: no module named {quote(exc.name)}") from exc
+        raise HandlerLoadError(f"cannot load handler {quote(spec)}: {type(exc).__name__}: {why(exc)}") from exc
     except BaseException as exc:  # the module's own code failed; say how, in one line
         where = ""
         tb = exc.__traceback__
         while tb is not None and tb.tb_next is not None:
             tb = tb.tb_next
         if tb is not None:
-            where = f" ({tb.tb_frame.f_code.co_filename}:{tb.tb_lineno})"
-        raise HandlerLoadError(f"cannot load handler {spec!r}: {type(exc).__name__}: {exc}{where}") from exc
+            where = f" ({cut(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno})"
+        raise HandlerLoadError(f"cannot load handler {quote(spec)}: {type(exc).__name__}: {why(exc)}{where}") from exc
     for part in attr_path.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError:
             raise HandlerLoadError(
-                f"cannot load handler {spec!r}: {module_name} has no attribute {attr_path!r}"
+                f"cannot load handler {quote(spec)}: {cut(module_name)} has no attribute {quote(attr_path)}"
             ) from None
     return obj
 
@@ -104,7 +112,7 @@ def handler_for(config: Config, *, relay_tls: ssl.SSLContext | None = None, upst
     base: type[Any] = RelayProtocol if config.worker_class == "async" else RelayHandler
     if not (isinstance(handler, type) and issubclass(handler, base)):
         raise HandlerLoadError(f"--relay needs the built-in relay or a {base.__name__} subclass "
-                               f"as the handler, not {config.handler!r}")
+                               f"as the handler, not {quote(config.handler)}")
     settings = {
         "upstreams": config.relay_upstreams,
         "connect_timeout": config.relay_connect_timeout,

@@ -54,6 +54,7 @@ from prefork.workers.connection import account, counts_own_bytes, format_peer, l
 from prefork.workers.handshakes import Handshakes
 
 log = logging.getLogger(__name__)
+_client_failures = logs.RateLimitedLog(log)  # timeouts, resets, TLS errors (keys): a client can repeat them
 
 _ACCEPT_BATCH = 16  # connections accepted per readiness event before the loop polls again
 SHUTDOWN_REASON = "a handler called self.server.shutdown()"
@@ -403,9 +404,14 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
         self.record.errors += 1
         exc = sys.exc_info()[1]
         if isinstance(exc, TimeoutError):
-            log.warning("connection from %s timed out", format_peer(client_address))
+            _client_failures.warning("connection from %s timed out", format_peer(client_address), key="timeout")
         elif isinstance(exc, ConnectionError):
-            log.info("connection from %s: %s", format_peer(client_address), exc)
+            _client_failures.info("connection from %s: %s", format_peer(client_address), exc, key="reset")
+        elif isinstance(exc, ssl.SSLError) and isinstance(request, ssl.SSLSocket) and tls.from_the_peer(exc, request):
+            # the client broke TLS after the handshake (garbage, a renegotiation we refuse): its doing, one line
+            _client_failures.info("connection from %s: TLS error after the handshake: %s; closing it",
+                                  format_peer(client_address), tls.describe_error(exc), key="tls")
+            log.debug("the TLS error of %s", format_peer(client_address), exc_info=True)
         else:
             log.exception("error handling connection from %s", format_peer(client_address))
 

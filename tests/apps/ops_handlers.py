@@ -21,3 +21,11 @@ class WhoAmI(BaseRequestHandler):
 
     def handle(self) -> None:
         self.request.sendall(f"{os.getuid()} {os.getgid()}\n".encode())
+
+
+class Leak(BaseRequestHandler):
+    """Keeps 5 MiB (written, so resident) per connection for the worker's life, then answers with its pid."""
+
+    def handle(self) -> None:
+        _hoard.append(os.urandom(1024) * (5 * 1024))
+        self.request.sendall(f"{os.getpid()}\n".encode())
