@@ -22,6 +22,11 @@ TLS connection rate). :class:`TlsAccept` takes each one on:
   ``--proxy-timeout``; a LOCAL header while the master drains for the load
   balancer closes the connection (its health check fails), as on plain
   listeners;
+* the client's first TLS byte is awaited, peeked and left for OpenSSL: a
+  connection that ends before it (a TCP health check, a port probe) began
+  no handshake, so it is closed without a failed one counted
+  (:func:`prefork.workers.connection.handshake_begun`, the rule of every
+  worker class); the handshake's timeout runs from here;
 * ``loop.connect_accepted_socket(..., ssl=context)`` runs the handshake,
   bounded by ``--tls-handshake-timeout``; a failure raises here, so it is
   counted by reason (:func:`prefork.tls.count_failure`) and logged in one

@@ -13,7 +13,9 @@ a plain one.
 The header is read without reading past it (peeked, then exactly its own
 bytes received), so the ClientHello behind it stays in the kernel for
 OpenSSL. Handshakes completed and failed (by reason) are counted in the
-worker's scoreboard record.
+worker's scoreboard record; a connection that ends before its first TLS
+byte (a TCP health check, a port probe) began none, so it is closed without
+a failed one counted (:func:`prefork.workers.connection.handshake_begun`).
 """
 
 from __future__ import annotations
