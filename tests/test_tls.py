@@ -9,6 +9,7 @@ import select
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,7 @@ from tlsutil import tls_connect as connect_tls
 
 from conftest import Daemon, child_env, read_line, wait_for
 from prefork.proxy_protocol import build_v2
+from prefork.workers.connection import handshake_begun
 
 CLASSES = ["sync", "thread"]
 
@@ -452,3 +454,84 @@ def test_garbage_after_the_handshake_is_one_line(daemon_factory: Callable[..., D
         assert echo(again) == b"hello\n"  # still serving
     assert "Traceback" not in d.log(), d.log()
     assert d.call("stats")["worker_crashes"] == 0
+
+
+# -- a connection that ends before its handshake begins ------------------------------------------------
+
+EVERY_CLASS = {"sync": "tls_handlers:WhoHandler", "thread": "tls_handlers:WhoHandler",
+               "async": "tls_async_handlers:WhoProtocol"}
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with a reset, as HAProxy ends a check or a forward it gave up on."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def _client_hello(pki: Pki) -> bytes:
+    bio_in, bio_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls_object = client_context(pki).wrap_bio(bio_in, bio_out, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls_object.do_handshake()
+    return bio_out.read()
+
+
+def test_handshake_begun_is_the_first_byte_peeked_not_taken() -> None:
+    """The one rule every worker class asks: True with a byte waiting, None with none yet, False once ended."""
+    open_clients: list[socket.socket] = []  # kept open until the checks are done
+
+    def ending_with(how: str) -> socket.socket:
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            client = socket.create_connection(listener.getsockname(), timeout=5)
+            server, _ = listener.accept()
+        server.setblocking(False)
+        if how == "a byte":
+            client.sendall(b"\x16")
+            open_clients.append(client)
+            select.select([server], [], [], 5)  # bounded wait for the byte (loopback: at once)
+        elif how == "fin":
+            client.close()
+        elif how == "reset":
+            _reset(client)
+        else:
+            open_clients.append(client)
+        if how in ("fin", "reset"):  # bounded wait for the kernel to see the end (loopback: at once)
+            select.select([server], [], [], 5)
+        return server
+
+    table = [("nothing yet", None), ("a byte", True), ("fin", False), ("reset", False)]
+    for how, expected in table:
+        server = ending_with(how)
+        with server:
+            assert handshake_begun(server) is expected, how
+            if expected:
+                assert server.recv(1) == b"\x16", "the peeked byte stays for OpenSSL"
+    for client in open_clients:
+        client.close()
+
+
+@pytest.mark.parametrize("proxied", [False, True], ids=["plain", "proxy"])
+@pytest.mark.parametrize("worker_class", list(EVERY_CLASS))
+def test_a_connection_ended_before_its_first_tls_byte_is_not_a_failed_handshake(
+        daemon_factory: Callable[..., Daemon], pki: Pki, worker_class: str, proxied: bool) -> None:
+    """A TCP check, a port probe or a forward HAProxy dropped: no handshake began, so none failed; one that began
+    and was cut (a check past HAProxy's timeout) is a failed handshake (closed), in every worker class alike."""
+    d = daemon_factory(*pki.server().args(), *(["--proxy-protocol"] if proxied else []), "--workers", "1",
+                       "-k", worker_class, EVERY_CLASS[worker_class])
+    header = build_v2(None, None, command="LOCAL") if proxied else b""  # HAProxy's check sends one
+    for end in (socket.socket.close, _reset, socket.socket.close, _reset):
+        s = d.connect()
+        s.sendall(header)
+        end(s)
+    began = d.connect()
+    began.sendall(header + _client_hello(pki))
+    assert began.recv(1), "the server's first flight"
+    _reset(began)  # before the client's Finished
+    wait_for(lambda: d.call("stats")["tls"]["failed"] >= 1, 10, "the cut handshake counted")
+    raw = d.connect()  # the worker serves on, and after the connections above
+    raw.sendall(header)
+    with client_context(pki).wrap_socket(raw, server_hostname="localhost") as s:
+        assert read_line(s).split()[0] in (b"TLSv1.2", b"TLSv1.3")
+    tls_stats = d.call("stats")["tls"]
+    assert tls_stats["failed"] == 1 and tls_stats["failures"]["closed"] == 1, tls_stats
+    assert d.log().count("TLS handshake with") == 1, d.log()

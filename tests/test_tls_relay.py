@@ -895,6 +895,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def listening(port: int) -> bool:
+    """True once a socket listens on 127.0.0.1:``port`` (from /proc/net/tcp: no connection is made)."""
+    local = f"0100007F:{port:04X}"
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return any(row.split()[1] == local and row.split()[3] == "0A" for row in rows)  # 0A: TCP_LISTEN
+
+
 @pytest.fixture
 def haproxy(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[[str], HAProxy]]:
     """``haproxy(config_body)``: HAProxy with a stats socket and ``config_body`` ({port} is its frontend's)."""
@@ -929,13 +936,15 @@ defaults
         started.append(hap)
 
         def accepting() -> bool:
+            # Never a probe connection to the frontend: HAProxy would forward it to the backend and, the probe
+            # gone, abort it in the middle of the backend's TLS handshake, a failure the test did not mean.
             if proc.poll() is not None:
                 raise AssertionError(f"haproxy exited with {proc.returncode}:\n{log_path.read_text()}")
             try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return stats.exists()
+                answers = "Pid:" in hap.admin("show info")
             except OSError:
                 return False
+            return answers and listening(port)
 
         wait_for(accepting, 10, "HAProxy to accept")
         return hap
@@ -1035,7 +1044,12 @@ WHO = {"sync": "tls_handlers:WhoHandler", "thread": "tls_handlers:WhoHandler",
 def test_haproxy_sends_proxy_headers_over_tls_and_checks_with_them(daemon_factory: Callable[..., Daemon],
                                                                     pki: Pki, haproxy: Callable[[str], HAProxy],
                                                                     worker_class: str) -> None:
-    """docs/scale-out.md's TLS backend: PROXY v2 in clear, then TLS verified by HAProxy, for clients and checks."""
+    """docs/scale-out.md's TLS backend: PROXY v2 in clear, then TLS verified by HAProxy, for clients and checks.
+
+    HAProxy bounds a check's connect and TLS handshake by ``min(timeout connect, inter)`` and cuts it with a
+    reset when that runs out: a check cut that way is a handshake that failed, and counted so. The interval
+    is a generous budget on a loaded machine, not ``200ms``, so no check is cut here.
+    """
     d = daemon_factory(*pki.server().args(), "--proxy-protocol", "-k", worker_class, WHO[worker_class])
     verify = f"ssl verify required ca-file {pki.ca.cert} sni str(localhost) check-sni localhost"
     hap = haproxy(f"""frontend fe
@@ -1044,12 +1058,13 @@ def test_haproxy_sends_proxy_headers_over_tls_and_checks_with_them(daemon_factor
 backend prefork
     option tcp-check
     tcp-check connect send-proxy ssl
-    server s1 127.0.0.1:{d.port} check inter 200ms send-proxy-v2 {verify}
+    server s1 127.0.0.1:{d.port} check inter 3s send-proxy-v2 {verify}
 """)
-    wait_for(lambda: hap.server_state("prefork", "s1") == 2, 10, "HAProxy to see s1 UP after TLS checks")
+    wait_for(lambda: hap.server_state("prefork", "s1") == 2 and hap.check_status("prefork", "s1") == "L6OK", 20,
+             "HAProxy to see s1 UP after a TLS check")
     with socket.create_connection(("127.0.0.1", hap.port), timeout=10, source_address=("127.0.0.7", 0)) as s:
         fields = s.makefile("rb").readline().decode().split()
         assert fields[0] in ("TLSv1.2", "TLSv1.3") and fields[-1] == "127.0.0.7", fields  # the client, not HAProxy
-    wait_for(lambda: d.call("stats")["tls"]["handshakes"] >= 3, 10, "checks and the client counted as handshakes")
-    assert d.call("stats")["tls"]["failed"] == 0
+    wait_for(lambda: d.call("stats")["tls"]["handshakes"] >= 2, 10, "the check and the client counted as handshakes")
+    assert d.call("stats")["tls"]["failed"] == 0, d.call("stats")["tls"]
     assert hap.server_state("prefork", "s1") == 2

@@ -22,6 +22,11 @@ TLS connection rate). :class:`TlsAccept` takes each one on:
   ``--proxy-timeout``; a LOCAL header while the master drains for the load
   balancer closes the connection (its health check fails), as on plain
   listeners;
+* the client's first TLS byte is awaited, peeked and left for OpenSSL: a
+  connection that ends before it (a TCP health check, a port probe) began
+  no handshake, so it is closed without a failed one counted
+  (:func:`prefork.workers.connection.handshake_begun`, the rule of every
+  worker class); the handshake's timeout runs from here;
 * ``loop.connect_accepted_socket(..., ssl=context)`` runs the handshake,
   bounded by ``--tls-handshake-timeout``; a failure raises here, so it is
   counted by reason (:func:`prefork.tls.count_failure`) and logged in one
@@ -57,7 +62,13 @@ from prefork import tls
 from prefork.listeners import ACCEPT_PAUSE
 from prefork.proxy_protocol import ProxyHeader, ProxyProtocolError, take_header
 from prefork.tls import ServerTls
-from prefork.workers.connection import ProxyPolicy, format_peer, tls_handshake_failed
+from prefork.workers.connection import (
+    ProxyPolicy,
+    closed_before_handshake,
+    format_peer,
+    handshake_begun,
+    tls_handshake_failed,
+)
 
 
 class TlsHost(Protocol):
@@ -224,13 +235,14 @@ class Handshake:
         self.make_inner = make_inner
         self.pending = True  # counted in the worker's handshakes until handed over or failed
         self.owned = True  # the socket is ours to close (no transport has it yet)
+        self.deadline = 0.0  # the loop's time the handshake must be done by (set once its first byte is awaited)
 
     def start(self) -> None:
         self.worker.track(asyncio.get_running_loop().create_task(self.run()))
 
     async def run(self) -> None:
         try:
-            if await self._proxy_header():
+            if await self._proxy_header() and await self._handshake_begun():
                 self.owned = False  # the transport connect_accepted_socket makes owns (and closes) it
                 await self._handshake()
         except Exception:  # a fault here costs this connection only, and says so
@@ -271,15 +283,40 @@ class Handshake:
         self.sock.close()
         return False
 
+    async def _handshake_begun(self) -> bool:
+        """Wait for the client's first TLS byte; False (the socket closed) when there is none to wait for.
+
+        The handshake's time runs from here. A connection that ends before
+        that byte is no failed handshake (:func:`handshake_begun`).
+        """
+        loop = asyncio.get_running_loop()
+        self.deadline = loop.time() + self.server_tls.handshake_timeout
+        try:
+            async with asyncio.timeout_at(self.deadline):
+                while (begun := handshake_begun(self.sock)) is None:
+                    await _readable(loop, self.sock.fileno())
+        except TimeoutError:
+            self._failed(TimeoutError(f"no TLS handshake within {self.server_tls.handshake_timeout:g}s"))
+            begun = False
+        except OSError as exc:
+            self._failed(exc)
+            begun = False
+        else:
+            if not begun:
+                closed_before_handshake(self.peer)
+        if not begun:
+            self.sock.close()
+        return begun
+
     async def _handshake(self) -> None:
         server_tls = self.server_tls
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + server_tls.handshake_timeout
+        deadline = self.deadline
         try:
             # The transport owns the socket from here, and closes it on failure. A connection the
             # handler has closed waits for the client's close_notify no longer than a handshake would.
             await loop.connect_accepted_socket(lambda: Handover(self), self.sock, ssl=server_tls.context,
-                                               ssl_handshake_timeout=server_tls.handshake_timeout,
+                                               ssl_handshake_timeout=max(deadline - loop.time(), 0.001),
                                                ssl_shutdown_timeout=server_tls.handshake_timeout)
         except Exception as exc:  # ssl.SSLError, a reset, the handshake timeout; never the handler's
             if self.pending:

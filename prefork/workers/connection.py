@@ -121,6 +121,30 @@ def log_access(client_address: Any, started: float, counts: tuple[int, int] | No
                  received, sent, outcome)
 
 
+def handshake_begun(sock: socket.socket) -> bool | None:
+    """Whether the client on the non-blocking ``sock`` has begun its TLS handshake (every worker class asks).
+
+    True once its first byte is there (peeked: it stays for OpenSSL), False
+    when the connection ended, closed or reset, before any (behind a PROXY
+    header: before any after it), None while nothing has arrived yet. A
+    connection that ends before its first TLS byte never began a handshake
+    (a TCP health check, a port probe, a load balancer dropping a forward it
+    no longer needs), so it is not a failed one: see
+    :func:`closed_before_handshake`. Other errors raise ``OSError``.
+    """
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK))
+    except BlockingIOError:
+        return None
+    except ConnectionError:  # reset (or aborted) before any byte: as closed
+        return False
+
+
+def closed_before_handshake(peer: Any) -> None:
+    """A connection on a TLS listener ended before its first TLS byte: not counted as a failed handshake."""
+    log.debug("connection from %s closed before its TLS handshake began", format_peer(peer))
+
+
 def tls_handshake_failed(record: Any, peer: Any, exc: BaseException) -> None:
     """A TLS handshake failed (every worker class alike): counted in ``record`` by reason, one log line.
 

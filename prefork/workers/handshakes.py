@@ -13,7 +13,9 @@ a plain one.
 The header is read without reading past it (peeked, then exactly its own
 bytes received), so the ClientHello behind it stays in the kernel for
 OpenSSL. Handshakes completed and failed (by reason) are counted in the
-worker's scoreboard record.
+worker's scoreboard record; a connection that ends before its first TLS
+byte (a TCP health check, a port probe) began none, so it is closed without
+a failed one counted (:func:`prefork.workers.connection.handshake_begun`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,12 @@ from typing import Any
 from prefork import tls
 from prefork.proxy_protocol import ProxyHeader, ProxyProtocolError, take_header
 from prefork.tls import ServerTls
-from prefork.workers.connection import ProxyPolicy, tls_handshake_failed
+from prefork.workers.connection import (
+    ProxyPolicy,
+    closed_before_handshake,
+    handshake_begun,
+    tls_handshake_failed,
+)
 
 MAX_PENDING = 256  # connections in handshake per worker; at this many the worker stops accepting
 
@@ -141,6 +148,19 @@ class Handshakes:
         if item.proxy is not None and not self._read_header(item):
             return
         if not item.wrapped:
+            try:
+                begun = handshake_begun(item.sock)
+            except OSError as exc:
+                self._fail(item, exc)
+                return
+            if begun is None:
+                self._want(item, select.EPOLLIN)
+                return
+            if not begun:
+                self._forget(item)
+                closed_before_handshake(item.peer)
+                _close(item.sock)
+                return
             try:
                 item.sock = item.tls.context.wrap_socket(item.sock, server_side=True,
                                                          do_handshake_on_connect=False)
