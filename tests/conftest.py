@@ -344,6 +344,27 @@ class Load(ClientThreads):
             sock.close()
 
 
+def listening(port: int) -> bool:
+    """True once a socket listens on 127.0.0.1:``port`` (from /proc/net/tcp: no connection is made)."""
+    local = f"0100007F:{port:04X}"
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return any(row.split()[1] == local and row.split()[3] == "0A" for row in rows)  # 0A: TCP_LISTEN
+
+
+def haproxy_serving(stats_socket: Path, port: int) -> bool:
+    """True once HAProxy answers on its stats socket and its frontend on ``port`` listens.
+
+    Never a probe connection to the frontend: HAProxy would forward it to a
+    backend and, the probe gone, abort it there (in the middle of a TLS
+    handshake, say), a connection the test did not mean and may count.
+    """
+    try:
+        answers = "Pid:" in haproxy_admin(stats_socket, "show info")
+    except OSError:
+        return False
+    return answers and listening(port)
+
+
 def haproxy_admin(stats_socket: Path, command: str) -> str:
     """One command on HAProxy's stats socket; HAProxy answers and closes."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from test_haproxy import BACKEND, HAProxy, _accepts, _stop_haproxy, _sub, doc_block, free_port, haproxy_config
+from test_haproxy import BACKEND, HAProxy, _stop_haproxy, _sub, doc_block, free_port, haproxy_config
 
-from conftest import Daemon, child_env, read_line, wait_for
+from conftest import Daemon, child_env, haproxy_serving, read_line, wait_for
 from prefork.agent import MIN_WEIGHT, Load, agent_reply, readiness, weight_percent
 from prefork.config import Config
 from prefork.listeners import Listener
@@ -279,7 +279,7 @@ def agent_haproxy(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[HA
         def ready() -> bool:
             if proc.poll() is not None:
                 raise AssertionError(f"haproxy exited with {proc.returncode}:\n{hap.output()}")
-            return _accepts(hap.address())
+            return haproxy_serving(stats_socket, port)
 
         wait_for(ready, 10, "HAProxy's frontend to accept")
         return hap

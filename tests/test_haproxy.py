@@ -24,7 +24,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, ClientThreads, Daemon, child_env, haproxy_admin, read_line, recv_exact, wait_for
+from conftest import (
+    ROOT,
+    ClientThreads,
+    Daemon,
+    child_env,
+    haproxy_admin,
+    haproxy_serving,
+    read_line,
+    recv_exact,
+    wait_for,
+)
 
 DOC = ROOT / "docs" / "scale-out.md"
 UP, DOWN = 2, 0
@@ -124,14 +134,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _accepts(addr: tuple[str, int]) -> bool:
-    try:
-        socket.create_connection(addr, timeout=1).close()
-        return True
-    except OSError:
-        return False
-
-
 def start_haproxy(tmp_path: Path, server_ports: list[int]) -> HAProxy:
     """Write the documented config for these servers and run ``haproxy -db -f CFG`` in its own session."""
     cfg_path = tmp_path / "haproxy.cfg"
@@ -149,7 +151,7 @@ def start_haproxy(tmp_path: Path, server_ports: list[int]) -> HAProxy:
     def ready() -> bool:
         if proc.poll() is not None:
             raise AssertionError(f"haproxy exited with {proc.returncode}:\n{hap.output()}")
-        return _accepts(hap.address())
+        return haproxy_serving(stats_socket, port)
 
     wait_for(ready, 10, "HAProxy's frontend to accept")
     return hap

@@ -39,7 +39,7 @@ import pytest
 from tlsutil import Issued, Pki, client_context
 from tlsutil import tls_connect as connect_tls
 
-from conftest import Daemon, haproxy_admin, recv_exact, wait_for
+from conftest import Daemon, haproxy_admin, haproxy_serving, recv_exact, wait_for
 from prefork.handlers import relay as relay_module
 from prefork.handlers import relay_core
 from prefork.handlers.relay import RelayHandler
@@ -895,13 +895,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def listening(port: int) -> bool:
-    """True once a socket listens on 127.0.0.1:``port`` (from /proc/net/tcp: no connection is made)."""
-    local = f"0100007F:{port:04X}"
-    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
-    return any(row.split()[1] == local and row.split()[3] == "0A" for row in rows)  # 0A: TCP_LISTEN
-
-
 @pytest.fixture
 def haproxy(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[[str], HAProxy]]:
     """``haproxy(config_body)``: HAProxy with a stats socket and ``config_body`` ({port} is its frontend's)."""
@@ -936,15 +929,9 @@ defaults
         started.append(hap)
 
         def accepting() -> bool:
-            # Never a probe connection to the frontend: HAProxy would forward it to the backend and, the probe
-            # gone, abort it in the middle of the backend's TLS handshake, a failure the test did not mean.
             if proc.poll() is not None:
                 raise AssertionError(f"haproxy exited with {proc.returncode}:\n{log_path.read_text()}")
-            try:
-                answers = "Pid:" in hap.admin("show info")
-            except OSError:
-                return False
-            return answers and listening(port)
+            return haproxy_serving(stats, port)
 
         wait_for(accepting, 10, "HAProxy to accept")
         return hap
