@@ -420,7 +420,8 @@ def test_a_new_worker_dying_aborts_the_reload_and_the_old_generation_serves_on()
     dying = reload.slots[1]
     gens.on_message(dying, Message(dying.pid, Event.BOOT_ERROR, "cannot load handler: SyntaxError"))
     exit_of(gens, pool, dying, WORKER_BOOT_ERROR << 8)
-    assert waiter.replies == [{"ok": False, "error": "reload failed: cannot load handler: SyntaxError"}]
+    assert waiter.replies == [{"ok": False, "error": "reload failed: cannot load handler: SyntaxError",
+                               "verdict": "failed"}]
     assert gens.slots == old and gens.generation == 1 and gens.reloads.in_flight is None
     assert pool.drained == [(reload.slots[0].pid, "reload aborted")]
 
@@ -808,7 +809,8 @@ def test_a_reload_whose_mold_cannot_load_fails_and_the_old_generation_keeps_its_
     waiter = FakeWaiter()
     gens.begin_reload([waiter])
     load(gens, molds.by_generation[2], "cannot load handler 'app:H': SyntaxError")
-    assert waiter.replies == [{"ok": False, "error": "reload failed: cannot load handler 'app:H': SyntaxError"}]
+    assert waiter.replies == [{"ok": False, "error": "reload failed: cannot load handler 'app:H': SyntaxError",
+                               "verdict": "failed"}]
     assert gens.slots == before and gens.generation == 1 and list(molds.by_generation) == [1]
     # a worker of generation 1 that dies now is forked by generation 1's mold again
     exit_of(gens, pool, gens.slots[0], 1 << 8)

@@ -34,7 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     top = sub.add_parser("top", parents=[common], help="a live table of the workers; q or Ctrl-C to quit")
     top.add_argument("--interval", type=float, default=1.0, metavar="SECS",
                      help="seconds between refreshes (default 1)")
-    sub.add_parser("reload", parents=[common], help="start a new generation; returns once it serves")
+    reload = sub.add_parser("reload", parents=[common], help="start a new generation; returns once it serves")
+    reload.add_argument("--canary", type=float, metavar="SECS",
+                        help="one new worker serves beside the old generation for SECS first; the reload goes on "
+                             "only if it does no worse, else fails and the old generation serves on "
+                             "(default: the daemon's --reload-canary)")
     scale = sub.add_parser("scale", parents=[common], help="set the number of workers")
     scale.add_argument("workers", type=int, metavar="N")
     stop = sub.add_parser("stop", parents=[common], help="graceful stop; returns once the master has exited")

@@ -340,8 +340,8 @@ class Master:
         self.exit_code = EXIT_CONFIG
         self.begin_stop(StopMode.FAST)
 
-    def begin_reload(self, waiters: Sequence[Waiter]) -> None:
-        self.gens.begin_reload(waiters)
+    def begin_reload(self, waiters: Sequence[Waiter], canary: float | None = None) -> None:
+        self.gens.begin_reload(waiters, canary)
 
     def scale(self, count: int) -> None:
         if self.stopping is None:
@@ -492,6 +492,7 @@ def _snapshot(master: Master, processes: bool) -> report.Snapshot:
         totals=dataclasses.replace(pool.totals, log_lines_dropped=logs.dropped_lines(), tls=dict(pool.totals.tls)),
         tls=report.tls_view(gens.tls, master.listeners, master.config),
         upstreams=tuple(pool.scoreboard.upstreams.describe(now, time.time())),
+        reload=gens.reloader.progress(),
         molds=[{"generation": m.generation, "pid": m.pid, "state": m.state.value, "threads": m.threads}
                for _, m in sorted(master.molds.by_generation.items())],
         cut_in={w.pid: due - now for w in workers if (due := master.timers.when(("kill", w.pid))) is not None})
