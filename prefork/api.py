@@ -97,6 +97,7 @@ class ServerOptions(TypedDict, total=False):
     max_worker_memory: int
     reload_batch: int
     reload_canary: float
+    reload_probation: float
     backlog: int
     name: str
     control: PathArg

@@ -12,21 +12,23 @@ from typing import Any
 import pytest
 
 from conftest import Daemon, Load, child_env, read_line, wait_for
-from prefork.master.reload import CanaryFigures, judge_canary
+from prefork.master.verdicts import CanaryFigures, judge_canary
 
 MODULE = '''
 import os
 import socketserver
+import time
 
 VERSION = b"{version}"
 MODE = "{mode}"
 SERVED = [0]
+LOADED = time.monotonic()  # in the mold: "late" code starts failing a second after its generation serves
 
 
 class Handler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         SERVED[0] += 1
-        if MODE == "raise":
+        if MODE == "raise" or (MODE == "late" and time.monotonic() - LOADED > 1.0):
             raise KeyError("missing")
         if MODE == "die":
             os._exit(1)
@@ -194,6 +196,60 @@ def test_a_canary_with_a_rolling_reload(daemon_factory: Callable[..., Daemon], t
     d.wait_serving(4)
     assert version(d) == b"v2"
     assert "reloading: 1 of 4 new worker(s) serving; 1 old one(s) draining" in d.log()
+
+
+@pytest.mark.parametrize("worker_class", ["sync", "thread"])
+def test_probation_rolls_back_code_that_starts_failing_after_it_serves(
+        daemon_factory: Callable[..., Daemon], tmp_path: Path, worker_class: str) -> None:
+    d = start(daemon_factory, tmp_path, "-k", worker_class, "--reload-probation", "5", workers=2)
+    with Load(d.address(), clients=4, mode="connect") as load:
+        load.wait_ok(50)
+        write_handler(tmp_path, "v2-late", "late")
+        status, reply, stderr = reload(d)
+        assert d.status()["generation"] == 1  # answered once rolled back: the old generation serves again
+        wait_for(lambda: all(w["generation"] == 1 for w in d.status()["workers"]), 20, "generation 2 gone")
+        failed = len(load.failures)
+        load.wait_ok(50)
+    assert status == 1, stderr
+    assert reply["verdict"] == "rolled_back", reply
+    figures = reply["probation"]
+    assert "probation: " in stderr and "connections raised KeyError" in stderr, stderr
+    assert "rolled back to generation 1" in stderr
+    assert 1.0 <= figures["seconds"] < 5.0, figures  # within the window, once the code failed
+    assert not [f for f in load.failures if "Refused" in f], load.failures[:3]  # no refused connection
+    assert len(load.failures) == failed, load.failures[failed:failed + 3]  # the old code serves cleanly
+    d.wait_serving(2)
+    assert version(d) == b"v1"  # the old generation's code, from its mold: the file on disk is v2-late
+    stats = d.call("stats")
+    assert stats["rolled_back_reloads"] == 1 and stats["reloads"] == 0, stats
+    metrics = d.ctl("stats", "--format", "prometheus").stdout
+    assert 'prefork_reload_outcomes_total{outcome="rolled_back"} 1' in metrics, metrics
+
+
+def test_probation_passes_and_the_old_mold_ends(daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    d = start(daemon_factory, tmp_path, "--reload-probation", "1.5", workers=2)
+    with Load(d.address(), clients=2, mode="connect") as load:
+        load.wait_ok(20)
+        write_handler(tmp_path, "v2")
+        status, reply, stderr = reload(d)
+        load.wait_ok(20)
+    assert status == 0, stderr
+    assert reply["verdict"] == "committed" and reply["probation"]["seconds"] >= 1.5, reply
+    assert load.failures == [], load.failures[:3]
+    st = wait_for(lambda: (s := d.status())["molds"] and [m["generation"] for m in s["molds"]] == [2] and s,
+                  20, "generation 1's mold to end")
+    assert st["reload"] is None and version(d) == b"v2"
+
+
+def test_probation_keeps_the_old_mold_while_it_lasts(daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    d = start(daemon_factory, tmp_path, "--reload-probation", "30", workers=2)
+    write_handler(tmp_path, "v2")
+    d.signal(__import__("signal").SIGHUP)
+    st = wait_for(lambda: (s := d.status())["reload"] is not None and s["reload"]["phase"] == "probation"
+                  and all(w["generation"] == 2 for w in s["workers"]) and s, 30, "generation 2 on probation")
+    assert [m["generation"] for m in st["molds"]] == [1, 2], st["molds"]  # the cost: one process, the old mold
+    assert st["reload"]["old_generation"] == 1 and st["reload"]["probation"]["window_s"] == 30.0
+    assert "on probation" in d.ctl("status").stdout
 
 
 def test_status_shows_the_canary_in_progress(daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:

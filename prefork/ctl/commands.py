@@ -207,6 +207,11 @@ def format_stats(s: Reply) -> str:
 def format_reload_progress(reload: Mapping[str, object]) -> str:
     """The status line of a reload in flight: its canary's figures so far, or how far it got."""
     canary = reload.get("canary")
+    probation = reload.get("probation")
+    if reload.get("phase") == "probation" and isinstance(probation, Mapping):
+        return (f"generation {reload.get('generation')} on probation: {probation.get('remaining_s')}s left; "
+                f"{probation.get('errors')} of {probation.get('connections')} connection(s) failed; generation "
+                f"{reload.get('old_generation')}'s mold is kept for a rollback")
     if reload.get("phase") == "canary" and isinstance(canary, Mapping):
         return (f"reloading to generation {reload.get('generation')}: canary (pid {canary.get('pid')}) "
                 f"{canary.get('remaining_s')}s left; {canary.get('errors')} of {canary.get('connections')} "

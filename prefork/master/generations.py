@@ -161,11 +161,11 @@ class Generations:
 
     def on_exit(self, worker: Worker, status: int) -> None:
         """A worker of ours is gone (the pool reaped it): log what it means, and act on it."""
-        self._judge_exit(worker, status)
-        self.reloader.on_exit(worker)
+        how = self._judge_exit(worker, status)
+        self.reloader.on_exit(worker, how)
         self.molding.end_idle()
 
-    def _judge_exit(self, worker: Worker, status: int) -> None:
+    def _judge_exit(self, worker: Worker, status: int) -> str:
         how, clean = describe_exit(status, worker.signals_sent, boot_error=worker.boot_error is not None,
                                    oom_kills=worker.oom_kills_since_start())
         reload = self.reloads.in_flight
@@ -195,6 +195,7 @@ class Generations:
             log.log(logging.INFO if clean else logging.WARNING, "worker %d (pid %d) %s", worker.slot, worker.pid, how)
         else:
             self._respawn(worker, how)
+        return how
 
     def _respawn(self, worker: Worker, how: str) -> None:
         if worker.boot_error:
@@ -273,6 +274,12 @@ class Generations:
 
     def new_generation(self) -> int:
         return next(self._generations)
+
+    def keep_mold(self, generation: int | None) -> bool:
+        """Keep ``generation``'s mold with no worker (None: keep none); False when it has none to keep."""
+        kept = generation is None or self.molding.has_mold(generation)
+        self.molding.kept = generation if kept else None
+        return kept
 
     def end_idle_molds(self) -> None:
         self.molding.end_idle()

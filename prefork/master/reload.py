@@ -32,63 +32,14 @@ from prefork.config import Config, ConfigError, build_config
 from prefork.kernelstats import ListenCounters, listen_counters
 from prefork.listeners import BindError, Listener, reuse_or_bind
 from prefork.master.pool import WorkerPool, kill_pid
+from prefork.master.probation import PROBATION_CHECK, Probation
 from prefork.master.state import LbDrain, StopMode, Worker, WorkerState
 from prefork.master.timers import Timers
+from prefork.master.verdicts import CanaryFigures, judge_canary
 from prefork.tls import TlsSetup
 from prefork.tls import load as load_tls
 
 log = logging.getLogger(__name__)
-
-# the canary rule (judge_canary): errors are judged once the canary served this many connections
-CANARY_MIN_CONNECTIONS = 10
-CANARY_MARGIN = 0.05  # the canary's error rate may pass the old generation's by this much
-CANARY_SLACK = 2  # and by this many errors, so one unlucky error in a small sample is no verdict
-
-
-@dataclass(frozen=True)
-class CanaryFigures:
-    """A canary's window against the old generation's over the same time: what :func:`judge_canary` judges."""
-
-    seconds: float
-    connections: int  # connections the canary handled to the end
-    errors: int  # of them, those its handler raised on
-    error_type: str = ""  # the class name of its handler's latest exception
-    exits: int = 0  # the canary's worker ended unasked (1) or not (0)
-    exit_how: str = ""  # how it ended ("exited with status 1", "was killed by SIGKILL ...")
-    hung: int = 0  # the master killed it for a stale heartbeat
-    old_connections: int = 0
-    old_errors: int = 0
-    old_exits: int = 0  # the old generation's workers that ended unasked meanwhile
-    old_hung: int = 0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in dataclasses.asdict(self).items()}
-
-
-def judge_canary(f: CanaryFigures) -> str | None:
-    """None when the canary did no worse than the old generation; else why, with the figures.
-
-    In order: a canary that hung or whose worker ended unasked fails (the
-    old generation is not its excuse: a new worker must not die young).
-    Errors are judged only once it served CANARY_MIN_CONNECTIONS
-    connections; then it fails when its errors pass the old generation's
-    rate plus CANARY_MARGIN of its connections, plus CANARY_SLACK errors.
-    """
-    old = f"old generation: {f.old_errors} of {f.old_connections}"
-    if f.hung:
-        return (f"canary: its worker hung (no heartbeat within --timeout) after {f.connections} connection(s) "
-                f"({old}, {f.old_hung} hung)")
-    if f.exits:
-        return (f"canary: its worker {f.exit_how or 'exited'} after {f.connections} connection(s) "
-                f"({old}; {f.old_exits} old worker(s) ended meanwhile)")
-    if f.connections < CANARY_MIN_CONNECTIONS:
-        return None
-    old_rate = f.old_errors / f.old_connections if f.old_connections else 0.0
-    if f.errors > f.connections * (old_rate + CANARY_MARGIN) + CANARY_SLACK:
-        raised = f"raised {f.error_type}" if f.error_type else "failed"
-        return f"canary: {f.errors} of {f.connections} connections {raised} ({old})"
-    return None
-
 
 @dataclass
 class CanaryWindow:
@@ -129,6 +80,8 @@ class Reload:
     canary: float = 0.0  # seconds its first worker serves beside the old generation before the rest start
     window: CanaryWindow | None = None  # once the canary serves
     report: dict[str, Any] = field(default_factory=dict)  # what the reply adds: the canary's figures
+    probation: float = 0.0  # seconds the new generation is on trial once it serves (--reload-probation)
+    rollback: bool = False  # this "reload" brings back the generation a probation found wanting
 
     @property
     def canary_pending(self) -> bool:
@@ -180,6 +133,18 @@ class Reloads:
         self.held.append(HeldReply(reload.waiters, set(accepting), message))
         self._answer_held()
         return reload
+
+    def finish(self) -> Reload:
+        """The reload in flight took over, its reply held elsewhere (a probation, a rollback)."""
+        reload = self.in_flight
+        assert reload is not None
+        self.in_flight = None
+        return reload
+
+    def hold(self, waiters: list[Waiter], accepting: set[int], message: dict[str, Any]) -> None:
+        """Answer ``waiters`` with ``message`` once none of ``accepting`` accepts any more."""
+        self.held.append(HeldReply(waiters, set(accepting), message))
+        self._answer_held()
 
     def abort(self, why: str, details: dict[str, Any] | None = None) -> Reload | None:
         """The reload in flight failed: it and every queued follow-up get ``why``; returns what was in flight."""
@@ -293,7 +258,12 @@ class GenerationsView(Protocol):
 
     def spawn_worker(self, slot: int, reload: Reload | None = None) -> Worker | None: ...
 
+    @property
+    def tls(self) -> TlsSetup | None: ...
+
     def take_over(self, reload: Reload) -> tuple[dict[int, Worker], list[Listener]]: ...
+
+    def keep_mold(self, generation: int | None) -> bool: ...
 
     def fill_slots(self) -> None: ...
 
@@ -308,6 +278,7 @@ class Reloader:
     def __init__(self, gens: GenerationsView) -> None:
         self.gens = gens
         self.reloads = Reloads()
+        self.probation: Probation | None = None
 
     def begin(self, waiters: Sequence[Waiter], canary: float | None = None) -> None:
         """Start a new generation from the re-read config; drain the old one once it serves.
@@ -337,7 +308,8 @@ class Reloader:
                         listeners=listeners, new_listeners=new_listeners, waiters=asked, tls=tls,
                         batch=config.reload_batch if config.reload_batch < config.workers else 0,
                         began=time.monotonic(), counters=listen_counters(),
-                        canary=seconds if gens.slots else 0.0)  # a canary needs an old generation to compare
+                        canary=seconds if gens.slots else 0.0,  # a canary needs an old generation to compare
+                        probation=config.reload_probation if gens.slots else 0.0)
         pool.mark_peak()
         self.reloads.start(reload)
         log.info("reloading: starting generation %d (%d %s worker(s) of %s%s%s)",
@@ -360,14 +332,15 @@ class Reloader:
             for waiter in asked:
                 waiter.reply({"ok": False, "error": why})
             return True
-        if self.reloads.in_flight is None:
+        if self.reloads.in_flight is None and self.probation is None:
             return False
         # after the current one: it may not have the newest code
         self.reloads.queue(asked)
         if canary is not None:
             self.reloads.queued_canary = canary
-        log.info("reload requested during a reload: will reload again after generation %d is up",
-                 self.reloads.in_flight.generation)
+        log.info("reload requested during a reload: will reload again after generation %d is up%s",
+                 self.gens.generation if self.probation else self.reloads.in_flight.generation if
+                 self.reloads.in_flight else 0, " and its probation is over" if self.probation else "")
         return True
 
     def start_batch(self, reload: Reload) -> None:
@@ -394,8 +367,11 @@ class Reloader:
         else:
             self._retire_batch(reload, reload.batch or reload.config.workers)
 
-    def on_exit(self, worker: Worker) -> None:
-        """A worker is gone: the next batch may start; an old worker gone unasked counts against the old."""
+    def on_exit(self, worker: Worker, how: str) -> None:
+        """A worker is gone: the next batch may start; an old worker gone unasked counts against the old,
+        a new one on probation against the new."""
+        if self.probation is not None and (why := self.probation.on_exit(worker, how)) is not None:
+            self._roll_back(why)
         reload = self.reloads.in_flight
         if reload is None:
             return
@@ -415,7 +391,7 @@ class Reloader:
         reload = self.reloads.in_flight
         window = reload.window if reload is not None else None
         if window is not None and window.verdict is None and worker.pid == window.pid:
-            figures = dataclasses.replace(self.figures(window, worker), exits=1, exit_how=how,
+            figures = dataclasses.replace(canary_figures(self.gens.pool, window, worker), exits=1, exit_how=how,
                                           hung=int(signal.SIGABRT in worker.signals_sent))
             self._verdict(figures)
             return
@@ -435,34 +411,10 @@ class Reloader:
                  canary.pid, reload.generation, self.gens.generation, reload.canary)
         self.gens.timers.set("canary", reload.window.ends, self._judge)
 
-    def figures(self, window: CanaryWindow, canary: Worker | None = None) -> CanaryFigures:
-        """The canary's figures and the old generation's since the window opened (so far, or at its end)."""
-        pool = self.gens.pool
-        now = time.monotonic()
-        worker = canary or pool.workers.get(window.pid)
-        connections = errors = 0
-        error_type = ""
-        if worker is not None:
-            counted = _counts(pool, worker)
-            errors = counted[1] - window.base[1]
-            # a connection's error is counted as it ends, its end just after: one may be in between
-            connections = max(counted[0] - window.base[0], errors)
-            error_type = pool.record(worker).error_type.decode("ascii", "replace")
-        old_connections = old_errors = 0
-        for pid, (requests, errs) in window.old_base.items():
-            old = pool.workers.get(pid)
-            if old is not None:
-                counted = _counts(pool, old)
-                old_errors += counted[1] - errs
-                old_connections += max(counted[0] - requests, counted[1] - errs)
-        return CanaryFigures(seconds=min(now, window.ends) - window.began, connections=connections, errors=errors,
-                             error_type=error_type, old_connections=old_connections, old_errors=old_errors,
-                             old_exits=window.old_exits, old_hung=window.old_hung)
-
     def _judge(self) -> None:
         reload = self.reloads.in_flight
         if reload is not None and reload.window is not None and reload.window.verdict is None:
-            self._verdict(self.figures(reload.window))
+            self._verdict(canary_figures(self.gens.pool, reload.window))
 
     def _verdict(self, figures: CanaryFigures) -> None:
         reload = self.reloads.in_flight
@@ -506,6 +458,7 @@ class Reloader:
         gens.timers.cancel("reload")
         reload = self.reloads.in_flight
         assert reload is not None
+        old_config, old_tls = gens.config, gens.tls
         old_slots, removed = gens.take_over(reload)
         generation = gens.generation  # a later reload may commit before this runs
 
@@ -526,17 +479,90 @@ class Reloader:
             gens.host.close_after_queue(removed, replace_old)
         else:
             replace_old()
+        gens.host.notify_systemd("ready")
+        accepting = {w.pid for w in old_slots.values() if w.pid in gens.pool.workers}
+        if reload.rollback:
+            self.reloads.finish()
+            for waiter in reload.waiters:
+                waiter.reply({"ok": False, **reload.report})
+            log.warning("rolled back: generation %d serving again with %d worker(s)", generation,
+                        reload.config.workers)
+            gens.end_idle_molds()
+            self._follow_up()
+            return
+        message = {"ok": True, "generation": generation, "workers": reload.config.workers,
+                   "verdict": "committed", **reload.report, **reload_report(reload, gens.pool.peak)}
+        if reload.probation and old_slots and not removed and not reload.new_listeners \
+                and gens.keep_mold(next(iter(old_slots.values())).generation):
+            self._start_probation(reload, old_slots, (old_config, old_tls), message, accepting)
+            return
         gens.pool.totals.reloads += 1
         log.info("reloaded: generation %d serving with %d worker(s); draining the old one",
                  generation, reload.config.workers)
-        gens.host.notify_systemd("ready")
         # the reply waits until no old worker accepts: from then on, every new connection meets new code
-        self.reloads.commit({"ok": True, "generation": generation, "workers": reload.config.workers,
-                             "verdict": "committed", **reload.report,
-                             **reload_report(reload, gens.pool.peak)},
-                            accepting={w.pid for w in old_slots.values() if w.pid in gens.pool.workers})
+        self.reloads.commit(message, accepting=accepting)
         gens.end_idle_molds()
         self._follow_up()
+
+    # -- probation ------------------------------------------------------------------------------------
+
+    def _start_probation(self, reload: Reload, old_slots: dict[int, Worker], old: tuple[Config, TlsSetup | None],
+                         message: dict[str, Any], accepting: set[int]) -> None:
+        """The new generation serves on trial; its reply waits for the verdict."""
+        self.reloads.finish()
+        self.probation = Probation.start(self.gens.pool, reload.probation, reload.generation, reload.slots,
+                                         old_slots, *old)
+        self.probation.waiters, self.probation.message, self.probation.accepting = reload.waiters, message, accepting
+        log.info("reloaded: generation %d serving with %d worker(s); draining the old one, whose mold is "
+                 "kept for %gs of probation", reload.generation, reload.config.workers, reload.probation)
+        self.gens.timers.set("probation", time.monotonic() + PROBATION_CHECK, self._check_probation)
+
+    def _check_probation(self) -> None:
+        probation = self.probation
+        if probation is None:
+            return
+        why = probation.judge_now(self.gens.pool)
+        if why is not None:
+            self._roll_back(why)
+            return
+        now = time.monotonic()
+        if now < probation.ends:
+            self.gens.timers.set("probation", min(now + PROBATION_CHECK, probation.ends), self._check_probation)
+            return
+        self._end_probation()
+        figures = probation.figures(self.gens.pool)
+        self.gens.pool.totals.reloads += 1
+        log.info("probation of generation %d passed (%d of %d connection(s) failed); generation %d's mold ends",
+                 probation.generation, figures.errors, figures.connections, probation.old_generation)
+        self.reloads.hold(probation.waiters, probation.accepting & set(self.gens.pool.workers),
+                          {**probation.message, "probation": figures.as_dict()})
+        self._follow_up()
+
+    def _end_probation(self) -> None:
+        self.probation = None
+        self.gens.timers.cancel("probation")
+        self.gens.keep_mold(None)
+        self.gens.end_idle_molds()
+
+    def _roll_back(self, why: str) -> None:
+        """The generation on probation did worse: the old one's mold forks its workers again, the new drain."""
+        probation = self.probation
+        assert probation is not None
+        figures = probation.figures(self.gens.pool)
+        self.probation = None
+        self.gens.timers.cancel("probation")
+        self.gens.pool.totals.rolled_back_reloads += 1
+        log.error("reload rolled back: %s; generation %d serves again", why, probation.old_generation)
+        gens = self.gens
+        # answered once the old generation serves again (or, should that fail, with why)
+        reload = Reload(generation=probation.old_generation, config=probation.old_config,
+                        listeners=list(gens.listeners), new_listeners=[], tls=probation.old_tls,
+                        began=time.monotonic(), rollback=True, waiters=probation.waiters,
+                        report={"error": f"reload failed: {why}; rolled back to generation {probation.old_generation}",
+                                "verdict": "rolled_back", "probation": figures.as_dict()})
+        self.reloads.start(reload)
+        self.start_batch(reload)
+        self.gens.keep_mold(None)  # its generation is starting again: the mold stays as that of a reload
 
     def abort(self, why: str, *, rolled_back: bool = False, details: dict[str, Any] | None = None) -> None:
         """The generation being started failed (or its canary did worse): drain what started of it; the
@@ -544,6 +570,9 @@ class Reloader:
         gens = self.gens
         told = f"{why}; still serving generation {gens.generation}" if rolled_back else why
         reload = self.reloads.abort(told, {"verdict": "rolled_back" if rolled_back else "failed", **(details or {})})
+        if self.probation is not None and gens.host.stopping is not None:
+            fail(self.probation.waiters, f"{why} during the probation of generation {self.probation.generation}")
+            self._end_probation()
         if reload is None:
             return
         gens.timers.cancel("reload")
@@ -572,7 +601,7 @@ class Reloader:
         """The reload in flight as status shows it: its phase, and a canary's figures so far."""
         reload = self.reloads.in_flight
         if reload is None:
-            return None
+            return self.probation.progress(self.gens.pool) if self.probation is not None else None
         window = reload.window
         progress: dict[str, Any] = {"generation": reload.generation, "started": reload.started,
                                     "workers": reload.config.workers,
@@ -580,8 +609,32 @@ class Reloader:
         if window is not None:
             progress["canary"] = {"pid": window.pid, "window_s": reload.canary,
                                   "remaining_s": round(max(0.0, window.ends - time.monotonic()), 3),
-                                  **self.figures(window).as_dict()}
+                                  **canary_figures(self.gens.pool, window).as_dict()}
         return progress
+
+
+def canary_figures(pool: WorkerPool, window: CanaryWindow, canary: Worker | None = None) -> CanaryFigures:
+    """The canary's figures and the old generation's since the window opened (so far, or at its end)."""
+    now = time.monotonic()
+    worker = canary or pool.workers.get(window.pid)
+    connections = errors = 0
+    error_type = ""
+    if worker is not None:
+        counted = _counts(pool, worker)
+        errors = counted[1] - window.base[1]
+        # a connection's error is counted as it ends, its end just after: one may be in between
+        connections = max(counted[0] - window.base[0], errors)
+        error_type = pool.record(worker).error_type.decode("ascii", "replace")
+    old_connections = old_errors = 0
+    for pid, (requests, errs) in window.old_base.items():
+        old = pool.workers.get(pid)
+        if old is not None:
+            counted = _counts(pool, old)
+            old_errors += counted[1] - errs
+            old_connections += max(counted[0] - requests, counted[1] - errs)
+    return CanaryFigures(seconds=min(now, window.ends) - window.began, connections=connections, errors=errors,
+                         error_type=error_type, old_connections=old_connections, old_errors=old_errors,
+                         old_exits=window.old_exits, old_hung=window.old_hung)
 
 
 def _counts(pool: WorkerPool, worker: Worker) -> tuple[int, int]:
