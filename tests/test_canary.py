@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -273,6 +275,13 @@ def test_status_shows_the_canary_in_progress(daemon_factory: Callable[..., Daemo
     assert d.status()["reload"] is None
 
 
+def test_probation_needs_a_mold() -> None:
+    bad = subprocess.run([sys.executable, "-m", "prefork", "--check-config", "--no-preload", "--reload-probation",
+                          "5"], capture_output=True, text=True, env=child_env(), timeout=20)
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("prefork: error: reload-probation: a rollback runs the old generation's code")
+
+
 def test_the_canary_is_checked(daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
     d = start(daemon_factory, tmp_path, workers=1)
     for bad in (-1, "2", True, 1e9):
@@ -280,3 +289,48 @@ def test_the_canary_is_checked(daemon_factory: Callable[..., Daemon], tmp_path: 
         assert not reply["ok"] and reply["error"].startswith("reload: canary must be 0 (none) to 3600 seconds")
     bad_ctl = d.ctl("reload", "--canary", "-1")
     assert bad_ctl.returncode == 2 and "--canary must be 0 (none) to 3600 seconds" in bad_ctl.stderr
+
+
+PROGRAM = '''
+import socketserver
+import sys
+
+from prefork import PreforkServer
+
+
+class Handler(socketserver.StreamRequestHandler):
+    def handle(self):
+        for line in self.rfile:
+            self.wfile.write(line)
+
+
+if __name__ == "__main__":
+    PreforkServer(("127.0.0.1", 0), Handler, workers=2, control=sys.argv[1], reload_canary=1.5).serve_forever()
+'''
+
+
+def test_the_python_api_takes_the_canary_and_rolls_back_its_own_program(tmp_path: Path) -> None:
+    script = tmp_path / "server.py"
+    script.write_text(PROGRAM)
+    control, log_path = str(tmp_path / "p.sock"), tmp_path / "p.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, str(script), control], stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True, env=child_env(), cwd=str(tmp_path))
+    d = Daemon(proc=proc, control=control, log_path=log_path, args=[str(script)])
+    try:
+        st = d.wait_serving(2)
+        d.port = int(st["listeners"][0].rsplit(":", 1)[1])
+        with Load(d.address(), clients=3, mode="connect") as load:
+            load.wait_ok(50)
+            # the edited program raises in handle(): its canary fails, and the program's first run serves on
+            broken = PROGRAM.replace("for line in self.rfile:", "raise KeyError('x')\n        for line in []:")
+            script.write_text(broken)
+            status, reply, stderr = reload(d)
+            wait_for(lambda: all(w["generation"] == 1 for w in d.status()["workers"]), 20, "the canary gone")
+            failed = len(load.failures)
+            load.wait_ok(50)
+        assert status == 1 and reply["verdict"] == "rolled_back", (reply, stderr)
+        assert "connections raised KeyError" in stderr
+        assert len(load.failures) == failed
+    finally:
+        d.stop()
