@@ -34,6 +34,8 @@ class Handler(socketserver.StreamRequestHandler):
             raise KeyError("missing")
         if MODE == "die":
             os._exit(1)
+        if MODE == "hang":
+            time.sleep(3600)  # a sync worker's loop stalls: its heartbeat goes stale
         if MODE == "one_in_50" and SERVED[0] % 50 == 0:
             raise ValueError("one in fifty")
         for line in self.rfile:
@@ -42,7 +44,7 @@ class Handler(socketserver.StreamRequestHandler):
 
 async def handle(reader, writer) -> None:  # the same, for --worker-class async
     SERVED[0] += 1
-    if MODE == "raise":
+    if MODE == "raise" or (MODE == "late" and time.monotonic() - LOADED > 1.0):
         raise KeyError("missing")
     if MODE == "die":
         os._exit(1)
@@ -173,6 +175,20 @@ def test_a_handler_that_kills_its_worker_is_rolled_back_and_no_slot_stays_empty(
     assert sorted(w["slot"] for w in d.ready_workers(st)) == [0, 1]
 
 
+def test_a_canary_that_hangs_is_rolled_back(daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    d = start(daemon_factory, tmp_path, "-k", "sync", "--timeout", "1", workers=2)
+    with Load(d.address(), clients=3, mode="connect") as load:
+        load.wait_ok(50)
+        write_handler(tmp_path, "v2-hangs", "hang")
+        status, reply, stderr = reload(d, "--canary", "3")
+        wait_for(lambda: all(w["generation"] == 1 for w in d.status()["workers"]), 20, "the canary gone")
+        load.wait_ok(50)
+    assert status == 1 and reply["verdict"] == "rolled_back", (reply, stderr)
+    assert reply["canary"]["hung"] == 1, reply
+    assert "canary: its worker hung (no heartbeat within --timeout)" in stderr, stderr
+    assert version(d) == b"v1"
+
+
 def test_one_error_in_fifty_like_the_old_code_commits(daemon_factory: Callable[..., Daemon],
                                                       tmp_path: Path) -> None:
     d = start(daemon_factory, tmp_path, workers=2, mode="one_in_50")
@@ -200,7 +216,7 @@ def test_a_canary_with_a_rolling_reload(daemon_factory: Callable[..., Daemon], t
     assert "reloading: 1 of 4 new worker(s) serving; 1 old one(s) draining" in d.log()
 
 
-@pytest.mark.parametrize("worker_class", ["sync", "thread"])
+@pytest.mark.parametrize("worker_class", ["sync", "thread", "async"])
 def test_probation_rolls_back_code_that_starts_failing_after_it_serves(
         daemon_factory: Callable[..., Daemon], tmp_path: Path, worker_class: str) -> None:
     d = start(daemon_factory, tmp_path, "-k", worker_class, "--reload-probation", "5", workers=2)
