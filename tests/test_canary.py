@@ -268,6 +268,10 @@ def test_probation_keeps_the_old_mold_while_it_lasts(daemon_factory: Callable[..
     assert [m["generation"] for m in st["molds"]] == [1, 2], st["molds"]  # the cost: one process, the old mold
     assert st["reload"]["old_generation"] == 1 and st["reload"]["probation"]["window_s"] == 30.0
     assert "on probation" in d.ctl("status").stdout
+    # the reload is not settled: the state says so, and what a rollback would undo waits
+    assert st["state"] == "reloading"
+    upgrade = d.call("upgrade", timeout=30)
+    assert not upgrade["ok"] and "a reload is in progress" in upgrade["error"], upgrade
 
 
 def test_status_shows_the_canary_in_progress(daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:

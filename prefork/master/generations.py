@@ -260,6 +260,11 @@ class Generations:
     def reloads(self) -> Reloads:
         return self.reloader.reloads
 
+    @property
+    def reloading(self) -> bool:
+        """A reload is in flight, or on probation (a rollback may still come)."""
+        return self.reloader.reloads.in_flight is not None or self.reloader.probation is not None
+
     def begin_reload(self, waiters: Sequence[Waiter], canary: float | None = None) -> None:
         self.reloader.begin(waiters, canary)
 

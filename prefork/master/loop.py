@@ -210,7 +210,7 @@ class Master:
         """starting, serving, reloading or stopping: the one place this is decided."""
         if self.stopping is not None:
             return "stopping"
-        if self.gens.reloads.in_flight is not None:
+        if self.gens.reloading:  # a probation included
             return "reloading"
         return "serving" if self.gens.serving else "starting"
 

@@ -482,13 +482,7 @@ class Reloader:
         gens.host.notify_systemd("ready")
         accepting = {w.pid for w in old_slots.values() if w.pid in gens.pool.workers}
         if reload.rollback:
-            self.reloads.finish()
-            for waiter in reload.waiters:
-                waiter.reply({"ok": False, **reload.report})
-            log.warning("rolled back: generation %d serving again with %d worker(s)", generation,
-                        reload.config.workers)
-            gens.end_idle_molds()
-            self._follow_up()
+            self._rolled_back(reload)
             return
         message = {"ok": True, "generation": generation, "workers": reload.config.workers,
                    "verdict": "committed", **reload.report, **reload_report(reload, gens.pool.peak)}
@@ -505,6 +499,16 @@ class Reloader:
         self._follow_up()
 
     # -- probation ------------------------------------------------------------------------------------
+
+    def _rolled_back(self, reload: Reload) -> None:
+        """The generation a probation found wanting is replaced by the one before it: say so to who asked."""
+        self.reloads.finish()
+        for waiter in reload.waiters:
+            waiter.reply({"ok": False, **reload.report})
+        log.warning("rolled back: generation %d serving again with %d worker(s)", reload.generation,
+                    reload.config.workers)
+        self.gens.end_idle_molds()
+        self._follow_up()
 
     def _start_probation(self, reload: Reload, old_slots: dict[int, Worker], old: tuple[Config, TlsSetup | None],
                          message: dict[str, Any], accepting: set[int]) -> None:
