@@ -155,6 +155,7 @@ def test_a_raising_handler_is_rolled_back_with_the_reason(daemon_factory: Callab
     st = d.wait_serving(2)
     assert st["generation"] == 1 and version(d) == b"v1"
     assert d.call("stats")["rolled_back_reloads"] == 1
+    assert "rolled back reloads: 1" in d.ctl("stats").stdout
 
 
 def test_a_handler_that_kills_its_worker_is_rolled_back_and_no_slot_stays_empty(

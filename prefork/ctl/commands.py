@@ -186,6 +186,8 @@ def format_status(s: Reply) -> str:
 def format_stats(s: Reply) -> str:
     out = [f"{s['name']}: master pid {s['pid']}, generation {s['generation']}, up {human_age(s['uptime_s'])}"]
     out += [f"{k.replace('_', ' ')}: {s[k]}" for k in STATS_KEYS]
+    if "rolled_back_reloads" in s:  # a canary or a probation found the new generation wanting
+        out.append(f"rolled back reloads: {s['rolled_back_reloads']}")
     if isinstance(s.get("active_max_mean"), int | float):
         out.append(f"busiest worker's open connections over the mean: {s['active_max_mean']:.2f}")
     tls = s.get("tls")
