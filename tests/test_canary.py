@@ -17,6 +17,7 @@ from conftest import Daemon, Load, child_env, read_line, wait_for
 from prefork.master.verdicts import CanaryFigures, judge_canary
 
 MODULE = '''
+import asyncio
 import os
 import socketserver
 import time
@@ -40,6 +41,16 @@ class Handler(socketserver.StreamRequestHandler):
             raise ValueError("one in fifty")
         for line in self.rfile:
             self.wfile.write(VERSION + b"\\n" if line == b"version\\n" else line)
+
+
+class Proto(asyncio.Protocol):  # the same as an asyncio.Protocol, for --worker-class async
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        if MODE == "raise":
+            raise KeyError("missing")
+        self.transport.write(data)
 
 
 async def handle(reader, writer) -> None:  # the same, for --worker-class async
@@ -156,6 +167,17 @@ def test_a_raising_handler_is_rolled_back_with_the_reason(daemon_factory: Callab
     assert st["generation"] == 1 and version(d) == b"v1"
     assert d.call("stats")["rolled_back_reloads"] == 1
     assert "rolled back reloads: 1" in d.ctl("stats").stdout
+
+
+def test_an_asyncio_protocol_that_raises_is_named(daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    write_handler(tmp_path, "v1")
+    d = daemon_factory("-k", "async", "canaried:Proto", env=child_env(), workers=2)
+    with Load(d.address(), clients=3, mode="connect") as load:
+        load.wait_ok(50)
+        write_handler(tmp_path, "v2-broken", "raise")
+        status, reply, stderr = reload(d, "--canary", "1")
+    assert status == 1 and reply["verdict"] == "rolled_back", (reply, stderr)
+    assert "connections raised KeyError (old generation: 0 of " in stderr, stderr
 
 
 def test_a_handler_that_kills_its_worker_is_rolled_back_and_no_slot_stays_empty(
