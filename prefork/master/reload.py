@@ -413,8 +413,11 @@ class Reloader:
 
     def _judge(self) -> None:
         reload = self.reloads.in_flight
-        if reload is not None and reload.window is not None and reload.window.verdict is None:
-            self._verdict(canary_figures(self.gens.pool, reload.window))
+        if reload is None or reload.window is None or reload.window.verdict is not None:
+            return
+        pool = self.gens.pool
+        figures = canary_figures(pool, reload.window)
+        self._verdict(dataclasses.replace(figures, hung=int(_hung(pool, pool.workers.get(reload.window.pid)))))
 
     def _verdict(self, figures: CanaryFigures) -> None:
         reload = self.reloads.in_flight
@@ -639,6 +642,12 @@ def canary_figures(pool: WorkerPool, window: CanaryWindow, canary: Worker | None
     return CanaryFigures(seconds=min(now, window.ends) - window.began, connections=connections, errors=errors,
                          error_type=error_type, old_connections=old_connections, old_errors=old_errors,
                          old_exits=window.old_exits, old_hung=window.old_hung)
+
+
+def _hung(pool: WorkerPool, worker: Worker | None) -> bool:
+    """Hung now, though maybe not yet killed for it: a stalled canary serves nothing, so it fails nothing."""
+    return worker is not None and (signal.SIGABRT in worker.signals_sent
+                                   or time.monotonic() - pool.record(worker).heartbeat > pool.timeout)
 
 
 def _counts(pool: WorkerPool, worker: Worker) -> tuple[int, int]:
