@@ -297,6 +297,21 @@ def test_probation_keeps_the_old_mold_while_it_lasts(daemon_factory: Callable[..
     assert not upgrade["ok"] and "a reload is in progress" in upgrade["error"], upgrade
 
 
+def test_a_canary_recycled_by_max_requests_is_judged_and_succeeded(daemon_factory: Callable[..., Daemon],
+                                                                   tmp_path: Path) -> None:
+    d = start(daemon_factory, tmp_path, "-k", "sync", "--max-requests", "200", workers=2)
+    with Load(d.address(), clients=3, mode="connect") as load:
+        load.wait_ok(50)
+        write_handler(tmp_path, "v2")
+        status, reply, stderr = reload(d, "--canary", "2")
+        load.wait_ok(50)
+    assert status == 0, stderr
+    assert reply["verdict"] == "committed", reply
+    assert load.failures == [], load.failures[:3]
+    d.wait_serving(2)
+    assert version(d) == b"v2"
+
+
 def test_status_shows_the_canary_in_progress(daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
     d = start(daemon_factory, tmp_path, workers=2)
     write_handler(tmp_path, "v2")

@@ -50,9 +50,11 @@ class CanaryWindow:
     ends: float
     base: tuple[int, int]  # the canary's (connections, errors) when it began
     old_base: dict[int, tuple[int, int]]  # each old worker's pid -> (connections, errors) when it began
+    old_generation: int = 0
     old_exits: int = 0
     old_hung: int = 0
     verdict: str | None = None  # once judged: "passed" or why it failed
+    continued: bool = False  # the rest of the generation was started after it passed
 
 
 class Waiter(Protocol):
@@ -362,6 +364,9 @@ class Reloader:
             if reload.window is None:
                 self._open_window(reload)
             return
+        if reload.window is not None and not reload.window.continued:
+            self._after_canary(reload)  # a recycled canary's successor serves
+            return
         if reload.started >= reload.config.workers:
             self.commit()
         else:
@@ -376,11 +381,17 @@ class Reloader:
         if reload is None:
             return
         window = reload.window
-        if window is not None and window.verdict is None and worker.pid in window.old_base:
-            if worker.state is not WorkerState.DRAINING:
+        if window is not None and window.verdict is None and worker.generation == window.old_generation:
+            if not worker.stop_reason:  # it went unasked (not recycled, not scaled down)
                 window.old_exits += 1
             if signal.SIGABRT in worker.signals_sent:
                 window.old_hung += 1
+        if worker.generation == reload.generation and worker.stop_reason and worker.slot not in reload.slots:
+            # told to go before the reload committed (--max-requests): its slot gets a successor
+            if window is not None and window.verdict is None and worker.pid == window.pid:
+                self._verdict(canary_figures(self.gens.pool, window, worker))  # judged on what it served
+            if self.reloads.in_flight is reload:
+                self.gens.spawn_worker(worker.slot, reload)
         if worker.pid in reload.retiring:
             reload.retiring.discard(worker.pid)
             if not reload.retiring:  # the old workers of the last batch are gone: the next one starts
@@ -406,7 +417,8 @@ class Reloader:
         self.gens.timers.cancel("reload")  # it is up: its time now is the window's
         reload.window = CanaryWindow(pid=canary.pid, began=now, ends=now + reload.canary,
                                      base=_counts(pool, canary),
-                                     old_base={w.pid: _counts(pool, w) for w in self.gens.slots.values()})
+                                     old_base={w.pid: _counts(pool, w) for w in self.gens.slots.values()},
+                                     old_generation=self.gens.generation)
         log.info("reloading: canary worker (pid %d) of generation %d serving beside generation %d for %gs",
                  canary.pid, reload.generation, self.gens.generation, reload.canary)
         self.gens.timers.set("canary", reload.window.ends, self._judge)
@@ -432,6 +444,12 @@ class Reloader:
                  "starting the rest of generation %d", figures.errors, figures.connections, figures.old_errors,
                  figures.old_connections, reload.generation)
         reload.report = {"canary": figures.as_dict()}
+        if 0 in reload.slots:  # else the canary was recycled meanwhile: its successor is on its way
+            self._after_canary(reload)
+
+    def _after_canary(self, reload: Reload) -> None:
+        assert reload.window is not None
+        reload.window.continued = True
         if reload.started >= reload.config.workers:
             self.commit()
         elif reload.batch:
@@ -604,20 +622,21 @@ class Reloader:
         if queued is not None:
             self.begin(queued, canary)
 
-    def progress(self) -> dict[str, Any] | None:
-        """The reload in flight as status shows it: its phase, and a canary's figures so far."""
-        reload = self.reloads.in_flight
-        if reload is None:
-            return self.probation.progress(self.gens.pool) if self.probation is not None else None
-        window = reload.window
-        progress: dict[str, Any] = {"generation": reload.generation, "started": reload.started,
-                                    "workers": reload.config.workers,
-                                    "phase": "canary" if reload.canary_pending else "starting"}
-        if window is not None:
-            progress["canary"] = {"pid": window.pid, "window_s": reload.canary,
-                                  "remaining_s": round(max(0.0, window.ends - time.monotonic()), 3),
-                                  **canary_figures(self.gens.pool, window).as_dict()}
-        return progress
+
+def reload_progress(reloader: Reloader) -> dict[str, Any] | None:
+    """The reload in flight as status shows it: its phase, and a canary's or a probation's figures so far."""
+    reload, pool = reloader.reloads.in_flight, reloader.gens.pool
+    if reload is None:
+        return reloader.probation.progress(pool) if reloader.probation is not None else None
+    window = reload.window
+    progress: dict[str, Any] = {"generation": reload.generation, "started": reload.started,
+                                "workers": reload.config.workers,
+                                "phase": "canary" if reload.canary_pending else "starting"}
+    if window is not None:
+        progress["canary"] = {"pid": window.pid, "window_s": reload.canary,
+                              "remaining_s": round(max(0.0, window.ends - time.monotonic()), 3),
+                              **canary_figures(pool, window).as_dict()}
+    return progress
 
 
 def canary_figures(pool: WorkerPool, window: CanaryWindow, canary: Worker | None = None) -> CanaryFigures:
@@ -633,9 +652,9 @@ def canary_figures(pool: WorkerPool, window: CanaryWindow, canary: Worker | None
         connections = max(counted[0] - window.base[0], errors)
         error_type = pool.record(worker).error_type.decode("ascii", "replace")
     old_connections = old_errors = 0
-    for pid, (requests, errs) in window.old_base.items():
-        old = pool.workers.get(pid)
-        if old is not None:
+    for old in pool.workers.values():  # the old generation's workers then, and those started since (respawns)
+        if old.generation == window.old_generation and old.pid != window.pid:
+            requests, errs = window.old_base.get(old.pid, (0, 0))
             counted = _counts(pool, old)
             old_errors += counted[1] - errs
             old_connections += max(counted[0] - requests, counted[1] - errs)
