@@ -4,9 +4,11 @@ the reload goes on only if it did no worse; otherwise it is rolled back and the 
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -285,7 +287,7 @@ def test_probation_passes_and_the_old_mold_ends(daemon_factory: Callable[..., Da
 def test_probation_keeps_the_old_mold_while_it_lasts(daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
     d = start(daemon_factory, tmp_path, "--reload-probation", "30", workers=2)
     write_handler(tmp_path, "v2")
-    d.signal(__import__("signal").SIGHUP)
+    d.signal(signal.SIGHUP)
     st = wait_for(lambda: (s := d.status())["reload"] is not None and s["reload"]["phase"] == "probation"
                   and all(w["generation"] == 2 for w in s["workers"]) and s, 30, "generation 2 on probation")
     assert [m["generation"] for m in st["molds"]] == [1, 2], st["molds"]  # the cost: one process, the old mold
@@ -312,15 +314,31 @@ def test_a_canary_recycled_by_max_requests_is_judged_and_succeeded(daemon_factor
     assert version(d) == b"v2"
 
 
+def test_a_stop_during_probation_answers_the_reload_and_exits(daemon_factory: Callable[..., Daemon],
+                                                              tmp_path: Path) -> None:
+    d = start(daemon_factory, tmp_path, "--reload-probation", "60", workers=2)
+    write_handler(tmp_path, "v2")
+    replies: list[tuple[int, dict[str, Any], str]] = []
+    asker = threading.Thread(target=lambda: replies.append(reload(d)))
+    asker.start()
+    wait_for(lambda: (s := d.status())["reload"] is not None and s["reload"]["phase"] == "probation", 30,
+             "generation 2 on probation")
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit(30) == 0, d.log()
+    asker.join(30)
+    assert replies, "the reload was never answered"
+    status, reply, stderr = replies[0]
+    assert status == 1 and "during the probation of generation 2" in stderr, (reply, stderr)
+
+
 def test_status_shows_the_canary_in_progress(daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
     d = start(daemon_factory, tmp_path, workers=2)
     write_handler(tmp_path, "v2")
-    d.signal(__import__("signal").SIGHUP)  # no canary by default: check the control request's own
+    d.signal(signal.SIGHUP)  # no canary by default: check the control request's own
     d.wait_serving(2)
     wait_for(lambda: d.status()["generation"] == 2, 30, "generation 2")
     # a canary asked through the control socket
     conn_reply: list[Any] = []
-    import threading
     asker = threading.Thread(target=lambda: conn_reply.append(d.call("reload", timeout=60, canary=3.0)))
     asker.start()
     st = wait_for(lambda: (s := d.status())["reload"] is not None and s["reload"]["phase"] == "canary"
