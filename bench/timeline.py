@@ -8,9 +8,18 @@ started and finished (the command returned, or the replacement worker is
 ready) are kept; ``write_csv`` saves them and ``plot_timeline.draw`` draws them.
 
   timeline.py [--secs S] [--mode connect|ping] [--prefork-args ARGS] [--out DIR] [--no-plot]
+              [--bad-reload none|canary|probation]
 
 The events fall at a quarter, a half and three quarters of the run, so the
 run starts and ends in a steady state to compare against.
+
+``--bad-reload`` runs another scenario: prefork serves an echo handler from
+a module of its own, and at a third of the run the module is edited to raise
+in ``handle()`` and reloaded: plainly (``none``: every connection fails from
+then on), with ``reload --canary 1`` (``canary``: the canary's share fails
+for a second, then it is rolled back), or under ``--reload-probation 5``
+(``probation``: the new generation serves until the probation's next look,
+then the old one is back). Its one event is ``bad-reload``.
 """
 
 from __future__ import annotations
@@ -44,6 +53,18 @@ from prefork.control import ControlError, call  # noqa: E402
 
 BIN = Path(sys.executable).parent
 EVENTS = ("reload", "upgrade", "kill")
+BAD_RELOADS = ("none", "canary", "probation")
+HANDLER_MODULE = "timeline_handler"
+HANDLER = '''
+import socketserver
+
+
+class Handler(socketserver.BaseRequestHandler):
+    def handle(self):
+        {bad}
+        while data := self.request.recv(65536):
+            self.request.sendall(data)
+'''
 
 
 class TimelineError(Exception):
@@ -123,14 +144,14 @@ def read_load(lines: Iterable[str], timeline: Timeline, on_interval: Callable[[f
 class Prefork:
     """The daemon under test: started in its own session, found and stopped through its control socket."""
 
-    def __init__(self, args: list[str], server_cpus: str, workdir: Path) -> None:
+    def __init__(self, args: list[str], server_cpus: str, workdir: Path, path: str | None = None) -> None:
         self.control = str(workdir / "prefork.sock")
         self.log_path = workdir / "prefork.log"
         argv = [str(BIN / "prefork"), "--bind", "127.0.0.1:0", "--control", self.control,
                 "--log-file", str(self.log_path), *args]
         env = dict(os.environ)
         # the checkout's prefork, even when the virtual environment was installed from another one
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), path, env.get("PYTHONPATH")) if p)
         self.env = env
         self.stderr_path = workdir / "prefork.stderr"  # a file, not a pipe: an upgraded master inherits it too
         with open(self.stderr_path, "wb") as stderr:
@@ -212,6 +233,28 @@ def _command_event(daemon: Prefork, name: str, start_mono_ns: int) -> Event:
     return Event(name, _seconds(start_mono_ns, t0), _seconds(start_mono_ns, t1), ok, detail)
 
 
+def write_handler(directory: Path, bad: bool) -> None:
+    """The echo handler the --bad-reload scenario serves; ``bad``: it raises KeyError in handle()."""
+    text = HANDLER.format(bad='raise KeyError("edited")' if bad else "pass")
+    (directory / f"{HANDLER_MODULE}.py").write_text(text)
+
+
+def _bad_reload_event(daemon: Prefork, directory: Path, how: str, start_mono_ns: int) -> Event:
+    """The handler is edited to raise, and reloaded: the reload's verdict is the event's detail."""
+    write_handler(directory, bad=True)
+    t0 = time.monotonic_ns()
+    done = daemon.ctl("reload", *(["--canary", "1"] if how == "canary" else []))
+    t1 = time.monotonic_ns()
+    try:
+        reply = json.loads(done.stdout)
+    except ValueError:
+        reply = {}
+    detail = f"{how}: {reply.get('verdict', '?')}: {(reply.get('error') or '').replace(chr(10), ' ')}".rstrip(": ")
+    # a bad reload is expected to be turned down with a canary or a probation, and to go through without
+    return Event("bad-reload", _seconds(start_mono_ns, t0), _seconds(start_mono_ns, t1),
+                 reply.get("verdict") == ("committed" if how == "none" else "rolled_back"), detail)
+
+
 def _kill_event(daemon: Prefork, start_mono_ns: int) -> Event:
     st = daemon.status()
     if not st or not daemon.ready(st):
@@ -260,7 +303,7 @@ class Schedule:
 
 
 def run(secs: float, mode: str, prefork_args: list[str], conns: int = 50, interval_ms: int = 100,
-        server_cpus: str = "1", load_cpus: str = "0") -> Timeline:
+        server_cpus: str = "1", load_cpus: str = "0", bad_reload: str | None = None) -> Timeline:
     """Run the scenario once and return what the load saw and when each event happened."""
     if secs < 2:
         raise TimelineError(f"--secs {secs:g}: too short for three events (at least 2)")
@@ -271,10 +314,16 @@ def run(secs: float, mode: str, prefork_args: list[str], conns: int = 50, interv
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": str(os.cpu_count()),
         # how busy the machine already was: on a shared one, other work shows in the curves too
         "loadavg": " ".join(f"{v:.2f}" for v in os.getloadavg()),
+        **({"bad_reload": bad_reload} if bad_reload else {}),
     })
     with contextlib.ExitStack() as stack:  # unwinds in reverse: events, load, daemon, its directory
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="prefork-timeline-"))  # 0700, as prefork wants
-        daemon = Prefork(prefork_args, server_cpus, Path(tmp))
+        if bad_reload:
+            write_handler(Path(tmp), bad=False)
+            prefork_args = [*prefork_args, *(["--reload-probation", "5"] if bad_reload == "probation" else []),
+                            f"{HANDLER_MODULE}:Handler"]
+            timeline.setup["prefork"] = shlex.join(["prefork", *prefork_args])
+        daemon = Prefork(prefork_args, server_cpus, Path(tmp), path=tmp if bad_reload else None)
         stack.callback(daemon.stop)
         st = daemon.wait_serving(timeout=30.0)
         port = int(st["listeners"][0].rsplit(":", 1)[1])
@@ -290,9 +339,12 @@ def run(secs: float, mode: str, prefork_args: list[str], conns: int = 50, interv
         def fire(name: str) -> Event:
             if name == "kill":
                 return _kill_event(daemon, timeline.start_mono_ns)
+            if name == "bad-reload" and bad_reload:
+                return _bad_reload_event(daemon, Path(tmp), bad_reload, timeline.start_mono_ns)
             return _command_event(daemon, name, timeline.start_mono_ns)
 
-        schedule = Schedule({name: secs * (k + 1) / 4 for k, name in enumerate(EVENTS)}, fire)
+        at = {"bad-reload": secs / 3} if bad_reload else {name: secs * (k + 1) / 4 for k, name in enumerate(EVENTS)}
+        schedule = Schedule(at, fire)
         stack.callback(schedule.pool.shutdown, cancel_futures=True)
         assert load.stdout is not None
         read_load(load.stdout, timeline, schedule.tick)
@@ -386,9 +438,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ap.add_argument("--prefork-args", default="-k thread -w 2", help="prefork's options (default: %(default)s)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where the CSV and PNG go")
     ap.add_argument("--no-plot", action="store_true", help="write the CSV only (no matplotlib needed)")
+    ap.add_argument("--bad-reload", choices=BAD_RELOADS,
+                    help="instead: a reload to a handler that raises, plainly, with a canary, or under probation")
     args = ap.parse_args(argv)
     try:
-        timeline = run(args.secs, args.mode, shlex.split(args.prefork_args))
+        timeline = run(args.secs, args.mode, shlex.split(args.prefork_args), bad_reload=args.bad_reload)
         args.out.mkdir(parents=True, exist_ok=True)
         write_csv(timeline, args.out / "timeline.csv", args.out / "timeline-events.csv")
         print(report(timeline))

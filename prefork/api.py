@@ -96,6 +96,8 @@ class ServerOptions(TypedDict, total=False):
     max_requests_jitter: int
     max_worker_memory: int
     reload_batch: int
+    reload_canary: float
+    reload_probation: float
     backlog: int
     name: str
     control: PathArg
@@ -277,10 +279,10 @@ class ProgramMaster(Master):
         self.fatal_reason = why
         super().fatal(why)
 
-    def begin_reload(self, waiters: Sequence[Waiter]) -> None:
+    def begin_reload(self, waiters: Sequence[Waiter], canary: float | None = None) -> None:
         why = cannot_rerun()
         if why is None:
-            super().begin_reload(waiters)
+            super().begin_reload(waiters, canary)
             return
         log.error("reload refused: %s", why)
         for waiter in waiters:

@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reload-batch", type=int, metavar="N",
                    help="on reload, replace N workers at a time, each batch serving before the old ones it "
                         "replaces drain (default 0: the whole generation at once)")
+    p.add_argument("--reload-canary", type=float, metavar="SECS",
+                   help="on reload, one new worker serves beside the old generation for SECS first; the reload "
+                        "goes on only if it does no worse (default 0: no canary)")
+    p.add_argument("--reload-probation", type=float, metavar="SECS",
+                   help="after a reload, keep the old generation's mold for SECS and roll back to it if the new "
+                        "workers die young or fail more than the old ones did (default 0: no probation)")
     p.add_argument("--backlog", type=int, metavar="N", help="listen backlog (default 2048)")
     p.add_argument("--name", metavar="NAME", help="instance name for titles and the control socket (default prefork)")
     p.add_argument("--control", metavar="PATH", help="control socket path (default RUNTIME_DIR/NAME.sock)")

@@ -36,6 +36,7 @@ TLS_VERSIONS = ("1.2", "1.3")  # --tls-min-version
 TLS_KEYS = ("certfile", "keyfile", "keyfile_password_file", "ca_certs", "cert_reqs", "tls_min_version", "ciphers",
             "alpn", "sni", "tls_handshake_timeout")
 MAX_WORKERS = 1024  # the scoreboard is sized once, before the first fork
+MAX_CANARY = 3600.0  # seconds a reload's canary may serve before it is judged, and its probation last
 MAX_CONFIG_BYTES = 2 * 1024 * 1024  # a configuration is a few hundred bytes; 2 MiB is plenty
 MAX_LIST = 1024  # entries in a list setting (bind, relay, proxy-allow)
 MAX_HANDLER = 500  # characters of a handler's module:Class
@@ -161,6 +162,8 @@ class Config:
     max_requests_jitter: int = 0
     max_worker_memory: int = 0  # MiB of a worker's own memory (USS, see prefork.memory); 0: no limit
     reload_batch: int = 0  # workers replaced at a time on reload; 0: the whole generation at once
+    reload_canary: float = 0.0  # seconds one new worker serves beside the old generation before a reload goes on
+    reload_probation: float = 0.0  # seconds after a reload the old generation's mold is kept for a rollback
     backlog: int = 2048
     name: str = "prefork"
     control: str | None = None
@@ -285,6 +288,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "max_requests_jitter": (int,),
     "max_worker_memory": (int,),
     "reload_batch": (int,),
+    "reload_canary": (int, float),
+    "reload_probation": (int, float),
     "backlog": (int,),
     "name": (str,),
     "control": (str,),
@@ -521,7 +526,8 @@ def build_config(overrides: Mapping[str, Any], config_file: str | None = None) -
         if isinstance(merged.get(key), int):
             merged[key] = str(merged[key])
     for key in ("timeout", "graceful_timeout", "proxy_timeout", "relay_connect_timeout", "relay_idle_timeout",
-                "relay_check_interval", "relay_slow_start"):
+                "relay_check_interval", "relay_slow_start", "reload_canary",
+                "reload_probation"):
         if key in merged:
             merged[key] = float(merged[key])
     allow = merged.get("proxy_allow")
@@ -660,6 +666,13 @@ def validate(config: Config) -> None:
     if not 0 <= config.reload_batch <= MAX_WORKERS:
         raise ConfigError(f"reload-batch: {config.reload_batch} is out of range (0 = the whole generation, "
                           f"up to {MAX_WORKERS})")
+    if not 0 <= config.reload_canary <= MAX_CANARY:
+        raise ConfigError(f"reload-canary: {config.reload_canary:g} must be 0 (off) to {MAX_CANARY:g} seconds")
+    if not 0 <= config.reload_probation <= MAX_CANARY:
+        raise ConfigError(f"reload-probation: {config.reload_probation:g} must be 0 (off) to {MAX_CANARY:g} seconds")
+    if config.reload_probation and not config.preload:
+        raise ConfigError("reload-probation: a rollback runs the old generation's code from its mold, and "
+                          "--no-preload has none (use --preload, the default)")
     if not 0 <= config.max_worker_memory <= 1024 * 1024:
         raise ConfigError(f"max-worker-memory: {config.max_worker_memory} MiB is out of range (0 = no limit)")
     if not 1 <= config.backlog <= 65535:

@@ -219,6 +219,13 @@ def families(status: Mapping[str, Any], stats: Mapping[str, Any]) -> list[Family
         family = Family(PREFIX + name, kind, text)
         family.add(stats.get(key))
         out.append(family)
+    outcomes = Family(PREFIX + "reload_outcomes_total", "counter",
+                      "Reloads by outcome: committed (the new generation serves), rolled_back (its canary did "
+                      "worse than the old generation), failed (it could not start).")
+    for outcome, key in (("committed", "reloads"), ("rolled_back", "rolled_back_reloads"),
+                         ("failed", "failed_reloads")):
+        outcomes.add(stats.get(key, 0), (("outcome", outcome),))
+    out.append(outcomes)
     target = Family(PREFIX + "workers_target", "gauge", "Workers per generation the master keeps.")
     target.add(status.get("target_workers"))
     out.append(target)

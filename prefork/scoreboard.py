@@ -47,7 +47,16 @@ class Record(ctypes.Structure):
         ("tls_failed_certificate", ctypes.c_uint64),
         ("tls_failed_closed", ctypes.c_uint64),
         ("tls_failed_other", ctypes.c_uint64),
+        # the class name of the handler's latest exception (a reload's canary names it when it fails)
+        ("error_type", ctypes.c_char * 32),
     ]
+
+
+def count_error(record: Record, exc: BaseException | None) -> None:
+    """A handler raised ``exc`` on a connection: count it, and keep the exception's class name."""
+    record.errors += 1
+    if exc is not None:
+        record.error_type = type(exc).__name__.encode("ascii", "replace")[:31]
 
 
 class Header(ctypes.Structure):

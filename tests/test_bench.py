@@ -172,6 +172,23 @@ def test_timeline_runs_reload_upgrade_and_kill_with_no_failed_connection(tmp_pat
     assert sum(int(r["failures"]) for r in before_kill) == 0, done.stdout
 
 
+@pytest.mark.parametrize("how", ["canary", "probation"])
+def test_timeline_bad_reload_is_turned_down_and_failures_stop(tmp_path: Path, how: str) -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "timeline.py"), "--secs", "6", "--no-plot",
+                           "--bad-reload", how, "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with open(tmp_path / "timeline-events.csv") as f:
+        events = list(csv.DictReader(f))
+    assert [e["event"] for e in events] == ["bad-reload"] and events[0]["ok"] == "1", events
+    assert f"{how}: rolled_back: reload failed: {how}: " in events[0]["detail"], events
+    with open(tmp_path / "timeline.csv") as f:
+        rows = list(csv.DictReader(f))
+    ended = float(events[0]["end_s"])
+    # something failed (the bad code served), and nothing once the old generation served alone again
+    assert sum(int(r["failures"]) for r in rows) > 0, done.stdout
+    assert sum(int(r["failures"]) for r in rows if float(r["t_s"]) > ended + 1.0) == 0, done.stdout
+
+
 def test_timeline_picture_is_a_png(tmp_path: Path) -> None:
     import plot_timeline  # needs matplotlib: the bench extra, which scripts/setup installs
 

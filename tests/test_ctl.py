@@ -60,7 +60,7 @@ def test_every_subcommand_has_an_entry() -> None:
 
 
 @pytest.mark.parametrize(("command", "timeout"), [
-    ("status", 10.0), ("stats", 10.0), ("top", 5.0), ("reload", 600.0), ("scale", 10.0), ("stop", 10.0),
+    ("status", 10.0), ("stats", 10.0), ("top", 5.0), ("reload", 600.0 + 3600.0), ("scale", 10.0), ("stop", 10.0),
     ("reopen", 10.0), ("upgrade", 600.0), ("drain", 10.0),
 ])
 def test_default_timeouts(command: str, timeout: float) -> None:
@@ -310,7 +310,7 @@ def run_main(*argv: str) -> int:
 def test_main_text(fake: FakeDaemon, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_main("reload") == ctl.EXIT_OK
     assert capsys.readouterr() == ("reloaded: generation 3 serving with 2 worker(s)\n", "")
-    assert fake.calls == [({"command": "reload"}, 600.0)]
+    assert fake.calls == [({"command": "reload"}, 4200.0)]
 
 
 def test_main_json_and_timeout(fake: FakeDaemon, capsys: pytest.CaptureFixture[str]) -> None:

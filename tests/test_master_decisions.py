@@ -254,6 +254,7 @@ class FakePool:
         self.quitted: list[int] = []
         self.pids = itertools.count(1000)
         self.peak = 0
+        self.timeout = 30.0
 
     def mark_peak(self) -> None:
         self.peak = len(self.workers)
@@ -431,7 +432,8 @@ def test_a_new_worker_dying_aborts_the_reload_and_the_old_generation_serves_on()
     dying = reload.slots[1]
     gens.on_message(dying, Message(dying.pid, Event.BOOT_ERROR, "cannot load handler: SyntaxError"))
     exit_of(gens, pool, dying, WORKER_BOOT_ERROR << 8)
-    assert waiter.replies == [{"ok": False, "error": "reload failed: cannot load handler: SyntaxError"}]
+    assert waiter.replies == [{"ok": False, "error": "reload failed: cannot load handler: SyntaxError",
+                               "verdict": "failed"}]
     assert gens.slots == old and gens.generation == 1 and gens.reloads.in_flight is None
     assert pool.drained == [(reload.slots[0].pid, "reload aborted")]
 
@@ -846,8 +848,85 @@ def test_a_reload_whose_mold_cannot_load_fails_and_the_old_generation_keeps_its_
     waiter = FakeWaiter()
     gens.begin_reload([waiter])
     load(gens, molds.by_generation[2], "cannot load handler 'app:H': SyntaxError")
-    assert waiter.replies == [{"ok": False, "error": "reload failed: cannot load handler 'app:H': SyntaxError"}]
+    assert waiter.replies == [{"ok": False, "error": "reload failed: cannot load handler 'app:H': SyntaxError",
+                               "verdict": "failed"}]
     assert gens.slots == before and gens.generation == 1 and list(molds.by_generation) == [1]
     # a worker of generation 1 that dies now is forked by generation 1's mold again
     exit_of(gens, pool, gens.slots[0], 1 << 8)
     assert gens.slots[0].generation == 1 and list(molds.by_generation) == [1]
+
+
+def canary_served(gens: Generations, pool: FakePool, connections: int, errors: int, old: int) -> None:
+    """The canary handled ``connections`` (``errors`` raised KeyError), each old worker ``old``, since it began."""
+    reload = gens.reloads.in_flight
+    assert reload is not None and reload.window is not None
+    canary = pool.record(reload.slots[0])
+    canary.requests += connections
+    canary.errors += errors
+    canary.error_type = b"KeyError" if errors else b""
+    for worker in gens.slots.values():
+        pool.record(worker).requests += old
+
+
+def test_a_canary_that_does_worse_is_rolled_back_and_the_old_generation_is_untouched() -> None:
+    gens, pool, _, timers = stepper(workers=3, reload_canary=2)
+    ready(gens, pool)
+    old = dict(gens.slots)
+    waiter = FakeWaiter()
+    gens.begin_reload([waiter])
+    reload = gens.reloads.in_flight
+    assert reload is not None and sorted(reload.slots) == [0]  # the canary alone
+    ready(gens, pool)
+    ends = timers.when("canary")
+    assert reload.window is not None and ends == reload.window.ends and sorted(reload.slots) == [0]
+    canary_served(gens, pool, connections=41, errors=37, old=70)
+    timers.run_due(ends)
+    assert waiter.replies[0]["error"] == ("reload failed: canary: 37 of 41 connections raised KeyError "
+                                          "(old generation: 0 of 210); still serving generation 1")
+    assert waiter.replies[0]["verdict"] == "rolled_back" and waiter.replies[0]["canary"]["errors"] == 37
+    assert gens.slots == old and gens.generation == 1 and gens.reloads.in_flight is None
+    assert all(w.state is WorkerState.READY for w in old.values())
+    assert pool.drained == [(reload.slots[0].pid, "reload rolled back")]
+    assert pool.totals.rolled_back_reloads == 1 and pool.totals.failed_reloads == 0
+
+
+def test_a_canary_that_dies_is_rolled_back_at_once() -> None:
+    gens, pool, _, timers = stepper(workers=2, reload_canary=2)
+    ready(gens, pool)
+    old = dict(gens.slots)
+    waiter = FakeWaiter()
+    gens.begin_reload([waiter])
+    ready(gens, pool)
+    reload = gens.reloads.in_flight
+    assert reload is not None
+    exit_of(gens, pool, reload.slots[0], 1 << 8)
+    assert waiter.replies[0]["error"].startswith(
+        "reload failed: canary: its worker exited with status 1 after 0 connection(s)"), waiter.replies
+    assert gens.slots == old and timers.when("canary") is None and not gens.backoff
+
+
+def test_a_canary_that_passes_counts_as_the_first_batch_of_a_rolling_reload() -> None:
+    gens, pool, _, timers = stepper(workers=4, reload_batch=2, reload_canary=1)
+    ready(gens, pool)
+    waiter = FakeWaiter()
+    gens.begin_reload([waiter])
+    ready(gens, pool)
+    reload = gens.reloads.in_flight
+    assert reload is not None
+    canary_served(gens, pool, connections=50, errors=1, old=50)
+    old0 = gens.slots[0]
+    timers.run_due(timers.when("canary") or 0.0)
+    assert reload.window is not None and reload.window.verdict == "passed"
+    assert old0.state is WorkerState.DRAINING and reload.retiring == {old0.pid}  # the canary took its place
+    peak = len(pool.workers)
+    for _ in range(10):
+        if gens.reloads.in_flight is None:
+            break
+        for pid in sorted(reload.retiring):
+            exit_of(gens, pool, pool.workers[pid], 0)
+        ready(gens, pool)
+        peak = max(peak, len(pool.workers))
+    assert gens.generation == 2 and sorted(gens.slots) == [0, 1, 2, 3] and peak <= 4 + 2
+    for worker in list(pool.workers.values()):
+        gens.reloads.stopped_accepting(worker.pid)
+    assert waiter.replies[0]["verdict"] == "committed" and waiter.replies[0]["canary"]["connections"] == 50

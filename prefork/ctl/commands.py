@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from prefork.config import MAX_WORKERS
+from prefork.config import MAX_CANARY, MAX_WORKERS
 from prefork.control import preview
 from prefork.ctl.client import Call, Reply, Request, exchange, exchange_until_exit, snapshot
 from prefork.ctl.errors import UsageError
@@ -63,6 +63,15 @@ class Command:
 
 def plain_request(args: argparse.Namespace) -> Request:
     return {"command": args.command}
+
+
+def reload_request(args: argparse.Namespace) -> Request:
+    canary = getattr(args, "canary", None)
+    if canary is None:
+        return {"command": "reload"}  # the daemon's --reload-canary applies
+    if not 0 <= canary <= MAX_CANARY:
+        raise UsageError(f"reload: --canary must be 0 (none) to {MAX_CANARY:g} seconds, got {canary:g}")
+    return {"command": "reload", "canary": canary}
 
 
 def scale_request(args: argparse.Namespace) -> Request:
@@ -180,6 +189,9 @@ def format_status(s: Reply) -> str:
         cut = f", cut in {g['cut_in_s']:.1f}s" if g.get("cut_in_s") is not None else ""
         out.append(f"generation {g['generation']} draining: {g['workers']} worker(s), "
                    f"{g['open_connections']} open connection(s){cut}")
+    reload = s.get("reload")
+    if isinstance(reload, Mapping):
+        out.append(format_reload_progress(reload))
     for b in s.get("backoff", []):
         when = f"restart in {b['restart_in_s']:.1f}s" if b["restart_in_s"] is not None else "waiting"
         out.append(f"slot {b['slot']}: {b['failures']} early exit(s) in a row, {when}")
@@ -215,8 +227,31 @@ def format_stats(s: Reply) -> str:
     return "\n".join(out)
 
 
+def format_reload_progress(reload: Mapping[str, object]) -> str:
+    """The status line of a reload in flight: its canary's figures so far, or how far it got."""
+    canary = reload.get("canary")
+    probation = reload.get("probation")
+    if reload.get("phase") == "probation" and isinstance(probation, Mapping):
+        return (f"generation {reload.get('generation')} on probation: {probation.get('remaining_s')}s left; "
+                f"{probation.get('errors')} of {probation.get('connections')} connection(s) failed; generation "
+                f"{reload.get('old_generation')}'s mold is kept for a rollback")
+    if reload.get("phase") == "canary" and isinstance(canary, Mapping):
+        return (f"reloading to generation {reload.get('generation')}: canary (pid {canary.get('pid')}) "
+                f"{canary.get('remaining_s')}s left; {canary.get('errors')} of {canary.get('connections')} "
+                f"connection(s) failed (old generation: {canary.get('old_errors')} of "
+                f"{canary.get('old_connections')})")
+    return (f"reloading to generation {reload.get('generation')}: {reload.get('started')} of "
+            f"{reload.get('workers')} new worker(s) started")
+
+
 def format_reload(reply: Reply) -> str:
-    return f"reloaded: generation {reply['generation']} serving with {reply['workers']} worker(s)"
+    text = f"reloaded: generation {reply['generation']} serving with {reply['workers']} worker(s)"
+    canary = reply.get("canary")
+    if isinstance(canary, Mapping):
+        text += (f"; canary passed: {canary.get('errors')} of {canary.get('connections')} connection(s) failed "
+                 f"in {canary.get('seconds')}s (old generation: {canary.get('old_errors')} of "
+                 f"{canary.get('old_connections')})")
+    return text
 
 
 def format_scale(reply: Reply) -> str:
@@ -250,7 +285,7 @@ COMMANDS: Mapping[str, Command] = {
     "status": Command(plain_request, format_status),
     "stats": Command(plain_request, format_stats),
     "top": Command(top_request, top_text, timeout=TOP_TIMEOUT, run=show_top),
-    "reload": Command(plain_request, format_reload, timeout=GENERATION_TIMEOUT),
+    "reload": Command(reload_request, format_reload, timeout=GENERATION_TIMEOUT + MAX_CANARY),
     "scale": Command(scale_request, format_scale),
     "stop": Command(stop_request, format_stop, run=exchange_until_exit),
     "reopen": Command(plain_request, format_reopen),

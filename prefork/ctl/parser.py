@@ -35,7 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     top = sub.add_parser("top", parents=[common], help="a live table of the workers; q or Ctrl-C to quit")
     top.add_argument("--interval", type=float, default=1.0, metavar="SECS",
                      help="seconds between refreshes (default 1)")
-    sub.add_parser("reload", parents=[common], help="start a new generation; returns once it serves")
+    reload = sub.add_parser("reload", parents=[common], help="start a new generation; returns once it serves")
+    reload.add_argument("--canary", type=float, metavar="SECS",
+                        help="one new worker serves beside the old generation for SECS first; the reload goes on "
+                             "only if it does no worse, else fails and the old generation serves on "
+                             "(default: the daemon's --reload-canary)")
     scale = sub.add_parser("scale", parents=[common], help="set or change the number of workers")
     scale.add_argument("workers", metavar="N",
                        help="3: run 3 workers; +2: two more than now; -1: one fewer (at least 1 remains)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from prefork.config import MAX_WORKERS, quote
+from prefork.config import MAX_CANARY, MAX_WORKERS, quote
 from prefork.control import ControlConnection, preview
 from prefork.master import report
 from prefork.master.report import Snapshot
@@ -32,7 +32,7 @@ class Daemon(Protocol):
 
     def snapshot(self, *, processes: bool = True) -> Snapshot: ...
 
-    def begin_reload(self, waiters: list[ControlConnection]) -> None: ...
+    def begin_reload(self, waiters: list[ControlConnection], canary: float | None = None) -> None: ...
 
     def scale(self, count: int) -> None: ...
 
@@ -61,7 +61,14 @@ def _stats(daemon: Daemon, request: dict[str, Any], conn: ControlConnection) -> 
 
 
 def _reload(daemon: Daemon, request: dict[str, Any], conn: ControlConnection) -> None:
-    daemon.begin_reload([conn])  # answered once the new generation serves, or when it failed
+    canary = request.get("canary")
+    if canary is not None and (isinstance(canary, bool) or not isinstance(canary, (int, float))
+                               or not 0 <= canary <= MAX_CANARY):
+        conn.reply({"ok": False, "error": f"reload: canary must be 0 (none) to {MAX_CANARY:g} seconds, "
+                                          f"got {preview(canary)}"})
+        return
+    # answered once the new generation serves, or when it failed (or its canary did worse than the old one)
+    daemon.begin_reload([conn], None if canary is None else float(canary))
 
 
 def scale_target(current: int, request: dict[str, Any]) -> int | str:

@@ -14,15 +14,13 @@ from __future__ import annotations
 import itertools
 import logging
 import random
-import signal
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from prefork.channel import Event, Message
-from prefork.config import Config, ConfigError
-from prefork.kernelstats import listen_counters
-from prefork.listeners import BindError, Listener
+from prefork.config import Config
+from prefork.listeners import Listener
 from prefork.master.exits import (
     BACKOFF_FIRST,
     EARLY_DEATH,
@@ -35,8 +33,8 @@ from prefork.master.exits import (
 )
 from prefork.master.molding import Molding
 from prefork.master.molds import Molds, MoldState
-from prefork.master.pool import WorkerPool, kill_pid
-from prefork.master.reload import Reload, Reloads, Waiter, fail, listeners_for, reload_report, reread_config
+from prefork.master.pool import WorkerPool
+from prefork.master.reload import Reload, Reloader, Reloads, Waiter, all_ready, reread_config
 from prefork.master.state import Backoff, LbDrain, StopMode, Worker, WorkerState
 from prefork.master.timers import Timers
 from prefork.tls import TlsSetup
@@ -93,7 +91,7 @@ class Generations:
         self.target = config.workers
         self.slots: dict[int, Worker] = {}  # slot -> worker of the serving generation
         self.backoff: dict[int, Backoff] = {}
-        self.reloads = Reloads()
+        self.reloader = Reloader(self)
         self.serving = False  # the first generation is up
 
     def start(self) -> None:
@@ -164,15 +162,11 @@ class Generations:
 
     def on_exit(self, worker: Worker, status: int) -> None:
         """A worker of ours is gone (the pool reaped it): log what it means, and act on it."""
-        self._judge_exit(worker, status)
-        reload = self.reloads.in_flight
-        if reload is not None and worker.pid in reload.retiring:
-            reload.retiring.discard(worker.pid)
-            if not reload.retiring:  # the old workers of the last batch are gone: the next one starts
-                self._start_batch(reload)
+        how = self._judge_exit(worker, status)
+        self.reloader.on_exit(worker, how)
         self.molding.end_idle()
 
-    def _judge_exit(self, worker: Worker, status: int) -> None:
+    def _judge_exit(self, worker: Worker, status: int) -> str:
         how, clean = describe_exit(status, worker.signals_sent, boot_error=worker.boot_error is not None,
                                    oom_kills=worker.oom_kills_since_start())
         reload = self.reloads.in_flight
@@ -194,7 +188,7 @@ class Generations:
         elif action is ExitAction.RELOAD_FAILED:
             log.error("worker %d (pid %d) of generation %d %s while starting",
                       worker.slot, worker.pid, worker.generation, how)
-            self.abort_reload(worker.boot_error or f"a new worker {how} while starting")
+            self.reloader.worker_failed(worker, how, worker.boot_error)
         elif action is ExitAction.FATAL:
             log.critical("%s", worker.boot_error)
             self.host.fatal("the handler cannot be loaded, so no worker can serve")
@@ -202,6 +196,7 @@ class Generations:
             log.log(logging.INFO if clean else logging.WARNING, "worker %d (pid %d) %s", worker.slot, worker.pid, how)
         else:
             self._respawn(worker, how)
+        return how
 
     def _respawn(self, worker: Worker, how: str) -> None:
         if worker.boot_error:
@@ -256,96 +251,59 @@ class Generations:
         self.timers.set(("settled", worker.slot), worker.started + EARLY_DEATH, settled)
 
     def _check_generation_ready(self) -> None:
-        if not self.serving and _all_ready(self.slots, self.target):
+        if not self.serving and all_ready(self.slots, self.target):
             self.serving = True
             log.info("serving: %d worker(s) ready", self.target)
             self.host.on_serving()
-        reload = self.reloads.in_flight
-        if reload is None or reload.retiring or not _all_ready(reload.slots, reload.started):
-            return
-        if reload.started >= reload.config.workers:
-            self.commit_reload()
-        else:
-            self._retire_batch(reload)
+        self.reloader.on_ready()
 
-    # -- reload -------------------------------------------------------------------------------------
+    # -- reload (run by the Reloader) -----------------------------------------------------------------
 
-    def begin_reload(self, waiters: Sequence[Waiter]) -> None:
-        """Start a new generation from the re-read config; drain the old one once it serves.
+    @property
+    def reloads(self) -> Reloads:
+        return self.reloader.reloads
 
-        Everyone in ``waiters`` is answered on every path: when the generation
-        serves, or when the reload is refused, fails or is aborted.
-        """
-        asked: list[Waiter] = list(waiters)
-        why = ("the daemon is stopping" if self.host.stopping is not None else
-               "drained: the listening sockets are closed" if self.host.lb_drain is LbDrain.LISTENERS_CLOSED else None)
-        if why is not None:
-            for waiter in asked:
-                waiter.reply({"ok": False, "error": why})
-            return
-        if self.reloads.in_flight is not None:
-            # after the current one: it may not have the newest code
-            self.reloads.queue(asked)
-            log.info("reload requested during a reload: will reload again after generation %d is up",
-                     self.reloads.in_flight.generation)
-            return
-        try:
-            config = self.reread(self.config)
-            # certificates and keys are read again on every reload (renewed ones are picked up); a broken
-            # one fails the reload before anything is bound, and the serving generation keeps its own
-            tls = load_tls(config, [li.spec for li in self.listeners])
-            listeners, new_listeners = listeners_for(config, self.listeners, adopted=self.adopted)
-        except (ConfigError, BindError) as exc:
-            self.pool.totals.failed_reloads += 1
-            log.error("reload failed: %s; still serving generation %d", exc, self.generation)
-            fail(asked, str(exc))
-            return
-        reload = Reload(generation=max(next(self._generations), self.generation + 1), config=config,
-                        listeners=listeners, new_listeners=new_listeners, waiters=asked, tls=tls,
-                        batch=config.reload_batch if config.reload_batch < config.workers else 0,
-                        began=time.monotonic(), counters=listen_counters())
-        self.pool.mark_peak()
-        self.reloads.start(reload)
-        log.info("reloading: starting generation %d (%d %s worker(s) of %s%s)",
-                 reload.generation, config.workers, config.worker_class, config.effective_handler,
-                 f", {reload.batch} at a time" if reload.batch else "")
-        self.host.notify_systemd("reloading")
-        reload.retiring = _draining(self.pool.workers.values()) if reload.batch else set()
-        if reload.retiring:
-            log.info("reloading: waiting for %d draining worker(s) to exit first", len(reload.retiring))
-            return
-        self._start_batch(reload)
+    @property
+    def reloading(self) -> bool:
+        """A reload is in flight, or on probation (a rollback may still come)."""
+        return self.reloader.reloads.in_flight is not None or self.reloader.probation is not None
 
-    def _start_batch(self, reload: Reload) -> None:
-        """Start the next batch of new workers; the reload fails if they are not all ready in time."""
-        self.timers.set("reload", time.monotonic() + reload.config.timeout,
-                        lambda: self.abort_reload(f"the new workers were not ready within {reload.config.timeout:g}s"))
-        for slot in reload.next_batch():
-            reload.started = slot + 1
-            if self.reloads.in_flight is not reload:
-                return  # a failed fork aborted it
-            self.spawn_worker(slot, reload)
-
-    def _retire_batch(self, reload: Reload) -> None:
-        """A batch of new workers serves: the old ones it replaces drain, and the next batch starts
-        once they are gone (so the pool never holds more than --reload-batch extra workers)."""
-        batch = reload.batch or reload.config.workers
-        old = sorted(self.slots.values(), key=lambda w: w.slot)[:batch]
-        for worker in old:
-            del self.slots[worker.slot]
-            self.pool.drain(worker, f"replaced by generation {reload.generation}", self.config.graceful_timeout)
-        reload.retiring = {w.pid for w in old if w.pid in self.pool.workers}
-        log.info("reloading: %d of %d new worker(s) serving; %d old one(s) draining",
-                 reload.started, reload.config.workers, len(old))
-        if not reload.retiring:
-            self._start_batch(reload)
+    def begin_reload(self, waiters: Sequence[Waiter], canary: float | None = None) -> None:
+        self.reloader.begin(waiters, canary)
 
     def commit_reload(self) -> None:
-        """Every new worker is ready: the new generation serves, the old one drains."""
-        self.timers.cancel("reload")
+        self.reloader.commit()
+
+    def abort_reload(self, why: str) -> None:
+        self.reloader.abort(why)
+
+    def reread_config(self) -> Config:
+        return self.reread(self.config)
+
+    def new_generation(self) -> int:
+        return next(self._generations)
+
+    def keep_mold(self, generation: int | None) -> bool:
+        """Keep ``generation``'s mold with no worker (None: keep none); False when it has none to keep."""
+        kept = generation is None or self.molding.has_mold(generation)
+        self.molding.kept = generation if kept else None
+        return kept
+
+    def end_idle_molds(self) -> None:
+        self.molding.end_idle()
+
+    def close_mold_listeners(self, generation: int) -> None:
+        self.molding.close_listeners(generation)
+
+    def fill_slots(self) -> None:
+        """Every empty slot of the serving generation gets a worker (a rolling reload that failed)."""
+        for slot in range(self.target):
+            if slot not in self.slots:
+                self.spawn_worker(slot)
+
+    def take_over(self, reload: Reload) -> tuple[dict[int, Worker], list[Listener]]:
+        """``reload``'s generation serves: (the old slots, the listeners it no longer has)."""
         old_slots, old_config = self.slots, self.config
-        reload = self.reloads.in_flight
-        assert reload is not None
         self.slots, self.generation, self.config = reload.slots, reload.generation, reload.config
         self.tls = reload.tls or self.tls
         self.target = reload.config.workers
@@ -358,56 +316,7 @@ class Generations:
         removed = [li for li in self.listeners if id(li) not in keep]
         self.listeners = reload.listeners
         self.host.on_listeners(added=reload.new_listeners, removed=removed)
-
-        generation = self.generation  # a later reload may commit before this runs
-
-        def replace_old() -> None:
-            for listener in removed:
-                log.info("no longer listening on %s", listener.address)
-                listener.close()
-            for worker in list(self.pool.workers.values()):
-                if worker.generation < generation and removed:
-                    kill_pid(worker.pid, signal.SIGUSR2)  # every copy of a dropped listener closes now
-            if removed:
-                self.molding.close_listeners(generation)
-            for worker in old_slots.values():
-                self.pool.drain(worker, f"replaced by generation {generation}", self.config.graceful_timeout)
-
-        if removed:
-            # the old generation goes on serving a dropped listener until its queue is served
-            self.host.close_after_queue(removed, replace_old)
-        else:
-            replace_old()
-        self.pool.totals.reloads += 1
-        log.info("reloaded: generation %d serving with %d worker(s); draining the old one",
-                 self.generation, self.target)
-        self.host.notify_systemd("ready")
-        # the reply waits until no old worker accepts: from then on, every new connection meets new code
-        self.reloads.commit({"ok": True, "generation": self.generation, "workers": self.target,
-                             **reload_report(reload, self.pool.peak)},
-                            accepting={w.pid for w in old_slots.values() if w.pid in self.pool.workers})
-        self.molding.end_idle()
-        queued = self.reloads.take_queued()
-        if queued is not None:
-            self.begin_reload(queued)
-
-    def abort_reload(self, why: str) -> None:
-        """The generation being started failed: drain what started of it; the serving one goes on."""
-        reload = self.reloads.abort(why)
-        if reload is None:
-            return
-        self.timers.cancel("reload")
-        self.pool.totals.failed_reloads += 1
-        log.error("reload failed: %s; still serving generation %d", why, self.generation)
-        if self.host.stopping is None:  # a rolling reload drained old workers: their slots get new ones
-            for slot in range(self.target):
-                if slot not in self.slots:
-                    self.spawn_worker(slot)
-        for worker in reload.slots.values():
-            self.pool.drain(worker, "reload aborted", self.config.graceful_timeout)
-        for listener in reload.new_listeners:
-            listener.close()
-        self.molding.end_idle()
+        return old_slots, removed
 
     def scale(self, count: int) -> None:
         if self.host.stopping is not None or count == self.target:
@@ -453,12 +362,3 @@ class Generations:
         """Connections open in every live worker."""
         return sum(int(self.pool.record(w).active) for w in self.pool.workers.values())
 
-
-def _draining(workers: Iterable[Worker]) -> set[int]:
-    """The pids of the workers told to go that are still alive: a reload's first batch waits for them, as
-    they count towards --reload-batch's bound (the last old ones of a reload just before this one)."""
-    return {w.pid for w in workers if w.state in (WorkerState.DRAINING, WorkerState.KILLING)}
-
-
-def _all_ready(slots: dict[int, Worker], count: int) -> bool:
-    return len(slots) == count and all(w.state is WorkerState.READY for w in slots.values())

@@ -71,7 +71,7 @@ def begin(master: Master, waiter: ControlConnection | None) -> None:
     """Start the new program's check (answering ``waiter`` at the end), or refuse the upgrade now."""
     why = ("the daemon is stopping" if master.stopping is not None else
            "an upgrade is in progress" if master.upgrader.current is not None else
-           "a reload is in progress" if master.gens.reloads.in_flight is not None else
+           "a reload is in progress" if master.gens.reloading else
            "drained: the listening sockets are closed" if master.lb_drain is LbDrain.LISTENERS_CLOSED else None)
     if why is None:
         try:
@@ -122,7 +122,7 @@ def checked(master: Master, status: int) -> None:
     if os.waitstatus_to_exitcode(status) != 0:
         how, _ = describe_exit(status)
         why = last.removeprefix("prefork: error: ") or f"the new program's configuration check {how}"
-    elif master.stopping is not None or master.gens.reloads.in_flight is not None:
+    elif master.stopping is not None or master.gens.reloading:
         why = "the daemon is stopping" if master.stopping is not None else "a reload is in progress"
     else:
         why = execute(master, upgrade)  # returns only when the exec failed

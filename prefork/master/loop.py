@@ -47,7 +47,7 @@ from prefork.master.generations import Generations
 from prefork.master.handover import Handover
 from prefork.master.molds import Molds
 from prefork.master.pool import WorkerPool
-from prefork.master.reload import Waiter
+from prefork.master.reload import Waiter, reload_progress
 from prefork.master.state import ErrorBudget, LbDrain, StopMode, Totals, Worker
 from prefork.master.timers import Timers
 from prefork.prctl import set_child_subreaper
@@ -210,7 +210,7 @@ class Master:
         """starting, serving, reloading or stopping: the one place this is decided."""
         if self.stopping is not None:
             return "stopping"
-        if self.gens.reloads.in_flight is not None:
+        if self.gens.reloading:  # a probation included
             return "reloading"
         return "serving" if self.gens.serving else "starting"
 
@@ -341,8 +341,8 @@ class Master:
         self.exit_code = EXIT_CONFIG
         self.begin_stop(StopMode.FAST)
 
-    def begin_reload(self, waiters: Sequence[Waiter]) -> None:
-        self.gens.begin_reload(waiters)
+    def begin_reload(self, waiters: Sequence[Waiter], canary: float | None = None) -> None:
+        self.gens.begin_reload(waiters, canary)
 
     def scale(self, count: int) -> None:
         if self.stopping is None:
@@ -493,6 +493,7 @@ def _snapshot(master: Master, processes: bool) -> report.Snapshot:
         totals=dataclasses.replace(pool.totals, log_lines_dropped=logs.dropped_lines(), tls=dict(pool.totals.tls)),
         tls=report.tls_view(gens.tls, master.listeners, master.config),
         upstreams=tuple(pool.scoreboard.upstreams.describe(now, time.time())),
+        reload=reload_progress(gens.reloader),
         molds=[{"generation": m.generation, "pid": m.pid, "state": m.state.value, "threads": m.threads}
                for _, m in sorted(master.molds.by_generation.items())],
         cut_in={w.pid: due - now for w in workers if (due := master.timers.when(("kill", w.pid))) is not None})

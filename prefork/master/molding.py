@@ -73,6 +73,7 @@ class Molding:
     def __init__(self, gens: GenerationsView, molds: Molds | None) -> None:
         self.gens = gens
         self.molds = molds  # None: workers are forked by the master itself (and import the handler themselves)
+        self.kept: int | None = None  # a generation whose mold is kept with no worker (a reload's probation)
 
     def mold_for(self, generation: int, config: Config, listeners: list[Listener],
                  tls: TlsSetup | None) -> Mold | None:
@@ -133,6 +134,9 @@ class Molding:
                     "which imports the code on disk", mold.generation, mold.pid, how, mold.generation)
         self.molds.end(mold)
 
+    def has_mold(self, generation: int) -> bool:
+        return self.molds is not None and generation in self.molds.by_generation
+
     def end_idle(self) -> None:
         """End the molds of generations that neither serve, nor start, nor have a live worker left."""
         if self.molds is None:
@@ -140,7 +144,8 @@ class Molding:
         reload = self.gens.reloads.in_flight
         live = {w.generation for w in self.gens.pool.workers.values()}
         for generation, mold in list(self.molds.by_generation.items()):
-            if generation == self.gens.generation or (reload is not None and generation == reload.generation):
+            if generation in (self.gens.generation, self.kept) or (reload is not None and
+                                                                   generation == reload.generation):
                 continue
             if generation not in live:
                 log.info("mold of generation %d (pid %d) ends: its generation is gone", generation, mold.pid)

@@ -47,7 +47,7 @@ ABORT_GRACE = 2.0  # after SIGABRT (stacks to the log), SIGKILL this much later
 DRAIN_MARGIN = 1.0  # the worker enforces the graceful timeout itself; the master kills this much later
 FAST_STOP_GRACE = 5.0
 GROUP_GRACE = 0.5  # what a worker left in its process group gets SIGTERM, then SIGKILL this much later
-SCOREBOARD_CAPACITY = 4096  # a full pool, a reload's second one, and workers still draining (88 bytes each)
+SCOREBOARD_CAPACITY = 4096  # a full pool, a reload's second one, and workers still draining (200 bytes each)
 
 
 def _lead_own_group(pid: int) -> None:

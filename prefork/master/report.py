@@ -118,6 +118,7 @@ class Snapshot:
     # the relay's upstreams as every worker shares them (prefork.handlers.upstreams.UpstreamBoard.describe)
     upstreams: tuple[Mapping[str, Any], ...] = ()
     molds: list[dict[str, Any]] = field(default_factory=list)  # generation, pid, state, threads: by generation
+    reload: Mapping[str, Any] | None = None  # the reload in flight: its phase, a canary's figures so far
     cut_in: Mapping[int, float] = field(default_factory=dict)  # a draining worker's pid -> seconds until it is killed
 
 
@@ -262,6 +263,7 @@ def status(snap: Snapshot) -> dict[str, Any]:
         "control": snap.control,
         "workers": [worker_info(w, by_generation.get(w.generation, 0)) for w in snap.workers],
         "molds": list(snap.molds),
+        "reload": dict(snap.reload) if snap.reload is not None else None,
         "draining": draining_generations(snap),
         "backoff": [
             {"slot": b.slot, "failures": b.failures,
@@ -303,6 +305,7 @@ def stats(snap: Snapshot) -> dict[str, Any]:
         "worker_timeouts": totals.timeouts,
         "reloads": totals.reloads,
         "failed_reloads": totals.failed_reloads,
+        "rolled_back_reloads": totals.rolled_back_reloads,
         "memory_recycles": totals.memory_recycles,
         "worker_respawns": totals.respawns,
         "master_errors": totals.master_errors,

@@ -78,7 +78,8 @@ class Totals:
     crashes: int = 0
     timeouts: int = 0
     reloads: int = 0
-    failed_reloads: int = 0
+    failed_reloads: int = 0  # the new generation could not start (configuration, bind, boot, timeout)
+    rolled_back_reloads: int = 0  # the new generation started but did worse than the old one (canary, probation)
     memory_recycles: int = 0
     respawns: int = 0  # replacements started for workers that exited unasked
     master_errors: int = 0  # exceptions that escaped a callback of the master's loop (logged, survived)

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from prefork.logs import RateLimitedLog
 from prefork.proxy_protocol import DEFAULT_MAX_LENGTH, ProxyProtocolError, parse
+from prefork.scoreboard import count_error
 from prefork.tls import ServerTls
 from prefork.workers.async_tls import ConnectionTransport, TlsAccept, TlsHost, release
 
@@ -171,8 +172,8 @@ def _streamed(worker: CountingWorker, handle: StreamHandler, accepted: bool) -> 
             outcome = "ok"
         except (ConnectionError, TimeoutError) as exc:
             _client_failures.info("connection from %s: %s", writer.get_extra_info("peername"), exc)
-        except (Exception, SystemExit, KeyboardInterrupt):  # sys.exit() in handle(): this connection only
-            worker.record.errors += 1
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:  # sys.exit() in handle(): this connection only
+            count_error(worker.record, exc)
             log.exception("error handling connection from %s", writer.get_extra_info("peername"))
         finally:
             if worker.account:

@@ -42,7 +42,7 @@ from prefork import logs
 from prefork.config import Config
 from prefork.handlers.aio import EchoProtocol
 from prefork.listeners import accept_failed, describe
-from prefork.scoreboard import Record
+from prefork.scoreboard import Record, count_error
 from prefork.workers.async_protocols import make_factories
 from prefork.workers.async_tls import TlsAccept, TlsListener
 from prefork.workers.balance import RECHECK
@@ -387,6 +387,6 @@ class AsyncWorker(WorkerLifecycle):
             if not self.listener_lost:
                 self.check_listeners()
             return
-        self.record.errors += 1
+        count_error(self.record, exc if isinstance(exc, BaseException) else None)
         log.error("%s", context.get("message", "error in the event loop"),
                   exc_info=(type(exc), exc, exc.__traceback__) if exc is not None else None)

@@ -41,7 +41,7 @@ from typing import Any
 from prefork import logs, tls
 from prefork.listeners import ACCEPT_PAUSE, accept_failed, describe, watch
 from prefork.proxy_protocol import ProxyProtocolError, read_header
-from prefork.scoreboard import Record
+from prefork.scoreboard import Record, count_error
 from prefork.workers.balance import RECHECK
 from prefork.workers.base import (
     FAST_EXIT_SIGNALS,
@@ -401,8 +401,8 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Log the handler's exception (socketserver would print it to stderr); this connection only."""
-        self.record.errors += 1
         exc = sys.exc_info()[1]
+        count_error(self.record, exc)
         if isinstance(exc, TimeoutError):
             _client_failures.warning("connection from %s timed out", format_peer(client_address), key="timeout")
         elif isinstance(exc, ConnectionError):
