@@ -32,13 +32,12 @@ from collections.abc import Callable, Iterable
 
 from prefork.listeners import ACCEPT_PAUSE, accept_failed, describe, watch
 from prefork.scoreboard import Record
-from prefork.workers.base import LISTENER_GONE_ERRNOS
+from prefork.workers.admission import ACCEPT_BATCH, LISTENER_GONE_ERRNOS
 
 log = logging.getLogger(__name__)
 
 READ_SIZE = 65536  # one read; also the most a connection holds while its client is not reading
 _MAX_EVENTS = 512  # readiness events handled per turn of the event loop
-_ACCEPT_BATCH = 16  # connections accepted per listener event before other connections get a turn
 _EPOLLIN = select.EPOLLIN
 _EPOLLOUT = select.EPOLLOUT
 
@@ -97,7 +96,7 @@ class EchoEngine:
     def _accept(self, sock: socket.socket) -> None:
         accept = sock._accept  # type: ignore[attr-defined]  # (fd, address): no socket object to build
         register, add, set_blocking = self.epoll.register, self.connections.add, os.set_blocking
-        for _ in range(_ACCEPT_BATCH):
+        for _ in range(ACCEPT_BATCH):
             try:
                 fd, _ = accept()
             except BlockingIOError:
