@@ -102,8 +102,15 @@ def test_reclaim_victim(conns: dict[str, tuple[float, int, float, int]], on_clie
         c = conn(since, received, active)
         c.samples = [(now - window, at_start)]
         tracked[key] = c
-    samples = {k: Sample(None, on_client[k]) for k in conns}
-    assert reclaim_victim(tracked, samples, now, Policy(reclaim_window=window)) == victim
+    asked: list[str] = []
+
+    def waits(key: Any) -> bool:
+        asked.append(key)
+        return on_client[key]
+
+    assert reclaim_victim(tracked, waits, now, Policy(reclaim_window=window)) == victim
+    if victim is not None:
+        assert asked[-1] == victim  # the threads of quieter ones only, then the victim's: no more
 
 
 def test_tick_interval() -> None:

@@ -140,23 +140,17 @@ def idle_expired(conn: Tracked, sample: Sample, now: float, policy: Policy) -> b
     return bool(policy.idle_timeout) and sample.on_client and idle_for(conn, now) >= policy.idle_timeout
 
 
-def reclaim_victim(conns: Mapping[Hashable, Tracked], samples: Mapping[Hashable, Sample], now: float,
+def reclaim_victim(conns: Mapping[Hashable, Tracked], on_client: Callable[[Hashable], bool], now: float,
                    policy: Policy) -> Hashable | None:
     """The connection to close to make room: of those whose handler waits on the client, the one that
     received the fewest bytes over the last ``--reclaim-idle-after`` (silent ones first, then the one silent
-    longest). None when every handler is working: those are never reclaimed."""
-    best: tuple[int, float] | None = None
-    victim: Hashable | None = None
-    for key, conn in conns.items():
-        sample = samples.get(key)
-        if conn.stage is not Stage.HANDLER or sample is None or not sample.on_client:
-            continue
-        if idle_for(conn, now) < MIN_SILENCE:
-            continue
-        rank = (received_over_window(conn, now, policy.reclaim_window), conn.active)
-        if best is None or rank < best:
-            best, victim = rank, key
-    return victim
+    longest). None when every handler is working (those are never reclaimed), or when every waiting one
+    received a byte within :data:`MIN_SILENCE`. ``on_client`` (a look at the handler's thread) is asked in
+    that order, until one says yes."""
+    ranked = sorted((received_over_window(c, now, policy.reclaim_window), c.active, i, key)
+                    for i, (key, c) in enumerate(conns.items())
+                    if c.stage is Stage.HANDLER and idle_for(c, now) >= MIN_SILENCE)
+    return next((key for *_, key in ranked if on_client(key)), None)
 
 
 def oldest(items: Iterable[tuple[Hashable, float]]) -> Hashable | None:
@@ -242,8 +236,7 @@ class Admission:
         """Every place is taken and a connection waits: the handled one to reclaim (counted already), or
         None when every handler is working."""
         self.observe_all(now, received)
-        samples = {key: Sample(None, on_client(key)) for key in self.handling}
-        victim = reclaim_victim(self.handling, samples, now, self.policy)
+        victim = reclaim_victim(self.handling, on_client, now, self.policy)
         if victim is not None:
             self.closing(victim, Reason.RECLAIMED)
         return victim

@@ -479,7 +479,11 @@ class ThreadServer(WorkerServer):
         return self._open > 0
 
     def relieve(self, now: float) -> None:
-        """Readable connections queued for a thread: reclaim as many handlers' connections, the quietest first."""
+        """Readable connections queued for a thread: reclaim as many handlers' connections, the quietest first.
+
+        After a look that found none, the next waits RELIEF_RETRY (a flood queues many at once)."""
+        if self._relief_at is not None and now < self._relief_at:
+            return
         self._relief_at = None
         for _ in range(self._open - self.threads - self._watch.reclaiming()):
             if not self._watch.reclaim(now):
