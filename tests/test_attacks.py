@@ -246,3 +246,18 @@ def recv_after(d: Daemon, payload: bytes) -> bytes:
     with connect_from(PROBE_SOURCE, d.port) as s:
         s.sendall(payload)
         return recv_exact(s, len(payload))
+
+
+def test_idle_connections_async_under_a_low_descriptor_limit(daemon_factory: DaemonFactory) -> None:
+    """At 1,024 descriptors the built-in echo runs out: the connections silent longest give way."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # the daemon inherits it
+    try:
+        d = daemon_factory("-k", "async")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    with attackers(d.port, 2500):
+        time.sleep(0.3)  # the attack settles
+        for _ in range(3):
+            probe(d)
+        assert closed(d, "reclaimed") >= 1
