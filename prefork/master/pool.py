@@ -31,7 +31,7 @@ import psutil
 from prefork import memory
 from prefork.config import Config
 from prefork.master.handover import HandedWorker, Handover
-from prefork.master.report import WorkerSample, tls_counts
+from prefork.master.report import WorkerSample, closed_counts, oldest_silent, tls_counts
 from prefork.master.state import Totals, Worker, WorkerState
 from prefork.master.timers import Timers
 from prefork.memory import Memory
@@ -283,6 +283,7 @@ class WorkerPool:
         totals.bytes_in += record.bytes_in
         totals.bytes_out += record.bytes_out
         totals.add_tls(tls_counts(record))
+        totals.add_closed(closed_counts(record))
         totals.exits += 1
         self.scoreboard.release(worker.record_index)
         self.timers.cancel(("heartbeat", worker.pid))
@@ -329,4 +330,4 @@ class WorkerPool:
             proxy_errors=int(record.proxy_errors), bytes_in=int(record.bytes_in), bytes_out=int(record.bytes_out),
             rss_bytes=rss, uss_bytes=own.uss if own else None, pss_bytes=own.pss if own else None,
             cpu_percent=cpu, age_s=now - worker.started, heartbeat_age_s=now - record.heartbeat,
-            tls=tls_counts(record))
+            tls=tls_counts(record), closed=closed_counts(record), oldest_silent_s=oldest_silent(record, now))
