@@ -407,22 +407,38 @@ class SyncServer(WorkerServer):
     """One connection at a time, handled in the serving loop (socketserver ``TCPServer``).
 
     While a handler runs, a watchdog thread keeps the watch the loop would:
-    the idle timeout, and reclaiming the connection when another waits.
+    the idle timeout, and reclaiming the connection when another waits. Who
+    touches the listeners, the epoll set and ``_by_fd``: the loop's thread,
+    except while a handler runs, when only the watchdog does (under
+    ``_lock``, so the loop takes them back only once a watchdog turn under
+    way is over). A stop signal that arrives inside a handler is handed to
+    the watchdog, which acts on it at once (see :meth:`_on_stop_signal`).
     """
 
     def __init__(self, listeners: Sequence[socket.socket], handler_class: type[socketserver.BaseRequestHandler],
                  record: Record, options: WorkerOptions, *, count_bytes: bool = False) -> None:
         super().__init__(listeners, handler_class, record, options, count_bytes=count_bytes)
-        self._watchdog = Watchdog(self._watch, self._accept_waiting)
+        self._watchdog = Watchdog(self._watch, self._watchdog_turn)
         self.one_at_a_time = True
+        self._signals_in_handler: list[int] = []  # stop signals the watchdog acts on (see _on_stop_signal)
 
     def full(self) -> bool:
         """A connection waits here for its first bytes while an idle sibling could take the next one."""
         return bool(len(self._watch)) and self.sibling_has_room(busy_at=1)
 
+    def _watchdog_turn(self) -> None:
+        """The watchdog's thread, while the handler runs: a stop signal that came meanwhile, then what waits on
+        the listeners to the waiting room. Nothing once the handler is over: the loop has the listeners back."""
+        with self._lock:
+            if not self._watchdog.busy:
+                return
+            while self._signals_in_handler:
+                self._signals[self._signals_in_handler.pop(0)]()
+            self._accept_waiting()
+
     def _accept_waiting(self) -> None:
-        """While the handler runs (the watchdog's thread): what waits on the listeners, to the waiting room,
-        when the handler waits on its client and could give way, unless an idle sibling can take it."""
+        """What waits on the listeners, to the waiting room, when the handler waits on its client and could
+        give way, unless an idle sibling can take it (the watchdog's turn, under the lock)."""
         if not self._accepting or self.stopping or self.sibling_has_room(busy_at=1):
             return
         if not self._watch.reclaimable(time.monotonic()):
@@ -439,26 +455,34 @@ class SyncServer(WorkerServer):
         if not self._watchdog.is_alive():
             self._watchdog.start()
         self._watchdog.handling(True)
+        if self._signals_in_handler:
+            self._watchdog.poke()  # one arrived as the handler began
 
     def handler_ends(self, request: Any) -> None:
-        self._watchdog.handling(False)
+        with self._lock:  # a watchdog turn under way ends first: then the loop's thread has the listeners
+            self._watchdog.handling(False)
         super().handler_ends(request)
 
     _in_handler = False  # the loop's own thread is running a handler
 
     def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
-        """Inside a handler, act on SIGTERM, SIGUSR2 or SIGHUP now.
+        """Inside a handler, have SIGTERM, SIGUSR2 or SIGHUP acted on now.
 
         The loop would see it only once that connection ends, which a
         long-lived one may never do: meanwhile the worker would keep its
         listeners open (a drain or stop waits on it) and the handler could
-        not see the drain (``self.server.draining``). The loop is not touching
-        its listeners while a handler runs, so acting here is safe; the loop
-        runs the action again when it resumes, which does nothing the second time.
+        not see the drain (``self.server.draining``). This handler interrupts
+        the loop's thread anywhere, maybe in the middle of a change to the
+        listeners (a handler's ``self.server.shutdown()``), so it acts on
+        nothing itself: the watchdog, the one thread that touches them while a
+        handler runs, acts on it at once. The loop runs the action again when
+        it resumes, which does nothing the second time.
         """
         super()._on_stop_signal(signum, frame)
         if self._in_handler:
-            self._signals[signum]()
+            self._signals_in_handler.append(signum)
+            if self._watchdog.is_alive():
+                self._watchdog.poke()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         record = self.record
@@ -598,7 +622,8 @@ def _shutdown(server: WorkerServer) -> None:
     calling handler (a deadlock).
     """
     if threading.get_ident() == server._loop_thread:
-        server.retire(SHUTDOWN_REASON)  # sync: the loop is in this handler
+        with server._lock:  # sync: the loop is in this handler, and the watchdog may be touching the listeners
+            server.retire(SHUTDOWN_REASON)
         return
     server._shutdown_asked = True
     server.wake()

@@ -402,22 +402,24 @@ def activity(sock: Any) -> Sample:
 class Watchdog(threading.Thread):
     """The ``sync`` class's watch while its one handler runs in the serving loop's own thread.
 
-    Every tick while a handler runs: takes what waits on the listeners into
-    the waiting room (``accept_waiting``), then the same :meth:`Watch.turn`
-    as the thread class's loop, with pressure when a waiting connection is
-    readable (someone spoke and the worker is taken). It ticks while
-    connections keep coming and parks after :data:`PARK_AFTER` idle ticks, so
-    a connection costs it nothing (no wake-up) unless it is the first after
-    a pause.
+    Every tick while a handler runs: ``turn()`` (the server's: what waits on
+    the listeners to the waiting room, and a stop signal that came inside the
+    handler), then the same :meth:`Watch.turn` as the thread class's loop,
+    with pressure when a waiting connection is readable (someone spoke and
+    the worker is taken). It ticks while connections keep coming and parks
+    after :data:`PARK_AFTER` idle ticks, so a connection costs it nothing (no
+    wake-up) unless it is the first after a pause; :meth:`poke` makes it turn
+    at once, parked or not.
     """
 
-    def __init__(self, watch: Watch, accept_waiting: Callable[[], None]) -> None:
+    def __init__(self, watch: Watch, turn: Callable[[], None]) -> None:
         super().__init__(name="prefork-watchdog", daemon=True)
         self.watch = watch
-        self.accept_waiting = accept_waiting
+        self.server_turn = turn
         self.cond = threading.Condition()
         self.busy = False
         self.parked = True
+        self.poked = False
         self.interval = min(0.2, watch.tick)
 
     def handling(self, on: bool) -> None:
@@ -427,19 +429,28 @@ class Watchdog(threading.Thread):
                 self.parked = False
                 self.cond.notify()
 
+    def poke(self) -> None:
+        """Turn now (safe from a signal handler: the condition's lock is re-entrant, and never held long)."""
+        with self.cond:
+            self.poked = True
+            self.cond.notify()
+
     def run(self) -> None:
         idle = 0
         while True:
             with self.cond:
-                while self.parked:
+                while self.parked and not self.poked:
                     self.cond.wait()
-                self.cond.wait(self.interval)  # a tick (handling() notifies only a parked watchdog)
-                if not self.busy:
+                if not self.poked:
+                    self.cond.wait(self.interval)  # a tick (handling() notifies only a parked watchdog)
+                poked, self.poked = self.poked, False
+                if not self.busy and not poked:
                     idle += 1
                     if idle >= PARK_AFTER:
                         self.parked = not self.busy  # a handler that began meanwhile keeps it ticking
                         idle = 0
                     continue
             idle = 0
-            self.accept_waiting()
-            self.watch.turn(time.monotonic(), self.watch.readable_waiting() and not self.watch.reclaiming())
+            self.server_turn()
+            if self.busy:
+                self.watch.turn(time.monotonic(), self.watch.readable_waiting() and not self.watch.reclaiming())
