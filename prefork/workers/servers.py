@@ -421,6 +421,13 @@ class SyncServer(WorkerServer):
         self._watchdog = Watchdog(self._watch, self._watchdog_turn)
         self.one_at_a_time = True
         self._signals_in_handler: list[int] = []  # stop signals the watchdog acts on (see _on_stop_signal)
+        # the handler's connection, and since when: the watchdog registers it with the watch (``_watched``) only
+        # once it finds the handler running on a tick, so a short connection costs the watch nothing
+        self._handling: Any = None
+        self._handling_since = 0.0
+        self._watched: Any = None
+        self._watchdog_started = False
+        self._loop_tid = 0  # the loop thread's kernel id (the watch looks at its system call)
 
     def full(self) -> bool:
         """A connection waits here for its first bytes while an idle sibling could take the next one."""
@@ -432,6 +439,7 @@ class SyncServer(WorkerServer):
         with self._lock:
             if not self._watchdog.busy:
                 return
+            self._watch_handler()  # running past a tick: watched from now on
             while self._signals_in_handler:
                 self._signals[self._signals_in_handler.pop(0)]()
             self._accept_waiting()
@@ -451,9 +459,17 @@ class SyncServer(WorkerServer):
                     break
 
     def handler_begins(self, request: Any) -> None:
-        super().handler_begins(request)
-        if not self._watchdog.is_alive():
+        """No watch work per connection: the watchdog registers the handler's connection if it finds it
+        running on a tick (see :meth:`_watchdog_turn`); a connection served within a tick costs nothing more."""
+        since = self._watch.since
+        if since:  # from the waiting room
+            since.pop(request.fileno(), None)
+        self._handling_since = time.monotonic()
+        self._handling = request
+        if not self._watchdog_started:
+            self._loop_tid = threading.get_native_id()
             self._watchdog.start()
+            self._watchdog_started = True
         self._watchdog.handling(True)
         if self._signals_in_handler:
             self._watchdog.poke()  # one arrived as the handler began
@@ -461,7 +477,22 @@ class SyncServer(WorkerServer):
     def handler_ends(self, request: Any) -> None:
         with self._lock:  # a watchdog turn under way ends first: then the loop's thread has the listeners
             self._watchdog.handling(False)
-        super().handler_ends(request)
+            self._handling = None
+            if self._watched is not None:
+                self._watched = None
+                self._watch.end(request)
+
+    def close_connection(self, request: Any, reason: Reason) -> None:
+        with self._lock:
+            self._watch_handler()  # the handler's, maybe not registered yet
+            super().close_connection(request, reason)
+
+    def _watch_handler(self) -> None:
+        """Register the running handler's connection with the watch, once (under the lock)."""
+        request = self._handling
+        if request is not None and self._watched is None:
+            self._watch.begin(request, self._loop_tid, self._handling_since)
+            self._watched = request
 
     _in_handler = False  # the loop's own thread is running a handler
 

@@ -148,10 +148,10 @@ class Watch:
     def take(self, sock: socket.socket, peer: Any, hand: bool = True) -> None:
         """A connection just accepted: to the handler if its first bytes are there (and ``hand``), else to
         the waiting room (a readable one is reported by the epoll at once)."""
-        now = time.monotonic()
         if not hand or not _readable_now(sock):
             assert self.epoll is not None
             fd = sock.fileno()
+            now = time.monotonic()
             with self.lock:
                 self.waiting[fd] = (sock, peer)
                 self.since[fd] = now
@@ -159,8 +159,7 @@ class Watch:
                 self.admission.wait(fd, now)
             self.epoll.register(fd, select.EPOLLIN)
             return
-        self.since[sock.fileno()] = now
-        self.hand(sock, peer)
+        self.hand(sock, peer)  # accepted this instant: nothing to remember (accepted_at says now)
 
     def accepted_at(self, sock: Any) -> float:
         """When ``sock`` was accepted (now for one the watch did not take: a TLS one, after its handshake)."""
@@ -248,13 +247,14 @@ class Watch:
 
     # -- handlers' connections -----------------------------------------------------------------------
 
-    def begin(self, sock: Any) -> None:
-        """The calling thread's handler takes ``sock`` (its fd is the key)."""
+    def begin(self, sock: Any, tid: int | None = None, since: float | None = None) -> None:
+        """A handler takes ``sock`` (its fd is the key): the calling thread's, or thread ``tid``'s since ``since``
+        (the sync class's watchdog registers the loop's handler once it runs past a tick)."""
         fd = sock.fileno()
         with self.lock:
             self.since.pop(fd, None)
-            self.handled[fd] = Handled(sock, _native_id(), self._source_of.get(fd))
-            self.admission.handed(fd, time.monotonic())
+            self.handled[fd] = Handled(sock, _native_id() if tid is None else tid, self._source_of.get(fd))
+            self.admission.handed(fd, time.monotonic() if since is None else since)
 
     def end(self, sock: Any) -> bool:
         """The handler is done with ``sock``; True when the worker had closed it for a reason."""
