@@ -366,7 +366,7 @@ class WorkerServer(ConnectionHooks):
             request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.count_accepted()
         proxy = self.proxy_for(client_address)
-        if proxy is None and not self._watch.admit_source(request, client_address):
+        if proxy is None and self.sources is not None and not self._watch.admit_source(request, client_address):
             request.close()  # over --max-connections-per-source: counted
             return True
         server_tls = self._tls_by_fd.get(sock.fileno())
@@ -374,7 +374,7 @@ class WorkerServer(ConnectionHooks):
             self._handshakes.begin(request, client_address, server_tls, proxy)
         else:
             # one at a time (sync), a connection goes to the handler at once only when no other waits
-            self._watch.take(request, client_address, hand and not (self.one_at_a_time and len(self._watch)))
+            self._watch.take(request, client_address, hand and not (self.one_at_a_time and self._watch.waiting))
         return True
 
     def _handshake_dropped(self) -> None:
@@ -431,7 +431,7 @@ class SyncServer(WorkerServer):
 
     def full(self) -> bool:
         """A connection waits here for its first bytes while an idle sibling could take the next one."""
-        return bool(len(self._watch)) and self.sibling_has_room(busy_at=1)
+        return bool(self._watch.waiting) and self.sibling_has_room(busy_at=1)
 
     def _watchdog_turn(self) -> None:
         """The watchdog's thread, while the handler runs: a stop signal that came meanwhile, then what waits on
