@@ -90,6 +90,9 @@ class ServerOptions(TypedDict, total=False):
     loop: Literal["auto", "asyncio", "uvloop"]
     balance: Literal["on", "off"]
     max_connections: int
+    idle_timeout: float
+    reclaim_idle_after: float
+    max_connections_per_source: int
     timeout: float
     graceful_timeout: float
     max_requests: int

@@ -75,7 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on (default): a worker holding clearly more than its share of open connections "
                         "stops accepting until its siblings catch up; off: the kernel alone decides")
     p.add_argument("--max-connections", type=int, metavar="N",
-                   help="open connections per async worker before it stops accepting (default 0: no cap)")
+                   help="open connections per async worker before it stops accepting (default 0: no cap); "
+                        "refused for sync and thread workers, which --threads bounds")
+    p.add_argument("--idle-timeout", type=float, metavar="SECS",
+                   help="close a connection that receives nothing for SECS, whether it waits for its first "
+                        "bytes or its handler waits on it (default 60; 0: never)")
+    p.add_argument("--reclaim-idle-after", type=float, metavar="SECS",
+                   help="when every place is taken and a connection waits, close the one whose handler waits "
+                        "on its client and that sent the fewest bytes over the last SECS (default 10)")
+    p.add_argument("--max-connections-per-source", type=int, metavar="N",
+                   help="open connections per client address across all workers (the PROXY header's when "
+                        "it sends one; IPv6 per /64); more are closed at accept (default 0: no limit)")
     p.add_argument("--timeout", type=float, metavar="SECS",
                    help="kill and replace a worker whose serving loop stalls this long (default 30); "
                         "with sync workers this bounds one connection's duration")

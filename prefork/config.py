@@ -16,6 +16,7 @@ import ipaddress
 import os
 import re
 import reprlib
+import socket
 import stat
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -154,6 +155,10 @@ class Config:
     worker_class: str = "thread"
     threads: int = 32
     max_connections: int = 0  # per async worker; 0: no cap
+    # admission (prefork.workers.admission): what a connection may cost before a handler has it, and after
+    idle_timeout: float = 60.0  # close a connection that receives nothing this long; 0: never
+    reclaim_idle_after: float = 10.0  # under pressure, reclaim the quietest connection over this window
+    max_connections_per_source: int = 0  # open connections per client address (IPv6: per /64); 0: no limit
     loop: str = "auto"  # the async worker's event loop: auto, asyncio or uvloop
     balance: str = "on"  # on: workers even out their open connections (prefork.workers.balance)
     timeout: float = 30.0
@@ -282,6 +287,9 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "loop": (str,),
     "balance": (str,),
     "max_connections": (int,),
+    "idle_timeout": (int, float),
+    "reclaim_idle_after": (int, float),
+    "max_connections_per_source": (int,),
     "timeout": (int, float),
     "graceful_timeout": (int, float),
     "max_requests": (int,),
@@ -527,7 +535,7 @@ def build_config(overrides: Mapping[str, Any], config_file: str | None = None) -
             merged[key] = str(merged[key])
     for key in ("timeout", "graceful_timeout", "proxy_timeout", "relay_connect_timeout", "relay_idle_timeout",
                 "relay_check_interval", "relay_slow_start", "reload_canary",
-                "reload_probation"):
+                "reload_probation", "idle_timeout", "reclaim_idle_after"):
         if key in merged:
             merged[key] = float(merged[key])
     allow = merged.get("proxy_allow")
@@ -655,6 +663,11 @@ def validate(config: Config) -> None:
         raise ConfigError(f"threads: {config.threads} is out of range (1-10000)")
     if not 0 <= config.max_connections <= 1_000_000:
         raise ConfigError(f"max-connections: {config.max_connections} is out of range (0 = no cap, up to 1000000)")
+    if config.max_connections and config.worker_class != "async":
+        raise ConfigError(f"max-connections: caps the async class's connections; a {config.worker_class} worker "
+                          "holds at most --threads in handlers (sync: one) and those waiting for their first "
+                          "bytes cost a descriptor each, bounded by the file limit")
+    _check_admission(config)
     if not 0 < config.timeout <= 86400:
         raise ConfigError(f"timeout: {config.timeout:g} must be more than 0 seconds (at most a day)")
     if not 0 <= config.graceful_timeout <= 86400:
@@ -698,6 +711,7 @@ def validate(config: Config) -> None:
     if not 0 < config.proxy_timeout <= 3600:
         raise ConfigError(f"proxy-timeout: {config.proxy_timeout:g} must be more than 0 seconds (at most an hour)")
     _check_relay_balancing(config)
+    _check_relay_loop(config, specs)
     if not 0 < config.relay_connect_timeout <= 3600:
         raise ConfigError(f"relay-connect-timeout: {config.relay_connect_timeout:g} must be 0-3600 seconds (not 0)")
     if not 0 <= config.relay_idle_timeout <= 86400 * 7:
@@ -763,6 +777,55 @@ def check_bytes(text: str) -> bytes:
         else:
             raise ValueError(f"unknown escape {text[i:i + 2]!r} (\\r, \\n, \\t, \\\\ or \\xHH)")
     return bytes(out)
+
+
+def _check_relay_loop(config: Config, specs: tuple[BindSpec, ...]) -> None:
+    """--relay pointed at one of this instance's own listeners would relay to itself until it runs out."""
+    for target in config.relay_specs:
+        up = _addresses(target.host, target.port)
+        for bind in specs:
+            if bind.is_unix or bind.port != target.port:
+                continue
+            own = _addresses(bind.host, bind.port)
+            wildcard = any(ipaddress.ip_address(a).is_unspecified for a in own)
+            if up & own or (wildcard and any(_is_local(a) for a in up)):
+                raise ConfigError(f"relay: {target.name} is this instance's own listener {bind.text}: "
+                                  "it would relay to itself (point --relay at the upstream servers)")
+
+
+def _addresses(host: str, port: int) -> set[str]:
+    """The IP addresses ``host`` stands for (empty when it does not resolve: nothing to compare then)."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return set()
+    return {str(info[4][0]).split("%", 1)[0] for info in infos}
+
+
+def _is_local(address: str) -> bool:
+    """True for an address of this host: loopback, or one a socket can bind (an interface's)."""
+    ip = ipaddress.ip_address(address)
+    if ip.is_loopback:
+        return True
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((address, 0))
+    except OSError:
+        return False
+    return True
+
+
+def _check_admission(config: Config) -> None:
+    """--idle-timeout, --reclaim-idle-after, --max-connections-per-source."""
+    if not 0 <= config.idle_timeout <= 86400 * 7:
+        raise ConfigError(f"idle-timeout: {config.idle_timeout:g} must be 0 (never) to 604800 seconds")
+    if not 0 < config.reclaim_idle_after <= 3600:
+        raise ConfigError(f"reclaim-idle-after: {config.reclaim_idle_after:g} must be more than 0 seconds "
+                          "(at most an hour)")
+    if not 0 <= config.max_connections_per_source <= 1_000_000:
+        raise ConfigError(f"max-connections-per-source: {config.max_connections_per_source} is out of range "
+                          "(0 = no limit, up to 1000000)")
 
 
 def _check_relay_tls(config: Config) -> None:

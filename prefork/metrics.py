@@ -202,6 +202,21 @@ def upstream_families(status: Mapping[str, Any], stats: Mapping[str, Any]) -> li
     return [up, weight, active, latency, *(family for _, family in counters), failed]
 
 
+def admission_families(stats: Mapping[str, Any]) -> list[Family]:
+    """Connections the workers closed themselves, by reason, and the oldest silent connection's age."""
+    closed = Family(PREFIX + "connections_closed_total", "counter",
+                    "Connections the workers closed themselves, by reason (idle_timeout, reclaimed, per_source, "
+                    "handshake_dropped).")
+    by_reason = stats.get("closed")
+    for reason, value in sorted(by_reason.items()) if isinstance(by_reason, Mapping) else ():
+        closed.add(value, (("reason", str(reason)),))
+    silent = Family(PREFIX + "oldest_silent_connection_seconds", "gauge",
+                    "Seconds the connection silent longest (waiting for its first bytes, or in a handler) "
+                    "has received nothing.")
+    silent.add(stats.get("oldest_silent_s"))
+    return [closed, silent]
+
+
 def families(status: Mapping[str, Any], stats: Mapping[str, Any]) -> list[Family]:
     """The metric families of a ``status`` and a ``stats`` reply taken at about the same time."""
     out: list[Family] = []
@@ -246,7 +261,7 @@ def families(status: Mapping[str, Any], stats: Mapping[str, Any]) -> list[Family
         for w in workers:
             family.add(w.get(key), worker_labels(w))
         out.append(family)
-    return out + tls_families(status, stats) + upstream_families(status, stats)
+    return out + tls_families(status, stats) + upstream_families(status, stats) + admission_families(stats)
 
 
 def render_prometheus(status: Mapping[str, Any], stats: Mapping[str, Any]) -> str:

@@ -16,9 +16,14 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import zlib
 from collections.abc import Iterable
 
 from prefork.handlers.upstreams import UpstreamBoard
+
+# why a worker closed a connection itself (prefork.workers.admission.Reason), each a ``closed_<reason>`` field
+CLOSE_REASONS = ("idle_timeout", "reclaimed", "per_source", "handshake_dropped")
+SOURCE_BUCKETS = 1024  # per record; a source counts in two of them (a count-min sketch)
 
 
 class Record(ctypes.Structure):
@@ -49,6 +54,14 @@ class Record(ctypes.Structure):
         ("tls_failed_other", ctypes.c_uint64),
         # the class name of the handler's latest exception (a reload's canary names it when it fails)
         ("error_type", ctypes.c_char * 32),
+        # connections the worker closed itself, by reason (prefork.workers.admission.Reason)
+        ("closed_idle_timeout", ctypes.c_uint64),
+        ("closed_reclaimed", ctypes.c_uint64),
+        ("closed_per_source", ctypes.c_uint64),
+        ("closed_handshake_dropped", ctypes.c_uint64),
+        ("oldest_silent_since", ctypes.c_double),  # time.monotonic() its silent-longest connection last spoke
+        # open connections per source, two hashed buckets each (SourceCounts): siblings sum each other's
+        ("sources", ctypes.c_uint32 * SOURCE_BUCKETS),
     ]
 
 
@@ -116,3 +129,41 @@ class Scoreboard:
     def __getitem__(self, index: int) -> Record:
         record: Record = self._records[index]
         return record
+
+
+def source_buckets(key: str) -> tuple[int, int]:
+    """The two buckets of ``key`` (a source address): the same in every process, unlike ``hash()``."""
+    data = key.encode()
+    return zlib.crc32(data) % SOURCE_BUCKETS, zlib.crc32(data, 0x9E3779B9) % SOURCE_BUCKETS
+
+
+class SourceCounts:
+    """Open connections per source across every worker of the daemon, in the shared scoreboard.
+
+    A worker adds to and takes from its own record's buckets only (plain
+    stores, no lock); the count of a source is the smaller of its two
+    buckets' sums over the live records (a count-min sketch: never less than
+    the truth, more only when another source shares both buckets).
+    """
+
+    def __init__(self, scoreboard: Scoreboard, index: int) -> None:
+        self.scoreboard = scoreboard
+        self.own = scoreboard[index].sources
+        self._records: list[Record] = []
+
+    def _live(self) -> list[Record]:
+        used = self.scoreboard.used
+        while len(self._records) < used:
+            self._records.append(self.scoreboard[len(self._records)])
+        return [r for r in self._records[:used] if r.pid]
+
+    def count(self, key: str) -> int:
+        a, b = source_buckets(key)
+        live = self._live()
+        return int(min(sum(r.sources[a] for r in live), sum(r.sources[b] for r in live)))
+
+    def add(self, key: str, delta: int) -> None:
+        own = self.own
+        for bucket in source_buckets(key):
+            own[bucket] = max(0, own[bucket] + delta)
+

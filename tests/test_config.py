@@ -158,6 +158,7 @@ def test_defaults() -> None:
     assert config.threads == 32
     assert config.timeout == 30.0
     assert config.graceful_timeout == 30.0
+    assert (config.idle_timeout, config.reclaim_idle_after, config.max_connections_per_source) == (60.0, 10.0, 0)
     assert (config.max_requests, config.max_requests_jitter) == (0, 0)
     assert config.backlog == 2048
     assert config.name == "prefork"
@@ -335,6 +336,11 @@ def test_not_utf8_file(tmp_path: Path) -> None:
         ({"timeout": 86401}, "timeout: 86401"),
         ({"graceful_timeout": -1}, "graceful-timeout: -1"),
         ({"graceful_timeout": 1e9}, "graceful-timeout: 1e+09"),
+        ({"idle_timeout": -1}, "idle-timeout: -1 must be 0 (never)"),
+        ({"reclaim_idle_after": 0}, "reclaim-idle-after: 0 must be more than 0"),
+        ({"max_connections_per_source": -1}, "max-connections-per-source: -1 is out of range"),
+        ({"max_connections": 10}, "max-connections: caps the async class's connections; a thread worker"),
+        ({"max_connections": 10, "worker_class": "sync"}, "a sync worker holds at most --threads"),
         ({"max_requests": -1}, "max-requests: -1"),
         ({"max_requests_jitter": -1}, "max-requests-jitter: -1"),
         ({"backlog": 0}, "backlog: 0 is out of range"),
@@ -665,3 +671,20 @@ def test_listening_control_sockets_are_ours_and_named_so(tmp_path: Path) -> None
     finally:
         for server in servers:
             server.close()
+
+
+@pytest.mark.parametrize(("relay", "bind", "refused"), [
+    ("127.0.0.1:20000", "127.0.0.1:20000", True),
+    ("localhost:20000", "127.0.0.1:20000", True),  # the same address by name
+    ("127.0.0.1:20000", "0.0.0.0:20000", True),  # a wildcard listener is every local address
+    ("127.0.0.1:20001", "127.0.0.1:20000", False),
+    ("192.0.2.7:20000", "0.0.0.0:20000", False),  # another host's port 20000
+    ("127.0.0.1:20000", "unix:/run/x.sock", False),
+])
+def test_relay_to_its_own_listener_is_refused(relay: str, bind: str, refused: bool) -> None:
+    if not refused:
+        assert build_config({"relay": [relay], "bind": [bind]}).relay == (relay,)
+        return
+    with pytest.raises(ConfigError, match=rf"relay: {relay} is this instance's own listener {bind}: it would "
+                                          "relay to itself"):
+        build_config({"relay": [relay], "bind": [bind]})

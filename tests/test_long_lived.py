@@ -295,12 +295,13 @@ def test_the_stop_report_counts_the_resets_the_clients_saw(daemon_factory: Calla
 @pytest.mark.parametrize("worker_class", CLASSES)
 def test_a_stop_with_idle_clients_queued_behind_drain_aware_handlers_is_quick_and_resets_none(
         daemon_factory: Callable[..., Daemon], worker_class: str) -> None:
-    """Every handler slot holds an idle client and more wait in the queue: the handlers see the drain as the
-    stop begins, so the queue is served (each client answered "bye") instead of reset after the timeout."""
-    handler = ("long_lived_handlers:drain_aware_echo" if worker_class == "async"
-               else "long_lived_handlers:DrainAwareEcho")
-    d = daemon_factory("-k", worker_class, "--threads", "4", "--max-connections", "4", "--graceful-timeout", "30",
-                       handler, workers=1)
+    """Every handler slot holds an idle client and more wait (in the kernel's queue, or accepted and waiting for
+    their first bytes): the handlers see the drain as the stop begins, so every waiting client is served (answered
+    "bye") instead of reset after the timeout. Under that pressure the async class may have reclaimed a silent
+    handler's connection before the stop (closed cleanly, counted and logged): that client reads end of file."""
+    handler, cap = (("long_lived_handlers:drain_aware_echo", ["--max-connections", "4"]) if worker_class == "async"
+                    else ("long_lived_handlers:DrainAwareEcho", []))
+    d = daemon_factory("-k", worker_class, "--threads", "4", *cap, "--graceful-timeout", "30", handler, workers=1)
     clients = [socket.create_connection(d.address(), timeout=20) for _ in range(16)]
     wait_for(lambda: sum(w["active"] for w in d.status()["workers"]) >= (1 if worker_class == "sync" else 4), 10,
              "the handler slots taken")
@@ -315,18 +316,23 @@ def test_a_stop_with_idle_clients_queued_behind_drain_aware_handlers_is_quick_an
         except OSError as exc:
             answers.append(repr(exc).encode())
         s.close()
-    assert answers == [b"bye\n"] * 16, answers
+    reclaimed = answers.count(b"")
+    assert answers.count(b"bye\n") + reclaimed == 16, answers  # none reset, none cut
+    assert not reclaimed or (worker_class == "async" and "reclaimed for a waiting connection" in d.log()), answers
     assert took < 15, took  # not --graceful-timeout for the queue, then again for the handlers
     assert json.loads(r.stdout)["report"]["reset_in_queue"] == 0
 
 
-def test_a_stop_whose_queue_waits_behind_a_busy_worker_says_so(daemon_factory: Callable[..., Daemon]) -> None:
+def test_a_stop_whose_waiting_client_waits_behind_a_busy_worker_says_so(daemon_factory: Callable[..., Daemon]) -> None:
+    """A client that connects while the one sync worker is busy waits in its waiting room (accepted, waiting for
+    its first bytes): it is the worker's connection, counted among its open ones, and served once the worker is free."""
     d = daemon_factory("-k", "sync", "--graceful-timeout", "12", workers=1)
     held = held_connection(d)  # the one sync worker is busy with it (the echo handler does not look at the drain)
     queued = socket.create_connection(d.address(), timeout=5)
+    wait_for(lambda: d.status()["workers"][0]["active"] == 2, 10, "the waiting client taken into the waiting room")
     d.signal(signal.SIGTERM)
-    wait_for(lambda: "1 queued connection(s) still to be accepted" in d.log(), 15, "a progress line for the queue")
-    held.close()  # the worker is free: the queued client is served, and the stop ends
+    wait_for(lambda: "draining: 1 worker(s) with 2 open connection(s)" in d.log(), 15, "a progress line")
+    held.close()  # the worker is free: the waiting client is served, and the stop ends
     queued.sendall(b"late")
     assert recv_exact(queued, 4) == b"late"
     queued.close()

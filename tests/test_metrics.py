@@ -278,3 +278,14 @@ def test_metrics_endpoint_served_by_the_master(daemon_factory: Callable[..., Dae
     assert d.status()["state"] == "serving"
     assert time.monotonic() - t0 < 1
     silent.close()
+
+
+def test_connections_closed_by_reason_and_oldest_silence() -> None:
+    stats = {"closed": {"idle_timeout": 3, "reclaimed": 2, "per_source": 0, "handshake_dropped": 7},
+             "oldest_silent_s": 12.5}
+    families = {f.name: f for f in text_string_to_metric_families(render_prometheus({}, stats))}
+    closed = {s.labels["reason"]: s.value for s in families["prefork_connections_closed"].samples
+              if s.name == "prefork_connections_closed_total"}
+    assert closed == {"idle_timeout": 3, "reclaimed": 2, "per_source": 0, "handshake_dropped": 7}
+    [silent] = families["prefork_oldest_silent_connection_seconds"].samples
+    assert silent.value == 12.5

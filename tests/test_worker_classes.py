@@ -247,7 +247,8 @@ def test_fifty_long_lived_clients_on_two_thread_workers(daemon_factory: DaemonFa
 
 
 def test_full_thread_worker_stops_accepting(daemon_factory: DaemonFactory) -> None:
-    d = daemon_factory("-k", "thread", "--threads", "2", "--workers", "2")
+    # handlers that work (not wait on their client) are never reclaimed: the pool's bound holds
+    d = daemon_factory("-k", "thread", "--threads", "2", "--workers", "2", f"{CASES}:WorkHandler")
     held: list[socket.socket] = []
     try:
         for i in range(4):
@@ -289,7 +290,7 @@ def test_thread_burst_never_exceeds_threads(daemon_factory: DaemonFactory) -> No
 
 
 def test_sync_one_connection_at_a_time(daemon_factory: DaemonFactory) -> None:
-    d = daemon_factory("-k", "sync", "--workers", "2")
+    d = daemon_factory("-k", "sync", "--workers", "2", f"{CASES}:WorkHandler")
     held: list[socket.socket] = []
     try:
         for i in range(2):

@@ -382,6 +382,73 @@ def test_sync_server_serves_until_it_retires(master: Master, restore_signals: No
                                (Event.STOPPED, "")]
 
 
+class TwoLines(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        self.wfile.write(self.rfile.readline() + self.rfile.readline())
+
+
+def serve_sync(handler: type[socketserver.BaseRequestHandler], master: Master, requests: int,
+               talk: Callable[[tuple[str, int], SyncServer], None]) -> tuple[SyncServer, list[int]]:
+    """Serve ``requests`` connections in this thread while ``talk`` makes them; the fds Watch.begin saw."""
+    sock = listener()
+    options = WorkerOptions(slot=0, master_pid=os.getppid(), channel=Channel(master.w), max_requests=requests,
+                            heartbeat_interval=0.05)
+    server = SyncServer([sock], handler, Record(), options)
+    begun: list[int] = []
+    begin = server._watch.begin
+
+    def spy(request: Any, *args: Any) -> None:
+        begun.append(request.fileno())
+        begin(request, *args)
+
+    server._watch.begin = spy  # type: ignore[method-assign]
+    thread = threading.Thread(target=talk, args=(sock.getsockname(), server), daemon=True)
+    thread.start()
+    try:
+        server.run()
+    finally:
+        server.server_close()
+        sock.close()
+    thread.join(10)
+    assert not thread.is_alive()
+    return server, begun
+
+
+def test_sync_server_watches_no_short_connection(master: Master, restore_signals: None) -> None:
+    """A connection served within a watchdog tick costs the watch nothing (no registration, no thread hand-off)."""
+    answers: list[bytes] = []
+
+    def talk(address: tuple[str, int], server: SyncServer) -> None:
+        for _ in range(20):
+            with socket.create_connection(address, timeout=10) as s:
+                s.sendall(b"hello\n")
+                answers.append(s.makefile("rb").readline())
+
+    server, begun = serve_sync(Echo, master, 20, talk)
+    assert answers == [b"hello\n"] * 20
+    assert len(begun) <= 10  # a watchdog tick (0.2 s) rarely falls inside a handler of a few milliseconds
+    assert not server._watch.handled and not server._watch.admission.handling
+
+
+def test_sync_server_watches_a_handler_that_overstays(master: Master, restore_signals: None) -> None:
+    """A handler still running on a watchdog tick is registered with the watch (idle timeout, reclaim)."""
+    answers: list[bytes] = []
+
+    def talk(address: tuple[str, int], server: SyncServer) -> None:
+        with socket.create_connection(address, timeout=10) as s:
+            s.sendall(b"one\n")
+            deadline = time.monotonic() + 10
+            while not server._watch.handled and time.monotonic() < deadline:
+                time.sleep(0.01)  # polling an observable condition: the watchdog registered the handler
+            s.sendall(b"two\n")
+            answers.append(s.makefile("rb").read())
+
+    server, begun = serve_sync(TwoLines, master, 1, talk)
+    assert answers == [b"one\ntwo\n"]
+    assert len(begun) == 1
+    assert not server._watch.handled and not server._watch.admission.handling  # forgotten at the handler's end
+
+
 class AsyncEcho(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]

@@ -31,7 +31,7 @@ import psutil
 from prefork import memory
 from prefork.config import Config
 from prefork.master.handover import HandedWorker, Handover
-from prefork.master.report import WorkerSample, tls_counts
+from prefork.master.report import WorkerSample, closed_counts, oldest_silent, tls_counts
 from prefork.master.state import Totals, Worker, WorkerState
 from prefork.master.timers import Timers
 from prefork.memory import Memory
@@ -47,7 +47,9 @@ ABORT_GRACE = 2.0  # after SIGABRT (stacks to the log), SIGKILL this much later
 DRAIN_MARGIN = 1.0  # the worker enforces the graceful timeout itself; the master kills this much later
 FAST_STOP_GRACE = 5.0
 GROUP_GRACE = 0.5  # what a worker left in its process group gets SIGTERM, then SIGKILL this much later
-SCOREBOARD_CAPACITY = 4096  # a full pool, a reload's second one, and workers still draining (200 bytes each)
+# a full pool, a reload's second one, and workers still draining: about 4.3 KB each, most of it the per-source
+# counts (18 MB of memory file in all, paged in only as records are used)
+SCOREBOARD_CAPACITY = 4096
 
 
 def _lead_own_group(pid: int) -> None:
@@ -283,6 +285,7 @@ class WorkerPool:
         totals.bytes_in += record.bytes_in
         totals.bytes_out += record.bytes_out
         totals.add_tls(tls_counts(record))
+        totals.add_closed(closed_counts(record))
         totals.exits += 1
         self.scoreboard.release(worker.record_index)
         self.timers.cancel(("heartbeat", worker.pid))
@@ -329,4 +332,4 @@ class WorkerPool:
             proxy_errors=int(record.proxy_errors), bytes_in=int(record.bytes_in), bytes_out=int(record.bytes_out),
             rss_bytes=rss, uss_bytes=own.uss if own else None, pss_bytes=own.pss if own else None,
             cpu_percent=cpu, age_s=now - worker.started, heartbeat_age_s=now - record.heartbeat,
-            tls=tls_counts(record))
+            tls=tls_counts(record), closed=closed_counts(record), oldest_silent_s=oldest_silent(record, now))

@@ -16,6 +16,7 @@ from prefork import __version__
 from prefork.config import Config
 from prefork.listeners import Listener
 from prefork.master.state import TLS_COUNTERS, Totals
+from prefork.scoreboard import CLOSE_REASONS
 from prefork.tls import FAILURE_REASONS, VERSIONS, CertInfo, TlsSetup
 
 
@@ -40,6 +41,8 @@ class WorkerSample:
     tls: Mapping[str, int] = field(default_factory=dict)  # its TLS counters, by TLS_COUNTERS name
     uss_bytes: int | None = None  # its own memory (prefork.memory); None: unknown (not looked, or hidden)
     pss_bytes: int | None = None
+    closed: Mapping[str, int] = field(default_factory=dict)  # connections it closed itself, by CLOSE_REASONS
+    oldest_silent_s: float = 0.0  # how long its silent-longest connection has received nothing
 
 
 @dataclass(frozen=True)
@@ -184,6 +187,17 @@ def tls_counts(record: Any) -> dict[str, int]:
     return {name: int(getattr(record, name)) for name in TLS_COUNTERS}
 
 
+def closed_counts(record: Any) -> dict[str, int]:
+    """A scoreboard record's connections closed by the worker itself, by reason (copied)."""
+    return {name: int(getattr(record, f"closed_{name}")) for name in CLOSE_REASONS}
+
+
+def oldest_silent(record: Any, now: float) -> float:
+    """Seconds the record's silent-longest connection has received nothing (0 when it tracks none)."""
+    since = float(record.oldest_silent_since)
+    return round(max(0.0, now - since), 3) if since else 0.0
+
+
 def tls_totals(totals: Totals, workers: Iterable[WorkerSample]) -> dict[str, int]:
     """TLS counters of the daemon's life: the gone workers' totals plus the live workers' own."""
     counts = {name: totals.tls.get(name, 0) for name in TLS_COUNTERS}
@@ -237,6 +251,7 @@ def worker_info(w: WorkerSample, generation_open: int = 0) -> dict[str, Any]:
         "uss_bytes": w.uss_bytes, "pss_bytes": w.pss_bytes,
         "cpu_percent": round(w.cpu_percent, 1), "age_s": round(w.age_s, 3),
         "heartbeat_age_s": round(max(0.0, w.heartbeat_age_s), 3),
+        "closed": dict(w.closed), "oldest_silent_s": w.oldest_silent_s,
     }
 
 
@@ -312,6 +327,10 @@ def stats(snap: Snapshot) -> dict[str, Any]:
         "log_lines_dropped": totals.log_lines_dropped,
         **tls_section(snap),
         "upstreams": [{key: u[key] for key in UPSTREAM_STATS if key in u} for u in snap.upstreams],
+        # connections the workers closed themselves (prefork.workers.admission), and the longest silence now
+        "closed": {name: totals.closed.get(name, 0) + sum(w.closed.get(name, 0) for w in live)
+                   for name in CLOSE_REASONS},
+        "oldest_silent_s": max((w.oldest_silent_s for w in live), default=0.0),
         "per_worker": [
             {"pid": w.pid, "slot": w.slot, "generation": w.generation, "state": w.state,
              "requests": w.requests, "active": w.active, "errors": w.errors}

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from prefork.kernelstats import oom_kills
+from prefork.scoreboard import CLOSE_REASONS
 from prefork.tls import FAILURE_REASONS
 
 # a worker's TLS counters, by their scoreboard field: handshakes completed, by version, and failed, by reason
@@ -85,6 +86,12 @@ class Totals:
     master_errors: int = 0  # exceptions that escaped a callback of the master's loop (logged, survived)
     log_lines_dropped: int = 0  # the master's log lines that could not be written (copied in at a snapshot)
     tls: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TLS_COUNTERS, 0))  # by TLS_COUNTERS name
+    closed: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CLOSE_REASONS, 0))  # closed by workers
+
+    def add_closed(self, counts: Mapping[str, int]) -> None:
+        """Fold a gone worker's connections closed by reason (CLOSE_REASONS) into the totals."""
+        for name in CLOSE_REASONS:
+            self.closed[name] = self.closed.get(name, 0) + counts.get(name, 0)
 
     def add_tls(self, counts: Mapping[str, int]) -> None:
         """Fold a gone worker's TLS counters (by TLS_COUNTERS name) into the totals."""

@@ -24,6 +24,7 @@ from prefork.proxy_protocol import DEFAULT_MAX_LENGTH, ProxyProtocolError, parse
 from prefork.scoreboard import count_error
 from prefork.tls import ServerTls
 from prefork.workers.async_tls import ConnectionTransport, TlsAccept, TlsHost, release
+from prefork.workers.async_watch import AsyncWatch
 
 log = logging.getLogger(__name__)
 _client_failures = RateLimitedLog(log)  # timeouts and resets: a client's doing, repeatable at will
@@ -38,6 +39,7 @@ class CountingWorker(TlsHost, Protocol):
     proxy: Any
     counts_own_bytes: bool
     account: bool
+    watch: AsyncWatch
 
     def opened(self, accepted: bool = True) -> None: ...
     def closed(self) -> None: ...
@@ -123,6 +125,10 @@ def make_factories(worker: CountingWorker, handler: Any) -> list[Callable[[], as
             factories.append(TlsAccept(worker, server_tls, after_handshake))
     return factories
 
+def _always() -> bool:
+    return True
+
+
 def _inner(worker: CountingWorker, handler: Any, accepted: bool) -> Callable[[], asyncio.BaseProtocol]:
     if isinstance(handler, type) and issubclass(handler, asyncio.BaseProtocol):
         return _counted(worker, handler, accepted)
@@ -142,9 +148,13 @@ def _counted(worker: CountingWorker, handler: type[asyncio.BaseProtocol],
                 self.record = worker.record
             if track:
                 self._prefork_account = (transport, time.monotonic())
+            self._prefork_transport = transport
+            # a protocol cannot block: silent, it waits on its client (or on a write the client does not read)
+            worker.watch.open(transport, _always)
             super().connection_made(transport)
 
         def connection_lost(self, exc: Exception | None) -> None:
+            worker.watch.ended(self._prefork_transport)
             try:
                 super().connection_lost(exc)
             finally:
@@ -173,9 +183,12 @@ def _streamed(worker: CountingWorker, handle: StreamHandler, accepted: bool) -> 
         except (ConnectionError, TimeoutError) as exc:
             _client_failures.info("connection from %s: %s", writer.get_extra_info("peername"), exc)
         except (Exception, SystemExit, KeyboardInterrupt) as exc:  # sys.exit() in handle(): this connection only
-            count_error(worker.record, exc)
-            log.exception("error handling connection from %s", writer.get_extra_info("peername"))
+            if writer.transport not in worker.watch.closed_by_us:
+                count_error(worker.record, exc)
+                log.exception("error handling connection from %s", writer.get_extra_info("peername"))
         finally:
+            if worker.watch.ended(writer.transport) and outcome == "error":
+                outcome = "closed"  # by the worker (idle timeout, reclaimed): counted as such, not an error
             if worker.account:
                 worker.connection_ended(writer, started, outcome)
             writer.close()
@@ -186,6 +199,10 @@ def _streamed(worker: CountingWorker, handle: StreamHandler, accepted: bool) -> 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             # counted here, not when serve_stream starts: a draining worker must not end in between
             worker.opened(accepted)
+            # the handler waits on its client while it awaits a read from it, or a drain it does not read
+            reader = getattr(self, "_stream_reader", None)
+            worker.watch.open(transport, lambda: reader is not None and (
+                getattr(reader, "_waiter", None) is not None or transport.get_write_buffer_size() > 0))  # type: ignore[attr-defined]
             super().connection_made(transport)
 
     def protocol() -> asyncio.BaseProtocol:

@@ -62,6 +62,7 @@ from prefork import tls
 from prefork.listeners import ACCEPT_PAUSE
 from prefork.proxy_protocol import ProxyHeader, ProxyProtocolError, take_header
 from prefork.tls import ServerTls
+from prefork.workers.admission import ACCEPT_BATCH
 from prefork.workers.connection import (
     ProxyPolicy,
     closed_before_handshake,
@@ -86,7 +87,6 @@ class TlsHost(Protocol):
 
 log = logging.getLogger(__name__)
 
-_ACCEPT_BATCH = 16  # connections accepted per readiness event
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 
@@ -173,7 +173,7 @@ class TlsListener:
         self._loop.add_reader(sock.fileno(), self._ready)
 
     def _ready(self) -> None:
-        for _ in range(_ACCEPT_BATCH):  # under load the queue rarely empties: a few per wake-up
+        for _ in range(ACCEPT_BATCH):  # under load the queue rarely empties: a few per wake-up
             try:
                 conn, peer = self._sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -245,6 +245,10 @@ class Handshake:
             if await self._proxy_header() and await self._handshake_begun():
                 self.owned = False  # the transport connect_accepted_socket makes owns (and closes) it
                 await self._handshake()
+        except asyncio.CancelledError:  # dropped to make room (the oldest unfinished), or the worker leaves
+            if self.owned:
+                self.sock.close()
+            raise
         except Exception:  # a fault here costs this connection only, and says so
             self.worker.record.errors += 1
             log.exception("TLS connection from %s failed", format_peer(self.peer))

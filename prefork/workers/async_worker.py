@@ -43,16 +43,17 @@ from prefork.config import Config
 from prefork.handlers.aio import EchoProtocol
 from prefork.listeners import accept_failed, describe
 from prefork.scoreboard import Record, count_error
+from prefork.workers.admission import FD_RESERVE, LISTENER_GONE_ERRNOS, MAX_PENDING_HANDSHAKES, Reason
 from prefork.workers.async_protocols import make_factories
 from prefork.workers.async_tls import TlsAccept, TlsListener
+from prefork.workers.async_watch import AsyncWatch
 from prefork.workers.balance import RECHECK
-from prefork.workers.base import LISTENER_GONE_ERRNOS, FastExit, WorkerLifecycle, WorkerOptions
+from prefork.workers.base import FastExit, WorkerLifecycle, WorkerOptions
 from prefork.workers.connection import account, counts_own_bytes, log_access
 from prefork.workers.echo_engine import EchoEngine
 
 log = logging.getLogger(__name__)
 
-_FD_RESERVE = 32  # descriptors kept free for what a worker opens besides connections (logs, upstream retries)
 
 # what accepts on a listener: asyncio's server, or a TLS listener's own accept (async_tls.TlsListener)
 Server = asyncio.base_events.Server | TlsListener
@@ -80,7 +81,8 @@ class AsyncWorker(WorkerLifecycle):
         self.access_log = not logging.getLogger(logs.ACCESS_LOGGER).disabled
         self.open = 0  # connections a handler has
         self.handshaking = 0  # connections on TLS listeners still in their PROXY header or handshake
-        self.handshakes: set[asyncio.Task[None]] = set()  # their tasks (the loop keeps only weak references)
+        # their tasks, oldest first (the loop keeps only weak references)
+        self.handshakes: dict[asyncio.Task[None], None] = {}
         self.fast = False
         self.servers: list[Server] = []
         self.paused = False
@@ -89,10 +91,12 @@ class AsyncWorker(WorkerLifecycle):
         self.counts_own_bytes = counts_own_bytes(handler)  # the relay
         # the built-in echo needs no transports unless a connection needs more than its bytes
         self.engine: EchoEngine | None = None
-        if handler is EchoProtocol and self.proxy is None and not self.access_log and not any(self.tls):
+        # (nor with --max-connections-per-source, which needs each connection's peer as a transport gives it)
+        if (handler is EchoProtocol and self.proxy is None and not self.access_log and not any(self.tls)
+                and not self.admission_policy.max_per_source):
             self.engine = EchoEngine(self.listeners, record, on_open=self.opened, on_close=self.closed,
                                      can_accept=self.can_accept, on_listener_gone=self.listener_gone,
-                                     on_accepting=self.mark_accepting)
+                                     on_accepting=self.mark_accepting, on_reclaim=self._engine_reclaimed)
         # every listening descriptor of ours (the listeners, each server's duplicate) -> (its inode, address),
         # to notice one closed under us (the heartbeat looks)
         self.listening: dict[int, tuple[int, str]] = {}
@@ -105,6 +109,8 @@ class AsyncWorker(WorkerLifecycle):
         # TLS connections whose bytes someone counts hold a descriptor of their own (async_tls.ConnectionTransport)
         self.keeps_sockets = any(self.tls) and (self.account or self.counts_own_bytes)
         self.factories = make_factories(self, handler)  # one per listener, in the order of the listeners
+        # the handlers' connections (their transports), for --idle-timeout and reclaiming at the cap
+        self.watch = AsyncWatch(self, self.admission_policy, self.sources)
 
     # -- connection counting (per connection, never per byte) --------------------------------------
 
@@ -115,6 +121,9 @@ class AsyncWorker(WorkerLifecycle):
         if accepted:
             self.count_accepted()
         self._took()
+
+    def _engine_reclaimed(self) -> None:
+        self.watch.admission.closing(None, Reason.RECLAIMED)
 
     def begin_handshake(self) -> None:
         """A connection on a TLS listener, before its handshake: open and accepted, not yet a handler's."""
@@ -130,8 +139,18 @@ class AsyncWorker(WorkerLifecycle):
             self._let_go()
 
     def track(self, task: asyncio.Task[None]) -> None:
-        self.handshakes.add(task)
-        task.add_done_callback(self.handshakes.discard)
+        """A connection's header and handshake task. No cap closes the door: at MAX_PENDING_HANDSHAKES the
+        oldest unfinished one is dropped (its task cancelled: the connection is closed) for the new one."""
+        while len(self.handshakes) >= MAX_PENDING_HANDSHAKES:
+            oldest = next(iter(self.handshakes))
+            del self.handshakes[oldest]
+            oldest.cancel()
+            self.watch.admission.closing(None, Reason.HANDSHAKE_DROPPED)
+        self.handshakes[task] = None
+        task.add_done_callback(self._handshake_over)
+
+    def _handshake_over(self, task: asyncio.Task[None]) -> None:
+        self.handshakes.pop(task, None)
 
     def connections(self) -> int:
         """Open connections: those a handler has and those still in their handshake."""
@@ -146,6 +165,7 @@ class AsyncWorker(WorkerLifecycle):
             return
         if self.at_cap():
             self.pause_accepting()
+            self.watch.at_cap_now()
         elif self.over_share():
             self.pause_accepting()  # the kernel wakes a sibling for the next one
             if self.recheck is None:
@@ -344,7 +364,7 @@ class AsyncWorker(WorkerLifecycle):
         per_connection = 2 if self.counts_own_bytes else 1  # the relay holds the upstream too
         if self.keeps_sockets:
             per_connection += 1  # a TLS connection's descriptor kept to count its bytes
-        room = max(1, (soft - in_use - _FD_RESERVE) // per_connection)
+        room = max(1, (soft - in_use - FD_RESERVE) // per_connection)
         if not self.max_connections or room < self.max_connections:
             log.info("worker (pid %d): %d open files allowed (RLIMIT_NOFILE): at most %d connections at once",
                      os.getpid(), soft, room)
@@ -373,6 +393,7 @@ class AsyncWorker(WorkerLifecycle):
         self.cap_within_fd_limit()
         self.announce_ready()
         self.beat()
+        self.watch.schedule()
         await self.done
 
     def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

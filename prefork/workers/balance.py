@@ -118,6 +118,12 @@ class Balance:
         """(open connections, state) of every other live worker of this generation."""
         return [(int(record.active), int(record.accepting)) for record in self._sibling_records()]
 
+    def sibling_has_room(self, busy_at: int | None = None) -> bool:
+        """True when another worker of this generation accepts (with fewer than ``busy_at`` open, when given):
+        a full worker then leaves new connections to it rather than reclaim one of its own."""
+        return any(r.accepting == ACCEPTING and (busy_at is None or r.active < busy_at)
+                   for r in self._sibling_records())
+
     def steps_back(self, own: int) -> bool:
         """:func:`decide` for this worker holding ``own`` open connections; wakes the siblings it names."""
         if own <= self.slack:

@@ -37,6 +37,7 @@ once:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -51,8 +52,9 @@ from typing import Any
 from prefork import drain, logs, memory
 from prefork.channel import Channel, Event
 from prefork.proxy_protocol import ProxyHeader
-from prefork.scoreboard import Record
+from prefork.scoreboard import Record, SourceCounts
 from prefork.tls import ServerTls
+from prefork.workers.admission import LISTENER_GONE_ERRNOS, Policy
 from prefork.workers.balance import ACCEPTING, NOT_ACCEPTING, STEPPED_BACK, WAKE_SIGNAL, Balance
 from prefork.workers.connection import ProxyPolicy, format_peer
 
@@ -62,8 +64,7 @@ MEMORY_LOOK = 0.1  # seconds between two looks at its own memory, as connections
 
 # Signals that end a worker at once, skipping the drain.
 FAST_EXIT_SIGNALS = frozenset({signal.SIGINT, signal.SIGQUIT})
-# accept() on a descriptor that is no longer our listening socket: closed, or its number reused
-LISTENER_GONE_ERRNOS = frozenset({errno.EBADF, errno.ENOTSOCK, errno.EINVAL})
+__all__ = ["FAST_EXIT_SIGNALS", "LISTENER_GONE_ERRNOS", "FastExit", "WorkerLifecycle", "WorkerOptions"]
 
 
 class FastExit(BaseException):
@@ -94,6 +95,10 @@ class WorkerOptions:
     balance: Balance | None = None  # None: --balance off
     tls: tuple[ServerTls | None, ...] = ()  # each listener's TLS, in the order of the listeners (None: plain)
     memory_limit: int = 0  # bytes of its own memory (--max-worker-memory) past which it tells the master; 0: off
+    # idle timeout, reclaim window, per-source limit (prefork.workers.admission)
+    admission: Policy = dataclasses.field(default_factory=Policy)
+    peers: Balance | None = None  # the generation's workers in the scoreboard (who has room)
+    sources: SourceCounts | None = None  # connections per source across the daemon (None: no per-source limit)
 
 
 class WorkerLifecycle:
@@ -132,6 +137,9 @@ class WorkerLifecycle:
         self.proxy_failures_log = logs.RateLimitedLog(log)  # one client can send bad headers in a loop
         self.balance = options.balance
         self.tls = options.tls or tuple(None for _ in self.listeners)  # each listener's TLS (None: plain)
+        self.admission_policy = options.admission
+        self.sources = options.sources
+        self.peers = options.peers
         self.stepped_back = False  # not accepting while it holds more than its share (--balance)
         self.accepted = 0  # connections taken, for --max-requests
         self.stopping = False
@@ -298,6 +306,16 @@ class WorkerLifecycle:
         """Say in the scoreboard whether this worker takes new connections (its siblings balance on it)."""
         self.record.accepting = ACCEPTING if on else STEPPED_BACK if self.stepped_back else NOT_ACCEPTING
 
+    def sibling_has_room(self, busy_at: int | None = None) -> bool:
+        """True when a sibling accepts (holding fewer than ``busy_at`` connections, when given): a full
+        worker leaves the next connections to it instead of reclaiming one of its own."""
+        return self.peers is not None and self.peers.sibling_has_room(busy_at)
+
+    def holding(self) -> int:
+        """Connections this worker holds, for ``--balance``: its handlers' (the scoreboard's ``active``).
+        May be extended (connections still waiting for their first bytes count too)."""
+        return int(self.record.active)
+
     def over_share(self) -> bool:
         """After taking a connection: True when this worker should step back, and it is now stepped back.
 
@@ -306,7 +324,7 @@ class WorkerLifecycle:
         """
         if self.balance is None or self.stopping or self.stepped_back:
             return False
-        if self.balance.steps_back(int(self.record.active)):
+        if self.balance.steps_back(self.holding()):
             self.stepped_back = True
             self.record.accepting = STEPPED_BACK
         return self.stepped_back
@@ -314,7 +332,7 @@ class WorkerLifecycle:
     def still_over_share(self) -> bool:
         """While stepped back: True while this worker should stay back; once False, it may accept again."""
         if self.stepped_back and self.balance is not None and not self.stopping:
-            self.stepped_back = self.balance.steps_back(int(self.record.active))
+            self.stepped_back = self.balance.steps_back(self.holding())
         else:
             self.stepped_back = False
         if not self.stepped_back and self.record.accepting == STEPPED_BACK:

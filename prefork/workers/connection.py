@@ -89,6 +89,21 @@ def tcp_bytes(sock: Any) -> tuple[int, int] | None:
     return received, acked
 
 
+def tcp_activity(sock: Any) -> tuple[int, float] | None:
+    """(bytes received, seconds since data last arrived) of a TCP connection, from one TCP_INFO read."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 192)
+    except (OSError, AttributeError):
+        return None
+    if len(info) < _TCP_INFO_BYTES_OFFSET + _TCP_INFO_BYTES.size:
+        return None
+    received = _TCP_INFO_BYTES.unpack_from(info, _TCP_INFO_BYTES_OFFSET)[1]
+    if info[0] in _FIN_RECEIVED_STATES:
+        received -= 1
+    ms: int = _TCP_INFO_LAST_DATA_RECV.unpack_from(info, _TCP_INFO_LAST_DATA_RECV_OFFSET)[0]
+    return received, ms / 1000.0
+
+
 def account(record: Any, sock: Any) -> tuple[int, int] | None:
     """A finished connection's (bytes in, bytes out) from the kernel, added to ``record`` when given.
 

@@ -24,21 +24,26 @@ is parsed first) and with ``--access-log`` (a line per connection).
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import logging
 import os
 import select
 import socket
+import struct
+import termios
+import time
 from collections.abc import Callable, Iterable
 
 from prefork.listeners import ACCEPT_PAUSE, accept_failed, describe, watch
 from prefork.scoreboard import Record
-from prefork.workers.base import LISTENER_GONE_ERRNOS
+from prefork.workers.admission import ACCEPT_BATCH, LISTENER_GONE_ERRNOS, MIN_SILENCE
+from prefork.workers.connection import tcp_activity
 
 log = logging.getLogger(__name__)
 
 READ_SIZE = 65536  # one read; also the most a connection holds while its client is not reading
 _MAX_EVENTS = 512  # readiness events handled per turn of the event loop
-_ACCEPT_BATCH = 16  # connections accepted per listener event before other connections get a turn
 _EPOLLIN = select.EPOLLIN
 _EPOLLOUT = select.EPOLLOUT
 
@@ -56,7 +61,8 @@ class EchoEngine:
     def __init__(self, listeners: Iterable[socket.socket], record: Record, *, on_open: Callable[[], None],
                  on_close: Callable[[], None], can_accept: Callable[[], bool],
                  on_listener_gone: Callable[[str, OSError], None] | None = None,
-                 on_accepting: Callable[[bool], None] | None = None) -> None:
+                 on_accepting: Callable[[bool], None] | None = None,
+                 on_reclaim: Callable[[], None] | None = None) -> None:
         self.listeners = {sock.fileno(): sock for sock in listeners}
         self.addresses = {fd: describe(sock) for fd, sock in self.listeners.items()}
         self.record = record
@@ -65,8 +71,9 @@ class EchoEngine:
         self.can_accept = can_accept
         self.on_listener_gone = on_listener_gone
         self.on_accepting = on_accepting
+        self.on_reclaim = on_reclaim  # a connection closed to make room (out of descriptors)
         self.epoll = select.epoll()
-        self.connections: set[int] = set()
+        self.connections: dict[int, float] = {}  # fd -> accepted (time.monotonic()), oldest first
         self.pending: dict[int, memoryview] = {}  # output the kernel did not take yet, by fd
         self.accepting = False
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -96,8 +103,9 @@ class EchoEngine:
 
     def _accept(self, sock: socket.socket) -> None:
         accept = sock._accept  # type: ignore[attr-defined]  # (fd, address): no socket object to build
-        register, add, set_blocking = self.epoll.register, self.connections.add, os.set_blocking
-        for _ in range(_ACCEPT_BATCH):
+        register, connections, set_blocking = self.epoll.register, self.connections, os.set_blocking
+        monotonic = time.monotonic
+        for _ in range(ACCEPT_BATCH):
             try:
                 fd, _ = accept()
             except BlockingIOError:
@@ -105,6 +113,8 @@ class EchoEngine:
             except OSError as exc:
                 if exc.errno in LISTENER_GONE_ERRNOS:
                     self._lose_listener(sock, exc)
+                elif exc.errno in (errno.EMFILE, errno.ENFILE) and self._make_room():
+                    continue  # the quietest connections gave way: accept again
                 elif accept_failed(sock, exc):
                     self.set_accepting(False)
                     assert self.loop is not None
@@ -112,7 +122,7 @@ class EchoEngine:
                 return
             set_blocking(fd, False)
             register(fd, _EPOLLIN)
-            add(fd)
+            connections[fd] = monotonic()
             self.on_open()  # may stop accepting: the connection cap, max-requests
             if not self.accepting:
                 return
@@ -204,8 +214,42 @@ class EchoEngine:
             self.epoll.modify(fd, _EPOLLIN)
         return sent
 
+    def _make_room(self) -> bool:
+        """Out of descriptors with clients waiting: the connections silent longest give way (a sixteenth of
+        them, at least one; the kernel's time since each last received data, TCP_INFO), counted as
+        reclaimed. False when there is none to close."""
+        silence = []
+        recent = time.monotonic() - MIN_SILENCE
+        for fd, accepted in self.connections.items():
+            if accepted > recent or _unread(fd):
+                continue  # just accepted, or its bytes are there to be echoed: not a silent one
+            sock = socket.socket(fileno=fd)
+            try:
+                seen = tcp_activity(sock)
+            finally:
+                sock.detach()
+            if seen is None or seen[1] >= MIN_SILENCE:
+                silence.append((seen[1] if seen is not None else 0.0, fd))
+        if not silence:
+            return False
+        silence.sort(reverse=True)
+        for _, fd in silence[:max(1, len(silence) // 16)]:
+            self._close(fd)
+            if self.on_reclaim is not None:
+                self.on_reclaim()
+        return True
+
     def _close(self, fd: int) -> None:
-        self.connections.discard(fd)
+        self.connections.pop(fd, None)
         self.pending.pop(fd, None)
         os.close(fd)  # leaves the epoll set with it: no other descriptor refers to this socket
         self.on_close()
+
+
+def _unread(fd: int) -> bool:
+    """True when bytes wait in the kernel for ``fd`` (FIONREAD): an accepted connection not yet read."""
+    try:
+        count: int = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return False
+    return count > 0

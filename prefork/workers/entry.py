@@ -24,8 +24,9 @@ from prefork import logs, tls
 from prefork.channel import Channel, Event
 from prefork.config import Config
 from prefork.prctl import set_pdeathsig
-from prefork.scoreboard import Scoreboard
+from prefork.scoreboard import Scoreboard, SourceCounts
 from prefork.tls import ServerTls, TlsSetup
+from prefork.workers.admission import Policy
 from prefork.workers.async_worker import AsyncWorker
 from prefork.workers.balance import Balance
 from prefork.workers.base import FastExit, WorkerLifecycle, WorkerOptions, heartbeat_interval
@@ -124,7 +125,8 @@ def build_worker(spec: WorkerSpec, handler: Any, scoreboard: Scoreboard, channel
     """The worker of the configured class, serving ``handler`` on the spec's listeners."""
     config = spec.config
     record = scoreboard[spec.record_index]
-    balance = Balance(scoreboard, spec.record_index, spec.generation) if config.balance == "on" else None
+    peers = Balance(scoreboard, spec.record_index, spec.generation)
+    balance = peers if config.balance == "on" else None
     options = WorkerOptions(
         slot=spec.slot,
         master_pid=spec.master_pid,
@@ -135,8 +137,12 @@ def build_worker(spec: WorkerSpec, handler: Any, scoreboard: Scoreboard, channel
         deadman=max(config.timeout, config.graceful_timeout) + DEADMAN_MARGIN,
         proxy=ProxyPolicy.from_config(config),
         balance=balance,
+        peers=peers,
         tls=spec.listener_tls(),
         memory_limit=config.max_worker_memory * 2**20,
+        admission=Policy(idle_timeout=config.idle_timeout, reclaim_window=config.reclaim_idle_after,
+                         max_per_source=config.max_connections_per_source),
+        sources=SourceCounts(scoreboard, spec.record_index) if config.max_connections_per_source else None,
     )
     if config.worker_class == "async":
         return AsyncWorker(spec.listeners, handler, config, record, options)

@@ -34,14 +34,13 @@ from typing import Any
 from prefork import tls
 from prefork.proxy_protocol import ProxyHeader, ProxyProtocolError, take_header
 from prefork.tls import ServerTls
+from prefork.workers.admission import MAX_PENDING_HANDSHAKES
 from prefork.workers.connection import (
     ProxyPolicy,
     closed_before_handshake,
     handshake_begun,
     tls_handshake_failed,
 )
-
-MAX_PENDING = 256  # connections in handshake per worker; at this many the worker stops accepting
 
 
 @dataclass(eq=False)
@@ -65,17 +64,26 @@ class Handshakes:
     ``done(sslsock, peer)`` gets each connection whose handshake completed
     (the caller serves it); ``header_failed(peer, why)`` is told of a bad or
     missing PROXY header, ``closes_health_check(header)`` says whether a LOCAL
-    header closes the connection at once. Everything runs in the worker's
-    loop thread.
+    header closes the connection at once, ``dropped()`` is told of each
+    unfinished handshake dropped to make room. Everything runs in the
+    worker's loop thread.
+
+    There is no cap that closes the door: at
+    :data:`~prefork.workers.admission.MAX_PENDING_HANDSHAKES` the oldest
+    unfinished one is dropped for the new one, so a flood of stalled
+    handshakes cannot keep a legitimate client (which finishes within a
+    round trip or two) from completing.
     """
 
     def __init__(self, record: Any, done: Callable[[ssl.SSLSocket, Any], None],
                  header_failed: Callable[[Any, object], None],
-                 closes_health_check: Callable[[ProxyHeader], bool]) -> None:
+                 closes_health_check: Callable[[ProxyHeader], bool],
+                 dropped: Callable[[], None] = lambda: None) -> None:
         self.record = record
         self.done = done
         self.header_failed = header_failed
         self.closes_health_check = closes_health_check
+        self.dropped = dropped
         self.epoll: select.epoll | None = None
         self.pending: dict[int, Pending] = {}
         self._deadlines: list[tuple[float, int, Pending]] = []
@@ -84,8 +92,6 @@ class Handshakes:
     def __len__(self) -> int:
         return len(self.pending)
 
-    def full(self) -> bool:
-        return len(self.pending) >= MAX_PENDING
 
     def watch_on(self, epoll: select.epoll) -> None:
         """Use ``epoll`` from now on (the worker made a new one): every pending connection moves to it."""
@@ -96,6 +102,11 @@ class Handshakes:
     def begin(self, sock: socket.socket, peer: Any, server_tls: ServerTls, proxy: ProxyPolicy | None) -> None:
         """Take a just-accepted connection on a TLS listener: header (if due) and handshake from here on."""
         assert self.epoll is not None
+        while len(self.pending) >= MAX_PENDING_HANDSHAKES:  # the oldest unfinished one gives way
+            oldest = next(iter(self.pending.values()))
+            self._forget(oldest)
+            _close(oldest.sock)
+            self.dropped()
         sock.setblocking(False)
         timeout = proxy.timeout if proxy is not None else server_tls.handshake_timeout
         item = Pending(sock, peer, server_tls, proxy, 0.0, fd=sock.fileno())

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import heapq
+import itertools
 import logging
 import os
 import queue
@@ -31,17 +33,16 @@ import signal
 import socket
 import socketserver
 import ssl
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
-from prefork import logs, tls
+from prefork import logs
 from prefork.listeners import ACCEPT_PAUSE, accept_failed, describe, watch
-from prefork.proxy_protocol import ProxyProtocolError, read_header
-from prefork.scoreboard import Record, count_error
+from prefork.scoreboard import Record
+from prefork.workers.admission import ACCEPT_BATCH, Reason
 from prefork.workers.balance import RECHECK
 from prefork.workers.base import (
     FAST_EXIT_SIGNALS,
@@ -50,18 +51,21 @@ from prefork.workers.base import (
     WorkerLifecycle,
     WorkerOptions,
 )
-from prefork.workers.connection import account, counts_own_bytes, format_peer, log_access
+from prefork.workers.connection import counts_own_bytes
 from prefork.workers.handshakes import Handshakes
+from prefork.workers.hooks import ConnectionHooks
+from prefork.workers.watch import Watch, Watchdog
 
 log = logging.getLogger(__name__)
-_client_failures = logs.RateLimitedLog(log)  # timeouts, resets, TLS errors (keys): a client can repeat them
 
 _ACCEPT_BATCH = 16  # connections accepted per readiness event before the loop polls again
 SHUTDOWN_REASON = "a handler called self.server.shutdown()"
 _STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGUSR2, signal.SIGHUP})  # see WorkerServer._on_stop_signal
+WATCHDOG_ACCEPTS = 1024  # connections the sync watchdog takes into the waiting room per listener and tick
+RELIEF_RETRY = 0.05  # seconds between two looks for a connection to reclaim while one waits for a thread
 
 
-class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
+class WorkerServer(ConnectionHooks):
     """A ``TCPServer`` serving sockets the master already bound, under the worker lifecycle.
 
     Keeps socketserver's hooks and their contracts (``verify_request``,
@@ -98,7 +102,11 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
         # TLS listeners: their connections' handshakes run in this loop before the handler sees them
         self._tls_by_fd = {s.fileno(): t for s, t in zip(self.listeners, self.tls, strict=True) if t is not None}
         self._handshakes = Handshakes(record, self._handshake_done, self.proxy_header_failed,
-                                      self.closes_health_check)
+                                      self.closes_health_check, self._handshake_dropped)
+        self.one_at_a_time = False  # the sync class: readable connections go to the handler newest first
+        # plain connections wait for their first bytes here, and handlers' connections are watched
+        self._lock = threading.RLock()  # the record's counts, changed by the loop, the watch and handler threads
+        self._watch = Watch(self.admission_policy, record, self.sources, self._serve_request, self._lock)
         self._addresses = {fd: describe(s) for fd, s in self._by_fd.items()}  # for the log, once one is gone
         self._accepting = False
         self._accept_paused_until = 0.0
@@ -130,6 +138,7 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
 
     def server_close(self) -> None:
         self._handshakes.close_all()
+        self._watch.close_all()
         self._epoll.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -171,11 +180,11 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
         raise FastExit("fast exit")
 
     def open_connections(self) -> int:
-        return len(self._handshakes)
+        return len(self._handshakes) + len(self._watch)
 
     def full(self) -> bool:
         """True while the worker cannot take another connection."""
-        return self._handshakes.full()
+        return False
 
     def forget_listeners(self) -> None:  # closed on purpose: not a listener lost under us (_check_listeners)
         self._by_fd.clear()
@@ -225,6 +234,7 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
         old.close()
         self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
         self._handshakes.watch_on(self._epoll)
+        self._watch.watch_on(self._epoll)
         if self._accepting:
             for other in self._by_fd:
                 watch(self._epoll, other)
@@ -235,6 +245,7 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
         self._loop_thread = threading.get_ident()
         self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
         self._handshakes.watch_on(self._epoll)
+        self._watch.watch_on(self._epoll)
         self.set_accepting(True)
         wake_fd = self._wake_r.fileno()
         while True:
@@ -252,12 +263,35 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
                 self.retire(SHUTDOWN_REASON)
             self.service_actions()
             for fd, _ in events:
-                if fd == wake_fd or self._handshakes.on_event(fd):
+                if fd == wake_fd or self._watch.on_event(fd, self.one_at_a_time) or self._handshakes.on_event(fd):
                     continue
                 if self._accepting and (sock := self._by_fd.get(fd)) is not None:
                     self._accept_batch(sock)
+            now = time.monotonic()
             if self._handshakes:
-                self._handshakes.expire(time.monotonic())
+                self._handshakes.expire(now)
+            due = self._watch.due(now, self.handlers_busy())
+            if due is not None and due <= now:
+                self._watch.turn(now)
+            self.relieve(now)
+            if self.one_at_a_time:
+                self._watch.hand_newest_ready()
+            self._watch.hand_overdue(now, self.free_places())
+
+    def relieve(self, now: float) -> None:
+        """Connections wait for a place that every handler holds: reclaim (the thread class). May be extended."""
+
+    def free_places(self) -> int:
+        """Handlers that could take a connection now (sync: one, the loop itself). May be overridden."""
+        return 1
+
+    def relief_due(self) -> float | None:
+        """When :meth:`relieve` should look again (None: nothing waits for a place). May be overridden."""
+        return None
+
+    def handlers_busy(self) -> bool:
+        """True while handlers in other threads have connections (the loop watches them). May be overridden."""
+        return False
 
     def _next_timeout(self, now: float) -> float | None:
         """How long the loop may wait for an event; None once a stopping worker is drained or out of time."""
@@ -276,9 +310,13 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
         return self._handshake_timeout(now, timeout)
 
     def _handshake_timeout(self, now: float, timeout: float) -> float:
-        """``timeout``, or less when a connection's header or handshake comes due sooner."""
-        deadline = self._handshakes.next_deadline()
-        return timeout if deadline is None else max(0.0, min(timeout, deadline - now))
+        """``timeout``, or less when a connection's header or handshake, or the watch, comes due sooner."""
+        grace = self._watch.grace_due() if self.free_places() > 0 else None
+        watch = self._watch.due(now, self.handlers_busy())
+        for deadline in (self._handshakes.next_deadline(), watch, grace, self.relief_due()):
+            if deadline is not None:
+                timeout = max(0.0, min(timeout, deadline - now))
+        return timeout
 
     def _drain_wakeups(self) -> None:
         self._signal_pending = False
@@ -294,10 +332,10 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
 
     def _accept_batch(self, sock: socket.socket) -> None:
         # under load the backlog rarely empties: take a few in a row before polling again
-        for _ in range(_ACCEPT_BATCH):
+        for _ in range(ACCEPT_BATCH):
             if not self._accept(sock):
                 return
-            if self.over_share():
+            if self.over_share() or self.full():
                 self.set_accepting(False)  # the kernel wakes a sibling for the next one
                 return
             self.heartbeat()
@@ -305,8 +343,12 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
             if not self._accepting or self._signal_pending:
                 return  # a stop or a drain came meanwhile: take no more before the loop acts on it
 
-    def _accept(self, sock: socket.socket) -> bool:
-        """Accept and process one connection; False when there was none to take."""
+    def _accept(self, sock: socket.socket, hand: bool = True) -> bool:
+        """Accept and process one connection; False when there was none to take.
+
+        ``hand`` False: a plain connection goes to the waiting room even when readable (the sync class's
+        watchdog takes connections while the handler runs).
+        """
         try:
             request, client_address = sock.accept()
         except BlockingIOError:
@@ -314,21 +356,29 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
         except OSError as exc:
             if exc.errno in LISTENER_GONE_ERRNOS:
                 self._lose_listener(next((fd for fd, s in self._by_fd.items() if s is sock), -1), exc)
+            elif exc.errno in (errno.EMFILE, errno.ENFILE) and self._watch.drop_oldest_waiting():
+                return True  # out of descriptors: the longest-waiting silent connection gave way; try again
             elif accept_failed(sock, exc):
                 self.set_accepting(False)
                 self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE
             return False
         if self._extra_nodelay and request.family != socket.AF_UNIX:
             request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.count_accepted()
+        proxy = self.proxy_for(client_address)
+        if proxy is None and self.sources is not None and not self._watch.admit_source(request, client_address):
+            request.close()  # over --max-connections-per-source: counted
+            return True
         server_tls = self._tls_by_fd.get(sock.fileno())
         if server_tls is not None:
-            self._handshakes.begin(request, client_address, server_tls, self.proxy_for(client_address))
-            if self._handshakes.full():
-                self.set_accepting(False)  # siblings take new connections until handshakes finish
+            self._handshakes.begin(request, client_address, server_tls, proxy)
         else:
-            self._serve_request(request, client_address)
-        self.count_accepted()
+            # one at a time (sync), a connection goes to the handler at once only when no other waits
+            self._watch.take(request, client_address, hand and not (self.one_at_a_time and self._watch.waiting))
         return True
+
+    def _handshake_dropped(self) -> None:
+        self._watch.close_counted(Reason.HANDSHAKE_DROPPED)
 
     def _handshake_done(self, request: ssl.SSLSocket, client_address: Any) -> None:
         """A TLS connection's handshake is done: serve it as socketserver would a plain one, blocking."""
@@ -352,99 +402,131 @@ class WorkerServer(socketserver.TCPServer, WorkerLifecycle):
         else:
             self.shutdown_request(request)
 
-    # -- socketserver's hooks -----------------------------------------------------------------------
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        """Read the PROXY header first when the policy asks for one, then run the handler.
-
-        The handler sees the original client as ``client_address``. A health
-        check (a ``LOCAL`` header) is served like any connection, unless the
-        master set this instance to drain for its load balancer: then it is
-        closed at once, so the balancer takes the instance out of its pool.
-        """
-        # a TLS connection's PROXY header was read before its handshake (prefork.workers.handshakes)
-        proxy = None if isinstance(request, ssl.SSLSocket) else self.proxy_for(client_address)
-        if proxy is not None:
-            try:
-                header, _ = read_header(request, timeout=proxy.timeout)
-            except (ProxyProtocolError, TimeoutError) as exc:
-                self.proxy_header_failed(client_address, exc)
-                return
-            if self.closes_health_check(header):
-                return
-            if header.command == "LOCAL":  # a load balancer's health check
-                try:
-                    super().finish_request(request, client_address)
-                except ConnectionError as exc:  # balancers end their checks with a reset (HAProxy does)
-                    log.debug("health check from %s: %s", format_peer(client_address), exc)
-                return
-            if header.command == "PROXY" and header.source is not None:
-                client_address = header.source
-        if not self.account:
-            super().finish_request(request, client_address)
-            return
-        started = time.monotonic()
-        outcome = "error"
-        try:
-            super().finish_request(request, client_address)
-            outcome = "ok"
-        finally:
-            counts = account(self.record if self.count_bytes else None, request)
-            if self.access_log:
-                log_access(client_address, started, counts, outcome)
-
-    def shutdown_request(self, request: Any) -> None:
-        """Close a connection; a TLS one says so first (close_notify), so its client sees a clean end."""
-        if isinstance(request, ssl.SSLSocket):
-            tls.close_notify(request)
-        super().shutdown_request(request)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """Log the handler's exception (socketserver would print it to stderr); this connection only."""
-        exc = sys.exc_info()[1]
-        count_error(self.record, exc)
-        if isinstance(exc, TimeoutError):
-            _client_failures.warning("connection from %s timed out", format_peer(client_address), key="timeout")
-        elif isinstance(exc, ConnectionError):
-            _client_failures.info("connection from %s: %s", format_peer(client_address), exc, key="reset")
-        elif isinstance(exc, ssl.SSLError) and isinstance(request, ssl.SSLSocket) and tls.from_the_peer(exc, request):
-            # the client broke TLS after the handshake (garbage, a renegotiation we refuse): its doing, one line
-            _client_failures.info("connection from %s: TLS error after the handshake: %s; closing it",
-                                  format_peer(client_address), tls.describe_error(exc), key="tls")
-            log.debug("the TLS error of %s", format_peer(client_address), exc_info=True)
-        else:
-            log.exception("error handling connection from %s", format_peer(client_address))
-
 
 class SyncServer(WorkerServer):
-    """One connection at a time, handled in the serving loop (socketserver ``TCPServer``)."""
+    """One connection at a time, handled in the serving loop (socketserver ``TCPServer``).
+
+    While a handler runs, a watchdog thread keeps the watch the loop would:
+    the idle timeout, and reclaiming the connection when another waits. Who
+    touches the listeners, the epoll set and ``_by_fd``: the loop's thread,
+    except while a handler runs, when only the watchdog does (under
+    ``_lock``, so the loop takes them back only once a watchdog turn under
+    way is over). A stop signal that arrives inside a handler is handed to
+    the watchdog, which acts on it at once (see :meth:`_on_stop_signal`).
+    """
+
+    def __init__(self, listeners: Sequence[socket.socket], handler_class: type[socketserver.BaseRequestHandler],
+                 record: Record, options: WorkerOptions, *, count_bytes: bool = False) -> None:
+        super().__init__(listeners, handler_class, record, options, count_bytes=count_bytes)
+        self._watchdog = Watchdog(self._watch, self._watchdog_turn)
+        self.one_at_a_time = True
+        self._signals_in_handler: list[int] = []  # stop signals the watchdog acts on (see _on_stop_signal)
+        # the handler's connection, and since when: the watchdog registers it with the watch (``_watched``) only
+        # once it finds the handler running on a tick, so a short connection costs the watch nothing
+        self._handling: Any = None
+        self._handling_since = 0.0
+        self._watched: Any = None
+        self._watchdog_started = False
+        self._loop_tid = 0  # the loop thread's kernel id (the watch looks at its system call)
+
+    def full(self) -> bool:
+        """A connection waits here for its first bytes while an idle sibling could take the next one."""
+        return bool(self._watch.waiting) and self.sibling_has_room(busy_at=1)
+
+    def _watchdog_turn(self) -> None:
+        """The watchdog's thread, while the handler runs: a stop signal that came meanwhile, then what waits on
+        the listeners to the waiting room. Nothing once the handler is over: the loop has the listeners back."""
+        with self._lock:
+            if not self._watchdog.busy:
+                return
+            self._watch_handler()  # running past a tick: watched from now on
+            while self._signals_in_handler:
+                self._signals[self._signals_in_handler.pop(0)]()
+            self._accept_waiting()
+
+    def _accept_waiting(self) -> None:
+        """What waits on the listeners, to the waiting room, when the handler waits on its client and could
+        give way, unless an idle sibling can take it (the watchdog's turn, under the lock)."""
+        if not self._accepting or self.stopping or self.sibling_has_room(busy_at=1):
+            return
+        if not self._watch.reclaimable(time.monotonic()):
+            return  # the handler works: what waits could not be served sooner here, so it stays queued
+        for fd, sock in list(self._by_fd.items()):
+            if sock.fileno() != fd:
+                continue
+            for _ in range(WATCHDOG_ACCEPTS):
+                if not self._accept(sock, hand=False):
+                    break
+
+    def handler_begins(self, request: Any) -> None:
+        """No watch work per connection: the watchdog registers the handler's connection if it finds it
+        running on a tick (see :meth:`_watchdog_turn`); a connection served within a tick costs nothing more."""
+        since = self._watch.since
+        if since:  # from the waiting room
+            since.pop(request.fileno(), None)
+        self._handling_since = time.monotonic()
+        self._handling = request
+        if not self._watchdog_started:
+            self._loop_tid = threading.get_native_id()
+            self._watchdog.start()
+            self._watchdog_started = True
+        self._watchdog.handling(True)
+        if self._signals_in_handler:
+            self._watchdog.poke()  # one arrived as the handler began
+
+    def handler_ends(self, request: Any) -> None:
+        with self._lock:  # a watchdog turn under way ends first: then the loop's thread has the listeners
+            self._watchdog.handling(False)
+            self._handling = None
+            if self._watched is not None:
+                self._watched = None
+                self._watch.end(request)
+
+    def close_connection(self, request: Any, reason: Reason) -> None:
+        with self._lock:
+            self._watch_handler()  # the handler's, maybe not registered yet
+            super().close_connection(request, reason)
+
+    def _watch_handler(self) -> None:
+        """Register the running handler's connection with the watch, once (under the lock)."""
+        request = self._handling
+        if request is not None and self._watched is None:
+            self._watch.begin(request, self._loop_tid, self._handling_since)
+            self._watched = request
 
     _in_handler = False  # the loop's own thread is running a handler
 
     def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
-        """Inside a handler, act on SIGTERM, SIGUSR2 or SIGHUP now.
+        """Inside a handler, have SIGTERM, SIGUSR2 or SIGHUP acted on now.
 
         The loop would see it only once that connection ends, which a
         long-lived one may never do: meanwhile the worker would keep its
         listeners open (a drain or stop waits on it) and the handler could
-        not see the drain (``self.server.draining``). The loop is not touching
-        its listeners while a handler runs, so acting here is safe; the loop
-        runs the action again when it resumes, which does nothing the second time.
+        not see the drain (``self.server.draining``). This handler interrupts
+        the loop's thread anywhere, maybe in the middle of a change to the
+        listeners (a handler's ``self.server.shutdown()``), so it acts on
+        nothing itself: the watchdog, the one thread that touches them while a
+        handler runs, acts on it at once. The loop runs the action again when
+        it resumes, which does nothing the second time.
         """
         super()._on_stop_signal(signum, frame)
         if self._in_handler:
-            self._signals[signum]()
+            self._signals_in_handler.append(signum)
+            if self._watchdog.is_alive():
+                self._watchdog.poke()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         record = self.record
-        record.active += 1
+        with self._lock:
+            record.active += 1
         self._in_handler = True
         try:
             self.finish_request(request, client_address)
         finally:
             self._in_handler = False
-            record.active -= 1
-            record.requests += 1
+            with self._lock:
+                record.active -= 1
+                record.requests += 1
         self.shutdown_request(request)
 
 
@@ -460,22 +542,67 @@ class ThreadServer(WorkerServer):
                  record: Record, options: WorkerOptions, *, threads: int, count_bytes: bool = False) -> None:
         super().__init__(listeners, handler_class, record, options, count_bytes=count_bytes)
         self.threads = threads
-        self._queue: queue.SimpleQueue[tuple[Any, Any] | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
+        # Connections for the pool: the one accepted last first. Under overload the newest is the likeliest to
+        # be a client still waiting for its answer, and a probe is not stuck behind a flood of slow ones. The
+        # queue carries one token per connection (a thread takes one, then the newest connection).
+        self._queue: queue.SimpleQueue[bool] = queue.SimpleQueue()
+        self._ready: list[tuple[float, int, Any, Any]] = []  # a heap: (-accepted, order, request, address)
+        self._order = itertools.count()
         self._open = 0  # connections handed to the pool and not yet finished
         # idle threads not yet promised a queued connection, less connections queued for no thread
         # (negative while every thread is busy or closing a socket: the next free one takes the work)
         self._spare = 0
         self._pool: list[threading.Thread] = []
+        self._starved = False  # connections wait for a thread and every handler works
+        self._relief_at: float | None = None  # when to look for a connection to reclaim again
 
     def open_connections(self) -> int:
-        return self._open + len(self._handshakes)
+        return self._open + len(self._handshakes) + len(self._watch)
 
     def full(self) -> bool:
-        return self._open >= self.threads or self._handshakes.full()
+        """Every thread is taken and none holds a connection to reclaim: siblings take the next ones."""
+        if self._open + len(self._watch) < self.threads:
+            return False  # a thread for each, counting those waiting for their first bytes
+        if self.sibling_has_room():
+            return True  # a sibling takes the next connections; nothing of ours is reclaimed for them
+        if self._open < self.threads:
+            return False  # threads free: the waiting connections take them (now, or after the grace)
+        if self._starved:
+            return True
+        return not self._watch.reclaiming() and not self._watch.reclaimable(time.monotonic())
+
+    def free_places(self) -> int:
+        return max(0, self.threads - self._open)
+
+    def handlers_busy(self) -> bool:
+        return self._open > 0
+
+    def relieve(self, now: float) -> None:
+        """Readable connections queued for a thread: reclaim as many handlers' connections, the quietest first.
+
+        After a look that found none, the next waits RELIEF_RETRY (a flood queues many at once)."""
+        if self._relief_at is not None and now < self._relief_at:
+            return
+        self._relief_at = None
+        for _ in range(self._open - self.threads - self._watch.reclaiming()):
+            if not self._watch.reclaim(now):
+                self._relief_at = now + RELIEF_RETRY  # a handler's client may fall silent meanwhile
+                break
+        # starved: connections wait for a thread and none is on its way (every handler works)
+        starved = self._open > self.threads and not self._watch.reclaiming()
+        if starved and not self._starved:
+            self.set_accepting(False)  # siblings take new connections
+        self._starved = starved
+
+    def relief_due(self) -> float | None:
+        if self._relief_at is None and not self._accepting and self._open >= self.threads:
+            return time.monotonic() + RELIEF_RETRY  # full: look again whether a handler's client fell silent
+        return self._relief_at
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        accepted = self._watch.accepted_at(request)
         with self._lock:
+            heapq.heappush(self._ready, (-accepted, next(self._order), request, client_address))
             self._open += 1
             self.record.active += 1
             start_thread = self._spare <= 0 and len(self._pool) < self.threads
@@ -485,17 +612,19 @@ class ThreadServer(WorkerServer):
             thread = threading.Thread(target=self._run, name=f"prefork-conn-{len(self._pool)}", daemon=True)
             self._pool.append(thread)
             thread.start()
-        self._queue.put((request, client_address))
-        if self._open >= self.threads:
-            self.set_accepting(False)  # siblings take new connections until a thread frees
+        self._queue.put(True)
+        if self._open > self.threads:
+            self.relieve(time.monotonic())  # a connection waits for a thread: make room if one waits on its client
+        if self.full():
+            self.set_accepting(False)  # siblings take new connections until a thread frees or can be reclaimed
 
     def _run(self) -> None:
         get = self._queue.get
         while True:
-            item = get()
-            if item is None:
+            if not get():
                 return
-            request, client_address = item
+            with self._lock:
+                _, _, request, client_address = heapq.heappop(self._ready)
             try:
                 self.finish_request(request, client_address)
             except BaseException:  # SystemExit too: it would end this pool thread and leak its place
@@ -504,7 +633,11 @@ class ThreadServer(WorkerServer):
                 self._open -= 1
                 self.record.active -= 1
                 self.record.requests += 1
-                turn_loop = self._open == self.threads - 1 or self.stopping or self.stepped_back
+                if self._open < self.threads:
+                    self._starved = False
+                # a thread free, a connection still waiting for one (the loop reclaims again), or the drain's end
+                turn_loop = (self._open == self.threads - 1 or self._open >= self.threads or self.stopping
+                             or self.stepped_back)
             if turn_loop:
                 self.wake()  # the loop resumes accepting (a thread free, or back to its share), or ends the drain
             self.shutdown_request(request)
@@ -520,7 +653,8 @@ def _shutdown(server: WorkerServer) -> None:
     calling handler (a deadlock).
     """
     if threading.get_ident() == server._loop_thread:
-        server.retire(SHUTDOWN_REASON)  # sync: the loop is in this handler
+        with server._lock:  # sync: the loop is in this handler, and the watchdog may be touching the listeners
+            server.retire(SHUTDOWN_REASON)
         return
     server._shutdown_asked = True
     server.wake()

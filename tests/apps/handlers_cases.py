@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import socketserver
+import time
 from socketserver import BaseRequestHandler, StreamRequestHandler
 
 
@@ -97,3 +98,21 @@ class BoomHandler(StreamRequestHandler):
             if line.strip() == b"boom":
                 raise RuntimeError(f"boom requested by {self.client_address[1]}")
             self.wfile.write(line)
+
+
+class WorkHandler(BaseRequestHandler):
+    """Echoes what arrives, and between arrivals works (sleeps, never blocked on its client) until it closes.
+
+    A handler working on a request is never reclaimed for a waiting connection: the pool's bound shows.
+    """
+
+    def handle(self) -> None:
+        while True:
+            try:
+                data = self.request.recv(4096, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                time.sleep(0.02)
+                continue
+            if not data:
+                return
+            self.request.sendall(data)
