@@ -412,8 +412,8 @@ class SyncServer(WorkerServer):
         if not self._watch.reclaimable(time.monotonic()):
             return  # the handler works: what waits could not be served sooner here, so it stays queued
         for fd, sock in list(self._by_fd.items()):
-            if sock.fileno() != fd:
-                continue
+            if sock.fileno() != fd or fd in self._tls_by_fd:
+                continue  # (a TLS connection's handshake runs in the loop's thread, never in this one)
             for _ in range(WATCHDOG_ACCEPTS):
                 if not self._accept(sock, hand=False):
                     break
