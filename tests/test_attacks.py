@@ -10,6 +10,7 @@ import contextlib
 import resource
 import select
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from test_cli import free_port
 from tlsutil import Pki, client_context, echo, tls_connect
 
 from conftest import Daemon, child_env, recv_exact, wait_for
+from prefork.proxy_protocol import build_v2
 
 CLASSES = ["thread", "sync", "async"]
 PROBE_SOURCE = "127.0.0.2"
@@ -261,3 +263,33 @@ def test_idle_connections_async_under_a_low_descriptor_limit(daemon_factory: Dae
         for _ in range(3):
             probe(d)
         assert closed(d, "reclaimed") >= 1
+
+
+@pytest.mark.parametrize("worker_class", ["thread", "async"])  # (sync serves one at a time: no two held)
+def test_per_source_limit_counts_the_proxy_header_client(daemon_factory: DaemonFactory, tmp_path: Path,
+                                                          worker_class: str) -> None:
+    """Behind a balancer (PROXY header, then TLS) the client the header names is the one counted."""
+    pki = Pki(tmp_path / "pki")
+    d = daemon_factory(*pki.server().args(), "-k", worker_class, "--proxy-protocol",
+                       "--max-connections-per-source", "2")
+    context = client_context(pki)
+
+    def through_balancer(client: str) -> ssl.SSLSocket:
+        raw = connect_from(PROBE_SOURCE, d.port)
+        raw.sendall(build_v2((client, 4242), ("127.0.0.1", d.port)))
+        return context.wrap_socket(raw, server_hostname="localhost")
+
+    held = [through_balancer("203.0.113.9") for _ in range(2)]
+    try:
+        for s in held:
+            assert echo(s) == b"hello\n"
+        with through_balancer("203.0.113.9") as third:  # the same client, a third time: closed
+            third.settimeout(5)
+            with contextlib.suppress(OSError):
+                assert echo(third) == b""
+        wait_for(lambda: closed(d, "per_source") == 1, 5, "one connection over the limit counted")
+        with through_balancer("203.0.113.10") as other:  # another client behind the same balancer
+            assert echo(other) == b"hello\n"
+    finally:
+        for s in held:
+            s.close()

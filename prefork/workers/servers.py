@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
-from prefork import logs
+from prefork import logs, tls
 from prefork.listeners import ACCEPT_PAUSE, accept_failed, describe, watch
 from prefork.scoreboard import Record
 from prefork.workers.admission import ACCEPT_BATCH, Reason
@@ -381,9 +381,19 @@ class WorkerServer(ConnectionHooks):
         self._watch.close_counted(Reason.HANDSHAKE_DROPPED)
 
     def _handshake_done(self, request: ssl.SSLSocket, client_address: Any) -> None:
-        """A TLS connection's handshake is done: serve it as socketserver would a plain one, blocking."""
+        """A TLS connection's handshake is done: serve it as socketserver would a plain one, blocking.
+
+        One that sent a PROXY header is counted under the header's client only now."""
+        if not self._watch.counted(request) and not self._watch.admit_source(request, client_address):
+            self._handshakes_closed(request)
+            return
         request.setblocking(True)
         self._serve_request(request, client_address)
+
+    def _handshakes_closed(self, request: ssl.SSLSocket) -> None:
+        """Over --max-connections-per-source after its handshake (counted): closed as a TLS one is."""
+        tls.close_notify(request)
+        request.close()
 
     def _serve_request(self, request: Any, client_address: Any) -> None:
         """Run one accepted connection through socketserver's hooks (its ``_handle_request_noblock``)."""
@@ -452,8 +462,8 @@ class SyncServer(WorkerServer):
         if not self._watch.reclaimable(time.monotonic()):
             return  # the handler works: what waits could not be served sooner here, so it stays queued
         for fd, sock in list(self._by_fd.items()):
-            if sock.fileno() != fd:
-                continue
+            if sock.fileno() != fd or fd in self._tls_by_fd:
+                continue  # (a TLS connection's handshake runs in the loop's thread, never in this one)
             for _ in range(WATCHDOG_ACCEPTS):
                 if not self._accept(sock, hand=False):
                     break

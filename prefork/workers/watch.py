@@ -135,6 +135,10 @@ class Watch:
             self._source_of[sock.fileno()] = key
         return True
 
+    def counted(self, sock: Any) -> bool:
+        """True when ``sock`` was counted under its source already (or no source is counted at all)."""
+        return self.sources is None or sock.fileno() in self._source_of
+
     def release_source(self, fd: int) -> None:
         if self.sources is None:
             return
