@@ -150,6 +150,13 @@ def test_drain_idle_expired(drain_idle: float, last_active: float, now: float, o
                               Policy(drain_idle=drain_idle)) is expired
 
 
+def test_drain_idle_counts_the_kernels_silence_of_a_connection_queued_before_accept() -> None:
+    c = conn(since=10.0, active=10.0)  # accepted at 10, after waiting in the queue since its handshake at 2
+    assert drain_idle_expired(c, Sample(0, silent_for=8.5), 10.5, Policy(drain_idle=5))
+    assert not drain_idle_expired(c, Sample(0, silent_for=0.5), 10.5, Policy(drain_idle=5))
+    assert not drain_idle_expired(c, Sample(0), 10.5, Policy(drain_idle=5))  # unknown: since accept()
+
+
 @pytest.mark.parametrize(("timeout", "since", "active", "quiet_for", "now", "stuck"), [
     (10.0, 0.0, 0.0, None, 9.0, False),  # held less than the timeout
     (10.0, 0.0, 0.0, None, 10.0, True),  # held that long, nothing received since it began

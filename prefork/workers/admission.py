@@ -151,9 +151,10 @@ def idle_expired(conn: Tracked, sample: Sample, now: float, policy: Policy) -> b
 
 def drain_idle_expired(conn: Tracked, sample: Sample, now: float, policy: Policy) -> bool:
     """While draining: True when ``conn`` has received nothing for ``--drain-idle``, has nothing left to send,
-    and no handler is working on it."""
-    return (bool(policy.drain_idle) and sample.on_client and not sample.unsent
-            and idle_for(conn, now) >= policy.drain_idle)
+    and no handler is working on it. The kernel's own silence counts when it is longer than the tracked one:
+    a connection that waited in the accept queue has been silent since its handshake, not since ``accept()``."""
+    silent = max(idle_for(conn, now), sample.silent_for or 0.0)
+    return bool(policy.drain_idle) and sample.on_client and not sample.unsent and silent >= policy.drain_idle
 
 
 def held_too_long(conn: Tracked, sample: Sample, now: float, policy: Policy) -> bool:
