@@ -186,3 +186,23 @@ def test_a_handler_that_keeps_exchanging_bytes_is_not_stuck(daemon_factory: Call
     assert pinger.failures == [] and pinger.exchanges > 10
     assert d.call("stats")["closed"]["handler_timeout"] == 0
     assert "--handler-timeout" not in d.log()
+
+
+def test_a_sync_handler_asleep_in_handle_is_detected_and_its_worker_replaced(
+        daemon_factory: Callable[..., Daemon]) -> None:
+    """The sync class's one handler runs in the serving loop itself: the watchdog thread sees it stuck, closes
+    its connection, and retires the worker; the master replaces it (the old one is cut at --graceful-timeout)."""
+    d = daemon_factory("-k", "sync", "--handler-timeout", "1", "--graceful-timeout", "5", "--timeout", "60",
+                       "long_lived_handlers:SleepyEcho", workers=1)
+    [pid] = _worker_pids(d)
+    stuck = socket.create_connection(d.address(), timeout=20)
+    stuck.sendall(b"sleep")
+    assert stuck.recv(10) == b""  # closed cleanly: end of file
+    wait_for(lambda: "time.sleep(3600)" in d.log(), 10, "the stuck handler's stack in the log")
+    wait_for(lambda: pid not in _worker_pids(d) and len(_worker_pids(d)) == 1, 30, "the worker replaced")
+    fresh = socket.create_connection(d.address(), timeout=20)
+    fresh.sendall(b"again")
+    assert recv_exact(fresh, 5) == b"again"
+    fresh.close()
+    wait_for(lambda: not _alive(pid), 30, "the stuck worker gone by --graceful-timeout")
+    assert "still running a full --handler-timeout" in d.log()
