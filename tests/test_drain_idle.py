@@ -206,3 +206,22 @@ def test_a_sync_handler_asleep_in_handle_is_detected_and_its_worker_replaced(
     fresh.close()
     wait_for(lambda: not _alive(pid), 30, "the stuck worker gone by --graceful-timeout")
     assert "still running a full --handler-timeout" in d.log()
+
+
+@pytest.mark.parametrize("worker_class", ["sync", "thread"])
+def test_an_idle_relayed_connection_is_not_a_stuck_handler(daemon_factory: Callable[..., Daemon],
+                                                          worker_class: str) -> None:
+    """The relay's handler thread waits while the relay loop copies the bytes: silent both ways, its connection
+    is idle (--relay-idle-timeout's business), not stuck."""
+    upstream = daemon_factory("-k", "async", workers=1, name="upstream")
+    d = daemon_factory("-k", worker_class, "--relay", f"127.0.0.1:{upstream.port}", "--handler-timeout", "1",
+                       workers=1)
+    with d.connect(timeout=10) as s:
+        s.sendall(b"x")
+        assert recv_exact(s, 1) == b"x"
+        wait_for(lambda: max(w["oldest_handler_s"] for w in d.status()["workers"]) >= 2.5, 20,
+                 "the relayed connection held past --handler-timeout")
+        s.sendall(b"still")
+        assert recv_exact(s, 5) == b"still"
+    assert d.call("stats")["closed"]["handler_timeout"] == 0
+    assert "--handler-timeout" not in d.log()

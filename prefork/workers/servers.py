@@ -108,6 +108,7 @@ class WorkerServer(ConnectionHooks):
         self._lock = threading.RLock()  # the record's counts, changed by the loop, the watch and handler threads
         self._watch = Watch(self.admission_policy, record, self.sources, self._serve_request, self._lock)
         self._watch.on_stuck = self.handlers_stuck
+        self._watch.io_elsewhere = bool(getattr(handler_class, "io_elsewhere", False))
         self.on_drain(self._watch.drain)  # --drain-idle from the drain's first turn
         self._stuck_handlers = 0  # handler threads stuck past --handler-timeout: the loop retires the worker
         self._addresses = {fd: describe(s) for fd, s in self._by_fd.items()}  # for the log, once one is gone

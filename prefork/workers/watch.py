@@ -103,6 +103,8 @@ class Watch:
         # told the number of handler threads that did not return a full --handler-timeout after their connection
         # was closed for it, when it grows (the worker recycles itself)
         self.on_stuck: Callable[[int], None] = _ignore
+        # the handler's thread waits while another thread does its I/O (the relay's loop): never taken for stuck
+        self.io_elsewhere = False
         self.lock = lock or threading.RLock()  # also the worker's, around the record's counts
         self.epoll: select.epoll | None = None
         self.waiting: dict[int, tuple[socket.socket, Any]] = {}  # fd -> (socket, peer)
@@ -299,7 +301,7 @@ class Watch:
             received = self._samples()
             for key in self.admission.tick(now, received, self._on_client):
                 self._close_key(key)
-            for key in self.admission.stuck(now, received, self._on_client):
+            for key in self.admission.stuck(now, received, _always if self.io_elsewhere else self._on_client):
                 self._stuck(key, now)
             stuck = self._still_stuck(now) if self.stuck_threads else 0
             if stuck > self.record.stuck_handlers:
@@ -416,6 +418,10 @@ class Watch:
 
 def _ignore(stuck: int) -> None:
     pass
+
+
+def _always(key: Hashable) -> bool:
+    return True
 
 
 def log_stuck(ident: int, sock: Any, held: float) -> None:
