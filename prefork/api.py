@@ -93,6 +93,8 @@ class ServerOptions(TypedDict, total=False):
     idle_timeout: float
     reclaim_idle_after: float
     max_connections_per_source: int
+    drain_idle: float
+    handler_timeout: float
     timeout: float
     graceful_timeout: float
     max_requests: int

@@ -86,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connections-per-source", type=int, metavar="N",
                    help="open connections per client address across all workers (the PROXY header's when "
                         "it sends one; IPv6 per /64); more are closed at accept (default 0: no limit)")
+    p.add_argument("--drain-idle", type=float, metavar="SECS",
+                   help="while a worker drains (stop, reload, scale-down, recycling, drain --close), close a "
+                        "connection that received nothing for SECS and has nothing left to send; busy ones "
+                        "keep --graceful-timeout (default 10; 0: never)")
+    p.add_argument("--handler-timeout", type=float, metavar="SECS",
+                   help="a handler that has held one connection SECS without returning, exchanging no byte "
+                        "with its client and not waiting on it: its stack is logged once and the connection "
+                        "closed; a thread that still does not return recycles its worker (default 0: off)")
     p.add_argument("--timeout", type=float, metavar="SECS",
                    help="kill and replace a worker whose serving loop stalls this long (default 30); "
                         "with sync workers this bounds one connection's duration")

@@ -159,6 +159,9 @@ class Config:
     idle_timeout: float = 60.0  # close a connection that receives nothing this long; 0: never
     reclaim_idle_after: float = 10.0  # under pressure, reclaim the quietest connection over this window
     max_connections_per_source: int = 0  # open connections per client address (IPv6: per /64); 0: no limit
+    # per-connection deadlines (prefork.workers.admission): while draining, and for a handler that never returns
+    drain_idle: float = 10.0  # a draining worker closes a connection silent this long with nothing to send; 0: never
+    handler_timeout: float = 0.0  # a handler stuck on one connection this long: stack logged, connection closed; 0: off
     loop: str = "auto"  # the async worker's event loop: auto, asyncio or uvloop
     balance: str = "on"  # on: workers even out their open connections (prefork.workers.balance)
     timeout: float = 30.0
@@ -290,6 +293,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "idle_timeout": (int, float),
     "reclaim_idle_after": (int, float),
     "max_connections_per_source": (int,),
+    "drain_idle": (int, float),
+    "handler_timeout": (int, float),
     "timeout": (int, float),
     "graceful_timeout": (int, float),
     "max_requests": (int,),
@@ -535,7 +540,7 @@ def build_config(overrides: Mapping[str, Any], config_file: str | None = None) -
             merged[key] = str(merged[key])
     for key in ("timeout", "graceful_timeout", "proxy_timeout", "relay_connect_timeout", "relay_idle_timeout",
                 "relay_check_interval", "relay_slow_start", "reload_canary",
-                "reload_probation", "idle_timeout", "reclaim_idle_after"):
+                "reload_probation", "idle_timeout", "reclaim_idle_after", "drain_idle", "handler_timeout"):
         if key in merged:
             merged[key] = float(merged[key])
     allow = merged.get("proxy_allow")
@@ -817,7 +822,7 @@ def _is_local(address: str) -> bool:
 
 
 def _check_admission(config: Config) -> None:
-    """--idle-timeout, --reclaim-idle-after, --max-connections-per-source."""
+    """--idle-timeout, --reclaim-idle-after, --max-connections-per-source, --drain-idle, --handler-timeout."""
     if not 0 <= config.idle_timeout <= 86400 * 7:
         raise ConfigError(f"idle-timeout: {config.idle_timeout:g} must be 0 (never) to 604800 seconds")
     if not 0 < config.reclaim_idle_after <= 3600:
@@ -826,6 +831,10 @@ def _check_admission(config: Config) -> None:
     if not 0 <= config.max_connections_per_source <= 1_000_000:
         raise ConfigError(f"max-connections-per-source: {config.max_connections_per_source} is out of range "
                           "(0 = no limit, up to 1000000)")
+    if not 0 <= config.drain_idle <= 86400 * 7:
+        raise ConfigError(f"drain-idle: {config.drain_idle:g} must be 0 (never) to 604800 seconds")
+    if not (config.handler_timeout == 0 or 1 <= config.handler_timeout <= 86400 * 7):
+        raise ConfigError(f"handler-timeout: {config.handler_timeout:g} must be 0 (off) or 1 to 604800 seconds")
 
 
 def _check_relay_tls(config: Config) -> None:

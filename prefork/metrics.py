@@ -206,7 +206,7 @@ def admission_families(stats: Mapping[str, Any]) -> list[Family]:
     """Connections the workers closed themselves, by reason, and the oldest silent connection's age."""
     closed = Family(PREFIX + "connections_closed_total", "counter",
                     "Connections the workers closed themselves, by reason (idle_timeout, reclaimed, per_source, "
-                    "handshake_dropped).")
+                    "handshake_dropped, drain_idle, handler_timeout).")
     by_reason = stats.get("closed")
     for reason, value in sorted(by_reason.items()) if isinstance(by_reason, Mapping) else ():
         closed.add(value, (("reason", str(reason)),))
@@ -214,7 +214,13 @@ def admission_families(stats: Mapping[str, Any]) -> list[Family]:
                     "Seconds the connection silent longest (waiting for its first bytes, or in a handler) "
                     "has received nothing.")
     silent.add(stats.get("oldest_silent_s"))
-    return [closed, silent]
+    held = Family(PREFIX + "oldest_handler_connection_seconds", "gauge",
+                  "Seconds a handler has held the oldest connection any handler holds now (--handler-timeout).")
+    held.add(stats.get("oldest_handler_s"))
+    stuck = Family(PREFIX + "stuck_handlers", "gauge",
+                   "Handlers still running a full --handler-timeout after their connection was closed for it.")
+    stuck.add(stats.get("stuck_handlers"))
+    return [closed, silent, held, stuck]
 
 
 def families(status: Mapping[str, Any], stats: Mapping[str, Any]) -> list[Family]:

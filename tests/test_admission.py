@@ -16,11 +16,14 @@ from prefork.workers.admission import (
     Sample,
     Stage,
     Tracked,
+    drain_idle_expired,
+    held_too_long,
     idle_expired,
     observe,
     over_source_limit,
     received_over_window,
     reclaim_victim,
+    silence_limit,
     source_key,
     tick_interval,
 )
@@ -117,6 +120,106 @@ def test_tick_interval() -> None:
     assert tick_interval(Policy(idle_timeout=60)) == 1.0
     assert tick_interval(Policy(idle_timeout=2)) == 0.5
     assert tick_interval(Policy(idle_timeout=0)) == 1.0
+    # the drain's limit counts only while draining; the handler timeout always; the async class's cap is 5 s
+    assert tick_interval(Policy(idle_timeout=60, drain_idle=1)) == 1.0
+    assert tick_interval(Policy(idle_timeout=60, drain_idle=1), draining=True) == 0.25
+    assert tick_interval(Policy(idle_timeout=0, drain_idle=0), draining=True) == 1.0
+    assert tick_interval(Policy(idle_timeout=0, handler_timeout=2)) == 0.5
+    assert tick_interval(Policy(idle_timeout=0, handler_timeout=60), most=5.0) == 5.0
+
+
+@pytest.mark.parametrize(("idle", "drain", "draining", "limit"), [
+    (60, 5, False, 60), (60, 5, True, 5), (2, 5, True, 2), (0, 5, False, 0), (0, 5, True, 5),
+    (60, 0, True, 60), (0, 0, True, 0),
+])
+def test_silence_limit(idle: float, drain: float, draining: bool, limit: float) -> None:
+    assert silence_limit(Policy(idle_timeout=idle, drain_idle=drain), draining) == limit
+
+
+@pytest.mark.parametrize(("drain_idle", "last_active", "now", "on_client", "unsent", "expired"), [
+    (1.0, 0.0, 0.9, True, False, False),  # not silent long enough
+    (1.0, 0.0, 1.0, True, False, True),
+    (1.0, 0.0, 50.0, True, True, False),  # something left to send: a busy connection
+    (1.0, 0.0, 50.0, False, False, False),  # the handler works: busy
+    (0.0, 0.0, 50.0, True, False, False),  # 0: never
+])
+def test_drain_idle_expired(drain_idle: float, last_active: float, now: float, on_client: bool, unsent: bool,
+                            expired: bool) -> None:
+    c = conn(since=last_active, active=last_active)
+    assert drain_idle_expired(c, Sample(0, on_client=on_client, unsent=unsent), now,
+                              Policy(drain_idle=drain_idle)) is expired
+
+
+def test_drain_idle_counts_the_kernels_silence_of_a_connection_queued_before_accept() -> None:
+    c = conn(since=10.0, active=10.0)  # accepted at 10, after waiting in the queue since its handshake at 2
+    assert drain_idle_expired(c, Sample(0, silent_for=8.5), 10.5, Policy(drain_idle=5))
+    assert not drain_idle_expired(c, Sample(0, silent_for=0.5), 10.5, Policy(drain_idle=5))
+    assert not drain_idle_expired(c, Sample(0), 10.5, Policy(drain_idle=5))  # unknown: since accept()
+
+
+@pytest.mark.parametrize(("timeout", "since", "active", "quiet_for", "now", "stuck"), [
+    (10.0, 0.0, 0.0, None, 9.0, False),  # held less than the timeout
+    (10.0, 0.0, 0.0, None, 10.0, True),  # held that long, nothing received since it began
+    (10.0, 0.0, 0.0, 2.0, 30.0, False),  # it sent a byte 2 s ago: exchanging, busy
+    (10.0, 0.0, 25.0, 5.0, 30.0, False),  # received 5 s ago
+    (10.0, 0.0, 15.0, 15.0, 30.0, True),  # nothing either way for 15 s
+    (0.0, 0.0, 0.0, None, 1e6, False),  # off
+])
+def test_held_too_long(timeout: float, since: float, active: float, quiet_for: float | None, now: float,
+                       stuck: bool) -> None:
+    c = conn(since=since, active=active)
+    assert held_too_long(c, Sample(0, quiet_for=quiet_for), now, Policy(handler_timeout=timeout)) is stuck
+
+
+def test_draining_closes_silent_ones_and_keeps_busy_ones() -> None:
+    counts = Counts()
+    a = Admission(Policy(idle_timeout=60, drain_idle=2), counts, clock=lambda: 0.0)
+    a.wait("queued", 0.0)
+    for key in ("silent", "sending", "working", "talker"):
+        a.handed(key, 0.0)
+    assert not Admission(Policy(idle_timeout=0, drain_idle=2), counts).watching()  # no tick before a drain
+    received = {"silent": Sample(3), "sending": Sample(3, unsent=True), "working": Sample(3), "talker": Sample(5)}
+    assert a.tick(5.0, received, lambda k: k != "working") == []  # not draining: 60 s applies
+    assert a.next_deadline() == 60.0
+    a.drain()
+    assert a.next_deadline() == 2.0
+    received["talker"] = Sample(9)  # it spoke at 10
+    assert a.tick(10.0, received, lambda k: k != "working") == ["queued", "silent"]
+    assert counts.by_reason == {Reason.DRAIN_IDLE: 2}
+    assert sorted(map(str, a.handling)) == ["sending", "talker", "working"]
+    a.wait("late", 10.0)
+    assert a.tick(15.0, {"talker": Sample(9)}, lambda k: True) == ["late", "talker"]
+    assert counts.by_reason == {Reason.DRAIN_IDLE: 4}
+    # an idle timeout shorter than the drain's still counts as the idle timeout
+    b = Admission(Policy(idle_timeout=3, drain_idle=5), counts, clock=lambda: 0.0)
+    b.drain()
+    b.wait("x", 0.0)
+    b.handed("y", 0.0)
+    assert b.tick(4.0, {"y": Sample(0)}, lambda k: True) == ["x", "y"]
+    assert counts.by_reason == {Reason.DRAIN_IDLE: 4, Reason.IDLE_TIMEOUT: 2}
+
+
+def test_stuck_handlers_are_told_once() -> None:
+    counts = Counts()
+    a = Admission(Policy(idle_timeout=0, handler_timeout=10), counts, clock=lambda: 0.0)
+    a.handed("asleep", 0.0)
+    a.handed("reading", 0.0)  # waits on its silent client: idle, not stuck
+    a.handed("chatty", 0.0)
+    assert a.watching()
+    assert a.oldest_held_since() == 0.0
+    def received(t: float) -> dict[str, Sample]:
+        return {"asleep": Sample(4, silent_for=t, quiet_for=t), "reading": Sample(4, silent_for=t, quiet_for=t),
+                "chatty": Sample(int(t) * 10, quiet_for=0.0)}
+    waits = {"asleep": False, "reading": True, "chatty": False}
+    assert a.stuck(9.0, received(9.0), waits.__getitem__) == []
+    a.tick(12.0, received(12.0), waits.__getitem__)
+    assert a.stuck(12.0, received(12.0), waits.__getitem__) == ["asleep"]
+    assert a.stuck(30.0, received(30.0), waits.__getitem__) == []  # once
+    assert counts.by_reason == {Reason.HANDLER_TIMEOUT: 1}
+    assert "asleep" in a.handling  # tracked until its handler returns
+    a.forget("asleep")
+    a.handed("asleep", 31.0)  # the same key for a new connection: told again when it gets stuck
+    assert a.stuck(45.0, {"asleep": Sample(0, quiet_for=14.0)}, waits.__getitem__) == ["asleep"]
 
 
 class Counts:

@@ -325,6 +325,7 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
     ({"timeout": "30"}, "EchoHandler", "timeout: expected int or float, got '30'"),
     ({"graceful_timeout": -1}, "EchoHandler", "graceful_timeout: -1 must be 0 to 86400 seconds"),
     ({"idle_timeout": -1}, "EchoHandler", "idle_timeout: -1 must be 0 (never) to 604800 seconds"),
+    ({"drain_idle": -1}, "EchoHandler", "drain_idle: -1 must be 0 (never) to 604800 seconds"),
     ({"max_requests": -1}, "EchoHandler", "max_requests: -1 must be 0 (off) or more"),
     ({"backlog": 0}, "EchoHandler", "backlog: 0 is out of range (1-65535)"),
     ({"name": "no spaces"}, "EchoHandler", "name: 'no spaces' must be 1-64 letters"),

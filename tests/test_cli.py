@@ -105,6 +105,8 @@ EARLY_ERRORS = [
     ("idle-negative", ["--idle-timeout=-1"], "idle-timeout: -1"),
     ("reclaim-0", ["--reclaim-idle-after", "0"], "reclaim-idle-after: 0"),
     ("per-source-negative", ["--max-connections-per-source=-2"], "max-connections-per-source: -2"),
+    ("drain-idle-negative", ["--drain-idle=-1"], "drain-idle: -1"),
+    ("handler-timeout-short", ["--handler-timeout", "0.2"], "handler-timeout: 0.2"),
     ("max-connections-thread", ["--max-connections", "100"], "max-connections: caps the async class"),
     ("backlog-0", ["--backlog", "0"], "backlog: 0"),
     ("port-99999", ["--bind", "127.0.0.1:99999"], "99999"),

@@ -159,6 +159,7 @@ def test_defaults() -> None:
     assert config.timeout == 30.0
     assert config.graceful_timeout == 30.0
     assert (config.idle_timeout, config.reclaim_idle_after, config.max_connections_per_source) == (60.0, 10.0, 0)
+    assert (config.drain_idle, config.handler_timeout) == (10.0, 0.0)
     assert (config.max_requests, config.max_requests_jitter) == (0, 0)
     assert config.backlog == 2048
     assert config.name == "prefork"
@@ -339,6 +340,9 @@ def test_not_utf8_file(tmp_path: Path) -> None:
         ({"idle_timeout": -1}, "idle-timeout: -1 must be 0 (never)"),
         ({"reclaim_idle_after": 0}, "reclaim-idle-after: 0 must be more than 0"),
         ({"max_connections_per_source": -1}, "max-connections-per-source: -1 is out of range"),
+        ({"drain_idle": -1}, "drain-idle: -1 must be 0 (never)"),
+        ({"handler_timeout": 0.5}, "handler-timeout: 0.5 must be 0 (off) or 1"),
+        ({"handler_timeout": -3}, "handler-timeout: -3 must be 0 (off) or 1"),
         ({"max_connections": 10}, "max-connections: caps the async class's connections; a thread worker"),
         ({"max_connections": 10, "worker_class": "sync"}, "a sync worker holds at most --threads"),
         ({"max_requests": -1}, "max-requests: -1"),

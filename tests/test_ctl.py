@@ -151,6 +151,15 @@ def test_status_text() -> None:
     ]
 
 
+def test_status_text_names_handlers_holding_a_connection_a_while() -> None:
+    workers = [{**w, "oldest_handler_s": held, "stuck_handlers": stuck}
+               for w, held, stuck in zip(STATUS["workers"], (3725.0, 0.4), (1, 0), strict=True)]
+    lines = COMMANDS["status"].text({**STATUS, "workers": workers}).split("\n")
+    assert "slot 0 (pid 4711): oldest connection in a handler for 62m05s, 1 handler(s) stuck past --handler-timeout" \
+        in lines
+    assert not [line for line in lines if "pid 99" in line]  # under a second: not named
+
+
 def test_status_text_without_workers_loop_or_backoff() -> None:
     reply = {**STATUS, "event_loop": None, "worker_class": "sync", "workers": [], "listeners": ["0.0.0.0:80"]}
     del reply["backoff"]

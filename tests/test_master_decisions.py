@@ -509,6 +509,20 @@ def test_status_and_stats_shape_the_snapshot() -> None:
                                     "active": 2, "errors": 1}]
 
 
+def test_drain_progress_says_how_long_the_oldest_connection_has_been_silent() -> None:
+    def sample(pid: int, active: int, silent: float, held: float) -> report.WorkerSample:
+        return dataclasses.replace(snapshot().workers[0], pid=pid, state="draining", active=active,
+                                   oldest_silent_s=silent, oldest_handler_s=held, stuck_handlers=active - 1)
+    snap = snapshot(workers=[sample(11, 2, 7.4, 9.0), sample(12, 1, 2.0, 3.0), sample(13, 0, 99.0, 0.0)],
+                    cut_in={11: 21.2, 12: 25.0})
+    assert report.drain_progress(snap) == ["generation 1 draining: 3 worker(s) with 3 open connection(s), "
+                                           "the oldest silent for 7s, 21s left before they are cut"]
+    status = report.status(snap)
+    assert [w["oldest_handler_s"] for w in status["workers"]] == [9.0, 3.0, 0.0]
+    stats = report.stats(snap)
+    assert (stats["oldest_handler_s"], stats["stuck_handlers"]) == (9.0, 0)  # a draining worker is not live
+
+
 class FakeDaemon:
     pid = 10
     target = 2

@@ -289,3 +289,14 @@ def test_connections_closed_by_reason_and_oldest_silence() -> None:
     assert closed == {"idle_timeout": 3, "reclaimed": 2, "per_source": 0, "handshake_dropped": 7}
     [silent] = families["prefork_oldest_silent_connection_seconds"].samples
     assert silent.value == 12.5
+
+
+def test_drain_idle_and_handler_timeout_counters_and_the_oldest_handler() -> None:
+    stats = {"closed": {"drain_idle": 100, "handler_timeout": 1}, "oldest_handler_s": 61.5, "stuck_handlers": 2}
+    families = {f.name: f for f in text_string_to_metric_families(render_prometheus({}, stats))}
+    closed = {s.labels["reason"]: s.value for s in families["prefork_connections_closed"].samples
+              if s.name == "prefork_connections_closed_total"}
+    assert closed == {"drain_idle": 100, "handler_timeout": 1}
+    [held] = families["prefork_oldest_handler_connection_seconds"].samples
+    [stuck] = families["prefork_stuck_handlers"].samples
+    assert (held.value, stuck.value) == (61.5, 2)

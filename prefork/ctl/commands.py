@@ -192,10 +192,27 @@ def format_status(s: Reply) -> str:
     reload = s.get("reload")
     if isinstance(reload, Mapping):
         out.append(format_reload_progress(reload))
+    out += held_lines(s["workers"])
     for b in s.get("backoff", []):
         when = f"restart in {b['restart_in_s']:.1f}s" if b["restart_in_s"] is not None else "waiting"
         out.append(f"slot {b['slot']}: {b['failures']} early exit(s) in a row, {when}")
     return "\n".join(out)
+
+
+HELD_SHOWN_FROM = 1.0  # seconds a handler must have held a connection before text status names it
+
+
+def held_lines(workers: list[Reply]) -> list[str]:
+    """For each worker whose handler has held a connection a while: how long its oldest has been held, and
+    the handlers stuck past --handler-timeout (the JSON has ``oldest_handler_s`` for every worker)."""
+    out = []
+    for w in workers:
+        held = float(w.get("oldest_handler_s") or 0.0)
+        stuck = int(w.get("stuck_handlers") or 0)
+        if held >= HELD_SHOWN_FROM or stuck:
+            out.append(f"slot {w['slot']} (pid {w['pid']}): oldest connection in a handler for {human_age(held)}"
+                       + (f", {stuck} handler(s) stuck past --handler-timeout" if stuck else ""))
+    return out
 
 
 def stats_line(key: str, value: int) -> str:

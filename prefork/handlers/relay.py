@@ -701,6 +701,9 @@ class RelayHandler(Balanced, socketserver.BaseRequestHandler):
 
     buffer_size: int = 65536  # per direction
     counts_bytes = True  # into self.server.record as they move: the worker need not read TCP_INFO too
+    # its thread waits while the process's relay loop does the I/O: a silent connection is idle, never a
+    # handler stuck on it (--handler-timeout)
+    io_elsewhere = True
 
     upstream_address: Upstream | None = None  # set per connection by connect_upstream()
     _upstream_index: int | None = None  # its index in the balancer (None: not one of ours), for finished()

@@ -31,7 +31,7 @@ import psutil
 from prefork import memory
 from prefork.config import Config
 from prefork.master.handover import HandedWorker, Handover
-from prefork.master.report import WorkerSample, closed_counts, oldest_silent, tls_counts
+from prefork.master.report import WorkerSample, closed_counts, oldest_handler, oldest_silent, tls_counts
 from prefork.master.state import Totals, Worker, WorkerState
 from prefork.master.timers import Timers
 from prefork.memory import Memory
@@ -332,4 +332,5 @@ class WorkerPool:
             proxy_errors=int(record.proxy_errors), bytes_in=int(record.bytes_in), bytes_out=int(record.bytes_out),
             rss_bytes=rss, uss_bytes=own.uss if own else None, pss_bytes=own.pss if own else None,
             cpu_percent=cpu, age_s=now - worker.started, heartbeat_age_s=now - record.heartbeat,
-            tls=tls_counts(record), closed=closed_counts(record), oldest_silent_s=oldest_silent(record, now))
+            tls=tls_counts(record), closed=closed_counts(record), oldest_silent_s=oldest_silent(record, now),
+            oldest_handler_s=oldest_handler(record, now), stuck_handlers=int(record.stuck_handlers))

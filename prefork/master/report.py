@@ -43,6 +43,8 @@ class WorkerSample:
     pss_bytes: int | None = None
     closed: Mapping[str, int] = field(default_factory=dict)  # connections it closed itself, by CLOSE_REASONS
     oldest_silent_s: float = 0.0  # how long its silent-longest connection has received nothing
+    oldest_handler_s: float = 0.0  # how long a handler has held its oldest connection (--handler-timeout)
+    stuck_handlers: int = 0  # handlers that did not return after --handler-timeout closed their connection
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,7 @@ def draining_generations(snap: Snapshot) -> list[dict[str, Any]]:
         cuts = [snap.cut_in[w.pid] for w in workers if w.pid in snap.cut_in]
         out.append({"generation": generation, "workers": len(workers),
                     "open_connections": sum(max(w.active, 0) for w in workers),
+                    "oldest_silent_s": max((w.oldest_silent_s for w in workers if w.active > 0), default=0.0),
                     "cut_in_s": round(max(0.0, min(cuts)), 3) if cuts else None})
     return out
 
@@ -151,7 +154,8 @@ def drain_progress(snap: Snapshot) -> list[str]:
             continue
         left = f", {g['cut_in_s']:.0f}s left before they are cut" if g["cut_in_s"] is not None else ""
         lines.append(f"generation {g['generation']} draining: {g['workers']} worker(s) with "
-                     f"{g['open_connections']} open connection(s){left}")
+                     f"{g['open_connections']} open connection(s), the oldest silent for "
+                     f"{g['oldest_silent_s']:.0f}s{left}")
     return lines
 
 
@@ -196,6 +200,12 @@ def oldest_silent(record: Any, now: float) -> float:
     """Seconds the record's silent-longest connection has received nothing (0 when it tracks none)."""
     since = float(record.oldest_silent_since)
     return round(max(0.0, now - since), 3) if since else 0.0
+
+
+def oldest_handler(record: Any, now: float) -> float:
+    """Seconds a handler has held the record's oldest connection (0 when none is held, or nothing samples)."""
+    since = float(record.oldest_handler_since)
+    return round(max(0.0, now - since), 3) if since and record.active > 0 else 0.0
 
 
 def tls_totals(totals: Totals, workers: Iterable[WorkerSample]) -> dict[str, int]:
@@ -252,6 +262,7 @@ def worker_info(w: WorkerSample, generation_open: int = 0) -> dict[str, Any]:
         "cpu_percent": round(w.cpu_percent, 1), "age_s": round(w.age_s, 3),
         "heartbeat_age_s": round(max(0.0, w.heartbeat_age_s), 3),
         "closed": dict(w.closed), "oldest_silent_s": w.oldest_silent_s,
+        "oldest_handler_s": w.oldest_handler_s, "stuck_handlers": w.stuck_handlers,
     }
 
 
@@ -331,6 +342,8 @@ def stats(snap: Snapshot) -> dict[str, Any]:
         "closed": {name: totals.closed.get(name, 0) + sum(w.closed.get(name, 0) for w in live)
                    for name in CLOSE_REASONS},
         "oldest_silent_s": max((w.oldest_silent_s for w in live), default=0.0),
+        "oldest_handler_s": max((w.oldest_handler_s for w in live), default=0.0),
+        "stuck_handlers": sum(w.stuck_handlers for w in live),
         "per_worker": [
             {"pid": w.pid, "slot": w.slot, "generation": w.generation, "state": w.state,
              "requests": w.requests, "active": w.active, "errors": w.errors}

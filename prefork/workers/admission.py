@@ -15,8 +15,11 @@ module decides.
 
 A connection is tracked by a key of the adapter's choosing (its descriptor,
 its transport). Closing one cleanly for a reason is the adapter's single
-``close(key, reason)``; the same step serves any later rule that ends
-connections (silent ones while draining, a per-connection deadline).
+``close(key, reason)``; the same step serves the rules that end
+connections later in their life: while the worker drains, one silent for
+``--drain-idle`` with nothing left to send (:meth:`Admission.drain`), and
+one whose handler has held it ``--handler-timeout`` without returning,
+exchanging nothing and not waiting on the client (:meth:`Admission.stuck`).
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ class Reason(enum.Enum):
     RECLAIMED = "reclaimed"
     PER_SOURCE = "per_source"
     HANDSHAKE_DROPPED = "handshake_dropped"
+    DRAIN_IDLE = "drain_idle"
+    HANDLER_TIMEOUT = "handler_timeout"
 
 
 class Stage(enum.Enum):
@@ -64,6 +69,8 @@ class Policy:
     idle_timeout: float = 0.0
     reclaim_window: float = 10.0
     max_per_source: int = 0
+    drain_idle: float = 0.0  # while draining: close a connection silent this long with nothing to send
+    handler_timeout: float = 0.0  # a handler stuck this long on one connection (see stuck())
 
 
 @dataclass
@@ -88,6 +95,8 @@ class Sample:
     received: int | None
     on_client: bool = True
     silent_for: float | None = None  # seconds since the kernel last received data on it (TCP_INFO), when known
+    quiet_for: float | None = None  # seconds since data last went either way (TCP_INFO), when known
+    unsent: bool = False  # bytes are still queued to the client, or unacknowledged
 
 
 def source_key(address: Any) -> str | None:
@@ -140,6 +149,24 @@ def idle_expired(conn: Tracked, sample: Sample, now: float, policy: Policy) -> b
     return bool(policy.idle_timeout) and sample.on_client and idle_for(conn, now) >= policy.idle_timeout
 
 
+def drain_idle_expired(conn: Tracked, sample: Sample, now: float, policy: Policy) -> bool:
+    """While draining: True when ``conn`` has received nothing for ``--drain-idle``, has nothing left to send,
+    and no handler is working on it. The kernel's own silence counts when it is longer than the tracked one:
+    a connection that waited in the accept queue has been silent since its handshake, not since ``accept()``."""
+    silent = max(idle_for(conn, now), sample.silent_for or 0.0)
+    return bool(policy.drain_idle) and sample.on_client and not sample.unsent and silent >= policy.drain_idle
+
+
+def held_too_long(conn: Tracked, sample: Sample, now: float, policy: Policy) -> bool:
+    """True when a handler has held ``conn`` for ``--handler-timeout`` and no byte went either way for as
+    long (one that keeps exchanging bytes is busy, not stuck). Whether it waits on the client is asked after
+    (that is the idle timeout's business)."""
+    if not policy.handler_timeout or now - conn.since < policy.handler_timeout:
+        return False
+    quiet = idle_for(conn, now) if sample.quiet_for is None else min(idle_for(conn, now), sample.quiet_for)
+    return quiet >= policy.handler_timeout
+
+
 def reclaim_victim(conns: Mapping[Hashable, Tracked], on_client: Callable[[Hashable], bool], now: float,
                    policy: Policy) -> Hashable | None:
     """The connection to close to make room: of those whose handler waits on the client, the one that
@@ -159,9 +186,19 @@ def oldest(items: Iterable[tuple[Hashable, float]]) -> Hashable | None:
     return None if found is None else found[0]
 
 
-def tick_interval(policy: Policy) -> float:
-    """How often an adapter samples its connections: a quarter of the idle timeout, at most a second."""
-    return min(1.0, policy.idle_timeout / 4) if policy.idle_timeout else 1.0
+def tick_interval(policy: Policy, draining: bool = False, most: float = 1.0) -> float:
+    """How often an adapter samples its connections: a quarter of the shortest timeout in force (the idle
+    timeout, the handler timeout, and while draining the drain's), at most ``most`` seconds."""
+    limits = [t for t in (policy.idle_timeout, policy.handler_timeout, policy.drain_idle if draining else 0.0)
+              if t]
+    return min(most, min(limits) / 4) if limits else most
+
+
+def silence_limit(policy: Policy, draining: bool) -> float:
+    """Seconds of silence after which a connection is closed now (0: never): the idle timeout, or while
+    draining the drain's if shorter."""
+    limits = [t for t in (policy.idle_timeout, policy.drain_idle if draining else 0.0) if t]
+    return min(limits, default=0.0)
 
 
 class Admission:
@@ -180,6 +217,8 @@ class Admission:
         self.policy = policy
         self.waiting: dict[Hashable, float] = {}  # key -> accepted, oldest first
         self.handling: dict[Hashable, Tracked] = {}
+        self.draining = False  # the worker drains: --drain-idle applies
+        self.stuck_keys: set[Hashable] = set()  # past --handler-timeout already (told once)
         self._count = count
         self._clock = clock
         self._unlogged: dict[Reason, int] = {}
@@ -201,35 +240,74 @@ class Admission:
     def forget(self, key: Hashable) -> None:
         self.waiting.pop(key, None)
         self.handling.pop(key, None)
+        self.stuck_keys.discard(key)
+
+    def drain(self) -> None:
+        """The worker drains from now on: connections silent for ``--drain-idle`` are closed at the next tick.
+        Safe from a signal handler (it only sets a flag)."""
+        self.draining = True
+
+    def watching(self) -> bool:
+        """True while the handlers' connections must be sampled on a tick (a timeout in force)."""
+        policy = self.policy
+        return bool(policy.idle_timeout or policy.handler_timeout or (self.draining and policy.drain_idle))
+
+    def interval(self, most: float = 1.0) -> float:
+        return tick_interval(self.policy, self.draining, most)
 
     def next_deadline(self) -> float | None:
-        """When the oldest waiting connection's idle timeout comes due (None: no idle timeout, or none waits)."""
-        if not self.policy.idle_timeout or not self.waiting:
+        """When the oldest waiting connection's silence limit comes due (None: no limit, or none waits)."""
+        limit = silence_limit(self.policy, self.draining)
+        if not limit or not self.waiting:
             return None
-        return next(iter(self.waiting.values())) + self.policy.idle_timeout
+        return next(iter(self.waiting.values())) + limit
 
     def tick(self, now: float, received: Mapping[Any, Sample],
              on_client: Callable[[Hashable], bool]) -> list[Hashable]:
         """Fold in the byte counts of the handlers' connections; those to close for ``--idle-timeout``
         (counted already): waiting ones past it, and handled ones silent that long whose handler waits on
         the client (``on_client`` is asked only of those)."""
-        expired: list[Hashable] = []
-        if self.policy.idle_timeout:
-            limit = now - self.policy.idle_timeout
+        policy = self.policy
+        expired: list[tuple[Hashable, Reason]] = []
+        limit = silence_limit(policy, self.draining)
+        if limit:
             for key, since in self.waiting.items():
-                if since > limit:
+                if since > now - limit:
                     break
-                expired.append(key)
+                idle = bool(policy.idle_timeout) and since <= now - policy.idle_timeout
+                expired.append((key, Reason.IDLE_TIMEOUT if idle else Reason.DRAIN_IDLE))
         for key, sample in received.items():
             conn = self.handling.get(key)
             if conn is None:
                 continue
-            observe(conn, sample, now, self.policy.reclaim_window)
-            if idle_expired(conn, sample, now, self.policy) and on_client(key):
-                expired.append(key)
-        for key in expired:
-            self.closing(key, Reason.IDLE_TIMEOUT)
-        return expired
+            observe(conn, sample, now, policy.reclaim_window)
+            if idle_expired(conn, sample, now, policy) and on_client(key):
+                expired.append((key, Reason.IDLE_TIMEOUT))
+            elif self.draining and drain_idle_expired(conn, sample, now, policy) and on_client(key):
+                expired.append((key, Reason.DRAIN_IDLE))
+        for key, reason in expired:
+            self.closing(key, reason)
+        return [key for key, _ in expired]
+
+    def stuck(self, now: float, received: Mapping[Any, Sample],
+              on_client: Callable[[Hashable], bool]) -> list[Hashable]:
+        """The handlers' connections past ``--handler-timeout`` (each told once, and counted): held that long,
+        no byte either way for as long, and the handler not waiting on the client (that one is idle, not
+        stuck). Call after :meth:`tick` (it folds the samples in). The adapter logs each one's stack and
+        closes it; the key stays tracked until its handler returns."""
+        if not self.policy.handler_timeout:
+            return []
+        found = [key for key, sample in received.items()
+                 if key not in self.stuck_keys and (conn := self.handling.get(key)) is not None
+                 and held_too_long(conn, sample, now, self.policy) and not on_client(key)]
+        for key in found:
+            self.stuck_keys.add(key)
+            self.closing(None, Reason.HANDLER_TIMEOUT)
+        return found
+
+    def oldest_held_since(self) -> float:
+        """When the connection a handler has held longest was handed to it (0.0 when none is)."""
+        return min((c.since for c in self.handling.values()), default=0.0)
 
     def make_room(self, now: float, received: Mapping[Any, Sample],
                   on_client: Callable[[Hashable], bool]) -> Hashable | None:
@@ -285,9 +363,13 @@ _WHY = {
     Reason.RECLAIMED: "reclaimed for a waiting connection while every place was taken",
     Reason.PER_SOURCE: "over the per-source connection limit",
     Reason.HANDSHAKE_DROPPED: "the oldest unfinished TLS handshakes, dropped to make room",
+    Reason.DRAIN_IDLE: "silent with nothing left to send while the worker drains",
+    Reason.HANDLER_TIMEOUT: "their handler held them without returning, exchanging nothing",
 }
 _OPTION = {
     Reason.IDLE_TIMEOUT: "--idle-timeout",
     Reason.RECLAIMED: "--reclaim-idle-after",
     Reason.PER_SOURCE: "--max-connections-per-source",
+    Reason.DRAIN_IDLE: "--drain-idle",
+    Reason.HANDLER_TIMEOUT: "--handler-timeout",
 }

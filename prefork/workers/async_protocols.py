@@ -177,9 +177,14 @@ def _streamed(worker: CountingWorker, handle: StreamHandler, accepted: bool) -> 
     async def serve_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         started = time.monotonic()
         outcome = "error"
+        worker.watch.serving(writer.transport, asyncio.current_task())
         try:
             await handle(reader, writer)
             outcome = "ok"
+        except asyncio.CancelledError:
+            if writer.transport not in worker.watch.closed_by_us:
+                raise
+            # cancelled by the worker with its connection (--handler-timeout): ends as a closed one
         except (ConnectionError, TimeoutError) as exc:
             _client_failures.info("connection from %s: %s", writer.get_extra_info("peername"), exc)
         except (Exception, SystemExit, KeyboardInterrupt) as exc:  # sys.exit() in handle(): this connection only

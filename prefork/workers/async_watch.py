@@ -11,20 +11,33 @@ listeners, the quietest one whose handler waits on its client. Closing one
 aborts its transport (:meth:`AsyncWatch.close`): the protocol hears
 ``connection_lost`` as from any closed connection, and its end is neither
 logged nor counted as an error.
+
+While the worker drains, a connection silent for ``--drain-idle`` with
+nothing left to send (in the kernel or the transport's buffer) is closed
+the same way. A stream handler that has held its connection for
+``--handler-timeout`` without exchanging a byte and without awaiting its
+client gets its task's stack logged, its connection closed and its task
+cancelled (a task holds no thread: the worker goes on).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import socket
 import time
+import traceback
 from collections.abc import Callable, Sequence
+from types import FrameType
 from typing import Any, Protocol
 
 from prefork.listeners import queued
 from prefork.scoreboard import SourceCounts
-from prefork.workers.admission import Admission, Policy, Reason, source_key
+from prefork.workers.admission import Admission, Policy, Reason, Sample, source_key
 from prefork.workers.watch import activity
+
+log = logging.getLogger(__name__)
 
 RELIEF_RETRY = 0.05  # seconds between two looks for a connection to reclaim while at the cap
 
@@ -40,6 +53,14 @@ class Capped(Protocol):
     def at_cap(self) -> bool: ...
 
 
+class Elsewhere(Protocol):
+    """Connections an async worker serves without a transport (:class:`prefork.workers.echo_engine.EchoEngine`)."""
+
+    def close_drain_idle(self, policy: Policy, now: float) -> int: ...
+
+    def oldest_since(self) -> float: ...
+
+
 class AsyncWatch:
     """One async worker's handlers' connections: idle timeout, reclaim at the cap, per-source counts."""
 
@@ -53,6 +74,22 @@ class AsyncWatch:
         self.closed_by_us: set[Any] = set()  # transports closed for a reason: their handler's end is quiet
         self.source_of: dict[Any, str] = {}  # transport -> its source (--max-connections-per-source)
         self.ticker: asyncio.TimerHandle | None = None
+        self.tasks: dict[Any, asyncio.Task[Any]] = {}  # transport -> its stream handler's task
+        # connections held outside transports (the built-in echo's engine): its own, under the same rules
+        self.elsewhere: Elsewhere | None = None
+
+    def drain_began(self) -> None:
+        """The worker drains: ``--drain-idle`` applies from the next tick, which comes soon."""
+        self.admission.drain()
+        if self.ticker is not None:
+            self.ticker.cancel()
+            self.ticker = None
+        self.schedule()
+
+    def serving(self, transport: Any, task: asyncio.Task[Any] | None) -> None:
+        """``task`` runs the stream handler of ``transport`` (its stack is logged if it gets stuck)."""
+        if task is not None and transport in self.watched:
+            self.tasks[transport] = task
 
     def _count(self, reason: Reason) -> None:
         field = f"closed_{reason.value}"
@@ -80,6 +117,7 @@ class AsyncWatch:
     def ended(self, transport: Any) -> bool:
         """The connection has ended; True when the worker had closed it for a reason (its end is quiet)."""
         self.watched.pop(transport, None)
+        self.tasks.pop(transport, None)
         self.admission.forget(transport)
         key = self.source_of.pop(transport, None)
         if key is not None and self.sources is not None:
@@ -110,26 +148,51 @@ class AsyncWatch:
         self.ticker = None
         worker = self.worker
         now = time.monotonic()
-        samples = {t: activity(t.get_extra_info("socket")) for t in self.watched}
+        samples = {t: _with_buffer(t, activity(t.get_extra_info("socket"))) for t in self.watched}
         for transport in self.admission.tick(now, samples, self._on_client):
             self._abort(transport)
+        for transport in self.admission.stuck(now, samples, self._on_client):
+            self._stuck(transport, now)
+        elsewhere = self.elsewhere
+        if self.admission.draining and self.policy.drain_idle and elsewhere is not None:
+            for _ in range(elsewhere.close_drain_idle(self.policy, now)):
+                self.admission.closing(None, Reason.DRAIN_IDLE)
         if worker.paused and not worker.stopping and worker.at_cap() and _someone_waits(worker.listeners):
             victim = self.admission.make_room(now, samples, self._on_client)
             if victim is not None:
                 self._abort(victim)
         worker.record.oldest_silent_since = self.admission.oldest_silent_since()
+        held = [t for t in (self.admission.oldest_held_since(), elsewhere and elsewhere.oldest_since()) if t]
+        worker.record.oldest_handler_since = min(held, default=0.0)
         self.admission.flush_log(now)
         self.schedule()
+
+    def _stuck(self, transport: Any, now: float) -> None:
+        """Past ``--handler-timeout``: the task's stack logged once, its connection closed, the task cancelled."""
+        conn = self.admission.handling.get(transport)
+        task = self.tasks.pop(transport, None)
+        stack = _awaiting(task.get_coro()) if task is not None else ""
+        log.error("a handler has held the connection from %s for %.0fs without returning or exchanging a byte "
+                  "(--handler-timeout); closing it. Its stack:\n%s", transport.get_extra_info("peername"),
+                  now - conn.since if conn is not None else 0.0,
+                  stack or "(a protocol: no task of its own)")
+        self._abort(transport)
+        if task is not None and not task.done():
+            task.cancel()
+            self.worker.record.stuck_handlers += 1
 
     def schedule(self) -> None:
         """The next tick: at a quarter of the idle timeout (at most 5 s), or soon while at the cap."""
         worker = self.worker
-        if self.ticker is not None or worker.stopping:
+        if self.ticker is not None:
             return
-        at_cap = worker.paused and worker.at_cap()
-        if not (at_cap or self.policy.idle_timeout):
+        # a stopping worker still ticks for --drain-idle and --handler-timeout (its idle timeout is moot by then)
+        if worker.stopping and not (self.admission.draining or self.policy.handler_timeout):
             return
-        interval = RELIEF_RETRY if at_cap else min(5.0, self.policy.idle_timeout / 4)
+        at_cap = worker.paused and worker.at_cap() and not worker.stopping
+        if not (at_cap or self.admission.watching()):
+            return
+        interval = RELIEF_RETRY if at_cap else self.admission.interval(5.0)
         self.ticker = asyncio.get_running_loop().call_later(interval, self.tick)
 
     def at_cap_now(self) -> None:
@@ -138,6 +201,26 @@ class AsyncWatch:
             self.ticker.cancel()
             self.ticker = None
         self.schedule()
+
+
+def _awaiting(coro: Any) -> str:
+    """Where a suspended coroutine waits: its frame and those of what it awaits, outermost first (a task's own
+    stack shows only its outermost coroutine)."""
+    frames: list[tuple[FrameType, int]] = []
+    while coro is not None and len(frames) < 100:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is None:
+            break
+        frames.append((frame, frame.f_lineno))
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return "".join(traceback.format_list(traceback.StackSummary.extract(frames))).rstrip()
+
+
+def _with_buffer(transport: Any, sample: Sample) -> Sample:
+    """``sample``, with bytes in the transport's own write buffer counted as left to send."""
+    if sample.unsent or not transport.get_write_buffer_size():
+        return sample
+    return dataclasses.replace(sample, unsent=True)
 
 
 def _someone_waits(listeners: Sequence[socket.socket]) -> bool:

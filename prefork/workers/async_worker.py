@@ -111,6 +111,8 @@ class AsyncWorker(WorkerLifecycle):
         self.factories = make_factories(self, handler)  # one per listener, in the order of the listeners
         # the handlers' connections (their transports), for --idle-timeout and reclaiming at the cap
         self.watch = AsyncWatch(self, self.admission_policy, self.sources)
+        if self.engine is not None:
+            self.watch.elsewhere = self.engine
 
     # -- connection counting (per connection, never per byte) --------------------------------------
 
@@ -394,6 +396,7 @@ class AsyncWorker(WorkerLifecycle):
         self.announce_ready()
         self.beat()
         self.watch.schedule()
+        self.on_drain(self.watch.drain_began)  # --drain-idle from the drain's first tick
         await self.done
 
     def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

@@ -73,6 +73,9 @@ _TCP_INFO_BYTES_OFFSET = 120
 _FIN_RECEIVED_STATES = frozenset({6, 8, 9, 11})  # TIME_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING (tcp_states.h)
 _TCP_INFO_LAST_DATA_RECV = struct.Struct("=I")  # tcpi_last_data_recv, milliseconds
 _TCP_INFO_LAST_DATA_RECV_OFFSET = 52
+_TCP_INFO_LAST_DATA_SENT_OFFSET = 44  # tcpi_last_data_sent, milliseconds (the same u32 layout)
+_TCP_INFO_UNACKED_OFFSET = 24  # tcpi_unacked: segments sent and not yet acknowledged
+_TCP_INFO_NOTSENT_OFFSET = 144  # tcpi_notsent_bytes: bytes queued and not yet sent (Linux >= 4.6)
 
 
 def tcp_bytes(sock: Any) -> tuple[int, int] | None:
@@ -89,19 +92,23 @@ def tcp_bytes(sock: Any) -> tuple[int, int] | None:
     return received, acked
 
 
-def tcp_activity(sock: Any) -> tuple[int, float] | None:
-    """(bytes received, seconds since data last arrived) of a TCP connection, from one TCP_INFO read."""
+def tcp_activity(sock: Any) -> tuple[int, float, float, bool] | None:
+    """(bytes received, seconds since data last arrived, seconds since data last went either way, whether
+    bytes are still to be sent or acknowledged) of a TCP connection, from one TCP_INFO read."""
     try:
         info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 192)
     except (OSError, AttributeError):
         return None
-    if len(info) < _TCP_INFO_BYTES_OFFSET + _TCP_INFO_BYTES.size:
+    if len(info) < _TCP_INFO_NOTSENT_OFFSET + 4:
         return None
     received = _TCP_INFO_BYTES.unpack_from(info, _TCP_INFO_BYTES_OFFSET)[1]
     if info[0] in _FIN_RECEIVED_STATES:
         received -= 1
-    ms: int = _TCP_INFO_LAST_DATA_RECV.unpack_from(info, _TCP_INFO_LAST_DATA_RECV_OFFSET)[0]
-    return received, ms / 1000.0
+    last_recv: int = _TCP_INFO_LAST_DATA_RECV.unpack_from(info, _TCP_INFO_LAST_DATA_RECV_OFFSET)[0]
+    last_sent: int = _TCP_INFO_LAST_DATA_RECV.unpack_from(info, _TCP_INFO_LAST_DATA_SENT_OFFSET)[0]
+    unacked: int = _TCP_INFO_LAST_DATA_RECV.unpack_from(info, _TCP_INFO_UNACKED_OFFSET)[0]
+    notsent: int = _TCP_INFO_LAST_DATA_RECV.unpack_from(info, _TCP_INFO_NOTSENT_OFFSET)[0]
+    return received, last_recv / 1000.0, min(last_recv, last_sent) / 1000.0, bool(unacked or notsent)
 
 
 def account(record: Any, sock: Any) -> tuple[int, int] | None:

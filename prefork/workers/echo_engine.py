@@ -37,7 +37,17 @@ from collections.abc import Callable, Iterable
 
 from prefork.listeners import ACCEPT_PAUSE, accept_failed, describe, watch
 from prefork.scoreboard import Record
-from prefork.workers.admission import ACCEPT_BATCH, LISTENER_GONE_ERRNOS, MIN_SILENCE
+from prefork.workers.admission import (
+    ACCEPT_BATCH,
+    LISTENER_GONE_ERRNOS,
+    MIN_SILENCE,
+    Policy,
+    Sample,
+    Stage,
+    Tracked,
+    drain_idle_expired,
+    observe,
+)
 from prefork.workers.connection import tcp_activity
 
 log = logging.getLogger(__name__)
@@ -238,6 +248,31 @@ class EchoEngine:
             if self.on_reclaim is not None:
                 self.on_reclaim()
         return True
+
+    def oldest_since(self) -> float:
+        """When the connection open longest was accepted (0.0 when none is)."""
+        return next(iter(self.connections.values()), 0.0)
+
+    def close_drain_idle(self, policy: Policy, now: float) -> int:
+        """While the worker drains: close the connections past ``--drain-idle`` by the admission core's rule
+        (silent that long, nothing read and not yet echoed, nothing left to send). Returns how many."""
+        expired = []
+        for fd, accepted in self.connections.items():
+            if fd in self.pending or _unread(fd):
+                continue  # an echo under way: busy
+            sock = socket.socket(fileno=fd)
+            try:
+                seen = tcp_activity(sock)
+            finally:
+                sock.detach()
+            sample = Sample(None) if seen is None else Sample(seen[0], silent_for=seen[1], unsent=seen[3])
+            conn = Tracked(Stage.HANDLER, accepted)
+            observe(conn, sample, now, policy.reclaim_window)
+            if drain_idle_expired(conn, sample, now, policy):
+                expired.append(fd)
+        for fd in expired:
+            self._close(fd)
+        return len(expired)
 
     def _close(self, fd: int) -> None:
         self.connections.pop(fd, None)

@@ -141,7 +141,8 @@ def build_worker(spec: WorkerSpec, handler: Any, scoreboard: Scoreboard, channel
         tls=spec.listener_tls(),
         memory_limit=config.max_worker_memory * 2**20,
         admission=Policy(idle_timeout=config.idle_timeout, reclaim_window=config.reclaim_idle_after,
-                         max_per_source=config.max_connections_per_source),
+                         max_per_source=config.max_connections_per_source, drain_idle=config.drain_idle,
+                         handler_timeout=config.handler_timeout),
         sources=SourceCounts(scoreboard, spec.record_index) if config.max_connections_per_source else None,
     )
     if config.worker_class == "async":

@@ -107,6 +107,10 @@ class WorkerServer(ConnectionHooks):
         # plain connections wait for their first bytes here, and handlers' connections are watched
         self._lock = threading.RLock()  # the record's counts, changed by the loop, the watch and handler threads
         self._watch = Watch(self.admission_policy, record, self.sources, self._serve_request, self._lock)
+        self._watch.on_stuck = self.handlers_stuck
+        self._watch.io_elsewhere = bool(getattr(handler_class, "io_elsewhere", False))
+        self.on_drain(self._watch.drain)  # --drain-idle from the drain's first turn
+        self._stuck_handlers = 0  # handler threads stuck past --handler-timeout: the loop retires the worker
         self._addresses = {fd: describe(s) for fd, s in self._by_fd.items()}  # for the log, once one is gone
         self._accepting = False
         self._accept_paused_until = 0.0
@@ -261,6 +265,8 @@ class WorkerServer(ConnectionHooks):
                 self._drain_wakeups()
             if self._shutdown_asked:
                 self.retire(SHUTDOWN_REASON)
+            if self._stuck_handlers:
+                self.retire(stuck_reason(self._stuck_handlers))
             self.service_actions()
             for fd, _ in events:
                 if fd == wake_fd or self._watch.on_event(fd, self.one_at_a_time) or self._handshakes.on_event(fd):
@@ -277,6 +283,12 @@ class WorkerServer(ConnectionHooks):
             if self.one_at_a_time:
                 self._watch.hand_newest_ready()
             self._watch.hand_overdue(now, self.free_places())
+
+    def handlers_stuck(self, stuck: int) -> None:
+        """``stuck`` handler threads still have not returned a full ``--handler-timeout`` after their connection
+        was closed for it: the loop retires this worker (the master replaces it). May be extended."""
+        self._stuck_handlers = stuck
+        self.wake()
 
     def relieve(self, now: float) -> None:
         """Connections wait for a place that every handler holds: reclaim (the thread class). May be extended."""
@@ -501,10 +513,17 @@ class SyncServer(WorkerServer):
         """Register the running handler's connection with the watch, once (under the lock)."""
         request = self._handling
         if request is not None and self._watched is None:
-            self._watch.begin(request, self._loop_tid, self._handling_since)
+            self._watch.begin(request, self._loop_tid, self._handling_since, self._loop_thread)
             self._watched = request
 
     _in_handler = False  # the loop's own thread is running a handler
+
+    def handlers_stuck(self, stuck: int) -> None:
+        """The one handler (in the loop's own thread) is stuck for good: retire from the watchdog's thread,
+        as a stop signal does inside a handler (the loop is not touching its listeners meanwhile)."""
+        super().handlers_stuck(stuck)
+        if self._in_handler:
+            self.retire(stuck_reason(stuck))
 
     def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
         """Inside a handler, have SIGTERM, SIGUSR2 or SIGHUP acted on now.
@@ -567,7 +586,8 @@ class ThreadServer(WorkerServer):
         self._relief_at: float | None = None  # when to look for a connection to reclaim again
 
     def open_connections(self) -> int:
-        return self._open + len(self._handshakes) + len(self._watch)
+        # a handler stuck past --handler-timeout has lost its connection already: a drain does not wait on it
+        return self._open - self._watch.stuck() + len(self._handshakes) + len(self._watch)
 
     def full(self) -> bool:
         """Every thread is taken and none holds a connection to reclaim: siblings take the next ones."""
@@ -653,6 +673,11 @@ class ThreadServer(WorkerServer):
             self.shutdown_request(request)
             with self._lock:
                 self._spare += 1
+
+
+def stuck_reason(stuck: int) -> str:
+    return (f"{stuck} handler(s) still running a full --handler-timeout after their connection was closed "
+            "(see the stack logged then)")
 
 
 def _shutdown(server: WorkerServer) -> None:

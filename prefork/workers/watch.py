@@ -22,11 +22,14 @@ connection reclaims the quietest one (see :mod:`prefork.workers.admission`).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import select
 import socket
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +37,8 @@ from typing import Any
 from prefork.scoreboard import SourceCounts
 from prefork.workers.admission import Admission, Policy, Reason, Sample, source_key, tick_interval
 from prefork.workers.connection import tcp_activity
+
+log = logging.getLogger(__name__)
 
 RECHECK_RECLAIMABLE = 0.1  # seconds between two looks whether a full pool holds a connection to reclaim
 PARK_AFTER = 5  # idle ticks after which the sync class's watchdog waits to be woken
@@ -74,6 +79,7 @@ class Handled:
     sock: socket.socket
     tid: int
     source: str | None
+    ident: int = 0  # the handler thread's Python ident (its stack, for --handler-timeout)
 
 
 class Watch:
@@ -93,6 +99,12 @@ class Watch:
         self.sources = sources if policy.max_per_source else None
         self.hand = hand
         self.tick = tick_interval(policy)
+        self.stuck_threads: set[int] = set()  # Python idents of handlers past --handler-timeout, not yet returned
+        # told the number of handler threads that did not return a full --handler-timeout after their connection
+        # was closed for it, when it grows (the worker recycles itself)
+        self.on_stuck: Callable[[int], None] = _ignore
+        # the handler's thread waits while another thread does its I/O (the relay's loop): never taken for stuck
+        self.io_elsewhere = False
         self.lock = lock or threading.RLock()  # also the worker's, around the record's counts
         self.epoll: select.epoll | None = None
         self.waiting: dict[int, tuple[socket.socket, Any]] = {}  # fd -> (socket, peer)
@@ -251,20 +263,24 @@ class Watch:
 
     # -- handlers' connections -----------------------------------------------------------------------
 
-    def begin(self, sock: Any, tid: int | None = None, since: float | None = None) -> None:
-        """A handler takes ``sock`` (its fd is the key): the calling thread's, or thread ``tid``'s since ``since``
-        (the sync class's watchdog registers the loop's handler once it runs past a tick)."""
+    def begin(self, sock: Any, tid: int | None = None, since: float | None = None, ident: int | None = None) -> None:
+        """A handler takes ``sock`` (its fd is the key): the calling thread's, or thread ``tid``'s (Python
+        ``ident``) since ``since`` (the sync class's watchdog registers the loop's handler once it runs past a
+        tick)."""
         fd = sock.fileno()
         with self.lock:
             self.since.pop(fd, None)
-            self.handled[fd] = Handled(sock, _native_id() if tid is None else tid, self._source_of.get(fd))
+            self.handled[fd] = Handled(sock, _native_id() if tid is None else tid, self._source_of.get(fd),
+                                       threading.get_ident() if ident is None else ident)
             self.admission.handed(fd, time.monotonic() if since is None else since)
 
     def end(self, sock: Any) -> bool:
         """The handler is done with ``sock``; True when the worker had closed it for a reason."""
         fd = sock.fileno()
         with self.lock:
-            self.handled.pop(fd, None)
+            handled = self.handled.pop(fd, None)
+            if handled is not None:
+                self.stuck_threads.discard(handled.ident)
             self.admission.forget(fd)
             ours = fd in self.closed_by_us
             self.closed_by_us.discard(fd)
@@ -280,7 +296,7 @@ class Watch:
     def due(self, now: float, handlers_busy: bool = False) -> float | None:
         """When the loop should call :meth:`turn` next (None: nothing to watch); ``handlers_busy``: the
         handlers have connections (some may not have said so yet)."""
-        if (handlers_busy or self.admission.handling) and self.policy.idle_timeout:
+        if (handlers_busy or self.admission.handling) and self.admission.watching():
             return max(self.next_tick, now - 1.0)
         return self.admission.next_deadline()
 
@@ -291,11 +307,40 @@ class Watch:
             received = self._samples()
             for key in self.admission.tick(now, received, self._on_client):
                 self._close_key(key)
+            for key in self.admission.stuck(now, received, _always if self.io_elsewhere else self._on_client):
+                self._stuck(key, now)
+            stuck = self._still_stuck(now) if self.stuck_threads else 0
+            if stuck > self.record.stuck_handlers:
+                self.record.stuck_handlers = stuck
+                self.on_stuck(stuck)
             if pressure:
                 self._reclaim(now, received)
             self.record.oldest_silent_since = self.admission.oldest_silent_since()
+            self.record.oldest_handler_since = self.admission.oldest_held_since()
             self.admission.flush_log(now)
-        self.next_tick = now + self.tick
+        self.next_tick = now + self.admission.interval()
+
+    def drain(self) -> None:
+        """The worker drains: ``--drain-idle`` applies from the next turn (safe from a signal handler)."""
+        self.admission.drain()
+        self.next_tick = 0.0
+
+    def _stuck(self, fd: Hashable, now: float) -> None:
+        """A handler past ``--handler-timeout``: its stack logged once, its connection shut down under it."""
+        handled = self.handled.get(fd) if isinstance(fd, int) else None
+        if handled is None or not isinstance(fd, int):
+            return
+        held = now - self.admission.handling[fd].since if fd in self.admission.handling else 0.0
+        log_stuck(handled.ident, handled.sock, held)
+        self.stuck_threads.add(handled.ident)
+        self._shut(fd)
+
+    def _still_stuck(self, now: float) -> int:
+        """Handlers whose connection was closed for ``--handler-timeout`` a full timeout ago and that have not
+        returned: each holds a thread for good."""
+        return sum(1 for fd, h in self.handled.items() if h.ident in self.stuck_threads
+                       and (conn := self.admission.handling.get(fd)) is not None
+                       and now - conn.since >= 2 * self.policy.handler_timeout)
 
     def reclaim(self, now: float) -> bool:
         """Every place is taken and a connection waits: reclaim one; False when every handler works."""
@@ -318,6 +363,10 @@ class Watch:
                 self._reclaimable = self.admission.any_reclaimable(now, self._on_client)
                 self._reclaimable_at = now + RECHECK_RECLAIMABLE
             return self._reclaimable
+
+    def stuck(self) -> int:
+        """Handlers whose connection was closed for ``--handler-timeout`` and that have not returned yet."""
+        return len(self.stuck_threads)
 
     def reclaiming(self) -> int:
         """Handlers' connections shut down for a reason whose handler has not returned yet."""
@@ -373,6 +422,26 @@ class Watch:
                     sock.close()
 
 
+def _ignore(stuck: int) -> None:
+    pass
+
+
+def _always(key: Hashable) -> bool:
+    return True
+
+
+def log_stuck(ident: int, sock: Any, held: float) -> None:
+    """The stack of handler thread ``ident``, stuck on ``sock`` (one ERROR line with the stack, as a hung worker's)."""
+    frame = sys._current_frames().get(ident)
+    stack = "".join(traceback.format_stack(frame)) if frame is not None else "(its stack is gone)\n"
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        peer = "?"
+    log.error("a handler has held the connection from %s for %.0fs without returning or exchanging a byte "
+              "(--handler-timeout); closing it. Its stack:\n%s", peer, held, stack.rstrip())
+
+
 _this_thread = threading.local()
 
 
@@ -400,7 +469,7 @@ def activity(sock: Any) -> Sample:
     if getattr(sock, "family", None) == socket.AF_UNIX:
         return Sample(None)
     seen = tcp_activity(sock)
-    return Sample(None) if seen is None else Sample(seen[0], silent_for=seen[1])
+    return Sample(None) if seen is None else Sample(seen[0], silent_for=seen[1], quiet_for=seen[2], unsent=seen[3])
 
 
 class Watchdog(threading.Thread):

@@ -103,3 +103,22 @@ class SecondEcho(BaseRequestHandler):
         data = self.request.recv(100)
         time.sleep(1)
         self.request.sendall(data)
+
+
+class SleepyEcho(BaseRequestHandler):
+    """Echoes what it receives; on ``sleep`` it sleeps for an hour inside handle() (a handler stuck for good)."""
+
+    def handle(self) -> None:
+        while data := self.request.recv(8192):
+            if data.startswith(b"sleep"):
+                time.sleep(3600)
+            self.request.sendall(data)
+
+
+async def sleepy_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """The asyncio form: on ``sleep`` it awaits an hour's sleep."""
+    while data := await reader.read(8192):
+        if data.startswith(b"sleep"):
+            await asyncio.sleep(3600)
+        writer.write(data)
+        await writer.drain()
