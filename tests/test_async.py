@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import resource
 import select
@@ -272,6 +273,27 @@ def test_out_of_file_descriptors_pauses_accepting(daemon_factory: Callable[..., 
         for s in waiting:  # served once descriptors are free again
             assert recv_exact(s, 1) == b"w"
             s.close()
+    assert d.status()["workers"][0]["pid"] == worker.pid
+
+
+@pytest.mark.parametrize("worker_class", ["async", "thread", "sync"])
+def test_the_connection_on_the_last_descriptor_is_served(daemon_factory: Callable[..., Daemon],
+                                                         worker_class: str) -> None:
+    """At the limit ``accept()`` fails with EMFILE even when nobody is queued: that is no reason to make
+    room, and the connection just accepted, whose first bytes are still on their way, is served."""
+    d = daemon_factory("-k", worker_class, "--workers", "1")
+    worker = psutil.Process(d.status()["workers"][0]["pid"])
+    _, hard = resource.prlimit(worker.pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(worker.pid, resource.RLIMIT_NOFILE, (worker.num_fds() + 2, hard))  # room for two
+    with contextlib.ExitStack() as held:
+        held.enter_context(echoed_connections(d, 1)[0])  # in a handler
+        s = held.enter_context(d.connect())  # on the last descriptor, its first bytes not sent yet
+        wait_for(lambda: d.status()["workers"][0]["active"] == 2, 10, "the second connection accepted")
+        s.sendall(b"late")
+        assert recv_exact(s, 4) == b"late"
+    if worker_class != "sync":  # (sync serves one at a time: the silent held one gives way to it, by design)
+        assert d.status()["workers"][0]["closed"]["reclaimed"] == 0
+    assert "pausing accepts" not in d.log()  # nobody was turned away: nothing to pause for
     assert d.status()["workers"][0]["pid"] == worker.pid
 
 
