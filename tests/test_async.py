@@ -26,12 +26,16 @@ LOOPS = ["uvloop", "asyncio"]  # uvloop is installed here (prefork[fast]); async
 
 def echoed_connections(d: Daemon, n: int) -> list[socket.socket]:
     """``n`` open connections, each known to be served (one byte echoed)."""
-    held = []
-    for i in range(n):
-        s = d.connect()
-        s.sendall(b"%d" % i)
-        assert recv_exact(s, 1) == b"%d" % i
-        held.append(s)
+    held: list[socket.socket] = []
+    try:
+        for i in range(n):
+            held.append(d.connect())
+            held[-1].sendall(b"%d" % i)
+            assert recv_exact(held[-1], 1) == b"%d" % i
+    except BaseException:
+        for s in held:  # a failure leaves none open to keep the daemon's stop draining
+            s.close()
+        raise
     return held
 
 
@@ -253,26 +257,27 @@ def test_out_of_file_descriptors_pauses_accepting(daemon_factory: Callable[..., 
     limit = worker.num_fds() + 2  # room for two connections
     _, hard = resource.prlimit(worker.pid, resource.RLIMIT_NOFILE)
     resource.prlimit(worker.pid, resource.RLIMIT_NOFILE, (limit, hard))
-    held = echoed_connections(d, 2)
-    waiting = [d.connect() for _ in range(2)]  # queued in the kernel: the worker has no descriptor for them
-    for s in waiting:
-        s.sendall(b"w")
-    if worker_class == "async":
-        # the built-in echo: the connections silent longest give way to the waiting ones (--reclaim-idle-after)
+    with contextlib.ExitStack() as opened:  # closed on a failure too: a held one would keep the stop draining
+        held = [opened.enter_context(s) for s in echoed_connections(d, 2)]
+        waiting = [opened.enter_context(d.connect()) for _ in range(2)]  # queued: no descriptor for them
         for s in waiting:
-            assert recv_exact(s, 1) == b"w"
-            s.close()
-        assert d.call("stats")["closed"]["reclaimed"] >= 1
-        for s in held:
-            s.close()
-    else:
-        # the held ones are in handlers, and none waits for its first bytes: the worker pauses
-        wait_for(lambda: "pausing accepts" in d.log(), 10, "the worker to notice it is out of descriptors")
-        for s in held:
-            s.close()
-        for s in waiting:  # served once descriptors are free again
-            assert recv_exact(s, 1) == b"w"
-            s.close()
+            s.sendall(b"w")
+        if worker_class == "async":
+            # the built-in echo: the connections silent longest give way to the waiting ones (--reclaim-idle-after)
+            for s in waiting:
+                assert recv_exact(s, 1) == b"w"
+                s.close()
+            assert d.call("stats")["closed"]["reclaimed"] >= 1
+            for s in held:
+                s.close()
+        else:
+            # the held ones are in handlers, and none waits for its first bytes: the worker pauses
+            wait_for(lambda: "pausing accepts" in d.log(), 10, "the worker to notice it is out of descriptors")
+            for s in held:
+                s.close()
+            for s in waiting:  # served once descriptors are free again
+                assert recv_exact(s, 1) == b"w"
+                s.close()
     assert d.status()["workers"][0]["pid"] == worker.pid
 
 
