@@ -227,6 +227,18 @@ def watch(epoll: select.epoll, fd: int) -> None:
         epoll.register(fd, select.EPOLLIN)
 
 
+def connection_pending(sock: socket.socket) -> bool:
+    """True when a connection waits in ``sock``'s accept queue (a poll that needs no descriptor).
+
+    Linux takes a descriptor for the new connection before it looks at the
+    queue, so ``accept()`` fails with EMFILE at the limit even when no client
+    waits: that failure alone says nothing about a connection to make room for.
+    """
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return any(ev & select.POLLIN for _, ev in poller.poll(0))
+
+
 def accept_failed(sock: socket.socket, exc: OSError) -> bool:
     """Log a failed ``accept()``; True when it failed for lack of resources and accepting should pause.
 

@@ -35,7 +35,7 @@ import termios
 import time
 from collections.abc import Callable, Iterable
 
-from prefork.listeners import ACCEPT_PAUSE, accept_failed, describe, watch
+from prefork.listeners import ACCEPT_PAUSE, accept_failed, connection_pending, describe, watch
 from prefork.scoreboard import Record
 from prefork.workers.admission import (
     ACCEPT_BATCH,
@@ -123,6 +123,8 @@ class EchoEngine:
             except OSError as exc:
                 if exc.errno in LISTENER_GONE_ERRNOS:
                     self._lose_listener(sock, exc)
+                elif exc.errno in (errno.EMFILE, errno.ENFILE) and not connection_pending(sock):
+                    return  # at the limit with nobody queued: no connection to make room for
                 elif exc.errno in (errno.EMFILE, errno.ENFILE) and self._make_room():
                     continue  # the quietest connections gave way: accept again
                 elif accept_failed(sock, exc):

@@ -40,7 +40,7 @@ from types import FrameType
 from typing import Any
 
 from prefork import logs, tls
-from prefork.listeners import ACCEPT_PAUSE, accept_failed, describe, watch
+from prefork.listeners import ACCEPT_PAUSE, accept_failed, connection_pending, describe, watch
 from prefork.scoreboard import Record
 from prefork.workers.admission import ACCEPT_BATCH, Reason
 from prefork.workers.balance import RECHECK
@@ -368,6 +368,8 @@ class WorkerServer(ConnectionHooks):
         except OSError as exc:
             if exc.errno in LISTENER_GONE_ERRNOS:
                 self._lose_listener(next((fd for fd, s in self._by_fd.items() if s is sock), -1), exc)
+            elif exc.errno in (errno.EMFILE, errno.ENFILE) and not connection_pending(sock):
+                return False  # at the limit with nobody queued: no connection to make room for, none to close
             elif exc.errno in (errno.EMFILE, errno.ENFILE) and self._watch.drop_oldest_waiting():
                 return True  # out of descriptors: the longest-waiting silent connection gave way; try again
             elif accept_failed(sock, exc):
