@@ -12,6 +12,8 @@ import os
 import select
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -224,6 +226,36 @@ def test_what_a_killed_worker_started_is_ended_with_it(daemon_factory: DaemonFac
     wait_for(lambda: not alive(child), 5, "the killed worker's child to be ended")
     wait_for(lambda: replaced(d, worker), 10, "a replacement")
     assert say(d, b"second client\n") == b"second client\n"
+
+
+# A worker's reset of the processes its handlers fork, alone: the worker's SIGTERM (its killpg, the master gone)
+# reaches the child before the child's own reset has run, the child's first at-fork hook being the kill.
+_EARLY_SIGTERM = """
+import os, signal, threading
+from prefork.workers.entry import reset_signals_in_forks
+
+signal.signal(signal.SIGTERM, lambda signum, frame: None)  # the worker's own handler
+os.register_at_fork(after_in_child=lambda: os.kill(os.getpid(), signal.SIGTERM))
+reset_signals_in_forks()
+statuses = []
+
+def fork_and_reap():
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)  # reached only if the SIGTERM was lost
+    statuses.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+
+fork_and_reap()  # a sync worker's handler: the main thread
+thread = threading.Thread(target=fork_and_reap)  # a thread worker's: a pool thread
+thread.start()
+thread.join()
+print(statuses, sorted(signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+"""
+
+
+def test_a_sigterm_reaching_a_handlers_child_before_its_reset_ends_it() -> None:
+    out = subprocess.run([sys.executable, "-c", _EARLY_SIGTERM], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == [f"[{-signal.SIGTERM},", f"{-signal.SIGTERM}]", "[]"], out
 
 
 def test_a_worker_whose_master_died_ends_its_group(daemon_factory: DaemonFactory) -> None:

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any, NoReturn
@@ -102,7 +103,7 @@ def _serve(spec: WorkerSpec, scoreboard: Scoreboard) -> int:
         signal.signal(signum, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGALRM, signal.SIG_DFL)  # the dead-man timer (WorkerLifecycle.push_deadman) ends us
-    os.register_at_fork(after_in_child=_as_a_handler_child)
+    reset_signals_in_forks()
     # SIGABRT from the master (a stale heartbeat), or a crash in C code: every thread's stack to the log
     faulthandler.enable(file=logs.fault_stream(), all_threads=True)
     tls.quiet_bad_server_names()
@@ -157,13 +158,48 @@ def _noop(signum: int, frame: FrameType | None) -> None:
     """A signal that means nothing to a worker."""
 
 
+def reset_signals_in_forks() -> None:
+    """Every process a handler forks starts with the default signal dispositions and mask, none lost on the way."""
+    os.register_at_fork(before=_hold_worker_signals, after_in_parent=_release_worker_signals,
+                        after_in_child=_as_a_handler_child)
+
+
+# Each forking thread's signal mask from before a handler's fork, put back in the worker after it
+# (by thread: two handler threads may be in their before hooks at once).
+_masks_before_fork: dict[int, set[int | signal.Signals]] = {}
+
+
+def _hold_worker_signals() -> None:
+    """Before a handler's fork: the worker's signals blocked in the forking thread, so the child is born so.
+
+    Between the fork and :func:`_as_a_handler_child` the child still has the
+    worker's handlers: a SIGTERM arriving then (the worker ending its group
+    right away, its master gone) would be caught by the worker's handler and
+    lost when the child resets it. Blocked, it waits for the default action.
+    """
+    with contextlib.suppress(ValueError, OSError):
+        _masks_before_fork[threading.get_ident()] = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_SIGNALS)
+
+
+def _release_worker_signals() -> None:
+    """After a handler's fork, in the worker: the forking thread's mask as it was."""
+    mask = _masks_before_fork.pop(threading.get_ident(), None)
+    if mask is not None:
+        with contextlib.suppress(ValueError, OSError):
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 def _as_a_handler_child() -> None:
     """In a process a handler forks: the default signal dispositions and mask, not the worker's.
 
     Inherited, the worker's no-op handlers would make it ignore SIGTERM (it
     would outlive the daemon holding the port), and the worker's wakeup fd
-    would carry the signals meant for the child to the worker's loop.
+    would carry the signals meant for the child to the worker's loop. The
+    child is born with the worker's signals blocked (:func:`_hold_worker_signals`):
+    one sent to it before this ran is pending, and takes its default action
+    when the mask is cleared, last.
     """
+    _masks_before_fork.clear()  # the worker's
     with contextlib.suppress(ValueError, OSError):
         signal.set_wakeup_fd(-1)
     for signum in _WORKER_SIGNALS:
