@@ -193,4 +193,7 @@ def _become_worker(spec: WorkerSpec, scoreboard: Scoreboard, sock: socket.socket
         os._exit(MOLD_CRASHED)
     if go != b"1":  # the mold died before the master learnt about us: a worker nobody supervises must not serve
         os._exit(MOLD_OK)
+    # The log files afresh: the mold's streams are the ones open when it started, and a reopen (USR1, after
+    # logrotate) since then reached the master and the workers, not the mold.
+    logs.reopen()
     run_worker(spec, scoreboard)
