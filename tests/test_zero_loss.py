@@ -111,8 +111,12 @@ def test_upgrade_and_stop_replies_say_what_happened(daemon_factory: Callable[...
     assert stop.returncode == 0, stop.stderr
     report = json.loads(stop.stdout)["report"]
     assert report["exit_status"] == 0 and report["reset_in_queue"] == 0
-    assert report["queued_at_stop"] >= 10 and report["served_from_queue"] == report["queued_at_stop"]
-    assert 0 < report["queue_s"] <= report["stop_s"] < 30
+    # How many of the 20 are still in the kernel's queue at the stop varies: while its handler waits on a
+    # client, a sync worker takes queued ones into its waiting room, and those are then its open connections,
+    # served by the stop (README, TERM), not the queue's. What must hold: the report's counts agree with each
+    # other, nothing is reset, and every client gets its answer.
+    assert 0 <= report["served_from_queue"] == report["queued_at_stop"] <= 20
+    assert 0 <= report["queue_s"] <= report["stop_s"] < 30
     assert report["listen_overflows"] >= 0 and report["listen_drops"] >= 0
     for i, s in enumerate(clients):
         with s:
