@@ -4,7 +4,7 @@
 fresh virtual environment outside the checkout (nothing of the checkout on
 ``sys.path``), serves the echo handler; the shipped units' ``ExecStart`` and
 ``ExecReload`` command lines run that install through the ``/usr/local/bin``
-links the README's install steps make; ``scripts/serve`` in a fresh copy of the
+links the install steps of docs/install.md make; ``scripts/serve`` in a fresh copy of the
 checkout installs what serving needs, not the test tools, and serves exactly
 the address it is given. pip installs from the configured index and its cache;
 every step is bounded.
@@ -61,7 +61,7 @@ def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def venv(dist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """/opt/prefork of the README, somewhere under /tmp: a fresh venv with the wheel (and its fast extra)."""
+    """/opt/prefork of docs/install.md, somewhere under /tmp: a fresh venv with the wheel (and its fast extra)."""
     where = tmp_path_factory.mktemp("opt") / "prefork"
     run([sys.executable, "-m", "venv", str(where)], timeout=120, cwd=where.parent)
     wheel = next(dist.glob("prefork-*.whl"))
@@ -124,7 +124,8 @@ def test_build_makes_a_wheel_and_an_sdist(dist: Path) -> None:
     with tarfile.open(sdist) as t:
         inside = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
     assert {"pyproject.toml", "README.md", "prefork/cli.py", "systemd/prefork.service", "systemd/prefork@.service",
-            "systemd/prefork.socket", "systemd/prefork.toml", "docs/hardening.md"} <= inside
+            "systemd/prefork.socket", "systemd/prefork.toml", "docs/hardening.md", "docs/install.md",
+            "docs/containers/Containerfile", "docs/containers/deployment.yaml"} <= inside
 
 
 def test_the_wheel_serves_from_a_fresh_environment(venv: Path, tmp_path: Path) -> None:
@@ -154,7 +155,7 @@ def unit_command(unit: str, key: str) -> list[str]:
 
 
 def test_the_units_command_lines_run_that_install(venv: Path, tmp_path: Path) -> None:
-    """README, "Installing the service": links in /usr/local/bin to the venv's commands, the example
+    """docs/install.md, "As a system service": links in /usr/local/bin to the venv's commands, the example
     configuration in /etc/prefork, the unit's RuntimeDirectory. Here each of those is under tmp_path."""
     bindir = tmp_path / "usr-local-bin"
     bindir.mkdir()

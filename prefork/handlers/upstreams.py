@@ -24,7 +24,7 @@ tries, and records what happened to each attempt. With
 ``check_interval`` set, :meth:`Balancer.start_checks` runs the active
 checks in a thread of each worker; a check is claimed per upstream in the
 board, so each upstream is checked once per interval whatever the number of
-workers (see README, "The relay as a load balancer").
+workers (see docs/relay.md, "The relay as a load balancer").
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ class UpstreamBoard:
         return Health(int(slot.state), int(slot.failures), float(slot.retry_at))
 
     def describe(self, now: float, wall: float) -> list[dict[str, Any]]:
-        """Every listed upstream, as ``status`` and ``stats`` show it (see README)."""
+        """Every listed upstream, as ``status`` and ``stats`` show it (see docs/relay.md)."""
         out = []
         for index, slot in enumerate(self.slots):
             if not slot.listed:

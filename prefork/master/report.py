@@ -284,7 +284,7 @@ def status(snap: Snapshot) -> dict[str, Any]:
         # the TLS listeners by address (a plain one is not there), and the relay's TLS to its upstreams
         "tls": {li.address: listener_tls_info(li, snap.wall_time) for li in snap.tls.listeners},
         "relay_tls": relay_tls_info(snap.tls.relay),
-        # each --relay upstream: state, weight, open connections, failures, last check (README)
+        # each --relay upstream: state, weight, open connections, failures, last check (docs/relay.md)
         "upstreams": [dict(u) for u in snap.upstreams],
         "control": snap.control,
         "workers": [worker_info(w, by_generation.get(w.generation, 0)) for w in snap.workers],

@@ -117,7 +117,7 @@ def _serve(spec: WorkerSpec, scoreboard: Scoreboard) -> int:
         channel.send(Event.BOOT_ERROR, str(exc))
         return WORKER_BOOT_ERROR
     if spec.config.relay:
-        handler.start_checks()  # the relay's active checks, if any: a thread of this worker (README)
+        handler.start_checks()  # the relay's active checks, if any: a thread of this worker (docs/relay.md)
     build_worker(spec, handler, scoreboard, channel).run()
     return WORKER_OK
 

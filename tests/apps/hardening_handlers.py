@@ -12,6 +12,7 @@ import contextlib
 import os
 import socket
 import socketserver
+import subprocess
 import sys
 import time
 
@@ -120,3 +121,17 @@ class CloseListeners(asyncio.Protocol):
                 with contextlib.suppress(OSError):
                     close_listening_descriptors()
             self.transport.write(line + b"\n")
+
+
+ORPHAN_LIFETIME = 2.0  # seconds an abandoned process lives: long enough for a test to see whose child it became
+
+
+class LeavesAnOrphan(socketserver.StreamRequestHandler):
+    """``orphan`` starts a shell that leaves a ``sleep`` behind it (a background job) and exits; the sleep,
+    orphaned, is re-parented to the nearest subreaper or to PID 1. Every line is echoed."""
+
+    def handle(self) -> None:
+        for line in self.rfile:
+            if line.strip() == b"orphan":
+                subprocess.run(["sh", "-c", f"sleep {ORPHAN_LIFETIME:g} >/dev/null 2>&1 &"], check=True, timeout=10)
+            self.wfile.write(line)
