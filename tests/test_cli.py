@@ -304,7 +304,8 @@ def test_check_config_bad_file(tmp_path: Path) -> None:
     config.write_text("threads = 0\n")
     result = run_prefork(tmp_path, "--check-config", "--config", str(config))
     assert result.returncode != 0
-    assert result.stderr.strip() == "prefork: error: threads: 0 is out of range (1-10000)"
+    # the value names the file it came from
+    assert result.stderr.strip() == f"prefork: error: config file {config}: threads: 0 is out of range (1-10000)"
 
 
 # -- the TOML config file with a running daemon --------------------------------------------------------
