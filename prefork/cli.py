@@ -75,7 +75,8 @@ def add_option(group: argparse._ArgumentGroup, setting: Setting) -> None:
         options["action"] = argparse.BooleanOptionalAction if setting.negatable else "store_true"
     else:
         options["metavar"] = setting.metavar
-        options["type"] = {"int": int, "float": float}.get(setting.kind, str)
+        if setting.kind in ("int", "float"):
+            options["type"] = {"int": int, "float": float}[setting.kind]
         if setting.choices:
             options["choices"] = setting.choices
         if setting.kind == "list" and setting.repeat:
@@ -121,7 +122,7 @@ def changed_settings(loaded: Loaded) -> list[str]:
         value = getattr(loaded.config, setting.attr)
         if value == setting.default_value():
             continue
-        shown = ", ".join(value) if isinstance(value, tuple) else value
+        shown = (", ".join(value) or "none") if isinstance(value, tuple) else value
         if isinstance(shown, bool):
             shown = "true" if shown else "false"
         origin = loaded.origins.get(setting.name, "implied by the other settings")

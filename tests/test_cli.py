@@ -44,10 +44,10 @@ def kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-def run_prefork(tmp_path: Path, *args: str) -> Result:
+def run_prefork(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> Result:
     """Run ``python -m prefork ARGS`` to completion in its own session; fail if anything of it is left running."""
     proc = subprocess.Popen([sys.executable, "-m", "prefork", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True, env=child_env(), cwd=str(tmp_path))
+                            start_new_session=True, env=env or child_env(), cwd=str(tmp_path))
     try:
         out, err = proc.communicate(timeout=RUN_TIMEOUT)
     except subprocess.TimeoutExpired:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_cli import run_prefork
 
 from conftest import ROOT, child_env, exchange, start_daemon
 from prefork import OptionError, PreforkServer, ServerOptions
@@ -238,17 +239,12 @@ def test_the_api_reads_the_environment_under_its_keywords(monkeypatch: pytest.Mo
 # -- real processes ------------------------------------------------------------------------------------------
 
 
-def run_prefork(tmp_path: Path, *args: str, **environ: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "prefork", *args], capture_output=True, text=True,
-                          env=child_env(**environ), cwd=str(tmp_path), timeout=RUN_TIMEOUT, start_new_session=True)
-
-
 def test_check_config_says_where_each_value_came_from(tmp_path: Path) -> None:
     config = tmp_path / "prefork.toml"
     config.write_text('workers = 3\nthreads = 7\nbacklog = 100\nlog-level = "warning"\n')
-    result = run_prefork(tmp_path, "--check-config", "--workers", "4", "--control", str(tmp_path / "c.sock"),
-                         PREFORK_CONFIG=str(config), PREFORK_WORKERS="5", PREFORK_THREADS="9",
-                         PREFORK_BIND="127.0.0.1:0", PREFORK_PRELOAD="no")
+    env = child_env(PREFORK_CONFIG=str(config), PREFORK_WORKERS="5", PREFORK_THREADS="9", PREFORK_BIND="127.0.0.1:0",
+                    PREFORK_PRELOAD="no")
+    result = run_prefork(tmp_path, "--check-config", "--workers", "4", "--control", str(tmp_path / "c.sock"), env=env)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("configuration OK: 4 thread worker(s)") and "on 127.0.0.1:0" in lines[0]
@@ -273,7 +269,7 @@ def test_check_config_says_where_each_value_came_from(tmp_path: Path) -> None:
 def test_bad_environment_stops_the_command_in_one_line(tmp_path: Path, environ: dict[str, str],
                                                        message: str) -> None:
     for args in (["--check-config"], ["--workers", "1"]):  # checking, and starting: nothing starts
-        result = run_prefork(tmp_path, *args, **environ)
+        result = run_prefork(tmp_path, *args, env=child_env(**environ))
         assert result.returncode == 2 and result.stdout == ""
         assert result.stderr.splitlines() == [message]
 
