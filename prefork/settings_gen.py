@@ -133,6 +133,8 @@ def _entry(setting: Setting) -> list[str]:
         lines.append(f"- environment: `{setting.env_var}`")
     if setting.toml:
         lines.append(f"- config file: `{setting.key}`")
+    if (setting.toml and setting.name not in API_ARGUMENTS) or setting.name == "config":
+        lines.append(f"- Python API: `{setting.name}=`")
     return [*lines, ""]
 
 

@@ -118,6 +118,8 @@ def test_every_option_is_documented() -> None:
             assert f"`{setting.env_var}`" in text, setting.name
         if setting.toml:
             assert f"config file: `{setting.key}`" in text, setting.name
+    for keyword in ServerOptions.__annotations__:
+        assert f"- Python API: `{keyword}=`" in text, keyword
     for group in GROUPS:
         assert f"\n## {group}\n" in text
 
