@@ -396,7 +396,11 @@ class Loaded:
 
 
 def build_config(overrides: Mapping[str, Any], config_file: str | None = None) -> Config:
-    """Merge the config file (if any) under ``overrides`` (the command line) and check it all."""
+    """Merge the config file (if any) under ``overrides`` (the command line) and check it all.
+
+    The environment is not read here (a reload's ``overrides`` already hold
+    what it gave at the start): :func:`load_config` reads it.
+    """
     return load_config(overrides, config_file).config
 
 
