@@ -12,16 +12,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import signal
 import socketserver
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_cli import run_prefork
+from test_cli import run_prefork, wait_generation
 
-from conftest import ROOT, child_env, exchange, start_daemon
+from conftest import ROOT, Daemon, child_env, exchange, start_daemon
 from prefork import OptionError, PreforkServer, ServerOptions
 from prefork.cli import build_parser
 from prefork.config import _FIELD_TYPES, Config, ConfigError, build_config, environ_settings, load_config
@@ -287,3 +289,15 @@ def test_a_daemon_started_from_the_environment_alone(tmp_path: Path) -> None:
         assert exchange(daemon.address(), b"from the environment\n") == b"from the environment\n"
     finally:
         daemon.stop()
+
+
+def test_a_reload_reads_the_file_again_under_the_environment(tmp_path: Path,
+                                                             daemon_factory: Callable[..., Daemon]) -> None:
+    config = tmp_path / "prefork.toml"
+    config.write_text('workers = 3\nhandler = "recipe_handlers:EchoHandler"\n')
+    d = daemon_factory(workers=None, env=child_env(PREFORK_CONFIG=str(config), PREFORK_WORKERS="1"))
+    assert d.status()["target_workers"] == 1
+    config.write_text('workers = 3\nhandler = "recipe_handlers:StreamEchoHandler"\n')
+    d.signal(signal.SIGHUP)
+    st = wait_generation(d, 2, 1)  # the file's new handler, the environment's worker count still
+    assert (st["target_workers"], st["handler"]) == (1, "recipe_handlers:StreamEchoHandler")
