@@ -8,7 +8,10 @@ The socketserver recipe changes by one line::
 Every option of the ``prefork`` command is a keyword argument of the same
 name (:class:`ServerOptions`), checked by the same code (:mod:`prefork.config`)
 when the server is made; a mistake raises :class:`OptionError` before
-anything is bound. The handler is the object itself, so it may live in the
+anything is bound. The ``PREFORK_*`` environment variables apply as they do
+to the command (a container sets them for a program too), under the keyword
+arguments, which win; the handler and the address are arguments, so
+``PREFORK_HANDLER`` and ``PREFORK_BIND`` never apply here. The handler is the object itself, so it may live in the
 script that runs (``__main__``): the master is forked from this process, and
 forked workers use the object they already hold.
 
@@ -51,12 +54,13 @@ import threading
 import traceback
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Literal, NoReturn, TypedDict, Unpack
+from typing import Any, NoReturn, Unpack
 
 from prefork import logs
 from prefork.cli import build_master, prepare_master
-from prefork.config import DEFAULT_BIND, SETTINGS, Config, ConfigError, build_config, quote
+from prefork.config import DEFAULT_BIND, SETTINGS, Config, ConfigError, load_config, quote
 from prefork.control import ControlConnection
+from prefork.generated_settings import ServerOptions
 from prefork.master.loop import Master
 from prefork.master.reload import Waiter
 from prefork.mold.process import MOLD_ENV, MoldSpec, run_mold
@@ -77,71 +81,6 @@ EXIT_FAILED = 1
 Address = tuple[str, int] | str
 Handler = (type[socketserver.BaseRequestHandler] | type[asyncio.BaseProtocol]
            | Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]] | str)
-PathArg = str | os.PathLike[str]
-
-
-class ServerOptions(TypedDict, total=False):
-    """The keyword arguments: the ``prefork`` command's long options, ``-`` spelt ``_`` (``prefork --help``)."""
-
-    config: PathArg  # a TOML file, as --config; keyword arguments win over it
-    workers: int
-    worker_class: Literal["sync", "thread", "async"]
-    threads: int
-    loop: Literal["auto", "asyncio", "uvloop"]
-    balance: Literal["on", "off"]
-    max_connections: int
-    idle_timeout: float
-    reclaim_idle_after: float
-    max_connections_per_source: int
-    drain_idle: float
-    handler_timeout: float
-    timeout: float
-    graceful_timeout: float
-    max_requests: int
-    max_requests_jitter: int
-    max_worker_memory: int
-    reload_batch: int
-    reload_canary: float
-    reload_probation: float
-    backlog: int
-    name: str
-    control: PathArg
-    log_level: Literal["debug", "info", "warning", "error", "critical"]
-    log_file: PathArg
-    access_log: PathArg
-    metrics_bind: str
-    agent_bind: str
-    user: str | int
-    group: str | int
-    proxy_protocol: bool
-    proxy_allow: str | Sequence[str]
-    proxy_timeout: float
-    relay: str | Sequence[str]
-    relay_connect_timeout: float
-    relay_idle_timeout: float
-    relay_send_proxy: bool
-    relay_balance: str
-    relay_check_interval: float
-    relay_slow_start: float
-    relay_check_send: str
-    relay_check_expect: str
-    preload: bool
-    certfile: PathArg
-    keyfile: PathArg
-    keyfile_password_file: PathArg
-    ca_certs: PathArg
-    cert_reqs: Literal["none", "optional", "required"]
-    tls_min_version: Literal["1.2", "1.3"]
-    ciphers: str
-    alpn: str | Sequence[str]
-    sni: str | Sequence[str]
-    tls_handshake_timeout: float
-    tls_bind: str | Sequence[str]
-    relay_tls: bool
-    relay_ca_certs: PathArg
-    relay_sni: str
-    relay_certfile: PathArg
-    relay_keyfile: PathArg
 
 
 KEYWORDS = (*(k for k in SETTINGS if k not in ("handler", "bind")), "config")
@@ -212,7 +151,8 @@ def make_config(handler: Handler, address: Address | list[Address], options: Map
     if isinstance(handler, str):
         settings["handler"] = handler
     try:
-        config = build_config(settings, config_file)
+        # the PREFORK_* variables too, under the keywords: a container sets them for a program as for the command
+        config = load_config(settings, config_file, os.environ, given_by="keyword argument").config
         if not isinstance(handler, str):
             config = dataclasses.replace(config, handler=handler_name(handler), handler_object=handler)
         # the worker class can run it (a "module:Class" is imported now, as --check-config), and the

@@ -12,21 +12,16 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from prefork import __version__, logs
 from prefork.config import (
-    BALANCE_MODES,
-    CERT_REQS,
-    DEFAULT_BIND,
-    DEFAULT_HANDLER,
-    LOG_LEVELS,
-    LOOPS,
-    TLS_VERSIONS,
-    WORKER_CLASSES,
     Config,
     ConfigError,
-    build_config,
+    Loaded,
+    cut,
     default_control_path,
     describe_handler,
+    load_config,
     parse_bind,
 )
+from prefork.settings import COMMAND_OPTIONS, GROUPS, SETTINGS, Setting
 from prefork.usage import Parser
 
 if TYPE_CHECKING:
@@ -53,153 +48,40 @@ class _Parser(Parser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line, built from the settings table (prefork.settings), in its groups."""
     p = _Parser(
         prog="prefork",
-        description="Run a socketserver request handler in a supervised pool of preforked worker processes.",
+        description="Run a socketserver request handler in a supervised pool of preforked worker processes. "
+        "Every option can also be given as a PREFORK_* environment variable (--workers: PREFORK_WORKERS) or a "
+        "key of the --config file; the command line wins over the environment, which wins over the file.",
         epilog="Signals: TERM graceful stop, INT/QUIT fast stop, HUP reload, TTIN/TTOU one worker more/less, "
         "USR1 reopen log files, USR2 upgrade the master program. Control it with preforkctl.",
-        argument_default=argparse.SUPPRESS,  # only what the user gave overrides the config file
+        argument_default=argparse.SUPPRESS,  # only what the user gave overrides the environment and config file
     )
-    p.add_argument("handler", nargs="?", metavar="HANDLER",
-                   help=f"request handler as module:Class (default {DEFAULT_HANDLER}, an echo server)")
-    p.add_argument("-b", "--bind", action="append", metavar="ADDR",
-                   help=f"HOST:PORT, [V6]:PORT or unix:PATH to listen on; repeatable (default {DEFAULT_BIND})")
-    p.add_argument("-w", "--workers", type=int, metavar="N", help="worker processes (default: CPU count)")
-    p.add_argument("-k", "--worker-class", choices=WORKER_CLASSES, metavar="CLASS",
-                   help="sync: one connection at a time per worker; thread (default): a bounded thread pool; "
-                        "async: an asyncio (uvloop) event loop for asyncio.Protocol or async def handlers")
-    p.add_argument("--threads", type=int, metavar="N", help="threads per thread worker (default 32)")
-    p.add_argument("--loop", choices=LOOPS, metavar="LOOP",
-                   help="the async workers' event loop: auto (default: uvloop when installed), asyncio or uvloop")
-    p.add_argument("--balance", choices=BALANCE_MODES, metavar="on|off",
-                   help="on (default): a worker holding clearly more than its share of open connections "
-                        "stops accepting until its siblings catch up; off: the kernel alone decides")
-    p.add_argument("--max-connections", type=int, metavar="N",
-                   help="open connections per async worker before it stops accepting (default 0: no cap); "
-                        "refused for sync and thread workers, which --threads bounds")
-    p.add_argument("--idle-timeout", type=float, metavar="SECS",
-                   help="close a connection that receives nothing for SECS, whether it waits for its first "
-                        "bytes or its handler waits on it (default 60; 0: never)")
-    p.add_argument("--reclaim-idle-after", type=float, metavar="SECS",
-                   help="when every place is taken and a connection waits, close the one whose handler waits "
-                        "on its client and that sent the fewest bytes over the last SECS (default 10)")
-    p.add_argument("--max-connections-per-source", type=int, metavar="N",
-                   help="open connections per client address across all workers (the PROXY header's when "
-                        "it sends one; IPv6 per /64); more are closed at accept (default 0: no limit)")
-    p.add_argument("--drain-idle", type=float, metavar="SECS",
-                   help="while a worker drains (stop, reload, scale-down, recycling, drain --close), close a "
-                        "connection that received nothing for SECS and has nothing left to send; busy ones "
-                        "keep --graceful-timeout (default 10; 0: never)")
-    p.add_argument("--handler-timeout", type=float, metavar="SECS",
-                   help="a handler that has held one connection SECS without returning, exchanging no byte "
-                        "with its client and not waiting on it: its stack is logged once and the connection "
-                        "closed; a thread that still does not return recycles its worker (default 0: off)")
-    p.add_argument("--timeout", type=float, metavar="SECS",
-                   help="kill and replace a worker whose serving loop stalls this long (default 30); "
-                        "with sync workers this bounds one connection's duration")
-    p.add_argument("--graceful-timeout", type=float, metavar="SECS",
-                   help="on stop and reload, how long open connections may take to finish (default 30)")
-    p.add_argument("--max-requests", type=int, metavar="N",
-                   help="recycle a worker after N connections (default 0: never)")
-    p.add_argument("--max-requests-jitter", type=int, metavar="N",
-                   help="add 0..N to --max-requests per worker so they do not recycle together")
-    p.add_argument("--max-worker-memory", type=int, metavar="MIB",
-                   help="replace a worker whose own memory (USS) exceeds MIB: it stops accepting at once, its "
-                        "successor starts; at most a quarter of the workers at a time (default 0: no limit)")
-    p.add_argument("--reload-batch", type=int, metavar="N",
-                   help="on reload, replace N workers at a time, each batch serving before the old ones it "
-                        "replaces drain (default 0: the whole generation at once)")
-    p.add_argument("--reload-canary", type=float, metavar="SECS",
-                   help="on reload, one new worker serves beside the old generation for SECS first; the reload "
-                        "goes on only if it does no worse (default 0: no canary)")
-    p.add_argument("--reload-probation", type=float, metavar="SECS",
-                   help="after a reload, keep the old generation's mold for SECS and roll back to it if the new "
-                        "workers die young or fail more than the old ones did (default 0: no probation)")
-    p.add_argument("--backlog", type=int, metavar="N", help="listen backlog (default 2048)")
-    p.add_argument("--name", metavar="NAME", help="instance name for titles and the control socket (default prefork)")
-    p.add_argument("--control", metavar="PATH", help="control socket path (default RUNTIME_DIR/NAME.sock)")
-    p.add_argument("-c", "--config", metavar="FILE",
-                   help="TOML file with the long options as keys; the command line wins")
-    p.add_argument("--check-config", action="store_true", help="check the configuration and handler, then exit")
-    p.add_argument("--log-level", choices=LOG_LEVELS, metavar="LEVEL", help=f"{', '.join(LOG_LEVELS)} (default info)")
-    p.add_argument("--log-file", metavar="PATH", help="log to PATH instead of stderr (USR1 reopens it)")
-    p.add_argument("--access-log", metavar="PATH|-",
-                   help="one line per connection (peer, duration, bytes in/out) to PATH or - for stdout")
-    p.add_argument("--metrics-bind", metavar="HOST:PORT",
-                   help="serve Prometheus metrics at http://HOST:PORT/metrics (and /healthz, /readyz) "
-                        "from the master")
-    p.add_argument("--agent-bind", metavar="HOST:PORT",
-                   help="answer HAProxy's agent-check on HOST:PORT: up with a weight from the free capacity, "
-                        "drain, or maint")
-    p.add_argument("--user", metavar="USER",
-                   help="after binding (as root), run the master and workers as USER (name or uid)")
-    p.add_argument("--group", metavar="GROUP", help="and as GROUP (default: USER's primary group)")
-    p.add_argument("--proxy-protocol", action="store_true",
-                   help="expect a PROXY protocol v1/v2 header on every connection (from --proxy-allow peers)")
-    p.add_argument("--proxy-allow", metavar="CIDR,...",
-                   help="peers that send PROXY headers (default: all); others are served as they are")
-    p.add_argument("--proxy-timeout", type=float, metavar="SECS",
-                   help="how long a PROXY header may take to arrive (default 5)")
-    p.add_argument("--relay", action="append", metavar="HOST:PORT[,weight=N][,backup][,maxconn=N]",
-                   help="serve the built-in TCP relay to this upstream; repeatable: balanced (--relay-balance) "
-                        "with failover; a backup is used only while every other upstream is down, maxconn "
-                        "caps its connections over all workers (a client over it goes to the next upstream)")
-    p.add_argument("--relay-connect-timeout", type=float, metavar="SECS",
-                   help="how long connecting to an upstream may take before the next is tried (default 5)")
-    p.add_argument("--relay-idle-timeout", type=float, metavar="SECS",
-                   help="close a relayed connection idle this long both ways (default 300, 0: never)")
-    p.add_argument("--relay-send-proxy", action="store_true",
-                   help="announce each client to the upstream with a PROXY protocol v2 header")
-    p.add_argument("--relay-balance", choices=("leastconn", "roundrobin"),
-                   help="how the relay picks an upstream: fewest open connections over every worker for its "
-                        "weight (default), or weighted round robin")
-    p.add_argument("--relay-check-interval", type=float, metavar="SECS",
-                   help="check each upstream this often (TCP connect, PROXY LOCAL header with "
-                        "--relay-send-proxy, TLS with --relay-tls) (default 0: passive health only)")
-    p.add_argument("--relay-check-send", metavar="TEXT",
-                   help="what a check sends once connected (escapes: \\r \\n \\t \\\\ \\xHH)")
-    p.add_argument("--relay-check-expect", metavar="TEXT",
-                   help="what the upstream's answer to a check must contain (default: no answer awaited)")
-    p.add_argument("--relay-slow-start", type=float, metavar="SECS",
-                   help="an upstream that comes back reaches its full weight over this long (default 0: at once)")
-    p.add_argument("--preload", action=argparse.BooleanOptionalAction,
-                   help="on (default): each generation's mold imports the handler once and forks its workers, "
-                        "which share its memory and run its code (respawns too); --no-preload: each worker "
-                        "imports the handler itself after the master forks it (for handlers whose import starts "
-                        "threads or opens connections)")
-    _add_tls_options(p)
-    p.add_argument("--version", action="version", version=f"prefork {__version__}")
+    groups = {name: p.add_argument_group(name, about) for name, about in GROUPS.items()}
+    for setting in (*SETTINGS[:1], *COMMAND_OPTIONS, *SETTINGS[1:]):  # the handler, --config first
+        add_option(groups[setting.group], setting)
+    groups["general"].add_argument("--version", action="version", version=f"prefork {__version__}")
     return p
 
 
-def _add_tls_options(p: argparse.ArgumentParser) -> None:
-    tls = p.add_argument_group("TLS", "with --certfile every --bind address speaks TLS, unless --tls-bind lists "
-                               "the ones that do; a [[listener]] table in the config file sets them per address")
-    tls.add_argument("--certfile", metavar="PEM", help="the server's certificate chain (PEM)")
-    tls.add_argument("--keyfile", metavar="PEM", help="its private key (default: in --certfile)")
-    tls.add_argument("--keyfile-password-file", metavar="FILE", help="read the key's passphrase from FILE")
-    tls.add_argument("--ca-certs", metavar="PEM", help="CAs that sign client certificates (mutual TLS)")
-    tls.add_argument("--cert-reqs", choices=CERT_REQS, metavar="none|optional|required",
-                     help="whether clients must present a certificate signed by --ca-certs (default none)")
-    tls.add_argument("--tls-min-version", choices=TLS_VERSIONS, metavar="1.2|1.3",
-                     help="the oldest TLS version accepted (default 1.2)")
-    tls.add_argument("--ciphers", metavar="LIST", help="OpenSSL cipher list for TLS 1.2 (default: OpenSSL's)")
-    tls.add_argument("--alpn", action="append", metavar="PROTO[,PROTO]",
-                     help="ALPN protocols offered, most preferred first; repeatable")
-    tls.add_argument("--sni", action="append", metavar="NAME=CERT[,KEY]",
-                     help="serve CERT to clients asking for server NAME (or *.domain); repeatable")
-    tls.add_argument("--tls-handshake-timeout", type=float, metavar="SECS",
-                     help="close a connection whose TLS handshake takes longer (default 10)")
-    tls.add_argument("--tls-bind", action="append", metavar="ADDR",
-                     help="listen on ADDR with TLS, beside the plain --bind addresses; repeatable")
-    tls.add_argument("--relay-tls", action="store_true",
-                     help="connect to the --relay upstreams with TLS, verifying their certificate")
-    tls.add_argument("--relay-ca-certs", metavar="PEM", help="CAs the upstreams' certificates are checked against "
-                     "(default: the system's)")
-    tls.add_argument("--relay-sni", metavar="NAME",
-                     help="the server name asked for and verified upstream (default: the upstream's host)")
-    tls.add_argument("--relay-certfile", metavar="PEM", help="a client certificate for upstreams that ask for one")
-    tls.add_argument("--relay-keyfile", metavar="PEM", help="its private key (default: in --relay-certfile)")
+def add_option(group: argparse._ArgumentGroup, setting: Setting) -> None:
+    """``setting``'s flag (or argument): its type, choices and help, the default shown, from the table."""
+    options: dict[str, Any] = {"help": setting.full_help().replace("%", "%%")}
+    if setting.positional:
+        group.add_argument(setting.name, nargs="?", metavar=setting.metavar, **options)
+        return
+    if setting.kind == "bool":
+        options["action"] = argparse.BooleanOptionalAction if setting.negatable else "store_true"
+    else:
+        options["metavar"] = setting.metavar
+        if setting.kind in ("int", "float"):
+            options["type"] = {"int": int, "float": float}[setting.kind]
+        if setting.choices:
+            options["choices"] = setting.choices
+        if setting.kind == "list" and setting.repeat:
+            options["action"] = "append"
+    group.add_argument(*(flag for flag in (setting.short, setting.option) if flag), **options)
 
 
 def parse_args(argv: list[str]) -> tuple[dict[str, Any], str | None, bool]:
@@ -210,8 +92,10 @@ def parse_args(argv: list[str]) -> tuple[dict[str, Any], str | None, bool]:
     return ns, config_file, check
 
 
-def check_config(config: Config) -> str:
-    """Load the handler in this process (we exit right after) and summarise the config."""
+def check_config(loaded: Loaded) -> str:
+    """Load the handler in this process (we exit right after) and summarise the config: a line, then each
+    setting that is not at its default, with where it came from."""
+    config = loaded.config
     from prefork import tls
     from prefork.workers.loading import handler_for
 
@@ -226,8 +110,24 @@ def check_config(config: Config) -> str:
         f"; TLS on {spec}: {cert.subject}, expires {cert.describe()['not_after']}"
         + (f" (for {cert.server_name})" if cert.server_name else "")
         for spec, cert in setup.certificates())
-    return (f"configuration OK: {config.workers} {config.worker_class} worker(s){loop} of "
-            f"{describe_handler(config)} on {', '.join(config.binds)}{certificates}")
+    summary = (f"configuration OK: {config.workers} {config.worker_class} worker(s){loop} of "
+               f"{describe_handler(config)} on {', '.join(config.binds)}{certificates}")
+    return "\n".join([summary, *changed_settings(loaded)])
+
+
+def changed_settings(loaded: Loaded) -> list[str]:
+    """``  workers = 4  (environment variable PREFORK_WORKERS)`` for each setting not at its default."""
+    lines = []
+    for setting in SETTINGS:
+        value = getattr(loaded.config, setting.attr)
+        if value == setting.default_value():
+            continue
+        shown = (", ".join(value) or "none") if isinstance(value, tuple) else value
+        if isinstance(shown, bool):
+            shown = "true" if shown else "false"
+        origin = loaded.origins.get(setting.name, "implied by the other settings")
+        lines.append(f"  {setting.key} = {cut(str(shown))}  ({origin})")
+    return lines
 
 
 def preload_worker_code(config: Config) -> None:
@@ -400,12 +300,12 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     try:
-        overrides, config_file, check = parse_args(argv)
-        config = build_config(overrides, config_file)
+        given, config_file, check = parse_args(argv)
+        loaded = load_config(given, config_file, os.environ)
         if check:
-            print(check_config(config))
+            print(check_config(loaded))
             return 0
-        return serve(config, overrides, argv)
+        return serve(loaded.config, loaded.overrides, argv)
     except (UsageError, ConfigError, HandlerLoadError) as exc:
         print(f"prefork: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

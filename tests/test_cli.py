@@ -44,10 +44,10 @@ def kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-def run_prefork(tmp_path: Path, *args: str) -> Result:
+def run_prefork(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> Result:
     """Run ``python -m prefork ARGS`` to completion in its own session; fail if anything of it is left running."""
     proc = subprocess.Popen([sys.executable, "-m", "prefork", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True, env=child_env(), cwd=str(tmp_path))
+                            start_new_session=True, env=env or child_env(), cwd=str(tmp_path))
     try:
         out, err = proc.communicate(timeout=RUN_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -304,7 +304,8 @@ def test_check_config_bad_file(tmp_path: Path) -> None:
     config.write_text("threads = 0\n")
     result = run_prefork(tmp_path, "--check-config", "--config", str(config))
     assert result.returncode != 0
-    assert result.stderr.strip() == "prefork: error: threads: 0 is out of range (1-10000)"
+    # the value names the file it came from
+    assert result.stderr.strip() == f"prefork: error: config file {config}: threads: 0 is out of range (1-10000)"
 
 
 # -- the TOML config file with a running daemon --------------------------------------------------------

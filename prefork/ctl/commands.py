@@ -16,13 +16,13 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from prefork.config import MAX_CANARY, MAX_WORKERS
 from prefork.control import preview
 from prefork.ctl.client import Call, Reply, Request, exchange, exchange_until_exit, snapshot
 from prefork.ctl.errors import UsageError
 from prefork.ctl.render import format_share, human_age, human_bytes, optional_bytes, table
 from prefork.ctl.top import show_top, top_request, top_text
 from prefork.metrics import render_prometheus
+from prefork.settings import MAX_CANARY, MAX_WORKERS
 
 REPLY_TIMEOUT = 10.0  # seconds to wait for a reply when --timeout is not given
 GENERATION_TIMEOUT = 600.0  # reload and upgrade reply once the new generation serves

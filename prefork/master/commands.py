@@ -11,11 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from prefork.config import MAX_CANARY, MAX_WORKERS, quote
+from prefork.config import quote
 from prefork.control import ControlConnection, preview
 from prefork.master import report
 from prefork.master.report import Snapshot
 from prefork.master.state import LbDrain, StopMode
+from prefork.settings import MAX_CANARY, MAX_WORKERS
 
 
 class Daemon(Protocol):
