@@ -24,7 +24,7 @@ import pytest
 
 from conftest import ROOT, child_env, exchange, start_daemon
 from prefork import cli
-from prefork.config import build_config
+from prefork.config import DEFAULT_BIND, build_config
 from prefork.ctl import parser as ctl_parser
 from prefork.ctl.commands import COMMANDS
 
@@ -355,4 +355,4 @@ def test_the_interpreter_session_talks_to_the_quick_start_port() -> None:
     block = next(b for b in fenced_blocks(ROOT / "README.md") if ">>>" in b.text)
     connect = next(s for s in python_sources(block) if ".connect(" in s)
     assert "20000" in connect
-    assert cli.DEFAULT_BIND.endswith(":20000")
+    assert DEFAULT_BIND.endswith(":20000")
