@@ -418,6 +418,29 @@ def test_find_socket_in_the_other_runtime_directory(tmp_path: Path) -> None:
         assert json.loads(result.stdout)["pid"] == proc.pid
 
 
+def test_found_through_the_environment_the_daemon_was_given(tmp_path: Path) -> None:
+    """A container names its daemon with PREFORK_NAME or PREFORK_CONTROL; preforkctl run beside it reads them too."""
+    name = f"envname{os.getpid()}"
+    env = runtime_env(tmp_path) | {"PREFORK_NAME": name}
+    with own_daemon(tmp_path, env, "--bind", "127.0.0.1:0", "-w", "1") as proc:
+        wait_answering(str(tmp_path / f"{name}.sock"), proc)
+        result = ctl("status", "--json", env=env)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["pid"] == proc.pid
+        other = ctl("--name", "prefork-not-this-one", "status", env=env)  # the command line beats the variable
+        assert other.returncode != 0 and "prefork-not-this-one" in other.stderr
+    socket_path = tmp_path / "ctl" / "app.sock"
+    socket_path.parent.mkdir()
+    env = runtime_env(tmp_path) | {"PREFORK_CONTROL": str(socket_path)}
+    with own_daemon(tmp_path, env, "--bind", "127.0.0.1:0", "-w", "1") as proc:
+        wait_answering(str(socket_path), proc)
+        result = ctl("status", "--json", env=env)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["pid"] == proc.pid
+    bad = ctl("status", env=runtime_env(tmp_path) | {"PREFORK_NAME": "../x"})
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
 @pytest.mark.parametrize("xdg", [None, "/run/elsewhere"])
 def test_no_daemon_found_names_every_place_tried(tmp_path: Path, xdg: str | None) -> None:
     env = child_env()

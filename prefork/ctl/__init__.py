@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from typing import NoReturn
 
 from prefork.config import ConfigError, control_candidates, find_control_path, listening_control_sockets
@@ -72,6 +73,23 @@ def not_found(name: str) -> str:
             "(started with --control? give its socket with --control PATH)")
 
 
+def where(name: str | None, control: str | None, env: Mapping[str, str]) -> tuple[str, str | None]:
+    """The daemon's name and control socket: from the command line, else as the daemon itself reads them.
+
+    A daemon in a container is often named by ``PREFORK_NAME`` (or given ``PREFORK_CONTROL``); a
+    ``preforkctl`` run beside it (``kubectl exec``, a preStop hook) sees the same environment and so
+    finds it. A name given on the command line beats both variables.
+    """
+    if control:
+        return name or "prefork", control
+    if name is None:
+        control = env.get("PREFORK_CONTROL") or None
+        name = env.get("PREFORK_NAME") or "prefork"
+        if control:
+            return name, control
+    return name, find_control_path(name)
+
+
 def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -79,11 +97,11 @@ def _main(argv: list[str] | None) -> int:
         fmt = output_format(args)
         command = COMMANDS[args.command]
         request = command.request(args)
-        path = args.control or find_control_path(args.name)
+        name, path = where(args.name, args.control, os.environ)
     except (UsageError, ConfigError) as exc:
         return complain(f"error: {exc}", EXIT_USAGE)
     if path is None:
-        return complain(not_found(args.name), EXIT_NOT_RUNNING)
+        return complain(not_found(name), EXIT_NOT_RUNNING)
     try:
         reply = command.carry_out(path, request, args.timeout, fmt)
     except (DaemonNotRunning, NotAnswering) as exc:

@@ -23,9 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="output: text (default), json, or prometheus (stats only)")
     p = _Parser(prog="preforkctl", description="Control a running prefork daemon.", parents=[common])
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--control", metavar="PATH", help="the daemon's control socket")
-    where.add_argument("--name", metavar="NAME", default="prefork",
-                       help="the daemon's --name (default prefork): finds its control socket")
+    where.add_argument("--control", metavar="PATH",
+                       help="the daemon's control socket (default: $PREFORK_CONTROL, as the daemon reads it)")
+    where.add_argument("--name", metavar="NAME",
+                       help="the daemon's --name (default: $PREFORK_NAME, else prefork): finds its control socket")
     p.add_argument("--timeout", type=float, metavar="SECS", help="how long to wait for the daemon")
     p.add_argument("--version", action="version", version=f"preforkctl {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
