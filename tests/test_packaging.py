@@ -127,6 +127,22 @@ def test_build_makes_a_wheel_and_an_sdist(dist: Path) -> None:
             "systemd/prefork.socket", "systemd/prefork.toml", "docs/hardening.md"} <= inside
 
 
+def test_the_sdist_carries_the_tests_and_the_benchmarks(dist: Path) -> None:
+    """What runs the test suite and the benchmarks from an unpacked sdist: every tracked file under tests/,
+    scripts/ and bench/ (the harness, the apps, the C load generators, the peers), scripts executable."""
+    sdist, = dist.glob("prefork-*.tar.gz")
+    with tarfile.open(sdist) as t:
+        modes = {m.name.split("/", 1)[1]: m.mode for m in t.getmembers() if "/" in m.name and m.isfile()}
+    tracked = subprocess.run(["git", "ls-files", "-z", "tests", "scripts", "bench"], capture_output=True,
+                             timeout=60, cwd=ROOT, check=True).stdout.decode().split("\0")
+    wanted = {name for name in tracked if name}
+    assert {"tests/conftest.py", "tests/tlsutil.py", "tests/apps/long_lived_handlers.py", "scripts/setup",
+            "scripts/bench_balance.py", "bench/compare.py", "bench/echoload.c", "bench/peers/asyncio_echo.py"} <= wanted
+    assert sorted(wanted - set(modes)) == []
+    for script in ("scripts/setup", "scripts/test", "scripts/serve", "scripts/bench"):
+        assert modes[script] & 0o111, (script, oct(modes[script]))
+
+
 def test_the_wheel_serves_from_a_fresh_environment(venv: Path, tmp_path: Path) -> None:
     env = clean_env()
     where = run([str(venv / "bin" / "python"), "-c", "import prefork, uvloop; print(prefork.__file__)"],
