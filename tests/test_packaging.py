@@ -24,13 +24,12 @@ import subprocess
 import sys
 import tarfile
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import ROOT, exchange, wait_for
+from conftest import ROOT, exchange, session_process, wait_for
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -70,25 +69,10 @@ def venv(dist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return where
 
 
-@contextlib.contextmanager
-def serving(argv: list[str], cwd: Path, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+def serving(argv: list[str], cwd: Path, env: dict[str, str]) -> contextlib.AbstractContextManager[
+        subprocess.Popen[bytes]]:
     """``argv`` started in its own session, its output in cwd/out.log; its group ended (TERM, then KILL)."""
-    log = cwd / "out.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env,
-                                start_new_session=True)
-    try:
-        yield proc
-    except BaseException:
-        print(log.read_text(errors="replace"))
-        raise
-    finally:
-        for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(wait)
-                break
+    return session_process(argv, cwd / "out.log", cwd=cwd, env=env, grace=15.0)
 
 
 def wait_status(ctl: list[str], proc: subprocess.Popen[bytes], env: dict[str, str], cwd: Path,
