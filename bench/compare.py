@@ -368,10 +368,11 @@ def free_port() -> int:
 RELAYS = ("haproxy", "socat", "prefork-relay", *TLS_SERVERS)
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
+def stop(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+    """SIGTERM the process group of ``proc``, then SIGKILL it if it is not gone within ``timeout``."""
     try:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(5)
+        proc.wait(timeout)
     except (ProcessLookupError, subprocess.TimeoutExpired):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)

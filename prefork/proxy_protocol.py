@@ -539,26 +539,32 @@ def build_v2(
         raise ValueError(
             f"cannot build a PROXY v2 header for protocol {protocol!r}: use SOCK_STREAM or SOCK_DGRAM"
         )
+    family, block = _v2_address_block(source, destination, family)
+    fam_byte = _FAMILY_NIBBLES[family] << 4 | _PROTOCOL_NIBBLES[protocol]
+    return _build_v2_raw(0x1, fam_byte, block, tlv_list)
+
+
+def _v2_address_block(
+    source: tuple[str, int], destination: tuple[str, int], family: int | None
+) -> tuple[int, bytes]:
+    """The address family and the address block of a v2 PROXY header for ``source`` and ``destination``:
+    ``family`` as given, or (None) inferred from the IP text. Raises ``ValueError``."""
     if family == socket.AF_UNIX:
-        block = _encode_unix_path(source[0]) + _encode_unix_path(destination[0])
-    elif family in (None, socket.AF_INET, socket.AF_INET6):
+        return socket.AF_UNIX, _encode_unix_path(source[0]) + _encode_unix_path(destination[0])
+    if family in (None, socket.AF_INET, socket.AF_INET6):
         source_ip, destination_ip = _ip_pair(source, destination)
         family_for_text = socket.AF_INET if source_ip.version == 4 else socket.AF_INET6
         if family is not None and family != family_for_text:
             raise ValueError(
                 f"cannot build a {_FAMILY_NAMES[family]} PROXY v2 header from address {source[0]!r}"
             )
-        family = family_for_text
-        block = (
+        return family_for_text, (
             source_ip.packed
             + destination_ip.packed
             + _check_port(source[1]).to_bytes(2, "big")
             + _check_port(destination[1]).to_bytes(2, "big")
         )
-    else:
-        raise ValueError(f"cannot build a PROXY v2 header for address family {family!r}")
-    fam_byte = _FAMILY_NIBBLES[family] << 4 | _PROTOCOL_NIBBLES[protocol]
-    return _build_v2_raw(0x1, fam_byte, block, tlv_list)
+    raise ValueError(f"cannot build a PROXY v2 header for address family {family!r}")
 
 
 def _encode_unix_path(path: str) -> bytes:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from compare import ECHOLOAD, build_tools, free_port, wait_port  # noqa: E402
+from compare import ECHOLOAD, build_tools, free_port, stop, wait_port  # noqa: E402
 
 from prefork.control import ControlError, call  # noqa: E402
 
@@ -56,18 +55,6 @@ def actives(reply: dict[str, object]) -> list[int]:
     if not isinstance(workers, list):
         return []
     return [int(w["active"]) for w in workers if isinstance(w, dict) and w.get("generation") == generation]
-
-
-def stop(proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(wait)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def measure(worker_class: str, workers: int, clients: int, balance: str, secs: float, tmp: str) -> float | None:
@@ -104,7 +91,7 @@ def measure(worker_class: str, workers: int, clients: int, balance: str, secs: f
     finally:
         if load is not None:
             stop(load, 5)
-        stop(server)
+        stop(server, 20.0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -30,7 +29,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
+
+from compare import free_port, stop  # noqa: E402
 
 from prefork.control import ControlError, call  # noqa: E402
 
@@ -78,12 +80,6 @@ def echo_server() -> socket.socket:
     return server
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def client(port: int) -> float | None:
     """Seconds one client took to have its line relayed and echoed; None when it failed."""
     began = time.monotonic()
@@ -124,18 +120,6 @@ def wait_prefork(control: str, proc: subprocess.Popen[bytes]) -> bool:
     return False
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    for sig, wait in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(wait)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 def run_prefork(worker_class: str, hole: int, echo: int, clients: int, tmp: str) -> list[float | None]:
     port = free_port()
     control = os.path.join(tmp, f"relay-{worker_class}.sock")
@@ -149,7 +133,7 @@ def run_prefork(worker_class: str, hole: int, echo: int, clients: int, tmp: str)
             raise RuntimeError(f"prefork -k {worker_class} did not start")
         return [client(port) for _ in range(clients)]
     finally:
-        stop(proc)
+        stop(proc, 20.0)
 
 
 def run_haproxy(hole: int, echo: int, clients: int, tmp: str) -> list[float | None]:
@@ -184,7 +168,7 @@ backend b
             raise RuntimeError("haproxy did not start")
         return [client(port) for _ in range(clients)]
     finally:
-        stop(proc)
+        stop(proc, 20.0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -146,6 +146,38 @@ class Daemon:
             break
 
 
+def end_group(proc: subprocess.Popen[bytes], grace: float) -> list[int]:
+    """SIGTERM the process group of ``proc``, SIGKILL it if ``proc`` has not exited within ``grace`` seconds;
+    then SIGKILL what is left of the group. Returns the pids that were left (a clean stop leaves none)."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(wait)
+            break
+    left = group_members(proc.pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    return left
+
+
+@contextlib.contextmanager
+def session_process(argv: list[str], log_path: Path, *, cwd: Path, env: dict[str, str], grace: float = 10.0,
+                    none_left: bool = False) -> Iterator[subprocess.Popen[bytes]]:
+    """``argv`` started in its own session, its output in ``log_path`` (printed when the test fails); its
+    group ended at the end (:func:`end_group`). ``none_left``: fail if any process of it outlived it."""
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True)
+    try:
+        yield proc
+    except BaseException:
+        print(log_path.read_text(errors="replace"))
+        raise
+    finally:
+        left = end_group(proc, grace)
+    assert not (none_left and left), f"processes left behind: {left}"
+
+
 def start_daemon(tmp_path: Path, *args: str, name: str = "t", wait: bool = True, workers: int | None = 2,
                  env: dict[str, str] | None = None, bind_default: bool = True) -> Daemon:
     control = str(tmp_path / f"{name}.sock")
@@ -235,6 +267,42 @@ def read_line(s: socket.socket, limit: int = 65536) -> bytes:
             break
         buf += chunk
     return bytes(buf)
+
+
+def read_answers(clients: list[socket.socket]) -> list[bytes]:
+    """One line from each client in turn (``repr`` of the error where its connection failed), closing each."""
+    answers = []
+    for s in clients:
+        try:
+            answers.append(read_line(s))
+        except OSError as exc:
+            answers.append(repr(exc).encode())
+        finally:
+            s.close()
+    return answers
+
+
+def refused(addr: tuple[str, int], timeout: float = 1.0) -> bool:
+    """True once a new connection to ``addr`` is refused: nothing listens there any more.
+
+    A connection that times out (dropped while a queue drains) or is reset (a dying listener still took
+    the SYN) is not refused yet."""
+    try:
+        socket.create_connection(addr, timeout=timeout).close()
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def process_exists(pid: int) -> bool:
+    """True while a process ``pid`` exists (a zombie counts: it is not yet reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def group_members(pgid: int) -> list[int]:

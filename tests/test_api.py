@@ -27,7 +27,7 @@ from typing import Any
 import psutil
 import pytest
 
-from conftest import APPS, ROOT, Daemon, Load, child_env, exchange, group_members, read_line, wait_for
+from conftest import APPS, ROOT, Daemon, Load, child_env, exchange, group_members, read_line, refused, wait_for
 from prefork import OptionError, PreforkServer, ServerOptions
 from prefork.api import (
     KEYWORDS,
@@ -272,15 +272,7 @@ def test_kill_9_of_the_program_frees_the_port_and_takes_every_process(program: P
     os.kill(d.pid, signal.SIGKILL)
     assert d.wait_exit(5) == -signal.SIGKILL
     began = time.monotonic()
-
-    def refused() -> bool:
-        try:
-            socket.create_connection(d.address(), timeout=1).close()
-        except ConnectionRefusedError:
-            return True
-        return False
-
-    wait_for(refused, 2, "the port freed")
+    wait_for(lambda: refused(d.address()), 2, "the port freed")
     assert time.monotonic() - began < 2
     _, alive = psutil.wait_procs(processes, timeout=5)
     assert alive == []

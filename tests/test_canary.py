@@ -91,6 +91,25 @@ def reload(d: Daemon, *args: str) -> tuple[int, dict[str, Any], str]:
     return done.returncode, json.loads(done.stdout), done.stderr
 
 
+def rolled_back_under_load(d: Daemon, tmp_path: Path, new_version: str, mode: str,
+                           *reload_args: str) -> tuple[dict[str, Any], str, list[str], int]:
+    """Reload ``d`` to failing code under a connect load and wait until generation 1 serves alone again.
+
+    Returns the reload's reply and stderr, the load's failures, and how many there were once the new
+    generation was gone (every later one is the old code's)."""
+    with Load(d.address(), clients=4, mode="connect") as load:
+        load.wait_ok(50)
+        write_handler(tmp_path, new_version, mode)
+        status, reply, stderr = reload(d, *reload_args)
+        assert status == 1, stderr
+        assert reply["verdict"] == "rolled_back", reply
+        assert d.status()["generation"] == 1, reply  # answered once rolled back: the old generation serves again
+        wait_for(lambda: all(w["generation"] == 1 for w in d.status()["workers"]), 20, "generation 2 gone")
+        failed = len(load.failures)
+        load.wait_ok(50)
+    return reply, stderr, load.failures, failed
+
+
 def fig(connections: int, errors: int, old_connections: int, old_errors: int, **more: Any) -> CanaryFigures:
     return CanaryFigures(seconds=2.0, connections=connections, errors=errors, old_connections=old_connections,
                          old_errors=old_errors, error_type="KeyError", **more)
@@ -147,16 +166,8 @@ def test_good_code_commits_under_load_and_serves(daemon_factory: Callable[..., D
 def test_a_raising_handler_is_rolled_back_with_the_reason(daemon_factory: Callable[..., Daemon], tmp_path: Path,
                                                           worker_class: str) -> None:
     d = start(daemon_factory, tmp_path, "-k", worker_class, workers=2)
-    with Load(d.address(), clients=4, mode="connect") as load:
-        load.wait_ok(50)
-        write_handler(tmp_path, "v2-broken", "raise")
-        status, reply, stderr = reload(d, "--canary", "1.5")
-        # the canary drains: what it accepted before the verdict still meets its code
-        wait_for(lambda: all(w["generation"] == 1 for w in d.status()["workers"]), 20, "the canary gone")
-        failed = len(load.failures)
-        load.wait_ok(50)
-    assert status == 1, stderr
-    assert reply["verdict"] == "rolled_back", reply
+    # the canary drains: what it accepted before the verdict still meets its code
+    reply, stderr, failures, failed = rolled_back_under_load(d, tmp_path, "v2-broken", "raise", "--canary", "1.5")
     canary = reply["canary"]
     assert "canary: " in stderr and "connections raised KeyError (old generation: 0 of " in stderr, stderr
     assert "still serving generation 1" in stderr
@@ -164,7 +175,7 @@ def test_a_raising_handler_is_rolled_back_with_the_reason(daemon_factory: Callab
     # what failed is what the canary took: its share of the window, and what it held open at the verdict
     assert 0 < failed <= canary["connections"] * 1.05 + 10, (failed, canary)
     assert failed < (canary["connections"] + canary["old_connections"]) / 2, (failed, canary)
-    assert len(load.failures) == failed, load.failures[failed:failed + 3]  # none after
+    assert len(failures) == failed, failures[failed:failed + 3]  # none after
     st = d.wait_serving(2)
     assert st["generation"] == 1 and version(d) == b"v1"
     assert d.call("stats")["rolled_back_reloads"] == 1
@@ -245,22 +256,13 @@ def test_a_canary_with_a_rolling_reload(daemon_factory: Callable[..., Daemon], t
 def test_probation_rolls_back_code_that_starts_failing_after_it_serves(
         daemon_factory: Callable[..., Daemon], tmp_path: Path, worker_class: str) -> None:
     d = start(daemon_factory, tmp_path, "-k", worker_class, "--reload-probation", "5", workers=2)
-    with Load(d.address(), clients=4, mode="connect") as load:
-        load.wait_ok(50)
-        write_handler(tmp_path, "v2-late", "late")
-        status, reply, stderr = reload(d)
-        assert d.status()["generation"] == 1  # answered once rolled back: the old generation serves again
-        wait_for(lambda: all(w["generation"] == 1 for w in d.status()["workers"]), 20, "generation 2 gone")
-        failed = len(load.failures)
-        load.wait_ok(50)
-    assert status == 1, stderr
-    assert reply["verdict"] == "rolled_back", reply
+    reply, stderr, failures, failed = rolled_back_under_load(d, tmp_path, "v2-late", "late")
     figures = reply["probation"]
     assert "probation: " in stderr and "connections raised KeyError" in stderr, stderr
     assert "rolled back to generation 1" in stderr
     assert 0 < figures["seconds"] < 5.0, figures  # within the window, once the code failed
-    assert not [f for f in load.failures if "Refused" in f], load.failures[:3]  # no refused connection
-    assert len(load.failures) == failed, load.failures[failed:failed + 3]  # the old code serves cleanly
+    assert not [f for f in failures if "Refused" in f], failures[:3]  # no refused connection
+    assert len(failures) == failed, failures[failed:failed + 3]  # the old code serves cleanly
     d.wait_serving(2)
     assert version(d) == b"v1"  # the old generation's code, from its mold: the file on disk is v2-late
     stats = d.call("stats")

@@ -12,14 +12,14 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 
-from conftest import Daemon, child_env, exchange, group_members, preforkctl, recv_exact, wait_for
+from conftest import Daemon, child_env, exchange, preforkctl, recv_exact, session_process, wait_for
 from prefork.control import CLIENT_TIMEOUT, HEADER, MAX_REQUEST, call, encode
 
 CTL_TIMEOUT = 20.0
@@ -317,29 +317,11 @@ def test_control_socket_mode(daemon_factory: Callable[..., Daemon]) -> None:
 
 
 
-@contextlib.contextmanager
-def own_daemon(tmp_path: Path, env: dict[str, str], *args: str) -> Iterator[subprocess.Popen[bytes]]:
-    """A daemon started exactly as given (the harness would add --control); its group is killed at the end."""
-    log_path = tmp_path / "own.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "prefork", *args], stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, env=env, cwd=str(tmp_path))
-    try:
-        yield proc
-    except BaseException:
-        print(log_path.read_text(errors="replace"))
-        raise
-    finally:
-        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(wait)
-                break
-        left = group_members(proc.pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert not left, f"processes left behind: {left}"
+def own_daemon(tmp_path: Path, env: dict[str, str], *args: str) -> contextlib.AbstractContextManager[
+        subprocess.Popen[bytes]]:
+    """A daemon started exactly as given (the harness would add --control); no process of it may outlive it."""
+    return session_process([sys.executable, "-m", "prefork", *args], tmp_path / "own.log", cwd=tmp_path, env=env,
+                           none_left=True)
 
 
 def runtime_env(tmp_path: Path) -> dict[str, str]:

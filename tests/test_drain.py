@@ -10,19 +10,8 @@ from collections.abc import Callable
 import pytest
 from test_haproxy import free_port
 
-from conftest import Daemon, recv_exact, wait_for
+from conftest import Daemon, recv_exact, refused, wait_for
 from prefork.proxy_protocol import build_v2
-
-
-def refused(d: Daemon) -> bool:
-    """A new connection is refused: no process of the instance listens any more."""
-    try:
-        socket.create_connection(d.address(), timeout=2).close()
-    except ConnectionRefusedError:
-        return True
-    except TimeoutError:
-        return False  # dropped while the queue drains: not refused yet
-    return False
 
 
 def health_check(d: Daemon) -> bool:
@@ -82,7 +71,7 @@ def test_drain_close_without_health_checks_closes_listeners(daemon_factory: Call
     assert r.returncode == 0, r.stderr
     assert "warning" in r.stderr and "restart" in r.stderr, r.stderr
 
-    wait_for(lambda: refused(d), 10, "new connections to be refused")
+    wait_for(lambda: refused(d.address()), 10, "new connections to be refused")
     held.sendall(b"still here")
     assert recv_exact(held, 10) == b"still here"
     r = d.ctl("drain", "--off", timeout=20)
@@ -104,7 +93,7 @@ def test_drain_close_behind_proxy_refuses_connections(daemon_factory: Callable[.
     assert r.returncode == 0, r.stderr
     assert d.status()["drain"] == "listeners-closed"
 
-    wait_for(lambda: refused(d), 10, "new connections to be refused")
+    wait_for(lambda: refused(d.address()), 10, "new connections to be refused")
 
 
 def agent_answer(port: int) -> str:
@@ -173,7 +162,7 @@ def test_a_stop_request_with_a_wrong_field_is_refused(daemon_factory: Callable[.
 def test_a_worker_dying_after_drain_close_is_not_said_to_restart(daemon_factory: Callable[..., Daemon]) -> None:
     d = daemon_factory()
     assert d.ctl("drain", "--close", timeout=20).returncode == 0
-    wait_for(lambda: refused(d), 10, "new connections to be refused")
+    wait_for(lambda: refused(d.address()), 10, "new connections to be refused")
     victim = d.status()["workers"][0]["pid"]
     os.kill(victim, signal.SIGKILL)
     wait_for(lambda: f"(pid {victim}) was killed by SIGKILL" in d.log(), 10, "the death to be logged")

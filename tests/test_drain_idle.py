@@ -4,7 +4,6 @@ noticed (issue 19), under every worker class."""
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import socket
 import threading
@@ -13,19 +12,11 @@ from collections.abc import Callable
 
 import pytest
 
-from conftest import Daemon, recv_exact, wait_for
+from conftest import Daemon, process_exists, recv_exact, wait_for
 
 CLASSES = ["sync", "thread", "async"]
 IDLE_CLIENTS = 100
 PING_CLIENTS = 20
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _worker_pids(d: Daemon) -> set[int]:
@@ -112,7 +103,7 @@ def test_a_reload_with_idle_clients_leaves_no_old_worker_after_drain_idle(daemon
         held.append(s)
     assert d.ctl("reload", timeout=60).returncode == 0
     reloaded = time.monotonic()
-    wait_for(lambda: not any(_alive(p) for p in old), 3.0, "every old worker gone within --drain-idle + 2 s")
+    wait_for(lambda: not any(process_exists(p) for p in old), 3.0, "every old worker gone within --drain-idle + 2 s")
     assert time.monotonic() - reloaded < 3.0
     assert not d.status()["draining"]
     assert d.call("stats")["closed"]["drain_idle"] >= len(held)
@@ -159,7 +150,7 @@ def test_a_handler_asleep_in_handle_is_detected_and_its_connection_closed(daemon
     if worker_class == "thread":
         # its thread never returns: counted, and the worker recycled gracefully (the master replaces it)
         wait_for(lambda: pid not in _worker_pids(d) and len(_worker_pids(d)) == 1, 20, "the worker replaced")
-        wait_for(lambda: not _alive(pid), 20, "the stuck worker gone without waiting --graceful-timeout")
+        wait_for(lambda: not process_exists(pid), 20, "the stuck worker gone without waiting --graceful-timeout")
         assert "still running a full --handler-timeout" in d.log()
     # the sibling connection carries on (a thread worker's old one until it is gone; then a new one)
     fresh = socket.create_connection(d.address(), timeout=20)
@@ -204,7 +195,7 @@ def test_a_sync_handler_asleep_in_handle_is_detected_and_its_worker_replaced(
     fresh.sendall(b"again")
     assert recv_exact(fresh, 5) == b"again"
     fresh.close()
-    wait_for(lambda: not _alive(pid), 30, "the stuck worker gone by --graceful-timeout")
+    wait_for(lambda: not process_exists(pid), 30, "the stuck worker gone by --graceful-timeout")
     assert "still running a full --handler-timeout" in d.log()
 
 

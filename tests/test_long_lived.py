@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from tlsutil import Pki
 
-from conftest import Daemon, child_env, read_line, recv_exact, wait_for
+from conftest import Daemon, child_env, process_exists, read_answers, read_line, recv_exact, refused, wait_for
 
 CLASSES = ["sync", "thread", "async"]
 
@@ -47,7 +47,7 @@ def test_drain_close_raises_no_false_alarm_and_keeps_its_workers(daemon_factory:
     d = daemon_factory("-k", worker_class, workers=2)
     held = held_connection(d)
     assert d.ctl("drain", "--close", timeout=20).returncode == 0
-    wait_for(lambda: _refused(d), 10, "new connections to be refused")
+    wait_for(lambda: refused(d.address()), 10, "new connections to be refused")
     held.sendall(b"still")
     assert recv_exact(held, 5) == b"still"
     st = d.status()
@@ -55,16 +55,6 @@ def test_drain_close_raises_no_false_alarm_and_keeps_its_workers(daemon_factory:
     log = d.log()
     assert "is gone" not in log and "replacement" not in log and "ERROR" not in log, log
     held.close()
-
-
-def _refused(d: Daemon) -> bool:
-    try:
-        socket.create_connection(d.address(), timeout=2).close()
-    except ConnectionRefusedError:
-        return True
-    except TimeoutError:
-        return False  # dropped while the queue drains: not refused yet
-    return False
 
 
 @pytest.mark.parametrize("worker_class", CLASSES)
@@ -94,16 +84,8 @@ def test_shutdown_from_a_handler_retires_its_worker(daemon_factory: Callable[...
     with d.connect(timeout=10) as s:
         assert read_line(s) == b"shut down\n"
     wait_for(lambda: [w["pid"] for w in d.ready_workers()] not in ([], [before]), 20, "a replacement to serve")
-    wait_for(lambda: not _alive(before), 20, "the worker that was shut down to exit")
+    wait_for(lambda: not process_exists(before), 20, "the worker that was shut down to exit")
     assert "shutdown()" in d.log()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @pytest.mark.parametrize("worker_class", CLASSES)
@@ -309,13 +291,7 @@ def test_a_stop_with_idle_clients_queued_behind_drain_aware_handlers_is_quick_an
     r = d.ctl("stop", "--json", timeout=60)
     took = time.monotonic() - began
     assert r.returncode == 0, r.stderr
-    answers = []
-    for s in clients:
-        try:
-            answers.append(read_line(s))
-        except OSError as exc:
-            answers.append(repr(exc).encode())
-        s.close()
+    answers = read_answers(clients)
     reclaimed = answers.count(b"")
     assert answers.count(b"bye\n") + reclaimed == 16, answers  # none reset, none cut
     assert not reclaimed or (worker_class == "async" and "reclaimed for a waiting connection" in d.log()), answers

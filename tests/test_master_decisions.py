@@ -870,6 +870,19 @@ def test_a_reload_whose_mold_cannot_load_fails_and_the_old_generation_keeps_its_
     assert gens.slots[0].generation == 1 and list(molds.by_generation) == [1]
 
 
+def canary_ready(gens: Generations, pool: FakePool) -> tuple[FakeWaiter, Reload, dict[int, Worker]]:
+    """Generation 1 serves, then a reload begins and its canary is ready: the reload's waiter, the reload,
+    and generation 1's slots as they were."""
+    ready(gens, pool)
+    old = dict(gens.slots)
+    waiter = FakeWaiter()
+    gens.begin_reload([waiter])
+    ready(gens, pool)
+    reload = gens.reloads.in_flight
+    assert reload is not None
+    return waiter, reload, old
+
+
 def canary_served(gens: Generations, pool: FakePool, connections: int, errors: int, old: int) -> None:
     """The canary handled ``connections`` (``errors`` raised KeyError), each old worker ``old``, since it began."""
     reload = gens.reloads.in_flight
@@ -884,13 +897,8 @@ def canary_served(gens: Generations, pool: FakePool, connections: int, errors: i
 
 def test_a_canary_that_does_worse_is_rolled_back_and_the_old_generation_is_untouched() -> None:
     gens, pool, _, timers = stepper(workers=3, reload_canary=2)
-    ready(gens, pool)
-    old = dict(gens.slots)
-    waiter = FakeWaiter()
-    gens.begin_reload([waiter])
-    reload = gens.reloads.in_flight
-    assert reload is not None and sorted(reload.slots) == [0]  # the canary alone
-    ready(gens, pool)
+    waiter, reload, old = canary_ready(gens, pool)
+    assert sorted(reload.slots) == [0]  # the canary alone
     ends = timers.when("canary")
     assert reload.window is not None and ends == reload.window.ends and sorted(reload.slots) == [0]
     canary_served(gens, pool, connections=41, errors=37, old=70)
@@ -906,13 +914,7 @@ def test_a_canary_that_does_worse_is_rolled_back_and_the_old_generation_is_untou
 
 def test_a_canary_that_dies_is_rolled_back_at_once() -> None:
     gens, pool, _, timers = stepper(workers=2, reload_canary=2)
-    ready(gens, pool)
-    old = dict(gens.slots)
-    waiter = FakeWaiter()
-    gens.begin_reload([waiter])
-    ready(gens, pool)
-    reload = gens.reloads.in_flight
-    assert reload is not None
+    waiter, reload, old = canary_ready(gens, pool)
     exit_of(gens, pool, reload.slots[0], 1 << 8)
     assert waiter.replies[0]["error"].startswith(
         "reload failed: canary: its worker exited with status 1 after 0 connection(s)"), waiter.replies
@@ -921,12 +923,7 @@ def test_a_canary_that_dies_is_rolled_back_at_once() -> None:
 
 def test_a_canary_that_passes_counts_as_the_first_batch_of_a_rolling_reload() -> None:
     gens, pool, _, timers = stepper(workers=4, reload_batch=2, reload_canary=1)
-    ready(gens, pool)
-    waiter = FakeWaiter()
-    gens.begin_reload([waiter])
-    ready(gens, pool)
-    reload = gens.reloads.in_flight
-    assert reload is not None
+    waiter, reload, _old = canary_ready(gens, pool)
     canary_served(gens, pool, connections=50, errors=1, old=50)
     old0 = gens.slots[0]
     timers.run_due(timers.when("canary") or 0.0)

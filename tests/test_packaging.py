@@ -24,13 +24,12 @@ import subprocess
 import sys
 import tarfile
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import ROOT, exchange, wait_for
+from conftest import ROOT, exchange, session_process, wait_for
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -70,25 +69,10 @@ def venv(dist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return where
 
 
-@contextlib.contextmanager
-def serving(argv: list[str], cwd: Path, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+def serving(argv: list[str], cwd: Path, env: dict[str, str]) -> contextlib.AbstractContextManager[
+        subprocess.Popen[bytes]]:
     """``argv`` started in its own session, its output in cwd/out.log; its group ended (TERM, then KILL)."""
-    log = cwd / "out.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env,
-                                start_new_session=True)
-    try:
-        yield proc
-    except BaseException:
-        print(log.read_text(errors="replace"))
-        raise
-    finally:
-        for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(wait)
-                break
+    return session_process(argv, cwd / "out.log", cwd=cwd, env=env, grace=15.0)
 
 
 def wait_status(ctl: list[str], proc: subprocess.Popen[bytes], env: dict[str, str], cwd: Path,
@@ -126,6 +110,22 @@ def test_build_makes_a_wheel_and_an_sdist(dist: Path) -> None:
     assert {"pyproject.toml", "README.md", "prefork/cli.py", "systemd/prefork.service", "systemd/prefork@.service",
             "systemd/prefork.socket", "systemd/prefork.toml", "docs/hardening.md", "docs/install.md",
             "docs/containers/Containerfile", "docs/containers/deployment.yaml"} <= inside
+
+
+def test_the_sdist_carries_the_tests_and_the_benchmarks(dist: Path) -> None:
+    """What runs the test suite and the benchmarks from an unpacked sdist: every tracked file under tests/,
+    scripts/ and bench/ (the harness, the apps, the C load generators, the peers), scripts executable."""
+    sdist, = dist.glob("prefork-*.tar.gz")
+    with tarfile.open(sdist) as t:
+        modes = {m.name.split("/", 1)[1]: m.mode for m in t.getmembers() if "/" in m.name and m.isfile()}
+    tracked = subprocess.run(["git", "ls-files", "-z", "tests", "scripts", "bench"], capture_output=True,
+                             timeout=60, cwd=ROOT, check=True).stdout.decode().split("\0")
+    wanted = {name for name in tracked if name}
+    assert {"tests/conftest.py", "tests/tlsutil.py", "tests/apps/long_lived_handlers.py", "scripts/setup",
+            "scripts/bench_balance.py", "bench/compare.py", "bench/echoload.c", "bench/peers/asyncio_echo.py"} <= wanted
+    assert sorted(wanted - set(modes)) == []
+    for script in ("scripts/setup", "scripts/test", "scripts/serve", "scripts/bench"):
+        assert modes[script] & 0o111, (script, oct(modes[script]))
 
 
 def test_the_wheel_serves_from_a_fresh_environment(venv: Path, tmp_path: Path) -> None:

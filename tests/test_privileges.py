@@ -53,6 +53,21 @@ def public_dir() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
+def wait_serving(proc: subprocess.Popen[bytes], control: str, log: Path) -> dict[str, Any]:
+    """The status of the daemon ``proc`` once it serves (asked on ``control``); fails at once if it exits."""
+    def serving() -> dict[str, Any] | None:
+        assert proc.poll() is None, log.read_text()
+        try:
+            reply, sock = call(control, {"command": "status"})
+        except Exception:
+            return None
+        sock.close()
+        return reply if reply.get("state") == "serving" else None
+
+    status: dict[str, Any] = wait_for(serving, 20, "the daemon to serve")
+    return status
+
+
 def test_bind_low_port_then_run_as_nobody(public_dir: Path) -> None:
     port = free_low_port()
     env = child_env()
@@ -66,22 +81,13 @@ def test_bind_low_port_then_run_as_nobody(public_dir: Path) -> None:
                             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=public_dir, start_new_session=True)
     control = f"/tmp/prefork-65534/{name}.sock"
     try:
-        def serving() -> dict[str, object] | None:
-            assert proc.poll() is None, (public_dir / "daemon.log").read_text()
-            try:
-                reply, sock = call(control, {"command": "status"})
-            except Exception:
-                return None
-            sock.close()
-            return reply if reply.get("state") == "serving" else None
-
-        status = wait_for(serving, 20, "the daemon to serve")
+        status = wait_serving(proc, control, public_dir / "daemon.log")
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             assert s.recv(100) == b"65534 65534\n"  # the worker runs as nobody:nogroup
         master = psutil.Process(proc.pid)
         assert master.uids().real == master.uids().effective == 65534
         assert master.gids().real == 65534
-        for w in status["workers"]:  # type: ignore[attr-defined]
+        for w in status["workers"]:
             assert psutil.Process(w["pid"]).uids().effective == 65534
         st = os.stat(control)
         assert st.st_uid == 65534 and stat.S_IMODE(st.st_mode) == 0o600
@@ -134,16 +140,7 @@ def stop_under_connect_load(public_dir: Path, options: list[str], *, root: bool
                             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=public_dir, start_new_session=True,
                             **as_nobody)
     try:
-        def serving() -> bool:
-            assert proc.poll() is None, (public_dir / "daemon.log").read_text()
-            try:
-                reply, sock = call(control, {"command": "status"})
-            except Exception:
-                return False
-            sock.close()
-            return reply.get("state") == "serving"
-
-        wait_for(serving, 20, "the daemon to serve")
+        wait_serving(proc, control, public_dir / "daemon.log")
         with Load(("127.0.0.1", port), clients=100, mode="connect", max_seconds=60) as load:
             load.wait_ok(300, timeout=30)
             r = subprocess.run([sys.executable, "-m", "prefork.ctl", "--control", control, "stop", "--json"],

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from typing import Any
 import psutil
 import pytest
 
-from conftest import ROOT, Daemon, Load, child_env, exchange, wait_for
+from conftest import ROOT, Daemon, Load, child_env, exchange, refused, wait_for
 
 
 def family(st: dict[str, Any]) -> list[int]:
@@ -102,15 +101,7 @@ def test_a_worker_whose_python_cannot_run_dies_after_its_master_anyway(
         # --timeout (the longer of it and --graceful-timeout) plus a margin after its last heartbeat
         _, alive = psutil.wait_procs([worker], timeout=20)
         assert alive == []
-
-    def refused() -> bool:
-        try:
-            socket.create_connection(d.address(), timeout=1).close()
-        except ConnectionRefusedError:
-            return True
-        return False
-
-    wait_for(refused, 5, "the port freed")
+    wait_for(lambda: refused(d.address()), 5, "the port freed")
 
 
 def test_each_extra_worker_costs_under_a_tenth_of_the_handler_s_import_across_reloads(tmp_path: Path) -> None:

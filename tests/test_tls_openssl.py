@@ -3,13 +3,14 @@ certificate, session resumption across workers."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import select
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,31 +24,46 @@ HANDLERS = {"sync": "tls_handlers:WhoHandler", "thread": "tls_handlers:WhoHandle
             "async": "tls_async_handlers:WhoProtocol"}
 
 
+@contextlib.contextmanager
+def openssl_s_client(d: Daemon, *args: str) -> Iterator[subprocess.Popen[bytes]]:
+    """``openssl s_client`` connected to the daemon, with pipes to write to and read from; killed at the end."""
+    proc = subprocess.Popen(["openssl", "s_client", "-connect", f"127.0.0.1:{d.port}", *args],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(10)
+        proc.stdin.close()
+        proc.stdout.close()
+
+
+def read_more(proc: subprocess.Popen[bytes], timeout: float) -> bytes | None:
+    """What ``proc`` printed within ``timeout`` seconds: ``b""`` once it closed its output, None if nothing came."""
+    assert proc.stdout is not None
+    if not select.select([proc.stdout], [], [], timeout)[0]:
+        return None
+    return os.read(proc.stdout.fileno(), 65536)
+
+
 def s_client(d: Daemon, *args: str, data: bytes = b"hello\n", until: bytes = b"hello\n",
              timeout: float = 20) -> str:
     """``openssl s_client`` to the daemon: send ``data``, read until ``until`` comes back or the server
     closes, then end it; its whole output (stdout and stderr)."""
-    proc = subprocess.Popen(["openssl", "s_client", "-connect", f"127.0.0.1:{d.port}", "-ign_eof", *args],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    assert proc.stdin is not None and proc.stdout is not None
     out = b""
-    try:
+    with openssl_s_client(d, "-ign_eof", *args) as proc:
+        assert proc.stdin is not None
         proc.stdin.write(data)
         proc.stdin.flush()
         deadline = time.monotonic() + timeout
         while until not in out.split(b"---\n")[-1]:  # what came after the handshake's report
             left = deadline - time.monotonic()
             assert left > 0, f"no {until!r} from openssl s_client within {timeout}s:\n{out.decode(errors='replace')}"
-            if select.select([proc.stdout], [], [], left)[0]:
-                chunk = os.read(proc.stdout.fileno(), 65536)
-                if not chunk:
-                    break  # the server closed the connection
-                out += chunk
-    finally:
-        proc.kill()
-        proc.wait(10)
-        proc.stdin.close()
-        proc.stdout.close()
+            chunk = read_more(proc, left)
+            if chunk == b"":
+                break  # the server closed the connection
+            out += chunk or b""
     return out.decode(errors="replace")
 
 
@@ -108,11 +124,9 @@ def test_sessions_resume_on_any_worker(daemon_factory: Callable[..., Daemon], pk
 def openssl_session(d: Daemon, *args: str, commands: list[bytes], timeout: float = 20) -> str:
     """``openssl s_client`` (without -ign_eof, so a line ``R`` asks for a renegotiation): each command once what
     came before it is answered, then until the server closes; its whole output."""
-    proc = subprocess.Popen(["openssl", "s_client", "-connect", f"127.0.0.1:{d.port}", *args],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    assert proc.stdin is not None and proc.stdout is not None
     out = b""
-    try:
+    with openssl_s_client(d, *args) as proc:
+        assert proc.stdin is not None
         deadline = time.monotonic() + timeout
         pending = list(commands)
         while True:
@@ -121,16 +135,10 @@ def openssl_session(d: Daemon, *args: str, commands: list[bytes], timeout: float
             if pending and (b"---\n" in out and (not out.endswith(b"---\n") or len(pending) == len(commands))):
                 proc.stdin.write(pending.pop(0))
                 proc.stdin.flush()
-            if select.select([proc.stdout], [], [], min(left, 0.2))[0]:
-                chunk = os.read(proc.stdout.fileno(), 65536)
-                if not chunk:
-                    break
-                out += chunk
-    finally:
-        proc.kill()
-        proc.wait(10)
-        proc.stdin.close()
-        proc.stdout.close()
+            chunk = read_more(proc, min(left, 0.2))
+            if chunk == b"":
+                break
+            out += chunk or b""
     return out.decode(errors="replace")
 
 

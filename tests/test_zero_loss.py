@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from test_cli import free_port
 
-from conftest import Daemon, Load, exchange, read_line, wait_for
+from conftest import Daemon, Load, exchange, read_answers, read_line, wait_for
 
 CLIENTS = 80
 
@@ -54,14 +54,7 @@ def test_stop_serves_every_queued_client_and_refuses_late_ones(daemon_factory: C
     wait_for(lambda: "stopping (graceful)" in d.log(), 10, "the stop to begin")
     thread = threading.Thread(target=late_client)
     thread.start()
-    answers = []
-    for s in clients:
-        try:
-            answers.append(read_line(s))
-        except OSError as exc:
-            answers.append(repr(exc).encode())
-        finally:
-            s.close()
+    answers = read_answers(clients)
     assert answers == [f"client {i}\n".encode() for i in range(CLIENTS)], [a for a in answers if b"client" not in a]
     assert d.wait_exit(30) == 0
     took = time.monotonic() - started

@@ -34,7 +34,8 @@ from prefork.master.exits import (
 from prefork.master.molding import Molding
 from prefork.master.molds import Molds, MoldState
 from prefork.master.pool import WorkerPool
-from prefork.master.reload import Reload, Reloader, Reloads, Waiter, all_ready, reread_config
+from prefork.master.reload import Reload, Reloads, Waiter, all_ready, reread_config
+from prefork.master.reloader import Reloader
 from prefork.master.state import Backoff, LbDrain, StopMode, Worker, WorkerState
 from prefork.master.timers import Timers
 from prefork.tls import TlsSetup

@@ -47,7 +47,8 @@ from prefork.master.generations import Generations
 from prefork.master.handover import Handover
 from prefork.master.molds import Molds
 from prefork.master.pool import WorkerPool
-from prefork.master.reload import Waiter, reload_progress
+from prefork.master.reload import Waiter
+from prefork.master.reloader import reload_progress
 from prefork.master.state import ErrorBudget, LbDrain, StopMode, Totals, Worker
 from prefork.master.timers import Timers
 from prefork.prctl import set_child_subreaper

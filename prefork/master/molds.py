@@ -92,48 +92,52 @@ class Molds:
         if self.rerun is not None and self.forked_first:
             return self._start_by_rerun(self.rerun(), generation, config, listeners, listener_specs)
         self.forked_first = True
-        ours, theirs = wire.pair()
         spec = MoldSpec(generation=generation, master_pid=self.master_pid, config=config,
                         listeners=tuple(listeners), channel_fd=self.channel_fd, tls=tls,
                         listener_specs=listener_specs)
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.blocked)
-        try:
-            pid = os.fork()
-            if pid == 0:  # the child: never returns
-                with contextlib.suppress(OSError):  # its own group: a terminal's Ctrl-C is for the master
-                    os.setpgid(0, 0)
-                ours.close()
-                self.close_in_child({sock.fileno() for sock in listeners})
-                run_mold(spec, self.scoreboard, theirs)
-        except OSError:
+
+        def child(ours: socket.socket, theirs: socket.socket) -> None:
             ours.close()
-            theirs.close()
-            raise
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        return self._started(pid, generation, ours, theirs, config.effective_handler)
+            self.close_in_child({sock.fileno() for sock in listeners})
+            run_mold(spec, self.scoreboard, theirs)
+
+        return self._fork(generation, config.effective_handler, child)
 
     def _start_by_rerun(self, command: list[str], generation: int, config: Config,
                         listeners: Collection[socket.socket], listener_specs: tuple[str, ...]) -> Mold:
         """Start ``command`` (the program again) as the mold of ``generation``, told so in its environment."""
+
+        def child(ours: socket.socket, theirs: socket.socket) -> None:
+            handed = {"generation": generation, "master_pid": self.master_pid, "sock": theirs.fileno(),
+                      "listeners": [[sock.fileno(), spec]
+                                    for sock, spec in zip(listeners, listener_specs, strict=True)],
+                      "channel_fd": self.channel_fd, "scoreboard_fd": self.scoreboard.fd,
+                      "scoreboard_capacity": self.scoreboard.capacity}
+            env = dict(os.environ)
+            env[MOLD_ENV] = json.dumps(handed)
+            signal.set_wakeup_fd(-1)
+            for fd in [theirs.fileno(), *(sock.fileno() for sock in listeners), self.channel_fd, self.scoreboard.fd]:
+                os.set_inheritable(fd, True)
+            os.execvpe(command[0], command, env)
+
+        mold = self._fork(generation, f"{config.effective_handler} (the program run again)", child)
+        mold.rerun = True
+        return mold
+
+    def _fork(self, generation: int, what: str, child: Callable[[socket.socket, socket.socket], None]) -> Mold:
+        """Fork the mold of ``generation``, importing ``what``: ``child(ours, theirs)`` is its life (a fork of
+        this master, or the program run again); it never comes back, and the child exits 127 if it does.
+
+        The master's signals stay blocked in the child (see :mod:`prefork.mold.process`). Raises OSError."""
         ours, theirs = wire.pair()
-        handed = {"generation": generation, "master_pid": self.master_pid, "sock": theirs.fileno(),
-                  "listeners": [[sock.fileno(), spec] for sock, spec in zip(listeners, listener_specs, strict=True)],
-                  "channel_fd": self.channel_fd, "scoreboard_fd": self.scoreboard.fd,
-                  "scoreboard_capacity": self.scoreboard.capacity}
-        env = dict(os.environ)
-        env[MOLD_ENV] = json.dumps(handed)
-        keep = [theirs.fileno(), *(sock.fileno() for sock in listeners), self.channel_fd, self.scoreboard.fd]
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.blocked)  # kept blocked: see mold.process
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.blocked)
         try:
             pid = os.fork()
-            if pid == 0:  # the child: the program, again
+            if pid == 0:  # the child: never returns
                 try:
-                    os.setpgid(0, 0)
-                    signal.set_wakeup_fd(-1)
-                    for fd in keep:
-                        os.set_inheritable(fd, True)
-                    os.execvpe(command[0], command, env)
+                    with contextlib.suppress(OSError):  # its own group: a terminal's Ctrl-C is for the master
+                        os.setpgid(0, 0)
+                    child(ours, theirs)
                 finally:
                     os._exit(127)
         except OSError:
@@ -142,9 +146,7 @@ class Molds:
             raise
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        mold = self._started(pid, generation, ours, theirs, f"{config.effective_handler} (the program run again)")
-        mold.rerun = True
-        return mold
+        return self._started(pid, generation, ours, theirs, what)
 
     def _started(self, pid: int, generation: int, ours: socket.socket, theirs: socket.socket, what: str) -> Mold:
         theirs.close()

@@ -78,13 +78,20 @@ _TCP_INFO_UNACKED_OFFSET = 24  # tcpi_unacked: segments sent and not yet acknowl
 _TCP_INFO_NOTSENT_OFFSET = 144  # tcpi_notsent_bytes: bytes queued and not yet sent (Linux >= 4.6)
 
 
-def tcp_bytes(sock: Any) -> tuple[int, int] | None:
-    """(bytes received, bytes sent and acknowledged) of a TCP connection, from the kernel's TCP_INFO."""
+def _tcp_info(sock: Any, length: int, needed: int) -> bytes | None:
+    """The kernel's TCP_INFO of ``sock`` (``length`` bytes asked for); None where it is no TCP socket, or the
+    kernel's is shorter than the ``needed`` bytes (an older kernel has fewer fields)."""
     try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 192)
+        info: bytes = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, length)
     except (OSError, AttributeError):
         return None
-    if len(info) < _TCP_INFO_BYTES_OFFSET + _TCP_INFO_BYTES.size:
+    return info if len(info) >= needed else None
+
+
+def tcp_bytes(sock: Any) -> tuple[int, int] | None:
+    """(bytes received, bytes sent and acknowledged) of a TCP connection, from the kernel's TCP_INFO."""
+    info = _tcp_info(sock, 192, _TCP_INFO_BYTES_OFFSET + _TCP_INFO_BYTES.size)
+    if info is None:
         return None
     acked, received = _TCP_INFO_BYTES.unpack_from(info, _TCP_INFO_BYTES_OFFSET)
     if info[0] in _FIN_RECEIVED_STATES:
@@ -95,11 +102,8 @@ def tcp_bytes(sock: Any) -> tuple[int, int] | None:
 def tcp_activity(sock: Any) -> tuple[int, float, float, bool] | None:
     """(bytes received, seconds since data last arrived, seconds since data last went either way, whether
     bytes are still to be sent or acknowledged) of a TCP connection, from one TCP_INFO read."""
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 192)
-    except (OSError, AttributeError):
-        return None
-    if len(info) < _TCP_INFO_NOTSENT_OFFSET + 4:
+    info = _tcp_info(sock, 192, _TCP_INFO_NOTSENT_OFFSET + 4)
+    if info is None:
         return None
     received = _TCP_INFO_BYTES.unpack_from(info, _TCP_INFO_BYTES_OFFSET)[1]
     if info[0] in _FIN_RECEIVED_STATES:
@@ -126,11 +130,8 @@ def account(record: Any, sock: Any) -> tuple[int, int] | None:
 
 def tcp_last_data_recv_ms(sock: Any) -> int | None:
     """Milliseconds since the connection last received data, from TCP_INFO (None if unknown)."""
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 64)
-    except (OSError, AttributeError):
-        return None
-    if len(info) < _TCP_INFO_LAST_DATA_RECV_OFFSET + 4:
+    info = _tcp_info(sock, 64, _TCP_INFO_LAST_DATA_RECV_OFFSET + 4)
+    if info is None:
         return None
     ms: int = _TCP_INFO_LAST_DATA_RECV.unpack_from(info, _TCP_INFO_LAST_DATA_RECV_OFFSET)[0]
     return ms
