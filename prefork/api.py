@@ -126,6 +126,8 @@ class ServerOptions(TypedDict, total=False):
     relay_check_send: str
     relay_check_expect: str
     preload: bool
+    chdir: PathArg
+    pythonpath: PathArg | Sequence[PathArg]
     certfile: PathArg
     keyfile: PathArg
     keyfile_password_file: PathArg
@@ -198,8 +200,8 @@ def make_config(handler: Handler, address: Address | list[Address], options: Map
             raise OptionError(f"unknown option {quote(key)}" + (f" (did you mean {quote(close[0])}?)" if close else ""))
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
-        elif isinstance(value, tuple):
-            value = list(value)  # the loader takes lists, as TOML gives them
+        elif isinstance(value, (tuple, list)):  # the loader takes lists of strings, as TOML gives them
+            value = [os.fspath(v) if isinstance(v, os.PathLike) else v for v in value]
         if key == "config":
             if value is None:
                 continue

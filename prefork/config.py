@@ -39,6 +39,10 @@ TLS_KEYS = ("certfile", "keyfile", "keyfile_password_file", "ca_certs", "cert_re
 MAX_WORKERS = 1024  # the scoreboard is sized once, before the first fork
 MAX_CANARY = 3600.0  # seconds a reload's canary may serve before it is judged, and its probation last
 MAX_CONFIG_BYTES = 2 * 1024 * 1024  # a configuration is a few hundred bytes; 2 MiB is plenty
+try:
+    LAUNCH_DIR = os.getcwd()  # where prefork started: a relative --chdir is taken from here, wherever the master is
+except OSError:  # removed under us: nothing relative can be found from it anyway
+    LAUNCH_DIR = "/"
 MAX_LIST = 1024  # entries in a list setting (bind, relay, proxy-allow)
 MAX_HANDLER = 500  # characters of a handler's module:Class
 QUOTE_LIMIT = 100  # characters of a value an error message quotes
@@ -196,6 +200,8 @@ class Config:
     relay_check_send: str | None = None  # what a check sends once connected (backslash escapes: \r \n \xHH)
     relay_check_expect: str | None = None  # what the upstream's answer must contain for the check to pass
     preload: bool = True  # workers are forked from a mold per generation that imported the handler
+    chdir: str | None = None  # the master, the molds and the workers work here (absolute; see LAUNCH_DIR)
+    pythonpath: tuple[str, ...] = ()  # put first on the module search path to import the handler (absolute)
     # TLS on listeners: with certfile and no tls_bind, every --bind address speaks TLS
     certfile: str | None = None
     keyfile: str | None = None
@@ -326,6 +332,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "relay_check_send": (str,),
     "relay_check_expect": (str,),
     "preload": (bool,),
+    "chdir": (str,),
+    "pythonpath": (list, str),
     "certfile": (str,),
     "keyfile": (str,),
     "keyfile_password_file": (str,),
@@ -551,10 +559,35 @@ def build_config(overrides: Mapping[str, Any], config_file: str | None = None) -
             raise ConfigError(f"proxy-allow: {len(merged['proxy_allow'])} entries, more than the {MAX_LIST} allowed")
     if "log_level" in merged:
         merged["log_level"] = merged["log_level"].lower()
+    _normalise_paths(merged)
     _normalise_tls(merged)
     config = _with_listeners(Config(**merged), tables)
     validate(config)
     return config
+
+
+def _normalise_paths(merged: dict[str, Any]) -> None:
+    """--chdir from the directory prefork started in, --pythonpath from --chdir's (both absolute, so that
+    a reload in the master, which works in --chdir, reads them the same); each must be a directory."""
+    base = LAUNCH_DIR
+    if merged.get("chdir") is not None:
+        merged["chdir"] = base = _directory("chdir", os.path.join(LAUNCH_DIR, merged["chdir"]))
+    paths = merged.get("pythonpath")
+    if paths is not None:
+        items = [part for item in ([paths] if isinstance(paths, str) else paths) for part in str(item).split(",")]
+        merged["pythonpath"] = tuple(_directory("pythonpath", os.path.join(base, i.strip()))
+                                     for i in items if i.strip())
+        if len(merged["pythonpath"]) > MAX_LIST:
+            raise ConfigError(f"pythonpath: {len(merged['pythonpath'])} entries, more than the {MAX_LIST} allowed")
+
+
+def _directory(option: str, path: str) -> str:
+    """``path`` made absolute when it is a directory; else ConfigError."""
+    path = os.path.normpath(path)
+    if not os.path.isdir(path):
+        why = "not a directory" if os.path.exists(path) else "no such directory"
+        raise ConfigError(f"{option}: {cut(path)}: {why}")
+    return path
 
 
 def _normalise_tls(merged: dict[str, Any]) -> None:
