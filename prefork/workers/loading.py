@@ -99,7 +99,8 @@ def import_failure(exc: BaseException, module_name: str) -> str:
     """Why importing ``module_name`` failed, on one line: where in the user's code, or what is missing."""
     if isinstance(exc, ModuleNotFoundError) and exc.name and (
             exc.name == module_name or module_name.startswith(exc.name + ".")):
-        return f"no module named {quote(exc.name)}{_module_suggestion(exc.name)}{_unreadable_path()}"
+        # a directory the user cannot read explains it better than a name that looks alike
+        return f"no module named {quote(exc.name)}{_unreadable_path() or _module_suggestion(exc.name)}"
     where = user_line(exc)
     text = f"{where}: " if where else ""
     message = exc.msg if isinstance(exc, SyntaxError) and exc.msg else why(exc)
@@ -147,7 +148,7 @@ def _module_suggestion(name: str) -> str:
         names = [m.name for m in pkgutil.iter_modules(path)] if path is not None or not parent else []
     except (KeyError, OSError):
         return ""
-    close = did_you_mean(last, [n for n in names if n != last])
+    close = did_you_mean(last, [n for n in names if n != last], cutoff=0.75)  # among every module: close ones
     return close.replace("mean ", f"mean {parent}.", 1) if close and parent else close
 
 
