@@ -213,6 +213,20 @@ def test_chdir_and_pythonpath_serve_the_handler_from_there(
     assert checked.returncode == 0 and "where_app:Handler" in checked.stdout, checked.stderr
 
 
+def test_an_upgrade_finds_the_files_its_command_line_names_relative_to_where_prefork_started(
+        daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    site, _ = app_and_library(tmp_path)
+    (tmp_path / "prefork.toml").write_text('chdir = "site"\npythonpath = ["../lib"]\nhandler = "where_app:Handler"\n')
+    d = daemon_factory("--config", "prefork.toml", workers=1)  # relative to tmp_path; the master works in site/
+    r = d.ctl("upgrade", timeout=60)
+    assert r.returncode == 0, r.stderr
+    st = d.wait_serving(1)
+    assert (st["pid"], st["generation"]) == (d.pid, 2)
+    with d.connect() as s:
+        s.sendall(b"where\n")
+        assert s.makefile("rb").readline() == f"hello {site}\n".encode()
+
+
 @pytest.mark.parametrize(("args", "why"), [
     (["--chdir", "nowhere"], "chdir: {tmp}/nowhere: no such directory"),
     (["--chdir", "file.txt"], "chdir: {tmp}/file.txt: not a directory"),

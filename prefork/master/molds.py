@@ -32,6 +32,7 @@ from prefork.mold.process import MOLD_ENV, MoldSpec, run_mold
 from prefork.mold.wire import Kind
 from prefork.scoreboard import Scoreboard
 from prefork.tls import TlsSetup
+from prefork.upgrade import execute_program
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ class Molds:
                     signal.set_wakeup_fd(-1)
                     for fd in keep:
                         os.set_inheritable(fd, True)
-                    os.execvpe(command[0], command, env)
+                    execute_program(command, env)
                 finally:
                     os._exit(127)
         except OSError:
