@@ -224,7 +224,8 @@ def check_config(config: Config) -> str:
 
     identity = privileges.resolve(config.user, config.group)
     enter_directory(config)
-    logs.setup(config.log_level)  # a failing import's traceback at --log-level debug, on stderr
+    if config.log_level == "debug":
+        logs.setup(config.log_level)  # a failing import's traceback, on stderr
     for option, path in (("log-file", config.log_file), ("access-log", config.access_log)):
         # what the daemon would refuse to open; a file that is not there yet is created then
         if path and path != "-" and os.path.exists(path) and not logs.never_blocks(os.stat(path)):
