@@ -43,6 +43,9 @@ FAILURES = {
     "missing-dependency-of-a-helper": (
         {"app.py": "import helper\n" + HANDLER, "helper.py": '"""Helps."""\n\nimport nonexistent_dependency\n'},
         "app:Handler", "helper.py:3: ModuleNotFoundError: No module named 'nonexistent_dependency'"),
+    "raised-in-python-s-library": ({"app.py": "import json\n\nSETTINGS = json.loads('{broken')\n"}, "app:Handler",
+                                   "app.py:3: JSONDecodeError: Expecting property name enclosed in double quotes: "
+                                   "line 1 column 2 (char 1)"),  # the user's line, not json's
     "missing-class": ({"app.py": HANDLER}, "app:Handlr", "app has no attribute 'Handlr' (did you mean Handler?)"),
     "missing-module": ({"inventory_app.py": HANDLER}, "inventory_ap:Handler",
                        "no module named 'inventory_ap' (did you mean inventory_app?)"),
@@ -115,6 +118,16 @@ def test_under_user_nobody_an_unreadable_directory_fails_with_a_hint_before_anyt
         f"prefork: error: cannot load handler 'app:Handler': no module named 'app' (user nobody cannot read "
         f"{tmp_path}, on the module search path: check the permissions of that directory and those above it)"]
     assert refused(port)
+
+
+@as_root
+def test_under_user_nobody_an_unreadable_chdir_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "site").mkdir()
+    result = run_prefork(Path("/"), "--bind", "127.0.0.1:0", "--control", str(tmp_path / "c.sock"),
+                         "--user", "nobody", "--group", "nogroup", "--chdir", str(tmp_path / "site"))
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.splitlines() == [
+        f"prefork: error: chdir: cannot change to {tmp_path / 'site'} as user nobody: Permission denied"]
 
 
 GATED = '''\

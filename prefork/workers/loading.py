@@ -121,14 +121,27 @@ def user_line(exc: BaseException) -> str:
     found = ""
     for frame, lineno in traceback.walk_tb(exc.__traceback__):
         filename = frame.f_code.co_filename
-        if not filename.startswith("<") and not filename.startswith(_LIBRARY):
+        if not _is_library(filename):
             found = f"{_shown(filename)}:{lineno}"
     return found
 
 
-_LIBRARY = tuple({os.path.join(how(p), "") for how in (os.path.abspath, os.path.realpath) for p in (
-    sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"],
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))))})  # Python's own modules, and prefork
+def _both(path: str) -> set[str]:
+    return {os.path.join(os.path.abspath(path), ""), os.path.join(os.path.realpath(path), "")}
+
+
+_STDLIB = tuple(_both(sysconfig.get_paths()["stdlib"]) | _both(sysconfig.get_paths()["platstdlib"]))
+_PREFORK = tuple(_both(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def _is_library(filename: str) -> bool:
+    """Code of Python's own library (importlib's frozen bootstrap too) or of prefork, not the user's."""
+    if filename.startswith(("<", *_PREFORK)):
+        return True
+    for root in _STDLIB:
+        if filename.startswith(root):  # what pip installs beside it is the user's
+            return not filename[len(root):].startswith(("site-packages" + os.sep, "dist-packages" + os.sep))
+    return False
 
 
 def _shown(filename: str) -> str:
