@@ -22,6 +22,7 @@ from test_cli import free_port, run_prefork
 from conftest import Daemon, child_env, exchange, wait_for
 from prefork.api import make_config
 from prefork.config import ConfigError, build_config
+from prefork.handlers.echo import EchoHandler
 
 HANDLER = '''\
 import socketserver
@@ -259,8 +260,10 @@ def test_the_paths_are_settings_of_the_config_file_and_the_python_api(tmp_path: 
     (tmp_path / "prefork.toml").write_text(f'chdir = "{site}"\npythonpath = "../lib"\n')
     config = build_config({}, str(tmp_path / "prefork.toml"))
     assert (config.chdir, config.pythonpath) == (str(site), (str(lib),))
-    config = make_config("where_app:Handler", ("127.0.0.1", 0), {"chdir": site, "pythonpath": [lib, str(lib)]})
+    # (a handler object: a "module:Class" would be imported here, in --chdir, moving this process there)
+    config = make_config(EchoHandler, ("127.0.0.1", 0), {"chdir": site, "pythonpath": [lib, str(lib)]})
     assert (config.chdir, config.pythonpath) == (str(site), (str(lib), str(lib)))
+    assert os.getcwd() != str(site)  # the settings are read, not acted on
     with pytest.raises(ConfigError, match="pythonpath: expected a list of strings or str, got 3"):
         build_config({"pythonpath": 3})
 
