@@ -137,8 +137,8 @@ def make_config(handler: Handler, address: Address | list[Address], options: Map
             raise OptionError(f"unknown option {quote(key)}" + (f" (did you mean {quote(close[0])}?)" if close else ""))
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
-        elif isinstance(value, tuple):
-            value = list(value)  # the loader takes lists, as TOML gives them
+        elif isinstance(value, (tuple, list)):  # the loader takes lists of strings, as TOML gives them
+            value = [os.fspath(v) if isinstance(v, os.PathLike) else v for v in value]
         if key == "config":
             if value is None:
                 continue

@@ -93,18 +93,23 @@ def parse_args(argv: list[str]) -> tuple[dict[str, Any], str | None, bool]:
 
 
 def check_config(loaded: Loaded) -> str:
-    """Load the handler in this process (we exit right after) and summarise the config: a line, then each
-    setting that is not at its default, with where it came from."""
+    """What a start does short of binding (the handler loaded as the workers' user, the certificates,
+    the log files), then a summary of the config: a line, then each setting that is not at its default,
+    with where it came from."""
     config = loaded.config
-    from prefork import tls
-    from prefork.workers.loading import handler_for
+    from prefork import privileges, tls
+    from prefork.loadcheck import check_loads
 
+    identity = privileges.resolve(config.user, config.group)
+    enter_directory(config)
+    if config.log_level == "debug":
+        logs.setup(config.log_level)  # a failing import's traceback, on stderr
     for option, path in (("log-file", config.log_file), ("access-log", config.access_log)):
         # what the daemon would refuse to open; a file that is not there yet is created then
         if path and path != "-" and os.path.exists(path) and not logs.never_blocks(os.stat(path)):
             raise ConfigError(f"{option} {path}: {logs.NOT_REGULAR}")
     setup = tls.load(config)  # certificates and keys load and match, none has expired
-    handler_for(config, relay_tls=setup.relay)  # imports it: a handler that cannot load fails here
+    check_loads(config, identity)  # as a start does: a handler that cannot load fails here
     loop = f" ({config.event_loop})" if config.event_loop else ""
     certificates = "".join(
         f"; TLS on {spec}: {cert.subject}, expires {cert.describe()['not_after']}"
@@ -128,6 +133,15 @@ def changed_settings(loaded: Loaded) -> list[str]:
         origin = loaded.origins.get(setting.name, "implied by the other settings")
         lines.append(f"  {setting.key} = {cut(str(shown))}  ({origin})")
     return lines
+
+
+def enter_directory(config: Config) -> None:
+    """--chdir: the master works there too (relative paths in the settings are taken from there). Raises."""
+    if config.chdir:
+        try:
+            os.chdir(config.chdir)
+        except OSError as exc:
+            raise ConfigError(f"chdir: cannot change to {config.chdir}: {exc.strerror}") from None
 
 
 def preload_worker_code(config: Config) -> None:
@@ -217,8 +231,10 @@ def prepare_master(config: Config) -> MasterSetup:
     from prefork import privileges, tls
     from prefork.control import ControlServer
     from prefork.listeners import bind
+    from prefork.loadcheck import check_loads
 
     identity = privileges.resolve(config.user, config.group)
+    enter_directory(config)
     logs.setup(config.log_level, config.log_file)
     logs.setup_access_log(config.access_log)
     preload_worker_code(config)
@@ -228,6 +244,8 @@ def prepare_master(config: Config) -> MasterSetup:
         resumed = handover.received()  # we are the new image of a master that executed us in place
     except handover.HandoverError as exc:
         raise ConfigError(str(exc)) from None
+    if resumed is None and config.handler_object is None:  # (an upgrade in place checked it before the exec)
+        check_loads(config, identity)  # as the workers' user, before anything is bound; raises
     listeners, handed = take_listeners(config, resumed)
     metrics_sock = agent_sock = None
     try:

@@ -45,6 +45,10 @@ RELAY_HANDLERS = ("prefork.handlers.relay:RelayHandler", "prefork.handlers.aio:R
 TLS_KEYS = ("certfile", "keyfile", "keyfile_password_file", "ca_certs", "cert_reqs", "tls_min_version", "ciphers",
             "alpn", "sni", "tls_handshake_timeout")
 MAX_CONFIG_BYTES = 2 * 1024 * 1024  # a configuration is a few hundred bytes; 2 MiB is plenty
+try:
+    LAUNCH_DIR = os.getcwd()  # where prefork started: a relative --chdir is taken from here, wherever the master is
+except OSError:  # removed under us: nothing relative can be found from it anyway
+    LAUNCH_DIR = "/"
 MAX_LIST = 1024  # entries in a list setting (bind, relay, proxy-allow)
 MAX_HANDLER = 500  # characters of a handler's module:Class
 QUOTE_LIMIT = 100  # characters of a value an error message quotes
@@ -76,9 +80,9 @@ def cut(text: str) -> str:
     return text if len(text) <= QUOTE_LIMIT else text[: QUOTE_LIMIT - 3] + "..."
 
 
-def did_you_mean(given: str, known: Iterable[str]) -> str:
+def did_you_mean(given: str, known: Iterable[str], cutoff: float = 0.6) -> str:
     """`` (did you mean X?)`` for the one of ``known`` closest to ``given`` (a typo), or nothing."""
-    close = difflib.get_close_matches(given, list(known), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(given, list(known), n=1, cutoff=cutoff)
     return f" (did you mean {close[0]}?)" if close else ""
 
 
@@ -458,6 +462,7 @@ def _merge(merged: dict[str, Any], tables: list[dict[str, Any]], config_file: st
             raise ConfigError(f"proxy-allow: {len(merged['proxy_allow'])} entries, more than the {MAX_LIST} allowed")
     if "log_level" in merged:
         merged["log_level"] = merged["log_level"].lower()
+    _normalise_paths(merged)
     _normalise_tls(merged)
     config = _with_listeners(Config(**merged), tables)
     validate(config)
@@ -522,6 +527,28 @@ def env_value(setting: Setting, text: str) -> Any:
     if setting.name in _FIELD_TYPES:
         _check_value(setting.name, value, f"environment variable {var}: ")
     return value
+def _normalise_paths(merged: dict[str, Any]) -> None:
+    """--chdir from the directory prefork started in, --pythonpath from --chdir's (both absolute, so that
+    a reload in the master, which works in --chdir, reads them the same); each must be a directory."""
+    base = LAUNCH_DIR
+    if merged.get("chdir") is not None:
+        merged["chdir"] = base = _directory("chdir", os.path.join(LAUNCH_DIR, merged["chdir"]))
+    paths = merged.get("pythonpath")
+    if paths is not None:
+        items = [part for item in ([paths] if isinstance(paths, str) else paths) for part in str(item).split(",")]
+        merged["pythonpath"] = tuple(_directory("pythonpath", os.path.join(base, i.strip()))
+                                     for i in items if i.strip())
+        if len(merged["pythonpath"]) > MAX_LIST:
+            raise ConfigError(f"pythonpath: {len(merged['pythonpath'])} entries, more than the {MAX_LIST} allowed")
+
+
+def _directory(option: str, path: str) -> str:
+    """``path`` made absolute when it is a directory; else ConfigError."""
+    path = os.path.normpath(path)
+    if not os.path.isdir(path):
+        why = "not a directory" if os.path.exists(path) else "no such directory"
+        raise ConfigError(f"{option}: {cut(path)}: {why}")
+    return path
 
 
 def _normalise_tls(merged: dict[str, Any]) -> None:

@@ -41,6 +41,8 @@ class SettingFields:
     max_requests: int = 0
     max_requests_jitter: int = 0
     max_worker_memory: int = 0
+    chdir: str | None = None
+    pythonpath: tuple[str, ...] = ()
     preload: bool = True
     reload_batch: int = 0
     reload_canary: float = 0.0
@@ -105,6 +107,8 @@ class ServerOptions(TypedDict, total=False):
     max_requests: int
     max_requests_jitter: int
     max_worker_memory: int
+    chdir: PathArg
+    pythonpath: str | Sequence[str]
     preload: bool
     reload_batch: int
     reload_canary: float

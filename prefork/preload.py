@@ -20,7 +20,7 @@ import logging
 import time
 
 from prefork.config import Config
-from prefork.workers.loading import handler_for, load_handler
+from prefork.workers.loading import handler_for, load_configured
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def preload_handler(config: Config) -> Config:
     try:
         handler = config.handler_object
         if handler is None:
-            handler = load_handler(config.effective_handler, config.worker_class)
+            handler = load_configured(config)
         preloaded = dataclasses.replace(config, handler_object=handler)
         handler_for(preloaded)  # what a worker checks (the relay's needs too), so it cannot fail there
         gc.freeze()

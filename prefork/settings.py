@@ -223,6 +223,11 @@ SETTINGS: tuple[Setting, ...] = (
     _s("max_worker_memory", "lifecycle", "int", 0, "replace a worker whose own memory (USS) exceeds MIB: it stops "
        "accepting at once, its successor starts; at most a quarter of the workers at a time", metavar="MIB",
        default_text="no limit", check=Range(0, 1024 * 1024, "MiB is out of range (0 = no limit)")),
+    _s("chdir", "general", "str", None, "work in DIR (the master, the molds and the workers): the handler is "
+       "imported from there and relative paths are taken from there; a relative DIR is taken from where prefork "
+       "starts", metavar="DIR", default_text="where prefork starts", path=True),
+    _s("pythonpath", "general", "list", (), "put DIR first on the module search path to import the handler; "
+       "repeatable, relative to --chdir", metavar="DIR[,DIR]", path=True, separator=":"),
     _s("preload", "lifecycle", "bool", True, "on: each generation's mold imports the handler once and forks its "
        "workers, which share its memory and run its code (respawns too); --no-preload: each worker imports the "
        "handler itself after the master forks it (for handlers whose import starts threads or opens connections)",

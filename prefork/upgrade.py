@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from prefork.config import quote
+from prefork.config import LAUNCH_DIR, quote
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,19 @@ def program(argv: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "prefork", *argv]
 
 
+def execute_program(command: list[str], env: dict[str, str]) -> None:
+    """Execute ``command`` from the directory prefork started in: its arguments may name files relative to
+    it, and --chdir moved us. Raises OSError, back in our working directory."""
+    back = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        with contextlib.suppress(OSError):  # gone: the arguments are all the command has
+            os.chdir(LAUNCH_DIR)
+        os.execvpe(command[0], command, env)
+    finally:
+        os.fchdir(back)
+        os.close(back)
+
+
 def check_command(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     """The command (and extra environment) that runs the prefork now installed to check our configuration."""
     return [*program(argv), "--check-config"], {}
@@ -85,7 +98,7 @@ def spawn_check(command: list[str], extra_env: dict[str, str] | None = None) -> 
             signal.pthread_sigmask(signal.SIG_SETMASK, set())
             os.dup2(write_fd, 1)
             os.dup2(write_fd, 2)
-            os.execvpe(command[0], command, env)
+            execute_program(command, env)
         finally:
             os._exit(127)
     os.close(write_fd)

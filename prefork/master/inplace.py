@@ -33,7 +33,7 @@ from prefork.master.molds import Molds, MoldState
 from prefork.master.pool import WorkerPool
 from prefork.master.state import LbDrain, StopMode
 from prefork.master.timers import Timers
-from prefork.upgrade import UPGRADE_TIMEOUT, Upgrade, Upgrader
+from prefork.upgrade import UPGRADE_TIMEOUT, Upgrade, Upgrader, execute_program
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def execute(master: Master, upgrade: Upgrade) -> str:
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, master.handled_signals)  # pending until the new image
     wakeup = signal.set_wakeup_fd(-1)
     try:
-        os.execvpe(command[0], command, env)
+        execute_program(command, env)
     except OSError as exc:
         handover.abandon(env, state)
         signal.set_wakeup_fd(wakeup, warn_on_full_buffer=False)

@@ -32,6 +32,7 @@ from prefork.mold.process import MOLD_ENV, MoldSpec, run_mold
 from prefork.mold.wire import Kind
 from prefork.scoreboard import Scoreboard
 from prefork.tls import TlsSetup
+from prefork.upgrade import execute_program
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ class Molds:
             signal.set_wakeup_fd(-1)
             for fd in [theirs.fileno(), *(sock.fileno() for sock in listeners), self.channel_fd, self.scoreboard.fd]:
                 os.set_inheritable(fd, True)
-            os.execvpe(command[0], command, env)
+            execute_program(command, env)
 
         mold = self._fork(generation, f"{config.effective_handler} (the program run again)", child)
         mold.rerun = True
