@@ -103,6 +103,8 @@ class ServerOptions(TypedDict, total=False):
     reload_batch: int
     reload_canary: float
     reload_probation: float
+    reload_on_change: bool
+    reload_dir: str | Sequence[str]
     backlog: int
     name: str
     control: PathArg

@@ -115,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reload-probation", type=float, metavar="SECS",
                    help="after a reload, keep the old generation's mold for SECS and roll back to it if the new "
                         "workers die young or fail more than the old ones did (default 0: no probation)")
+    p.add_argument("--reload-on-change", action="store_true", default=None,
+                   help="development: reload (as HUP does) when a Python file under the working directory or the "
+                        "handler's package changes; needs watchfiles (pip install 'prefork[reload]')")
+    p.add_argument("--reload-dir", action="append", metavar="DIR",
+                   help="with --reload-on-change, watch DIR instead of the working directory; repeatable")
     p.add_argument("--backlog", type=int, metavar="N", help="listen backlog (default 2048)")
     p.add_argument("--name", metavar="NAME", help="instance name for titles and the control socket (default prefork)")
     p.add_argument("--control", metavar="PATH", help="control socket path (default RUNTIME_DIR/NAME.sock)")

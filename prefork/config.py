@@ -172,6 +172,8 @@ class Config:
     reload_batch: int = 0  # workers replaced at a time on reload; 0: the whole generation at once
     reload_canary: float = 0.0  # seconds one new worker serves beside the old generation before a reload goes on
     reload_probation: float = 0.0  # seconds after a reload the old generation's mold is kept for a rollback
+    reload_on_change: bool = False  # development: reload when a Python file of the application changes
+    reload_dir: tuple[str, ...] = ()  # watched with reload_on_change instead of the working directory
     backlog: int = 2048
     name: str = "prefork"
     control: str | None = None
@@ -303,6 +305,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "reload_batch": (int,),
     "reload_canary": (int, float),
     "reload_probation": (int, float),
+    "reload_on_change": (bool,),
+    "reload_dir": (list, str),
     "backlog": (int,),
     "name": (str,),
     "control": (str,),
@@ -535,6 +539,9 @@ def build_config(overrides: Mapping[str, Any], config_file: str | None = None) -
         merged["relay"] = (relays,)
     elif relays is not None:
         merged["relay"] = tuple(relays)
+    dirs = merged.get("reload_dir")
+    if dirs is not None:
+        merged["reload_dir"] = (dirs,) if isinstance(dirs, str) else tuple(dirs)
     for key in ("user", "group"):
         if isinstance(merged.get(key), int):
             merged[key] = str(merged[key])
@@ -634,6 +641,14 @@ def uvloop_installed() -> bool:
     return importlib.util.find_spec("uvloop") is not None
 
 
+def watchfiles_installed() -> bool:
+    """--reload-on-change's watcher can run (looked up, not imported: the master never needs it)."""
+    try:
+        return importlib.util.find_spec("watchfiles") is not None
+    except (ImportError, ValueError):  # a broken or half-removed installation
+        return False
+
+
 def _check_side_port(option: str, value: str | None, specs: tuple[BindSpec, ...]) -> None:
     """--metrics-bind and --agent-bind: a TCP HOST:PORT of the master's own, not one of the --bind addresses."""
     if value is None:
@@ -691,6 +706,7 @@ def validate(config: Config) -> None:
     if config.reload_probation and not config.preload:
         raise ConfigError("reload-probation: a rollback runs the old generation's code from its mold, and "
                           "--no-preload has none (use --preload, the default)")
+    _check_reload_on_change(config)
     if not 0 <= config.max_worker_memory <= 1024 * 1024:
         raise ConfigError(f"max-worker-memory: {config.max_worker_memory} MiB is out of range (0 = no limit)")
     if not 1 <= config.backlog <= 65535:
@@ -726,6 +742,21 @@ def validate(config: Config) -> None:
     _check_relay_tls(config)
     if config.log_level not in LOG_LEVELS:
         raise ConfigError(f"log-level: unknown level {quote(config.log_level)} (choose from {', '.join(LOG_LEVELS)})")
+
+
+def _check_reload_on_change(config: Config) -> None:
+    if config.reload_dir and not config.reload_on_change:
+        raise ConfigError("reload-dir: is watched only with --reload-on-change")
+    if not config.reload_on_change:
+        return
+    if not watchfiles_installed():
+        raise ConfigError("reload-on-change: watchfiles is not installed (pip install 'prefork[reload]')")
+    for path in config.reload_dir:
+        if not os.path.isdir(path):
+            raise ConfigError(f"reload-dir: {quote(path)} is not a directory")
+    if not config.reload_dir and os.getcwd() == os.sep:
+        raise ConfigError("reload-on-change: the working directory is /, too much to watch: start in the "
+                          "application's directory or name it with --reload-dir")
 
 
 def _check_relay_balancing(config: Config) -> None:
