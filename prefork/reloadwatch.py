@@ -10,9 +10,12 @@ single-threaded: the master starts it (:mod:`prefork.master.watching`),
 reads its reports on a pipe in its selector, and the kernel ends it with the
 master (``PR_SET_PDEATHSIG``).
 
-A burst of changes is one report: watchfiles groups changes until none came
-for ``STEP_MS``, for at most ``DEBOUNCE_MS``, and a report that arrives
-while a reload runs queues one reload after it. Only Python sources count
+A burst of changes is one report, sent once no Python file changed for
+``QUIET_S`` (at most ``MAX_BURST_S`` after the first change): a save, a
+``git checkout`` or a formatter's run is one reload, of complete files. (On
+its own, watchfiles returns a burst as soon as no *new* file changed for
+``STEP_MS``, so the same file written again and again came out as several.)
+A report that arrives while a reload runs queues one reload after it. Only Python sources count
 (``.py``, ``.pyx``, ``.pyd``; watchfiles' ``PythonFilter``): nothing in
 ``__pycache__``, ``.git`` or ``.venv``, no compiled ``.pyc``, no editor's swap,
 backup or lock file (``.x.py.swp``, ``x.py~``, ``.#x.py``).
@@ -23,21 +26,25 @@ from __future__ import annotations
 import enum
 import importlib.util
 import json
+import math
 import os
 import signal
 import sys
 import sysconfig
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from prefork.prctl import set_pdeathsig
 
 if TYPE_CHECKING:
     from prefork.config import Config
 
-DEBOUNCE_MS = 1600  # the longest a burst of changes is gathered into one report
-STEP_MS = 50  # a burst ends once nothing changed for this long
+QUIET_S = 0.25  # a burst ends once no Python file changed for this long
+MAX_BURST_S = 5.0  # and is reported at the latest this long after its first change
+DEBOUNCE_MS = 1600  # watchfiles: the longest it gathers raw changes (ours included: our own log file)
+STEP_MS = 50  # watchfiles: the raw changes are returned once no new one came for this long
 EXIT_CANNOT_WATCH = 3  # a directory cannot be watched (gone, unreadable, inotify's limits): said on stderr
 
 
@@ -137,6 +144,35 @@ def _send(out: BinaryIO, report: WatchReport) -> None:
     out.flush()
 
 
+class Notify(Protocol):
+    """watchfiles' ``RustNotify``: the raw changes, "timeout" or "signal"."""
+
+    def watch(self, debounce_ms: int, step_ms: int, timeout_ms: int, stop_event: None) -> set[tuple[int, str]] | str:
+        ...
+
+
+def next_burst(notify: Notify, keep: Callable[[int, str], bool],
+               clock: Callable[[], float] = time.monotonic) -> set[str] | None:
+    """The files changed in the next burst that ``keep`` keeps (see the module's docstring); None on a signal."""
+    paths: set[str] = set()
+    first = ends = 0.0  # once a file changed: when, and when the burst ends unless another one changes first
+    while True:
+        left = ends - clock()
+        if paths and left <= 0:
+            return paths
+        changes = notify.watch(DEBOUNCE_MS, STEP_MS, math.ceil(left * 1000) if paths else 0, None)
+        if changes == "timeout":
+            continue
+        if isinstance(changes, str):  # "signal": SIGINT from a terminal, as the master got it
+            return None
+        new = {path for change, path in changes if keep(change, path)}
+        if new:
+            now = clock()
+            first = first or now
+            ends = min(now + QUIET_S, first + MAX_BURST_S)
+            paths |= new
+
+
 def watch(master_pid: int, name: str, dirs: list[str], out: BinaryIO) -> int:
     """Report on ``out`` every burst of changed Python files under ``dirs`` until the master is gone."""
     from watchfiles import Change, PythonFilter
@@ -156,13 +192,9 @@ def watch(master_pid: int, name: str, dirs: list[str], out: BinaryIO) -> int:
         return EXIT_CANNOT_WATCH
     with notify:
         _send(out, WatchReport(WatchEvent.WATCHING, tuple(dirs)))
-        while True:
-            changes = notify.watch(DEBOUNCE_MS, STEP_MS, 0, None)
-            if isinstance(changes, str):  # "signal": SIGINT from a terminal, as the master got it
-                return 0
-            paths = sorted({path for change, path in changes if keep(Change(change), path)})
-            if paths:
-                _send(out, WatchReport(WatchEvent.CHANGED, tuple(paths)))
+        while (paths := next_burst(notify, lambda change, path: keep(Change(change), path))) is not None:
+            _send(out, WatchReport(WatchEvent.CHANGED, tuple(sorted(paths))))
+    return 0
 
 
 def main(argv: list[str]) -> int:
