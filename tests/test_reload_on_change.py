@@ -153,6 +153,17 @@ def test_a_watcher_that_dies_is_started_again(daemon_factory: Callable[..., Daem
     wait_for(lambda: version(d) == b"v2\n", 30, "the new code answering")
 
 
+def test_an_upgrade_in_place_leaves_one_watcher(daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    d, watcher = start(daemon_factory, tmp_path)
+    r = d.ctl("upgrade", timeout=90)
+    assert r.returncode == 0 and r.stdout.startswith(f"upgraded in place: master pid {d.pid}"), r.stderr
+    watchers = wait_for(lambda: [int(m.group(2)) for m in WATCHING.finditer(d.log())][1:], 20, "a new watcher")
+    assert gone(watcher) and watchers[0] != watcher
+    assert [p.pid for p in psutil.Process(d.pid).children() if "reload watcher" in " ".join(p.cmdline())] == watchers
+    write_app(tmp_path, "v2")
+    wait_for(lambda: version(d) == b"v2\n", 30, "the new code answering")
+
+
 def test_without_watchfiles_the_start_fails_in_one_line(tmp_path: Path) -> None:
     hide = "import sys; sys.modules['watchfiles'] = None; from prefork.cli import run; run()"
     r = subprocess.run([sys.executable, "-c", hide, "--reload-on-change", "--bind", "127.0.0.1:0",
