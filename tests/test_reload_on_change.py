@@ -55,7 +55,7 @@ def start(daemon_factory: Callable[..., Daemon], tmp_path: Path, *args: str) -> 
     write_app(tmp_path, "v1")
     d = daemon_factory(HANDLER, "--reload-on-change", *args)
     found = wait_for(lambda: WATCHING.search(d.log()), 20, "the watcher to watch")
-    assert found.group(1) == str(tmp_path.resolve())
+    assert str(tmp_path.resolve()) in found.group(1).split(", ")  # the handler's directory, the working one
     return d, int(found.group(2))
 
 
@@ -151,6 +151,21 @@ def test_a_watcher_that_dies_is_started_again(daemon_factory: Callable[..., Daem
     assert again[0] != watcher and psutil.Process(again[0]).ppid() == d.pid
     write_app(tmp_path, "v2")
     wait_for(lambda: version(d) == b"v2\n", 30, "the new code answering")
+
+
+def test_a_watcher_that_cannot_watch_is_given_up_in_one_line(daemon_factory: Callable[..., Daemon],
+                                                             tmp_path: Path,
+                                                             tmp_path_factory: pytest.TempPathFactory) -> None:
+    src = tmp_path_factory.mktemp("src").resolve()
+    d, watcher = start(daemon_factory, tmp_path, "--reload-dir", str(src))
+    assert f"watching {src}, {tmp_path.resolve()} for" in d.log()
+    src.rmdir()
+    os.kill(watcher, signal.SIGKILL)
+    line = wait_for(lambda: next((ln for ln in d.log().splitlines() if "changes are no longer watched" in ln), None),
+                    30, "the watching given up")
+    assert "ERROR" in line and f"failed 5 times in a row, last: cannot watch {src}, " in line, line
+    assert d.log().count("starting it again in 1s") == 4
+    assert generation_serving(d, 1) and version(d) == b"v1\n"  # serving on, unreloaded
 
 
 def test_an_upgrade_in_place_leaves_one_watcher(daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
