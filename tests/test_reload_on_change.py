@@ -21,6 +21,7 @@ import pytest
 
 from conftest import Daemon, Load, child_env, read_line, wait_for
 from prefork.config import Config, ConfigError, build_config
+from prefork.master.reload import reread_config
 from prefork.master.watching import describe_changes
 from prefork.reloadwatch import (
     MAX_BURST_S,
@@ -279,6 +280,18 @@ def test_a_burst_that_goes_on_is_reported_after_max_burst() -> None:
     notify = ScriptedNotify([x for n in range(100) for x in ({(2, f"/app/m{n}.py")}, 0.125)])
     burst = next_burst(notify, python_only, lambda: notify.now)
     assert burst is not None and len(burst) == int(MAX_BURST_S / 0.125) + 1  # the last one at MAX_BURST_S
+
+
+def test_a_reload_cannot_turn_the_watching_on_or_off(tmp_path: Path) -> None:
+    toml = tmp_path / "c.toml"
+    toml.write_text("reload-on-change = true\n")
+    current = build_config({}, str(toml))
+    toml.write_text("reload-on-change = false\n")
+    with pytest.raises(ConfigError, match=r"^reload-on-change cannot change on reload \(restart the daemon\)$"):
+        reread_config(current, {})
+    toml.write_text(f"reload-on-change = true\nreload-dir = [{str(tmp_path)!r}]\n")
+    with pytest.raises(ConfigError, match=r"^reload-dir cannot change on reload"):
+        reread_config(current, {})
 
 
 def test_the_log_names_what_changed() -> None:
