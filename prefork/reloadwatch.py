@@ -29,8 +29,8 @@ import json
 import math
 import os
 import signal
+import site
 import sys
-import sysconfig
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -117,8 +117,9 @@ def handler_dir(config: Config) -> str | None:
 
 
 def _installed(path: str) -> bool:
-    paths = sysconfig.get_paths()
-    roots = {os.path.realpath(paths[key]) for key in ("stdlib", "platstdlib", "purelib", "platlib") if key in paths}
+    # the standard library and site-packages as the interpreter knows them (sysconfig would read a file that
+    # the daemon's --user may not be allowed to)
+    roots = {os.path.realpath(p) for p in (os.path.dirname(os.__file__), *getattr(site, "getsitepackages", list)())}
     real = os.path.realpath(path)
     return any(real == root or real.startswith(root + os.sep) for root in roots)
 
@@ -185,8 +186,13 @@ def watch(master_pid: int, name: str, dirs: list[str], out: BinaryIO) -> int:
         return 0  # the master died before the kernel was asked to tell us
     logs.set_title("reload watcher", name)
     keep = PythonFilter()
-    try:
-        notify = RustNotify(dirs, False, False, 300, True, False)
+    for path in dirs:  # --user: the daemon's user must be able to read the code it runs
+        if not os.access(path, os.R_OK | os.X_OK):
+            why = f"permission denied for uid {os.geteuid()}" if os.path.isdir(path) else "no such directory"
+            print(f"cannot watch {path}: {why}", file=sys.stderr, flush=True)
+            return EXIT_CANNOT_WATCH
+    try:  # a subdirectory it may not read is left out (a root-only .git, someone's private files)
+        notify = RustNotify(dirs, False, False, 300, True, True)
     except OSError as exc:
         print(f"cannot watch {', '.join(dirs)}: {exc.strerror or exc}", file=sys.stderr, flush=True)
         return EXIT_CANNOT_WATCH

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+import test_privileges
 
-from conftest import Daemon, Load, child_env, read_line, wait_for
+from conftest import ROOT, Daemon, Load, child_env, read_line, start_daemon, wait_for
 from prefork.config import Config, ConfigError, build_config
 from prefork.master.reload import reread_config
 from prefork.master.watching import describe_changes
@@ -37,6 +38,7 @@ from prefork.reloadwatch import (
 
 APP = "changing_app"
 HANDLER = f"{APP}:Handler"
+readable_by_nobody = test_privileges.public_dir  # a fixture: a directory user nobody can read
 WATCHING = re.compile(r"reload on change: watching (.*) for changed Python files \(watcher pid (\d+)\)")
 
 
@@ -164,9 +166,38 @@ def test_a_watcher_that_cannot_watch_is_given_up_in_one_line(daemon_factory: Cal
     os.kill(watcher, signal.SIGKILL)
     line = wait_for(lambda: next((ln for ln in d.log().splitlines() if "changes are no longer watched" in ln), None),
                     30, "the watching given up")
-    assert "ERROR" in line and f"failed 5 times in a row, last: cannot watch {src}, " in line, line
+    assert "ERROR" in line and f"failed 5 times in a row, last: cannot watch {src}: no such directory; " in line, line
     assert d.log().count("starting it again in 1s") == 4
     assert generation_serving(d, 1) and version(d) == b"v1\n"  # serving on, unreloaded
+
+
+def nobody_can_run_python() -> bool:
+    probe = f"test -x {sys.executable} && test -r {os.__file__}"
+    return subprocess.run(["sh", "-c", probe], user=65534, group=65534, extra_groups=[], timeout=30).returncode == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+def test_under_user_the_watcher_runs_as_it_and_skips_what_it_cannot_read(readable_by_nobody: Path,
+                                                                         tmp_path: Path) -> None:
+    (readable_by_nobody / "private").mkdir(mode=0o700)  # root's: the daemon's user cannot look inside
+    write_app(readable_by_nobody, "v1")
+    env = child_env(PYTHONPATH=f"{readable_by_nobody}{os.pathsep}{ROOT}")
+    d = start_daemon(tmp_path, HANDLER, "--reload-on-change", "--reload-dir", str(readable_by_nobody),
+                     "--user", "nobody", "--group", "nogroup", env=env)
+    try:
+        assert version(d) == b"v1\n"  # serving as nobody, whatever becomes of the watching
+        if not nobody_can_run_python():  # an interpreter under root's home, as on some development machines
+            line = wait_for(lambda: next((ln for ln in d.log().splitlines() if "reload on change:" in ln), None), 20,
+                            "the watching's line")
+            assert "ERROR" in line and f"uid 65534 cannot run {sys.executable}, so changes are not watched" in line
+            return
+        found = wait_for(lambda: WATCHING.search(d.log()), 20, "the watcher to watch")
+        assert found.group(1) == str(readable_by_nobody.resolve())
+        assert psutil.Process(int(found.group(2))).uids().effective == 65534
+        write_app(readable_by_nobody, "v2")
+        wait_for(lambda: version(d) == b"v2\n", 30, "the new code answering")
+    finally:
+        d.stop()
 
 
 def test_an_upgrade_in_place_leaves_one_watcher(daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:

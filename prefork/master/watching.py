@@ -80,6 +80,10 @@ class ChangeWatcher:
         # size as an edited file would otherwise serve the code from before the edit
         sys.dont_write_bytecode = True
         os.environ["PYTHONDONTWRITEBYTECODE"] = "1"  # for the molds of a program run again (prefork.api)
+        if not os.access(sys.executable, os.X_OK) or not os.access(os.__file__, os.R_OK):
+            log.error("reload on change: uid %d cannot run %s, so changes are not watched (the daemon's --user "
+                      "must be able to run its Python)", os.getuid(), sys.executable)
+            return
         try:
             self.pid, self.fd = spawn_check(*command(self.host.pid, config.name, watched_dirs(config)))
         except OSError as exc:
