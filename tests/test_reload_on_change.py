@@ -253,6 +253,8 @@ def test_what_is_watched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     elsewhere = Config(handler="pkg.sub.mod:H", reload_on_change=True, reload_dir=(str(tmp_path / "elsewhere"),))
     assert watched_dirs(elsewhere) == [str(tmp_path / "elsewhere"), str(tmp_path / "pkg")]
     assert handler_dir(Config(handler="json.decoder:JSONDecoder")) is None  # the standard library: installed
+    assert handler_dir(Config(handler="psutil:Process")) is None  # site-packages: installed
+    assert handler_dir(Config()) == str(ROOT / "prefork")  # the built-in echo handler, in this checkout
     assert handler_dir(Config(handler="no_such_module_here:H")) is None
 
 
