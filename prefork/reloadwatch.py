@@ -15,10 +15,11 @@ A burst of changes is one report, sent once no Python file changed for
 ``git checkout`` or a formatter's run is one reload, of complete files. (On
 its own, watchfiles returns a burst as soon as no *new* file changed for
 ``STEP_MS``, so the same file written again and again came out as several.)
-A report that arrives while a reload runs queues one reload after it. Only Python sources count
-(``.py``, ``.pyx``, ``.pyd``; watchfiles' ``PythonFilter``): nothing in
-``__pycache__``, ``.git`` or ``.venv``, no compiled ``.pyc``, no editor's swap,
-backup or lock file (``.x.py.swp``, ``x.py~``, ``.#x.py``).
+A report that arrives while a reload runs queues one reload after it. Only
+Python sources count (``.py``, ``.pyx``, ``.pyd``; watchfiles'
+``PythonFilter``): nothing in ``__pycache__``, ``.git`` or ``.venv``, no
+compiled ``.pyc``, no editor's swap, backup or lock file (``.x.py.swp``,
+``x.py~``, ``.#x.py``).
 """
 
 from __future__ import annotations

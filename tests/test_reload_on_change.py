@@ -211,6 +211,14 @@ def test_an_upgrade_in_place_leaves_one_watcher(daemon_factory: Callable[..., Da
     wait_for(lambda: version(d) == b"v2\n", 30, "the new code answering")
 
 
+def test_check_config_says_what_is_watched(tmp_path: Path) -> None:
+    write_app(tmp_path, "v1")
+    r = subprocess.run([sys.executable, "-m", "prefork", HANDLER, "--reload-on-change", "--check-config"],
+                       capture_output=True, text=True, env=child_env(), cwd=tmp_path, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith(f"; reloads when a Python file changes under {tmp_path.resolve()}"), r.stdout
+
+
 def test_without_watchfiles_the_start_fails_in_one_line(tmp_path: Path) -> None:
     hide = "import sys; sys.modules['watchfiles'] = None; from prefork.cli import run; run()"
     r = subprocess.run([sys.executable, "-c", hide, "--reload-on-change", "--bind", "127.0.0.1:0",
