@@ -100,6 +100,7 @@ def test_an_edit_reloads_to_the_new_code_and_no_connection_is_dropped(daemon_fac
         kept.wait_ok(50)
     assert fresh.failures == [] and kept.failures == [], (fresh.failures[:5], kept.failures[:5])
     assert reload_lines(d) == [f"{APP}.py changed"]
+    assert not list(tmp_path.glob("__pycache__/*"))  # no cached bytecode that an edit in the same second could hide
     wait_for(lambda: {w["generation"] for w in d.status()["workers"]} == {2}, 30, "the old generation gone")
 
 
