@@ -320,6 +320,8 @@ class PreforkServer:
         self.server_address = server_address
         self.RequestHandlerClass = RequestHandlerClass
         self.config = make_config(RequestHandlerClass, server_address, options)
+        if self.config.reload_on_change and (why := cannot_rerun()) is not None:
+            raise OptionError(f"reload_on_change: {why}")  # each reload runs the program again
         self._served = False
 
     def serve_forever(self) -> None:

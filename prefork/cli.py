@@ -115,8 +115,13 @@ def check_config(loaded: Loaded) -> str:
         f"; TLS on {spec}: {cert.subject}, expires {cert.describe()['not_after']}"
         + (f" (for {cert.server_name})" if cert.server_name else "")
         for spec, cert in setup.certificates())
+    watching = ""
+    if config.reload_on_change:
+        from prefork.reloadwatch import watched_dirs
+
+        watching = f"; reloads when a Python file changes under {', '.join(watched_dirs(config))}"
     summary = (f"configuration OK: {config.workers} {config.worker_class} worker(s){loop} of "
-               f"{describe_handler(config)} on {', '.join(config.binds)}{certificates}")
+               f"{describe_handler(config)} on {', '.join(config.binds)}{certificates}{watching}")
     return "\n".join([summary, *changed_settings(loaded)])
 
 

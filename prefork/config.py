@@ -448,6 +448,9 @@ def _merge(merged: dict[str, Any], tables: list[dict[str, Any]], config_file: st
         merged["relay"] = (relays,)
     elif relays is not None:
         merged["relay"] = tuple(relays)
+    dirs = merged.get("reload_dir")
+    if dirs is not None:
+        merged["reload_dir"] = (dirs,) if isinstance(dirs, str) else tuple(dirs)
     for key in ("user", "group"):
         if isinstance(merged.get(key), int):
             merged[key] = str(merged[key])
@@ -628,6 +631,14 @@ def uvloop_installed() -> bool:
     return importlib.util.find_spec("uvloop") is not None
 
 
+def watchfiles_installed() -> bool:
+    """--reload-on-change's watcher can run (looked up, not imported: the master never needs it)."""
+    try:
+        return importlib.util.find_spec("watchfiles") is not None
+    except (ImportError, ValueError):  # a broken or half-removed installation
+        return False
+
+
 def _check_side_port(option: str, value: str | None, specs: tuple[BindSpec, ...]) -> None:
     """--metrics-bind and --agent-bind: a TCP HOST:PORT of the master's own, not one of the --bind addresses."""
     if value is None:
@@ -660,6 +671,7 @@ def validate(config: Config) -> None:
     if config.reload_probation and not config.preload:
         raise ConfigError("reload-probation: a rollback runs the old generation's code from its mold, and "
                           "--no-preload has none (use --preload, the default)")
+    _check_reload_on_change(config)
     check_name(config.name)
     if not _HANDLER_RE.match(config.handler):
         raise ConfigError(f"handler: {quote(config.handler)} must look like module:Class (e.g. myapp.echo:Handler)")
@@ -683,6 +695,21 @@ def validate(config: Config) -> None:
     if config.relay_send_proxy and not config.relay:
         raise ConfigError("relay-send-proxy: needs --relay HOST:PORT")
     _check_relay_tls(config)
+
+
+def _check_reload_on_change(config: Config) -> None:
+    if config.reload_dir and not config.reload_on_change:
+        raise ConfigError("reload-dir: is watched only with --reload-on-change")
+    if not config.reload_on_change:
+        return
+    if not watchfiles_installed():
+        raise ConfigError("reload-on-change: watchfiles is not installed (pip install 'prefork[reload]')")
+    for path in config.reload_dir:
+        if not os.path.isdir(path):
+            raise ConfigError(f"reload-dir: {quote(path)} is not a directory")
+    if not config.reload_dir and (config.chdir or os.getcwd()) == os.sep:
+        raise ConfigError("reload-on-change: the working directory is /, too much to watch: start in the "
+                          "application's directory or name it with --reload-dir")
 
 
 def _check_relay_balancing(config: Config) -> None:

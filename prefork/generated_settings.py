@@ -47,6 +47,8 @@ class SettingFields:
     reload_batch: int = 0
     reload_canary: float = 0.0
     reload_probation: float = 0.0
+    reload_on_change: bool = False
+    reload_dir: tuple[str, ...] = ()
     certfile: str | None = None
     keyfile: str | None = None
     keyfile_password_file: str | None = None
@@ -113,6 +115,8 @@ class ServerOptions(TypedDict, total=False):
     reload_batch: int
     reload_canary: float
     reload_probation: float
+    reload_on_change: bool
+    reload_dir: str | Sequence[str]
     certfile: PathArg
     keyfile: PathArg
     keyfile_password_file: PathArg

@@ -241,6 +241,11 @@ SETTINGS: tuple[Setting, ...] = (
     _s("reload_probation", "lifecycle", "float", 0.0, "after a reload, keep the old generation's mold for SECS and "
        "roll back to it if the new workers die young or fail more than the old ones did", metavar="SECS",
        default_text="no probation", check=Range(0, MAX_CANARY, f"must be 0 (off) to {MAX_CANARY:g} seconds")),
+    _s("reload_on_change", "lifecycle", "bool", False, "development: reload (as HUP does) when a Python file "
+       "under the working directory or the handler's package changes; needs watchfiles "
+       "(pip install 'prefork[reload]')"),
+    _s("reload_dir", "lifecycle", "list", (), "with --reload-on-change, watch DIR instead of the working "
+       "directory; repeatable", metavar="DIR", path=True, separator=":"),
     # -- TLS
     _s("certfile", "TLS", "str", None, "the server's certificate chain (PEM)", metavar="PEM", path=True),
     _s("keyfile", "TLS", "str", None, "its private key", metavar="PEM", path=True, default_text="in --certfile"),

@@ -82,7 +82,8 @@ def check_command(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
 
 
 def spawn_check(command: list[str], extra_env: dict[str, str] | None = None) -> tuple[int, int]:
-    """Fork and exec ``command`` (the new program, checking); (its pid, the read end of its output)."""
+    """Fork and exec ``command`` (the new program checking, the reload watcher); (its pid, the read end of its
+    output: standard output and error)."""
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     env = {name: value for name, value in os.environ.items()
            if name not in (INHERIT_ENV, PIPE_ENV, "NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")}

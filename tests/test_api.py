@@ -227,6 +227,47 @@ def test_reload_of_a_program_read_from_stdin_is_refused(program: ProgramFactory,
     stopped(d)
 
 
+WATCHED_PROGRAM = """\
+    import socketserver
+    import sys
+
+    from prefork import PreforkServer
+
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self):
+            for line in self.rfile:
+                self.wfile.write(b'v1\\n' if line == b'version\\n' else line)
+
+
+    if __name__ == '__main__':
+        PreforkServer(('127.0.0.1', 0), Handler, workers=1, control=sys.argv[1], reload_on_change=True).serve_forever()
+    """
+
+
+def test_reload_on_change_runs_the_edited_program(program: ProgramFactory, tmp_path: Path) -> None:
+    script = write(tmp_path, "watched.py", WATCHED_PROGRAM)
+    d = program(script)
+    wait_for(lambda: "reload on change: watching " in d.log(), 20, "the watcher to watch")
+    assert ask(d, b"version\n") == b"v1\n"
+    path = tmp_path / script
+    path.write_text(path.read_text().replace("b'v1", "b'v22"))
+    wait_for(lambda: ask(d, b"version\n") == b"v22\n", 30, "the edited program answering")
+    assert "reloading on change: watched.py changed" in d.log()
+    assert d.status()["pid"] == d.pid  # the program's process is the master still
+    stopped(d)
+
+
+def test_reload_on_change_of_a_program_read_from_stdin_is_refused(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-", str(tmp_path / "c.sock")], input=textwrap.dedent(WATCHED_PROGRAM),
+                       capture_output=True, text=True, env=child_env(), cwd=tmp_path, timeout=30)
+    assert r.returncode == 1
+    assert r.stderr.splitlines()[-1] == ("prefork.api.OptionError: reload_on_change: the program was read from "
+                                         "standard input, so it cannot be started again (run it from a file to "
+                                         "reload it)")
+    assert not (tmp_path / "c.sock").exists()
+
+
 def test_serve_runs_an_async_def_handler_in_one_call(program: ProgramFactory, tmp_path: Path) -> None:
     script = write(tmp_path, "one_call.py", """\
         import sys

@@ -33,6 +33,7 @@ from prefork.master.molds import Molds, MoldState
 from prefork.master.pool import WorkerPool
 from prefork.master.state import LbDrain, StopMode
 from prefork.master.timers import Timers
+from prefork.master.watching import ChangeWatcher
 from prefork.upgrade import UPGRADE_TIMEOUT, Upgrade, Upgrader, execute_program
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class Master(Protocol):
     molds: Molds
     endpoints: Endpoints
     control: ControlServer
+    watcher: ChangeWatcher
 
     @property
     def listeners(self) -> list[Listener]: ...
@@ -154,6 +156,7 @@ def execute(master: Master, upgrade: Upgrade) -> str:
     for mold in list(master.molds.by_generation.values()):
         if mold.state is not MoldState.READY:
             master.molds.end(mold, kill=True)  # a loading mold cannot be handed over mid-sentence
+    master.watcher.close()  # --reload-on-change: the new image starts its own
     state = handed_state(master, upgrade)
     command = master.upgrader.command(master.argv)
     env = handover.prepare(state)
@@ -168,6 +171,7 @@ def execute(master: Master, upgrade: Upgrade) -> str:
         handover.abandon(env, state)
         signal.set_wakeup_fd(wakeup, warn_on_full_buffer=False)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        master.watcher.start()
         return f"cannot execute {command[0]}: {exc.strerror or exc}"
     raise AssertionError("execve returned")  # pragma: no cover
 

@@ -51,6 +51,7 @@ from prefork.master.reload import Waiter
 from prefork.master.reloader import reload_progress
 from prefork.master.state import ErrorBudget, LbDrain, StopMode, Totals, Worker
 from prefork.master.timers import Timers
+from prefork.master.watching import ChangeWatcher
 from prefork.prctl import set_child_subreaper
 from prefork.systemd import Notifier
 from prefork.tls import TlsSetup
@@ -180,7 +181,7 @@ class Master:
         self.gens = Generations(self, self.pool, self.timers, config, listeners, molds=self.molds,
                                 cli_overrides=dict(cli_overrides or {}), adopted=adopted, tls=tls)
         self.checks = PeriodicChecks(self, self.gens, self.pool, self.timers, self.notifier)
-        self.closer = Closer(self.timers)
+        self.closer, self.watcher = Closer(self.timers), ChangeWatcher(self, self.selector, self.timers)
         self.stop_report: dict[str, Any] = {}  # what the stop did, for the clients that asked for it
         self.stop_began, self.stop_counters = 0.0, listen_counters()
 
@@ -227,6 +228,7 @@ class Master:
         self.timers.watch(self.control)
         self.endpoints.start(self.selector, self.timers, caps[1])
         self.checks.start()
+        self.watcher.start()
         logs.set_title("master", self.config.name)
         log.info("prefork %s master (pid %d) [%s]: %d %s worker(s) of %s on %s; control socket %s%s",
                  __version__, self.pid, self.config.name, self.target, self.config.worker_class,
@@ -311,6 +313,7 @@ class Master:
         self.molds.close_all_in_child()
         self.control.close_in_child()
         self.endpoints.close_in_child()
+        self.watcher.close_in_child()
         reload = self.gens.reloads.in_flight
         for listener in list(self.listeners) + (reload.listeners if reload else []):
             if listener.fileno() not in keep and listener.fileno() >= 0:
@@ -460,6 +463,7 @@ class Master:
         self.pool.end_groups_now()
         self.gens.abort_reload("the daemon stopped")
         self.molds.end_all()
+        self.watcher.close()
         self.upgrader.fail("the daemon stopped", kill=True)
         for listener in self.listeners:
             listener.close()

@@ -177,7 +177,7 @@ def reread_config(current: Config, cli_overrides: dict[str, Any]) -> Config:
     if current.config_file is None:
         return current
     config = build_config(cli_overrides, current.config_file)
-    for key in ("name", "control"):
+    for key in ("name", "control", "reload_on_change", "reload_dir"):
         if getattr(config, key) != getattr(current, key):
             raise ConfigError(f"{key.replace('_', '-')} cannot change on reload (restart the daemon)")
     return config
