@@ -327,8 +327,9 @@ SETTINGS: tuple[Setting, ...] = (
 COMMAND_OPTIONS: tuple[Setting, ...] = (
     _s("config", "general", "str", None, "TOML file with the long options as keys; the environment and the "
        "command line win", metavar="FILE", short="-c", path=True, toml=False),
-    _s("check_config", "general", "bool", False, "check the configuration and handler, then exit", toml=False,
-       env=False),
+    _s("check_config", "general", "bool", False, "do what a start does short of binding (the handler loaded as "
+       "--user, in --chdir; the certificates; the log files), print the settings not at their defaults and where "
+       "they came from, then exit", toml=False, env=False),
 )
 
 BY_NAME = {setting.name: setting for setting in SETTINGS}
