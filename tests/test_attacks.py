@@ -74,6 +74,23 @@ def probe(d: Daemon, payload: bytes = b"probe\n", within: float = 1.0) -> float:
     return took
 
 
+def silence(d: Daemon) -> tuple[int, float]:
+    """(open connections, the oldest silent one's age) as ``stats`` shows them."""
+    stats = d.call("stats")
+    return int(stats["active"]), float(stats["oldest_silent_s"])
+
+
+def attack_held(d: Daemon, count: int, silent_for: float = 0.7) -> None:
+    """Wait until the daemon took all ``count`` attack connections (each held open, or closed for a counted
+    reason such as reclaimed) and holds one silent for ``silent_for`` seconds: the attack has settled."""
+    def settled() -> bool:
+        stats = d.call("stats")
+        taken = int(stats["active"]) + sum(stats["closed"].values())
+        return taken >= count and float(stats["oldest_silent_s"]) >= silent_for
+
+    wait_for(settled, 15, f"{count} attack connections taken, one silent for {silent_for}s")
+
+
 def closed(d: Daemon, reason: str) -> int:
     return int(d.call("stats").get("closed", {}).get(reason, 0))
 
@@ -82,7 +99,7 @@ def closed(d: Daemon, reason: str) -> int:
 def test_idle_connections(daemon_factory: DaemonFactory, worker_class: str) -> None:
     d = daemon_factory("-k", worker_class)
     with attackers(d.port, 1000):
-        time.sleep(0.7)  # the attack settles: idle connections old enough to be anyone's first choice
+        attack_held(d, 1000)  # idle connections old enough to be anyone's first choice
         for _ in range(3):
             probe(d)
 
@@ -141,7 +158,7 @@ def test_zero_window(daemon_factory: DaemonFactory, worker_class: str) -> None:
                     sent += s.send(chunk)
                 except (BlockingIOError, OSError):
                     break
-        time.sleep(0.7)  # the attack settles
+        attack_held(d, 200)
         for _ in range(3):
             probe(d)
     finally:
@@ -259,7 +276,7 @@ def test_idle_connections_async_under_a_low_descriptor_limit(daemon_factory: Dae
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     with attackers(d.port, 2500):
-        time.sleep(0.3)  # the attack settles
+        attack_held(d, 2500, silent_for=0.3)  # the quietest gave way when the workers ran out of descriptors
         for _ in range(3):
             probe(d)
         assert closed(d, "reclaimed") >= 1
@@ -293,3 +310,24 @@ def test_per_source_limit_counts_the_proxy_header_client(daemon_factory: DaemonF
     finally:
         for s in held:
             s.close()
+
+
+
+@pytest.mark.parametrize("args", [("-k", "sync"), ("-k", "thread"), ("-k", "async", "async_handlers:upper_stream"),
+                                  ("-k", "async")], ids=["sync", "thread", "async", "async-echo-engine"])
+@pytest.mark.parametrize("idle_timeout", ["0", "60"])
+def test_stats_show_the_oldest_silent_connection(daemon_factory: DaemonFactory, args: tuple[str, ...],
+                                                 idle_timeout: str) -> None:
+    """Every class (and the built-in echo's engine) keeps the figure, with or without an idle timeout."""
+    d = daemon_factory(*args, "--idle-timeout", idle_timeout, workers=1)
+    assert silence(d) == (0, 0.0)
+    with connect_from(PROBE_SOURCE, d.port) as s:
+        s.sendall(b"first\n")
+        assert recv_exact(s, 6).lower() == b"first\n"
+        # silent from here: the figure shows it and grows
+        first = wait_for(lambda: (got := silence(d))[0] == 1 and got[1] >= 1.5 and got, 5, "a silence of 1.5 s")
+        wait_for(lambda: silence(d)[1] >= first[1] + 1.0, 5, "the silence to grow by a second")
+        s.sendall(b"again\n")  # it speaks: no longer silent (the figure follows within a tick)
+        assert recv_exact(s, 6).lower() == b"again\n"
+        wait_for(lambda: silence(d)[1] < 1.0, 5, "the figure to follow the client that spoke")
+    wait_for(lambda: silence(d) == (0, 0.0), 5, "no open connection, no silence")

@@ -255,6 +255,20 @@ class EchoEngine:
         """When the connection open longest was accepted (0.0 when none is)."""
         return next(iter(self.connections.values()), 0.0)
 
+    def oldest_silent_since(self, now: float) -> float:
+        """When the connection silent longest last received data (0.0 when none is open): the kernel's time
+        since each last received data (TCP_INFO), read on the watch's tick, so the echo itself pays nothing."""
+        oldest = 0.0
+        for fd in self.connections:
+            sock = socket.socket(fileno=fd)
+            try:
+                seen = tcp_activity(sock)
+            finally:
+                sock.detach()
+            if seen is not None and (not oldest or now - seen[1] < oldest):
+                oldest = now - seen[1]
+        return oldest
+
     def close_drain_idle(self, policy: Policy, now: float) -> int:
         """While the worker drains: close the connections past ``--drain-idle`` by the admission core's rule
         (silent that long, nothing read and not yet echoed, nothing left to send). Returns how many."""
