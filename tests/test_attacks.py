@@ -22,7 +22,8 @@ from test_cli import free_port
 from tlsutil import Pki, client_context, echo, tls_connect
 
 from conftest import Daemon, child_env, recv_exact, wait_for
-from prefork.proxy_protocol import build_v2
+from prefork.handlers.relay_loops import MAX_HOPS
+from prefork.proxy_protocol import PP2_TYPE_PREFORK_VIA, build_v2
 
 CLASSES = ["thread", "sync", "async"]
 PROBE_SOURCE = "127.0.0.2"
@@ -331,3 +332,50 @@ def test_stats_show_the_oldest_silent_connection(daemon_factory: DaemonFactory, 
         assert recv_exact(s, 6).lower() == b"again\n"
         wait_for(lambda: silence(d)[1] < 1.0, 5, "the figure to follow the client that spoke")
     wait_for(lambda: silence(d) == (0, 0.0), 5, "no open connection, no silence")
+
+
+@pytest.mark.parametrize("worker_class", ["thread", "async", "sync"])
+def test_a_relay_loop_through_another_instance_is_cut(daemon_factory: DaemonFactory, worker_class: str) -> None:
+    """A relays to B and B to A, each reading the other's PROXY header: a client's connection is closed at once
+    (the header that comes back names the instance it left), counted, and neither pool fills."""
+    ports = {"a": free_port(), "b": free_port()}
+    daemons = {
+        name: daemon_factory("-k", worker_class, "--bind", f"127.0.0.1:{ports[name]}",
+                             "--relay", f"127.0.0.1:{ports[other]}", "--relay-send-proxy",
+                             "--proxy-protocol", "--proxy-allow", "127.0.0.1/32", name=name)  # (clients: 127.0.0.2)
+        for name, other in (("a", "b"), ("b", "a"))}
+    for d in daemons.values():
+        d.port = int(d.status()["listeners"][0].rsplit(":", 1)[1])
+
+    def loops_cut() -> int:
+        return sum(closed(d, "relay_loop") for d in daemons.values())
+
+    for _ in range(20):
+        for d in daemons.values():
+            started = time.monotonic()
+            with connect_from(PROBE_SOURCE, d.port, timeout=2) as s:
+                s.sendall(b"anyone there?\n")
+                assert recv_exact(s, 1) == b"", "a looping connection answered"
+            took = time.monotonic() - started
+            assert took <= 1.0, f"the looping connection was closed after {took:.2f}s"
+    assert loops_cut() >= 40
+    for d in daemons.values():  # every hop of every loop is gone: nothing holds a place
+        wait_for(lambda d=d: d.call("stats")["active"] == 0, 5, "no connection left open")
+    assert "came back through a relay loop" in daemons["a"].log() + daemons["b"].log()
+
+
+@pytest.mark.parametrize("worker_class", CLASSES)
+def test_a_header_naming_too_many_relays_is_cut(daemon_factory: DaemonFactory, worker_class: str) -> None:
+    """A loop that also runs through other proxies never comes back to one daemon's id: the hop limit cuts it."""
+    d = daemon_factory("-k", worker_class, "--proxy-protocol")
+
+    def through_relays(hops: int) -> bytes:
+        via = b"".join(bytes([i]) * 8 for i in range(hops))
+        with connect_from(PROBE_SOURCE, d.port) as s:
+            s.sendall(build_v2(("203.0.113.9", 4242), ("127.0.0.1", d.port), tlvs=[(PP2_TYPE_PREFORK_VIA, via)]))
+            s.sendall(b"hello\n")
+            return recv_exact(s, 6)
+
+    assert through_relays(MAX_HOPS - 1) == b"hello\n"
+    assert through_relays(MAX_HOPS) == b""
+    wait_for(lambda: closed(d, "relay_loop") == 1, 5, "the cut counted")

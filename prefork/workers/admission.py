@@ -55,6 +55,7 @@ class Reason(enum.Enum):
     HANDSHAKE_DROPPED = "handshake_dropped"
     DRAIN_IDLE = "drain_idle"
     HANDLER_TIMEOUT = "handler_timeout"
+    RELAY_LOOP = "relay_loop"
 
 
 class Stage(enum.Enum):
@@ -365,6 +366,7 @@ _WHY = {
     Reason.HANDSHAKE_DROPPED: "the oldest unfinished TLS handshakes, dropped to make room",
     Reason.DRAIN_IDLE: "silent with nothing left to send while the worker drains",
     Reason.HANDLER_TIMEOUT: "their handler held them without returning, exchanging nothing",
+    Reason.RELAY_LOOP: "their PROXY header says they came back through a relay loop (or through too many relays)",
 }
 _OPTION = {
     Reason.IDLE_TIMEOUT: "--idle-timeout",

@@ -125,7 +125,10 @@ class AsyncWorker(WorkerLifecycle):
         self._took()
 
     def _engine_reclaimed(self) -> None:
-        self.watch.admission.closing(None, Reason.RECLAIMED)
+        self.closed_for(Reason.RECLAIMED)
+
+    def closed_for(self, reason: Reason) -> None:
+        self.watch.admission.closing(None, reason)
 
     def begin_handshake(self) -> None:
         """A connection on a TLS listener, before its handshake: open and accepted, not yet a handler's."""
