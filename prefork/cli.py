@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "bytes or its handler waits on it (default 60; 0: never)")
     p.add_argument("--reclaim-idle-after", type=float, metavar="SECS",
                    help="when every place is taken and a connection waits, close the one whose handler waits "
-                        "on its client and that sent the fewest bytes over the last SECS (default 10)")
+                        "on its client and that sent the fewest bytes over the last SECS (default 10; 0: never, "
+                        "so silent clients can hold every place until --idle-timeout)")
     p.add_argument("--max-connections-per-source", type=int, metavar="N",
                    help="open connections per client address across all workers (the PROXY header's when "
                         "it sends one; IPv6 per /64); more are closed at accept (default 0: no limit)")

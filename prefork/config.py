@@ -157,7 +157,7 @@ class Config:
     max_connections: int = 0  # per async worker; 0: no cap
     # admission (prefork.workers.admission): what a connection may cost before a handler has it, and after
     idle_timeout: float = 60.0  # close a connection that receives nothing this long; 0: never
-    reclaim_idle_after: float = 10.0  # under pressure, reclaim the quietest connection over this window
+    reclaim_idle_after: float = 10.0  # under pressure, reclaim the quietest connection over this window; 0: never
     max_connections_per_source: int = 0  # open connections per client address (IPv6: per /64); 0: no limit
     # per-connection deadlines (prefork.workers.admission): while draining, and for a handler that never returns
     drain_idle: float = 10.0  # a draining worker closes a connection silent this long with nothing to send; 0: never
@@ -825,9 +825,9 @@ def _check_admission(config: Config) -> None:
     """--idle-timeout, --reclaim-idle-after, --max-connections-per-source, --drain-idle, --handler-timeout."""
     if not 0 <= config.idle_timeout <= 86400 * 7:
         raise ConfigError(f"idle-timeout: {config.idle_timeout:g} must be 0 (never) to 604800 seconds")
-    if not 0 < config.reclaim_idle_after <= 3600:
-        raise ConfigError(f"reclaim-idle-after: {config.reclaim_idle_after:g} must be more than 0 seconds "
-                          "(at most an hour)")
+    if not 0 <= config.reclaim_idle_after <= 3600:
+        raise ConfigError(f"reclaim-idle-after: {config.reclaim_idle_after:g} must be 0 (never reclaim) to 3600 "
+                          "seconds")
     if not 0 <= config.max_connections_per_source <= 1_000_000:
         raise ConfigError(f"max-connections-per-source: {config.max_connections_per_source} is out of range "
                           "(0 = no limit, up to 1000000)")

@@ -379,3 +379,24 @@ def test_a_header_naming_too_many_relays_is_cut(daemon_factory: DaemonFactory, w
     assert through_relays(MAX_HOPS - 1) == b"hello\n"
     assert through_relays(MAX_HOPS) == b""
     wait_for(lambda: closed(d, "relay_loop") == 1, 5, "the cut counted")
+
+
+@pytest.mark.parametrize("args", [("-k", "thread", "--threads", "2"), ("-k", "sync"),
+                                  ("-k", "async", "--max-connections", "2", "async_handlers:upper_stream")],
+                         ids=["thread", "sync", "async"])
+def test_reclaim_off_lets_silent_clients_hold_every_place_until_the_idle_timeout(
+        daemon_factory: DaemonFactory, args: tuple[str, ...]) -> None:
+    """--reclaim-idle-after 0: nothing is closed to make room; the idle timeout is what frees the places."""
+    d = daemon_factory(*args, "--reclaim-idle-after", "0", "--idle-timeout", "3", workers=1)
+    with connect_from(SOURCES[0], d.port) as first, connect_from(SOURCES[1], d.port) as second:
+        attack_held(d, 2, silent_for=0.5)
+        started = time.monotonic()
+        with connect_from(PROBE_SOURCE, d.port) as s:
+            s.sendall(b"probe\n")
+            assert not select.select([s], [], [], 1.0)[0], "answered while silent clients held every place"
+            s.settimeout(10)
+            assert recv_exact(s, 6).lower() == b"probe\n"
+        took = time.monotonic() - started
+        assert first.recv(10) == b"" and second.recv(10) == b""  # the idle timeout closed them
+    assert took >= 3.0 - 1.0, f"served after {took:.2f}s, before the silent ones' idle timeout"
+    assert closed(d, "reclaimed") == 0 and closed(d, "idle_timeout") >= 2

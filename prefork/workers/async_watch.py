@@ -197,7 +197,7 @@ class AsyncWatch:
         if worker.stopping and not (self.admission.draining or self.policy.handler_timeout
                                     or worker.open_connections() or worker.record.oldest_silent_since):
             return
-        at_cap = worker.paused and worker.at_cap() and not worker.stopping
+        at_cap = worker.paused and worker.at_cap() and not worker.stopping and bool(self.policy.reclaim_window)
         # always a tick, at most TRACK_EVERY apart: the oldest silent connection's age in the scoreboard is
         # never staler than that, whatever the timeouts (one timer a second, nothing per connection)
         interval = RELIEF_RETRY if at_cap else self.admission.interval(TRACK_EVERY)
