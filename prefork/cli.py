@@ -21,6 +21,7 @@ from prefork.config import (
     load_config,
     parse_bind,
 )
+from prefork.handlers import relay_loops
 from prefork.settings import COMMAND_OPTIONS, GROUPS, SETTINGS, Setting
 from prefork.usage import Parser
 
@@ -301,6 +302,7 @@ def build_master(setup: MasterSetup, overrides: dict[str, Any], argv: list[str],
     """The master over ``setup``'s sockets (``master_class``: Master, or prefork.api's subclass); ``run()`` it."""
     from prefork.listeners import SYSTEMD_PREFIX
 
+    relay_loops.claim_id(os.environ, os.getpid())  # the relays' id of this daemon, for its molds and workers
     adopted = any(li.spec.startswith(SYSTEMD_PREFIX) for li in setup.listeners)
     handed = setup.handed
     return master_class(setup.config, setup.listeners, setup.control, cli_overrides=overrides, adopted=adopted,

@@ -206,7 +206,7 @@ def admission_families(stats: Mapping[str, Any]) -> list[Family]:
     """Connections the workers closed themselves, by reason, and the oldest silent connection's age."""
     closed = Family(PREFIX + "connections_closed_total", "counter",
                     "Connections the workers closed themselves, by reason (idle_timeout, reclaimed, per_source, "
-                    "handshake_dropped, drain_idle, handler_timeout).")
+                    "handshake_dropped, drain_idle, handler_timeout, relay_loop).")
     by_reason = stats.get("closed")
     for reason, value in sorted(by_reason.items()) if isinstance(by_reason, Mapping) else ():
         closed.add(value, (("reason", str(reason)),))

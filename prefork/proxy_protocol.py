@@ -58,12 +58,14 @@ __all__ = [
     "PP2_TYPE_CRC32C",
     "PP2_TYPE_NETNS",
     "PP2_TYPE_NOOP",
+    "PP2_TYPE_PREFORK_VIA",
     "PP2_TYPE_SSL",
     "PP2_TYPE_UNIQUE_ID",
     "V1_PREFIX",
     "V2_SIGNATURE",
     "ProxyHeader",
     "ProxyProtocolError",
+    "RelayedAddress",
     "build_v1",
     "build_v2",
     "crc32c",
@@ -87,6 +89,10 @@ PP2_TYPE_NOOP: Final = 0x04
 PP2_TYPE_UNIQUE_ID: Final = 0x05
 PP2_TYPE_SSL: Final = 0x20
 PP2_TYPE_NETNS: Final = 0x30
+# in the range the spec keeps for applications (0xE0-0xEF): the prefork relays a connection passed through,
+# oldest first, each by its daemon's 8-byte relay id (prefork.handlers.relay_loops)
+PP2_TYPE_PREFORK_VIA: Final = 0xEA
+RELAY_ID_LENGTH: Final = 8
 
 _COMMANDS: Final = {0x0: "LOCAL", 0x1: "PROXY"}
 _FAMILIES: Final[dict[int, int]] = {
@@ -350,7 +356,37 @@ def _parse_v2(buffer: bytes, max_length: int) -> ProxyHeader | None:
     block = buffer[V2_FIXED_LENGTH : V2_FIXED_LENGTH + address_length]
     source, destination = _decode_v2_addresses(family, block)
     tlvs = _decode_tlvs(buffer[:total], V2_FIXED_LENGTH + address_length)
+    via = relayed_via(tlvs)
+    if via and source is not None:
+        source = RelayedAddress(source, via)
     return ProxyHeader(2, command, family, source, destination, total, tlvs, protocol)
+
+
+class RelayedAddress(tuple[str, int]):
+    """A PROXY v2 header's source address, for a connection that came through prefork relays.
+
+    A plain ``(host, port)`` tuple to everyone (the handler's ``client_address``, a transport's
+    ``peername``), which also carries ``via``: the relays' ids from the header's
+    :data:`PP2_TYPE_PREFORK_VIA` TLV, oldest first, so the next relay can pass them on in its own header.
+    """
+
+    via: tuple[bytes, ...]
+
+    def __new__(cls, address: tuple[str, int], via: tuple[bytes, ...]) -> RelayedAddress:
+        made = super().__new__(cls, address)
+        made.via = via
+        return made
+
+    def __getnewargs__(self) -> tuple[tuple[str, int], tuple[bytes, ...]]:
+        return (self[0], self[1]), self.via
+
+
+def relayed_via(tlvs: Iterable[tuple[int, bytes]]) -> tuple[bytes, ...]:
+    """The relay ids a header's :data:`PP2_TYPE_PREFORK_VIA` TLV lists (``()`` when none, or malformed)."""
+    for tlv_type, value in tlvs:
+        if tlv_type == PP2_TYPE_PREFORK_VIA and value and len(value) % RELAY_ID_LENGTH == 0:
+            return tuple(bytes(value[i:i + RELAY_ID_LENGTH]) for i in range(0, len(value), RELAY_ID_LENGTH))
+    return ()
 
 
 def _decode_v2_family(byte: int) -> tuple[int, int]:

@@ -22,7 +22,8 @@ from collections.abc import Iterable
 from prefork.handlers.upstreams import UpstreamBoard
 
 # why a worker closed a connection itself (prefork.workers.admission.Reason), each a ``closed_<reason>`` field
-CLOSE_REASONS = ("idle_timeout", "reclaimed", "per_source", "handshake_dropped", "drain_idle", "handler_timeout")
+CLOSE_REASONS = ("idle_timeout", "reclaimed", "per_source", "handshake_dropped", "drain_idle", "handler_timeout",
+                 "relay_loop")
 SOURCE_BUCKETS = 1024  # per record; a source counts in two of them (a count-min sketch)
 
 
@@ -61,6 +62,7 @@ class Record(ctypes.Structure):
         ("closed_handshake_dropped", ctypes.c_uint64),
         ("closed_drain_idle", ctypes.c_uint64),
         ("closed_handler_timeout", ctypes.c_uint64),
+        ("closed_relay_loop", ctypes.c_uint64),
         ("oldest_silent_since", ctypes.c_double),  # time.monotonic() its silent-longest connection last spoke
         ("oldest_handler_since", ctypes.c_double),  # time.monotonic() a handler took the connection it holds longest
         ("stuck_handlers", ctypes.c_uint64),  # handlers that did not return after --handler-timeout closed theirs

@@ -34,9 +34,10 @@ MAX_WORKERS = 1024  # the scoreboard is sized once, before the first fork
 MAX_CANARY = 3600.0  # seconds a reload's canary may serve before it is judged, and its probation last
 ENV_PREFIX = "PREFORK_"
 # PREFORK_* variables that are not settings: what a master hands the program it starts (prefork.upgrade,
-# prefork.master.handover, prefork.mold.process, prefork.api) and the benchmarks' commands (bench/compare.py)
+# prefork.master.handover, prefork.mold.process, prefork.api), the relays' id of a daemon
+# (prefork.handlers.relay_loops) and the benchmarks' commands (bench/compare.py)
 ENV_INTERNAL = frozenset({"PREFORK_CHECK", "PREFORK_HANDOVER", "PREFORK_INHERIT", "PREFORK_UPGRADE_PIPE",
-                          "PREFORK_MOLD", "PREFORK_CMD", "PREFORK_RELAY_CMD", "PREFORK_TLS_CMD"})
+                          "PREFORK_MOLD", "PREFORK_RELAY_ID", "PREFORK_CMD", "PREFORK_RELAY_CMD", "PREFORK_TLS_CMD"})
 
 Kind = Literal["int", "float", "str", "bool", "list", "id"]
 GROUPS = {  # the --help groups and the reference's sections, in order
@@ -197,8 +198,9 @@ SETTINGS: tuple[Setting, ...] = (
        "waits for its first bytes or its handler waits on it; 0: never", metavar="SECS",
        check=Range(0, _WEEK, "must be 0 (never) to 604800 seconds")),
     _s("reclaim_idle_after", "workers", "float", 10.0, "when every place is taken and a connection waits, close "
-       "the one whose handler waits on its client and that sent the fewest bytes over the last SECS",
-       metavar="SECS", check=Range(0, 3600, "must be more than 0 seconds (at most an hour)", above=True)),
+       "the one whose handler waits on its client and that sent the fewest bytes over the last SECS; 0: never, "
+       "so silent clients can hold every place until --idle-timeout", metavar="SECS",
+       check=Range(0, 3600, "must be 0 (never reclaim) to 3600 seconds")),
     _s("max_connections_per_source", "workers", "int", 0, "open connections per client address across all "
        "workers (the PROXY header's when it sends one; IPv6 per /64); more are closed at accept", metavar="N",
        default_text="no limit", check=Range(0, 1_000_000, "is out of range (0 = no limit, up to 1000000)")),

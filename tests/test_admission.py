@@ -276,6 +276,21 @@ def test_handled_connections_idle_and_reclaimed() -> None:
     assert a.tick(100.0, samples(busy=0), lambda k: True) == ["busy"]
 
 
+def test_reclaim_off_never_takes_a_connection() -> None:
+    """--reclaim-idle-after 0: under pressure nothing is closed to make room (the idle timeout still is)."""
+    counts = Counts()
+    a = Admission(Policy(idle_timeout=60, reclaim_window=0), counts, clock=lambda: 0.0)
+    a.wait("waiting", 0.0)
+    a.handed("quiet", 0.0)
+    assert a.tick(30.0, samples(quiet=0), lambda k: True) == []
+    assert not a.any_reclaimable(30.0, lambda k: True)
+    assert a.make_room(30.0, samples(quiet=0), lambda k: True) is None
+    assert a.oldest_waiting() is None  # out of descriptors: no waiting one gives way either
+    assert counts.by_reason == {}
+    assert sorted(map(str, a.tick(60.0, samples(quiet=0), lambda k: True))) == ["quiet", "waiting"]
+    assert counts.by_reason == {Reason.IDLE_TIMEOUT: 2}
+
+
 def test_closes_are_logged_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
     now = [0.0]
     counts = Counts()

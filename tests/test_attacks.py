@@ -22,7 +22,8 @@ from test_cli import free_port
 from tlsutil import Pki, client_context, echo, tls_connect
 
 from conftest import Daemon, child_env, recv_exact, wait_for
-from prefork.proxy_protocol import build_v2
+from prefork.handlers.relay_loops import MAX_HOPS
+from prefork.proxy_protocol import PP2_TYPE_PREFORK_VIA, build_v2
 
 CLASSES = ["thread", "sync", "async"]
 PROBE_SOURCE = "127.0.0.2"
@@ -74,6 +75,23 @@ def probe(d: Daemon, payload: bytes = b"probe\n", within: float = 1.0) -> float:
     return took
 
 
+def silence(d: Daemon) -> tuple[int, float]:
+    """(open connections, the oldest silent one's age) as ``stats`` shows them."""
+    stats = d.call("stats")
+    return int(stats["active"]), float(stats["oldest_silent_s"])
+
+
+def attack_held(d: Daemon, count: int, silent_for: float = 0.7) -> None:
+    """Wait until the daemon took all ``count`` attack connections (each held open, or closed for a counted
+    reason such as reclaimed) and holds one silent for ``silent_for`` seconds: the attack has settled."""
+    def settled() -> bool:
+        stats = d.call("stats")
+        taken = int(stats["active"]) + sum(stats["closed"].values())
+        return taken >= count and float(stats["oldest_silent_s"]) >= silent_for
+
+    wait_for(settled, 15, f"{count} attack connections taken, one silent for {silent_for}s")
+
+
 def closed(d: Daemon, reason: str) -> int:
     return int(d.call("stats").get("closed", {}).get(reason, 0))
 
@@ -82,7 +100,7 @@ def closed(d: Daemon, reason: str) -> int:
 def test_idle_connections(daemon_factory: DaemonFactory, worker_class: str) -> None:
     d = daemon_factory("-k", worker_class)
     with attackers(d.port, 1000):
-        time.sleep(0.7)  # the attack settles: idle connections old enough to be anyone's first choice
+        attack_held(d, 1000)  # idle connections old enough to be anyone's first choice
         for _ in range(3):
             probe(d)
 
@@ -141,7 +159,7 @@ def test_zero_window(daemon_factory: DaemonFactory, worker_class: str) -> None:
                     sent += s.send(chunk)
                 except (BlockingIOError, OSError):
                     break
-        time.sleep(0.7)  # the attack settles
+        attack_held(d, 200)
         for _ in range(3):
             probe(d)
     finally:
@@ -259,7 +277,7 @@ def test_idle_connections_async_under_a_low_descriptor_limit(daemon_factory: Dae
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     with attackers(d.port, 2500):
-        time.sleep(0.3)  # the attack settles
+        attack_held(d, 2500, silent_for=0.3)  # the quietest gave way when the workers ran out of descriptors
         for _ in range(3):
             probe(d)
         assert closed(d, "reclaimed") >= 1
@@ -293,3 +311,101 @@ def test_per_source_limit_counts_the_proxy_header_client(daemon_factory: DaemonF
     finally:
         for s in held:
             s.close()
+
+
+
+@pytest.mark.parametrize("args", [("-k", "sync"), ("-k", "thread"), ("-k", "async", "async_handlers:upper_stream"),
+                                  ("-k", "async")], ids=["sync", "thread", "async", "async-echo-engine"])
+@pytest.mark.parametrize("idle_timeout", ["0", "60"])
+def test_stats_show_the_oldest_silent_connection(daemon_factory: DaemonFactory, args: tuple[str, ...],
+                                                 idle_timeout: str) -> None:
+    """Every class (and the built-in echo's engine) keeps the figure, with or without an idle timeout."""
+    d = daemon_factory(*args, "--idle-timeout", idle_timeout, workers=1)
+    assert silence(d) == (0, 0.0)
+    with connect_from(PROBE_SOURCE, d.port) as s:
+        s.sendall(b"first\n")
+        assert recv_exact(s, 6).lower() == b"first\n"
+        # silent from here: the figure shows it and grows
+        first = wait_for(lambda: (got := silence(d))[0] == 1 and got[1] >= 1.5 and got, 5, "a silence of 1.5 s")
+        wait_for(lambda: silence(d)[1] >= first[1] + 1.0, 5, "the silence to grow by a second")
+        s.sendall(b"again\n")  # it speaks: no longer silent (the figure follows within a tick)
+        assert recv_exact(s, 6).lower() == b"again\n"
+        wait_for(lambda: silence(d)[1] < 1.0, 5, "the figure to follow the client that spoke")
+    wait_for(lambda: silence(d) == (0, 0.0), 5, "no open connection, no silence")
+
+
+@pytest.mark.parametrize(("worker_class", "tls"), [("thread", False), ("async", False), ("sync", False),
+                                                  ("thread", True), ("async", True)],
+                         ids=["thread", "async", "sync", "thread-tls", "async-tls"])
+def test_a_relay_loop_through_another_instance_is_cut(daemon_factory: DaemonFactory, tmp_path: Path,
+                                                      worker_class: str, tls: bool) -> None:
+    """A relays to B and B to A, each reading the other's PROXY header: a client's connection is closed at once
+    (the header that comes back names the instance it left), counted, and neither pool fills. With TLS both
+    ways (TLS listeners, --relay-tls) the header is read before the handshake, as ever."""
+    pki = Pki(tmp_path / "pki")
+    tls_args = (*pki.server().args(), "--relay-tls", "--relay-ca-certs", str(pki.ca.cert)) if tls else ()
+    ports = {"a": free_port(), "b": free_port()}
+    daemons = {
+        name: daemon_factory("-k", worker_class, "--bind", f"127.0.0.1:{ports[name]}", *tls_args,
+                             "--relay", f"127.0.0.1:{ports[other]}", "--relay-send-proxy",
+                             "--proxy-protocol", "--proxy-allow", "127.0.0.1/32", name=name)  # (clients: 127.0.0.2)
+        for name, other in (("a", "b"), ("b", "a"))}
+    context = client_context(pki)
+
+    def client(port: int) -> socket.socket:
+        raw = connect_from(PROBE_SOURCE, port, timeout=2)
+        return context.wrap_socket(raw, server_hostname="localhost") if tls else raw
+
+    for _ in range(20):
+        for port in ports.values():
+            started = time.monotonic()
+            # (TLS: a reset, or an end without close_notify, is a close too)
+            with client(port) as s, contextlib.suppress(ConnectionError, ssl.SSLError):
+                s.sendall(b"anyone there?\n")
+                assert recv_exact(s, 1) == b"", "a looping connection answered"
+            took = time.monotonic() - started
+            assert took <= 1.0, f"the looping connection was closed after {took:.2f}s"
+    # every loop cut where it came back (with TLS, a relay whose TLS upstream fails that way soon takes it
+    # for down and stops trying it: fewer loops to cut)
+    assert sum(closed(d, "relay_loop") for d in daemons.values()) >= (1 if tls else 40)
+    for d in daemons.values():  # every hop of every loop is gone: nothing holds a place
+        wait_for(lambda d=d: d.call("stats")["active"] == 0, 5, "no connection left open")
+    assert "came back through a relay loop" in daemons["a"].log() + daemons["b"].log()
+
+
+@pytest.mark.parametrize("worker_class", CLASSES)
+def test_a_header_naming_too_many_relays_is_cut(daemon_factory: DaemonFactory, worker_class: str) -> None:
+    """A loop that also runs through other proxies never comes back to one daemon's id: the hop limit cuts it."""
+    d = daemon_factory("-k", worker_class, "--proxy-protocol")
+
+    def through_relays(hops: int) -> bytes:
+        via = b"".join(bytes([i]) * 8 for i in range(hops))
+        with connect_from(PROBE_SOURCE, d.port) as s:
+            s.sendall(build_v2(("203.0.113.9", 4242), ("127.0.0.1", d.port), tlvs=[(PP2_TYPE_PREFORK_VIA, via)]))
+            s.sendall(b"hello\n")
+            return recv_exact(s, 6)
+
+    assert through_relays(MAX_HOPS - 1) == b"hello\n"
+    assert through_relays(MAX_HOPS) == b""
+    wait_for(lambda: closed(d, "relay_loop") == 1, 5, "the cut counted")
+
+
+@pytest.mark.parametrize("args", [("-k", "thread", "--threads", "2"), ("-k", "sync"),
+                                  ("-k", "async", "--max-connections", "2", "async_handlers:upper_stream")],
+                         ids=["thread", "sync", "async"])
+def test_reclaim_off_lets_silent_clients_hold_every_place_until_the_idle_timeout(
+        daemon_factory: DaemonFactory, args: tuple[str, ...]) -> None:
+    """--reclaim-idle-after 0: nothing is closed to make room; the idle timeout is what frees the places."""
+    d = daemon_factory(*args, "--reclaim-idle-after", "0", "--idle-timeout", "3", workers=1)
+    with connect_from(SOURCES[0], d.port) as first, connect_from(SOURCES[1], d.port) as second:
+        attack_held(d, 2, silent_for=0.5)
+        started = time.monotonic()
+        with connect_from(PROBE_SOURCE, d.port) as s:
+            s.sendall(b"probe\n")
+            assert not select.select([s], [], [], 1.0)[0], "answered while silent clients held every place"
+            s.settimeout(10)
+            assert recv_exact(s, 6).lower() == b"probe\n"
+        took = time.monotonic() - started
+        assert first.recv(10) == b"" and second.recv(10) == b""  # the idle timeout closed them
+    assert took >= 3.0 - 1.0, f"served after {took:.2f}s, before the silent ones' idle timeout"
+    assert closed(d, "reclaimed") == 0 and closed(d, "idle_timeout") >= 2

@@ -100,7 +100,7 @@ EARLY_ERRORS = [
     ("timeout-text", ["--timeout", "soon"], "'soon'"),
     ("graceful-negative", ["--graceful-timeout=-1"], "graceful-timeout: -1"),
     ("idle-negative", ["--idle-timeout=-1"], "idle-timeout: -1"),
-    ("reclaim-0", ["--reclaim-idle-after", "0"], "reclaim-idle-after: 0"),
+    ("reclaim-negative", ["--reclaim-idle-after=-1"], "reclaim-idle-after: -1"),
     ("per-source-negative", ["--max-connections-per-source=-2"], "max-connections-per-source: -2"),
     ("drain-idle-negative", ["--drain-idle=-1"], "drain-idle: -1"),
     ("handler-timeout-short", ["--handler-timeout", "0.2"], "handler-timeout: 0.2"),

@@ -217,7 +217,8 @@ def test_check_config_says_what_is_watched(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "prefork", HANDLER, "--reload-on-change", "--check-config"],
                        capture_output=True, text=True, env=child_env(), cwd=tmp_path, timeout=30)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines()[0].endswith(f"; reloads when a Python file changes under {tmp_path.resolve()}"), r.stdout
+    first = r.stdout.splitlines()[0]
+    assert first.endswith(f"; reloads when a Python file changes under {tmp_path.resolve()}"), r.stdout
 
 
 def test_without_watchfiles_the_start_fails_in_one_line(tmp_path: Path) -> None:

@@ -44,7 +44,7 @@ from prefork.handlers import relay as relay_module
 from prefork.handlers import relay_core
 from prefork.handlers.relay import RelayHandler
 from prefork.handlers.relay_core import ClientTls
-from prefork.proxy_protocol import PP2_TYPE_ALPN, PP2_TYPE_SSL, ProxyHeader, parse, read_header
+from prefork.proxy_protocol import PP2_TYPE_ALPN, PP2_TYPE_PREFORK_VIA, PP2_TYPE_SSL, ProxyHeader, parse, read_header
 
 CLASSES = ["sync", "thread", "async"]
 HALF_CLOSES = {"sync", "thread"}  # the socketserver form passes a half-close to a TLS side; asyncio's TLS cannot
@@ -122,16 +122,16 @@ def test_proxy_header_with_tls_round_trips_through_the_parser() -> None:
     assert header is not None
     assert (header.command, header.source, header.destination) == ("PROXY", ("192.0.2.7", 40000),
                                                                      ("198.51.100.1", 443))
-    assert [kind for kind, _ in header.tlvs] == [PP2_TYPE_ALPN, PP2_TYPE_SSL]
+    assert [kind for kind, _ in header.tlvs] == [PP2_TYPE_ALPN, PP2_TYPE_SSL, PP2_TYPE_PREFORK_VIA]
     assert header.tlvs[0] == (PP2_TYPE_ALPN, b"h2")
     assert ssl_tlv_of(header) == SslTlv(0x07, 0, {0x21: b"TLSv1.3", 0x22: b"client one",
                                                   0x23: b"TLS_AES_256_GCM_SHA384"})
     # mixed families are written IPv4-mapped, TLVs and all
     header = parse(relay_core.proxy_header(("192.0.2.7", 1), ("2001:db8::1", 443), tls))
-    assert header is not None and header.source == ("::ffff:c000:207", 1) and len(header.tlvs) == 2
-    # no TLS: no TLV, as before; not IP: a LOCAL header, which carries none
+    assert header is not None and header.source == ("::ffff:c000:207", 1) and len(header.tlvs) == 3
+    # no TLS: only the relays the connection came through (relay_loops); not IP: a LOCAL header, which carries none
     header = parse(relay_core.proxy_header(("192.0.2.7", 1), ("192.0.2.8", 2)))
-    assert header is not None and header.tlvs == ()
+    assert header is not None and [kind for kind, _ in header.tlvs] == [PP2_TYPE_PREFORK_VIA]
     header = parse(relay_core.proxy_header("/run/relay.sock", "/run/relay.sock", tls))
     assert header is not None and header.command == "LOCAL" and header.tlvs == ()
 

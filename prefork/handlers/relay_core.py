@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
 from prefork.config import UpstreamSpec
+from prefork.handlers import relay_loops
 from prefork.proxy_protocol import PP2_TYPE_ALPN, PP2_TYPE_SSL, build_v2
 from prefork.workers.connection import format_peer
 
@@ -267,7 +268,9 @@ def proxy_header(client_address: Any, local_address: Any, tls: ClientTls | None 
     Unix socket listener. ``tls``: the client spoke TLS to us; the header
     then carries PP2_TYPE_ALPN (when a protocol was chosen) and PP2_TYPE_SSL
     (:func:`ssl_tlv`), as HAProxy's ``send-proxy-v2-ssl-cn`` does (a LOCAL
-    header carries no TLV). Never raises.
+    header carries no TLV). Every PROXY header lists the prefork relays the
+    connection came through, this one last (:mod:`prefork.handlers.relay_loops`:
+    a loop through another instance is cut). Never raises.
     """
     source, destination = _ip_address(client_address), _ip_address(local_address)
     if source is None or destination is None:
@@ -279,6 +282,7 @@ def proxy_header(client_address: Any, local_address: Any, tls: ClientTls | None 
         if tls.alpn:
             tlvs.append((PP2_TYPE_ALPN, tls.alpn.encode("ascii", "replace")))
         tlvs.append((PP2_TYPE_SSL, ssl_tlv(tls)))
+    tlvs.append(relay_loops.via_tlv(client_address, relay_loops.own_id()))
     try:
         return build_v2((str(source[0]), source[1]), (str(destination[0]), destination[1]), tlvs=tlvs)
     except ValueError:  # nothing known reaches here; an address build_v2 refuses still gets a valid header

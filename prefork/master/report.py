@@ -197,9 +197,10 @@ def closed_counts(record: Any) -> dict[str, int]:
 
 
 def oldest_silent(record: Any, now: float) -> float:
-    """Seconds the record's silent-longest connection has received nothing (0 when it tracks none)."""
+    """Seconds the record's silent-longest connection has received nothing (0 when it tracks none, or holds
+    none: the worker clears the figure on its next tick, within a second)."""
     since = float(record.oldest_silent_since)
-    return round(max(0.0, now - since), 3) if since else 0.0
+    return round(max(0.0, now - since), 3) if since and record.active > 0 else 0.0
 
 
 def oldest_handler(record: Any, now: float) -> float:

@@ -55,6 +55,7 @@ class Reason(enum.Enum):
     HANDSHAKE_DROPPED = "handshake_dropped"
     DRAIN_IDLE = "drain_idle"
     HANDLER_TIMEOUT = "handler_timeout"
+    RELAY_LOOP = "relay_loop"
 
 
 class Stage(enum.Enum):
@@ -67,6 +68,7 @@ class Policy:
     """The admission rules in force (from the config; 0 turns a rule off)."""
 
     idle_timeout: float = 0.0
+    # 0: never reclaim; then silent clients can hold every place until the idle timeout closes them
     reclaim_window: float = 10.0
     max_per_source: int = 0
     drain_idle: float = 0.0  # while draining: close a connection silent this long with nothing to send
@@ -171,9 +173,11 @@ def reclaim_victim(conns: Mapping[Hashable, Tracked], on_client: Callable[[Hasha
                    policy: Policy) -> Hashable | None:
     """The connection to close to make room: of those whose handler waits on the client, the one that
     received the fewest bytes over the last ``--reclaim-idle-after`` (silent ones first, then the one silent
-    longest). None when every handler is working (those are never reclaimed), or when every waiting one
-    received a byte within :data:`MIN_SILENCE`. ``on_client`` (a look at the handler's thread) is asked in
-    that order, until one says yes."""
+    longest). None when every handler is working (those are never reclaimed), when every waiting one
+    received a byte within :data:`MIN_SILENCE`, or when reclaiming is off (``--reclaim-idle-after 0``).
+    ``on_client`` (a look at the handler's thread) is asked in that order, until one says yes."""
+    if not policy.reclaim_window:
+        return None
     ranked = sorted((received_over_window(c, now, policy.reclaim_window), c.active, i, key)
                     for i, (key, c) in enumerate(conns.items())
                     if c.stage is Stage.HANDLER and idle_for(c, now) >= MIN_SILENCE)
@@ -327,11 +331,13 @@ class Admission:
 
     def any_reclaimable(self, now: float, on_client: Callable[[Hashable], bool]) -> bool:
         """True when :meth:`make_room` would find a connection to reclaim (nothing is closed or counted)."""
-        return any(idle_for(c, now) >= MIN_SILENCE and on_client(k) for k, c in self.handling.items())
+        return bool(self.policy.reclaim_window) and any(idle_for(c, now) >= MIN_SILENCE and on_client(k)
+                                                        for k, c in self.handling.items())
 
     def oldest_waiting(self) -> Hashable | None:
-        """The waiting connection accepted first: it gives way when descriptors run out."""
-        return next(iter(self.waiting), None)
+        """The waiting connection accepted first: it gives way when descriptors run out (None: none waits, or
+        reclaiming is off)."""
+        return next(iter(self.waiting), None) if self.policy.reclaim_window else None
 
     def oldest_silent_since(self) -> float:
         """When the connection silent longest last received a byte (0.0 when none is tracked)."""
@@ -365,6 +371,7 @@ _WHY = {
     Reason.HANDSHAKE_DROPPED: "the oldest unfinished TLS handshakes, dropped to make room",
     Reason.DRAIN_IDLE: "silent with nothing left to send while the worker drains",
     Reason.HANDLER_TIMEOUT: "their handler held them without returning, exchanging nothing",
+    Reason.RELAY_LOOP: "their PROXY header says they came back through a relay loop (or through too many relays)",
 }
 _OPTION = {
     Reason.IDLE_TIMEOUT: "--idle-timeout",

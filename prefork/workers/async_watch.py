@@ -2,7 +2,7 @@
 
 A handler's connection is watched from its protocol's ``connection_made``
 (its transport is the key) to its ``connection_lost``; nothing is done per
-``data_received``. On a tick (a quarter of ``--idle-timeout``, at most 5 s;
+``data_received``. On a tick (a quarter of ``--idle-timeout``, at most 1 s;
 often while the worker is at its cap) the kernel's byte counts
 (``TCP_INFO``) of every watched connection go to
 :class:`~prefork.workers.admission.Admission`, which names those to close:
@@ -40,6 +40,7 @@ from prefork.workers.watch import activity
 log = logging.getLogger(__name__)
 
 RELIEF_RETRY = 0.05  # seconds between two looks for a connection to reclaim while at the cap
+TRACK_EVERY = 1.0  # seconds between two ticks at most (the scoreboard's oldest silent connection)
 
 
 class Capped(Protocol):
@@ -52,6 +53,8 @@ class Capped(Protocol):
 
     def at_cap(self) -> bool: ...
 
+    def open_connections(self) -> int: ...
+
 
 class Elsewhere(Protocol):
     """Connections an async worker serves without a transport (:class:`prefork.workers.echo_engine.EchoEngine`)."""
@@ -59,6 +62,8 @@ class Elsewhere(Protocol):
     def close_drain_idle(self, policy: Policy, now: float) -> int: ...
 
     def oldest_since(self) -> float: ...
+
+    def oldest_silent_since(self, now: float) -> float: ...
 
 
 class AsyncWatch:
@@ -161,7 +166,9 @@ class AsyncWatch:
             victim = self.admission.make_room(now, samples, self._on_client)
             if victim is not None:
                 self._abort(victim)
-        worker.record.oldest_silent_since = self.admission.oldest_silent_since()
+        silent = [t for t in (self.admission.oldest_silent_since(), elsewhere and elsewhere.oldest_silent_since(now))
+                  if t]
+        worker.record.oldest_silent_since = min(silent, default=0.0)
         held = [t for t in (self.admission.oldest_held_since(), elsewhere and elsewhere.oldest_since()) if t]
         worker.record.oldest_handler_since = min(held, default=0.0)
         self.admission.flush_log(now)
@@ -186,13 +193,14 @@ class AsyncWatch:
         worker = self.worker
         if self.ticker is not None:
             return
-        # a stopping worker still ticks for --drain-idle and --handler-timeout (its idle timeout is moot by then)
-        if worker.stopping and not (self.admission.draining or self.policy.handler_timeout):
+        # a stopping worker ticks while it holds connections (--drain-idle, --handler-timeout, and the figures)
+        if worker.stopping and not (self.admission.draining or self.policy.handler_timeout
+                                    or worker.open_connections() or worker.record.oldest_silent_since):
             return
-        at_cap = worker.paused and worker.at_cap() and not worker.stopping
-        if not (at_cap or self.admission.watching()):
-            return
-        interval = RELIEF_RETRY if at_cap else self.admission.interval(5.0)
+        at_cap = worker.paused and worker.at_cap() and not worker.stopping and bool(self.policy.reclaim_window)
+        # always a tick, at most TRACK_EVERY apart: the oldest silent connection's age in the scoreboard is
+        # never staler than that, whatever the timeouts (one timer a second, nothing per connection)
+        interval = RELIEF_RETRY if at_cap else self.admission.interval(TRACK_EVERY)
         self.ticker = asyncio.get_running_loop().call_later(interval, self.tick)
 
     def at_cap_now(self) -> None:

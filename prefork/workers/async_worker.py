@@ -96,7 +96,8 @@ class AsyncWorker(WorkerLifecycle):
                 and not self.admission_policy.max_per_source):
             self.engine = EchoEngine(self.listeners, record, on_open=self.opened, on_close=self.closed,
                                      can_accept=self.can_accept, on_listener_gone=self.listener_gone,
-                                     on_accepting=self.mark_accepting, on_reclaim=self._engine_reclaimed)
+                                     on_accepting=self.mark_accepting, on_reclaim=self._engine_reclaimed,
+                                     reclaims=bool(self.admission_policy.reclaim_window))
         # every listening descriptor of ours (the listeners, each server's duplicate) -> (its inode, address),
         # to notice one closed under us (the heartbeat looks)
         self.listening: dict[int, tuple[int, str]] = {}
@@ -125,7 +126,10 @@ class AsyncWorker(WorkerLifecycle):
         self._took()
 
     def _engine_reclaimed(self) -> None:
-        self.watch.admission.closing(None, Reason.RECLAIMED)
+        self.closed_for(Reason.RECLAIMED)
+
+    def closed_for(self, reason: Reason) -> None:
+        self.watch.admission.closing(None, reason)
 
     def begin_handshake(self) -> None:
         """A connection on a TLS listener, before its handshake: open and accepted, not yet a handler's."""

@@ -51,10 +51,11 @@ from typing import Any
 
 from prefork import drain, logs, memory
 from prefork.channel import Channel, Event
+from prefork.handlers import relay_loops
 from prefork.proxy_protocol import ProxyHeader
 from prefork.scoreboard import Record, SourceCounts
 from prefork.tls import ServerTls
-from prefork.workers.admission import LISTENER_GONE_ERRNOS, Policy
+from prefork.workers.admission import LISTENER_GONE_ERRNOS, Policy, Reason
 from prefork.workers.balance import ACCEPTING, NOT_ACCEPTING, STEPPED_BACK, WAKE_SIGNAL, Balance
 from prefork.workers.connection import ProxyPolicy, format_peer
 
@@ -405,13 +406,27 @@ class WorkerLifecycle:
         self.proxy_failures_log.warning("connection from %s: %s; closing it", format_peer(peer), why)
 
     def closes_health_check(self, header: ProxyHeader) -> bool:
-        """True for a load balancer's health check (a ``LOCAL`` header) while the master drains us for it.
+        """True when the connection is closed on its PROXY header alone, before any handler has it.
 
-        Closed at once, the check fails and the balancer takes the instance
-        out of its pool; otherwise a health check is served like any
-        connection.
+        A load balancer's health check (a ``LOCAL`` header) while the master
+        drains us for it: closed at once, the check fails and the balancer
+        takes the instance out of its pool (otherwise a health check is served
+        like any connection). And a connection that came back through a relay
+        loop, or through too many relays (:mod:`prefork.handlers.relay_loops`):
+        counted as ``relay_loop``.
         """
-        return header.command == "LOCAL" and bool(self.record.lb_drain)
+        if header.command == "LOCAL":
+            return bool(self.record.lb_drain)
+        via = relay_loops.via_of(header.source)
+        if not via or not relay_loops.looped(via, relay_loops.own_id()):
+            return False
+        self.closed_for(Reason.RELAY_LOOP)
+        return True
+
+    def closed_for(self, reason: Reason) -> None:
+        """A connection closed for ``reason`` before any handler had it: counted, logged rate-limited (by the
+        class's admission core)."""
+        raise NotImplementedError
 
 
 def _inodes(listeners: Sequence[socket.socket]) -> frozenset[int]:

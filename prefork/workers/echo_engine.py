@@ -72,7 +72,7 @@ class EchoEngine:
                  on_close: Callable[[], None], can_accept: Callable[[], bool],
                  on_listener_gone: Callable[[str, OSError], None] | None = None,
                  on_accepting: Callable[[bool], None] | None = None,
-                 on_reclaim: Callable[[], None] | None = None) -> None:
+                 on_reclaim: Callable[[], None] | None = None, reclaims: bool = True) -> None:
         self.listeners = {sock.fileno(): sock for sock in listeners}
         self.addresses = {fd: describe(sock) for fd, sock in self.listeners.items()}
         self.record = record
@@ -82,6 +82,7 @@ class EchoEngine:
         self.on_listener_gone = on_listener_gone
         self.on_accepting = on_accepting
         self.on_reclaim = on_reclaim  # a connection closed to make room (out of descriptors)
+        self.reclaims = reclaims  # False: nothing is closed to make room (--reclaim-idle-after 0)
         self.epoll = select.epoll()
         self.connections: dict[int, float] = {}  # fd -> accepted (time.monotonic()), oldest first
         self.pending: dict[int, memoryview] = {}  # output the kernel did not take yet, by fd
@@ -125,7 +126,7 @@ class EchoEngine:
                     self._lose_listener(sock, exc)
                 elif exc.errno in (errno.EMFILE, errno.ENFILE) and not connection_pending(sock):
                     return  # at the limit with nobody queued: no connection to make room for
-                elif exc.errno in (errno.EMFILE, errno.ENFILE) and self._make_room():
+                elif exc.errno in (errno.EMFILE, errno.ENFILE) and self.reclaims and self._make_room():
                     continue  # the quietest connections gave way: accept again
                 elif accept_failed(sock, exc):
                     self.set_accepting(False)
@@ -254,6 +255,20 @@ class EchoEngine:
     def oldest_since(self) -> float:
         """When the connection open longest was accepted (0.0 when none is)."""
         return next(iter(self.connections.values()), 0.0)
+
+    def oldest_silent_since(self, now: float) -> float:
+        """When the connection silent longest last received data (0.0 when none is open): the kernel's time
+        since each last received data (TCP_INFO), read on the watch's tick, so the echo itself pays nothing."""
+        oldest = 0.0
+        for fd in self.connections:
+            sock = socket.socket(fileno=fd)
+            try:
+                seen = tcp_activity(sock)
+            finally:
+                sock.detach()
+            if seen is not None and (not oldest or now - seen[1] < oldest):
+                oldest = now - seen[1]
+        return oldest
 
     def close_drain_idle(self, policy: Policy, now: float) -> int:
         """While the worker drains: close the connections past ``--drain-idle`` by the admission core's rule

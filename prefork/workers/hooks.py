@@ -63,6 +63,9 @@ class ConnectionHooks(socketserver.TCPServer, WorkerLifecycle):
         """The handler is done with ``request``. May be extended."""
         self._watch.end(request)
 
+    def closed_for(self, reason: Reason) -> None:
+        self._watch.close_counted(reason)
+
     def close_connection(self, request: Any, reason: Reason) -> None:
         """Close ``request`` cleanly for ``reason`` (counted, logged rate-limited): its handler sees end of file.
 

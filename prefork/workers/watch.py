@@ -296,9 +296,13 @@ class Watch:
     def due(self, now: float, handlers_busy: bool = False) -> float | None:
         """When the loop should call :meth:`turn` next (None: nothing to watch); ``handlers_busy``: the
         handlers have connections (some may not have said so yet)."""
-        if (handlers_busy or self.admission.handling) and self.admission.watching():
-            return max(self.next_tick, now - 1.0)
-        return self.admission.next_deadline()
+        if handlers_busy or self.admission or self.record.oldest_silent_since:
+            # a tick (at most a second apart) while anything is tracked, and one more once nothing is, so the
+            # oldest silent connection's age in the scoreboard is never staler than that, timeouts or not
+            tick = max(self.next_tick, now - 1.0)
+            deadline = self.admission.next_deadline()
+            return tick if deadline is None else min(tick, deadline)
+        return None
 
     def turn(self, now: float, pressure: bool = False) -> None:
         """Sample the handlers' connections; close those past the idle timeout; under ``pressure`` (a
