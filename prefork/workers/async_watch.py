@@ -61,6 +61,8 @@ class Elsewhere(Protocol):
 
     def close_drain_idle(self, policy: Policy, now: float) -> int: ...
 
+    def close_idle(self, policy: Policy, now: float) -> int: ...
+
     def oldest_since(self) -> float: ...
 
     def oldest_silent_since(self, now: float) -> float: ...
@@ -159,6 +161,9 @@ class AsyncWatch:
         for transport in self.admission.stuck(now, samples, self._on_client):
             self._stuck(transport, now)
         elsewhere = self.elsewhere
+        if self.policy.idle_timeout and elsewhere is not None:
+            for _ in range(elsewhere.close_idle(self.policy, now)):
+                self.admission.closing(None, Reason.IDLE_TIMEOUT)
         if self.admission.draining and self.policy.drain_idle and elsewhere is not None:
             for _ in range(elsewhere.close_drain_idle(self.policy, now)):
                 self.admission.closing(None, Reason.DRAIN_IDLE)

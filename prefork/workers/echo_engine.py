@@ -46,6 +46,7 @@ from prefork.workers.admission import (
     Stage,
     Tracked,
     drain_idle_expired,
+    idle_expired,
     observe,
 )
 from prefork.workers.connection import tcp_activity
@@ -273,19 +274,34 @@ class EchoEngine:
     def close_drain_idle(self, policy: Policy, now: float) -> int:
         """While the worker drains: close the connections past ``--drain-idle`` by the admission core's rule
         (silent that long, nothing read and not yet echoed, nothing left to send). Returns how many."""
+        return self._close_where(drain_idle_expired, policy, now, busy_pending=True)
+
+    def close_idle(self, policy: Policy, now: float) -> int:
+        """Close the connections that received nothing for ``--idle-timeout``, by the admission core's rule, as
+        every other class does: a client that stopped talking (or stopped reading its echo) gives its
+        descriptor back. Returns how many."""
+        return self._close_where(idle_expired, policy, now, busy_pending=False, need_figures=True)
+
+    def _close_where(self, expired_by: Callable[[Tracked, Sample, float, Policy], bool], policy: Policy,
+                     now: float, busy_pending: bool, need_figures: bool = False) -> int:
+        """Close the connections ``expired_by`` the admission core's rule, judged from the kernel's figures
+        (TCP_INFO) on the watch's tick. ``busy_pending``: an echo under way counts as work, not silence;
+        ``need_figures``: a connection the kernel gives no figures for (a Unix socket) is never judged."""
         expired = []
         for fd, accepted in self.connections.items():
-            if fd in self.pending or _unread(fd):
-                continue  # an echo under way: busy
+            if (busy_pending and fd in self.pending) or _unread(fd):
+                continue  # bytes read and not yet echoed (busy), or bytes arrived: not silent
             sock = socket.socket(fileno=fd)
             try:
                 seen = tcp_activity(sock)
             finally:
                 sock.detach()
+            if seen is None and need_figures:
+                continue
             sample = Sample(None) if seen is None else Sample(seen[0], silent_for=seen[1], unsent=seen[3])
             conn = Tracked(Stage.HANDLER, accepted)
             observe(conn, sample, now, policy.reclaim_window)
-            if drain_idle_expired(conn, sample, now, policy):
+            if expired_by(conn, sample, now, policy):
                 expired.append(fd)
         for fd in expired:
             self._close(fd)
