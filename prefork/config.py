@@ -703,7 +703,7 @@ def _check_reload_on_change(config: Config) -> None:
     if not config.reload_on_change:
         return
     if not watchfiles_installed():
-        raise ConfigError("reload-on-change: watchfiles is not installed (pip install 'prefork[reload]')")
+        raise ConfigError("reload-on-change: watchfiles is not installed (pip install watchfiles: the reload extra)")
     for path in config.reload_dir:
         if not os.path.isdir(path):
             raise ConfigError(f"reload-dir: {quote(path)} is not a directory")

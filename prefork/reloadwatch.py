@@ -3,8 +3,8 @@
 For development: when a Python file of the application changes, the daemon
 reloads as on SIGHUP (the new generation serves before the old one drains;
 a handler that no longer imports fails the reload and the old generation
-serves on). The watching is done by watchfiles (``pip install
-'prefork[reload]'``), a Rust-backed watcher on inotify, in a process of its
+serves on). The watching is done by watchfiles (``pip install watchfiles``,
+the reload extra), a Rust-backed watcher on inotify, in a process of its
 own (``python -m prefork.reloadwatch``), so the master's loop stays
 single-threaded: the master starts it (:mod:`prefork.master.watching`),
 reads its reports on a pipe in its selector, and the kernel ends it with the

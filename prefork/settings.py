@@ -245,7 +245,7 @@ SETTINGS: tuple[Setting, ...] = (
        default_text="no probation", check=Range(0, MAX_CANARY, f"must be 0 (off) to {MAX_CANARY:g} seconds")),
     _s("reload_on_change", "lifecycle", "bool", False, "development: reload (as HUP does) when a Python file "
        "under the working directory or the handler's package changes; needs watchfiles "
-       "(pip install 'prefork[reload]')"),
+       "(pip install watchfiles: the reload extra)"),
     _s("reload_dir", "lifecycle", "list", (), "with --reload-on-change, watch DIR instead of the working "
        "directory; repeatable", metavar="DIR", path=True, separator=":"),
     # -- TLS

@@ -228,7 +228,7 @@ def test_without_watchfiles_the_start_fails_in_one_line(tmp_path: Path) -> None:
                        env=child_env(), cwd=tmp_path, timeout=30)
     assert r.returncode == 2
     assert r.stderr == ("prefork: error: reload-on-change: watchfiles is not installed "
-                        "(pip install 'prefork[reload]')\n")
+                        "(pip install watchfiles: the reload extra)\n")
     assert not (tmp_path / "c.sock").exists()
 
 
