@@ -485,17 +485,16 @@ class SyncServer(WorkerServer):
             self._loop_tid = threading.get_native_id()
             self._watchdog.start()
             self._watchdog_started = True
-        self._in_handler = True
-        self._watchdog.busy = True
-        if self._watchdog.parked:
-            self._watchdog.handling(True)
+        watchdog = self._watchdog
+        watchdog.busy = True  # the loop's own thread is running a handler (a stop signal goes to the watchdog)
+        if watchdog.parked:
+            watchdog.handling(True)
         if self._signals_in_handler:
-            self._watchdog.poke()  # one arrived as the handler began
+            watchdog.poke()  # one arrived as the handler began
 
     def handler_ends(self, request: Any) -> None:
         with self._lock:  # a watchdog turn under way ends first: then the loop's thread has the listeners
             self._watchdog.busy = False
-            self._in_handler = False
             self._handling = None
             if self._watched is not None:
                 self._watched = None
@@ -511,13 +510,11 @@ class SyncServer(WorkerServer):
             self._watch.begin(request, self._loop_tid, self._handling_since, self._loop_thread)
             self._watched = request
 
-    _in_handler = False  # the loop's own thread is running a handler
-
     def handlers_stuck(self, stuck: int) -> None:
         """The one handler (in the loop's own thread) is stuck for good: retire from the watchdog's thread,
         as a stop signal does inside a handler (the loop is not touching its listeners meanwhile)."""
         super().handlers_stuck(stuck)
-        if self._in_handler:
+        if self._watchdog.busy:
             self.retire(stuck_reason(stuck))
 
     def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -534,7 +531,7 @@ class SyncServer(WorkerServer):
         it resumes, which does nothing the second time.
         """
         super()._on_stop_signal(signum, frame)
-        if self._in_handler:
+        if self._watchdog.busy:
             self._signals_in_handler.append(signum)
             if self._watchdog.is_alive():
                 self._watchdog.poke()
