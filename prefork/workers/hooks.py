@@ -47,7 +47,10 @@ class ConnectionHooks(socketserver.TCPServer, WorkerLifecycle):
         """
         self.handler_begins(request)
         try:
-            self._finish_request(request, client_address)
+            if self.proxy is None and not self.account:  # the common case: socketserver's finish_request, inline
+                self.RequestHandlerClass(request, client_address, self)  # type: ignore[arg-type]  # typeshed: Self
+            else:
+                self._finish_request(request, client_address)
         except Exception:
             if not self._watch.was_closed(request):
                 raise
@@ -65,13 +68,6 @@ class ConnectionHooks(socketserver.TCPServer, WorkerLifecycle):
 
     def closed_for(self, reason: Reason) -> None:
         self._watch.close_counted(reason)
-
-    def close_connection(self, request: Any, reason: Reason) -> None:
-        """Close ``request`` cleanly for ``reason`` (counted, logged rate-limited): its handler sees end of file.
-
-        The one step every rule that ends a connection takes, from any thread.
-        """
-        self._watch.close(request.fileno(), reason)
 
     def _finish_request(self, request: Any, client_address: Any) -> None:
         # a TLS connection's PROXY header was read before its handshake (prefork.workers.handshakes)
@@ -109,7 +105,8 @@ class ConnectionHooks(socketserver.TCPServer, WorkerLifecycle):
 
     def shutdown_request(self, request: Any) -> None:
         """Close a connection; a TLS one says so first (close_notify), so its client sees a clean end."""
-        self._watch.release_source(request.fileno())
+        if self._watch.sources is not None:
+            self._watch.release_source(request.fileno())
         if isinstance(request, ssl.SSLSocket):
             tls.close_notify(request)
         super().shutdown_request(request)

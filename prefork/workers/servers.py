@@ -21,7 +21,6 @@ Two server classes run any ``socketserver.BaseRequestHandler`` subclass:
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import heapq
 import itertools
@@ -35,7 +34,7 @@ import socketserver
 import ssl
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
@@ -54,7 +53,8 @@ from prefork.workers.base import (
 from prefork.workers.connection import counts_own_bytes
 from prefork.workers.handshakes import Handshakes
 from prefork.workers.hooks import ConnectionHooks
-from prefork.workers.watch import Watch, Watchdog
+from prefork.workers.wakeup import Wakeup
+from prefork.workers.watch import Watch, Watchdog, readable_now
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +94,7 @@ class WorkerServer(ConnectionHooks):
         # bytes per connection from the kernel, when someone looks at them (the relay counts its own)
         self.count_bytes = count_bytes and not counts_own_bytes(handler_class)
         self.account = self.access_log or self.count_bytes
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self._wakeup = Wakeup()  # signals and other threads make the loop turn
         self._epoll = select.epoll()
         self._by_fd = {s.fileno(): s for s in self.listeners}
         # TLS listeners: their connections' handshakes run in this loop before the handler sees them
@@ -114,7 +112,6 @@ class WorkerServer(ConnectionHooks):
         self._addresses = {fd: describe(s) for fd, s in self._by_fd.items()}  # for the log, once one is gone
         self._accepting = False
         self._accept_paused_until = 0.0
-        self._signals: dict[int, Callable[[], None]] = {}  # by number, as they arrive on the wakeup socket
         # socketserver ignores these on a plain BaseRequestHandler; a user who sets them means them
         is_stream = issubclass(handler_class, socketserver.StreamRequestHandler)
         timeout = getattr(handler_class, "timeout", None)
@@ -127,15 +124,9 @@ class WorkerServer(ConnectionHooks):
 
     # -- wiring -------------------------------------------------------------------------------------
 
-    @property
-    def wakeup_fd(self) -> int:
-        """The fd to pass to ``signal.set_wakeup_fd``: signal numbers arrive as bytes."""
-        return self._wake_w.fileno()
-
     def wake(self) -> None:
-        """Make the serving loop turn (a 0 byte: no signal has number 0). Safe from any thread."""
-        with contextlib.suppress(BlockingIOError):
-            self._wake_w.send(b"\0")
+        """Make the serving loop turn. Safe from any thread."""
+        self._wakeup.wake()
 
     def fileno(self) -> int:
         return self.socket.fileno()
@@ -144,8 +135,7 @@ class WorkerServer(ConnectionHooks):
         self._handshakes.close_all()
         self._watch.close_all()
         self._epoll.close()
-        self._wake_r.close()
-        self._wake_w.close()
+        self._wakeup.close()
 
     def install_signals(self) -> None:
         """Signal numbers arrive as bytes on the wakeup socket and the loop runs their actions.
@@ -154,11 +144,8 @@ class WorkerServer(ConnectionHooks):
         they raise :class:`FastExit` in the main thread wherever it is, so a
         ``handle()`` blocked on a socket is interrupted too.
         """
-        self._signals = {int(signum): action for signum, action in self.signal_actions().items()}
-        for signum in self._signals:
-            signal.signal(signum, _raise_fast_exit if signum in FAST_EXIT_SIGNALS
-                          else self._on_stop_signal if signum in _STOP_SIGNALS else _noop)
-        signal.set_wakeup_fd(self.wakeup_fd, warn_on_full_buffer=False)
+        self._wakeup.install(self.signal_actions(), lambda signum: _raise_fast_exit if signum in FAST_EXIT_SIGNALS
+                             else self._on_stop_signal if signum in _STOP_SIGNALS else _noop)
 
     def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
         """SIGTERM or SIGUSR2 arrived: a batch of accepts stops there, the loop acts on it first."""
@@ -236,7 +223,7 @@ class WorkerServer(ConnectionHooks):
             sock.detach()  # its number may be someone else's descriptor now: never close it
         old, self._epoll = self._epoll, select.epoll()
         old.close()
-        self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
+        self._epoll.register(self._wakeup.fileno(), select.EPOLLIN)
         self._handshakes.watch_on(self._epoll)
         self._watch.watch_on(self._epoll)
         if self._accepting:
@@ -247,11 +234,11 @@ class WorkerServer(ConnectionHooks):
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         """Serve until asked to stop and drained. ``poll_interval`` is ignored: nothing here polls."""
         self._loop_thread = threading.get_ident()
-        self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
+        self._epoll.register(self._wakeup.fileno(), select.EPOLLIN)
         self._handshakes.watch_on(self._epoll)
         self._watch.watch_on(self._epoll)
         self.set_accepting(True)
-        wake_fd = self._wake_r.fileno()
+        wake_fd = self._wakeup.fileno()
         while True:
             timeout = self._next_timeout(self.heartbeat())
             if timeout is None:
@@ -262,7 +249,8 @@ class WorkerServer(ConnectionHooks):
                 self._check_listeners()
             # signals before connections: after a SIGTERM this worker must not take another one
             if any(fd == wake_fd for fd, _ in events):
-                self._drain_wakeups()
+                self._signal_pending = False
+                self._wakeup.drain()
             if self._shutdown_asked:
                 self.retire(SHUTDOWN_REASON)
             if self._stuck_handlers:
@@ -330,18 +318,6 @@ class WorkerServer(ConnectionHooks):
                 timeout = max(0.0, min(timeout, deadline - now))
         return timeout
 
-    def _drain_wakeups(self) -> None:
-        self._signal_pending = False
-        while True:
-            try:
-                data = self._wake_r.recv(512)
-            except BlockingIOError:
-                return
-            for signum in data:
-                action = self._signals.get(signum)
-                if action is not None:
-                    action()
-
     def _accept_batch(self, sock: socket.socket) -> None:
         # under load the backlog rarely empties: take a few in a row before polling again
         for _ in range(ACCEPT_BATCH):
@@ -379,16 +355,19 @@ class WorkerServer(ConnectionHooks):
         if self._extra_nodelay and request.family != socket.AF_UNIX:
             request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.count_accepted()
-        proxy = self.proxy_for(client_address)
-        if proxy is None and self.sources is not None and not self._watch.admit_source(request, client_address):
+        if (self.sources is not None and self.proxy_for(client_address) is None
+                and not self._watch.admit_source(request, client_address)):
             request.close()  # over --max-connections-per-source: counted
             return True
         server_tls = self._tls_by_fd.get(sock.fileno())
         if server_tls is not None:
-            self._handshakes.begin(request, client_address, server_tls, proxy)
+            self._handshakes.begin(request, client_address, server_tls, self.proxy_for(client_address))
+        elif hand and readable_now(request):
+            # readable already, it goes to the handler at once: the newest, it comes first anyway (sync), and the
+            # connections waiting meanwhile are not polled again once for each one served
+            self._serve_request(request, client_address)
         else:
-            # one at a time (sync), a connection goes to the handler at once only when no other waits
-            self._watch.take(request, client_address, hand and not (self.one_at_a_time and self._watch.waiting))
+            self._watch.wait(request, client_address)
         return True
 
     def _handshake_dropped(self) -> None:
@@ -437,6 +416,13 @@ class SyncServer(WorkerServer):
     ``_lock``, so the loop takes them back only once a watchdog turn under
     way is over). A stop signal that arrives inside a handler is handed to
     the watchdog, which acts on it at once (see :meth:`_on_stop_signal`).
+
+    The record's ``active`` and ``requests`` have one writer at a time, so
+    the loop changes them without a lock: the watchdog changes ``active``
+    (the waiting room) only in a turn under ``_lock`` while a handler runs,
+    and the loop changes them only before the handler begins and after
+    :meth:`handler_ends` took ``_lock`` to say it is over (no turn under way,
+    none to come until the next handler).
     """
 
     def __init__(self, listeners: Sequence[socket.socket], handler_class: type[socketserver.BaseRequestHandler],
@@ -458,15 +444,19 @@ class SyncServer(WorkerServer):
         return bool(self._watch.waiting) and self.sibling_has_room(busy_at=1)
 
     def _watchdog_turn(self) -> None:
-        """The watchdog's thread, while the handler runs: a stop signal that came meanwhile, then what waits on
-        the listeners to the waiting room. Nothing once the handler is over: the loop has the listeners back."""
+        """The watchdog's thread, while the handler runs: a stop signal that came meanwhile, what waits on the
+        listeners to the waiting room, then the watch's turn, with pressure when a waiting connection is
+        readable (someone spoke and the worker is taken). Nothing once the handler is over: the loop has the
+        listeners and the record's counts back."""
         with self._lock:
             if not self._watchdog.busy:
                 return
             self._watch_handler()  # running past a tick: watched from now on
             while self._signals_in_handler:
-                self._signals[self._signals_in_handler.pop(0)]()
+                self._wakeup.actions[self._signals_in_handler.pop(0)]()
             self._accept_waiting()
+            watch = self._watch
+            watch.turn(time.monotonic(), watch.readable_waiting() and not watch.reclaiming())
 
     def _accept_waiting(self) -> None:
         """What waits on the listeners, to the waiting room, when the handler waits on its client and could
@@ -485,6 +475,7 @@ class SyncServer(WorkerServer):
     def handler_begins(self, request: Any) -> None:
         """No watch work per connection: the watchdog registers the handler's connection if it finds it
         running on a tick (see :meth:`_watchdog_turn`); a connection served within a tick costs nothing more."""
+        self.record.active += 1  # no lock: no watchdog turn runs before the handler is said to run (class doc)
         since = self._watch.since
         if since:  # from the waiting room
             since.pop(request.fileno(), None)
@@ -494,22 +485,23 @@ class SyncServer(WorkerServer):
             self._loop_tid = threading.get_native_id()
             self._watchdog.start()
             self._watchdog_started = True
-        self._watchdog.handling(True)
+        watchdog = self._watchdog
+        watchdog.busy = True  # the loop's own thread is running a handler (a stop signal goes to the watchdog)
+        if watchdog.parked:
+            watchdog.handling(True)
         if self._signals_in_handler:
-            self._watchdog.poke()  # one arrived as the handler began
+            watchdog.poke()  # one arrived as the handler began
 
     def handler_ends(self, request: Any) -> None:
         with self._lock:  # a watchdog turn under way ends first: then the loop's thread has the listeners
-            self._watchdog.handling(False)
+            self._watchdog.busy = False
             self._handling = None
             if self._watched is not None:
                 self._watched = None
                 self._watch.end(request)
-
-    def close_connection(self, request: Any, reason: Reason) -> None:
-        with self._lock:
-            self._watch_handler()  # the handler's, maybe not registered yet
-            super().close_connection(request, reason)
+        record = self.record  # the loop's alone again (class doc)
+        record.active -= 1
+        record.requests += 1
 
     def _watch_handler(self) -> None:
         """Register the running handler's connection with the watch, once (under the lock)."""
@@ -518,13 +510,11 @@ class SyncServer(WorkerServer):
             self._watch.begin(request, self._loop_tid, self._handling_since, self._loop_thread)
             self._watched = request
 
-    _in_handler = False  # the loop's own thread is running a handler
-
     def handlers_stuck(self, stuck: int) -> None:
         """The one handler (in the loop's own thread) is stuck for good: retire from the watchdog's thread,
         as a stop signal does inside a handler (the loop is not touching its listeners meanwhile)."""
         super().handlers_stuck(stuck)
-        if self._in_handler:
+        if self._watchdog.busy:
             self.retire(stuck_reason(stuck))
 
     def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -541,24 +531,13 @@ class SyncServer(WorkerServer):
         it resumes, which does nothing the second time.
         """
         super()._on_stop_signal(signum, frame)
-        if self._in_handler:
+        if self._watchdog.busy:
             self._signals_in_handler.append(signum)
             if self._watchdog.is_alive():
                 self._watchdog.poke()
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        record = self.record
-        with self._lock:
-            record.active += 1
-        self._in_handler = True
-        try:
-            self.finish_request(request, client_address)
-        finally:
-            self._in_handler = False
-            with self._lock:
-                record.active -= 1
-                record.requests += 1
-        self.shutdown_request(request)
+    # process_request: socketserver's own (finish_request, then shutdown_request); the counts and the watchdog's
+    # hand-over are handler_begins' and handler_ends', which finish_request calls
 
 
 class ThreadServer(WorkerServer):

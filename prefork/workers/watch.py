@@ -164,18 +164,22 @@ class Watch:
     def take(self, sock: socket.socket, peer: Any, hand: bool = True) -> None:
         """A connection just accepted: to the handler if its first bytes are there (and ``hand``), else to
         the waiting room (a readable one is reported by the epoll at once)."""
-        if not hand or not _readable_now(sock):
-            assert self.epoll is not None
-            fd = sock.fileno()
-            now = time.monotonic()
-            with self.lock:
-                self.waiting[fd] = (sock, peer)
-                self.since[fd] = now
-                self.record.active += 1  # open here: siblings balance on it
-                self.admission.wait(fd, now)
-            self.epoll.register(fd, select.EPOLLIN)
-            return
-        self.hand(sock, peer)  # accepted this instant: nothing to remember (accepted_at says now)
+        if hand and readable_now(sock):
+            self.hand(sock, peer)  # accepted this instant: nothing to remember (accepted_at says now)
+        else:
+            self.wait(sock, peer)
+
+    def wait(self, sock: socket.socket, peer: Any) -> None:
+        """A connection just accepted goes to the waiting room (a readable one is reported by the epoll at once)."""
+        assert self.epoll is not None
+        fd = sock.fileno()
+        now = time.monotonic()
+        with self.lock:
+            self.waiting[fd] = (sock, peer)
+            self.since[fd] = now
+            self.record.active += 1  # open here: siblings balance on it
+            self.admission.wait(fd, now)
+        self.epoll.register(fd, select.EPOLLIN)
 
     def accepted_at(self, sock: Any) -> float:
         """When ``sock`` was accepted (now for one the watch did not take: a TLS one, after its handshake)."""
@@ -457,10 +461,15 @@ def _native_id() -> int:
     return tid
 
 
-def _readable_now(sock: socket.socket) -> bool:
+# the flags as a plain int: ``socket.MSG_PEEK | socket.MSG_DONTWAIT`` is an IntFlag operation, Python code run
+# on every connection accepted
+_PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
+
+
+def readable_now(sock: socket.socket) -> bool:
     """True when bytes (or the end) are there already: one non-blocking peek."""
     try:
-        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        sock.recv(1, _PEEK_NOW)
     except BlockingIOError:
         return False
     except OSError:
@@ -479,11 +488,11 @@ def activity(sock: Any) -> Sample:
 class Watchdog(threading.Thread):
     """The ``sync`` class's watch while its one handler runs in the serving loop's own thread.
 
-    Every tick while a handler runs: ``turn()`` (the server's: what waits on
-    the listeners to the waiting room, and a stop signal that came inside the
-    handler), then the same :meth:`Watch.turn` as the thread class's loop,
-    with pressure when a waiting connection is readable (someone spoke and
-    the worker is taken). It ticks while connections keep coming and parks
+    Every tick while a handler runs: ``turn()`` (the server's: a stop signal
+    that came inside the handler, what waits on the listeners to the waiting
+    room, then the same :meth:`Watch.turn` as the thread class's loop, all
+    under the server's lock and only while the handler is still running).
+    It ticks while connections keep coming and parks
     after :data:`PARK_AFTER` idle ticks, so a connection costs it nothing (no
     wake-up) unless it is the first after a pause; :meth:`poke` makes it turn
     at once, parked or not.
@@ -529,5 +538,3 @@ class Watchdog(threading.Thread):
                     continue
             idle = 0
             self.server_turn()
-            if self.busy:
-                self.watch.turn(time.monotonic(), self.watch.readable_waiting() and not self.watch.reclaiming())
