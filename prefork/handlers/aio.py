@@ -251,12 +251,19 @@ class RelayProtocol(Balanced, asyncio.Protocol):
         if remaining <= 0:
             transport.close()
             raise TimeoutError()
+        if transport.is_closing():  # it ended before the handshake (an upstream that refused our PROXY header):
+            # the TLS layer must not start on a dead connection, where uvloop fails in a callback and the
+            # handshake's waiter would only end at the timeout
+            raise ConnectionResetError("the upstream closed the connection before the TLS handshake")
         try:
-            tls_transport = await asyncio.wait_for(loop.start_tls(
-                transport, side, self.upstream_tls, server_hostname=relay_core.server_name(
-                    self.upstream_server_name, host), ssl_handshake_timeout=remaining), remaining)
+            # asyncio.timeout, not wait_for: wait_for (3.11) starts start_tls in a task of its own, one loop
+            # turn later, in which the upstream's end can arrive and close the transport under it
+            async with asyncio.timeout(remaining):
+                tls_transport = await loop.start_tls(
+                    transport, side, self.upstream_tls, server_hostname=relay_core.server_name(
+                        self.upstream_server_name, host), ssl_handshake_timeout=remaining)
         except OSError:  # before ValueError: ssl.SSLCertVerificationError is both
-            transport.close()  # start_tls does on most failures; a cancelled wait_for may leave it open
+            transport.close()  # start_tls does on most failures; a timeout may leave it open
             raise
         except ValueError as exc:  # a server name Python refuses (empty, a leading dot)
             transport.close()
