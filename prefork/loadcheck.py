@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 MAX_ANSWER = 4096  # bytes of the child's one line read at most
 CHECK_FAILED = 2  # the child's exit status when it said why on the pipe
+# what an operator sends the master (reload, log reopen, upgrade, scale): never the check's business
+MASTERS_SIGNALS = frozenset({signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU,
+                             signal.SIGWINCH})
 
 
 def check_loads(config: Config, identity: Identity | None) -> None:
@@ -38,15 +41,23 @@ def check_loads(config: Config, identity: Identity | None) -> None:
     PrivilegeError) with the child's one line when it cannot."""
     began = time.monotonic()
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    # the operator's signals are the master's: blocked across the fork, then ignored in the child, so one
+    # that reaches the child (a pkill by name, sent the instant it exists) does not kill the check
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, MASTERS_SIGNALS)
     try:
         pid = os.fork()
     except OSError:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         os.close(read_fd)
         os.close(write_fd)
         raise
     if pid == 0:
         os.close(read_fd)
+        for signum in MASTERS_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         _check_in_child(config, identity, write_fd)
+    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     os.close(write_fd)
     answer = b""
     try:

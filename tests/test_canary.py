@@ -171,7 +171,10 @@ def test_a_raising_handler_is_rolled_back_with_the_reason(daemon_factory: Callab
     canary = reply["canary"]
     assert "canary: " in stderr and "connections raised KeyError (old generation: 0 of " in stderr, stderr
     assert "still serving generation 1" in stderr
-    assert canary["errors"] == canary["connections"] >= 10 and canary["old_errors"] == 0, canary
+    # every connection the canary took raised, but the figures are read at one instant: a connection
+    # accepted and not yet failed is counted in one and not the other, at most one per load client (4)
+    assert canary["connections"] - 4 <= canary["errors"] <= canary["connections"], canary
+    assert canary["connections"] >= 10 and canary["old_errors"] == 0, canary
     # what failed is what the canary took: its share of the window, and what it held open at the verdict
     assert 0 < failed <= canary["connections"] * 1.05 + 10, (failed, canary)
     assert failed < (canary["connections"] + canary["old_connections"]) / 2, (failed, canary)

@@ -19,7 +19,7 @@ from typing import Any
 import psutil
 import pytest
 
-from conftest import Daemon, child_env, exchange, preforkctl, recv_exact, session_process, wait_for
+from conftest import Daemon, child_env, exchange, gone, preforkctl, recv_exact, session_process, wait_for
 from prefork.control import CLIENT_TIMEOUT, HEADER, MAX_REQUEST, call, encode
 
 CTL_TIMEOUT = 20.0
@@ -39,12 +39,6 @@ def ctl_json(d: Daemon, *args: str) -> dict[str, Any]:
 def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 # -- commands --------------------------------------------------------------------------------------------

@@ -78,14 +78,19 @@ def test_probes_and_agent_while_starting(tmp_path: Path, daemon_factory: Callabl
     """The worker's handler module waits on a FIFO at import: the daemon stays starting until the test opens it."""
     gate = tmp_path / "gate"
     os.mkfifo(gate)
+    # the start's check imports it first (before anything is bound) and passes; the mold's import waits
     (tmp_path / "gated.py").write_text(
         "import os\n"
-        "with open(os.environ['GATE'], 'rb') as fifo:  # blocks until the test opens it for writing\n"
-        "    fifo.read()\n"
+        "if os.path.exists(os.environ['CHECKED']):\n"
+        "    with open(os.environ['GATE'], 'rb') as fifo:  # blocks until the test opens it for writing\n"
+        "        fifo.read()\n"
+        "else:\n"
+        "    open(os.environ['CHECKED'], 'w').close()\n"
         "from prefork.handlers.echo import EchoHandler  # noqa: E402\n")
     port, agent_port = free_port(), free_port()
     d = daemon_factory("--metrics-bind", f"127.0.0.1:{port}", "--agent-bind", f"127.0.0.1:{agent_port}",
-                       "gated:EchoHandler", workers=1, wait=False, env=child_env(GATE=str(gate)))
+                       "gated:EchoHandler", workers=1, wait=False,
+                       env=child_env(GATE=str(gate), CHECKED=str(tmp_path / "checked")))
 
     def worker_waits() -> int | None:
         try:  # a non-blocking open for writing succeeds once the worker has the FIFO open for reading

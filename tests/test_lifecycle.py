@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 import pytest
 
-from conftest import Daemon, Load, child_env, exchange, recv_exact, wait_for
+from conftest import Daemon, Load, child_env, exchange, gone, recv_exact, wait_for
 
 DaemonFactory = Callable[..., Daemon]
 
@@ -27,13 +27,6 @@ HANDLERS = "lifecycle_handlers"
 
 # -- helpers ---------------------------------------------------------------------------------------------
 
-
-def gone(pid: int) -> bool:
-    """True once ``pid`` no longer runs (a zombie waiting for its reaper counts as gone)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def all_gone(pids: list[int]) -> bool:

@@ -13,7 +13,7 @@ from typing import Any
 
 import psutil
 
-from conftest import Daemon, Load, child_env, exchange, read_line, wait_for
+from conftest import Daemon, Load, child_env, exchange, gone, read_line, wait_for
 
 MODULE = '''\
 import os
@@ -67,7 +67,7 @@ def every_importer(tmp_path: Path) -> list[int]:
 def importers(tmp_path: Path) -> list[int]:
     """Who imported the handler since the start's check (a child of the master, gone before it binds)."""
     check, *after = every_importer(tmp_path)
-    assert not psutil.pid_exists(check) or psutil.Process(check).status() == psutil.STATUS_ZOMBIE
+    assert gone(check)
     return after
 
 
@@ -142,7 +142,7 @@ def test_reload_keeps_the_master_and_runs_the_edited_code_with_no_failed_exchang
     old_mold, new_mold = molds(before)[1], molds(after)[2]
     assert importers(tmp_path) == [old_mold, new_mold]  # one import per generation, none in the master
     # the old generation's mold ends with its generation
-    wait_for(lambda: not psutil.pid_exists(old_mold) or psutil.Process(old_mold).status() == psutil.STATUS_ZOMBIE,
+    wait_for(lambda: gone(old_mold),
              10, "the old mold gone")
     wait_for(lambda: list(molds(d.status())) == [2], 10, "only generation 2's mold in status")
 

@@ -337,6 +337,8 @@ def test_a_client_over_every_cap_is_closed_at_once(daemon_factory: Callable[...,
             second.sendall(b"y\n")
             assert second.recv(1) == b""
         assert time.monotonic() - began < 1.0
+        # the capped upstream's accept loop may not have run yet for the one connection it took
+        wait_for(lambda: capped.accepted >= 1, 5, "the capped upstream to accept the first connection")
     assert capped.accepted == 1
     wait_for(lambda: "cannot connect upstream: every upstream is down or at its maxconn" in d.log(), 5,
              "the reason logged")

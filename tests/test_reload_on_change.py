@@ -20,7 +20,7 @@ import psutil
 import pytest
 import test_privileges
 
-from conftest import ROOT, Daemon, Load, child_env, read_line, start_daemon, wait_for
+from conftest import ROOT, Daemon, Load, child_env, gone, read_line, start_daemon, wait_for
 from prefork.config import Config, ConfigError, build_config
 from prefork.master.reload import reread_config
 from prefork.master.watching import describe_changes
@@ -77,12 +77,6 @@ def reload_lines(d: Daemon) -> list[str]:
     return [line.split("reloading on change: ", 1)[1] for line in d.log().splitlines()
             if "reloading on change: " in line]
 
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def test_an_edit_reloads_to_the_new_code_and_no_connection_is_dropped(daemon_factory: Callable[..., Daemon],

@@ -21,7 +21,7 @@ import psutil
 import pytest
 from tlsutil import Pki, client_context, closed_without_answer, echo, tls_connect
 
-from conftest import Daemon, read_line, recv_exact, wait_for
+from conftest import Daemon, gone, read_line, recv_exact, wait_for
 from prefork.proxy_protocol import build_v2
 
 LOOPS = ["uvloop", "asyncio"]
@@ -433,7 +433,7 @@ def test_reload_drains_an_open_tls_connection(daemon_factory: Callable[..., Daem
     assert psutil.pid_exists(old)  # the old worker waits for its connection
     assert echo(established, b"still here\n") == b"still here\n"
     established.close()
-    wait_for(lambda: not psutil.pid_exists(old) or psutil.Process(old).status() == psutil.STATUS_ZOMBIE, 10,
+    wait_for(lambda: gone(old), 10,
              "the old worker to leave once its connection closed")
 
 
