@@ -58,7 +58,6 @@ from prefork.workers.watch import Watch, Watchdog, readable_now
 
 log = logging.getLogger(__name__)
 
-_ACCEPT_BATCH = 16  # connections accepted per readiness event before the loop polls again
 SHUTDOWN_REASON = "a handler called self.server.shutdown()"
 _STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGUSR2, signal.SIGHUP})  # see WorkerServer._on_stop_signal
 WATCHDOG_ACCEPTS = 1024  # connections the sync watchdog takes into the waiting room per listener and tick
