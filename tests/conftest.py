@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -303,6 +305,18 @@ def process_exists(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+@contextlib.contextmanager
+def public_directory(prefix: str, mode: int) -> Iterator[Path]:
+    """A directory outside pytest's tmp_path (root's alone, 0700) that another user (--user nobody) may reach
+    as ``mode`` allows; removed at the end."""
+    d = Path(tempfile.mkdtemp(prefix=prefix))
+    d.chmod(mode)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def gone(pid: int) -> bool:

@@ -14,14 +14,13 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import Daemon, child_env, read_line, wait_for
+from conftest import Daemon, child_env, public_directory, read_line, wait_for
 from prefork import logs
 from prefork.config import MAX_CONFIG_BYTES, ConfigError, build_config, read_config_file
 from prefork.control import ControlError, prepare_directory
@@ -126,11 +125,9 @@ def test_a_full_disk_drops_log_lines_and_counts_them(daemon_factory: DaemonFacto
 
 @pytest.fixture
 def public_dir() -> Iterator[Path]:
-    """A directory user nobody may enter (pytest's tmp_path is root's, 0700)."""
-    d = Path(tempfile.mkdtemp(prefix="prefork-hardening-"))
-    d.chmod(0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+    """A directory user nobody may enter."""
+    with public_directory("prefork-hardening-", 0o755) as d:
+        yield d
 
 
 @root_only

@@ -7,11 +7,9 @@ from __future__ import annotations
 import errno
 import os
 import select
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import psutil
 import pytest
 from test_cli import free_port, run_prefork
 
-from conftest import Daemon, child_env, exchange, wait_for
+from conftest import Daemon, child_env, exchange, public_directory, wait_for
 from prefork.api import make_config
 from prefork.config import ConfigError, build_config
 from prefork.handlers.echo import EchoHandler
@@ -98,11 +96,9 @@ as_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs ro
 
 @pytest.fixture
 def public_dir() -> Iterator[Path]:
-    """A directory user nobody can read and write (pytest's tmp_path is root's alone)."""
-    d = Path(tempfile.mkdtemp(prefix="prefork-loading-"))
-    d.chmod(0o777)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+    """A directory user nobody can read and write."""
+    with public_directory("prefork-loading-", 0o777) as d:
+        yield d
 
 
 @as_root

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from conftest import wait_for
 from prefork import logs
 from prefork.channel import Channel, Decoder, Event, Message
 from prefork.config import Config
@@ -437,9 +438,7 @@ def test_sync_server_watches_a_handler_that_overstays(master: Master, restore_si
     def talk(address: tuple[str, int], server: SyncServer) -> None:
         with socket.create_connection(address, timeout=10) as s:
             s.sendall(b"one\n")
-            deadline = time.monotonic() + 10
-            while not server._watch.handled and time.monotonic() < deadline:
-                time.sleep(0.01)  # polling an observable condition: the watchdog registered the handler
+            wait_for(lambda: server._watch.handled, 10, "the watchdog to register the handler")
             s.sendall(b"two\n")
             answers.append(s.makefile("rb").read())
 
